@@ -1,0 +1,237 @@
+"""Typed configuration: one dataclass per concern, one root, YAML files + dotted overrides.
+
+Every field carries its help text once (in `metadata["help"]`); the command line turns each
+leaf into a `--section.key VALUE` flag and `--help` lists them all. Loading goes through
+OmegaConf's structured configs, so an unknown key or a value of the wrong type is refused
+with the key's dotted name; `validate` then checks ranges and choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from diffusion_dpo.errors import UserError
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with help text (lists get a default factory)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str = _f("", "Base model: a hub id (online) or a local diffusers pipeline directory "
+                             "(SD 1.x/2.x or SDXL). Required.")
+    revision: Optional[str] = _f(None, "Hub revision (branch, tag or commit) of `pretrained`.")
+    variant: Optional[str] = _f(None, "Weight variant to load, e.g. 'fp16'.")
+    vae: Optional[str] = _f(None, "A separate VAE (hub id or local dir), e.g. an fp16-safe SDXL VAE. "
+                                  "Default: the pipeline's own.")
+    prediction_type: Optional[str] = _f(None, "Override the scheduler's prediction type "
+                                              "('epsilon' or 'v_prediction'); default: the scheduler config's.")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = _f(0, "LoRA rank; 0 = full fine-tune with a frozen reference copy of the UNet.")
+    alpha: Optional[float] = _f(None, "LoRA alpha (scale = alpha / rank); default: equal to rank.")
+    dropout: float = _f(0.0, "LoRA dropout.")
+    target_modules: list[str] = _f(["to_q", "to_k", "to_v", "to_out.0"],
+                                   "UNet module names that get LoRA adapters (attention projections by default).")
+
+
+@dataclass
+class DataConfig:
+    path: str = _f("", "Preference data: Pick-a-Pic parquet file/dir, a datasets.save_to_disk dir, "
+                       "a JSONL/CSV file (prompt, chosen, rejected), or a hub dataset id (online). Required.")
+    split: str = _f("train", "Split to use for hub datasets and DatasetDict directories.")
+    batch_size: int = _f(1, "Pairs per device per micro-step.")
+    resolution: int = _f(512, "Training resolution (square); images are resized on the short side, then cropped.")
+    random_crop: bool = _f(False, "Random crop (shared by both images of a pair) instead of a center crop.")
+    random_flip: bool = _f(True, "Random horizontal flip, the same for both images of a pair.")
+    proportion_empty_prompts: float = _f(0.2, "Probability of replacing a pair's caption by the empty prompt "
+                                              "(0.2 in the official SD1.5 run).")
+    keep_ties: bool = _f(False, "Keep tied pairs (label 0.5/0.5) and train them with a soft 0.5 target; "
+                                "default drops and counts them, as the official code does.")
+    skip_bad_rows: bool = _f(False, "Skip (and count) rows with bad captions, labels or images instead of "
+                                    "stopping before training.")
+    validate_images: bool = _f(True, "Decode every image once before training so a broken file stops the run "
+                                     "up front (parallel over num_workers).")
+    max_pairs: Optional[int] = _f(None, "Use only the first N usable pairs (subsets, debugging).")
+    num_workers: int = _f(2, "Data-loader worker processes (images are decoded in the workers).")
+
+
+@dataclass
+class LossConfig:
+    name: str = _f("dpo", "Objective from the loss registry: dpo, hinge, ipo, sft.")
+    beta: float = _f(5000.0, "KL strength beta in the official research code's convention "
+                             "(inside = -0.5*beta*(model_diff - ref_diff)); 5000 in its SD1.5 and SDXL runs "
+                             "(the paper quotes 2000 for SD1.5). The diffusers example scripts' beta is half "
+                             "of ours: their 2500 = our 5000.")
+
+
+@dataclass
+class OptimConfig:
+    name: str = _f("adamw", "Optimizer: adamw, adamw8bit (needs bitsandbytes) or adafactor.")
+    lr: float = _f(1e-8, "Learning rate per pair (before scale_lr).")
+    scale_lr: bool = _f(True, "Multiply lr by per-device batch x accumulation x processes "
+                              "(the official runs: 1e-8 x 2048 = 2.048e-5).")
+    weight_decay: float = _f(1e-2, "Decoupled weight decay.")
+    adam_beta1: float = _f(0.9, "Adam beta1.")
+    adam_beta2: float = _f(0.999, "Adam beta2.")
+    adam_epsilon: float = _f(1e-8, "Adam epsilon.")
+    lr_scheduler: str = _f("constant_with_warmup", "LR schedule: constant, constant_with_warmup, linear, cosine, ...")
+    lr_warmup_steps: int = _f(500, "Warm-up optimizer steps.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 disables clipping (the norm is still logged).")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = _f(2000, "Optimizer steps to train.")
+    gradient_accumulation_steps: int = _f(1, "Micro-steps per optimizer step.")
+    mixed_precision: str = _f("no", "no, fp16 or bf16. Trainable weights stay fp32; frozen parts use this dtype.")
+    gradient_checkpointing: bool = _f(False, "Recompute UNet activations in the backward pass to save memory.")
+    seed: int = _f(0, "Seed for data order, augmentation, timesteps and noise.")
+    checkpointing_steps: int = _f(500, "Save checkpoint-<step>/ every N optimizer steps (0 = never).")
+    checkpoints_total_limit: Optional[int] = _f(None, "Keep at most this many checkpoints (oldest removed).")
+    resume: Optional[str] = _f(None, "'latest' or a checkpoint directory to continue from.")
+    report_to: str = _f("tensorboard", "Trackers: tensorboard, wandb, all or none (metrics.jsonl is always written).")
+    allow_tf32: bool = _f(True, "Allow TF32 matmuls on Ampere+ GPUs.")
+
+
+@dataclass
+class ValidationConfig:
+    prompts: list[str] = _f(["a photo of a cat sitting on a sofa", "an astronaut riding a horse, oil painting"],
+                            "Prompts for the reference | policy sample grid.")
+    seeds: list[int] = _f([0], "Seeds per prompt (the same for reference and policy).")
+    every_steps: int = _f(500, "Write a sample grid every N optimizer steps and at the end (0 = only at the end, "
+                               "-1 = never).")
+    num_inference_steps: int = _f(30, "Sampling steps for the grid.")
+    guidance_scale: float = _f(7.5, "Classifier-free guidance scale for the grid.")
+
+
+@dataclass
+class Config:
+    output_dir: str = _f("runs/dpo", "Where metrics, logs, checkpoints and final/ are written.")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+
+def iter_fields(cls: type = None, prefix: str = "") -> list[tuple[str, dataclasses.Field]]:
+    """All leaf fields of a config class as (dotted name, field), in declaration order."""
+    cls = cls or Config
+    out = []
+    for f in dataclasses.fields(cls):
+        section = _SECTIONS.get(f.name) if cls is Config else None
+        if section is not None:
+            out.extend(iter_fields(section, prefix=f"{prefix}{f.name}."))
+        else:
+            out.append((f"{prefix}{f.name}", f))
+    return out
+
+
+_SECTIONS = {"model": ModelConfig, "lora": LoraConfig, "data": DataConfig, "loss": LossConfig,
+             "optim": OptimConfig, "train": TrainConfig, "validation": ValidationConfig}
+
+
+def _omegaconf_error(exc: OmegaConfBaseException, source: str) -> UserError:
+    key = getattr(exc, "full_key", None) or "?"
+    msg = str(getattr(exc, "msg", None) or exc).splitlines()[0]
+    if "not in" in msg:
+        return UserError(f"{source}: unknown config key '{key}'")
+    return UserError(f"{source}: bad value for '{key}': {msg}")
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[dict[str, str]] = None) -> Config:
+    """Build the config from defaults, an optional YAML file, then `{dotted.key: value}` overrides.
+
+    Raises `UserError` (one line) for an unreadable file, unknown key, wrong type or bad value.
+    """
+    cfg = OmegaConf.structured(Config)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise UserError(f"{path}{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"{path}: expected a mapping of sections at the top level")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.create(raw))
+        except OmegaConfBaseException as exc:
+            raise _omegaconf_error(exc, str(path)) from None
+    if overrides:
+        for key, value in overrides.items():
+            try:
+                cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{key}={value}"]))
+            except OmegaConfBaseException as exc:
+                raise _omegaconf_error(exc, "command line") from None
+    config = OmegaConf.to_object(cfg)
+    validate(config)
+    return config
+
+
+def validate(cfg: Config) -> None:
+    """Check ranges and choices that types alone cannot express; raise `UserError` on the first problem."""
+    from diffusion_dpo.losses import LOSSES  # the registry is the single list of loss names
+
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise UserError(f"config: {key} {msg}")
+
+    need(bool(cfg.model.pretrained), "model.pretrained", "is required (a hub id or a local diffusers directory)")
+    need(bool(cfg.data.path), "data.path", "is required (parquet, save_to_disk dir, JSONL/CSV or hub id)")
+    need(cfg.loss.beta > 0, "loss.beta", f"must be > 0 (got {cfg.loss.beta})")
+    need(cfg.loss.name in LOSSES, "loss.name", f"must be one of {', '.join(sorted(LOSSES))} (got '{cfg.loss.name}')")
+    need(cfg.lora.rank >= 0, "lora.rank", f"must be >= 0 (got {cfg.lora.rank})")
+    need(cfg.lora.alpha is None or cfg.lora.alpha > 0, "lora.alpha", "must be > 0")
+    need(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
+    need(cfg.lora.rank == 0 or len(cfg.lora.target_modules) > 0, "lora.target_modules", "must not be empty")
+    need(cfg.data.batch_size >= 1, "data.batch_size", f"must be >= 1 (got {cfg.data.batch_size})")
+    need(cfg.data.resolution >= 8 and cfg.data.resolution % 8 == 0, "data.resolution",
+         f"must be a positive multiple of 8 (got {cfg.data.resolution})")
+    need(0.0 <= cfg.data.proportion_empty_prompts <= 1.0, "data.proportion_empty_prompts", "must be in [0, 1]")
+    need(cfg.data.max_pairs is None or cfg.data.max_pairs >= 1, "data.max_pairs", "must be >= 1")
+    need(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    need(cfg.optim.name in ("adamw", "adamw8bit", "adafactor"), "optim.name",
+         f"must be adamw, adamw8bit or adafactor (got '{cfg.optim.name}')")
+    need(cfg.optim.lr > 0, "optim.lr", f"must be > 0 (got {cfg.optim.lr})")
+    need(cfg.optim.lr_warmup_steps >= 0, "optim.lr_warmup_steps", "must be >= 0")
+    need(cfg.optim.max_grad_norm >= 0, "optim.max_grad_norm", "must be >= 0")
+    schedulers = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+    need(cfg.optim.lr_scheduler in schedulers, "optim.lr_scheduler", f"must be one of {', '.join(schedulers)}")
+    need(cfg.train.max_steps >= 1, "train.max_steps", f"must be >= 1 (got {cfg.train.max_steps})")
+    need(cfg.train.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps", "must be >= 1")
+    need(cfg.train.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision",
+         f"must be no, fp16 or bf16 (got '{cfg.train.mixed_precision}')")
+    need(cfg.train.checkpointing_steps >= 0, "train.checkpointing_steps", "must be >= 0")
+    need(cfg.train.checkpoints_total_limit is None or cfg.train.checkpoints_total_limit >= 1,
+         "train.checkpoints_total_limit", "must be >= 1")
+    need(cfg.train.report_to in ("tensorboard", "wandb", "all", "none"), "train.report_to",
+         "must be tensorboard, wandb, all or none")
+    need(cfg.model.prediction_type in (None, "epsilon", "v_prediction"), "model.prediction_type",
+         "must be epsilon or v_prediction")
+    need(cfg.validation.every_steps >= -1, "validation.every_steps", "must be >= -1")
+    need(cfg.validation.num_inference_steps >= 1, "validation.num_inference_steps", "must be >= 1")
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (saved beside every run so it can be reproduced)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -1,0 +1,102 @@
+"""Loss registry: hand-computed values and the method's invariants."""
+
+import math
+
+import pytest
+import torch
+
+from diffusion_dpo.errors import UserError
+from diffusion_dpo.losses import LOSSES, dpo_loss, get_loss, hinge_loss, implicit_accuracy, ipo_loss, sft_loss
+
+# One pair, numbers chosen so the hand computation is easy:
+# model_w - model_l = 0.10 - 0.30 = -0.20; ref_w - ref_l = 0.20 - 0.20 = 0
+# h = -0.5 * (-0.20 - 0) = 0.10
+MW, ML, RW, RL = (torch.tensor([v]) for v in (0.10, 0.30, 0.20, 0.20))
+
+
+def test_dpo_hand_computed():
+    out = dpo_loss(MW, ML, RW, RL, beta=20.0)  # inside = 20 * 0.1 = 2
+    assert out.inside.item() == pytest.approx(2.0)
+    assert out.loss.item() == pytest.approx(math.log1p(math.exp(-2.0)), rel=1e-6)  # -log σ(2)
+
+
+def test_dpo_matches_diffusers_convention_with_half_beta():
+    # diffusers example: -logsigmoid(beta' * (ref_diff - model_diff)) with beta' = beta / 2
+    beta = 5000.0
+    mw, ml, rw, rl = (torch.rand(8) for _ in range(4))
+    ours = dpo_loss(mw, ml, rw, rl, beta=beta).loss
+    theirs = -torch.nn.functional.logsigmoid((beta / 2) * ((rw - rl) - (mw - ml)))
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_dpo_is_log2_when_policy_equals_reference():
+    mw, ml = torch.rand(16), torch.rand(16)
+    for name, spec in LOSSES.items():
+        if name in ("dpo",):
+            out = spec.fn(mw, ml, mw.clone(), ml.clone(), beta=5000.0)
+            torch.testing.assert_close(out.loss, torch.full((16,), math.log(2.0)))
+            assert torch.all(out.inside == 0)
+
+
+def test_swap_negates_inside_for_every_margin_loss():
+    mw, ml, rw, rl = (torch.rand(8) for _ in range(4))
+    for name, spec in LOSSES.items():
+        if not spec.needs_reference:
+            continue
+        a = spec.fn(mw, ml, rw, rl, beta=100.0).inside
+        b = spec.fn(ml, mw, rl, rw, beta=100.0).inside
+        torch.testing.assert_close(a, -b, msg=name)
+
+
+def test_tie_label_is_symmetric_and_log2_at_init():
+    mw, ml, rw, rl = (torch.rand(8) for _ in range(4))
+    half = torch.full((8,), 0.5)
+    a = dpo_loss(mw, ml, rw, rl, beta=50.0, label=half).loss
+    b = dpo_loss(ml, mw, rl, rw, beta=50.0, label=half).loss
+    torch.testing.assert_close(a, b)
+    same = dpo_loss(mw, ml, mw, ml, beta=50.0, label=half).loss
+    torch.testing.assert_close(same, torch.full((8,), math.log(2.0)))
+
+
+def test_hinge_hand_computed():
+    assert hinge_loss(MW, ML, RW, RL, beta=5.0).loss.item() == pytest.approx(0.5)  # relu(1 - 0.5)
+    assert hinge_loss(MW, ML, RW, RL, beta=20.0).loss.item() == pytest.approx(0.0)  # relu(1 - 2)
+    # tie: 0.5 * relu(1 - 0.5) + 0.5 * relu(1 + 0.5) = 0.25 + 0.75
+    assert hinge_loss(MW, ML, RW, RL, beta=5.0, label=torch.tensor([0.5])).loss.item() == pytest.approx(1.0)
+
+
+def test_ipo_hand_computed():
+    # h = 0.1, beta = 10: (0.1 - 1/20)^2 = 0.0025
+    out = ipo_loss(MW, ML, RW, RL, beta=10.0)
+    assert out.loss.item() == pytest.approx(0.0025)
+    assert out.inside.item() == pytest.approx(1.0)
+    # a tie regresses h to 0: 0.1^2
+    assert ipo_loss(MW, ML, RW, RL, beta=10.0, label=torch.tensor([0.5])).loss.item() == pytest.approx(0.01)
+
+
+def test_sft_is_winner_mse_and_needs_no_reference():
+    out = sft_loss(MW, ML, None, None, beta=5000.0)
+    assert out.loss.item() == pytest.approx(0.10)
+    assert out.inside.item() == 0.0
+    assert not LOSSES["sft"].needs_reference
+    assert sft_loss(MW, ML, None, None, beta=1.0, label=torch.tensor([0.5])).loss.item() == pytest.approx(0.20)
+
+
+def test_gradient_pushes_winner_error_down_and_loser_error_up():
+    mw = torch.tensor([0.2], requires_grad=True)
+    ml = torch.tensor([0.2], requires_grad=True)
+    dpo_loss(mw, ml, torch.tensor([0.2]), torch.tensor([0.2]), beta=10.0).loss.sum().backward()
+    # d/d mw of -log σ(-5 (mw - ml)) at equality = 0.5 * 5 = 2.5 > 0: descent lowers the winner's error
+    assert mw.grad.item() == pytest.approx(2.5)
+    assert ml.grad.item() == pytest.approx(-2.5)
+
+
+def test_implicit_accuracy_counts_ties_half():
+    acc = implicit_accuracy(torch.tensor([1.0, -1.0, 0.0, 3.0]))
+    assert acc.tolist() == [1.0, 0.0, 0.5, 1.0]
+
+
+def test_unknown_loss_is_a_user_error():
+    with pytest.raises(UserError, match="unknown loss 'dpoo'"):
+        get_loss("dpoo")
+    assert get_loss("dpo").fn is dpo_loss
