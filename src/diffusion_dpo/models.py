@@ -1,0 +1,289 @@
+"""Load SD 1.x/2.x and SDXL pipelines into one `Components` object; LoRA; the reference model.
+
+Everything that differs between SD and SDXL lives here, behind two methods:
+`conditioning` (one text encoder's last hidden state, or SDXL's two penultimate hidden states
+concatenated plus the pooled embedding and each image's size/crop time ids) and `encode_images`. The training loop never asks which family it is training.
+
+Components are loaded one by one (not through `DiffusionPipeline`) so that only what training
+needs is in memory, by the class names that `model_index.json` declares, restricted to the
+diffusers and transformers libraries: a checkpoint can never name code to run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+
+from diffusion_dpo.config import LoraConfig, ModelConfig
+from diffusion_dpo.errors import UserError
+
+
+@dataclass
+class Conditioning:
+    """What the UNet is conditioned on, for [winners; losers] (2B latents)."""
+
+    hidden_states: Tensor  # (2B, L, D) text encoder hidden states
+    added: Optional[dict[str, Tensor]] = None  # SDXL: text_embeds (2B, P), time_ids (2B, 6)
+
+
+@dataclass
+class Components:
+    """The parts of a text-to-image pipeline that training needs, with the family's conventions."""
+
+    pretrained: str
+    unet: nn.Module
+    vae: nn.Module
+    text_encoders: list[nn.Module]
+    tokenizers: list[Any]
+    noise_scheduler: Any  # a DDPMScheduler with the checkpoint's betas and prediction type
+    pipeline_class: type
+    sdxl: bool
+
+    @property
+    def prediction_type(self) -> str:
+        return self.noise_scheduler.config.prediction_type
+
+    @torch.no_grad()
+    def encode_prompt(self, input_ids: list[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+        """Token ids (one (B, L) tensor per tokenizer) -> hidden states (B, L, D) and, for SDXL, pooled (B, P)."""
+        if not self.sdxl:
+            (ids,) = input_ids
+            return self.text_encoders[0](ids.to(self.text_encoders[0].device))[0], None
+        hidden, pooled = [], None
+        for encoder, ids in zip(self.text_encoders, input_ids):
+            out = encoder(ids.to(encoder.device), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])  # SDXL conditions on the penultimate layer of both encoders
+            pooled = out[0]  # the last encoder (with projection) gives the pooled text embedding
+        return torch.cat(hidden, dim=-1), pooled
+
+    def conditioning(self, input_ids: list[Tensor], original_sizes: Tensor, crop_top_lefts: Tensor,
+                     resolution: int) -> Conditioning:
+        """Conditioning for [winners; losers]: both images of a pair share the prompt; for SDXL each
+        image gets its own original size and crop offsets as time ids.
+
+        input_ids: one (B, L) tensor per tokenizer; original_sizes, crop_top_lefts: (B, 2, 2) as
+        (pair, image, (h|top, w|left)). time_ids = (orig_h, orig_w, top, left, target_h, target_w).
+        """
+        hidden, pooled = self.encode_prompt(input_ids)
+        hidden = hidden.repeat(2, 1, 1)  # (2B, L, D)
+        if not self.sdxl:
+            return Conditioning(hidden)
+        sizes = torch.cat([original_sizes[:, 0], original_sizes[:, 1]])  # (2B, 2), winners first
+        crops = torch.cat([crop_top_lefts[:, 0], crop_top_lefts[:, 1]])
+        target = torch.tensor([resolution, resolution]).expand(sizes.shape[0], 2)
+        time_ids = torch.cat([sizes.cpu(), crops.cpu(), target], dim=1).to(pooled.device, pooled.dtype)
+        return Conditioning(hidden, {"text_embeds": pooled.repeat(2, 1), "time_ids": time_ids})
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+        """Pixels (N, 3, H, W) in [-1, 1] -> scaled latents (N, 4, H/f, W/f), sampled from the posterior."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        dist = self.vae.encode(pixel_values.to(self.vae.device, vae_dtype)).latent_dist
+        latents = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator,
+                                                     device=dist.mean.device, dtype=dist.mean.dtype)
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * self.vae.config.scaling_factor
+
+    def target(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+        """The regression target: ε for epsilon-prediction, v for v-prediction (from the scheduler config)."""
+        if self.prediction_type == "epsilon":
+            return noise
+        if self.prediction_type == "v_prediction":
+            return self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        raise UserError(f"{self.pretrained}: unsupported prediction_type '{self.prediction_type}' "
+                        "(epsilon or v_prediction)")
+
+
+def _read_model_index(cfg: ModelConfig) -> dict:
+    """model_index.json of a local directory or hub repo; one-line errors for the usual mistakes."""
+    from diffusers import DiffusionPipeline
+
+    path = Path(cfg.pretrained).expanduser()
+    if path.exists():
+        index = path / "model_index.json"
+        if not index.is_file():
+            raise UserError(f"model.pretrained '{cfg.pretrained}' is not a diffusers pipeline directory "
+                            "(no model_index.json)")
+        return json.loads(index.read_text())
+    if cfg.pretrained.startswith((".", "/", "~")) or cfg.pretrained.count("/") > 1:
+        raise UserError(f"model.pretrained '{cfg.pretrained}' does not exist")
+    try:
+        return DiffusionPipeline.load_config(cfg.pretrained, revision=cfg.revision)
+    except Exception as exc:  # network, auth or not-found errors from the hub client
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"model.pretrained '{cfg.pretrained}' is not a local directory and could not be "
+                        f"loaded from the hub: {reason}") from None
+
+
+def _library_class(entry: list, what: str) -> type:
+    """The class a model_index entry names, only from diffusers or transformers."""
+    import diffusers
+    import transformers
+
+    library, name = entry
+    module = {"diffusers": diffusers, "transformers": transformers}.get(library)
+    if module is None or not hasattr(module, name):
+        raise UserError(f"model_index.json: {what} is {library}.{name}; only diffusers/transformers classes load")
+    return getattr(module, name)
+
+
+def load_components(cfg: ModelConfig, weight_dtype: torch.dtype = torch.float32,
+                    device: torch.device | str = "cpu") -> Components:
+    """Load UNet (fp32, trainable), VAE and text encoders (frozen, `weight_dtype`), tokenizers and a DDPM
+    noise scheduler from `cfg.pretrained` (plus `cfg.vae` if given)."""
+    import diffusers
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    index = _read_model_index(cfg)
+    sdxl = "text_encoder_2" in index and index.get("text_encoder_2", [None])[0] is not None
+    pipeline_class = getattr(diffusers, index.get("_class_name", ""), None)
+    if pipeline_class is None or not index.get("unet") or not index.get("vae"):
+        raise UserError(f"model.pretrained '{cfg.pretrained}': model_index.json does not describe a Stable "
+                        "Diffusion (1.x/2.x/XL) pipeline with a UNet and a VAE")
+    common = dict(revision=cfg.revision)
+    try:
+        scheduler = DDPMScheduler.from_pretrained(cfg.pretrained, subfolder="scheduler", **common)
+        if cfg.prediction_type is not None:
+            scheduler.register_to_config(prediction_type=cfg.prediction_type)
+        names = ["tokenizer", "tokenizer_2"] if sdxl else ["tokenizer"]
+        tokenizers = [_library_class(index[n], n).from_pretrained(cfg.pretrained, subfolder=n, **common)
+                      for n in names]
+        encoders = [_library_class(index[n], n).from_pretrained(cfg.pretrained, subfolder=n, variant=cfg.variant,
+                                                                 torch_dtype=weight_dtype, **common)
+                    for n in (["text_encoder", "text_encoder_2"] if sdxl else ["text_encoder"])]
+        unet = UNet2DConditionModel.from_pretrained(cfg.pretrained, subfolder="unet", variant=cfg.variant,
+                                                    torch_dtype=torch.float32, **common)
+        vae = load_vae(cfg)
+    except UserError:
+        raise
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise UserError(f"model.pretrained '{cfg.pretrained}': {str(exc).strip().splitlines()[0]}") from None
+    # SDXL's original VAE overflows in fp16 (its config says force_upcast): keep it fp32 then.
+    vae_dtype = torch.float32 if (weight_dtype == torch.float16 and vae.config.get("force_upcast", False)) \
+        else weight_dtype
+    vae.to(device, vae_dtype)
+    for module in [vae, *encoders]:
+        module.requires_grad_(False)
+        module.eval()
+        module.to(device)
+    unet.to(device)
+    return Components(pretrained=cfg.pretrained, unet=unet, vae=vae, text_encoders=encoders, tokenizers=tokenizers,
+                      noise_scheduler=scheduler, pipeline_class=pipeline_class, sdxl=sdxl)
+
+
+def load_vae(cfg: ModelConfig) -> nn.Module:
+    """The pipeline's VAE, or `cfg.vae`: a VAE repo/dir (config at its root) or a pipeline with a vae/ folder."""
+    from diffusers import AutoencoderKL
+
+    if cfg.vae is None:
+        return AutoencoderKL.from_pretrained(cfg.pretrained, subfolder="vae", revision=cfg.revision,
+                                             variant=cfg.variant)
+    local = Path(cfg.vae).expanduser()
+    if local.exists():
+        if (local / "config.json").is_file():
+            return AutoencoderKL.from_pretrained(local)
+        if (local / "vae" / "config.json").is_file():
+            return AutoencoderKL.from_pretrained(local, subfolder="vae")
+        raise UserError(f"model.vae '{cfg.vae}' holds no VAE (no config.json, no vae/config.json)")
+    return AutoencoderKL.from_pretrained(cfg.vae)
+
+
+def add_lora(unet: nn.Module, cfg: LoraConfig) -> list[nn.Parameter]:
+    """Freeze the UNet and attach a peft LoRA adapter to `cfg.target_modules`; return the trainable params.
+
+    LoRA's B matrices start at zero, so the adapted UNet equals the base at step 0 (loss = log 2).
+    """
+    from peft import LoraConfig as PeftLoraConfig
+
+    unet.requires_grad_(False)
+    peft_cfg = PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha if cfg.alpha is not None else cfg.rank,
+                              lora_dropout=cfg.dropout, init_lora_weights="gaussian",
+                              target_modules=list(cfg.target_modules))
+    try:
+        unet.add_adapter(peft_cfg)
+    except ValueError as exc:
+        raise UserError(f"lora.target_modules {list(cfg.target_modules)}: {str(exc).splitlines()[0]}") from None
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()  # LoRA weights train in fp32 even when the base is fp16/bf16
+    return params
+
+
+class Reference:
+    """The frozen reference model: a separate frozen copy (full fine-tune) or the same UNet with its
+    LoRA adapters disabled (no second copy in memory)."""
+
+    def __init__(self, policy: nn.Module, lora: bool, dtype: torch.dtype):
+        self.policy = policy
+        self.lora = lora
+        self.copy: Optional[nn.Module] = None
+        if not lora:
+            self.copy = copy.deepcopy(policy).requires_grad_(False).eval().to(dtype)
+
+    @contextlib.contextmanager
+    def model(self, policy: Optional[nn.Module] = None) -> Iterator[nn.Module]:
+        """`with reference.model(unwrapped) as ref: ref(...)` under no_grad; restores adapters afterwards."""
+        if self.copy is not None:
+            yield self.copy
+            return
+        unet = policy if policy is not None else self.policy
+        unet.disable_adapters()
+        try:
+            yield unet
+        finally:
+            unet.enable_adapters()
+
+
+def lora_state_dict(unet: nn.Module) -> tuple[dict[str, Tensor], dict]:
+    """The adapter's weights in diffusers' naming and its peft config (saved as metadata so alpha survives)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}, unet.peft_config["default"].to_dict()
+
+
+def save_lora(components: Components, unet: nn.Module, out_dir: Path) -> None:
+    """Write `pytorch_lora_weights.safetensors` that `pipeline.load_lora_weights(out_dir)` loads."""
+    weights, metadata = lora_state_dict(unet)
+    metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in metadata.items()}
+    components.pipeline_class.save_lora_weights(out_dir, unet_lora_layers=weights,
+                                                unet_lora_adapter_metadata=metadata, safe_serialization=True)
+
+
+def build_pipeline(components: Components, unet: nn.Module, scheduler: Any = None) -> Any:
+    """A diffusers pipeline around `unet` and the frozen parts (for sampling and for saving final/)."""
+    from diffusers import SchedulerMixin
+    import diffusers
+
+    if scheduler is None:
+        config = dict(components.noise_scheduler.config)
+        scheduler = components.noise_scheduler
+        original = _original_scheduler_class(components.pretrained)
+        if original is not None and issubclass(original, SchedulerMixin):
+            scheduler = original.from_config(config)
+    parts = dict(vae=components.vae, text_encoder=components.text_encoders[0], tokenizer=components.tokenizers[0],
+                 unet=unet, scheduler=scheduler)
+    if components.sdxl:
+        parts.update(text_encoder_2=components.text_encoders[1], tokenizer_2=components.tokenizers[1])
+    else:
+        parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return components.pipeline_class(**parts)
+
+
+def _original_scheduler_class(pretrained: str) -> Optional[type]:
+    """The sampling scheduler class the checkpoint ships with (e.g. PNDM for SD1.5, Euler for SDXL)."""
+    import diffusers
+
+    try:
+        config = diffusers.DDPMScheduler.load_config(pretrained, subfolder="scheduler")
+    except Exception:
+        return None
+    return getattr(diffusers, config.get("_class_name", ""), None)

@@ -1,0 +1,32 @@
+"""Shared fixtures: tiny SD and SDXL pipelines saved as real diffusers directories (built once per session)."""
+
+import os
+import warnings
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore", message=".*torchvision.*")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory):
+    from diffusion_dpo.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("models") / "sd", kind="sd")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    from diffusion_dpo.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("models") / "sdxl", kind="sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_vpred(tmp_path_factory):
+    from diffusion_dpo.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("models") / "sd_v", kind="sd", prediction_type="v_prediction")
