@@ -168,7 +168,7 @@ def load_components(cfg: ModelConfig, weight_dtype: torch.dtype = torch.float32,
     # SDXL's original VAE overflows in fp16 (its config says force_upcast): keep it fp32 then.
     vae_dtype = torch.float32 if (weight_dtype == torch.float16 and vae.config.get("force_upcast", False)) \
         else weight_dtype
-    vae.to(device, vae_dtype)
+    cast(vae, vae_dtype)
     for module in [vae, *encoders]:
         module.requires_grad_(False)
         module.eval()
@@ -176,6 +176,13 @@ def load_components(cfg: ModelConfig, weight_dtype: torch.dtype = torch.float32,
     unet.to(device)
     return Components(pretrained=cfg.pretrained, unet=unet, vae=vae, text_encoders=encoders, tokenizers=tokenizers,
                       noise_scheduler=scheduler, pipeline_class=pipeline_class, sdxl=sdxl)
+
+
+def cast(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """`module.to(dtype)` only when it changes something (diffusers warns on every dtype cast)."""
+    if any(p.dtype != dtype for p in module.parameters()):
+        module.to(dtype)
+    return module
 
 
 def load_vae(cfg: ModelConfig) -> nn.Module:
@@ -225,7 +232,7 @@ class Reference:
         self.lora = lora
         self.copy: Optional[nn.Module] = None
         if not lora:
-            self.copy = copy.deepcopy(policy).requires_grad_(False).eval().to(dtype)
+            self.copy = cast(copy.deepcopy(policy).requires_grad_(False).eval(), dtype)
 
     @contextlib.contextmanager
     def model(self, policy: Optional[nn.Module] = None) -> Iterator[nn.Module]:

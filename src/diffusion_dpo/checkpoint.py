@@ -1,0 +1,89 @@
+"""Checkpoints: written atomically, found by `latest`, rotated, and restored exactly.
+
+A checkpoint is a directory `checkpoint-<step>/` holding the trainable weights (the full UNet as
+a diffusers `unet/` folder, or the LoRA adapter both in peft's naming for resuming and as
+`pytorch_lora_weights.safetensors` for `load_lora_weights`), the optimizer and LR-scheduler
+states, and `train_state.json` (step, epoch, position in the epoch). Training randomness is
+derived from (seed, step), so these fully determine how the run continues.
+
+It is first written as `checkpoint-<step>.tmp/` and renamed when complete: a crash during a save
+leaves only a `.tmp` folder, which `latest` ignores and the next save replaces.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from diffusion_dpo.errors import UserError
+
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "train_state.json"
+
+
+@dataclass
+class TrainState:
+    """Where the run is: optimizer steps done, current epoch, and micro-batches consumed in that epoch."""
+
+    step: int = 0
+    epoch: int = 0
+    position: int = 0  # global (all processes) micro-batches already consumed in `epoch`
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints in `output_dir`, oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if p.is_dir() and (m := _NAME.match(p.name))
+             and (p / STATE_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(resume: Optional[str], output_dir: Path) -> Optional[Path]:
+    """`None` -> start fresh; 'latest' -> newest complete checkpoint (or fresh if none); a path -> that one."""
+    if not resume:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise UserError(f"train.resume: '{resume}' is not a checkpoint directory (no {STATE_FILE})")
+    return path
+
+
+def save_checkpoint(output_dir: Path, state: TrainState, write_weights: Callable[[Path], None],
+                    optimizer: torch.optim.Optimizer, lr_scheduler: Any, total_limit: Optional[int]) -> Path:
+    """Write checkpoint-<step>/ atomically (tmp dir, then rename) and rotate old ones beyond `total_limit`."""
+    final = output_dir / f"checkpoint-{state.step}"
+    tmp = output_dir / f"checkpoint-{state.step}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    write_weights(tmp)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
+    (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+    if final.exists():  # a re-save of the same step (e.g. resumed then saved again): replace it
+        shutil.rmtree(final)
+    tmp.rename(final)
+    if total_limit is not None:
+        for old in list_checkpoints(output_dir)[:-total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, read_weights: Callable[[Path], None], optimizer: torch.optim.Optimizer,
+                    lr_scheduler: Any) -> TrainState:
+    """Restore weights (through `read_weights`), optimizer and scheduler; return the saved `TrainState`."""
+    read_weights(path)
+    # weights_only: a checkpoint directory is data, never code
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
+    return TrainState(**json.loads((path / STATE_FILE).read_text()))

@@ -1,0 +1,127 @@
+"""`diffusion-dpo <command>`: parse, call the library, print. User mistakes end in one line, exit 2.
+
+Every config field is a `--section.key VALUE` flag generated from the config dataclasses, so the
+help text lives once, beside the field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence
+
+from diffusion_dpo.errors import UserError
+
+PROG = "diffusion-dpo"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake as one line (no usage dump), exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        command = self.prog[len(PROG):].strip()
+        raise UserError(f"{command + ': ' if command else ''}{message} (see --help)")
+
+
+def _type_name(field: dataclasses.Field) -> str:
+    """A metavar from the field's annotation: INT, FLOAT, STR, BOOL, LIST[STR], ..."""
+    t = str(field.type)
+    if t.startswith("Optional[") and t.endswith("]"):
+        t = t[len("Optional["):-1]
+    return t.upper()
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    from diffusion_dpo.config import iter_fields
+
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for name, f in iter_fields():
+        section = name.split(".")[0] if "." in name else "run"
+        if section not in groups:
+            groups[section] = parser.add_argument_group(f"{section} (config section '{section}')")
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        is_bool = _type_name(f) == "BOOL"
+        groups[section].add_argument(
+            f"--{name}", dest=name, metavar=_type_name(f), default=argparse.SUPPRESS,
+            nargs="?" if is_bool else None, const="true" if is_bool else None,
+            help=f"{f.metadata.get('help', '')} [default: {default}]".replace("%", "%%"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Diffusion-DPO: align SD 1.x/2.x and SDXL with preference pairs.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    train = sub.add_parser(
+        "train", help="fine-tune a model with Diffusion-DPO (or a relative: hinge, ipo, sft)",
+        description="Train with Diffusion-DPO. Settings come from --config FILE (YAML) and are overridden by "
+                    "--section.key VALUE flags; e.g. --data.batch_size 4 --lora.rank 8 --train.resume latest.")
+    train.add_argument("--config", metavar="FILE", help="YAML config (see configs/)")
+    _add_config_flags(train)
+
+    tiny = sub.add_parser(
+        "make-tiny", help="build tiny offline SD/SDXL pipelines and a tiny Pick-a-Pic-schema data set",
+        description="Writes OUT/sd and OUT/sdxl (tiny random diffusers pipelines) and OUT/pickapic (parquet "
+                    "shards in the Pick-a-Pic v2 schema with a learnable preference). configs/tiny.yaml uses them.")
+    tiny.add_argument("--output-dir", default="tiny", help="where to write them [default: tiny]")
+    tiny.add_argument("--num-pairs", type=int, default=64, help="pairs in the data set [default: 64]")
+    tiny.add_argument("--resolution", type=int, default=32, help="image resolution [default: 32]")
+    tiny.add_argument("--seed", type=int, default=0, help="seed [default: 0]")
+    return parser
+
+
+def _quiet_libraries() -> None:
+    """Library chatter (progress bars while saving, deprecation notes, optional-backend notices) hides our output."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*torchvision.*")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from diffusion_dpo.config import iter_fields, load_config
+
+    given = vars(args)
+    overrides = {name: given[name] for name, _ in iter_fields() if name in given}
+    cfg = load_config(args.config, overrides)
+    from diffusion_dpo.training import train
+
+    final = train(cfg)
+    print(f"done: {final}")
+    return 0
+
+
+def _cmd_make_tiny(args: argparse.Namespace) -> int:
+    from diffusion_dpo.tiny import build_tiny_pipeline
+    from diffusion_dpo.tiny_data import build_tiny_pickapic
+
+    out = Path(args.output_dir)
+    for kind in ("sd", "sdxl"):
+        build_tiny_pipeline(out / kind, kind=kind, resolution=args.resolution, seed=args.seed)
+    build_tiny_pickapic(out / "pickapic", num_pairs=args.num_pairs, resolution=args.resolution, seed=args.seed)
+    print(f"wrote {out / 'sd'}, {out / 'sdxl'}, {out / 'pickapic'}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of `diffusion-dpo` and `python -m diffusion_dpo`."""
+    _quiet_libraries()
+    try:
+        args = build_parser().parse_args(argv)
+        return {"train": _cmd_train, "make-tiny": _cmd_make_tiny}[args.command](args)
+    except UserError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

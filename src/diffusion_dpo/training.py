@@ -1,0 +1,404 @@
+"""The Diffusion-DPO training loop: accelerate inside, one short `step`, exact bookkeeping.
+
+Per optimizer step, for each micro-batch of B pairs (winner first):
+  1. encode both images with the frozen VAE -> latents (2B, 4, h, w) as [winners; losers];
+  2. draw ONE timestep and ONE noise per pair and use them for both images of the pair;
+  3. the frozen reference predicts on all 2B noisy latents (no grad): per-sample MSE ref_w, ref_l;
+  4. the trainable UNet predicts on the same 2B in one forward: model_w, model_l;
+  5. the registry loss (dpo by default) turns the four MSEs into a per-pair loss; backward.
+Gradients are accumulated over `train.gradient_accumulation_steps` micro-batches, clipped, and
+applied. All randomness of micro-batch k (timesteps, noise, VAE sampling, dropout) is seeded from
+(seed, k, process), and the data order from (seed, epoch), so a resumed run continues exactly.
+
+Run: `diffusion-dpo train --config configs/sd15_pickapic.yaml --data.path DIR --output_dir runs/x`
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import Tensor
+
+from diffusion_dpo import checkpoint as ckpt
+from diffusion_dpo.config import Config, to_yaml
+from diffusion_dpo.data import PairSampler, PreferenceDataset, collate_pairs, load_preference_pairs
+from diffusion_dpo.errors import UserError
+from diffusion_dpo.losses import LossSpec, get_loss, implicit_accuracy
+from diffusion_dpo.models import Components, Reference, add_lora, cast, load_components, load_vae, save_lora
+from diffusion_dpo.optim import make_lr_scheduler, make_optimizer
+
+METRIC_KEYS = ("loss", "implicit_acc", "reward_margin", "model_mse_w", "model_mse_l", "ref_mse_w", "ref_mse_l")
+
+
+def _seed_for(*parts: int) -> int:
+    """A 63-bit seed mixed from integers (so nearby steps get unrelated streams)."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h ^ (p + 0x632BE59BD9B4E019 + (h << 6) + (h >> 2))) & 0xFFFFFFFFFFFFFFFF
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+class ShardedPairSampler(torch.utils.data.Sampler):
+    """This process's share of a `PairSampler`: of every global batch (batch_size x processes items),
+    process r takes items [r*b, (r+1)*b). An incomplete last global batch is dropped."""
+
+    def __init__(self, base: PairSampler, batch_size: int, rank: int, world: int):
+        self.base, self.b, self.rank, self.world = base, batch_size, rank, world
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        global_batch = self.b * self.world
+        buffer = []
+        for key in self.base:
+            buffer.append(key)
+            if len(buffer) == global_batch:
+                yield from buffer[self.rank * self.b:(self.rank + 1) * self.b]
+                buffer = []
+
+    def __len__(self) -> int:
+        return (len(self.base) // (self.b * self.world)) * self.b
+
+
+@dataclass
+class StepOutput:
+    loss: Tensor  # scalar, with grad
+    metrics: dict[str, Tensor]  # detached scalars (no host sync)
+
+
+class Trainer:
+    """Holds the models, optimizer and data for one run; `run()` trains to `train.max_steps`."""
+
+    def __init__(self, cfg: Config):
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
+        from accelerate.utils import ProjectConfiguration
+
+        # accelerate keeps one state per process; a second run in the same process (a notebook, the
+        # tests) with another precision would be refused. The process group itself is left alone.
+        AcceleratorState._reset_state(reset_partial_state=False)
+        self.cfg = cfg
+        self.output_dir = Path(cfg.output_dir)
+        trackers = {"none": None, "all": ["tensorboard", "wandb"]}.get(cfg.train.report_to, [cfg.train.report_to])
+        self.accelerator = Accelerator(
+            mixed_precision=cfg.train.mixed_precision, log_with=trackers,
+            project_config=ProjectConfiguration(project_dir=str(self.output_dir),
+                                                logging_dir=str(self.output_dir / "logs")))
+        acc = self.accelerator
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.train.mixed_precision,
+                                                                                 torch.float32)
+        if cfg.train.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+        self.loss_spec: LossSpec = get_loss(cfg.loss.name)
+        self.lora = cfg.lora.rank > 0
+
+        # Data first: a bad data set fails in seconds, before any model is loaded.
+        self.pairs = load_preference_pairs(cfg.data)
+        acc.print(self.pairs.summary())
+
+        self.components: Components = load_components(cfg.model, self.weight_dtype, acc.device)
+        unet = self.components.unet
+        if self.lora:
+            cast(unet, self.weight_dtype)  # the frozen base in the compute dtype; LoRA weights stay fp32
+            params = add_lora(unet, cfg.lora)
+        else:
+            params = list(unet.parameters())
+        # The reference: adapters off (LoRA: free) or a frozen copy (full: only if the loss needs one).
+        self.reference = Reference(unet, lora=True, dtype=self.weight_dtype) if self.lora else (
+            Reference(unet, lora=False, dtype=self.weight_dtype) if self.loss_spec.needs_reference else None)
+        if cfg.train.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        unet.train()
+
+        self.world = acc.num_processes
+        per_step_pairs = cfg.data.batch_size * cfg.train.gradient_accumulation_steps * self.world
+        lr = cfg.optim.lr * per_step_pairs if cfg.optim.scale_lr else cfg.optim.lr
+        self.optimizer = make_optimizer(cfg.optim, params, lr)
+        self.lr_scheduler = make_lr_scheduler(cfg.optim, self.optimizer, cfg.train.max_steps)
+        self.unet, self.optimizer = acc.prepare(unet, self.optimizer)
+        self.params = params
+
+        self.dataset = PreferenceDataset(self.pairs, cfg.data, self.components.tokenizers, self.components.sdxl)
+        self.sampler = PairSampler(len(self.pairs), seed=cfg.train.seed)
+        self.steps_per_epoch = len(self.pairs) // (cfg.data.batch_size * self.world)
+        if self.steps_per_epoch == 0:
+            raise UserError(f"data.path '{cfg.data.path}': {len(self.pairs)} usable pairs is fewer than one batch "
+                            f"(data.batch_size {cfg.data.batch_size} x {self.world} processes)")
+        self.state = ckpt.TrainState()
+        self.metrics_path = self.output_dir / "metrics.jsonl"
+
+    # ------------------------------------------------------------------ the method
+    def step(self, batch: dict[str, Any], micro_step: int) -> StepOutput:
+        """Loss and metrics for one micro-batch of B pairs (see the module docstring for the recipe)."""
+        acc, comp, cfg = self.accelerator, self.components, self.cfg
+        device = acc.device
+        seed = _seed_for(cfg.train.seed, micro_step, acc.process_index)
+        torch.manual_seed(seed)  # dropout and anything else drawing from the global generator
+        gen = torch.Generator(device=device).manual_seed(seed)
+
+        pixels = batch["pixel_values"]  # (B, 2, 3, H, W), winner first
+        b = pixels.shape[0]
+        pixels = torch.cat([pixels[:, 0], pixels[:, 1]]).to(device)  # (2B, 3, H, W) = [winners; losers]
+        latents = comp.encode_images(pixels, generator=gen).float()  # (2B, 4, h, w)
+        noise = torch.randn(latents[:b].shape, generator=gen, device=device).repeat(2, 1, 1, 1)  # shared per pair
+        timesteps = torch.randint(0, comp.noise_scheduler.config.num_train_timesteps, (b,), generator=gen,
+                                  device=device).repeat(2)
+        noisy = comp.noise_scheduler.add_noise(latents, noise, timesteps)
+        target = comp.target(latents, noise, timesteps).float()
+        ids = [batch["input_ids"]] + ([batch["input_ids_2"]] if comp.sdxl else [])
+        cond = comp.conditioning([i.to(device) for i in ids], batch["original_sizes"], batch["crop_top_lefts"],
+                                 cfg.data.resolution)
+
+        def mse(model: torch.nn.Module) -> tuple[Tensor, Tensor]:
+            pred = model(noisy, timesteps, cond.hidden_states, added_cond_kwargs=cond.added).sample
+            err = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))  # (2B,) mean over C, H, W
+            return err[:b], err[b:]
+
+        ref_w = ref_l = None
+        if self.loss_spec.needs_reference:
+            with torch.no_grad(), acc.autocast(), self.reference.model(acc.unwrap_model(self.unet)) as ref:
+                ref_w, ref_l = mse(ref)
+        with acc.autocast():
+            model_w, model_l = mse(self.unet)
+        out = self.loss_spec.fn(model_w, model_l, ref_w, ref_l, beta=cfg.loss.beta,
+                                label=batch["label"].to(device))
+        loss = out.loss.mean()
+        metrics = {
+            "loss": loss.detach(),
+            "implicit_acc": implicit_accuracy(out.inside.detach()).mean(),
+            "reward_margin": out.inside.detach().mean(),
+            "model_mse_w": model_w.detach().mean(), "model_mse_l": model_l.detach().mean(),
+            "ref_mse_w": (ref_w if ref_w is not None else model_w).detach().mean(),
+            "ref_mse_l": (ref_l if ref_l is not None else model_l).detach().mean(),
+        }
+        return StepOutput(loss=loss, metrics=metrics)
+
+    # ------------------------------------------------------------------ the loop
+    def _batches(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(epoch, micro-batch) forever, starting at the resumed epoch and position.
+
+        One DataLoader with persistent workers: the sampler runs in this process, so setting its epoch
+        before each pass is enough; workers only decode the (pair, seed) keys they are sent."""
+        cfg = self.cfg
+        sharded = ShardedPairSampler(self.sampler, cfg.data.batch_size, self.accelerator.process_index, self.world)
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=cfg.data.batch_size, sampler=sharded, collate_fn=collate_pairs,
+            num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0, drop_last=True,
+            pin_memory=self.accelerator.device.type == "cuda")
+        epoch, start = self.state.epoch, self.state.position
+        while True:
+            self.sampler.set_epoch(epoch, start=start * cfg.data.batch_size * self.world)
+            for batch in loader:
+                yield epoch, batch
+            epoch, start = epoch + 1, 0
+
+    def run(self) -> Path:
+        """Train to `train.max_steps` (resuming if asked), writing metrics, checkpoints, grids and final/."""
+        cfg, acc = self.cfg, self.accelerator
+        self._prepare_output()
+        resume_from = ckpt.resolve_resume(cfg.train.resume, self.output_dir)
+        if resume_from is not None:
+            self.state = ckpt.load_checkpoint(resume_from, self._read_weights, self.optimizer, self.lr_scheduler)
+            acc.print(f"resumed from {resume_from} at step {self.state.step}")
+        self._truncate_metrics(self.state.step)
+        if acc.is_main_process:
+            acc.init_trackers("diffusion-dpo", config=_flat_config(cfg))
+        accum = cfg.train.gradient_accumulation_steps
+        progress = _progress(cfg.train.max_steps, self.state.step, acc.is_main_process)
+        batches = self._batches()
+        t0 = time.perf_counter()
+        while self.state.step < cfg.train.max_steps:
+            sums: dict[str, Tensor] = {}
+            for k in range(accum):
+                epoch, batch = next(batches)
+                micro_step = self.state.step * accum + k
+                sync = k == accum - 1
+                with nullcontext() if sync else acc.no_sync(self.unet):
+                    out = self.step(batch, micro_step)
+                    acc.backward(out.loss / accum)
+                for key, v in out.metrics.items():
+                    sums[key] = sums.get(key, 0) + v / accum
+                self._advance_position(epoch)
+            grad_norm = acc.clip_grad_norm_(self.params, cfg.optim.max_grad_norm or float("inf"))
+            lr = self.lr_scheduler.get_last_lr()[0]  # the rate this update uses
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state.step += 1
+
+            record = self._log(sums, grad_norm, lr, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['implicit_acc']:.2f}")
+            progress.update(1)
+            self._maybe_checkpoint()
+            self._maybe_validate()
+        progress.close()
+        final = self._save_final()
+        acc.end_training()
+        return final
+
+    def _advance_position(self, epoch: int) -> None:
+        if epoch != self.state.epoch:
+            self.state.epoch, self.state.position = epoch, 0
+        self.state.position += 1
+
+    # ------------------------------------------------------------------ outputs
+    def _prepare_output(self) -> None:
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(to_yaml(self.cfg))
+        self.accelerator.wait_for_everyone()
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Keep metrics.jsonl consistent with the resumed step (drop lines a crashed run wrote after it)."""
+        if not self.accelerator.is_main_process or not self.metrics_path.exists():
+            return
+        if step == 0:
+            self.metrics_path.unlink()
+            return
+        kept = [ln for ln in self.metrics_path.read_text().splitlines() if ln.strip()
+                and json.loads(ln).get("step", 0) <= step]
+        self.metrics_path.write_text("".join(ln + "\n" for ln in kept))
+
+    def _log(self, sums: dict[str, Tensor], grad_norm: Tensor, lr: float, seconds: float) -> dict[str, float]:
+        """Reduce the step's metrics across processes, append them to metrics.jsonl and the trackers."""
+        acc = self.accelerator
+        keys = list(METRIC_KEYS)
+        stacked = torch.stack([sums[k].float() for k in keys] + [torch.as_tensor(grad_norm, device=acc.device).float()])
+        stacked = acc.reduce(stacked, reduction="mean")  # one host sync per optimizer step
+        values = stacked.tolist()
+        loss = values[0]
+        if not math.isfinite(loss):
+            raise UserError(f"non-finite loss ({loss}) at step {self.state.step}; lower optim.lr or use bf16 "
+                            "instead of fp16")
+        pairs = self.cfg.data.batch_size * self.cfg.train.gradient_accumulation_steps * self.world
+        record = {"step": self.state.step, "epoch": self.state.epoch, **dict(zip(keys, values[:-1])),
+                  "grad_norm": values[-1], "lr": lr,
+                  "pairs_per_s": pairs / max(seconds, 1e-9)}
+        if acc.is_main_process:
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            acc.log({k: v for k, v in record.items() if k != "step"}, step=self.state.step)
+        return record
+
+    def _write_weights(self, directory: Path) -> None:
+        unet = self.accelerator.unwrap_model(self.unet)
+        if self.lora:
+            from peft.utils import get_peft_model_state_dict
+            from safetensors.torch import save_file
+
+            save_lora(self.components, unet, directory)
+            state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+            save_file(state, directory / "lora_peft.safetensors")
+        else:
+            unet.save_pretrained(directory / "unet", safe_serialization=True)
+
+    def _read_weights(self, directory: Path) -> None:
+        from safetensors.torch import load_file
+
+        unet = self.accelerator.unwrap_model(self.unet)
+        if self.lora:
+            from peft.utils import set_peft_model_state_dict
+
+            path = directory / "lora_peft.safetensors"
+            if not path.is_file():
+                raise UserError(f"train.resume: {directory} has no LoRA weights (was it a full fine-tune?)")
+            result = set_peft_model_state_dict(unet, load_file(path, device=str(self.accelerator.device)))
+            if getattr(result, "unexpected_keys", None):
+                raise UserError(f"train.resume: {path} does not match lora settings "
+                                f"(unexpected {result.unexpected_keys[0]})")
+        else:
+            path = directory / "unet" / "diffusion_pytorch_model.safetensors"
+            if not path.is_file():
+                raise UserError(f"train.resume: {directory} has no full UNet weights (was it a LoRA run?)")
+            unet.load_state_dict(load_file(path, device=str(self.accelerator.device)))
+
+    def _maybe_checkpoint(self) -> None:
+        every = self.cfg.train.checkpointing_steps
+        if every and self.state.step % every == 0 and self.state.step < self.cfg.train.max_steps:
+            self.save_checkpoint()
+
+    def save_checkpoint(self) -> Optional[Path]:
+        """Write checkpoint-<step>/ (main process only; every process waits for it)."""
+        path = None
+        if self.accelerator.is_main_process:
+            path = ckpt.save_checkpoint(self.output_dir, self.state, self._write_weights, self.optimizer,
+                                        self.lr_scheduler, self.cfg.train.checkpoints_total_limit)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def _maybe_validate(self, final: bool = False) -> None:
+        every = self.cfg.validation.every_steps
+        if every < 0 or not self.cfg.validation.prompts:
+            return
+        if not final and (every == 0 or self.state.step % every != 0 or self.state.step == self.cfg.train.max_steps):
+            return
+        if self.accelerator.is_main_process:
+            from diffusion_dpo.sampling import write_validation_grid
+
+            v = self.cfg.validation
+            path = self.output_dir / "samples" / f"step-{self.state.step:06d}.png"
+            write_validation_grid(path, self.components, self.accelerator.unwrap_model(self.unet), self.reference,
+                                  v.prompts, v.seeds, self.cfg.data.resolution, v.num_inference_steps,
+                                  v.guidance_scale, autocast=self.accelerator.autocast)
+        self.accelerator.wait_for_everyone()
+
+    def _save_final(self) -> Path:
+        """final/: a diffusers pipeline (full fine-tune) or pytorch_lora_weights.safetensors (LoRA)."""
+        acc = self.accelerator
+        final = self.output_dir / "final"
+        self._maybe_validate(final=True)
+        if acc.is_main_process:
+            tmp = self.output_dir / "final.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            unet = acc.unwrap_model(self.unet)
+            if self.lora:
+                save_lora(self.components, unet, tmp)
+            else:
+                self._save_pipeline(unet, tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            acc.print(f"saved {final}")
+        acc.wait_for_everyone()
+        return final
+
+    def _save_pipeline(self, unet: torch.nn.Module, out: Path) -> None:
+        """Save the tuned UNet inside the original pipeline, the frozen parts re-read in full precision."""
+        m = self.cfg.model
+        extra = {}
+        if m.vae is not None:
+            extra["vae"] = load_vae(m)
+        if not self.components.sdxl:
+            extra.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe = self.components.pipeline_class.from_pretrained(m.pretrained, unet=unet, revision=m.revision,
+                                                              variant=m.variant, **extra)
+        pipe.save_pretrained(out, safe_serialization=True)
+
+
+def _flat_config(cfg: Config) -> dict[str, Any]:
+    """The config flattened to scalars (TensorBoard's hparams accept no lists or None)."""
+    out = {}
+    for section, values in asdict(cfg).items():
+        items = values.items() if isinstance(values, dict) else [("", values)]
+        for k, v in items:
+            key = f"{section}.{k}" if k else section
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
+
+
+def train(cfg: Config) -> Path:
+    """Train with `cfg` and return the `final/` directory."""
+    return Trainer(cfg).run()

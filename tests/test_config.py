@@ -1,0 +1,86 @@
+"""Config loading: YAML + dotted overrides, one-line errors, the shipped recipes."""
+
+from pathlib import Path
+
+import pytest
+
+from diffusion_dpo.config import Config, iter_fields, load_config, to_yaml
+from diffusion_dpo.errors import UserError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+REQUIRED = {"model.pretrained": "m", "data.path": "d"}
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_overrides_by_dotted_name_take_precedence(tmp_path):
+    p = _write(tmp_path, "model: {pretrained: base}\ndata: {path: d, batch_size: 2}\nloss: {beta: 100}\n")
+    cfg = load_config(p, {"data.batch_size": "4", "loss.beta": "2500", "lora.rank": "8", "output_dir": "out",
+                          "validation.seeds": "[1,2]", "train.resume": "latest"})
+    assert (cfg.data.batch_size, cfg.loss.beta, cfg.lora.rank, cfg.output_dir) == (4, 2500.0, 8, "out")
+    assert cfg.validation.seeds == [1, 2] and cfg.train.resume == "latest"
+    assert cfg.model.pretrained == "base" and isinstance(cfg, Config)
+
+
+def test_contract_fields_exist():
+    names = {n for n, _ in iter_fields()}
+    for required in ("model.pretrained", "data.path", "data.batch_size", "output_dir", "train.max_steps",
+                     "train.seed", "train.checkpointing_steps", "train.resume", "lora.rank"):
+        assert required in names
+    assert all(f.metadata.get("help") for _, f in iter_fields())
+
+
+@pytest.mark.parametrize("text,overrides,match", [
+    ("model: {pretrained: m}\ndata: {path: d, batchsize: 2}\n", {}, r"c.yaml: unknown config key 'data.batchsize'"),
+    ("model: {pretrained: m}\ndata: {path: d}\n", {"loss.betaa": "1"}, "command line: unknown config key 'loss.betaa'"),
+    ("model: {pretrained: m}\ndata: {path: d, batch_size: two}\n", {}, "bad value for 'data.batch_size'"),
+    ("model: {pretrained: m}\ndata: {path: d}\n", {"loss.beta": "0"}, "loss.beta must be > 0"),
+    ("model: {pretrained: m}\ndata: {path: d}\n", {"loss.beta": "-5"}, "loss.beta must be > 0"),
+    ("data: {path: d}\n", {}, "model.pretrained is required"),
+    ("model: {pretrained: m}\n", {}, "data.path is required"),
+    ("model: {pretrained: m}\ndata: {path: d}\n", {"loss.name": "kto2"}, "loss.name must be one of"),
+    ("model: {pretrained: m}\ndata: {path: d}\n", {"train.mixed_precision": "fp8"}, "train.mixed_precision"),
+    ("model: {pretrained: m}\ndata: {path: d}\n", {"data.resolution": "500"}, "multiple of 8"),
+    ("model: [unclosed\n", {}, "invalid YAML"),
+    ("- a list\n", {}, "expected a mapping"),
+    ("model: {pretrained: m}\nbogus_section: {a: 1}\n", {}, "unknown config key 'bogus_section'"),
+])
+def test_config_errors_are_one_line(tmp_path, text, overrides, match):
+    with pytest.raises(UserError, match=match) as exc:
+        load_config(_write(tmp_path, text), overrides)
+    assert "\n" not in str(exc.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, {**REQUIRED, "lora.rank": "4"})
+    again = load_config(_write(tmp_path, to_yaml(cfg)))
+    assert again == cfg
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_every_shipped_config_loads(name):
+    load_config(CONFIGS / name)
+
+
+def test_paper_recipes():
+    sd15 = load_config(CONFIGS / "sd15_pickapic.yaml")
+    assert sd15.lora.rank == 0 and sd15.loss.name == "dpo" and sd15.loss.beta == 5000
+    assert sd15.data.batch_size * sd15.train.gradient_accumulation_steps == 2048  # per single process
+    assert sd15.optim.lr == 1e-8 and sd15.optim.scale_lr and sd15.optim.name == "adamw"
+    assert (sd15.train.max_steps, sd15.optim.lr_warmup_steps, sd15.data.resolution) == (2000, 500, 512)
+    assert sd15.data.proportion_empty_prompts == 0.2
+    sdxl = load_config(CONFIGS / "sdxl_pickapic.yaml")
+    assert sdxl.optim.name == "adafactor" and sdxl.train.gradient_checkpointing
+    assert (sdxl.data.resolution, sdxl.optim.lr_warmup_steps, sdxl.loss.beta) == (1024, 200, 5000)
+    assert sdxl.data.batch_size * sdxl.train.gradient_accumulation_steps == 2048
+    lora = load_config(CONFIGS / "sd15_lora.yaml")
+    assert lora.lora.rank > 0

@@ -1,0 +1,175 @@
+"""The training loop on tiny SD/SDXL pipelines: invariants, outputs diffusers loads, LoRA, overfit, resume."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffusion_dpo.config import load_config
+from diffusion_dpo.training import Trainer, train
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    from diffusion_dpo.tiny_data import build_tiny_pickapic
+
+    return build_tiny_pickapic(tmp_path_factory.mktemp("data") / "pickapic", num_pairs=24, seed=1)
+
+
+def make_cfg(out: Path, model: Path, data: Path, **overrides):
+    base = {"output_dir": str(out), "model.pretrained": str(model), "data.path": str(data),
+            "data.resolution": "32", "data.batch_size": "2", "data.num_workers": "0",
+            "optim.lr": "1e-4", "optim.scale_lr": "false", "optim.lr_warmup_steps": "0",
+            "train.max_steps": "2", "train.checkpointing_steps": "0", "train.report_to": "none",
+            "validation.every_steps": "-1"}
+    base.update({k.replace("__", "."): str(v) for k, v in overrides.items()})
+    return load_config(None, base)
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def unet_weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(path / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def test_full_fine_tune_outputs(tmp_path, tiny_sd, tiny_data):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "run"
+    cfg = make_cfg(out, tiny_sd, tiny_data, train__max_steps=3, train__checkpointing_steps=2,
+                   validation__every_steps=2, validation__num_inference_steps=2, validation__prompts='["a red circle"]',
+                   train__report_to="tensorboard")
+    final = train(cfg)
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # θ = ref at step 1
+    assert metrics[0]["implicit_acc"] == 0.5 and metrics[0]["reward_margin"] == 0.0
+    for key in ("loss", "implicit_acc", "reward_margin", "model_mse_w", "model_mse_l", "ref_mse_w", "ref_mse_l",
+                "grad_norm", "lr", "pairs_per_s"):
+        assert all(math.isfinite(m[key]) for m in metrics), key
+    assert metrics[-1]["loss"] != pytest.approx(math.log(2), abs=1e-6)  # the policy moved
+    assert (out / "checkpoint-2" / "unet").is_dir() and (out / "checkpoint-2" / "optimizer.pt").is_file()
+    assert not list(out.glob("*.tmp"))
+    assert (out / "samples" / "step-000002.png").is_file() and (out / "samples" / "step-000003.png").is_file()
+    assert list((out / "logs").rglob("events.out.tfevents*"))
+    assert (out / "config.yaml").is_file()
+    # final/ is a pipeline diffusers loads; only the UNet changed
+    pipe = StableDiffusionPipeline.from_pretrained(final)
+    base = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    assert any(not torch.equal(a, b) for a, b in zip(pipe.unet.state_dict().values(), base.unet.state_dict().values()))
+    for a, b in zip(pipe.text_encoder.state_dict().values(), base.text_encoder.state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(pipe.vae.state_dict().values(), base.vae.state_dict().values()):
+        assert torch.equal(a, b)
+    assert pipe("a red circle", num_inference_steps=2, height=32, width=32).images[0].size == (32, 32)
+
+
+def test_sdxl_lora_changes_only_lora_weights_and_loads(tmp_path, tiny_sdxl, tiny_data):
+    from diffusers import StableDiffusionXLPipeline
+
+    out = tmp_path / "run"
+    trainer = Trainer(make_cfg(out, tiny_sdxl, tiny_data, lora__rank=4, lora__alpha=8, optim__lr="1e-3"))
+    unet = trainer.accelerator.unwrap_model(trainer.unet)
+    before = {n: p.detach().clone() for n, p in unet.named_parameters()}
+    final = trainer.run()
+    metrics = read_metrics(out)
+    assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    changed = {n for n, p in unet.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora" in n for n in changed)
+    assert any("lora_B" in n for n in changed)
+    assert sorted(p.name for p in final.iterdir()) == ["pytorch_lora_weights.safetensors"]
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    pipe.load_lora_weights(final)
+    assert pipe("a red circle", num_inference_steps=2, height=32, width=32).images[0].size == (32, 32)
+
+
+@pytest.mark.parametrize("rank", [0, 8])
+def test_overfit_a_fixed_batch(tmp_path, tiny_sd, tiny_data, rank):
+    """Same 4 pairs, same noise and timesteps every step: DPO must drive implicit accuracy to 1."""
+    lr = "1e-4" if rank == 0 else "1e-3"
+    trainer = Trainer(make_cfg(tmp_path, tiny_sd, tiny_data, data__batch_size=4, data__max_pairs=4,
+                               data__random_flip="false", data__proportion_empty_prompts=0,
+                               lora__rank=rank, optim__lr=lr))
+    _, batch = next(trainer._batches())
+    history = []
+    for _ in range(25):
+        out = trainer.step(batch, micro_step=0)  # micro_step fixes timesteps and noise
+        trainer.accelerator.backward(out.loss)
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad()
+        history.append({k: v.item() for k, v in out.metrics.items()})
+    assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert history[-1]["implicit_acc"] == 1.0
+    assert history[-1]["loss"] < 0.1 * math.log(2)
+    assert history[-1]["reward_margin"] > 0
+    # the winners' error fell relative to the losers' compared with the reference
+    last = history[-1]
+    assert (last["model_mse_w"] - last["model_mse_l"]) < (last["ref_mse_w"] - last["ref_mse_l"])
+
+
+@pytest.mark.parametrize("loss", ["hinge", "ipo", "sft"])
+def test_other_losses_train(tmp_path, tiny_sd, tiny_data, loss):
+    trainer = Trainer(make_cfg(tmp_path, tiny_sd, tiny_data, loss__name=loss, loss__beta=100))
+    if loss == "sft":
+        assert trainer.reference is None  # the SFT baseline never runs a reference model
+    trainer.run()
+    metrics = read_metrics(tmp_path)
+    assert len(metrics) == 2 and all(math.isfinite(m["loss"]) for m in metrics)
+    if loss == "hinge":
+        assert metrics[0]["loss"] == pytest.approx(1.0, abs=1e-6)  # relu(1 - 0) at θ = ref
+
+
+def test_v_prediction_bf16_and_accumulation(tmp_path, tiny_sd_vpred, tiny_data):
+    out = tmp_path / "run"
+    train(make_cfg(out, tiny_sd_vpred, tiny_data, lora__rank=4, train__mixed_precision="bf16",
+                   train__gradient_accumulation_steps=2, data__batch_size=1, optim__scale_lr="true",
+                   optim__lr="1e-4"))
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert metrics[0]["lr"] == pytest.approx(1e-4 * 1 * 2 * 1)  # scale_lr: lr x batch x accumulation x processes
+    assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+
+class _Killed(Exception):
+    pass
+
+
+class _KilledAfter(Trainer):
+    """A trainer that dies right after finishing optimizer step `kill_at` (its checkpoint, if any, is written)."""
+
+    kill_at = 0
+
+    def _maybe_checkpoint(self):
+        super()._maybe_checkpoint()
+        if self.state.step == self.kill_at:
+            raise _Killed
+
+
+@pytest.mark.parametrize("rank", [0, 4])
+def test_resume_matches_an_uninterrupted_run(tmp_path, tiny_sd, tiny_data, rank):
+    """Kill after step 3 (checkpoint at 2, mid-epoch), resume latest: the final weights are bitwise equal."""
+    common = dict(train__max_steps=5, train__checkpointing_steps=2, lora__rank=rank, data__proportion_empty_prompts=0.5,
+                  data__random_crop="true", data__batch_size=3)
+    straight = train(make_cfg(tmp_path / "a", tiny_sd, tiny_data, **common))
+
+    _KilledAfter.kill_at = 3
+    with pytest.raises(_Killed):
+        _KilledAfter(make_cfg(tmp_path / "b", tiny_sd, tiny_data, **common)).run()
+    assert (tmp_path / "b" / "checkpoint-2").is_dir() and not (tmp_path / "b" / "final").exists()
+    resumed = train(make_cfg(tmp_path / "b", tiny_sd, tiny_data, train__resume="latest", **common))
+
+    if rank:
+        a, b = (load_file(p / "pytorch_lora_weights.safetensors") for p in (straight, resumed))
+    else:
+        a, b = unet_weights(straight), unet_weights(resumed)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ma, mb = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert [m["step"] for m in mb] == [1, 2, 3, 4, 5]  # the crashed run's step 3 is replaced, not duplicated
+    assert [m["loss"] for m in ma] == [m["loss"] for m in mb]
