@@ -1,0 +1,550 @@
+"""Preference pairs: loading, validation before training, shared augmentation, collate, order.
+
+Sources (`data.path`):
+  * Pick-a-Pic v2 schema (`caption`, `jpg_0`, `jpg_1`, `label_0`[, `label_1`], other columns
+    ignored) from a .parquet file, a directory of .parquet shards, a `datasets.save_to_disk`
+    directory, or a hub dataset id;
+  * the local format: JSONL/JSON or CSV with `prompt`, `chosen`, `rejected` image paths
+    (relative to the data file), optional `chosen_score` / `rejected_score`.
+
+Everything is validated in `load_preference_pairs`, before any model is loaded: first the cheap
+checks (schema, captions, labels, empty images) vectorised over whole Arrow columns, then every
+image of every used pair is decoded once in a process pool. A problem stops the run with one
+line naming the file, the row (0-based, as pyarrow/pandas count) or line (1-based) and the
+problem; `data.skip_bad_rows` drops and counts such rows instead.
+
+Rows stay where they are (Arrow memory map); a pair is `(row, winner is jpg_1?, label)`, so
+851K Pick-a-Pic pairs cost a few MB of RAM. Winner first everywhere. An item's randomness
+(flip, crop, caption dropout) comes only from its `sample_seed`, so it is reproducible in any
+worker and after a resume; `PairSampler` supplies `(pair_index, sample_seed)` keys.
+"""
+
+from __future__ import annotations
+
+import bisect
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from diffusion_dpo.config import DataConfig
+from diffusion_dpo.errors import UserError
+from diffusion_dpo.images import (FileImages, ImageSource, TableImages, crop_offsets, find_bad_images,
+                                  image_source, load_rgb, resize_short_side, short_reason, to_unit_range)
+
+REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
+LOCAL_KEYS = ("prompt", "chosen", "rejected")
+LOCAL_SUFFIXES = (".jsonl", ".json", ".csv")
+_TOL = 1e-6  # labels are floats; 0.5 may arrive as 0.49999999
+
+
+@dataclass
+class _RowNamer:
+    """Global row -> "<file> row N" (row within its parquet shard) or "<file> line N"."""
+
+    names: list[str]
+    starts: list[int] = field(default_factory=lambda: [0])
+    unit: str = "row"
+    numbers: Optional[np.ndarray] = None  # local files: the line (or item) of each row
+
+    def __call__(self, row: int) -> str:
+        if self.numbers is not None:
+            return f"{self.names[0]} {self.unit} {int(self.numbers[row])}"
+        k = bisect.bisect_right(self.starts, row) - 1
+        return f"{self.names[k]} {self.unit} {row - self.starts[k]}"
+
+
+@dataclass(eq=False)
+class PreferencePairs:
+    """Validated pairs, winner first; the rows stay lazily in `rows`.
+
+    `rows` is a datasets.Dataset (caption, jpg_0, jpg_1; images not decoded, Arrow memory map)
+    or, for JSONL/CSV, a list of (prompt, chosen path, rejected path) with None for bad lines.
+    """
+
+    source: str
+    rows: Any
+    row_index: np.ndarray  # (N,) int64: the data row of each pair
+    winner_is_1: np.ndarray  # (N,) bool: jpg_1 won, so it is swapped to the front
+    labels: np.ndarray  # (N,) float32: 1.0 decided pair, 0.5 kept tie
+    where_row: _RowNamer
+    num_rows: int = 0
+    num_ties_dropped: int = 0
+    num_bad_skipped: int = 0
+    first_bad: Optional[str] = None  # the first skipped row's problem, for the summary
+    stopped_at_row: Optional[int] = None  # set when data.max_pairs cut the scan short
+
+    def __len__(self) -> int:
+        return len(self.row_index)
+
+    def get(self, i: int) -> tuple[str, ImageSource, ImageSource, float]:
+        """(caption, winner image source, loser image source, label) of pair `i`."""
+        row = int(self.row_index[i])
+        if isinstance(self.rows, list):
+            prompt, win, lose = self.rows[row]
+            return prompt, win, lose, float(self.labels[i])
+        rec = self.rows[row]
+        win, lose = image_source(rec["jpg_0"]), image_source(rec["jpg_1"])
+        if self.winner_is_1[i]:
+            win, lose = lose, win
+        return rec["caption"], win, lose, float(self.labels[i])
+
+    def where(self, i: int) -> str:
+        """"<file> row N" of pair `i`, for error messages."""
+        return self.where_row(int(self.row_index[i]))
+
+    def summary(self) -> str:
+        """One line: rows, pairs used, ties dropped, bad rows skipped."""
+        text = f"{self.source}: {self.num_rows} rows, {len(self)} pairs used, {self.num_ties_dropped} ties dropped"
+        text += f", {self.num_bad_skipped} bad rows skipped" + (f" (first: {self.first_bad})" if self.first_bad else "")
+        if self.stopped_at_row is not None:
+            text += f" (data.max_pairs reached at {self.where_row(self.stopped_at_row - 1)})"
+        return text
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_preference_pairs(cfg: DataConfig) -> PreferencePairs:
+    """Load + validate everything BEFORE training.
+
+    Raises UserError (one line naming file, row and problem) unless cfg.skip_bad_rows.
+    """
+    spec = cfg.path
+    path = Path(spec).expanduser()
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix in LOCAL_SUFFIXES:
+            return _load_local(path, spec, cfg)
+        if suffix == ".parquet":
+            return _load_parquet([path], [spec], spec, cfg)
+        raise UserError(f"data.path '{spec}': unsupported file type '{suffix}' "
+                        f"(expected .parquet, .jsonl, .json or .csv)")
+    if path.is_dir():
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            return _load_saved(path, spec, cfg)
+        files = _parquet_files(path, cfg.split)
+        if not files:
+            raise UserError(f"data.path '{spec}' is a directory without .parquet files and is not a "
+                            f"datasets.save_to_disk directory")
+        names = [str(Path(spec) / f.relative_to(path)) for f in files]
+        return _load_parquet(files, names, spec, cfg)
+    # Hub ids are "name" or "owner/name"; anything else that does not exist is a typo'd path.
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec or \
+            path.suffix.lower() in LOCAL_SUFFIXES + (".parquet", ".arrow"):
+        raise UserError(f"data.path '{spec}' not found")
+    return _load_hub(spec, cfg)
+
+
+def _parquet_files(root: Path, split: str) -> list[Path]:
+    """Sorted .parquet files under `root`, only those of `split` when the names say so."""
+    files = sorted((p for p in root.rglob("*.parquet")
+                    if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)),
+                   key=lambda p: p.relative_to(root).as_posix())
+
+    def of_split(p: Path) -> bool:
+        rel = p.relative_to(root)
+        # "train/…", "train.parquet", "train-00000-of-00010.parquet" (but not "train_unique-…")
+        return split in rel.parts[:-1] or rel.stem == split or rel.stem.startswith(split + "-")
+
+    chosen = [p for p in files if of_split(p)]
+    return chosen or files
+
+
+def _check_schema(schema: pa.Schema, where: str) -> None:
+    """Required columns present, with usable types; one line naming `where` otherwise."""
+    names = schema.names
+    missing = [c for c in REQUIRED_COLUMNS if c not in names]
+    if missing:
+        raise UserError(f"{where}: missing column(s) {', '.join(missing)}; columns present: "
+                        f"{', '.join(names) or '(none)'}")
+    for name in ("label_0", "label_1"):
+        if name in names:
+            t = schema.field(name).type
+            if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t) or pa.types.is_null(t)):
+                raise UserError(f"{where}: column {name} has type {t}, expected numbers (1, 0 or 0.5)")
+    t = schema.field("caption").type
+    if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)
+            or getattr(pa.types, "is_string_view", lambda _: False)(t)):
+        raise UserError(f"{where}: column caption has type {t}, expected strings")
+    for name in ("jpg_0", "jpg_1"):
+        t = schema.field(name).type
+        if not (_is_binary(t) or (pa.types.is_struct(t) and t.get_field_index("bytes") >= 0)):
+            raise UserError(f"{where}: column {name} has type {t}, expected image bytes")
+
+
+def _is_binary(t: pa.DataType) -> bool:
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t) or \
+        getattr(pa.types, "is_binary_view", lambda _: False)(t)
+
+
+def _load_parquet(files: list[Path], names: list[str], source: str, cfg: DataConfig) -> PreferencePairs:
+    import datasets
+
+    starts, total, all_have_label_1 = [], 0, True
+    for f, name in zip(files, names):
+        try:
+            meta = pq.ParquetFile(f).metadata  # footer only: row counts for "<file> row N"
+        except Exception as exc:  # noqa: BLE001 - any reader failure is a bad file
+            raise UserError(f"{name}: not a readable parquet file ({short_reason(exc)})") from None
+        schema = meta.schema.to_arrow_schema()
+        _check_schema(schema, name)
+        all_have_label_1 &= "label_1" in schema.names
+        starts.append(total)
+        total += meta.num_rows
+    if total == 0:
+        raise UserError(f"{source} has no usable pairs: 0 rows")
+    columns = list(REQUIRED_COLUMNS) + (["label_1"] if all_have_label_1 else [])
+    try:
+        # datasets converts the shards once into a memory-mapped Arrow cache (random access).
+        ds = datasets.Dataset.from_parquet([str(f) for f in files], columns=columns)
+    except Exception as exc:  # noqa: BLE001 - e.g. shards with different column types
+        raise UserError(f"{source}: could not read the parquet files ({short_reason(exc)})") from None
+    return _pairs_from_dataset(ds, _RowNamer(names, starts), source, cfg)
+
+
+def _load_saved(path: Path, source: str, cfg: DataConfig) -> PreferencePairs:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"{source}: cannot load the datasets.save_to_disk directory ({short_reason(exc)})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if cfg.split not in ds:
+            raise UserError(f"{source}: split '{cfg.split}' not found (data.split); available splits: "
+                            f"{', '.join(ds.keys())}")
+        ds = ds[cfg.split]
+    return _pairs_from_dataset(ds, _RowNamer([source]), source, cfg)
+
+
+def _load_hub(spec: str, cfg: DataConfig) -> PreferencePairs:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(spec, split=cfg.split)
+    except Exception as exc:  # noqa: BLE001 - offline, unknown id, no such split, ...
+        reason = (str(exc).splitlines() or [""])[0][:200] or type(exc).__name__
+        raise UserError(f"data.path '{spec}' is not a local file or directory and could not be loaded "
+                        f"from the hub: {reason}") from None
+    return _pairs_from_dataset(ds, _RowNamer([spec]), spec, cfg)
+
+
+def _pairs_from_dataset(ds: Any, where: _RowNamer, source: str, cfg: DataConfig) -> PreferencePairs:
+    """Vectorised checks over the Arrow columns, then image decoding of the used pairs."""
+    import datasets
+
+    _check_schema(ds.data.schema, source)
+    if ds.num_rows == 0:
+        raise UserError(f"{source} has no usable pairs: 0 rows")
+    for name in ("jpg_0", "jpg_1"):  # keep encoded bytes: decoding happens in our workers
+        if isinstance(ds.features.get(name), datasets.Image):
+            ds = ds.cast_column(name, datasets.Image(decode=False))
+    ds = ds.select_columns([c for c in (*REQUIRED_COLUMNS, "label_1") if c in ds.column_names])
+    if getattr(ds, "_indices", None) is not None:  # a selected/shuffled view: ds.data would be the parent
+        ds = ds.flatten_indices()
+    table = ds.data
+    n = ds.num_rows
+
+    cap_null = table.column("caption").is_null().to_numpy(zero_copy_only=False)
+    l0 = table.column("label_0").cast(pa.float64()).to_numpy(zero_copy_only=False)  # nulls -> NaN
+    l0_nan = np.isnan(l0)
+    near = lambda v: np.abs(l0 - v) <= _TOL  # noqa: E731
+    l0_bad = ~l0_nan & ~(near(0.0) | near(0.5) | near(1.0))
+    checks: list[tuple[np.ndarray, Any]] = [
+        (cap_null, lambda r: "caption is null"),
+        (l0_nan, lambda r: "label_0 is null or NaN"),
+        (l0_bad, lambda r: f"label_0 is {l0[r]:g}, expected 0, 0.5 or 1"),
+    ]
+    if "label_1" in ds.column_names:
+        l1 = table.column("label_1").cast(pa.float64()).to_numpy(zero_copy_only=False)
+        l1_bad = ~l0_nan & ~l0_bad & ~(np.abs(l1 - (1.0 - l0)) <= _TOL)  # NaN compares False
+        checks.append((l1_bad, lambda r: f"label_1 is {l1[r]:g} but label_0 is {l0[r]:g} "
+                                         f"(label_1 must be 1 - label_0)"))
+    for name in ("jpg_0", "jpg_1"):
+        checks.append((_empty_images(table.column(name)), lambda r, name=name: f"{name} is null or empty"))
+
+    bad = np.logical_or.reduce([mask for mask, _ in checks])
+
+    def problem(row: int) -> str:
+        return next(msg(row) for mask, msg in checks if mask[row])
+
+    tie = near(0.5) & ~bad
+    kept, info = _select(n, bad, tie, problem, TableImages(ds), where, source, cfg)
+    return PreferencePairs(source=source, rows=ds, row_index=kept, winner_is_1=near(0.0)[kept],
+                           labels=np.where(tie[kept], 0.5, 1.0).astype(np.float32), where_row=where,
+                           num_rows=n, **info)
+
+
+def _empty_images(col: pa.ChunkedArray) -> np.ndarray:
+    """(rows,) bool: the image cell has neither bytes nor a path."""
+    def empty(arr: Any) -> np.ndarray:
+        return pc.fill_null(pc.equal(pc.binary_length(arr), 0), True).to_numpy(zero_copy_only=False)
+
+    if _is_binary(col.type):
+        return empty(col)
+    out = col.is_null().to_numpy(zero_copy_only=False) | empty(pc.struct_field(col, "bytes"))
+    if col.type.get_field_index("path") >= 0:
+        out &= empty(pc.struct_field(col, "path")) | col.is_null().to_numpy(zero_copy_only=False)
+    return out
+
+
+def _select(n: int, bad: np.ndarray, tie: np.ndarray, problem: Any, images: Any, where: _RowNamer,
+            source: str, cfg: DataConfig) -> tuple[np.ndarray, dict]:
+    """Choose the used rows (in row order): drop ties, check images, apply max_pairs, count.
+
+    Returns (kept rows, counters for PreferencePairs). Raises on the first bad row unless
+    skip_bad_rows; only rows up to the last kept pair are examined when max_pairs cuts early.
+    """
+    candidates = np.flatnonzero(~bad & (~tie | cfg.keep_ties))
+    limit = cfg.max_pairs
+    if not cfg.skip_bad_rows:
+        end = candidates[limit - 1] + 1 if limit and len(candidates) >= limit else n
+        first = np.flatnonzero(bad[:end])
+        if first.size:  # cheap checks fail fast, before any image is decoded
+            raise UserError(f"{where(int(first[0]))}: {problem(int(first[0]))}")
+    kept_parts, failures, pos, count = [], [], 0, 0
+    while pos < len(candidates) and (limit is None or count < limit):
+        chunk = candidates[pos:pos + (len(candidates) - pos if limit is None else limit - count)]
+        pos += len(chunk)
+        found = find_bad_images(images, chunk, cfg.num_workers, not cfg.skip_bad_rows) \
+            if cfg.validate_images else []
+        if found and not cfg.skip_bad_rows:
+            raise UserError(f"{where(found[0][0])}: {found[0][1]}")
+        failures.extend(found)
+        chunk = chunk[~np.isin(chunk, [r for r, _ in found])]
+        kept_parts.append(chunk)
+        count += len(chunk)
+    kept = np.concatenate(kept_parts) if kept_parts else np.zeros(0, np.int64)
+    cut = limit is not None and len(kept) == limit and kept[-1] + 1 < n
+    end = int(kept[-1]) + 1 if cut else n
+    num_ties = 0 if cfg.keep_ties else int(tie[:end].sum())
+    bad_rows = [(int(r), problem(int(r))) for r in np.flatnonzero(bad[:end])[:1]] + failures
+    first_bad = min(bad_rows) if bad_rows else None
+    info = dict(num_ties_dropped=num_ties, num_bad_skipped=int(bad[:end].sum()) + len(failures),
+                first_bad=f"{where(first_bad[0])}: {first_bad[1]}" if first_bad else None,
+                stopped_at_row=end if cut else None)
+    if len(kept) == 0:
+        if num_ties and not info["num_bad_skipped"]:
+            raise UserError(f"{source}: all {num_ties} pairs are ties (label 0.5); set data.keep_ties=true to use them")
+        text = f"{source} has no usable pairs: {n} rows, {num_ties} ties dropped, {info['num_bad_skipped']} bad rows"
+        raise UserError(text + (f" skipped (first: {info['first_bad']})" if info["first_bad"] else ""))
+    return kept.astype(np.int64), info
+
+
+# ---------------------------------------------------------------- local JSONL / CSV
+
+
+def _local_records(path: Path, name: str) -> tuple[str, list[tuple[int, Optional[dict], Optional[str]]]]:
+    """("line" or "item", [(number, record or None, problem or None)]) for each non-blank record."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{name}: cannot read ({short_reason(exc)})") from None
+    out: list[tuple[int, Optional[dict], Optional[str]]] = []
+    if path.suffix.lower() == ".csv":
+        reader = csv.DictReader(io.StringIO(text, newline=""))  # newline="": quoted fields may span lines
+        missing = [k for k in LOCAL_KEYS if k not in (reader.fieldnames or [])]
+        if missing:
+            raise UserError(f"{name}: missing column(s) {', '.join(missing)}; columns present: "
+                            f"{', '.join(reader.fieldnames or []) or '(none)'}")
+        for rec in reader:
+            # An empty cell means "absent" (like a missing JSON key), except for the prompt: "" is valid.
+            out.append((reader.line_num, {k: v for k, v in rec.items()
+                                          if k is not None and (v not in (None, "") or k == "prompt")}, None))
+        return "line", out
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):  # a JSON array, not JSON lines
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{name} line {exc.lineno}: invalid JSON ({exc.msg})") from None
+        for i, item in enumerate(items):
+            out.append((i, item, None) if isinstance(item, dict) else
+                       (i, None, f"expected a JSON object, got {type(item).__name__}"))
+        return "item", out
+    # split("\n"), not splitlines(): JSON strings may legally hold U+2028 and other line separators.
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            out.append((number, None, f"invalid JSON ({exc.msg} at column {exc.colno})"))
+            continue
+        out.append((number, item, None) if isinstance(item, dict) else
+                   (number, None, f"expected a JSON object, got {type(item).__name__}"))
+    return "line", out
+
+
+def _is_number(value: Any) -> bool:
+    """A finite int/float, or a string holding one (CSV cells are strings)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except ValueError:
+        return False
+
+
+def _check_local(rec: dict, base: Path) -> tuple[Optional[tuple[str, str, str]], Optional[str]]:
+    """A local record -> ((prompt, chosen path, rejected path), None) or (None, problem)."""
+    missing = [k for k in LOCAL_KEYS if rec.get(k) is None]
+    if missing:
+        return None, f"missing key(s) {', '.join(missing)}"
+    if not isinstance(rec["prompt"], str):
+        return None, f"prompt must be a string, got {type(rec['prompt']).__name__}"
+    for key in ("chosen_score", "rejected_score"):
+        if rec.get(key) is not None and not _is_number(rec[key]):
+            return None, f"{key} must be a number, got {rec[key]!r}"
+    paths = []
+    for key in ("chosen", "rejected"):
+        value = rec[key]
+        if not isinstance(value, str) or not value.strip():
+            return None, f"{key} must be an image path (a non-empty string), got {value!r}"
+        p = Path(value).expanduser()
+        p = p if p.is_absolute() else base / p
+        if not p.is_file():
+            return None, f"image file '{value}' not found"
+        paths.append(str(p))
+    return (rec["prompt"], paths[0], paths[1]), None
+
+
+def _load_local(path: Path, name: str, cfg: DataConfig) -> PreferencePairs:
+    unit, records = _local_records(path, name)
+    rows, numbers, problems, images = [], [], [], []
+    for number, rec, problem in records:
+        record = None
+        if rec is not None:
+            record, problem = _check_local(rec, path.parent)
+        rows.append(record)
+        numbers.append(number)
+        problems.append(problem)
+        images.append(None if record is None else [(f"chosen image '{rec['chosen']}'", record[1]),
+                                                   (f"rejected image '{rec['rejected']}'", record[2])])
+    n = len(rows)
+    if n == 0:
+        raise UserError(f"{name} has no usable pairs: 0 rows")
+    where = _RowNamer([name], unit=unit, numbers=np.asarray(numbers, dtype=np.int64))
+    bad = np.array([p is not None for p in problems])
+    kept, info = _select(n, bad, np.zeros(n, bool), problems.__getitem__, FileImages(images), where, name, cfg)
+    return PreferencePairs(source=name, rows=rows, row_index=kept, winner_is_1=np.zeros(len(kept), bool),
+                           labels=np.ones(len(kept), np.float32), where_row=where, num_rows=n, **info)
+
+
+# ---------------------------------------------------------------- training items
+
+
+class PreferenceDataset(torch.utils.data.Dataset):
+    """Decoded, augmented, tokenized pairs; items are keyed by (pair_index, sample_seed)."""
+
+    def __init__(self, pairs: PreferencePairs, cfg: DataConfig, tokenizers: Sequence[Any], sdxl: bool):
+        if len(tokenizers) != (2 if sdxl else 1):
+            raise ValueError(f"expected {'2 tokenizers (SDXL)' if sdxl else '1 tokenizer'}, got {len(tokenizers)}")
+        self.pairs, self.cfg, self.tokenizers, self.sdxl = pairs, cfg, list(tokenizers), sdxl
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, key: tuple[int, int] | int) -> dict:
+        """Pair `key[0]` augmented with randomness drawn only from `np.random.default_rng(key[1])`.
+
+        A plain int key `i` means `(i, i)` (handy outside `PairSampler`).
+        """
+        index, seed = key if isinstance(key, tuple) else (key, key)
+        caption, win, lose, label = self.pairs.get(index)
+        rng = np.random.default_rng(int(seed) % 2**64)
+        # Always draw the same four numbers, so switching one augmentation off leaves the others unchanged.
+        u_flip, u_top, u_left, u_drop = rng.random(4)
+        flip = self.cfg.random_flip and u_flip < 0.5
+        fractions = (u_top, u_left) if self.cfg.random_crop else (None, None)
+        size = self.cfg.resolution
+        pixels, original_sizes, crop_top_lefts = [], [], []
+        for src in (win, lose):
+            try:
+                img = load_rgb(src)
+            except Exception as exc:  # noqa: BLE001 - only reachable with data.validate_images=false
+                raise UserError(f"{self.pairs.where(index)}: image cannot be decoded ({short_reason(exc)})") from None
+            original_sizes.append((img.height, img.width))
+            img = resize_short_side(img, size)
+            top, left = crop_offsets(img.width, img.height, size, *fractions)
+            resized_width = img.width
+            img = img.crop((left, top, left + size, top + size))
+            if flip:
+                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+                left = resized_width - left - size  # SDXL conditions on the crop as seen after the flip
+            pixels.append(to_unit_range(img))  # (3, R, R)
+            crop_top_lefts.append((top, left))
+        prompt = "" if u_drop < self.cfg.proportion_empty_prompts else caption
+        item = {
+            "pixel_values": torch.from_numpy(np.stack(pixels)),  # (2, 3, R, R), winner first
+            "original_sizes": torch.tensor(original_sizes, dtype=torch.long),  # (2, 2) (h, w)
+            "crop_top_lefts": torch.tensor(crop_top_lefts, dtype=torch.long),  # (2, 2) (top, left)
+            "label": float(label),
+            "prompt": prompt,
+        }
+        for k, tok in enumerate(self.tokenizers):
+            ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids[0]  # (L,)
+            item["input_ids" if k == 0 else "input_ids_2"] = ids
+        return item
+
+
+def collate_pairs(examples: list[dict]) -> dict:
+    """Stack items into a batch: pixel_values (B, 2, 3, R, R), input_ids (B, L), label (B,), ..."""
+    batch = {key: torch.stack([e[key] for e in examples])
+             for key in ("pixel_values", "original_sizes", "crop_top_lefts", "input_ids", "input_ids_2")
+             if key in examples[0]}
+    batch["label"] = torch.tensor([e["label"] for e in examples], dtype=torch.float32)  # (B,)
+    batch["prompt"] = [e["prompt"] for e in examples]
+    return batch
+
+
+class PairSampler(torch.utils.data.Sampler[tuple[int, int]]):
+    """Deterministic order: epoch e is a permutation of range(n) seeded by (seed, e).
+
+    Yields (pair_index, sample_seed) with sample_seed derived from (seed, e, position), so an
+    item's augmentation depends only on where it sits in the run. `set_epoch(e, start=k)`
+    makes the next iteration skip the first k positions without touching their pairs (resume);
+    `len()` is then the number of keys still to come, n - k.
+    """
+
+    def __init__(self, num_pairs: int, seed: int, shuffle: bool = True):
+        if num_pairs < 1:
+            raise ValueError("PairSampler needs at least one pair")
+        self.num_pairs, self.seed, self.shuffle = num_pairs, seed % 2**64, shuffle
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch to iterate and the first position to yield."""
+        if not 0 <= start <= self.num_pairs:
+            raise ValueError(f"start must be in [0, {self.num_pairs}], got {start}")
+        self.epoch, self.start = epoch, start
+
+    def order(self, epoch: int) -> np.ndarray:
+        """(n,) pair indices of `epoch` in the order they are visited."""
+        if not self.shuffle:
+            return np.arange(self.num_pairs)
+        # The trailing 0 / 1 tags keep the permutation and the sample-seed streams independent.
+        return np.random.default_rng([self.seed, epoch, 0]).permutation(self.num_pairs)
+
+    def sample_seed(self, epoch: int, position: int) -> int:
+        """The augmentation seed of the item at `position` of `epoch`."""
+        return int(np.random.SeedSequence([self.seed, epoch, 1, position]).generate_state(1, np.uint64)[0])
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order = self.order(self.epoch)
+        for position in range(self.start, self.num_pairs):
+            yield int(order[position]), self.sample_seed(self.epoch, position)
+
+    def __len__(self) -> int:
+        return self.num_pairs - self.start

@@ -1,0 +1,221 @@
+"""Image helpers for the preference data: robust decoding to RGB, resize/crop, and the parallel
+decode-every-image check that runs before training.
+
+No torchvision: PIL does the decoding and resampling, numpy the conversion to [-1, 1].
+Everything here is torch-free so that the image-validation worker processes start fast.
+"""
+
+from __future__ import annotations
+
+import io
+import multiprocessing as mp
+import re
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+from tqdm.auto import tqdm
+
+# An image source as stored in the data: encoded bytes (Pick-a-Pic) or a file path (local format).
+ImageSource = Union[bytes, str, Path]
+
+
+def open_image(src: ImageSource) -> Image.Image:
+    """Open an encoded image (bytes or path) lazily; nothing is decoded yet."""
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return Image.open(io.BytesIO(bytes(src)))
+    return Image.open(src)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image -> 8-bit RGB, EXIF orientation applied, transparency composited on white."""
+    img = ImageOps.exif_transpose(img)
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        img = Image.fromarray(_high_depth_to_uint8(np.asarray(img), mode), mode="L")
+        mode = "L"
+    if mode == "P" and "transparency" in img.info:
+        img, mode = img.convert("RGBA"), "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        # Transparent pixels have arbitrary colour underneath; white is what viewers show.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _high_depth_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
+    """16/32-bit integer or float grayscale -> uint8 (PIL's own convert would clip, not scale)."""
+    arr = arr.astype(np.float64)
+    if mode == "F":
+        # Float images are either in [0, 1] (linear exports) or already in [0, 255].
+        scale = 255.0 if arr.size and np.nanmax(arr) <= 1.0 else 1.0
+    else:
+        scale = 255.0 / 65535.0  # 16-bit PNGs (and the "I" mode PIL sometimes gives them) span 0..65535
+    return np.clip(np.nan_to_num(arr * scale), 0, 255).round().astype(np.uint8)
+
+
+def load_rgb(src: ImageSource) -> Image.Image:
+    """Decode an image source fully into RGB (raises PIL/OS errors on a broken file)."""
+    with open_image(src) as img:
+        img.load()
+        return to_rgb(img)
+
+
+def resize_short_side(img: Image.Image, size: int) -> Image.Image:
+    """Resize so that the short side equals `size`, keeping the aspect ratio."""
+    w, h = img.size
+    short = min(w, h)
+    if short == size:
+        return img
+    new = (max(size, round(w * size / short)), max(size, round(h * size / short)))
+    # Lanczos anti-aliases when shrinking (Pick-a-Pic images are ~768 px); bicubic when enlarging.
+    resample = Image.Resampling.LANCZOS if short > size else Image.Resampling.BICUBIC
+    return img.resize(new, resample=resample)
+
+
+def crop_offsets(width: int, height: int, size: int, frac_top: Optional[float],
+                 frac_left: Optional[float]) -> tuple[int, int]:
+    """(top, left) of a `size` crop: centered when the fractions are None, else frac * slack."""
+    slack_h, slack_w = height - size, width - size
+    if frac_top is None or frac_left is None:
+        return int(round(slack_h / 2.0)), int(round(slack_w / 2.0))
+    # floor(u * (slack + 1)) is uniform over 0..slack for u in [0, 1).
+    return min(int(frac_top * (slack_h + 1)), slack_h), min(int(frac_left * (slack_w + 1)), slack_w)
+
+
+def to_unit_range(img: Image.Image) -> np.ndarray:
+    """RGB PIL image -> float32 array (3, H, W) in [-1, 1]."""
+    arr = np.asarray(img, dtype=np.float32)  # (H, W, 3)
+    return (arr / 127.5 - 1.0).transpose(2, 0, 1).copy()
+
+
+def verify_image(src: ImageSource, draft_size: int = 64) -> Optional[str]:
+    """Decode `src` completely and return None, or a short reason why it cannot be used.
+
+    JPEGs are decoded with `Image.draft` at reduced DCT scale (much faster); libjpeg still reads
+    the whole entropy-coded stream, so a truncated file is still detected (tested).
+    """
+    saved = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # another library may have relaxed it globally
+    try:
+        with open_image(src) as img:
+            if img.format == "JPEG":
+                img.draft("RGB", (draft_size, draft_size))
+            img.load()
+            rgb = to_rgb(img)
+            if rgb.width < 1 or rgb.height < 1:
+                return "image has zero size"
+        return None
+    except Exception as exc:  # noqa: BLE001 - any decoder failure means "unusable image"
+        return short_reason(exc)
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = saved
+
+
+_NOISE = re.compile(r"\s*(<_io\.\w+ object at 0x[0-9a-fA-F]+>|'[^']*'|\"[^\"]*\")")
+
+
+def short_reason(exc: BaseException) -> str:
+    """First line of an exception message without object reprs or file names (we name the row)."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return _NOISE.sub("", text).strip() or type(exc).__name__
+
+
+def image_source(value: object) -> Optional[ImageSource]:
+    """A stored image cell -> bytes or path: raw bytes, or a datasets Image dict {"bytes", "path"}."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value) or None
+    if isinstance(value, dict):
+        return value.get("bytes") or value.get("path") or None
+    return None
+
+
+# ---------------------------------------------------------------- parallel validation
+# Readers hand a worker the image sources of some rows; they must pickle cheaply (a
+# memory-mapped datasets.Dataset pickles as its file paths) and live here, in a torch-free
+# module, so worker processes start in well under a second.
+
+class TableImages:
+    """Image sources of rows of a datasets.Dataset whose image columns are not decoded."""
+
+    def __init__(self, dataset: object, columns: Sequence[str] = ("jpg_0", "jpg_1")):
+        self.dataset = dataset.select_columns(list(columns))
+        self.columns = tuple(columns)
+
+    def sources(self, rows: Sequence[int]) -> list[list[tuple[str, Optional[ImageSource]]]]:
+        """For each row, [(column name, source), ...]."""
+        batch = self.dataset[[int(r) for r in rows]]  # dict of column -> list
+        return [[(c, image_source(batch[c][i])) for c in self.columns] for i in range(len(rows))]
+
+
+class FileImages:
+    """Image sources of local-format rows: [(what, path), (what, path)] per row (None for bad rows)."""
+
+    def __init__(self, pairs: Sequence[Optional[Sequence[tuple[str, str]]]]):
+        self.pairs = list(pairs)
+
+    def sources(self, rows: Sequence[int]) -> list[list[tuple[str, Optional[ImageSource]]]]:
+        """For each row, [(description, path), ...]."""
+        return [list(self.pairs[int(r)]) for r in rows]
+
+
+_READER = None  # set once per worker process by the pool initializer
+
+
+def _init_worker(reader: object) -> None:
+    global _READER
+    _READER = reader
+
+
+def _check_rows(rows: np.ndarray, reader: object = None) -> list[tuple[int, str]]:
+    """(row, problem) for each row among `rows` with an image that does not decode."""
+    reader = reader if reader is not None else _READER
+    bad = []
+    for row, pair in zip(rows, reader.sources(rows)):
+        for what, src in pair:
+            reason = "no image data" if src is None else verify_image(src)
+            if reason is not None:
+                bad.append((int(row), f"{what} cannot be decoded as an image ({reason})"))
+                break  # one problem per row is enough
+    return bad
+
+
+def find_bad_images(reader: object, rows: np.ndarray, num_workers: int,
+                    stop_at_first: bool) -> list[tuple[int, str]]:
+    """Decode every image of `rows` (ascending) and return [(row, problem)] in row order.
+
+    Uses `num_workers` processes (0: in this process). With `stop_at_first`, stops after the
+    first chunk that has a bad row, so the first bad row in row order is always reported.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    chunk = int(np.clip(len(rows) // max(1, 8 * num_workers), 4, 64))
+    chunks = [rows[i:i + chunk] for i in range(0, len(rows), chunk)]
+    bar = tqdm(total=2 * len(rows), desc="validating images", unit="img",
+               disable=2 * len(rows) <= 2000)
+    pool = None
+    # Starting processes costs ~1 s; for a few dozen pairs it is faster to decode here.
+    if num_workers > 0 and len(rows) >= 32:
+        method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+        # Not fork: the parent may hold torch/tokenizer threads, and fork+threads can deadlock.
+        pool = ProcessPoolExecutor(max_workers=num_workers, mp_context=mp.get_context(method),
+                                   initializer=_init_worker, initargs=(reader,))
+        results = pool.map(_check_rows, chunks)
+    else:
+        results = (_check_rows(c, reader) for c in chunks)
+    bad: list[tuple[int, str]] = []
+    try:
+        for part, found in zip(chunks, results):
+            bad.extend(found)
+            bar.update(2 * len(part))
+            if found and stop_at_first:
+                break
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    return bad
