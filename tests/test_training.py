@@ -173,3 +173,36 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, tiny_sd, tiny_data, rank)
     ma, mb = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
     assert [m["step"] for m in mb] == [1, 2, 3, 4, 5]  # the crashed run's step 3 is replaced, not duplicated
     assert [m["loss"] for m in ma] == [m["loss"] for m in mb]
+
+
+def test_sdxl_recipe_features_adafactor_checkpointing_separate_vae(tmp_path, tiny_sdxl, tiny_data):
+    """The SDXL recipe's switches on the tiny SDXL: Adafactor, gradient checkpointing, a VAE from elsewhere."""
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+
+    vae_dir = tmp_path / "other_vae"
+    vae = AutoencoderKL.from_pretrained(tiny_sdxl, subfolder="vae")
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.add_(0.5)  # recognisably different from the pipeline's own VAE
+    vae.save_pretrained(vae_dir)
+    out = tmp_path / "run"
+    trainer = Trainer(make_cfg(out, tiny_sdxl, tiny_data, optim__name="adafactor", train__gradient_checkpointing="true",
+                               model__vae=str(vae_dir)))
+    assert trainer.accelerator.unwrap_model(trainer.unet).is_gradient_checkpointing
+    assert torch.equal(trainer.components.vae.decoder.conv_out.bias, vae.decoder.conv_out.bias)
+    final = trainer.run()
+    assert read_metrics(out)[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    pipe = StableDiffusionXLPipeline.from_pretrained(final)
+    assert torch.equal(pipe.vae.decoder.conv_out.bias, vae.decoder.conv_out.bias)  # final/ ships the VAE used
+
+
+def test_missing_optional_packages_are_user_errors(tmp_path, tiny_sd, tiny_data):
+    import importlib.util
+
+    from diffusion_dpo.errors import UserError
+
+    if importlib.util.find_spec("wandb") is None:
+        with pytest.raises(UserError, match="pip install wandb"):
+            Trainer(make_cfg(tmp_path, tiny_sd, tiny_data, train__report_to="wandb"))
+    if importlib.util.find_spec("bitsandbytes") is None:
+        with pytest.raises(UserError, match="pip install bitsandbytes"):
+            Trainer(make_cfg(tmp_path, tiny_sd, tiny_data, optim__name="adamw8bit"))

@@ -78,14 +78,27 @@ def _quiet_libraries() -> None:
     """Library chatter (progress bars while saving, deprecation notes, optional-backend notices) hides our output."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # hub download bars stay (real checkpoints take minutes); datasets' cache-building bar does not
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*torchvision.*")
 
 
+def _quiet_progress_bars() -> None:
+    """diffusers' and transformers' per-save/per-load bars ("Writing model shards", "Loading weights") say
+    nothing useful here; hub download bars (huggingface_hub's own) are kept."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from diffusion_dpo.config import iter_fields, load_config
+
+    _quiet_progress_bars()
 
     given = vars(args)
     overrides = {name: given[name] for name, _ in iter_fields() if name in given}
@@ -101,12 +114,23 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
     from diffusion_dpo.tiny import build_tiny_pipeline
     from diffusion_dpo.tiny_data import build_tiny_pickapic
 
+    _quiet_progress_bars()
     out = Path(args.output_dir)
     for kind in ("sd", "sdxl"):
         build_tiny_pipeline(out / kind, kind=kind, resolution=args.resolution, seed=args.seed)
     build_tiny_pickapic(out / "pickapic", num_pairs=args.num_pairs, resolution=args.resolution, seed=args.seed)
     print(f"wrote {out / 'sd'}, {out / 'sdxl'}, {out / 'pickapic'}")
     return 0
+
+
+def _one_line(exc: UserError) -> str:
+    """The error's message; a UserError re-raised by a DataLoader worker carries the worker's traceback,
+    whose last line holds the original message."""
+    text = str(exc).strip()
+    if "Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split("UserError: ", 1)[-1]
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -116,7 +140,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = build_parser().parse_args(argv)
         return {"train": _cmd_train, "make-tiny": _cmd_make_tiny}[args.command](args)
     except UserError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

@@ -235,3 +235,29 @@ def validate(cfg: Config) -> None:
 def to_yaml(cfg: Config) -> str:
     """The resolved config as YAML (saved beside every run so it can be reproduced)."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def markdown_reference() -> str:
+    """The config reference as a Markdown table (the README embeds it; a test keeps them equal)."""
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+    defaults = OmegaConf.to_container(OmegaConf.structured(Config))
+    for name, f in iter_fields():
+        value: Any = defaults
+        for part in name.split("."):
+            value = value[part]
+        shown = "null" if value is None else json_like(value)
+        rows.append(f"| `{name}` | `{shown}` | {f.metadata['help']} |")
+    return "\n".join(rows)
+
+
+def json_like(value: Any) -> str:
+    """A default as it would be written in YAML/JSON (true, 1e-08, [a, b])."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(json_like(v) for v in value) + "]"
+    return '""' if value == "" else str(value)
+
+
+if __name__ == "__main__":  # python -m diffusion_dpo.config  -> the README's config table
+    print(markdown_reference())

@@ -15,6 +15,7 @@ Run: `diffusion-dpo train --config configs/sd15_pickapic.yaml --data.path DIR --
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import shutil
@@ -86,6 +87,8 @@ class Trainer:
         self.cfg = cfg
         self.output_dir = Path(cfg.output_dir)
         trackers = {"none": None, "all": ["tensorboard", "wandb"]}.get(cfg.train.report_to, [cfg.train.report_to])
+        if trackers and "wandb" in trackers and importlib.util.find_spec("wandb") is None:
+            raise UserError("train.report_to=wandb needs wandb: pip install wandb (or report_to tensorboard)")
         self.accelerator = Accelerator(
             mixed_precision=cfg.train.mixed_precision, log_with=trackers,
             project_config=ProjectConfiguration(project_dir=str(self.output_dir),
@@ -99,7 +102,10 @@ class Trainer:
         self.lora = cfg.lora.rank > 0
 
         # Data first: a bad data set fails in seconds, before any model is loaded.
-        self.pairs = load_preference_pairs(cfg.data)
+        self.resume_from = ckpt.resolve_resume(cfg.train.resume, self.output_dir)  # a bad path fails now
+        # The main process validates (and builds the Arrow cache) first; the others then reuse the cache.
+        with acc.main_process_first():
+            self.pairs = load_preference_pairs(cfg.data)
         acc.print(self.pairs.summary())
 
         self.components: Components = load_components(cfg.model, self.weight_dtype, acc.device)
@@ -202,10 +208,10 @@ class Trainer:
         """Train to `train.max_steps` (resuming if asked), writing metrics, checkpoints, grids and final/."""
         cfg, acc = self.cfg, self.accelerator
         self._prepare_output()
-        resume_from = ckpt.resolve_resume(cfg.train.resume, self.output_dir)
-        if resume_from is not None:
-            self.state = ckpt.load_checkpoint(resume_from, self._read_weights, self.optimizer, self.lr_scheduler)
-            acc.print(f"resumed from {resume_from} at step {self.state.step}")
+        if self.resume_from is not None:
+            self.state = ckpt.load_checkpoint(self.resume_from, self._read_weights, self.optimizer,
+                                              self.lr_scheduler)
+            acc.print(f"resumed from {self.resume_from} at step {self.state.step}")
         self._truncate_metrics(self.state.step)
         if acc.is_main_process:
             acc.init_trackers("diffusion-dpo", config=_flat_config(cfg))

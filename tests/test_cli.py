@@ -1,0 +1,126 @@
+"""The command line: entry points in a subprocess, and every user mistake as one line with exit 2."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from diffusion_dpo.cli import main
+from pickapic_fixtures import GARBAGE, row, truncated_jpeg, write_pickapic
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "diffusion_dpo", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def fast(out: Path, model: Path, data: Path, *extra: str) -> list[str]:
+    return ["train", "--config", str(TINY), "--output_dir", str(out), "--model.pretrained", str(model),
+            "--data.path", str(data), "--train.max_steps", "2", "--validation.every_steps", "-1",
+            "--data.num_workers", "0", "--train.report_to", "none", *extra]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    from diffusion_dpo.tiny_data import build_tiny_pickapic
+
+    return build_tiny_pickapic(tmp_path_factory.mktemp("data") / "pickapic", num_pairs=16)
+
+
+def test_help_for_every_command():
+    for args in (["--help"], ["train", "--help"], ["make-tiny", "--help"]):
+        res = run_cli(*args)
+        assert res.returncode == 0 and "usage:" in res.stdout, res.stderr
+    assert "--loss.beta" in run_cli("train", "--help").stdout
+    assert "diffusers example scripts' beta is half" in " ".join(run_cli("train", "--help").stdout.split())
+
+
+def test_make_tiny_then_train_the_tiny_config_in_a_subprocess(tmp_path):
+    res = run_cli("make-tiny", "--output-dir", str(tmp_path / "tiny"), "--num-pairs", "12")
+    assert res.returncode == 0, res.stderr
+    out = tmp_path / "run"
+    res = run_cli(*fast(out, tmp_path / "tiny" / "sdxl", tmp_path / "tiny" / "pickapic",
+                        "--lora.rank", "4", "--data.num_workers", "2"))
+    assert res.returncode == 0, res.stderr
+    assert "done:" in res.stdout and "pairs used" in res.stdout
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 1 and first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_bad_data_in_a_subprocess_is_one_line(tmp_path, tiny_sd):
+    bad = write_pickapic(tmp_path / "bad.parquet", [row(), row(jpg_1=GARBAGE)])
+    res = run_cli(*fast(tmp_path / "run", tiny_sd, bad))
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert lines == [f"diffusion-dpo: error: {bad} row 1: jpg_1 cannot be decoded as an image "
+                     "(cannot identify image file)"], res.stderr
+    assert not (tmp_path / "run").exists()  # nothing written before the data is known good
+
+
+def _bad_cases(tmp: Path) -> dict[str, tuple[Path, str]]:
+    imgs = tmp / "imgs"
+    imgs.mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), "red").save(imgs / "red.png")
+    cases = {
+        "missing column": (write_pickapic(tmp / "a.parquet", [row()], drop=("label_0",)), "missing column(s) label_0"),
+        "undecodable": (write_pickapic(tmp / "b.parquet", [row(), row(jpg_0=truncated_jpeg())]),
+                        "row 1: jpg_0 cannot be decoded as an image (image file is truncated"),
+        "bad label": (write_pickapic(tmp / "c.parquet", [row(label_0=2.0, label_1=-1.0)]),
+                      "row 0: label_0 is 2, expected 0, 0.5 or 1"),
+        "empty": (write_pickapic(tmp / "d.parquet", []), "has no usable pairs: 0 rows"),
+        "all ties": (write_pickapic(tmp / "e.parquet", [row(label_0=0.5)] * 2), "all 2 pairs are ties"),
+        "null caption": (write_pickapic(tmp / "f.parquet", [row(), row(), row(caption=None)]),
+                         "row 2: caption is null"),
+    }
+    (tmp / "g.jsonl").write_text('{"prompt": "p", "chosen": "imgs/red.png", "rejected": "imgs/gone.png"}\n')
+    cases["missing image file"] = (tmp / "g.jsonl", "line 1: image file 'imgs/gone.png' not found")
+    (tmp / "h.jsonl").write_text('{"prompt": "p", "chosen": "imgs/red.png", "rejected": "imgs/red.png"}\n{oops\n')
+    cases["malformed jsonl"] = (tmp / "h.jsonl", "line 2: invalid JSON")
+    return cases
+
+
+def test_every_bad_data_case_is_one_line_exit_2(tmp_path, tiny_sd, capsys):
+    for name, (data, expected) in _bad_cases(tmp_path).items():
+        out = tmp_path / f"run-{name.replace(' ', '_')}"
+        rc = main(fast(out, tiny_sd, data))
+        err = capsys.readouterr().err.strip()
+        assert rc == 2, name
+        assert len(err.splitlines()) == 1 and err.startswith("diffusion-dpo: error: "), (name, err)
+        assert str(data) in err and expected in err, (name, err)
+        assert not out.exists(), name
+
+
+def test_skip_bad_rows_reports_the_count(tmp_path, tiny_sd, capsys):
+    data = write_pickapic(tmp_path / "mixed.parquet", [row(), row(label_0=0.0), row(jpg_1=GARBAGE), row(),
+                                                       row(label_0=0.5)])
+    rc = main(fast(tmp_path / "run", tiny_sd, data, "--data.skip_bad_rows", "--data.batch_size", "1"))
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "5 rows, 3 pairs used, 1 ties dropped, 1 bad rows skipped" in out
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--bogus", "1"], "error: unrecognized arguments: --bogus 1 (see --help)"),
+    (["--loss.beta", "0"], "loss.beta must be > 0"),
+    (["--loss.beta", "high"], "bad value for 'loss.beta'"),
+    (["--model.pretrained", "/no/such/model"], "model.pretrained '/no/such/model' does not exist"),
+    (["--data.path", "/no/such/data.parquet"], "data.path '/no/such/data.parquet' not found"),
+    (["--config", "/no/such.yaml"], "config file not found: /no/such.yaml"),
+    (["--optim.name", "sgd"], "optim.name must be adamw, adamw8bit or adafactor"),
+    (["--train.resume", "/no/ckpt"], "train.resume: '/no/ckpt' is not a checkpoint directory"),
+])
+def test_config_and_path_mistakes_are_one_line(tmp_path, tiny_sd, tiny_data, capsys, args, expected):
+    rc = main(fast(tmp_path / "run", tiny_sd, tiny_data) + args)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and expected in err, err
