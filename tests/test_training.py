@@ -206,3 +206,11 @@ def test_missing_optional_packages_are_user_errors(tmp_path, tiny_sd, tiny_data)
     if importlib.util.find_spec("bitsandbytes") is None:
         with pytest.raises(UserError, match="pip install bitsandbytes"):
             Trainer(make_cfg(tmp_path, tiny_sd, tiny_data, optim__name="adamw8bit"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is refused only without CUDA")
+def test_fp16_without_a_gpu_is_refused_up_front(tmp_path, tiny_sd, tiny_data):
+    from diffusion_dpo.errors import UserError
+
+    with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
+        Trainer(make_cfg(tmp_path, tiny_sd, tiny_data, train__mixed_precision="fp16"))

@@ -94,6 +94,9 @@ class Trainer:
             project_config=ProjectConfiguration(project_dir=str(self.output_dir),
                                                 logging_dir=str(self.output_dir / "logs")))
         acc = self.accelerator
+        if cfg.train.mixed_precision == "fp16" and acc.device.type != "cuda":
+            raise UserError(f"train.mixed_precision=fp16 needs a CUDA GPU (this run is on {acc.device.type}); "
+                            "use bf16 or no")
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.train.mixed_precision,
                                                                                  torch.float32)
         if cfg.train.allow_tf32 and torch.cuda.is_available():
