@@ -106,7 +106,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from diffusion_dpo.training import train
 
     final = train(cfg)
-    print(f"done: {final}")
+    if int(os.environ.get("RANK", "0")) == 0:  # one line per run, not per process
+        print(f"done: {final}")
     return 0
 
 

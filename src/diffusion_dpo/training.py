@@ -90,6 +90,8 @@ class Trainer:
         if trackers and "wandb" in trackers and importlib.util.find_spec("wandb") is None:
             raise UserError("train.report_to=wandb needs wandb: pip install wandb (or report_to tensorboard)")
         self.accelerator = Accelerator(
+            # without CUDA, say so: only then does accelerate run several CPU processes over gloo
+            cpu=not torch.cuda.is_available(),
             mixed_precision=cfg.train.mixed_precision, log_with=trackers,
             project_config=ProjectConfiguration(project_dir=str(self.output_dir),
                                                 logging_dir=str(self.output_dir / "logs")))
