@@ -112,6 +112,10 @@ class Trainer:
         with acc.main_process_first():
             self.pairs = load_preference_pairs(cfg.data)
         acc.print(self.pairs.summary())
+        self.world = acc.num_processes
+        if len(self.pairs) < cfg.data.batch_size * self.world:
+            raise UserError(f"data.path '{cfg.data.path}': {len(self.pairs)} usable pairs is fewer than one batch "
+                            f"(data.batch_size {cfg.data.batch_size} x {self.world} processes)")
 
         self.components: Components = load_components(cfg.model, self.weight_dtype, acc.device)
         unet = self.components.unet
@@ -127,7 +131,6 @@ class Trainer:
             unet.enable_gradient_checkpointing()
         unet.train()
 
-        self.world = acc.num_processes
         per_step_pairs = cfg.data.batch_size * cfg.train.gradient_accumulation_steps * self.world
         lr = cfg.optim.lr * per_step_pairs if cfg.optim.scale_lr else cfg.optim.lr
         self.optimizer = make_optimizer(cfg.optim, params, lr)
@@ -137,10 +140,6 @@ class Trainer:
 
         self.dataset = PreferenceDataset(self.pairs, cfg.data, self.components.tokenizers, self.components.sdxl)
         self.sampler = PairSampler(len(self.pairs), seed=cfg.train.seed)
-        self.steps_per_epoch = len(self.pairs) // (cfg.data.batch_size * self.world)
-        if self.steps_per_epoch == 0:
-            raise UserError(f"data.path '{cfg.data.path}': {len(self.pairs)} usable pairs is fewer than one batch "
-                            f"(data.batch_size {cfg.data.batch_size} x {self.world} processes)")
         self.state = ckpt.TrainState()
         self.metrics_path = self.output_dir / "metrics.jsonl"
 
