@@ -98,7 +98,7 @@ def test_overfit_a_fixed_batch(tmp_path, tiny_sd, tiny_data, rank):
     _, batch = next(trainer._batches())
     history = []
     for _ in range(25):
-        out = trainer.step(batch, micro_step=0)  # micro_step fixes timesteps and noise
+        out = trainer.step(batch, micro_step=0)  # the batch's sample seeds fix timesteps and noise
         trainer.accelerator.backward(out.loss)
         trainer.optimizer.step()
         trainer.optimizer.zero_grad()
@@ -214,3 +214,22 @@ def test_fp16_without_a_gpu_is_refused_up_front(tmp_path, tiny_sd, tiny_data):
 
     with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
         Trainer(make_cfg(tmp_path, tiny_sd, tiny_data, train__mixed_precision="fp16"))
+
+
+def test_accumulation_matches_a_larger_batch(tmp_path, tiny_sd, tiny_data):
+    """Batch 4 vs batch 2 x 2 accumulation steps: the same pairs with the same noise -> the same weights."""
+    # eps = 1 makes Adam ~ SGD with momentum: plain Adam turns fp32 rounding noise in near-zero gradients
+    # into ±lr updates, which would test Adam, not the batching.
+    common = dict(train__max_steps=3, data__random_crop="true", optim__lr="0.1", optim__adam_epsilon="1.0",
+                  optim__weight_decay="0")
+    big = train(make_cfg(tmp_path / "big", tiny_sd, tiny_data, data__batch_size=4, **common))
+    acc = train(make_cfg(tmp_path / "acc", tiny_sd, tiny_data, data__batch_size=2,
+                         train__gradient_accumulation_steps=2, **common))
+    a, b = unet_weights(big), unet_weights(acc)
+    base = unet_weights(tiny_sd)
+    assert any(not torch.equal(a[k], base[k]) for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+    la = [m["loss"] for m in read_metrics(tmp_path / "big")]
+    lb = [m["loss"] for m in read_metrics(tmp_path / "acc")]
+    assert la == pytest.approx(lb, rel=1e-4)

@@ -491,6 +491,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
             "crop_top_lefts": torch.tensor(crop_top_lefts, dtype=torch.long),  # (2, 2) (top, left)
             "label": float(label),
             "prompt": prompt,
+            "sample_seed": int(seed) & 0x7FFFFFFFFFFFFFFF,  # fits int64; the trainer draws the pair's noise from it
         }
         for k, tok in enumerate(self.tokenizers):
             ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True,
@@ -505,6 +506,7 @@ def collate_pairs(examples: list[dict]) -> dict:
              for key in ("pixel_values", "original_sizes", "crop_top_lefts", "input_ids", "input_ids_2")
              if key in examples[0]}
     batch["label"] = torch.tensor([e["label"] for e in examples], dtype=torch.float32)  # (B,)
+    batch["sample_seed"] = torch.tensor([e["sample_seed"] for e in examples], dtype=torch.int64)  # (B,)
     batch["prompt"] = [e["prompt"] for e in examples]
     return batch
 

@@ -81,13 +81,18 @@ class Components:
         time_ids = torch.cat([sizes.cpu(), crops.cpu(), target], dim=1).to(pooled.device, pooled.dtype)
         return Conditioning(hidden, {"text_embeds": pooled.repeat(2, 1), "time_ids": time_ids})
 
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        """(C, h, w) of the latents of a resolution x resolution image."""
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return self.vae.config.latent_channels, resolution // factor, resolution // factor
+
     @torch.no_grad()
-    def encode_images(self, pixel_values: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
-        """Pixels (N, 3, H, W) in [-1, 1] -> scaled latents (N, 4, H/f, W/f), sampled from the posterior."""
+    def encode_images(self, pixel_values: Tensor, noise: Optional[Tensor] = None) -> Tensor:
+        """Pixels (N, 3, H, W) in [-1, 1] -> scaled latents (N, C, H/f, W/f): a posterior sample
+        mean + std * noise (standard normal, (N, C, h, w)), or the mean when noise is None."""
         vae_dtype = next(self.vae.parameters()).dtype
         dist = self.vae.encode(pixel_values.to(self.vae.device, vae_dtype)).latent_dist
-        latents = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator,
-                                                     device=dist.mean.device, dtype=dist.mean.dtype)
+        latents = dist.mean if noise is None else dist.mean + dist.std * noise.to(dist.mean)
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * self.vae.config.scaling_factor
 

@@ -7,8 +7,9 @@ Per optimizer step, for each micro-batch of B pairs (winner first):
   4. the trainable UNet predicts on the same 2B in one forward: model_w, model_l;
   5. the registry loss (dpo by default) turns the four MSEs into a per-pair loss; backward.
 Gradients are accumulated over `train.gradient_accumulation_steps` micro-batches, clipped, and
-applied. All randomness of micro-batch k (timesteps, noise, VAE sampling, dropout) is seeded from
-(seed, k, process), and the data order from (seed, epoch), so a resumed run continues exactly.
+applied. The data order comes from (seed, epoch); each pair's augmentation, timestep, noise and VAE
+sample from its own seed (seed, epoch, position), so a resumed run continues exactly and the split of
+pairs over processes or accumulation micro-steps does not change what any pair sees.
 
 Run: `diffusion-dpo train --config configs/sd15_pickapic.yaml --data.path DIR --output_dir runs/x`
 """
@@ -148,17 +149,25 @@ class Trainer:
         """Loss and metrics for one micro-batch of B pairs (see the module docstring for the recipe)."""
         acc, comp, cfg = self.accelerator, self.components, self.cfg
         device = acc.device
-        seed = _seed_for(cfg.train.seed, micro_step, acc.process_index)
-        torch.manual_seed(seed)  # dropout and anything else drawing from the global generator
-        gen = torch.Generator(device=device).manual_seed(seed)
-
+        # dropout (LoRA dropout) draws from the global generator: seed it per micro-step and process
+        torch.manual_seed(_seed_for(cfg.train.seed, micro_step, acc.process_index))
         pixels = batch["pixel_values"]  # (B, 2, 3, H, W), winner first
         b = pixels.shape[0]
         pixels = torch.cat([pixels[:, 0], pixels[:, 1]]).to(device)  # (2B, 3, H, W) = [winners; losers]
-        latents = comp.encode_images(pixels, generator=gen).float()  # (2B, 4, h, w)
-        noise = torch.randn(latents[:b].shape, generator=gen, device=device).repeat(2, 1, 1, 1)  # shared per pair
-        timesteps = torch.randint(0, comp.noise_scheduler.config.num_train_timesteps, (b,), generator=gen,
-                                  device=device).repeat(2)
+
+        # Each pair's timestep, noise and VAE posterior samples come from its own sample seed (fixed by
+        # the data order), so they do not depend on how pairs are split over processes or micro-steps.
+        c, h, w = comp.latent_shape(cfg.data.resolution)
+        timesteps, draws = [], []
+        for seed in batch["sample_seed"].tolist():
+            g = torch.Generator(device=device).manual_seed(_seed_for(seed, 1))
+            timesteps.append(torch.randint(0, comp.noise_scheduler.config.num_train_timesteps, (1,), generator=g,
+                                           device=device))
+            draws.append(torch.randn((3, c, h, w), generator=g, device=device))  # noise, posterior w, posterior l
+        draws = torch.stack(draws)  # (B, 3, C, h, w)
+        timesteps = torch.cat(timesteps).repeat(2)  # (2B,): one timestep per pair, shared by its two images
+        noise = draws[:, 0].repeat(2, 1, 1, 1)  # (2B, C, h, w): one noise per pair, shared
+        latents = comp.encode_images(pixels, torch.cat([draws[:, 1], draws[:, 2]])).float()  # (2B, C, h, w)
         noisy = comp.noise_scheduler.add_noise(latents, noise, timesteps)
         target = comp.target(latents, noise, timesteps).float()
         ids = [batch["input_ids"]] + ([batch["input_ids_2"]] if comp.sdxl else [])
