@@ -233,3 +233,17 @@ def test_accumulation_matches_a_larger_batch(tmp_path, tiny_sd, tiny_data):
     la = [m["loss"] for m in read_metrics(tmp_path / "big")]
     lb = [m["loss"] for m in read_metrics(tmp_path / "acc")]
     assert la == pytest.approx(lb, rel=1e-4)
+
+
+def test_same_seed_same_lora_initialisation(tmp_path, tiny_sd, tiny_data):
+    """LoRA's A matrices are random at init: they must come from train.seed, not from whatever ran before."""
+    torch.manual_seed(123)
+    a = Trainer(make_cfg(tmp_path / "a", tiny_sd, tiny_data, lora__rank=4))
+    torch.manual_seed(456)
+    b = Trainer(make_cfg(tmp_path / "b", tiny_sd, tiny_data, lora__rank=4))
+    for (n, p), (_, q) in zip(a.accelerator.unwrap_model(a.unet).named_parameters(),
+                              b.accelerator.unwrap_model(b.unet).named_parameters()):
+        assert torch.equal(p, q), n
+    c = Trainer(make_cfg(tmp_path / "c", tiny_sd, tiny_data, lora__rank=4, train__seed=1))
+    lora_a = [n for n, _ in a.unet.named_parameters() if "lora_A" in n][0]
+    assert not torch.equal(dict(a.unet.named_parameters())[lora_a], dict(c.unet.named_parameters())[lora_a])

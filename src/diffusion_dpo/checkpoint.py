@@ -13,6 +13,8 @@ leaves only a `.tmp` folder, which `latest` ignores and the next save replaces.
 from __future__ import annotations
 
 import json
+import os
+import pickle
 import re
 import shutil
 from dataclasses import asdict, dataclass
@@ -34,6 +36,7 @@ class TrainState:
     step: int = 0
     epoch: int = 0
     position: int = 0  # global (all processes) micro-batches already consumed in `epoch`
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss/gradient (train.skip_nonfinite)
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -58,18 +61,52 @@ def resolve_resume(resume: Optional[str], output_dir: Path) -> Optional[Path]:
     return path
 
 
+RUN_ARTIFACTS = ("final", "final.tmp", "metrics.jsonl", "samples", "logs", "config.yaml")
+
+
+def check_output_dir(output_dir: Path, resuming: bool, overwrite: bool) -> None:
+    """Refuse, before any work, an output_dir that holds an earlier run (unless resuming or overwriting) or
+    that cannot be written. Creates nothing: a run that fails validation leaves no trace."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"output_dir '{output_dir}' exists and is not a directory")
+    if not resuming and not overwrite:
+        earlier = [p.name for p in [*list_checkpoints(output_dir), output_dir / "final"] if p.exists()]
+        if earlier:
+            raise UserError(f"output_dir '{output_dir}' holds an earlier run ({', '.join(earlier[-2:])}); continue it "
+                            "with --train.resume latest, start over with --overwrite, or choose another output_dir")
+    ancestor = output_dir.absolute()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"output_dir '{output_dir}' cannot be created or written ({ancestor} is not a writable "
+                        "directory)")
+
+
+def clear_run(output_dir: Path) -> None:
+    """Remove what an earlier run wrote (checkpoints, final/, metrics, samples, logs): --overwrite."""
+    for path in [*output_dir.glob("checkpoint-*"), *(output_dir / name for name in RUN_ARTIFACTS)]:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
 def save_checkpoint(output_dir: Path, state: TrainState, write_weights: Callable[[Path], None],
                     optimizer: torch.optim.Optimizer, lr_scheduler: Any, total_limit: Optional[int]) -> Path:
     """Write checkpoint-<step>/ atomically (tmp dir, then rename) and rotate old ones beyond `total_limit`."""
     final = output_dir / f"checkpoint-{state.step}"
     tmp = output_dir / f"checkpoint-{state.step}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    write_weights(tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
-    (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        write_weights(tmp)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+    except OSError as exc:  # disk full, quota, permissions: earlier checkpoints stay intact
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"cannot write checkpoint {final} at step {state.step}: {exc.strerror or exc}") from None
     if final.exists():  # a re-save of the same step (e.g. resumed then saved again): replace it
         shutil.rmtree(final)
     tmp.rename(final)
@@ -83,7 +120,11 @@ def load_checkpoint(path: Path, read_weights: Callable[[Path], None], optimizer:
                     lr_scheduler: Any) -> TrainState:
     """Restore weights (through `read_weights`), optimizer and scheduler; return the saved `TrainState`."""
     read_weights(path)
-    # weights_only: a checkpoint directory is data, never code
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-    lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
-    return TrainState(**json.loads((path / STATE_FILE).read_text()))
+    try:
+        # weights_only: a checkpoint directory is data, never code (a pickle that calls anything is refused)
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+        lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
+        return TrainState(**json.loads((path / STATE_FILE).read_text()))
+    except (OSError, pickle.UnpicklingError, RuntimeError, ValueError, TypeError, KeyError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"train.resume: {path} is not a usable checkpoint ({reason[:200]})") from None

@@ -105,6 +105,8 @@ class TrainConfig:
     resume: Optional[str] = _f(None, "'latest' or a checkpoint directory to continue from.")
     report_to: str = _f("tensorboard", "Trackers: tensorboard, wandb, all or none (metrics.jsonl is always written).")
     allow_tf32: bool = _f(True, "Allow TF32 matmuls on Ampere+ GPUs.")
+    skip_nonfinite: bool = _f(False, "Skip (and count) optimizer steps whose loss or gradient is NaN/inf instead "
+                                     "of stopping the run; the weights are never updated with them.")
 
 
 @dataclass
@@ -121,6 +123,8 @@ class ValidationConfig:
 @dataclass
 class Config:
     output_dir: str = _f("runs/dpo", "Where metrics, logs, checkpoints and final/ are written.")
+    overwrite: bool = _f(False, "Start over in an output_dir that holds an earlier run (its checkpoints, final/, "
+                                "metrics and samples are removed); without it such a directory is refused.")
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -80,7 +80,7 @@ class Trainer:
     def __init__(self, cfg: Config):
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
-        from accelerate.utils import ProjectConfiguration
+        from accelerate.utils import ProjectConfiguration, set_seed
 
         # accelerate keeps one state per process; a second run in the same process (a notebook, the
         # tests) with another precision would be refused. The process group itself is left alone.
@@ -109,6 +109,7 @@ class Trainer:
 
         # Data first: a bad data set fails in seconds, before any model is loaded.
         self.resume_from = ckpt.resolve_resume(cfg.train.resume, self.output_dir)  # a bad path fails now
+        ckpt.check_output_dir(self.output_dir, resuming=self.resume_from is not None, overwrite=cfg.overwrite)
         # The main process validates (and builds the Arrow cache) first; the others then reuse the cache.
         with acc.main_process_first():
             self.pairs = load_preference_pairs(cfg.data)
@@ -118,6 +119,9 @@ class Trainer:
             raise UserError(f"data.path '{cfg.data.path}': {len(self.pairs)} usable pairs is fewer than one batch "
                             f"(data.batch_size {cfg.data.batch_size} x {self.world} processes)")
 
+        # Seed python/numpy/torch before building anything random (LoRA's A matrices are drawn at init):
+        # two runs with the same train.seed start from the same weights.
+        set_seed(cfg.train.seed)
         self.components: Components = load_components(cfg.model, self.weight_dtype, acc.device)
         unet = self.components.unet
         if self.lora:
@@ -245,13 +249,24 @@ class Trainer:
                     sums[key] = sums.get(key, 0) + v / accum
                 self._advance_position(epoch)
             grad_norm = acc.clip_grad_norm_(self.params, cfg.optim.max_grad_norm or float("inf"))
-            lr = self.lr_scheduler.get_last_lr()[0]  # the rate this update uses
-            self.optimizer.step()
+            record = self._reduce(sums, grad_norm)  # the step's one host sync
+            # Check before the update: a NaN/inf must never reach the weights. (Under fp16 the gradient
+            # scaler already skips steps with inf gradients, so there only the loss is checked.)
+            values = [record["loss"]] + ([] if cfg.train.mixed_precision == "fp16" else [record["grad_norm"]])
+            finite = all(math.isfinite(v) for v in values)
+            if not finite and not cfg.train.skip_nonfinite:
+                raise UserError(f"non-finite loss or gradient at step {self.state.step + 1} (loss {record['loss']}, "
+                                f"grad norm {record['grad_norm']}); the weights were not updated. Lower optim.lr, "
+                                "use bf16 instead of fp16, or set train.skip_nonfinite=true to skip such steps")
+            record["lr"] = self.lr_scheduler.get_last_lr()[0]  # the rate this update uses
+            if finite:
+                self.optimizer.step()
+            else:
+                self.state.skipped_steps += 1
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.state.step += 1
-
-            record = self._log(sums, grad_norm, lr, time.perf_counter() - t0)
+            record = self._write_metrics(record, time.perf_counter() - t0)
             t0 = time.perf_counter()
             progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['implicit_acc']:.2f}")
             progress.update(1)
@@ -270,8 +285,13 @@ class Trainer:
     # ------------------------------------------------------------------ outputs
     def _prepare_output(self) -> None:
         if self.accelerator.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.yaml").write_text(to_yaml(self.cfg))
+            try:
+                if self.cfg.overwrite and self.resume_from is None:
+                    ckpt.clear_run(self.output_dir)
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                (self.output_dir / "config.yaml").write_text(to_yaml(self.cfg))
+            except OSError as exc:
+                raise UserError(f"output_dir '{self.output_dir}': {exc.strerror or exc}") from None
         self.accelerator.wait_for_everyone()
 
     def _truncate_metrics(self, step: int) -> None:
@@ -281,28 +301,32 @@ class Trainer:
         if step == 0:
             self.metrics_path.unlink()
             return
-        kept = [ln for ln in self.metrics_path.read_text().splitlines() if ln.strip()
-                and json.loads(ln).get("step", 0) <= step]
+        kept = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:  # the half-written last line of a killed run
+                continue
         self.metrics_path.write_text("".join(ln + "\n" for ln in kept))
 
-    def _log(self, sums: dict[str, Tensor], grad_norm: Tensor, lr: float, seconds: float) -> dict[str, float]:
-        """Reduce the step's metrics across processes, append them to metrics.jsonl and the trackers."""
+    def _reduce(self, sums: dict[str, Tensor], grad_norm: Tensor) -> dict[str, float]:
+        """The step's metrics averaged over processes, as floats (one host sync per optimizer step)."""
         acc = self.accelerator
-        keys = list(METRIC_KEYS)
-        stacked = torch.stack([sums[k].float() for k in keys] + [torch.as_tensor(grad_norm, device=acc.device).float()])
-        stacked = acc.reduce(stacked, reduction="mean")  # one host sync per optimizer step
-        values = stacked.tolist()
-        loss = values[0]
-        if not math.isfinite(loss):
-            raise UserError(f"non-finite loss ({loss}) at step {self.state.step}; lower optim.lr or use bf16 "
-                            "instead of fp16")
+        stacked = torch.stack([sums[k].float() for k in METRIC_KEYS]
+                              + [torch.as_tensor(grad_norm, device=acc.device).float()])
+        values = acc.reduce(stacked, reduction="mean").tolist()
+        return {**dict(zip(METRIC_KEYS, values[:-1])), "grad_norm": values[-1]}
+
+    def _write_metrics(self, record: dict[str, float], seconds: float) -> dict[str, Any]:
+        """Append the step's line to metrics.jsonl and the trackers (main process)."""
+        acc = self.accelerator
         pairs = self.cfg.data.batch_size * self.cfg.train.gradient_accumulation_steps * self.world
-        record = {"step": self.state.step, "epoch": self.state.epoch, **dict(zip(keys, values[:-1])),
-                  "grad_norm": values[-1], "lr": lr,
-                  "pairs_per_s": pairs / max(seconds, 1e-9)}
+        record = {"step": self.state.step, "epoch": self.state.epoch, **record,
+                  "pairs_per_s": pairs / max(seconds, 1e-9), "skipped_steps": self.state.skipped_steps}
         if acc.is_main_process:
             with self.metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(record) + "\n")  # one write per line: a kill leaves at most one partial line
             acc.log({k: v for k, v in record.items() if k != "step"}, step=self.state.step)
         return record
 
@@ -376,12 +400,17 @@ class Trainer:
         if acc.is_main_process:
             tmp = self.output_dir / "final.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
             unet = acc.unwrap_model(self.unet)
-            if self.lora:
-                save_lora(self.components, unet, tmp)
-            else:
-                self._save_pipeline(unet, tmp)
+            try:
+                tmp.mkdir(parents=True)
+                if self.lora:
+                    save_lora(self.components, unet, tmp)
+                else:
+                    self._save_pipeline(unet, tmp)
+            except OSError as exc:  # disk full, quota: the last checkpoint still holds the run
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise UserError(f"cannot write {final}: {exc.strerror or exc}; the run can be finished with "
+                                "--train.resume latest once there is space") from None
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
             acc.print(f"saved {final}")

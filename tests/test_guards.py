@@ -1,0 +1,237 @@
+"""Surviving interruption and refusing harm: SIGKILL + resume, NaN guard, output-dir policy, safe loading."""
+
+import errno
+import hashlib
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffusion_dpo import checkpoint as ckpt
+from diffusion_dpo.errors import UserError
+from diffusion_dpo.losses import LossOutput, LossSpec, dpo_loss
+from diffusion_dpo.training import Trainer, train
+from test_training import make_cfg, read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    from diffusion_dpo.tiny_data import build_tiny_pickapic
+
+    return build_tiny_pickapic(tmp_path_factory.mktemp("data") / "pickapic", num_pairs=24, seed=3)
+
+
+def weights_hash(final: Path) -> str:
+    files = sorted(final.rglob("*.safetensors"))
+    h = hashlib.sha256()
+    for f in files:
+        for k, v in sorted(load_file(f).items()):
+            h.update(k.encode())
+            h.update(v.numpy().tobytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- kill -9 and resume
+
+# The child runs the real CLI. With KILL_SAVE_AT=N it pauses inside the save of checkpoint-N (after the
+# weights are written, before the rename) and announces it, so the parent can kill it mid-save.
+CHILD = """
+import os, sys, time, pathlib, torch
+import diffusion_dpo.checkpoint as c
+at = int(os.environ.get("KILL_SAVE_AT", "0"))
+real_save = torch.save
+def slow_save(obj, path, *a, **k):
+    real_save(obj, path, *a, **k)
+    if at and str(path).endswith(f"checkpoint-{at}.tmp/optimizer.pt"):
+        pathlib.Path(os.environ["MARKER"]).write_text("in save")
+        time.sleep(60)
+c.torch.save = slow_save
+from diffusion_dpo.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _args(out: Path, model: Path, data: Path, *extra: str) -> list[str]:
+    return ["train", "--output_dir", str(out), "--model.pretrained", str(model), "--data.path", str(data),
+            "--data.resolution", "32", "--data.batch_size", "3", "--data.num_workers", "0",
+            "--data.random_crop", "true", "--optim.lr", "1e-4", "--optim.scale_lr", "false",
+            "--train.max_steps", "6", "--train.checkpointing_steps", "1", "--train.report_to", "none",
+            "--validation.every_steps", "-1", *extra]
+
+
+def _spawn(args: list[str], env_extra: dict) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", **env_extra}
+    return subprocess.Popen([sys.executable, "-c", CHILD, *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"child ended early: {proc.stderr.read()[-2000:]}"
+        assert time.time() < deadline, "timed out waiting for the kill point"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("lora", ["0", "4"])
+def test_sigkill_at_several_points_then_resume_gives_identical_weights(tmp_path, tiny_sd, tiny_data, lora):
+    straight = tmp_path / "straight"
+    assert subprocess.run([sys.executable, "-c", CHILD, *_args(straight, tiny_sd, tiny_data, "--lora.rank", lora)],
+                          cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True).returncode == 0
+    expected = weights_hash(straight / "final")
+
+    run = tmp_path / "killed"
+    args = _args(run, tiny_sd, tiny_data, "--lora.rank", lora)
+    # 1) kill -9 as soon as step 2's metrics line exists (somewhere in step 3 or its save)
+    proc = _spawn(args, {})
+    _wait_for(lambda: (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 2,
+              proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # 2) resume, and kill -9 inside the save of checkpoint-4 (weights written, not yet renamed)
+    marker = tmp_path / "marker"
+    proc = _spawn(args + ["--train.resume", "latest"], {"KILL_SAVE_AT": "4", "MARKER": str(marker)})
+    _wait_for(marker.exists, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (run / "checkpoint-4.tmp").is_dir() and not (run / "checkpoint-4").exists()
+    assert ckpt.resolve_resume("latest", run).name == "checkpoint-3"  # the half-written save is never picked
+    # 3) resume to the end
+    res = subprocess.run([sys.executable, "-c", CHILD, *args, "--train.resume", "latest"], cwd=ROOT,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert weights_hash(run / "final") == expected
+    assert [m["step"] for m in read_metrics(run)] == [1, 2, 3, 4, 5, 6]
+    assert [m["loss"] for m in read_metrics(run)] == [m["loss"] for m in read_metrics(straight)]
+    assert not list(run.glob("*.tmp"))
+
+
+def test_checkpoint_rotation_keeps_the_newest(tmp_path, tiny_sd, tiny_data):
+    train(make_cfg(tmp_path, tiny_sd, tiny_data, train__max_steps=5, train__checkpointing_steps=1,
+                   train__checkpoints_total_limit=2))
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-3", "checkpoint-4"]
+
+
+def test_half_written_metrics_line_is_dropped_on_resume(tmp_path, tiny_sd, tiny_data):
+    cfg = dict(train__max_steps=3, train__checkpointing_steps=2)
+    train(make_cfg(tmp_path, tiny_sd, tiny_data, **cfg))
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 4, "loss": 0.5, "impl')  # what a kill in the middle of a write leaves
+    train(make_cfg(tmp_path, tiny_sd, tiny_data, train__resume="latest", **cfg))
+    assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2, 3]
+
+
+# ---------------------------------------------------------------- non-finite guard
+
+def _nan_at(step: int) -> LossSpec:
+    """The dpo loss, but NaN on the given (1-based) optimizer step."""
+    calls = {"n": 0}
+
+    def fn(*args, **kwargs) -> LossOutput:
+        calls["n"] += 1
+        out = dpo_loss(*args, **kwargs)
+        if calls["n"] == step:
+            out = LossOutput(loss=out.loss * float("nan"), inside=out.inside)
+        return out
+
+    return LossSpec(fn, needs_reference=True)
+
+
+def test_nan_stops_the_run_naming_the_step_without_touching_weights(tmp_path, tiny_sd, tiny_data):
+    trainer = Trainer(make_cfg(tmp_path, tiny_sd, tiny_data, train__max_steps=4, train__checkpointing_steps=1))
+    trainer.loss_spec = _nan_at(3)
+    with pytest.raises(UserError, match=r"non-finite loss or gradient at step 3 .*weights were not updated"):
+        trainer.run()
+    saved = load_file(tmp_path / "checkpoint-2" / "unet" / "diffusion_pytorch_model.safetensors")
+    current = trainer.accelerator.unwrap_model(trainer.unet).state_dict()
+    assert all(torch.equal(saved[k], current[k]) for k in saved)
+
+
+def test_skip_nonfinite_counts_and_continues(tmp_path, tiny_sd, tiny_data):
+    trainer = Trainer(make_cfg(tmp_path, tiny_sd, tiny_data, train__max_steps=4, train__skip_nonfinite="true"))
+    trainer.loss_spec = _nan_at(2)
+    final = trainer.run()
+    metrics = read_metrics(tmp_path)
+    assert [m["skipped_steps"] for m in metrics] == [0, 1, 1, 1]
+    assert all(torch.isfinite(v).all() for v in load_file(final / "unet" / "diffusion_pytorch_model.safetensors").values())
+
+
+# ---------------------------------------------------------------- output directory policy
+
+def test_a_finished_run_is_not_overwritten_without_overwrite(tmp_path, tiny_sd, tiny_data):
+    train(make_cfg(tmp_path, tiny_sd, tiny_data, train__max_steps=3, train__checkpointing_steps=1))
+    before = weights_hash(tmp_path / "final")
+    with pytest.raises(UserError, match="holds an earlier run .*--train.resume latest.*--overwrite"):
+        Trainer(make_cfg(tmp_path, tiny_sd, tiny_data, train__max_steps=1))
+    assert weights_hash(tmp_path / "final") == before
+    train(make_cfg(tmp_path, tiny_sd, tiny_data, train__max_steps=1, overwrite="true"))
+    assert ckpt.list_checkpoints(tmp_path) == []  # the earlier run's checkpoints went with it
+    assert [m["step"] for m in read_metrics(tmp_path)] == [1]
+
+
+def test_unwritable_output_dir_fails_before_any_work(tmp_path, tiny_sd, tiny_data):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(UserError, match="cannot be created or written"):
+        Trainer(make_cfg(blocker / "run", tiny_sd, tiny_data))
+    with pytest.raises(UserError, match="exists and is not a directory"):
+        Trainer(make_cfg(blocker, tiny_sd, tiny_data))
+
+
+def test_disk_full_at_save_is_one_line_and_leaves_no_partial_checkpoint(tmp_path, tiny_sd, tiny_data, monkeypatch):
+    trainer = Trainer(make_cfg(tmp_path, tiny_sd, tiny_data, train__max_steps=3, train__checkpointing_steps=1))
+    real_save = torch.save
+
+    def full_disk(obj, path, *a, **k):
+        if "checkpoint-2" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(ckpt.torch, "save", full_disk)
+    with pytest.raises(UserError, match="cannot write checkpoint .*checkpoint-2 at step 2: No space left on device"):
+        trainer.run()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-1"]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+# ---------------------------------------------------------------- safe loading
+
+class _Boom:
+    def __reduce__(self):
+        return (os.system, (f"touch {_Boom.marker}",))
+
+
+def test_a_checkpoint_cannot_run_code(tmp_path, tiny_sd, tiny_data):
+    cfg = dict(train__max_steps=2, train__checkpointing_steps=1)
+    train(make_cfg(tmp_path, tiny_sd, tiny_data, **cfg))
+    _Boom.marker = tmp_path / "pwned"
+    with (tmp_path / "checkpoint-1" / "optimizer.pt").open("wb") as f:
+        pickle.dump({"state": _Boom()}, f)
+    with pytest.raises(UserError, match="checkpoint-1 is not a usable checkpoint"):
+        Trainer(make_cfg(tmp_path, tiny_sd, tiny_data, train__resume=str(tmp_path / "checkpoint-1"), **cfg)).run()
+    assert not _Boom.marker.exists()
+
+
+def test_a_model_index_cannot_name_code_outside_the_libraries(tmp_path, tiny_sd):
+    import shutil
+
+    from diffusion_dpo.config import ModelConfig
+    from diffusion_dpo.models import load_components
+
+    evil = tmp_path / "evil"
+    shutil.copytree(tiny_sd, evil)
+    index = json.loads((evil / "model_index.json").read_text())
+    index["tokenizer"] = ["os", "system"]
+    (evil / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError, match="only diffusers/transformers classes load"):
+        load_components(ModelConfig(pretrained=str(evil)))
