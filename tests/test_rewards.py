@@ -79,7 +79,7 @@ def test_preprocessing_is_clip_preprocessing(tiny_clip):
     crop = np.asarray(resized.crop((left, 0, left + IMAGE_SIZE, IMAGE_SIZE)), dtype=np.float32) / 255.0
     expected = (crop - np.array(MEAN, np.float32)) / np.array(STD, np.float32)  # (32, 32, 3)
     assert pixels.shape == (3, IMAGE_SIZE, IMAGE_SIZE)
-    np.testing.assert_allclose(pixels.permute(1, 2, 0).numpy(), expected, atol=0.03)
+    np.testing.assert_allclose(pixels.permute(1, 2, 0).numpy(), expected, atol=1e-5)
 
 
 def test_clip_score_matches_hand_computation(tiny_clip, images):
