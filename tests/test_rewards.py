@@ -3,6 +3,7 @@ import path, weighted sums, batching, determinism, and one-line errors for bad i
 
 from __future__ import annotations
 
+import importlib
 import math
 import re
 import sys
@@ -34,6 +35,15 @@ def tiny_clip(tmp_path_factory):
 @pytest.fixture(scope="module")
 def images():
     return [solid(RED), solid(BLUE), solid(GREEN, size=(64, 32)), stripes(), solid((200, 200, 10), size=(32, 32))]
+
+
+def import_as(tmp_path, name: str, source: str, monkeypatch):
+    """Write `source` as module `name` and import it for one test; sys.path and sys.modules are restored after."""
+    (tmp_path / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(sys.modules, name, None)  # records the previous entry (or its absence) for teardown
+    del sys.modules[name]
+    return importlib.import_module(name)
 
 
 def reference_features(model_dir, images, prompts):
@@ -174,10 +184,7 @@ def test_hpsv2_without_open_clip(monkeypatch):
 
 
 def test_hpsv2_loading_path_with_a_stand_in_open_clip(monkeypatch, tmp_path, images):
-    (tmp_path / "open_clip.py").write_text(FAKE_OPEN_CLIP)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "open_clip", raising=False)
-    import open_clip
+    open_clip = import_as(tmp_path, "open_clip", FAKE_OPEN_CLIP, monkeypatch)
 
     torch.manual_seed(1)
     trained = open_clip.create_model_and_transforms("ViT-H-14")[0]
@@ -245,12 +252,7 @@ def wrong_count(images, prompts):
 
 @pytest.fixture
 def own_module(tmp_path, monkeypatch):
-    (tmp_path / "own_rewards_for_test.py").write_text(textwrap.dedent(OWN_REWARDS))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "own_rewards_for_test", raising=False)
-    import own_rewards_for_test
-
-    return own_rewards_for_test
+    return import_as(tmp_path, "own_rewards_for_test", textwrap.dedent(OWN_REWARDS), monkeypatch)
 
 
 def test_own_reward_by_import_path(own_module, images):
