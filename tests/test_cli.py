@@ -119,6 +119,8 @@ def test_skip_bad_rows_reports_the_count(tmp_path, tiny_sd, capsys):
     (["--config", "/no/such.yaml"], "config file not found: /no/such.yaml"),
     (["--optim.name", "sgd"], "optim.name must be adamw, adamw8bit or adafactor"),
     (["--train.resume", "/no/ckpt"], "train.resume: '/no/ckpt' is not a checkpoint directory"),
+    (["--model.pretrained", "someone/no_such_model"], "model.pretrained 'someone/no_such_model' is not a local"),
+    (["--model.vae", "someone/no_vae"], "model.vae 'someone/no_vae' is not a local directory"),
 ])
 def test_config_and_path_mistakes_are_one_line(tmp_path, tiny_sd, tiny_data, capsys, args, expected):
     rc = main(fast(tmp_path / "run", tiny_sd, tiny_data) + args)
@@ -156,3 +158,25 @@ def test_two_cpu_processes_match_one_process_with_twice_the_batch(tmp_path, tiny
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
     assert (out / "checkpoint-1").is_dir() and not list(out.glob("*.tmp"))
+
+
+def test_pipeline_missing_a_component_folder_is_named(tmp_path, tiny_sd, tiny_data, capsys):
+    import shutil
+
+    broken = tmp_path / "pipe"
+    shutil.copytree(tiny_sd, broken)
+    shutil.rmtree(broken / "unet")
+    rc = main(fast(tmp_path / "run", broken, tiny_data))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.endswith("missing component folder(s) unet/"), err
+
+
+def test_resume_latest_without_checkpoints(tmp_path, tiny_sd, tiny_data, capsys):
+    out = tmp_path / "run"
+    assert main(fast(out, tiny_sd, tiny_data, "--overwrite", "false")) == 0  # no checkpoint at max_steps
+    rc = main(fast(out, tiny_sd, tiny_data, "--overwrite", "false", "--train.resume", "latest"))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "holds a finished run (final) but no checkpoint to resume from" in err, err
+    fresh = tmp_path / "fresh"
+    assert main(fast(fresh, tiny_sd, tiny_data, "--train.resume", "latest")) == 0
+    assert "no checkpoint in" in capsys.readouterr().out

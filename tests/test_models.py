@@ -142,3 +142,14 @@ def test_bad_model_paths_are_one_line_errors(tmp_path):
     with pytest.raises(UserError, match="hub") as exc:
         load_components(ModelConfig(pretrained="someone/not-a-real-model-xyz"))
     assert "\n" not in str(exc.value)
+
+
+def test_reference_copy_runs_in_the_policys_mode(tiny_sd):
+    """Some diffusers blocks compute differently in train and eval mode (ResnetBlock2D makes inputs contiguous
+    only when training); a reference in another mode than the policy breaks loss = log 2 at step 1."""
+    c = load_components(ModelConfig(pretrained=str(tiny_sd)))
+    ref = Reference(c.unet, lora=False, dtype=torch.float32)
+    for training in (True, False):
+        c.unet.train(training)
+        with ref.model(c.unet) as r:
+            assert r.training is training

@@ -64,13 +64,16 @@ def resolve_resume(resume: Optional[str], output_dir: Path) -> Optional[Path]:
 RUN_ARTIFACTS = ("final", "final.tmp", "metrics.jsonl", "samples", "logs", "config.yaml")
 
 
-def check_output_dir(output_dir: Path, resuming: bool, overwrite: bool) -> None:
+def check_output_dir(output_dir: Path, resuming: bool, overwrite: bool, resume_asked: bool = False) -> None:
     """Refuse, before any work, an output_dir that holds an earlier run (unless resuming or overwriting) or
     that cannot be written. Creates nothing: a run that fails validation leaves no trace."""
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"output_dir '{output_dir}' exists and is not a directory")
     if not resuming and not overwrite:
         earlier = [p.name for p in [*list_checkpoints(output_dir), output_dir / "final"] if p.exists()]
+        if earlier and resume_asked:  # e.g. a finished run whose final step was never checkpointed
+            raise UserError(f"output_dir '{output_dir}' holds a finished run ({', '.join(earlier[-2:])}) but no "
+                            "checkpoint to resume from; start over with --overwrite or choose another output_dir")
         if earlier:
             raise UserError(f"output_dir '{output_dir}' holds an earlier run ({', '.join(earlier[-2:])}); continue it "
                             "with --train.resume latest, start over with --overwrite, or choose another output_dir")

@@ -83,6 +83,7 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*torchvision.*")
+    warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")  # diffusers -> huggingface_hub
 
 
 def _quiet_progress_bars() -> None:

@@ -106,17 +106,27 @@ class Components:
                         "(epsilon or v_prediction)")
 
 
-def _read_model_index(cfg: ModelConfig) -> dict:
+def read_model_index(cfg: ModelConfig) -> dict:
     """model_index.json of a local directory or hub repo; one-line errors for the usual mistakes."""
     from diffusers import DiffusionPipeline
 
     path = Path(cfg.pretrained).expanduser()
     if path.exists():
-        index = path / "model_index.json"
-        if not index.is_file():
+        index_file = path / "model_index.json"
+        if not index_file.is_file():
             raise UserError(f"model.pretrained '{cfg.pretrained}' is not a diffusers pipeline directory "
                             "(no model_index.json)")
-        return json.loads(index.read_text())
+        try:
+            index = json.loads(index_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{index_file}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+        needed = ["unet", "scheduler", "text_encoder", "tokenizer"] + (["vae"] if cfg.vae is None else [])
+        needed += [n for n in ("text_encoder_2", "tokenizer_2") if (index.get(n) or [None])[0] is not None]
+        missing = [n for n in needed if index.get(n) and not (path / n).is_dir()]
+        if missing:
+            raise UserError(f"model.pretrained '{cfg.pretrained}': missing component folder(s) "
+                            f"{', '.join(n + '/' for n in missing)}")
+        return index
     if cfg.pretrained.startswith((".", "/", "~")) or cfg.pretrained.count("/") > 1:
         raise UserError(f"model.pretrained '{cfg.pretrained}' does not exist")
     try:
@@ -146,7 +156,7 @@ def load_components(cfg: ModelConfig, weight_dtype: torch.dtype = torch.float32,
     import diffusers
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-    index = _read_model_index(cfg)
+    index = read_model_index(cfg)
     sdxl = "text_encoder_2" in index and index.get("text_encoder_2", [None])[0] is not None
     pipeline_class = getattr(diffusers, index.get("_class_name", ""), None)
     if pipeline_class is None or not index.get("unet") or not index.get("vae"):
@@ -204,7 +214,13 @@ def load_vae(cfg: ModelConfig) -> nn.Module:
         if (local / "vae" / "config.json").is_file():
             return AutoencoderKL.from_pretrained(local, subfolder="vae")
         raise UserError(f"model.vae '{cfg.vae}' holds no VAE (no config.json, no vae/config.json)")
-    return AutoencoderKL.from_pretrained(cfg.vae)
+    if cfg.vae.startswith((".", "/", "~")) or cfg.vae.count("/") > 1:
+        raise UserError(f"model.vae '{cfg.vae}' does not exist")
+    try:
+        return AutoencoderKL.from_pretrained(cfg.vae)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"model.vae '{cfg.vae}' is not a local directory and could not be loaded from the hub: "
+                        f"{str(exc).strip().splitlines()[0]}") from None
 
 
 def add_lora(unet: nn.Module, cfg: LoraConfig) -> list[nn.Parameter]:
@@ -242,10 +258,14 @@ class Reference:
     @contextlib.contextmanager
     def model(self, policy: Optional[nn.Module] = None) -> Iterator[nn.Module]:
         """`with reference.model(unwrapped) as ref: ref(...)` under no_grad; restores adapters afterwards."""
+        unet = policy if policy is not None else self.policy
         if self.copy is not None:
+            # Same mode as the policy: some diffusers blocks take another (numerically different) path in
+            # train mode (ResnetBlock2D's .contiguous()); then θ = ref would not give exactly log 2.
+            # SD UNets have no dropout, so train mode keeps the reference deterministic.
+            self.copy.train(unet.training)
             yield self.copy
             return
-        unet = policy if policy is not None else self.policy
         unet.disable_adapters()
         try:
             yield unet

@@ -45,7 +45,8 @@ def sample_images(components: Components, unet: nn.Module, prompts: Sequence[str
     return rows
 
 
-def compose_grid(columns: dict[str, list[list[Image.Image]]], prompts: Sequence[str]) -> Image.Image:
+def compose_grid(columns: dict[str, list[list[Image.Image]]], prompts: Sequence[str],
+                 seeds: Sequence[int] | None = None) -> Image.Image:
     """A grid with one row per prompt and, for each seed, one column per model (e.g. reference | policy)."""
     names = list(columns)
     first = columns[names[0]]
@@ -61,7 +62,8 @@ def compose_grid(columns: dict[str, list[list[Image.Image]]], prompts: Sequence[
     draw = ImageDraw.Draw(grid)
     for s in range(n_seeds):
         for m, name in enumerate(names):
-            draw.text(((s * len(names) + m) * w + 2, 1), name, fill="black")
+            label = name if seeds is None else f"{name} s{seeds[s]}"
+            draw.text(((s * len(names) + m) * w + 2, 1), label, fill="black")
     for r, prompt in enumerate(prompts):
         top = _LABEL_HEIGHT + r * (h + _LABEL_HEIGHT)
         draw.text((2, top + 1), prompt[: max(8, n_cols * w // 6)], fill="black")
@@ -83,5 +85,5 @@ def write_validation_grid(path: Path, components: Components, unet: nn.Module, r
             columns["reference"] = sample_images(components, ref_unet, **kwargs)
     columns["policy"] = sample_images(components, unet, **kwargs)
     path.parent.mkdir(parents=True, exist_ok=True)
-    compose_grid(columns, prompts).save(path)
+    compose_grid(columns, prompts, seeds).save(path)
     return path

@@ -64,11 +64,18 @@ def build_tiny_pipeline(out_dir: str | Path, kind: str = "sd", resolution: int =
                         layers_per_block=1, sample_size=resolution, scaling_factor=0.18215 if not sdxl else 0.13025,
                         force_upcast=sdxl)
     text_dims = 32 + (32 if sdxl else 0)  # SDXL concatenates both encoders' penultimate hidden states
-    unet_kwargs = dict(
-        sample_size=resolution // 2, in_channels=4, out_channels=4, block_out_channels=(32, 64),
-        layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=text_dims,
-        attention_head_dim=8, norm_num_groups=32)
+    if sdxl:
+        # Real SDXL's shape, shrunk: a plain block, then cross-attention blocks with linear projections and
+        # deeper transformers; its conv shortcuts see non-contiguous inputs as in the real model.
+        unet_kwargs = dict(
+            block_out_channels=(32, 64, 64), down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2,
+            up_block_types=("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",), use_linear_projection=True,
+            transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 8))
+    else:
+        unet_kwargs = dict(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                           up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=8)
+    unet_kwargs.update(sample_size=resolution // 2, in_channels=4, out_channels=4, layers_per_block=1,
+                       cross_attention_dim=text_dims, norm_num_groups=32)
     if sdxl:
         # pooled text embedding (32) + 6 time ids (original size, crop top-left, target size) x 8 dims each
         unet_kwargs.update(addition_embed_type="text_time", addition_time_embed_dim=8,

@@ -20,6 +20,7 @@ import importlib.util
 import json
 import math
 import shutil
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -34,7 +35,8 @@ from diffusion_dpo.config import Config, to_yaml
 from diffusion_dpo.data import PairSampler, PreferenceDataset, collate_pairs, load_preference_pairs
 from diffusion_dpo.errors import UserError
 from diffusion_dpo.losses import LossSpec, get_loss, implicit_accuracy
-from diffusion_dpo.models import Components, Reference, add_lora, cast, load_components, load_vae, save_lora
+from diffusion_dpo.models import (Components, Reference, add_lora, cast, load_components, load_vae,
+                                  read_model_index, save_lora)
 from diffusion_dpo.optim import make_lr_scheduler, make_optimizer
 
 METRIC_KEYS = ("loss", "implicit_acc", "reward_margin", "model_mse_w", "model_mse_l", "ref_mse_w", "ref_mse_l")
@@ -109,7 +111,12 @@ class Trainer:
 
         # Data first: a bad data set fails in seconds, before any model is loaded.
         self.resume_from = ckpt.resolve_resume(cfg.train.resume, self.output_dir)  # a bad path fails now
-        ckpt.check_output_dir(self.output_dir, resuming=self.resume_from is not None, overwrite=cfg.overwrite)
+        if cfg.train.resume == "latest" and self.resume_from is None:
+            acc.print(f"train.resume latest: no checkpoint in {self.output_dir}, starting a new run")
+        ckpt.check_output_dir(self.output_dir, resuming=self.resume_from is not None, overwrite=cfg.overwrite,
+                              resume_asked=bool(cfg.train.resume))
+        if Path(cfg.model.pretrained).expanduser().exists() or cfg.model.pretrained.startswith((".", "/", "~")):
+            read_model_index(cfg.model)  # a local model path mistake fails before the data scan
         # The main process validates (and builds the Arrow cache) first; the others then reuse the cache.
         with acc.main_process_first():
             self.pairs = load_preference_pairs(cfg.data)
@@ -413,7 +420,6 @@ class Trainer:
                                 "--train.resume latest once there is space") from None
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
-            acc.print(f"saved {final}")
         acc.wait_for_everyone()
         return final
 
@@ -444,7 +450,10 @@ def _flat_config(cfg: Config) -> dict[str, Any]:
 def _progress(total: int, initial: int, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
+    # in a log file (not a terminal) a bar redrawn 10x a second is one endless line: redraw every 30 s
+    interval = 0.1 if sys.stderr.isatty() else 30.0
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True,
+                mininterval=interval)
 
 
 def train(cfg: Config) -> Path:
