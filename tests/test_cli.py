@@ -180,3 +180,30 @@ def test_resume_latest_without_checkpoints(tmp_path, tiny_sd, tiny_data, capsys)
     fresh = tmp_path / "fresh"
     assert main(fast(fresh, tiny_sd, tiny_data, "--train.resume", "latest")) == 0
     assert "no checkpoint in" in capsys.readouterr().out
+
+
+def test_generate_and_compare_through_main(tmp_path, tiny_sd, capsys):
+    """The evaluation commands are wired into the same entry point: success is 0, a mistake one line and 2."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    for name in ("a", "b"):
+        assert main(["generate", "--model", str(tiny_sd), "--prompts", str(prompts), "--seeds", "0", "--output-dir",
+                     str(tmp_path / name), "--steps", "2", "--height", "32", "--width", "32"]) == 0
+    (tmp_path / "bright_reward.py").write_text(
+        "import numpy as np\n"
+        "def score(images, prompts):\n"
+        "    return [float(np.asarray(im.convert('L')).mean()) for im in images]\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        assert main(["compare", "--a", str(tmp_path / "a"), "--b", str(tmp_path / "b"), "--reward",
+                     "bright_reward:score", "--output-dir", str(tmp_path / "cmp")]) == 0
+    finally:
+        sys.path.remove(str(tmp_path))
+    result = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert "win_rate" in json.dumps(result)
+    capsys.readouterr()
+    (tmp_path / "b" / "images").joinpath("00000_0.png").unlink()
+    rc = main(["compare", "--a", str(tmp_path / "a"), "--b", str(tmp_path / "b"), "--reward", "bright_reward:score",
+               "--output-dir", str(tmp_path / "cmp2")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "not found" in err, err

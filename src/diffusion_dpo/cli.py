@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--num-pairs", type=int, default=64, help="pairs in the data set [default: 64]")
     tiny.add_argument("--resolution", type=int, default=32, help="image resolution [default: 32]")
     tiny.add_argument("--seed", type=int, default=0, help="seed [default: 0]")
+    from diffusion_dpo import cli_eval
+
+    cli_eval.register(sub, _Parser)  # generate, score, compare
     return parser
 
 
@@ -140,7 +143,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _quiet_libraries()
     try:
         args = build_parser().parse_args(argv)
-        return {"train": _cmd_train, "make-tiny": _cmd_make_tiny}[args.command](args)
+        from diffusion_dpo.cli_eval import COMMANDS as EVAL_COMMANDS
+
+        return {"train": _cmd_train, "make-tiny": _cmd_make_tiny, **EVAL_COMMANDS}[args.command](args)
     except UserError as exc:
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return 2

@@ -1,0 +1,174 @@
+"""The evaluation subcommands of `diffusion-dpo`: generate, score, compare.
+
+    diffusion-dpo generate --model sd15/ --lora runs/lora/final --prompts PartiPrompts.tsv --limit 200 \\
+        --seeds 0 1 --output-dir gen/lora --steps 30 --guidance-scale 7.5 --device cuda --dtype float16
+    diffusion-dpo score --run gen/lora --reward pickscore --reward aesthetic
+    diffusion-dpo compare --a gen/lora --b gen/base --reward pickscore --reward hpsv2 \\
+        --reward-path hpsv2=weights/HPS_v2.1_compressed.pt --output-dir cmp/lora_vs_base
+
+Reward syntax (score, compare): `--reward SPEC`, repeatable, one result per SPEC, where SPEC is a
+built-in name (pickscore, clip, aesthetic, hpsv2, imagereward), your own `package.module:function`,
+or a weighted sum `pickscore=1,aesthetic=0.5`. Where a reward's weights live is said separately,
+`--reward-path NAME=PATH` (repeatable), because paths may contain ':' and ',' themselves.
+
+`cli.py` wires this in with `register(sub, _Parser)` and by merging `COMMANDS` into its dispatch.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Callable
+
+from diffusion_dpo.errors import UserError
+
+_REWARD_HELP = ("reward to score with; repeat for several: a built-in name (pickscore, clip, aesthetic, hpsv2, "
+                "imagereward), 'package.module:function', or a weighted sum 'pickscore=1,aesthetic=0.5'")
+_PATH_HELP = "where reward NAME's weights are (local dir/file or hub id), e.g. hpsv2=HPS_v2.1.pt; repeatable"
+
+
+def register(subparsers: argparse._SubParsersAction, parser_class: type[argparse.ArgumentParser]) -> None:
+    """Add the generate, score and compare subcommands to `subparsers`.
+
+    `parser_class` is the CLI's one-line-error parser; the subcommand parsers must be of that class,
+    which `subparsers` guarantees when it was created with `parser_class=` (checked here).
+    """
+    if getattr(subparsers, "_parser_class", parser_class) is not parser_class:
+        raise TypeError("create the subparsers with add_subparsers(parser_class=...) of the same class")
+    from diffusion_dpo.generate import SCHEDULERS
+    from diffusion_dpo.prompts import KINDS
+
+    gen = subparsers.add_parser(
+        "generate", help="images for a prompt set x seeds from one model (+ LoRA), with a manifest",
+        description="Generate an image per (prompt, seed). The initial noise depends only on the seed, so runs of "
+                    "different models with the same prompts and seeds compare on equal terms. Re-running into "
+                    "the same --output-dir resumes: existing images are kept.")
+    gen.add_argument("--model", required=True, help="diffusers pipeline directory or hub id (SD 1.x/2.x, SDXL)")
+    gen.add_argument("--lora", help="LoRA weights: a directory with pytorch_lora_weights.safetensors or a file")
+    gen.add_argument("--prompts", required=True, metavar="FILE",
+                     help="prompt set: .txt (one per line), PartiPrompts .tsv, HPSv2 .json (or a dir of them), "
+                          "Pick-a-Pic .parquet / shard dir / save_to_disk dir (unique captions)")
+    gen.add_argument("--prompt-kind", default="auto", choices=("auto",) + KINDS, help="[default: by suffix]")
+    gen.add_argument("--prompt-split", help="Pick-a-Pic split/shard name, e.g. validation_unique")
+    gen.add_argument("--limit", type=int, help="use the first N prompts")
+    gen.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds, one image each [default: 0]")
+    gen.add_argument("--output-dir", required=True, help="run directory (images/, manifest.jsonl, run.json)")
+    gen.add_argument("--steps", type=int, default=30, help="sampling steps [default: 30]")
+    gen.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance [default: 7.5]")
+    gen.add_argument("--height", type=int, help="[default: the model's native size]")
+    gen.add_argument("--width", type=int, help="[default: the model's native size]")
+    gen.add_argument("--batch-size", type=int, default=4, help="images per forward pass [default: 4]")
+    gen.add_argument("--scheduler", help=f"sampler: {', '.join(SCHEDULERS)} or a diffusers scheduler class "
+                                         "[default: the model's own]")
+    gen.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... [default: cuda if available]")
+    gen.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                     help="model weights dtype (float16 on a GPU halves memory) [default: float32]")
+
+    score = subparsers.add_parser("score", help="score one generation run with reward models",
+                                  description="Score every image of a run; per-image scores are cached in the "
+                                              "run directory (scores_<reward>.jsonl), a summary is written to "
+                                              "RUN/scores.json.")
+    score.add_argument("--run", required=True, help="a directory written by 'generate'")
+    _add_reward_flags(score)
+
+    cmp = subparsers.add_parser(
+        "compare", help="paired win rates of run A over run B per reward, with CIs, plots and a sample grid",
+        description="Win rate of A over B per prompt (seeds averaged, ties 0.5), a 95% paired-bootstrap CI over "
+                    "prompts and a sign-test p-value, per reward. Writes compare.json, compare.md, scores.png "
+                    "and grid.png to --output-dir. Both runs must hold the same prompts and seeds.")
+    cmp.add_argument("--a", required=True, help="run A (e.g. the fine-tuned model)")
+    cmp.add_argument("--b", required=True, help="run B (e.g. the base model)")
+    cmp.add_argument("--output-dir", required=True, help="where the report goes")
+    cmp.add_argument("--bootstrap", type=int, default=10000, help="bootstrap resamples [default: 10000]")
+    cmp.add_argument("--seed", type=int, default=0, help="bootstrap seed [default: 0]")
+    cmp.add_argument("--grid-prompts", type=int, default=8, help="prompts shown in grid.png [default: 8]")
+    _add_reward_flags(cmp)
+
+
+def _add_reward_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reward", action="append", required=True, metavar="SPEC", help=_REWARD_HELP)
+    parser.add_argument("--reward-path", action="append", default=[], metavar="NAME=PATH", help=_PATH_HELP)
+    parser.add_argument("--reward-batch-size", type=int, default=16, help="images per reward batch [default: 16]")
+    parser.add_argument("--device", default="auto", help="device for the reward models [default: cuda if available]")
+    parser.add_argument("--no-cache", action="store_true", help="rescore instead of reusing scores_<reward>.jsonl")
+
+
+def _reward_paths(items: list[str]) -> dict[str, str]:
+    """['hpsv2=w.pt', ...] -> {'hpsv2': 'w.pt'} (split at the first '=': paths may hold '=' themselves)."""
+    paths: dict[str, str] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise UserError(f"--reward-path '{item}': write NAME=PATH, e.g. hpsv2=HPS_v2.1_compressed.pt")
+        if name.strip() in paths:
+            raise UserError(f"--reward-path: two paths for reward '{name.strip()}'")
+        paths[name.strip()] = path.strip()
+    return paths
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _quiet() -> None:
+    from diffusion_dpo.cli import _quiet_progress_bars  # imported late: cli imports this module
+
+    _quiet_progress_bars()
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from diffusion_dpo.generate import generate
+    from diffusion_dpo.prompts import load_prompts
+
+    _quiet()
+    prompts = load_prompts(args.prompts, args.prompt_kind, args.limit, args.prompt_split)
+    manifest = generate(args.model, prompts, args.seeds, args.output_dir, lora=args.lora, scheduler=args.scheduler,
+                        steps=args.steps, guidance_scale=args.guidance_scale, height=args.height, width=args.width,
+                        batch_size=args.batch_size, device=_device(args.device), dtype=args.dtype)
+    print(f"{len(prompts)} prompts x {len(args.seeds)} seeds: {len(prompts) * len(args.seeds)} images in "
+          f"{Path(args.output_dir)} (manifest: {manifest})")
+    return 0
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    import json
+
+    from diffusion_dpo.evaluate import score_run, summarize
+
+    _quiet()
+    scores = score_run(args.run, args.reward, _reward_paths(args.reward_path), _device(args.device),
+                       args.reward_batch_size, cache=not args.no_cache)
+    summary = {label: summarize(values) for label, values in scores.items()}
+    out = Path(args.run) / "scores.json"
+    out.write_text(json.dumps(summary, indent=2) + "\n")
+    for label, s in summary.items():
+        print(f"{label}: mean {s['mean']:.4g} (std {s['std']:.3g}, {s['n']} images)")
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from diffusion_dpo.evaluate import compare
+
+    _quiet()
+    if args.bootstrap < 1 or args.grid_prompts < 1:
+        raise UserError("compare: --bootstrap and --grid-prompts must be positive")
+    report = compare(args.a, args.b, args.reward, args.output_dir, _reward_paths(args.reward_path),
+                     _device(args.device), args.reward_batch_size, args.bootstrap, args.seed, args.grid_prompts,
+                     cache=not args.no_cache)
+    for label, r in report["rewards"].items():
+        print(f"{label}: win rate A {r['win_rate']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}], "
+              f"p={r['p_value']:.3g}, mean A {r['mean_a']:.4g} vs B {r['mean_b']:.4g}")
+    print(f"wrote {Path(args.output_dir) / 'compare.md'} (+ compare.json, scores.png, grid.png)")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "generate": _cmd_generate,
+    "score": _cmd_score,
+    "compare": _cmd_compare,
+}

@@ -1,0 +1,263 @@
+"""Generate images for evaluation: a model × a prompt set × seeds -> PNG files + a manifest.
+
+    diffusion-dpo generate --model runs/dpo/final --prompts parti.tsv --seeds 0 1 --output-dir gen/dpo
+    diffusion-dpo generate --model sd15 --lora runs/lora/final --prompts parti.tsv --seeds 0 1 --output-dir gen/lora
+
+Equal terms for every model: the initial latents of image (prompt i, seed s) are drawn as
+
+    x_T = N(0, I) of shape (C, H/f, W/f) from torch.Generator("cpu").manual_seed(s)
+
+(C = unet in_channels, f = the VAE's downsampling factor) on the CPU, in float32, one image at a
+time, and handed to the pipeline as `latents=`. So the noise depends on neither the batch size,
+the device, the dtype nor the model: two models given the same prompts and seeds start from the
+same x_T, and differences in their images come from the models alone. The same generator,
+continuing after x_T, is passed per image for any randomness the sampler draws (ancestral / SDE
+samplers), so those are batch-independent too. (Batched CPU/GPU kernels may still round the
+last float bit differently for another batch size, which can move a pixel by one level; the same
+settings on the same machine give byte-identical files.)
+
+Output directory:
+
+    run.json         the settings (model, lora, scheduler, steps, guidance, size, dtype)
+    manifest.jsonl   one line per image: prompt, prompt_index, seed, file, model, lora, scheduler,
+                     steps, guidance_scale, height, width (+ category if the prompt set has one)
+    images/{prompt_index:05d}_{seed}.png
+
+Resumable: an image whose file exists and has a manifest line is not generated again. An image
+is written to a temporary name and renamed, and then its manifest line is appended in one write,
+so a run killed at any moment leaves only complete images and complete lines (a torn last line
+is cut off on the next start). Re-running into a directory made with other settings is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from diffusion_dpo.errors import UserError
+
+MANIFEST = "manifest.jsonl"
+RUN_FILE = "run.json"
+IMAGE_DIR = "images"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# Short names for the usual samplers; any diffusers scheduler class name is accepted too.
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "pndm": "PNDMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+# Settings that must agree for images in one directory to belong to one run.
+RUN_KEYS = ("model", "lora", "scheduler", "steps", "guidance_scale", "height", "width", "dtype")
+
+
+def image_name(prompt_index: int, seed: int) -> str:
+    """Deterministic file name of image (prompt_index, seed), relative to the run directory."""
+    return f"{IMAGE_DIR}/{prompt_index:05d}_{seed}.png"
+
+
+def initial_latents(seed: int, shape: Sequence[int]) -> tuple[torch.Tensor, torch.Generator]:
+    """x_T ~ N(0, I) of `shape` (C, h, w) from a CPU generator seeded by `seed`, and that generator
+    (continued, for the sampler's own noise)."""
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    return torch.randn(tuple(shape), generator=generator, dtype=torch.float32), generator
+
+
+def _check_model(model: str) -> dict:
+    """model_index.json of a local pipeline dir (or a hub id, when online/cached); only diffusers and
+    transformers components may be named, so a checkpoint cannot bring its own code."""
+    from diffusers import DiffusionPipeline
+
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise UserError(f"model '{model}' is not a diffusers pipeline directory (no model_index.json)")
+        index = json.loads((path / "model_index.json").read_text())
+    elif model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise UserError(f"model '{model}' does not exist")
+    else:
+        try:
+            index = DiffusionPipeline.load_config(model)
+        except Exception as exc:  # noqa: BLE001 - offline, unknown id, auth
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise UserError(f"model '{model}' is not a local directory and could not be loaded from the hub: "
+                            f"{first}") from None
+    for key, entry in index.items():
+        if not key.startswith("_") and isinstance(entry, list) and entry[0] not in (None, "diffusers", "transformers"):
+            raise UserError(f"model '{model}': component {key} comes from '{entry[0]}'; only diffusers and "
+                            "transformers components are loaded")
+    return index
+
+
+def _scheduler_class(name: str) -> type:
+    import diffusers
+
+    class_name = SCHEDULERS.get(name.lower(), name)
+    cls = getattr(diffusers, class_name, None)
+    if cls is None or not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+        raise UserError(f"unknown scheduler '{name}'; choose one of {', '.join(SCHEDULERS)} "
+                        "or a diffusers scheduler class name")
+    return cls
+
+
+def _load_lora(pipe: Any, lora: str) -> None:
+    """`pipe.load_lora_weights` from a directory holding pytorch_lora_weights.safetensors, a weights file,
+    or a hub id."""
+    path = Path(lora).expanduser()
+    try:
+        if path.is_file():
+            pipe.load_lora_weights(str(path.parent), weight_name=path.name)
+        elif path.is_dir():
+            files = sorted(p.name for p in path.glob("*.safetensors"))
+            if not files:
+                raise UserError(f"lora '{lora}' holds no .safetensors weights file (expected {LORA_FILE})")
+            pipe.load_lora_weights(str(path), weight_name=LORA_FILE if LORA_FILE in files else files[0])
+        elif lora.startswith((".", "/", "~")) or lora.count("/") > 1 or lora.endswith(".safetensors"):
+            raise UserError(f"lora weights '{lora}' do not exist")
+        else:
+            pipe.load_lora_weights(lora)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - wrong base model, corrupt file, offline hub id
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"lora '{lora}': cannot load into this model: {first}") from None
+
+
+def _dtype_keyword() -> str:
+    """Recent diffusers take `dtype=` and warn on `torch_dtype=`; older ones know only `torch_dtype=`."""
+    import diffusers.utils.deprecation_utils as deprecation
+
+    return "dtype" if hasattr(deprecation, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
+
+
+def load_pipeline(model: str, lora: Optional[str] = None, scheduler: Optional[str] = None,
+                  device: str = "cpu", dtype: str = "float32") -> Any:
+    """The model's own pipeline class (from model_index.json), + LoRA, + another sampler; on `device`."""
+    from diffusers import DiffusionPipeline
+
+    if dtype not in DTYPES:
+        raise UserError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
+    if lora is not None:
+        path = Path(lora).expanduser()
+        if not path.exists() and (lora.startswith((".", "/", "~")) or lora.count("/") > 1
+                                  or lora.endswith(".safetensors")):
+            raise UserError(f"lora weights '{lora}' do not exist")  # before the minutes-long model load
+    index = _check_model(model)
+    sampler = _scheduler_class(scheduler) if scheduler else None
+    kwargs: dict[str, Any] = {_dtype_keyword(): DTYPES[dtype]}
+    if "safety_checker" in index:
+        # Evaluation scores what the model draws; a blacked-out image would score as the model's fault.
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(model, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"model '{model}': {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}") from None
+    if sampler is not None:
+        pipe.scheduler = sampler.from_config(pipe.scheduler.config)
+    if lora is not None:
+        _load_lora(pipe, lora)
+    pipe.set_progress_bar_config(disable=True)  # one bar over images instead of one per batch
+    return pipe.to(device)
+
+
+def _read_manifest(path: Path) -> dict[tuple[int, int], dict]:
+    """(prompt_index, seed) -> manifest row; a torn last line (a kill mid-write) is cut off."""
+    if not path.exists():
+        return {}
+    raw = path.read_bytes()
+    if raw and not raw.endswith(b"\n"):
+        raw = raw[: raw.rfind(b"\n") + 1]
+        path.write_bytes(raw)
+    rows = {}
+    for line_no, line in enumerate(raw.decode("utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            rows[(int(row["prompt_index"]), int(row["seed"]))] = row
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise UserError(f"{path} line {line_no}: not a manifest line") from None
+    return rows
+
+
+def _check_resume(out_dir: Path, settings: dict) -> None:
+    """Refuse to mix settings in one directory; write run.json for a new run."""
+    run_file = out_dir / RUN_FILE
+    if run_file.exists():
+        old = json.loads(run_file.read_text())
+        for key in RUN_KEYS:
+            if old.get(key) != settings[key]:
+                raise UserError(f"{out_dir} holds a run with {key}={old.get(key)!r}, not {settings[key]!r}; "
+                                "use another --output-dir")
+    run_file.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def generate(model: str, prompts: Sequence[dict | str], seeds: Sequence[int], out_dir: str | Path,
+             lora: Optional[str] = None, scheduler: Optional[str] = None, steps: int = 30,
+             guidance_scale: float = 7.5, height: Optional[int] = None, width: Optional[int] = None,
+             batch_size: int = 4, device: str = "cpu", dtype: str = "float32") -> Path:
+    """Generate image (i, s) for every prompt i and seed s that is not already done; return manifest.jsonl.
+
+    height/width default to the model's native size (unet sample_size × VAE factor).
+    """
+    prompts = [{"prompt": p} if isinstance(p, str) else dict(p) for p in prompts]
+    seeds = [int(s) for s in seeds]
+    if not prompts:
+        raise UserError("no prompts to generate")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UserError(f"seeds must be a non-empty list without repeats, got {seeds}")
+    if batch_size < 1 or steps < 1:
+        raise UserError(f"batch size and steps must be positive, got {batch_size} and {steps}")
+    out_dir = Path(out_dir)
+    pipe = load_pipeline(model, lora, scheduler, device, dtype)
+    factor = pipe.vae_scale_factor
+    default = pipe.unet.config.sample_size * factor
+    height, width = height or default, width or default
+    if height % 8 or width % 8:
+        raise UserError(f"height and width must be multiples of 8, got {height}x{width}")
+    settings = dict(model=model, lora=lora, scheduler=type(pipe.scheduler).__name__, steps=steps,
+                    guidance_scale=float(guidance_scale), height=height, width=width, dtype=dtype)
+    (out_dir / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
+    _check_resume(out_dir, settings)
+    manifest = out_dir / MANIFEST
+    done = _read_manifest(manifest)
+    for (i, s), row in done.items():
+        if i < len(prompts) and row["prompt"] != prompts[i]["prompt"]:
+            raise UserError(f"{manifest}: prompt {i} was {row['prompt']!r}, now {prompts[i]['prompt']!r}; "
+                            "use another --output-dir for another prompt set")
+    todo = [(i, s) for i in range(len(prompts)) for s in seeds
+            if not ((i, s) in done and (out_dir / image_name(i, s)).is_file())]
+    shape = (pipe.unet.config.in_channels, height // factor, width // factor)
+    with tqdm(total=len(todo), desc=f"generating {out_dir.name}", unit="img") as bar:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start:start + batch_size]
+            noise, generators = zip(*(initial_latents(s, shape) for _, s in batch))
+            latents = torch.stack(noise).to(device, DTYPES[dtype])  # (B, C, h, w)
+            with torch.no_grad():
+                images = pipe(prompt=[prompts[i]["prompt"] for i, _ in batch], height=height, width=width,
+                              num_inference_steps=steps, guidance_scale=guidance_scale, latents=latents,
+                              generator=list(generators), output_type="pil").images
+            with open(manifest, "a", encoding="utf-8") as f:
+                for (i, s), image in zip(batch, images):
+                    file = image_name(i, s)
+                    tmp = out_dir / (file + ".tmp")
+                    image.save(tmp, format="PNG")
+                    os.replace(tmp, out_dir / file)  # atomic: a file under its final name is complete
+                    if (i, s) not in done:  # an image deleted by hand keeps its old line
+                        row = dict(prompt=prompts[i]["prompt"], prompt_index=i, seed=s, file=file, **settings)
+                        row.update({k: v for k, v in prompts[i].items() if k not in row})  # e.g. category
+                        f.write(json.dumps(row) + "\n")  # one write per whole line
+                        f.flush()
+            bar.update(len(batch))
+    return manifest
