@@ -84,6 +84,23 @@ def register(subparsers: argparse._SubParsersAction, parser_class: type[argparse
     cmp.add_argument("--grid-prompts", type=int, default=8, help="prompts shown in grid.png [default: 8]")
     _add_reward_flags(cmp)
 
+    rel = subparsers.add_parser(
+        "relabel", help="replace preference labels by a reward model's (AI feedback)",
+        description="Score both images of every pair with a reward (or a weighted sum) and write the data set "
+                    "again with the reward's labels: Pick-a-Pic parquet -> parquet shards of the same schema "
+                    "(+ ai_score_0/ai_score_1), JSONL/CSV -> pairs.jsonl. Resumable shard by shard; reports "
+                    "how often the reward agrees with the original labels.")
+    rel.add_argument("--data", required=True, help="Pick-a-Pic parquet file or directory, or a JSONL/CSV file")
+    rel.add_argument("--output-dir", required=True, help="where the relabelled data set is written")
+    rel.add_argument("--margin", type=float, default=0.0,
+                     help="score differences up to this are ties (0.5/0.5) [default: 0]")
+    rel.add_argument("--drop-ties", action="store_true", help="drop tied pairs instead of labelling them 0.5/0.5")
+    rel.add_argument("--reward", required=True, metavar="SPEC", help="one reward or a weighted sum, e.g. "
+                     "pickscore=1,aesthetic=0.5, or package.module:function")
+    rel.add_argument("--reward-path", action="append", default=[], metavar="NAME=PATH", help=_PATH_HELP)
+    rel.add_argument("--reward-batch-size", type=int, default=16, help="pairs per reward batch [default: 16]")
+    rel.add_argument("--device", default="auto", help="device for the reward models [default: cuda if available]")
+
 
 def _add_reward_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reward", action="append", required=True, metavar="SPEC", help=_REWARD_HELP)
@@ -167,8 +184,25 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+
+
+def _cmd_relabel(args: argparse.Namespace) -> int:
+    from diffusion_dpo.relabel import relabel
+
+    _quiet()
+    report = relabel(args.data, args.reward, args.output_dir, paths=_reward_paths(args.reward_path),
+                     device=_device(args.device), batch_size=args.reward_batch_size, margin=args.margin,
+                     drop_ties=args.drop_ties)
+    agreement = "n/a" if report["agreement"] is None else f"{report['agreement']:.3f} of {report['compared']}"
+    print(f"relabelled {report['rows']} pairs: {report['decided']} decided, {report['ties']} ties "
+          f"({report['dropped']} dropped); agreement with the original labels: {agreement}; "
+          f"wrote {args.output_dir}")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "generate": _cmd_generate,
     "score": _cmd_score,
     "compare": _cmd_compare,
+    "relabel": _cmd_relabel,
 }

@@ -1,0 +1,244 @@
+"""AI-feedback relabelling: replace human preference labels by a reward model's (the paper's AI-feedback variant).
+
+For each pair, both images are scored with one reward or a weighted sum of several
+(score = sum_k w_k * r_k(image, caption)), and the pair is relabelled
+
+    d = score(jpg_0) - score(jpg_1);   |d| <= margin -> tie (0.5/0.5);   d > 0 -> label_0 = 1;   d < 0 -> label_0 = 0
+
+Ties are kept as 0.5/0.5 (training drops them by default, as for human ties) or dropped with `drop_ties`.
+The output has the input's schema, labels (and `best_image_uid`) replaced, plus `ai_score_0`/`ai_score_1`.
+Agreement with the original labels is measured on pairs that both the people and the reward decided.
+
+Pick-a-Pic parquet is processed shard by shard; each output shard is written atomically with its
+statistics beside it, so an interrupted run resumes at the first unfinished shard. Local JSONL/CSV data
+is written as JSONL (chosen = the reward's winner, with both scores; ties dropped, as that format has no
+tie label).
+
+    diffusion-dpo relabel --data pickapic/ --reward pickscore=1,aesthetic=0.5 --output-dir pickapic_ai/
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from diffusion_dpo.errors import UserError
+from diffusion_dpo.images import image_source, load_rgb, short_reason
+
+SETTINGS_FILE = "relabel.json"
+REPORT_FILE = "relabel_report.json"
+
+
+@dataclass
+class RelabelStats:
+    """Counts for a shard or a whole run."""
+
+    rows: int = 0
+    decided: int = 0  # the reward preferred one image by more than the margin
+    ties: int = 0  # |d| <= margin
+    dropped: int = 0  # ties removed with drop_ties
+    compared: int = 0  # pairs decided both by people and by the reward
+    agree: int = 0  # ... on which they chose the same image
+
+    def add(self, other: "RelabelStats") -> None:
+        for key, value in asdict(other).items():
+            setattr(self, key, getattr(self, key) + value)
+
+    @property
+    def agreement(self) -> Optional[float]:
+        return self.agree / self.compared if self.compared else None
+
+
+def new_labels(score_0: np.ndarray, score_1: np.ndarray, margin: float) -> np.ndarray:
+    """label_0 from the two scores: 1 (jpg_0 better by more than margin), 0 (jpg_1 better), 0.5 (tie)."""
+    d = score_0 - score_1
+    return np.where(np.abs(d) <= margin, 0.5, np.where(d > 0, 1.0, 0.0))
+
+
+def _agreement(old: np.ndarray, new: np.ndarray) -> tuple[int, int]:
+    """(pairs decided by both, pairs where both chose the same image)."""
+    both = (np.abs(old - 0.5) > 0.25) & (new != 0.5)
+    return int(both.sum()), int((both & (np.round(old) == new)).sum())
+
+
+class PairScorer:
+    """Scores (image, caption) lists with a weighted sum of rewards, each model loaded once."""
+
+    def __init__(self, spec: str, paths: Optional[dict[str, str]], device: str, batch_size: int):
+        from diffusion_dpo.evaluate import parse_rewards
+        from diffusion_dpo.rewards import load_reward
+
+        (self.spec,) = parse_rewards([spec], paths)
+        self.models = {n: load_reward(n, (paths or {}).get(n), device=device, batch_size=batch_size)
+                       for n, _ in self.spec.terms}
+
+    def __call__(self, images: Sequence, captions: Sequence[str]) -> np.ndarray:
+        total = np.zeros(len(images), dtype=np.float64)
+        for name, weight in self.spec.terms:
+            total += weight * self.models[name](images, captions).double().numpy()  # (N,)
+        if not np.all(np.isfinite(total)):
+            raise UserError(f"reward '{self.spec.label}' returned a non-finite score")
+        return total
+
+
+def _decode(cells: Sequence, where: str, column: str, first_row: int) -> list:
+    out = []
+    for k, cell in enumerate(cells):
+        try:
+            out.append(load_rgb(image_source(cell)))
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad image in the data
+            raise UserError(f"{where} row {first_row + k}: {column} cannot be decoded as an image "
+                            f"({short_reason(exc)})") from None
+    return out
+
+
+def _relabel_table(table: pa.Table, where: str, scorer: PairScorer, margin: float, drop_ties: bool,
+                   batch_size: int, progress) -> tuple[pa.Table, RelabelStats]:
+    """Score both images of every row of one shard; return the relabelled table and its counts."""
+    for column in ("caption", "jpg_0", "jpg_1", "label_0"):
+        if column not in table.column_names:
+            raise UserError(f"{where}: missing column {column}; columns present: {', '.join(table.column_names)}")
+    captions = [c or "" for c in table.column("caption").to_pylist()]
+    s0, s1 = np.zeros(table.num_rows), np.zeros(table.num_rows)
+    for start in range(0, table.num_rows, batch_size):
+        stop = min(start + batch_size, table.num_rows)
+        img0 = _decode(table.column("jpg_0").slice(start, stop - start).to_pylist(), where, "jpg_0", start)
+        img1 = _decode(table.column("jpg_1").slice(start, stop - start).to_pylist(), where, "jpg_1", start)
+        scores = scorer(img0 + img1, captions[start:stop] * 2)  # both images of a pair in one batch
+        s0[start:stop], s1[start:stop] = scores[: stop - start], scores[stop - start:]
+        progress.update(stop - start)
+    old = table.column("label_0").cast(pa.float64()).to_numpy(zero_copy_only=False)
+    labels = new_labels(s0, s1, margin)
+    compared, agree = _agreement(old, labels)
+    stats = RelabelStats(rows=table.num_rows, decided=int((labels != 0.5).sum()), ties=int((labels == 0.5).sum()),
+                         compared=compared, agree=agree)
+    out = _set(table, "label_0", pa.array(labels, pa.float64()))
+    if "label_1" in out.column_names:
+        out = _set(out, "label_1", pa.array(1.0 - labels, pa.float64()))
+    if {"best_image_uid", "image_0_uid", "image_1_uid"} <= set(out.column_names):
+        uid0, uid1 = out.column("image_0_uid").to_pylist(), out.column("image_1_uid").to_pylist()
+        best = out.column("best_image_uid").to_pylist()
+        best = [a if lab == 1.0 else b if lab == 0.0 else keep for a, b, keep, lab in zip(uid0, uid1, best, labels)]
+        out = _set(out, "best_image_uid", pa.array(best, out.schema.field("best_image_uid").type))
+    out = _set(out, "ai_score_0", pa.array(s0, pa.float64()))
+    out = _set(out, "ai_score_1", pa.array(s1, pa.float64()))
+    if drop_ties:
+        keep = labels != 0.5
+        stats.dropped = int((~keep).sum())
+        out = out.filter(pa.array(keep))
+    return out, stats
+
+
+def _set(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
+    if name in table.column_names:
+        return table.set_column(table.column_names.index(name), name, values)
+    return table.append_column(name, values)
+
+
+def _check_settings(out_dir: Path, settings: dict) -> None:
+    """A resumed run must use the same data, rewards and thresholds as the one it continues."""
+    file = out_dir / SETTINGS_FILE
+    if file.exists():
+        previous = json.loads(file.read_text())
+        if previous != settings:
+            changed = sorted(k for k in settings if previous.get(k) != settings[k])
+            raise UserError(f"{out_dir} holds a relabelling with other settings ({', '.join(changed)}); "
+                            "use another --output-dir")
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        file.write_text(json.dumps(settings, indent=2))
+
+
+def relabel(data: str | Path, reward: str, out_dir: str | Path, paths: Optional[dict[str, str]] = None,
+            device: str = "cpu", batch_size: int = 16, margin: float = 0.0, drop_ties: bool = False) -> dict:
+    """Relabel a Pick-a-Pic-schema parquet file/directory or a local JSONL/CSV set; return the report."""
+    from tqdm.auto import tqdm
+
+    data, out_dir = Path(data), Path(out_dir)
+    if margin < 0:
+        raise UserError(f"--margin must be >= 0 (got {margin})")
+    if not data.exists():
+        raise UserError(f"data '{data}' not found")
+    if data.suffix.lower() in (".jsonl", ".json", ".csv"):
+        return _relabel_local(data, reward, out_dir, paths, device, batch_size, margin, drop_ties)
+    if data.is_file() and data.suffix.lower() == ".parquet":
+        root, files = data.parent, [data]
+    elif data.is_dir():
+        root, files = data, sorted(p for p in data.rglob("*.parquet") if p.is_file())
+    else:
+        raise UserError(f"data '{data}': expected a .parquet file, a directory of .parquet shards, or JSONL/CSV")
+    if not files:
+        raise UserError(f"data '{data}' holds no .parquet files")
+    settings = {"data": str(data.resolve()), "reward": reward, "paths": paths or {}, "margin": margin,
+                "drop_ties": drop_ties}
+    _check_settings(out_dir, settings)
+    scorer = PairScorer(reward, paths, device, batch_size)
+    total = RelabelStats()
+    todo = [f for f in files if not (out_dir / f.relative_to(root)).with_suffix(".stats.json").exists()]
+    for f in files:
+        if f not in todo:  # finished in an earlier (interrupted) run
+            total.add(RelabelStats(**json.loads((out_dir / f.relative_to(root)).with_suffix(".stats.json").read_text())))
+    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in todo)
+    with tqdm(total=rows, desc="relabel", unit="pair", disable=rows == 0) as progress:
+        for f in todo:
+            name = str(f)
+            try:
+                table = pq.read_table(f)
+            except Exception as exc:  # noqa: BLE001
+                raise UserError(f"{name}: not a readable parquet file ({short_reason(exc)})") from None
+            out, stats = _relabel_table(table, name, scorer, margin, drop_ties, batch_size, progress)
+            target = out_dir / f.relative_to(root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_suffix(".parquet.tmp")
+            pq.write_table(out, tmp)
+            tmp.rename(target)  # a shard is either complete or absent
+            target.with_suffix(".stats.json").write_text(json.dumps(asdict(stats)))  # marks the shard done
+            total.add(stats)
+    return _report(out_dir, total, settings)
+
+
+def _relabel_local(data: Path, reward: str, out_dir: Path, paths, device, batch_size, margin, drop_ties) -> dict:
+    """JSONL/CSV (prompt, chosen, rejected) -> out_dir/pairs.jsonl with the reward's choice first and scores."""
+    from diffusion_dpo.config import DataConfig
+    from diffusion_dpo.data import load_preference_pairs
+
+    pairs = load_preference_pairs(DataConfig(path=str(data), num_workers=0))
+    settings = {"data": str(data.resolve()), "reward": reward, "paths": paths or {}, "margin": margin,
+                "drop_ties": drop_ties}
+    _check_settings(out_dir, settings)
+    scorer = PairScorer(reward, paths, device, batch_size)
+    stats, lines = RelabelStats(rows=len(pairs)), []
+    for start in range(0, len(pairs), batch_size):
+        items = [pairs.get(i) for i in range(start, min(start + batch_size, len(pairs)))]
+        images = [load_rgb(w) for _, w, _, _ in items] + [load_rgb(l) for _, _, l, _ in items]
+        scores = scorer(images, [c for c, *_ in items] * 2)
+        chosen_scores, rejected_scores = scores[: len(items)], scores[len(items):]
+        labels = new_labels(chosen_scores, rejected_scores, margin)  # 1: the people's choice stays first
+        for (caption, win, lose, _), sc, sr, lab in zip(items, chosen_scores, rejected_scores, labels):
+            if lab == 0.5:  # the local format has no tie label: a tie is dropped (and counted)
+                stats.dropped += 1
+                continue
+            first, second, fs, ss = (win, lose, sc, sr) if lab != 0.0 else (lose, win, sr, sc)
+            lines.append({"prompt": caption, "chosen": str(Path(first).resolve()),
+                          "rejected": str(Path(second).resolve()), "chosen_score": float(fs),
+                          "rejected_score": float(ss)})
+        stats.decided += int((labels != 0.5).sum())
+        stats.ties += int((labels == 0.5).sum())
+        stats.compared += int((labels != 0.5).sum())
+        stats.agree += int((labels == 1.0).sum())
+    tmp = out_dir / "pairs.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    tmp.rename(out_dir / "pairs.jsonl")
+    return _report(out_dir, stats, settings)
+
+
+def _report(out_dir: Path, total: RelabelStats, settings: dict) -> dict:
+    report = {**asdict(total), "agreement": total.agreement, "settings": settings}
+    (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    return report
