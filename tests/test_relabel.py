@@ -112,3 +112,18 @@ def test_relabel_cli_and_its_errors(tmp_path, capsys):
         rc = main(["relabel", *sum(([k, v] for k, v in base.items()), [])])
         err = capsys.readouterr().err.strip()
         assert rc == 2 and len(err.splitlines()) == 1 and expected in err, err
+        assert not (tmp_path / "o2").exists()  # nothing written for a bad command
+
+
+def test_save_to_disk_input(tmp_path):
+    import datasets
+
+    data = _data(tmp_path)
+    ds = datasets.Dataset.from_parquet([str(p) for p in sorted(data.glob("*.parquet"))],
+                                       cache_dir=str(tmp_path / "cache"))
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "saved"))
+    report = relabel(tmp_path / "saved", REWARD, tmp_path / "out")
+    labels = pq.read_table(tmp_path / "out" / "train-00000.parquet").column("label_0").to_pylist()
+    assert labels == [1.0, 1.0, 0.0, 0.0, 0.5, 1.0] and report["agreement"] == 0.5
+    with pytest.raises(UserError, match="split 'test' not found"):
+        relabel(tmp_path / "saved", REWARD, tmp_path / "out2", split="test")

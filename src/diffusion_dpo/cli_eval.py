@@ -90,7 +90,10 @@ def register(subparsers: argparse._SubParsersAction, parser_class: type[argparse
                     "again with the reward's labels: Pick-a-Pic parquet -> parquet shards of the same schema "
                     "(+ ai_score_0/ai_score_1), JSONL/CSV -> pairs.jsonl. Resumable shard by shard; reports "
                     "how often the reward agrees with the original labels.")
-    rel.add_argument("--data", required=True, help="Pick-a-Pic parquet file or directory, or a JSONL/CSV file")
+    rel.add_argument("--data", required=True, help="Pick-a-Pic parquet file or directory, a datasets.save_to_disk "
+                     "directory, a hub dataset id (online), or a JSONL/CSV file")
+    rel.add_argument("--split", default="train", help="split of a save_to_disk DatasetDict or hub data set "
+                     "[default: train]")
     rel.add_argument("--output-dir", required=True, help="where the relabelled data set is written")
     rel.add_argument("--margin", type=float, default=0.0,
                      help="score differences up to this are ties (0.5/0.5) [default: 0]")
@@ -192,7 +195,7 @@ def _cmd_relabel(args: argparse.Namespace) -> int:
     _quiet()
     report = relabel(args.data, args.reward, args.output_dir, paths=_reward_paths(args.reward_path),
                      device=_device(args.device), batch_size=args.reward_batch_size, margin=args.margin,
-                     drop_ties=args.drop_ties)
+                     drop_ties=args.drop_ties, split=args.split)
     agreement = "n/a" if report["agreement"] is None else f"{report['agreement']:.3f} of {report['compared']}"
     print(f"relabelled {report['rows']} pairs: {report['decided']} decided, {report['ties']} ties "
           f"({report['dropped']} dropped); agreement with the original labels: {agreement}; "

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -99,7 +99,7 @@ def _decode(cells: Sequence, where: str, column: str, first_row: int) -> list:
 
 
 def _relabel_table(table: pa.Table, where: str, scorer: PairScorer, margin: float, drop_ties: bool,
-                   batch_size: int, progress) -> tuple[pa.Table, RelabelStats]:
+                   batch_size: int) -> tuple[pa.Table, RelabelStats]:
     """Score both images of every row of one shard; return the relabelled table and its counts."""
     for column in ("caption", "jpg_0", "jpg_1", "label_0"):
         if column not in table.column_names:
@@ -112,7 +112,6 @@ def _relabel_table(table: pa.Table, where: str, scorer: PairScorer, margin: floa
         img1 = _decode(table.column("jpg_1").slice(start, stop - start).to_pylist(), where, "jpg_1", start)
         scores = scorer(img0 + img1, captions[start:stop] * 2)  # both images of a pair in one batch
         s0[start:stop], s1[start:stop] = scores[: stop - start], scores[stop - start:]
-        progress.update(stop - start)
     old = table.column("label_0").cast(pa.float64()).to_numpy(zero_copy_only=False)
     labels = new_labels(s0, s1, margin)
     compared, agree = _agreement(old, labels)
@@ -142,7 +141,8 @@ def _set(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
 
 
 def _check_settings(out_dir: Path, settings: dict) -> None:
-    """A resumed run must use the same data, rewards and thresholds as the one it continues."""
+    """A resumed run must use the same data, rewards and thresholds as the one it continues (checks only:
+    nothing is written before the rewards have loaded)."""
     file = out_dir / SETTINGS_FILE
     if file.exists():
         previous = json.loads(file.read_text())
@@ -150,57 +150,100 @@ def _check_settings(out_dir: Path, settings: dict) -> None:
             changed = sorted(k for k in settings if previous.get(k) != settings[k])
             raise UserError(f"{out_dir} holds a relabelling with other settings ({', '.join(changed)}); "
                             "use another --output-dir")
-    else:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        file.write_text(json.dumps(settings, indent=2))
+
+
+def _write_settings(out_dir: Path, settings: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
 
 
 def relabel(data: str | Path, reward: str, out_dir: str | Path, paths: Optional[dict[str, str]] = None,
-            device: str = "cpu", batch_size: int = 16, margin: float = 0.0, drop_ties: bool = False) -> dict:
-    """Relabel a Pick-a-Pic-schema parquet file/directory or a local JSONL/CSV set; return the report."""
+            device: str = "cpu", batch_size: int = 16, margin: float = 0.0, drop_ties: bool = False,
+            split: str = "train") -> dict:
+    """Relabel a Pick-a-Pic-schema data set (parquet file or directory, save_to_disk directory, hub id) or a
+    local JSONL/CSV set; return the report."""
     from tqdm.auto import tqdm
 
     data, out_dir = Path(data), Path(out_dir)
     if margin < 0:
         raise UserError(f"--margin must be >= 0 (got {margin})")
-    if not data.exists():
+    looks_like_hub_id = not str(data).startswith((".", "/", "~")) and str(data).count("/") <= 1 and not data.suffix
+    if not data.exists() and not looks_like_hub_id:
         raise UserError(f"data '{data}' not found")
     if data.suffix.lower() in (".jsonl", ".json", ".csv"):
         return _relabel_local(data, reward, out_dir, paths, device, batch_size, margin, drop_ties)
-    if data.is_file() and data.suffix.lower() == ".parquet":
-        root, files = data.parent, [data]
-    elif data.is_dir():
-        root, files = data, sorted(p for p in data.rglob("*.parquet") if p.is_file())
-    else:
-        raise UserError(f"data '{data}': expected a .parquet file, a directory of .parquet shards, or JSONL/CSV")
-    if not files:
-        raise UserError(f"data '{data}' holds no .parquet files")
-    settings = {"data": str(data.resolve()), "reward": reward, "paths": paths or {}, "margin": margin,
-                "drop_ties": drop_ties}
+    settings = {"data": str(data.resolve()) if data.exists() else str(data), "reward": reward,
+                "paths": paths or {}, "margin": margin, "drop_ties": drop_ties}
+    shards = _shards(data, split)
     _check_settings(out_dir, settings)
     scorer = PairScorer(reward, paths, device, batch_size)
+    _write_settings(out_dir, settings)
     total = RelabelStats()
-    todo = [f for f in files if not (out_dir / f.relative_to(root)).with_suffix(".stats.json").exists()]
-    for f in files:
-        if f not in todo:  # finished in an earlier (interrupted) run
-            total.add(RelabelStats(**json.loads((out_dir / f.relative_to(root)).with_suffix(".stats.json").read_text())))
-    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in todo)
-    with tqdm(total=rows, desc="relabel", unit="pair", disable=rows == 0) as progress:
-        for f in todo:
-            name = str(f)
-            try:
-                table = pq.read_table(f)
-            except Exception as exc:  # noqa: BLE001
-                raise UserError(f"{name}: not a readable parquet file ({short_reason(exc)})") from None
-            out, stats = _relabel_table(table, name, scorer, margin, drop_ties, batch_size, progress)
-            target = out_dir / f.relative_to(root)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_suffix(".parquet.tmp")
+    todo = []
+    for name, target, read in shards:
+        stats_file = (out_dir / target).with_suffix(".stats.json")
+        if stats_file.exists():  # finished in an earlier (interrupted) run
+            total.add(RelabelStats(**json.loads(stats_file.read_text())))
+        else:
+            todo.append((name, target, read))
+    with tqdm(total=len(todo), desc="relabel", unit="shard", disable=not todo) as progress:
+        for name, target, read in todo:
+            out, stats = _relabel_table(read(), name, scorer, margin, drop_ties, batch_size)
+            path = out_dir / target
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".parquet.tmp")
             pq.write_table(out, tmp)
-            tmp.rename(target)  # a shard is either complete or absent
-            target.with_suffix(".stats.json").write_text(json.dumps(asdict(stats)))  # marks the shard done
+            tmp.rename(path)  # a shard is either complete or absent
+            path.with_suffix(".stats.json").write_text(json.dumps(asdict(stats)))  # marks the shard done
             total.add(stats)
+            progress.update(1)
     return _report(out_dir, total, settings)
+
+
+ROWS_PER_SHARD = 10_000  # output shard size for save_to_disk / hub inputs
+
+
+def _shards(data: Path, split: str) -> list[tuple[str, str, Callable[[], pa.Table]]]:
+    """(name for messages, output file relative to out_dir, reader) for each unit of work."""
+    if data.is_file() and data.suffix.lower() == ".parquet":
+        return [(str(data), data.name, _parquet_reader(data))]
+    if data.is_dir() and not ((data / "state.json").exists() or (data / "dataset_dict.json").exists()):
+        files = sorted(p for p in data.rglob("*.parquet") if p.is_file())
+        if not files:
+            raise UserError(f"data '{data}' holds no .parquet files and is not a datasets.save_to_disk directory")
+        return [(str(f), str(f.relative_to(data)), _parquet_reader(f)) for f in files]
+    import datasets
+
+    try:
+        if data.is_dir():
+            ds = datasets.load_from_disk(str(data))
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise UserError(f"{data}: split '{split}' not found; available: {', '.join(ds)}")
+                ds = ds[split]
+        else:
+            ds = datasets.load_dataset(str(data), split=split)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - offline, unknown id, unreadable directory
+        raise UserError(f"data '{data}' could not be loaded ({short_reason(exc)})") from None
+    for column in ("jpg_0", "jpg_1"):  # keep the encoded bytes
+        if isinstance(ds.features.get(column), datasets.Image):
+            ds = ds.cast_column(column, datasets.Image(decode=False))
+    table = ds.flatten_indices().data.table if getattr(ds, "_indices", None) is not None else ds.data.table
+    n = table.num_rows
+    return [(f"{data} rows {start}..{min(start + ROWS_PER_SHARD, n) - 1}", f"train-{k:05d}.parquet",
+             lambda start=start: table.slice(start, ROWS_PER_SHARD))
+            for k, start in enumerate(range(0, n, ROWS_PER_SHARD))]
+
+
+def _parquet_reader(path: Path) -> Callable[[], pa.Table]:
+    def read() -> pa.Table:
+        try:
+            return pq.read_table(path)
+        except Exception as exc:  # noqa: BLE001
+            raise UserError(f"{path}: not a readable parquet file ({short_reason(exc)})") from None
+    return read
 
 
 def _relabel_local(data: Path, reward: str, out_dir: Path, paths, device, batch_size, margin, drop_ties) -> dict:
@@ -213,6 +256,7 @@ def _relabel_local(data: Path, reward: str, out_dir: Path, paths, device, batch_
                 "drop_ties": drop_ties}
     _check_settings(out_dir, settings)
     scorer = PairScorer(reward, paths, device, batch_size)
+    _write_settings(out_dir, settings)
     stats, lines = RelabelStats(rows=len(pairs)), []
     for start in range(0, len(pairs), batch_size):
         items = [pairs.get(i) for i in range(start, min(start + batch_size, len(pairs)))]
