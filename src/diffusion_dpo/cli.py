@@ -89,7 +89,7 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")  # diffusers -> huggingface_hub
 
 
-def _quiet_progress_bars() -> None:
+def quiet_progress_bars() -> None:
     """diffusers' and transformers' per-save/per-load bars ("Writing model shards", "Loading weights") say
     nothing useful here; hub download bars (huggingface_hub's own) are kept."""
     from diffusers.utils import logging as diffusers_logging
@@ -102,7 +102,7 @@ def _quiet_progress_bars() -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     from diffusion_dpo.config import iter_fields, load_config
 
-    _quiet_progress_bars()
+    quiet_progress_bars()
 
     given = vars(args)
     overrides = {name: given[name] for name, _ in iter_fields() if name in given}
@@ -119,7 +119,7 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
     from diffusion_dpo.tiny import build_tiny_pipeline
     from diffusion_dpo.tiny_data import build_tiny_pickapic
 
-    _quiet_progress_bars()
+    quiet_progress_bars()
     out = Path(args.output_dir)
     for kind in ("sd", "sdxl"):
         build_tiny_pipeline(out / kind, kind=kind, resolution=args.resolution, seed=args.seed)

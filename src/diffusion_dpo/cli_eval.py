@@ -135,9 +135,9 @@ def _device(name: str) -> str:
 
 
 def _quiet() -> None:
-    from diffusion_dpo.cli import _quiet_progress_bars  # imported late: cli imports this module
+    from diffusion_dpo.cli import quiet_progress_bars  # imported late: cli imports this module
 
-    _quiet_progress_bars()
+    quiet_progress_bars()
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:

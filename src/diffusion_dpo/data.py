@@ -133,7 +133,7 @@ def load_preference_pairs(cfg: DataConfig) -> PreferencePairs:
     if path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
             return _load_saved(path, spec, cfg)
-        files = _parquet_files(path, cfg.split)
+        files = parquet_files(path, cfg.split)
         if not files:
             raise UserError(f"data.path '{spec}' is a directory without .parquet files and is not a "
                             f"datasets.save_to_disk directory")
@@ -146,7 +146,7 @@ def load_preference_pairs(cfg: DataConfig) -> PreferencePairs:
     return _load_hub(spec, cfg)
 
 
-def _parquet_files(root: Path, split: str) -> list[Path]:
+def parquet_files(root: Path, split: str) -> list[Path]:
     """Sorted .parquet files under `root`, only those of `split` when the names say so."""
     files = sorted((p for p in root.rglob("*.parquet")
                     if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)),
