@@ -232,7 +232,7 @@ def generate(model: str, prompts: Sequence[dict | str], seeds: Sequence[int], ou
     _check_resume(out_dir, settings)
     manifest = out_dir / MANIFEST
     done = _read_manifest(manifest)
-    for (i, s), row in done.items():
+    for (i, _seed), row in done.items():
         if i < len(prompts) and row["prompt"] != prompts[i]["prompt"]:
             raise UserError(f"{manifest}: prompt {i} was {row['prompt']!r}, now {prompts[i]['prompt']!r}; "
                             "use another --output-dir for another prompt set")

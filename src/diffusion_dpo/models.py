@@ -154,7 +154,7 @@ def load_components(cfg: ModelConfig, weight_dtype: torch.dtype = torch.float32,
     """Load UNet (fp32, trainable), VAE and text encoders (frozen, `weight_dtype`), tokenizers and a DDPM
     noise scheduler from `cfg.pretrained` (plus `cfg.vae` if given)."""
     import diffusers
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler, UNet2DConditionModel
 
     index = read_model_index(cfg)
     sdxl = "text_encoder_2" in index and index.get("text_encoder_2", [None])[0] is not None
@@ -293,7 +293,6 @@ def save_lora(components: Components, unet: nn.Module, out_dir: Path) -> None:
 def build_pipeline(components: Components, unet: nn.Module, scheduler: Any = None) -> Any:
     """A diffusers pipeline around `unet` and the frozen parts (for sampling and for saving final/)."""
     from diffusers import SchedulerMixin
-    import diffusers
 
     if scheduler is None:
         config = dict(components.noise_scheduler.config)

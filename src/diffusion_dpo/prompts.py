@@ -122,7 +122,7 @@ def _read_hpsv2(path: Path) -> list[Prompt]:
         for i, prompt in enumerate(prompts):
             if not isinstance(prompt, str) or not prompt.strip():
                 raise UserError(f"prompt file '{path}': item {i}" + (f" of '{category}'" if isinstance(data, dict)
-                                                                     else "") + f" is not a non-empty string")
+                                                                     else "") + " is not a non-empty string")
             out.append({"prompt": prompt.strip(), "category": str(category)})
     return out
 
