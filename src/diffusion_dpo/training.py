@@ -275,7 +275,7 @@ class Trainer:
             self.state.step += 1
             record = self._write_metrics(record, time.perf_counter() - t0)
             t0 = time.perf_counter()
-            progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['implicit_acc']:.2f}")
+            progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['implicit_acc']:.2f}", refresh=False)
             progress.update(1)
             self._maybe_checkpoint()
             self._maybe_validate()
