@@ -90,13 +90,15 @@ def _quiet_libraries() -> None:
 
 
 def quiet_progress_bars() -> None:
-    """diffusers' and transformers' per-save/per-load bars ("Writing model shards", "Loading weights") say
-    nothing useful here; hub download bars (huggingface_hub's own) are kept."""
+    """diffusers', transformers' and datasets' per-save/per-load bars ("Writing model shards", "Loading
+    weights", "Generating train split") say nothing useful here; hub download bars are kept."""
+    import datasets
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
+    datasets.disable_progress_bars()  # "Generating train split" (the env var only works before the import)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
