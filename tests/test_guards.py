@@ -233,5 +233,5 @@ def test_a_model_index_cannot_name_code_outside_the_libraries(tmp_path, tiny_sd)
     index = json.loads((evil / "model_index.json").read_text())
     index["tokenizer"] = ["os", "system"]
     (evil / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(UserError, match="only diffusers/transformers classes load"):
+    with pytest.raises(UserError, match="component tokenizer comes from 'os'; only diffusers and transformers"):
         load_components(ModelConfig(pretrained=str(evil)))

@@ -75,29 +75,11 @@ def initial_latents(seed: int, shape: Sequence[int]) -> tuple[torch.Tensor, torc
 
 
 def _check_model(model: str) -> dict:
-    """model_index.json of a local pipeline dir (or a hub id, when online/cached); only diffusers and
-    transformers components may be named, so a checkpoint cannot bring its own code."""
-    from diffusers import DiffusionPipeline
+    """The checked model_index.json of `model` (local pipeline dir or hub id): see models.read_model_index."""
+    from diffusion_dpo.config import ModelConfig
+    from diffusion_dpo.models import read_model_index
 
-    path = Path(model).expanduser()
-    if path.exists():
-        if not (path / "model_index.json").is_file():
-            raise UserError(f"model '{model}' is not a diffusers pipeline directory (no model_index.json)")
-        index = json.loads((path / "model_index.json").read_text())
-    elif model.startswith((".", "/", "~")) or model.count("/") > 1:
-        raise UserError(f"model '{model}' does not exist")
-    else:
-        try:
-            index = DiffusionPipeline.load_config(model)
-        except Exception as exc:  # noqa: BLE001 - offline, unknown id, auth
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise UserError(f"model '{model}' is not a local directory and could not be loaded from the hub: "
-                            f"{first}") from None
-    for key, entry in index.items():
-        if not key.startswith("_") and isinstance(entry, list) and entry[0] not in (None, "diffusers", "transformers"):
-            raise UserError(f"model '{model}': component {key} comes from '{entry[0]}'; only diffusers and "
-                            "transformers components are loaded")
-    return index
+    return read_model_index(ModelConfig(pretrained=model), setting="model")
 
 
 def _scheduler_class(name: str) -> type:

@@ -106,16 +106,17 @@ class Components:
                         "(epsilon or v_prediction)")
 
 
-def read_model_index(cfg: ModelConfig) -> dict:
-    """model_index.json of a local directory or hub repo; one-line errors for the usual mistakes."""
+def read_model_index(cfg: ModelConfig, setting: str = "model.pretrained") -> dict:
+    """model_index.json of a local directory or hub repo, checked: one-line errors (naming `setting`, the
+    option the user gave) for the usual mistakes, and only diffusers/transformers components."""
     from diffusers import DiffusionPipeline
 
+    name = f"{setting} '{cfg.pretrained}'"
     path = Path(cfg.pretrained).expanduser()
     if path.exists():
         index_file = path / "model_index.json"
         if not index_file.is_file():
-            raise UserError(f"model.pretrained '{cfg.pretrained}' is not a diffusers pipeline directory "
-                            "(no model_index.json)")
+            raise UserError(f"{name} is not a diffusers pipeline directory (no model_index.json)")
         try:
             index = json.loads(index_file.read_text())
         except json.JSONDecodeError as exc:
@@ -124,17 +125,23 @@ def read_model_index(cfg: ModelConfig) -> dict:
         needed += [n for n in ("text_encoder_2", "tokenizer_2") if (index.get(n) or [None])[0] is not None]
         missing = [n for n in needed if index.get(n) and not (path / n).is_dir()]
         if missing:
-            raise UserError(f"model.pretrained '{cfg.pretrained}': missing component folder(s) "
-                            f"{', '.join(n + '/' for n in missing)}")
-        return index
-    if cfg.pretrained.startswith((".", "/", "~")) or cfg.pretrained.count("/") > 1:
-        raise UserError(f"model.pretrained '{cfg.pretrained}' does not exist")
-    try:
-        return DiffusionPipeline.load_config(cfg.pretrained, revision=cfg.revision)
-    except Exception as exc:  # network, auth or not-found errors from the hub client
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"model.pretrained '{cfg.pretrained}' is not a local directory and could not be "
-                        f"loaded from the hub: {reason}") from None
+            raise UserError(f"{name}: missing component folder(s) {', '.join(n + '/' for n in missing)}")
+    elif cfg.pretrained.startswith((".", "/", "~")) or cfg.pretrained.count("/") > 1:
+        raise UserError(f"{name} does not exist")
+    else:
+        try:
+            index = DiffusionPipeline.load_config(cfg.pretrained, revision=cfg.revision)
+        except Exception as exc:  # network, auth or not-found errors from the hub client
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"{name} is not a local directory and could not be loaded from the hub: "
+                            f"{reason}") from None
+    # A checkpoint names the classes to build; only the two libraries' own may be named (no code enters).
+    for key, entry in index.items():
+        if not key.startswith("_") and isinstance(entry, list) and entry and \
+                entry[0] not in (None, "diffusers", "transformers"):
+            raise UserError(f"{name}: component {key} comes from '{entry[0]}'; only diffusers and transformers "
+                            "components are loaded")
+    return index
 
 
 def _library_class(entry: list, what: str) -> type:
