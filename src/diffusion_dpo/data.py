@@ -38,7 +38,7 @@ import torch
 from PIL import Image
 
 from diffusion_dpo.config import DataConfig
-from diffusion_dpo.errors import UserError
+from diffusion_dpo.errors import UserError, is_local_path
 from diffusion_dpo.images import (FileImages, ImageSource, TableImages, crop_offsets, find_bad_images,
                                   image_source, load_rgb, resize_short_side, short_reason, to_unit_range)
 
@@ -140,8 +140,7 @@ def load_preference_pairs(cfg: DataConfig) -> PreferencePairs:
         names = [str(Path(spec) / f.relative_to(path)) for f in files]
         return _load_parquet(files, names, spec, cfg)
     # Hub ids are "name" or "owner/name"; anything else that does not exist is a typo'd path.
-    if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec or \
-            path.suffix.lower() in LOCAL_SUFFIXES + (".parquet", ".arrow"):
+    if is_local_path(spec, LOCAL_SUFFIXES + (".parquet", ".arrow")):
         raise UserError(f"data.path '{spec}' not found")
     return _load_hub(spec, cfg)
 

@@ -39,7 +39,7 @@ from typing import Any, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from diffusion_dpo.errors import UserError
+from diffusion_dpo.errors import UserError, is_local_path
 
 MANIFEST = "manifest.jsonl"
 RUN_FILE = "run.json"
@@ -105,7 +105,7 @@ def _load_lora(pipe: Any, lora: str) -> None:
             if not files:
                 raise UserError(f"lora '{lora}' holds no .safetensors weights file (expected {LORA_FILE})")
             pipe.load_lora_weights(str(path), weight_name=LORA_FILE if LORA_FILE in files else files[0])
-        elif lora.startswith((".", "/", "~")) or lora.count("/") > 1 or lora.endswith(".safetensors"):
+        elif is_local_path(lora, (".safetensors",)):
             raise UserError(f"lora weights '{lora}' do not exist")
         else:
             pipe.load_lora_weights(lora)
@@ -132,8 +132,7 @@ def load_pipeline(model: str, lora: Optional[str] = None, scheduler: Optional[st
         raise UserError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
     if lora is not None:
         path = Path(lora).expanduser()
-        if not path.exists() and (lora.startswith((".", "/", "~")) or lora.count("/") > 1
-                                  or lora.endswith(".safetensors")):
+        if not path.exists() and is_local_path(lora, (".safetensors",)):
             raise UserError(f"lora weights '{lora}' do not exist")  # before the minutes-long model load
     index = _check_model(model)
     sampler = _scheduler_class(scheduler) if scheduler else None

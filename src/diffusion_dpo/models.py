@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from diffusion_dpo.config import LoraConfig, ModelConfig
-from diffusion_dpo.errors import UserError
+from diffusion_dpo.errors import UserError, is_local_path
 
 
 @dataclass
@@ -126,7 +126,7 @@ def read_model_index(cfg: ModelConfig, setting: str = "model.pretrained") -> dic
         missing = [n for n in needed if index.get(n) and not (path / n).is_dir()]
         if missing:
             raise UserError(f"{name}: missing component folder(s) {', '.join(n + '/' for n in missing)}")
-    elif cfg.pretrained.startswith((".", "/", "~")) or cfg.pretrained.count("/") > 1:
+    elif is_local_path(cfg.pretrained):
         raise UserError(f"{name} does not exist")
     else:
         try:
@@ -221,7 +221,7 @@ def load_vae(cfg: ModelConfig) -> nn.Module:
         if (local / "vae" / "config.json").is_file():
             return AutoencoderKL.from_pretrained(local, subfolder="vae")
         raise UserError(f"model.vae '{cfg.vae}' holds no VAE (no config.json, no vae/config.json)")
-    if cfg.vae.startswith((".", "/", "~")) or cfg.vae.count("/") > 1:
+    if is_local_path(cfg.vae):
         raise UserError(f"model.vae '{cfg.vae}' does not exist")
     try:
         return AutoencoderKL.from_pretrained(cfg.vae)

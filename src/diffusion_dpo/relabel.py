@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from diffusion_dpo.errors import UserError
+from diffusion_dpo.errors import UserError, is_local_path
 from diffusion_dpo.images import image_source, load_rgb, short_reason
 
 SETTINGS_FILE = "relabel.json"
@@ -167,8 +167,7 @@ def relabel(data: str | Path, reward: str, out_dir: str | Path, paths: Optional[
     data, out_dir = Path(data), Path(out_dir)
     if margin < 0:
         raise UserError(f"--margin must be >= 0 (got {margin})")
-    looks_like_hub_id = not str(data).startswith((".", "/", "~")) and str(data).count("/") <= 1 and not data.suffix
-    if not data.exists() and not looks_like_hub_id:
+    if not data.exists() and (is_local_path(str(data)) or data.suffix):
         raise UserError(f"data '{data}' not found")
     if data.suffix.lower() in (".jsonl", ".json", ".csv"):
         return _relabel_local(data, reward, out_dir, paths, device, batch_size, margin, drop_ties)

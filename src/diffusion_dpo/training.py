@@ -33,7 +33,7 @@ from torch import Tensor
 from diffusion_dpo import checkpoint as ckpt
 from diffusion_dpo.config import Config, to_yaml
 from diffusion_dpo.data import PairSampler, PreferenceDataset, collate_pairs, load_preference_pairs
-from diffusion_dpo.errors import UserError
+from diffusion_dpo.errors import UserError, is_local_path
 from diffusion_dpo.losses import LossSpec, get_loss, implicit_accuracy
 from diffusion_dpo.models import (Components, Reference, add_lora, cast, load_components, load_vae,
                                   read_model_index, save_lora)
@@ -115,7 +115,7 @@ class Trainer:
             acc.print(f"train.resume latest: no checkpoint in {self.output_dir}, starting a new run")
         ckpt.check_output_dir(self.output_dir, resuming=self.resume_from is not None, overwrite=cfg.overwrite,
                               resume_asked=bool(cfg.train.resume))
-        if Path(cfg.model.pretrained).expanduser().exists() or cfg.model.pretrained.startswith((".", "/", "~")):
+        if Path(cfg.model.pretrained).expanduser().exists() or is_local_path(cfg.model.pretrained):
             read_model_index(cfg.model)  # a local model path mistake fails before the data scan
         # The main process validates (and builds the Arrow cache) first; the others then reuse the cache.
         with acc.main_process_first():
