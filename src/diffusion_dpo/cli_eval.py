@@ -98,19 +98,21 @@ def register(subparsers: argparse._SubParsersAction, parser_class: type[argparse
     rel.add_argument("--margin", type=float, default=0.0,
                      help="score differences up to this are ties (0.5/0.5) [default: 0]")
     rel.add_argument("--drop-ties", action="store_true", help="drop tied pairs instead of labelling them 0.5/0.5")
-    rel.add_argument("--reward", required=True, metavar="SPEC", help="one reward or a weighted sum, e.g. "
-                     "pickscore=1,aesthetic=0.5, or package.module:function")
-    rel.add_argument("--reward-path", action="append", default=[], metavar="NAME=PATH", help=_PATH_HELP)
-    rel.add_argument("--reward-batch-size", type=int, default=16, help="pairs per reward batch [default: 16]")
-    rel.add_argument("--device", default="auto", help="device for the reward models [default: cuda if available]")
+    _add_reward_flags(rel, several=False)
 
 
-def _add_reward_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--reward", action="append", required=True, metavar="SPEC", help=_REWARD_HELP)
+def _add_reward_flags(parser: argparse.ArgumentParser, several: bool = True) -> None:
+    """--reward (repeatable for score/compare, one spec for relabel), --reward-path, batch size, device."""
+    if several:
+        parser.add_argument("--reward", action="append", required=True, metavar="SPEC", help=_REWARD_HELP)
+    else:
+        parser.add_argument("--reward", required=True, metavar="SPEC", help="one reward or a weighted sum, e.g. "
+                            "pickscore=1,aesthetic=0.5, or package.module:function")
     parser.add_argument("--reward-path", action="append", default=[], metavar="NAME=PATH", help=_PATH_HELP)
     parser.add_argument("--reward-batch-size", type=int, default=16, help="images per reward batch [default: 16]")
     parser.add_argument("--device", default="auto", help="device for the reward models [default: cuda if available]")
-    parser.add_argument("--no-cache", action="store_true", help="rescore instead of reusing scores_<reward>.jsonl")
+    if several:  # score/compare cache per-image scores in the run directory
+        parser.add_argument("--no-cache", action="store_true", help="rescore instead of reusing scores_<reward>.jsonl")
 
 
 def _reward_paths(items: list[str]) -> dict[str, str]:

@@ -79,9 +79,10 @@ class PairScorer:
                        for n, _ in self.spec.terms}
 
     def __call__(self, images: Sequence, captions: Sequence[str]) -> np.ndarray:
-        total = np.zeros(len(images), dtype=np.float64)
-        for name, weight in self.spec.terms:
-            total += weight * self.models[name](images, captions).double().numpy()  # (N,)
+        from diffusion_dpo.rewards import weighted_score
+
+        names, weights = zip(*self.spec.terms)
+        total = weighted_score([self.models[n] for n in names], weights, images, captions).double().numpy()  # (N,)
         if not np.all(np.isfinite(total)):
             raise UserError(f"reward '{self.spec.label}' returned a non-finite score")
         return total

@@ -143,8 +143,8 @@ class Trainer:
             unet.enable_gradient_checkpointing()
         unet.train()
 
-        per_step_pairs = cfg.data.batch_size * cfg.train.gradient_accumulation_steps * self.world
-        lr = cfg.optim.lr * per_step_pairs if cfg.optim.scale_lr else cfg.optim.lr
+        self.pairs_per_step = cfg.data.batch_size * cfg.train.gradient_accumulation_steps * self.world
+        lr = cfg.optim.lr * self.pairs_per_step if cfg.optim.scale_lr else cfg.optim.lr
         self.optimizer = make_optimizer(cfg.optim, params, lr)
         self.lr_scheduler = make_lr_scheduler(cfg.optim, self.optimizer, cfg.train.max_steps)
         self.unet, self.optimizer = acc.prepare(unet, self.optimizer)
@@ -328,9 +328,8 @@ class Trainer:
     def _write_metrics(self, record: dict[str, float], seconds: float) -> dict[str, Any]:
         """Append the step's line to metrics.jsonl and the trackers (main process)."""
         acc = self.accelerator
-        pairs = self.cfg.data.batch_size * self.cfg.train.gradient_accumulation_steps * self.world
         record = {"step": self.state.step, "epoch": self.state.epoch, **record,
-                  "pairs_per_s": pairs / max(seconds, 1e-9), "skipped_steps": self.state.skipped_steps}
+                  "pairs_per_s": self.pairs_per_step / max(seconds, 1e-9), "skipped_steps": self.state.skipped_steps}
         if acc.is_main_process:
             with self.metrics_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")  # one write per line: a kill leaves at most one partial line
