@@ -63,6 +63,24 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", metavar="FILE", help="YAML config (see configs/)")
     _add_config_flags(train)
 
+    bench = sub.add_parser(
+        "bench", help="time the training step per mode (pairs/s, peak memory, step / compute floor)",
+        description="For one config, train a few steps in each mode (each in its own process) and compare the step "
+                    "time with the bare compute floor (the UNet's forward+backward on the same 2B latents plus the "
+                    "reference forward), with peak memory and time inside the VAE/text encoders. Config flags as "
+                    "for train.")
+    bench.add_argument("--config", metavar="FILE", help="YAML config (see configs/)")
+    bench.add_argument("--modes", nargs="+", default=None, metavar="MODE",
+                       help="modes to run (live, lora, ...) [default: all]")
+    bench.add_argument("--steps", type=int, default=10, help="timed optimizer steps per mode [default: 10]")
+    bench.add_argument("--warmup", type=int, default=3, help="untimed steps first [default: 3]")
+    bench.add_argument("--floor-repeats", type=int, default=10, help="timed floor repetitions [default: 10]")
+    bench.add_argument("--lora-rank", type=int, default=8, help="LoRA rank for the lora mode [default: 8]")
+    bench.add_argument("--peak-tflops", type=float, help="device peak for MFU [default: known GPUs' bf16 peak]")
+    bench.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    bench.add_argument("--markdown", metavar="FILE", help="also write the table as markdown")
+    _add_config_flags(bench)
+
     tiny = sub.add_parser(
         "make-tiny", help="build tiny offline SD/SDXL pipelines and a tiny Pick-a-Pic-schema data set",
         description="Writes OUT/sd and OUT/sdxl (tiny random diffusers pipelines) and OUT/pickapic (parquet "
@@ -102,18 +120,43 @@ def quiet_progress_bars() -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from diffusion_dpo.config import iter_fields, load_config
-
     quiet_progress_bars()
-
-    given = vars(args)
-    overrides = {name: given[name] for name, _ in iter_fields() if name in given}
-    cfg = load_config(args.config, overrides)
+    cfg = _config_from_args(args)
     from diffusion_dpo.training import train
 
     final = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:  # one line per run, not per process
         print(f"done: {final}")
+    return 0
+
+
+def _config_from_args(args: argparse.Namespace):
+    """The config of a command that takes --config FILE plus --section.key overrides."""
+    from diffusion_dpo.config import iter_fields, load_config
+
+    given = vars(args)
+    overrides = {name: given[name] for name, _ in iter_fields() if name in given}
+    return load_config(args.config, overrides)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from diffusion_dpo.bench import MODES, markdown, run_bench
+
+    quiet_progress_bars()
+    cfg = _config_from_args(args)
+    if args.steps < 1 or args.warmup < 0 or args.floor_repeats < 1:
+        raise UserError("bench: --steps and --floor-repeats must be >= 1, --warmup >= 0")
+    rows = run_bench(cfg, args.modes or list(MODES), lora_rank=args.lora_rank, steps=args.steps, warmup=args.warmup,
+                     floor_repeats=args.floor_repeats, peak=args.peak_tflops,
+                     progress=lambda s: print(s, file=sys.stderr, flush=True))
+    table = markdown(rows)
+    print(table, end="")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(table)
     return 0
 
 
@@ -147,7 +190,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = build_parser().parse_args(argv)
         from diffusion_dpo.cli_eval import COMMANDS as EVAL_COMMANDS
 
-        return {"train": _cmd_train, "make-tiny": _cmd_make_tiny, **EVAL_COMMANDS}[args.command](args)
+        return {"train": _cmd_train, "bench": _cmd_bench, "make-tiny": _cmd_make_tiny,
+                **EVAL_COMMANDS}[args.command](args)
     except UserError as exc:
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return 2

@@ -1,0 +1,293 @@
+"""`diffusion-dpo bench`: the training step's time and memory against the bare compute floor, per mode.
+
+For one config (one model, one batch size), every mode trains a few optimizer steps through the real
+`Trainer` loop (data loading, the VAE and text encoders unless cached, the reference, the loss, the
+backward, clipping, the optimizer, the one host sync) in its own subprocess, so that its peak memory
+is its own. Then, in the same process and on the same UNet, it times the *floor*: plain torch, the
+policy's forward + backward on the exact 2B latents the last step fed it, plus the reference's
+forward on them when the mode runs a live reference. `step / floor` says how much the loop adds to
+the compute that no implementation can avoid.
+
+    diffusion-dpo bench --config configs/tiny.yaml --steps 20 --markdown bench.md
+
+Step time is the median over the timed steps of the wall time between consecutive optimizer steps
+(the `pairs_per_s` of metrics.jsonl), after `--warmup` untimed steps. Peak memory: CUDA's
+max_memory_allocated; on the CPU, the rise of the process's peak resident set over its size before
+any model was loaded. Time inside the VAE and the text encoders is measured by module hooks and
+reported per step (zero, and "not loaded", when a run reads pre-encoded latents).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from diffusion_dpo.config import Config, load_config, to_yaml, validate
+from diffusion_dpo.errors import UserError
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One way of training the same model: config overrides on top of the user's config."""
+
+    description: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    lora: bool = False  # take lora.rank from --lora-rank
+
+
+MODES: dict[str, Mode] = {
+    "live": Mode("full fine-tune, frozen reference copy, images encoded every step", {"lora.rank": 0}),
+    "lora": Mode("LoRA, reference = the same UNet with adapters disabled", lora=True),
+}
+
+# Dense bf16 tensor-core peaks (TFLOP/s) for model-FLOP utilisation; others: --peak-tflops.
+GPU_PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 70.0, "L4": 121.0}
+
+
+# ------------------------------------------------------------------ measurement helpers
+def _rss_bytes() -> int:
+    """Current resident set size of this process."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+class ModuleTimer:
+    """Wall time spent inside some modules' forward passes (CUDA-synchronised), by forward hooks."""
+
+    def __init__(self, modules: Sequence[torch.nn.Module]):
+        self.seconds = 0.0
+        self.calls = 0
+        self._start: Optional[float] = None
+        self._depth = 0
+        self._handles = []
+        for m in modules:
+            self._handles.append(m.register_forward_pre_hook(self._enter))
+            self._handles.append(m.register_forward_hook(self._leave))
+
+    def _sync(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def _enter(self, *_: Any) -> None:
+        if self._depth == 0:
+            self._sync()
+            self._start = time.perf_counter()
+        self._depth += 1
+
+    def _leave(self, *_: Any) -> None:
+        self._depth -= 1
+        if self._depth == 0 and self._start is not None:
+            self._sync()
+            self.seconds += time.perf_counter() - self._start
+            self.calls += 1
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+class InputRecorder:
+    """Keeps the arguments of the UNet's last forward with gradients on: the policy's real 2B inputs."""
+
+    def __init__(self, unet: torch.nn.Module):
+        self.args: tuple = ()
+        self.kwargs: dict = {}
+        self._handle = unet.register_forward_pre_hook(self._record, with_kwargs=True)
+
+    def _record(self, _module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if torch.is_grad_enabled():
+            self.args, self.kwargs = args, kwargs
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+def floor_seconds(trainer: Any, args: tuple, kwargs: dict, repeats: int, warmup: int = 2) -> tuple[float, int]:
+    """Median seconds of the bare compute of one micro-step, and its model FLOPs.
+
+    The policy's forward + backward on the given 2B inputs, then the reference's forward on them
+    (no_grad) when the trainer runs a live reference; the same autocast as training."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    acc = trainer.accelerator
+    unet = trainer.unet
+    live_reference = trainer.loss_spec.needs_reference and trainer.reference is not None
+
+    def once() -> None:
+        with acc.autocast():
+            out = unet(*args, **kwargs).sample
+        out.float().pow(2).mean().backward()
+        if live_reference:
+            with torch.no_grad(), acc.autocast(), trainer.reference.model(acc.unwrap_model(unet)) as ref:
+                ref(*args, **kwargs)
+        unet.zero_grad(set_to_none=True)
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        once()
+    for _ in range(warmup):
+        once()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        once()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), int(counter.get_total_flops())
+
+
+def peak_tflops(device: torch.device, given: Optional[float]) -> Optional[float]:
+    """The device's dense bf16 peak for MFU: --peak-tflops, else a known GPU's, else None (CPU)."""
+    if given:
+        return given
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in GPU_PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def _encoder_modules(components: Any) -> list[torch.nn.Module]:
+    """The modules a cached run never calls: the VAE's encoder half (training calls `vae.encode`, not its
+    forward) and the text encoders. Empty when the run did not load them."""
+    found = []
+    vae = getattr(components, "vae", None)
+    if vae is not None:
+        found += [m for m in (getattr(vae, "encoder", None), getattr(vae, "quant_conv", None)) if m is not None]
+    found += [m for m in getattr(components, "text_encoders", None) or () if m is not None]
+    return found
+
+
+# ------------------------------------------------------------------ one mode, in this process
+def bench_config(cfg: Config, mode: str, lora_rank: int, steps: int, warmup: int, out_dir: Path) -> Config:
+    """The config one mode trains with: the user's, the mode's overrides, and a short silent run."""
+    spec = MODES[mode]
+    overrides = {**spec.overrides, "output_dir": str(out_dir), "overwrite": True, "train.max_steps": warmup + steps,
+                 "train.checkpointing_steps": 0, "train.resume": None, "train.report_to": "none",
+                 "train.gradient_accumulation_steps": 1, "validation.every_steps": -1}
+    if spec.lora:
+        overrides["lora.rank"] = lora_rank
+    run_cfg = copy.deepcopy(cfg)
+    for key, value in overrides.items():
+        *sections, name = key.split(".")
+        target = run_cfg
+        for section in sections:
+            target = getattr(target, section)
+        setattr(target, name, value)
+    validate(run_cfg)
+    return run_cfg
+
+
+def run_mode(cfg: Config, mode: str, lora_rank: int, steps: int, warmup: int, floor_repeats: int,
+             peak: Optional[float]) -> dict[str, Any]:
+    """Train `warmup + steps` steps in `mode`, then time the floor on the same model: one result row."""
+    from diffusion_dpo.training import Trainer
+
+    with tempfile.TemporaryDirectory(prefix="dpo-bench-") as tmp:
+        run_cfg = bench_config(cfg, mode, lora_rank, steps, warmup, Path(tmp) / "run")
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        rss_before = _rss_bytes()
+        trainer = Trainer(run_cfg)
+        trainer._save_final = lambda: trainer.output_dir  # a benchmark keeps no weights
+        comp = trainer.components
+        encoders = ModuleTimer(_encoder_modules(comp))
+        recorder = InputRecorder(trainer.accelerator.unwrap_model(trainer.unet))
+        trainer.run()
+        encoders.close()
+        recorder.close()
+        if torch.cuda.is_available():
+            peak_bytes = torch.cuda.max_memory_allocated()
+        else:
+            peak_bytes = _peak_rss_bytes() - rss_before
+        lines = [json.loads(ln) for ln in trainer.metrics_path.read_text().splitlines()]
+        step_s = statistics.median(trainer.pairs_per_step / r["pairs_per_s"] for r in lines[warmup:])
+        floor_s, flops = floor_seconds(trainer, recorder.args, recorder.kwargs, floor_repeats)
+
+    pairs = trainer.pairs_per_step
+    row = {
+        "mode": mode, "description": MODES[mode].description, "device": str(trainer.accelerator.device),
+        "model": run_cfg.model.pretrained, "resolution": run_cfg.data.resolution, "batch_pairs": pairs,
+        "lora_rank": run_cfg.lora.rank, "mixed_precision": run_cfg.train.mixed_precision,
+        "optimizer": run_cfg.optim.name, "gradient_checkpointing": run_cfg.train.gradient_checkpointing,
+        "floor_latents": list(recorder.args[0].shape) if recorder.args else None,
+        "steps_timed": len(lines) - warmup, "step_s": step_s, "pairs_per_s": pairs / step_s, "floor_s": floor_s,
+        "step_over_floor": step_s / floor_s, "peak_memory_mib": peak_bytes / 2**20,
+        "vae_text_s_per_step": encoders.seconds / len(lines), "encoders_loaded": bool(encoders._handles),
+        "model_tflop_per_step": flops / 1e12, "achieved_tflops": flops / step_s / 1e12,
+    }
+    row["mfu"] = row["achieved_tflops"] / peak if peak else None
+    return row
+
+
+# ------------------------------------------------------------------ all modes, one subprocess each
+def run_bench(cfg: Config, modes: Sequence[str], lora_rank: int = 8, steps: int = 10, warmup: int = 3,
+              floor_repeats: int = 10, peak: Optional[float] = None,
+              progress: Callable[[str], None] = lambda s: None) -> list[dict[str, Any]]:
+    """Each mode in its own `python -m diffusion_dpo.bench` process (its own peak memory); rows in order."""
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise UserError(f"bench: unknown mode '{unknown[0]}' (choose from {', '.join(MODES)})")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="dpo-bench-") as tmp:
+        config_file = Path(tmp) / "config.yaml"
+        config_file.write_text(to_yaml(cfg))
+        for mode in modes:
+            progress(f"bench: {mode} ({MODES[mode].description})")
+            result = Path(tmp) / f"{mode}.json"
+            cmd = [sys.executable, "-m", "diffusion_dpo.bench", str(config_file), mode, str(lora_rank), str(steps),
+                   str(warmup), str(floor_repeats), str(peak or 0), str(result)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0 or not result.is_file():
+                lines = (proc.stderr.strip() or "no output").splitlines()
+                raise UserError(f"bench: mode {mode} failed: {lines[-1]}")
+            rows.append(json.loads(result.read_text()))
+    return rows
+
+
+def markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """The rows as a markdown table (what BENCHMARKS.md records)."""
+    head = ("| mode | pairs/s | step (ms) | floor (ms) | step / floor | peak memory (MiB) | VAE+text (ms/step) "
+            "| TFLOP/s | MFU |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n")
+    body = ""
+    for r in rows:
+        enc = f"{1e3 * r['vae_text_s_per_step']:.1f}" if r["encoders_loaded"] else "not loaded"
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
+        body += (f"| {r['mode']} | {r['pairs_per_s']:.2f} | {1e3 * r['step_s']:.1f} | {1e3 * r['floor_s']:.1f} "
+                 f"| {r['step_over_floor']:.3f} | {r['peak_memory_mib']:.0f} | {enc} | {r['achieved_tflops']:.4f} "
+                 f"| {mfu} |\n")
+    return head + body
+
+
+def _worker(argv: Sequence[str]) -> None:
+    """Subprocess entry: config_file mode lora_rank steps warmup floor_repeats peak result_file."""
+    from diffusion_dpo.cli import quiet_progress_bars
+
+    config_file, mode, rank, steps, warmup, repeats, peak, result = argv
+    quiet_progress_bars()
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    cfg = load_config(config_file)
+    row = run_mode(cfg, mode, int(rank), int(steps), int(warmup), int(repeats), float(peak) or None)
+    Path(result).write_text(json.dumps(row))
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1:])

@@ -1,0 +1,48 @@
+"""`diffusion-dpo bench`: every mode trains through the real loop and is set against its compute floor."""
+
+from pathlib import Path
+
+import pytest
+
+from diffusion_dpo.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    from diffusion_dpo.tiny_data import build_tiny_pickapic
+
+    return build_tiny_pickapic(tmp_path_factory.mktemp("data") / "pickapic", num_pairs=16)
+
+
+def test_bench_times_each_mode_against_the_floor_on_the_same_inputs(tmp_path, tiny_sd, tiny_data, capsys):
+    import json
+
+    out = tmp_path / "rows.json"
+    code = main(["bench", "--config", str(ROOT / "configs" / "tiny.yaml"), "--model.pretrained", str(tiny_sd),
+                 "--data.path", str(tiny_data), "--data.batch_size", "3", "--data.num_workers", "0",
+                 "--modes", "live", "lora", "--steps", "2", "--warmup", "1", "--floor-repeats", "2",
+                 "--lora-rank", "2", "--json", str(out), "--markdown", str(tmp_path / "t.md")])
+    assert code == 0
+    rows = json.loads(out.read_text())
+    assert [r["mode"] for r in rows] == ["live", "lora"]
+    for r in rows:
+        assert r["steps_timed"] == 2 and r["batch_pairs"] == 3
+        # the floor ran on the policy's real inputs: 2B latents of the training resolution (32 px / 2 = 16)
+        assert r["floor_latents"] == [6, 4, 16, 16]
+        assert r["step_s"] > 0 and r["floor_s"] > 0
+        assert r["step_over_floor"] == pytest.approx(r["step_s"] / r["floor_s"])
+        assert r["encoders_loaded"] and r["vae_text_s_per_step"] > 0  # images are encoded every step here
+        assert r["model_tflop_per_step"] > 0 and r["peak_memory_mib"] > 0
+    assert rows[0]["lora_rank"] == 0 and rows[1]["lora_rank"] == 2
+    table = (tmp_path / "t.md").read_text()
+    assert table.count("\n") == 4 and "| live |" in table and "| lora |" in table
+    assert table in capsys.readouterr().out
+
+
+def test_an_unknown_mode_is_one_line(capsys, tiny_sd, tiny_data):
+    code = main(["bench", "--config", str(ROOT / "configs" / "tiny.yaml"), "--model.pretrained", str(tiny_sd),
+                 "--data.path", str(tiny_data), "--modes", "warp"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == "diffusion-dpo: error: bench: unknown mode 'warp' (choose from live, lora)"
