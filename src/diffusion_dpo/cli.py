@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--num-pairs", type=int, default=64, help="pairs in the data set [default: 64]")
     tiny.add_argument("--resolution", type=int, default=32, help="image resolution [default: 32]")
     tiny.add_argument("--seed", type=int, default=0, help="seed [default: 0]")
+    tiny.add_argument("--sd15-width", type=int, metavar="W",
+                      help="also write OUT/sd15: SD1.5's architecture with UNet width W (320 = the real size, random "
+                           "weights), for `bench`; use with --resolution 256 or 512")
     from diffusion_dpo import cli_eval
 
     cli_eval.register(sub, _Parser)  # generate, score, compare
@@ -161,7 +164,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
-    from diffusion_dpo.tiny import build_tiny_pipeline
+    from diffusion_dpo.tiny import build_sd15_shaped_pipeline, build_tiny_pipeline
     from diffusion_dpo.tiny_data import build_tiny_pickapic
 
     quiet_progress_bars()
@@ -169,7 +172,14 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
     for kind in ("sd", "sdxl"):
         build_tiny_pipeline(out / kind, kind=kind, resolution=args.resolution, seed=args.seed)
     build_tiny_pickapic(out / "pickapic", num_pairs=args.num_pairs, resolution=args.resolution, seed=args.seed)
-    print(f"wrote {out / 'sd'}, {out / 'sdxl'}, {out / 'pickapic'}")
+    written = [out / "sd", out / "sdxl", out / "pickapic"]
+    if args.sd15_width is not None:
+        try:
+            written.append(build_sd15_shaped_pipeline(out / "sd15", width=args.sd15_width,
+                                                      resolution=args.resolution, seed=args.seed))
+        except ValueError as exc:
+            raise UserError(f"make-tiny: {exc}") from None
+    print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
 

@@ -18,7 +18,7 @@ import torch
 TOKEN_LENGTH = 16  # tokenizer model_max_length == text encoder max_position_embeddings
 
 
-def _write_tokenizer(out_dir: Path) -> None:
+def _write_tokenizer(out_dir: Path, max_length: int = TOKEN_LENGTH) -> None:
     """A character-level CLIP BPE tokenizer (vocab.json + merges.txt with no merges): every printable
     ASCII character, with and without the end-of-word marker, plus the start/end tokens."""
     from transformers import CLIPTokenizer
@@ -31,7 +31,7 @@ def _write_tokenizer(out_dir: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
         (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
-        (Path(tmp) / "tokenizer_config.json").write_text(json.dumps({"model_max_length": TOKEN_LENGTH}))
+        (Path(tmp) / "tokenizer_config.json").write_text(json.dumps({"model_max_length": max_length}))
         tok = CLIPTokenizer.from_pretrained(tmp)
     tok.save_pretrained(out_dir)
 
@@ -96,5 +96,50 @@ def build_tiny_pipeline(out_dir: str | Path, kind: str = "sd", resolution: int =
             vae=vae, text_encoder=_text_encoder(False, seed + 1), tokenizer=tokenizer, unet=unet,
             scheduler=PNDMScheduler(skip_prk_steps=True, **schedule),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out_dir)
+    return out_dir
+
+
+def build_sd15_shaped_pipeline(out_dir: str | Path, width: int = 64, resolution: int = 256, seed: int = 0) -> Path:
+    """Write a randomly initialised `StableDiffusionPipeline` with SD1.5's architecture, channels scaled.
+
+    `width` is the UNet's first block width (SD1.5: 320, giving its 860M-parameter UNet exactly): four
+    levels (width x 1, 2, 4, 4), two layers per block, cross-attention in the first three, 8-dim heads,
+    768-dim text conditioning over 77 tokens. The VAE keeps SD's four levels (x8 downsampling) with its
+    channels scaled by the same factor; the text encoder is CLIP ViT-L/14's shape (12 layers) at
+    width 320, two layers otherwise. For benchmarks: no checkpoint is needed to time the architecture.
+    """
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    if width % 32 or width < 32:
+        raise ValueError(f"width must be a positive multiple of 32 (group norm), got {width}")
+    if resolution % 8:
+        raise ValueError(f"resolution must be a multiple of 8, got {resolution}")
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    vae_width = max(32, 128 * width // 320 // 32 * 32)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+                        block_out_channels=(vae_width, 2 * vae_width, 4 * vae_width, 4 * vae_width),
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        sample_size=resolution, scaling_factor=0.18215)
+    unet = UNet2DConditionModel(
+        sample_size=resolution // 8, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(width, 2 * width, 4 * width, 4 * width),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        attention_head_dim=8, cross_attention_dim=768, norm_num_groups=32)
+    text_config = CLIPTextConfig(vocab_size=2 + 2 * 94, hidden_size=768, intermediate_size=3072,
+                                 num_hidden_layers=12 if width == 320 else 2, num_attention_heads=12,
+                                 max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+                                 hidden_act="quick_gelu")
+    with tempfile.TemporaryDirectory() as tmp:
+        _write_tokenizer(Path(tmp), max_length=77)
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    schedule = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                    prediction_type="epsilon", steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=CLIPTextModel(text_config), tokenizer=tokenizer, unet=unet,
+                                   scheduler=PNDMScheduler(skip_prk_steps=True, **schedule), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out_dir)
     return out_dir
