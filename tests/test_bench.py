@@ -46,3 +46,19 @@ def test_an_unknown_mode_is_one_line(capsys, tiny_sd, tiny_data):
                  "--data.path", str(tiny_data), "--modes", "warp"])
     assert code == 2
     assert capsys.readouterr().err.strip() == "diffusion-dpo: error: bench: unknown mode 'warp' (choose from live, lora)"
+
+
+def test_the_sd15_shaped_model_has_sd15s_architecture(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from diffusion_dpo.tiny import build_sd15_shaped_pipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(build_sd15_shaped_pipeline(tmp_path / "sd15", width=32,
+                                                                              resolution=64))
+    cfg = pipe.unet.config
+    assert tuple(cfg.block_out_channels) == (32, 64, 128, 128) and cfg.layers_per_block == 2
+    assert tuple(cfg.down_block_types) == ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    assert cfg.cross_attention_dim == 768 == pipe.text_encoder.config.hidden_size
+    assert pipe.tokenizer.model_max_length == 77 and pipe.vae_scale_factor == 8 and cfg.sample_size == 8
+    with pytest.raises(ValueError, match="multiple of 32"):
+        build_sd15_shaped_pipeline(tmp_path / "bad", width=48)
