@@ -129,8 +129,9 @@ def test_config_and_path_mistakes_are_one_line(tmp_path, tiny_sd, tiny_data, cap
 
 
 def test_two_cpu_processes_match_one_process_with_twice_the_batch(tmp_path, tiny_sd, tiny_data):
-    """DDP over gloo (torchrun): 2 processes x batch 2 reach the weights of 1 process x batch 4; metrics are
-    averaged over processes and files are written once."""
+    """DDP over gloo through `accelerate launch`: 2 processes x batch 2 reach the weights of 1 process x batch 4
+    and of 1 process x batch 2 x 2 accumulation steps; metrics are averaged over processes and files are
+    written once."""
     import torch
     from safetensors.torch import load_file
 
@@ -139,13 +140,18 @@ def test_two_cpu_processes_match_one_process_with_twice_the_batch(tmp_path, tiny
                 "--train.checkpointing_steps", "1"]
     out = tmp_path / "ddp"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "diffusion_dpo",
-                          *fast(out, tiny_sd, tiny_data, "--data.batch_size", "2", *sgd_like)],
+    # --multi_gpu is accelerate's name for its torch.distributed launcher; without GPUs it runs gloo on the CPU
+    res = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m",
+                          "diffusion_dpo", *fast(out, tiny_sd, tiny_data, "--data.batch_size", "2", *sgd_like)],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("done:") == 1
     single = tmp_path / "single"
     assert main(fast(single, tiny_sd, tiny_data, "--data.batch_size", "4", *sgd_like)) == 0
+    accum = tmp_path / "accum"
+    assert main(fast(accum, tiny_sd, tiny_data, "--data.batch_size", "2", "--train.gradient_accumulation_steps", "2",
+                     *sgd_like)) == 0
 
     ddp_m = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     one_m = [json.loads(line) for line in (single / "metrics.jsonl").read_text().splitlines()]
@@ -154,9 +160,10 @@ def test_two_cpu_processes_match_one_process_with_twice_the_batch(tmp_path, tiny
     for key in ("loss", "model_mse_w", "model_mse_l", "reward_margin"):
         assert [m[key] for m in ddp_m] == pytest.approx([m[key] for m in one_m], rel=1e-4, abs=1e-6), key
     a = load_file(out / "final" / "unet" / "diffusion_pytorch_model.safetensors")
-    b = load_file(single / "final" / "unet" / "diffusion_pytorch_model.safetensors")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+    for other in (single, accum):
+        b = load_file(other / "final" / "unet" / "diffusion_pytorch_model.safetensors")
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=f"{other.name}: {k}")
     assert (out / "checkpoint-1").is_dir() and not list(out.glob("*.tmp"))
 
 

@@ -6,6 +6,9 @@ a diffusers `unet/` folder, or the LoRA adapter both in peft's naming for resumi
 states, and `train_state.json` (step, epoch, position in the epoch). Training randomness is
 derived from (seed, step), so these fully determine how the run continues.
 
+Under FSDP/DeepSpeed the weights and optimizer states are sharded: every process writes its shards
+into `engine/` (accelerate's save_state) instead, and the rest is as above.
+
 It is first written as `checkpoint-<step>.tmp/` and renamed when complete: a crash during a save
 leaves only a `.tmp` folder, which `latest` ignores and the next save replaces.
 """
@@ -94,17 +97,39 @@ def clear_run(output_dir: Path) -> None:
             path.unlink()
 
 
-def save_checkpoint(output_dir: Path, state: TrainState, write_weights: Callable[[Path], None],
-                    optimizer: torch.optim.Optimizer, lr_scheduler: Any, total_limit: Optional[int]) -> Path:
-    """Write checkpoint-<step>/ atomically (tmp dir, then rename) and rotate old ones beyond `total_limit`."""
-    final = output_dir / f"checkpoint-{state.step}"
-    tmp = output_dir / f"checkpoint-{state.step}.tmp"
+def staging_dir(output_dir: Path, step: int) -> Path:
+    """The temporary name checkpoint-<step> is written under (renamed when complete)."""
+    return output_dir / f"checkpoint-{step}.tmp"
+
+
+def new_staging_dir(output_dir: Path, step: int) -> Path:
+    """An empty staging directory for `step` (a leftover of a killed save is removed)."""
+    tmp = staging_dir(output_dir, step)
     try:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        write_weights(tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    except OSError as exc:
+        raise UserError(f"cannot write checkpoint {output_dir / f'checkpoint-{step}'}: {exc.strerror or exc}") from None
+    return tmp
+
+
+def save_checkpoint(output_dir: Path, state: TrainState, write_weights: Optional[Callable[[Path], None]],
+                    optimizer: Optional[torch.optim.Optimizer], lr_scheduler: Any, total_limit: Optional[int],
+                    scaler: Any = None, staged: bool = False) -> Path:
+    """Write checkpoint-<step>/ atomically (tmp dir, then rename) and rotate old ones beyond `total_limit`.
+
+    `staged`: the staging directory already holds what every process wrote (a sharded engine's states,
+    saved collectively); then `write_weights` and `optimizer` are None and only the rest is added."""
+    final = output_dir / f"checkpoint-{state.step}"
+    tmp = staging_dir(output_dir, state.step) if staged else new_staging_dir(output_dir, state.step)
+    try:
+        if write_weights is not None:
+            write_weights(tmp)
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if scaler is not None:  # fp16's loss scale: resuming without it would rescale from scratch
+            torch.save(scaler.state_dict(), tmp / "scaler.pt")
         torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
     except OSError as exc:  # disk full, quota, permissions: earlier checkpoints stay intact
@@ -119,13 +144,19 @@ def save_checkpoint(output_dir: Path, state: TrainState, write_weights: Callable
     return final
 
 
-def load_checkpoint(path: Path, read_weights: Callable[[Path], None], optimizer: torch.optim.Optimizer,
-                    lr_scheduler: Any) -> TrainState:
-    """Restore weights (through `read_weights`), optimizer and scheduler; return the saved `TrainState`."""
-    read_weights(path)
+def load_checkpoint(path: Path, read_weights: Optional[Callable[[Path], None]],
+                    optimizer: Optional[torch.optim.Optimizer], lr_scheduler: Any, scaler: Any = None) -> TrainState:
+    """Restore weights (through `read_weights`), optimizer, scheduler and fp16 scaler; return the `TrainState`.
+
+    `read_weights` and `optimizer` are None when a sharded engine restored them (accelerate's load_state)."""
+    if read_weights is not None:
+        read_weights(path)
     try:
         # weights_only: a checkpoint directory is data, never code (a pickle that calls anything is refused)
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+        if optimizer is not None:
+            optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+        if scaler is not None and (path / "scaler.pt").is_file():
+            scaler.load_state_dict(torch.load(path / "scaler.pt", map_location="cpu", weights_only=True))
         lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
         return TrainState(**json.loads((path / STATE_FILE).read_text()))
     except (OSError, pickle.UnpicklingError, RuntimeError, ValueError, TypeError, KeyError) as exc:

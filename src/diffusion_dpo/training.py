@@ -22,7 +22,6 @@ import math
 import shutil
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -39,6 +38,7 @@ from diffusion_dpo.models import (Components, Reference, add_lora, cast, load_co
                                   read_model_index, save_lora)
 from diffusion_dpo.optim import make_lr_scheduler, make_optimizer
 
+ENGINE_DIR = "engine"  # accelerate's save_state of a sharded (FSDP/DeepSpeed) run, inside a checkpoint
 METRIC_KEYS = ("loss", "implicit_acc", "reward_margin", "model_mse_w", "model_mse_l", "ref_mse_w", "ref_mse_l")
 
 
@@ -96,6 +96,9 @@ class Trainer:
             # without CUDA, say so: only then does accelerate run several CPU processes over gloo
             cpu=not torch.cuda.is_available(),
             mixed_precision=cfg.train.mixed_precision, log_with=trackers,
+            # accelerate's own accumulation: DDP's no_sync, FSDP, and DeepSpeed's engine (which owns the
+            # micro-step boundary and the update) all follow it; the loss is divided by it in backward()
+            gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
             project_config=ProjectConfiguration(project_dir=str(self.output_dir),
                                                 logging_dir=str(self.output_dir / "logs")))
         acc = self.accelerator
@@ -104,6 +107,18 @@ class Trainer:
                             "use bf16 or no")
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.train.mixed_precision,
                                                                                  torch.float32)
+        from accelerate.utils import DistributedType
+
+        # FSDP and DeepSpeed shard parameters and optimizer states over processes: their checkpoints go
+        # through accelerate's save_state/load_state, and final weights are gathered with get_state_dict.
+        self.sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        if self.sharded and cfg.lora.rank > 0:
+            # LoRA's trainable state is a few MB and its frozen base is not sharded by ZeRO-2 anyway; mixed
+            # frozen/trainable (and bf16/fp32) parameters in one sharded group is what FSDP handles worst
+            raise UserError("lora.rank > 0 under FSDP/DeepSpeed: LoRA needs no sharding; launch it with DDP "
+                            "(plain `accelerate launch`, or configs/accelerate/multi_gpu.yaml)")
+        if acc.distributed_type == DistributedType.DEEPSPEED:
+            _configure_deepspeed(acc.state.deepspeed_plugin.deepspeed_config, cfg)
         if cfg.train.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
         self.loss_spec: LossSpec = get_loss(cfg.loss.name)
@@ -148,6 +163,10 @@ class Trainer:
         self.optimizer = make_optimizer(cfg.optim, params, lr)
         self.lr_scheduler = make_lr_scheduler(cfg.optim, self.optimizer, cfg.train.max_steps)
         self.unet, self.optimizer = acc.prepare(unet, self.optimizer)
+        if acc.gradient_accumulation_steps != cfg.train.gradient_accumulation_steps:  # a DeepSpeed file overrode it
+            raise UserError(f"the accelerate config sets gradient_accumulation_steps {acc.gradient_accumulation_steps}"
+                            f" but train.gradient_accumulation_steps is {cfg.train.gradient_accumulation_steps}; remove "
+                            "it from the accelerate/DeepSpeed config (configs/accelerate/ leave it out)")
         self.params = params
 
         self.dataset = PreferenceDataset(self.pairs, cfg.data, self.components.tokenizers, self.components.sdxl)
@@ -233,8 +252,7 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         self._prepare_output()
         if self.resume_from is not None:
-            self.state = ckpt.load_checkpoint(self.resume_from, self._read_weights, self.optimizer,
-                                              self.lr_scheduler)
+            self.state = self._load_checkpoint(self.resume_from)
             acc.print(f"resumed from {self.resume_from} at step {self.state.step}")
         self._truncate_metrics(self.state.step)
         if acc.is_main_process:
@@ -248,17 +266,17 @@ class Trainer:
             for k in range(accum):
                 epoch, batch = next(batches)
                 micro_step = self.state.step * accum + k
-                sync = k == accum - 1
-                with nullcontext() if sync else acc.no_sync(self.unet):
+                with acc.accumulate(self.unet):  # no gradient all-reduce before the last micro-step
                     out = self.step(batch, micro_step)
-                    acc.backward(out.loss / accum)
+                    acc.backward(out.loss)  # divided by the accumulation steps inside
                 for key, v in out.metrics.items():
                     sums[key] = sums.get(key, 0) + v / accum
                 self._advance_position(epoch)
             grad_norm = acc.clip_grad_norm_(self.params, cfg.optim.max_grad_norm or float("inf"))
             record = self._reduce(sums, grad_norm)  # the step's one host sync
             # Check before the update: a NaN/inf must never reach the weights. (Under fp16 the gradient
-            # scaler already skips steps with inf gradients, so there only the loss is checked.)
+            # scaler already skips steps with inf gradients, so there only the loss is checked. DeepSpeed
+            # applies the update inside backward(); there this check can only stop the run after it.)
             values = [record["loss"]] + ([] if cfg.train.mixed_precision == "fp16" else [record["grad_norm"]])
             finite = all(math.isfinite(v) for v in values)
             if not finite and not cfg.train.skip_nonfinite:
@@ -320,6 +338,8 @@ class Trainer:
     def _reduce(self, sums: dict[str, Tensor], grad_norm: Tensor) -> dict[str, float]:
         """The step's metrics averaged over processes, as floats (one host sync per optimizer step)."""
         acc = self.accelerator
+        if grad_norm is None:  # an engine that clips internally and does not report the norm
+            grad_norm = float("nan")
         stacked = torch.stack([sums[k].float() for k in METRIC_KEYS]
                               + [torch.as_tensor(grad_norm, device=acc.device).float()])
         values = acc.reduce(stacked, reduction="mean").tolist()
@@ -374,13 +394,38 @@ class Trainer:
             self.save_checkpoint()
 
     def save_checkpoint(self) -> Optional[Path]:
-        """Write checkpoint-<step>/ (main process only; every process waits for it)."""
+        """Write checkpoint-<step>/ (the main process; every process waits for it).
+
+        Under FSDP/DeepSpeed each process first writes its shards of the model and optimizer states into
+        the staging directory's `engine/` (accelerate's save_state); the rename still makes it atomic."""
+        acc = self.accelerator
+        if self.sharded:
+            if acc.is_main_process:
+                ckpt.new_staging_dir(self.output_dir, self.state.step)
+            acc.wait_for_everyone()
+            acc.save_state(str(ckpt.staging_dir(self.output_dir, self.state.step) / ENGINE_DIR))
+            acc.wait_for_everyone()
         path = None
-        if self.accelerator.is_main_process:
-            path = ckpt.save_checkpoint(self.output_dir, self.state, self._write_weights, self.optimizer,
-                                        self.lr_scheduler, self.cfg.train.checkpoints_total_limit)
-        self.accelerator.wait_for_everyone()
+        if acc.is_main_process:
+            path = ckpt.save_checkpoint(self.output_dir, self.state, None if self.sharded else self._write_weights,
+                                        None if self.sharded else self.optimizer, self.lr_scheduler,
+                                        self.cfg.train.checkpoints_total_limit,
+                                        scaler=None if self.sharded else acc.scaler, staged=self.sharded)
+        acc.wait_for_everyone()
         return path
+
+    def _load_checkpoint(self, path: Path) -> ckpt.TrainState:
+        """Restore a checkpoint written by a run with the same engine (sharded or not)."""
+        engine = path / ENGINE_DIR
+        if self.sharded != engine.is_dir():
+            how = ("an FSDP/DeepSpeed run; resume it under the same accelerate --config_file" if engine.is_dir()
+                   else "a DDP or one-process run; resume it without FSDP/DeepSpeed")
+            raise UserError(f"train.resume: {path} was written by {how} (sharded and plain states do not mix)")
+        if self.sharded:
+            self.accelerator.load_state(str(engine))  # every process reads its shards
+            return ckpt.load_checkpoint(path, None, None, self.lr_scheduler)
+        return ckpt.load_checkpoint(path, self._read_weights, self.optimizer, self.lr_scheduler,
+                                    scaler=self.accelerator.scaler)
 
     def _maybe_validate(self, final: bool = False) -> None:
         every = self.cfg.validation.every_steps
@@ -403,6 +448,8 @@ class Trainer:
         acc = self.accelerator
         final = self.output_dir / "final"
         self._maybe_validate(final=True)
+        # sharded parameters are gathered into one full state dict on the main process (a collective)
+        full_state = acc.get_state_dict(self.unet) if self.sharded else None
         if acc.is_main_process:
             tmp = self.output_dir / "final.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
@@ -410,8 +457,11 @@ class Trainer:
             try:
                 tmp.mkdir(parents=True)
                 if self.lora:
-                    save_lora(self.components, unet, tmp)
+                    save_lora(self.components, unet, tmp, full_state)
                 else:
+                    if full_state is not None:  # a plain (unsharded) UNet holding the gathered weights
+                        unet = type(unet).from_config(unet.config)
+                        unet.load_state_dict(full_state)
                     self._save_pipeline(unet, tmp)
             except OSError as exc:  # disk full, quota: the last checkpoint still holds the run
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -433,6 +483,19 @@ class Trainer:
         pipe = self.components.pipeline_class.from_pretrained(m.pretrained, unet=unet, revision=m.revision,
                                                               variant=m.variant, **extra)
         pipe.save_pretrained(out, safe_serialization=True)
+
+
+def _configure_deepspeed(ds: dict[str, Any], cfg: Config) -> None:
+    """Fill the DeepSpeed config values accelerate cannot infer: we prepare no DataLoader (the sampler is
+    ours), so the micro-batch size is given here; clipping follows optim.max_grad_norm; our optimizers are
+    torch/transformers ones, which ZeRO accepts when told to."""
+    if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        ds["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
+    if ds.get("train_batch_size", "auto") == "auto":
+        ds.pop("train_batch_size", None)  # derived by DeepSpeed from micro-batch x accumulation x processes
+    if ds.get("gradient_clipping", "auto") == "auto":
+        ds["gradient_clipping"] = cfg.optim.max_grad_norm
+    ds.setdefault("zero_allow_untested_optimizer", True)
 
 
 def _flat_config(cfg: Config) -> dict[str, Any]:
