@@ -1,9 +1,12 @@
 """The Diffusion-DPO training loop: accelerate inside, one short `step`, exact bookkeeping.
 
 Per optimizer step, for each micro-batch of B pairs (winner first):
-  1. encode both images with the frozen VAE -> latents (2B, 4, h, w) as [winners; losers];
+  1. encode both images with the frozen VAE -> latents (2B, 4, h, w) as [winners; losers]
+     (or, with `cache.dir`, sample them from the cached VAE posteriors: the VAE and text encoders
+     are then never loaded; see cache.py);
   2. draw ONE timestep and ONE noise per pair and use them for both images of the pair;
-  3. the frozen reference predicts on all 2B noisy latents (no grad): per-sample MSE ref_w, ref_l;
+  3. the frozen reference predicts on all 2B noisy latents (no grad): per-sample MSE ref_w, ref_l
+     (or, with `cache.reference=precomputed`, they come with the batch: no reference model at all);
   4. the trainable UNet predicts on the same 2B in one forward: model_w, model_l;
   5. the registry loss (dpo by default) turns the four MSEs into a per-pair loss; backward.
 Gradients are accumulated over `train.gradient_accumulation_steps` micro-batches, clipped, and
@@ -16,6 +19,7 @@ Run: `diffusion-dpo train --config configs/sd15_pickapic.yaml --data.path DIR --
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -31,23 +35,17 @@ import torch
 from torch import Tensor
 
 from diffusion_dpo import checkpoint as ckpt
+from diffusion_dpo.cache import Cache, CachedPairs, build_cache, cached_inputs, read_manifest
 from diffusion_dpo.config import Config, to_yaml
 from diffusion_dpo.data import PairSampler, PreferenceDataset, collate_pairs, load_preference_pairs
 from diffusion_dpo.errors import UserError, is_local_path
 from diffusion_dpo.losses import LossSpec, get_loss, implicit_accuracy
-from diffusion_dpo.models import (Components, Reference, add_lora, cast, load_components, load_vae,
+from diffusion_dpo.models import (Components, Reference, add_lora, cast, denoising_mse, load_components, load_vae,
                                   read_model_index, save_lora)
 from diffusion_dpo.optim import make_lr_scheduler, make_optimizer
+from diffusion_dpo.randomness import pair_noise, seed_for
 
 METRIC_KEYS = ("loss", "implicit_acc", "reward_margin", "model_mse_w", "model_mse_l", "ref_mse_w", "ref_mse_l")
-
-
-def _seed_for(*parts: int) -> int:
-    """A 63-bit seed mixed from integers (so nearby steps get unrelated streams)."""
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h = (h ^ (p + 0x632BE59BD9B4E019 + (h << 6) + (h >> 2))) & 0xFFFFFFFFFFFFFFFF
-    return h & 0x7FFFFFFFFFFFFFFF
 
 
 class ShardedPairSampler(torch.utils.data.Sampler):
@@ -117,19 +115,32 @@ class Trainer:
                               resume_asked=bool(cfg.train.resume))
         if Path(cfg.model.pretrained).expanduser().exists() or is_local_path(cfg.model.pretrained):
             read_model_index(cfg.model)  # a local model path mistake fails before the data scan
-        # The main process validates (and builds the Arrow cache) first; the others then reuse the cache.
-        with acc.main_process_first():
-            self.pairs = load_preference_pairs(cfg.data)
-        acc.print(self.pairs.summary())
+        self.cache: Optional[Cache] = None
+        if cfg.cache.dir:
+            # The main process builds a missing cache (cache.auto) first; the others then open it.
+            with acc.main_process_first():
+                if acc.is_main_process and cfg.cache.auto and read_manifest(Path(cfg.cache.dir).expanduser()) is None:
+                    build_cache(cfg, acc.device, acc.print)
+                self.cache = Cache.open(cfg)  # refuses a cache made with other settings, before any model loads
+            num_pairs = self.cache.num_pairs
+            acc.print(f"cache {cfg.cache.dir}: {self.cache.manifest['summary']}")
+        else:
+            # The main process validates (and builds the Arrow cache) first; the others then reuse the cache.
+            with acc.main_process_first():
+                pairs = load_preference_pairs(cfg.data)
+            acc.print(pairs.summary())
+            num_pairs = len(pairs)
         self.world = acc.num_processes
-        if len(self.pairs) < cfg.data.batch_size * self.world:
-            raise UserError(f"data.path '{cfg.data.path}': {len(self.pairs)} usable pairs is fewer than one batch "
+        if num_pairs < cfg.data.batch_size * self.world:
+            raise UserError(f"data.path '{cfg.data.path}': {num_pairs} usable pairs is fewer than one batch "
                             f"(data.batch_size {cfg.data.batch_size} x {self.world} processes)")
 
         # Seed python/numpy/torch before building anything random (LoRA's A matrices are drawn at init):
         # two runs with the same train.seed start from the same weights.
         set_seed(cfg.train.seed)
-        self.components: Components = load_components(cfg.model, self.weight_dtype, acc.device)
+        # With a cache, the VAE and text encoders are never loaded (only the VAE's config is read).
+        self.components: Components = load_components(cfg.model, self.weight_dtype, acc.device,
+                                                      encoders=self.cache is None)
         unet = self.components.unet
         if self.lora:
             cast(unet, self.weight_dtype)  # the frozen base in the compute dtype; LoRA weights stay fp32
@@ -150,8 +161,11 @@ class Trainer:
         self.unet, self.optimizer = acc.prepare(unet, self.optimizer)
         self.params = params
 
-        self.dataset = PreferenceDataset(self.pairs, cfg.data, self.components.tokenizers, self.components.sdxl)
-        self.sampler = PairSampler(len(self.pairs), seed=cfg.train.seed)
+        if self.cache is not None:
+            self.dataset = CachedPairs(self.cache, cfg.data.random_flip, cfg.data.proportion_empty_prompts)
+        else:
+            self.dataset = PreferenceDataset(pairs, cfg.data, self.components.tokenizers, self.components.sdxl)
+        self.sampler = PairSampler(num_pairs, seed=cfg.train.seed)
         self.state = ckpt.TrainState()
         self.metrics_path = self.output_dir / "metrics.jsonl"
 
@@ -161,33 +175,19 @@ class Trainer:
         acc, comp, cfg = self.accelerator, self.components, self.cfg
         device = acc.device
         # dropout (LoRA dropout) draws from the global generator: seed it per micro-step and process
-        torch.manual_seed(_seed_for(cfg.train.seed, micro_step, acc.process_index))
-        pixels = batch["pixel_values"]  # (B, 2, 3, H, W), winner first
-        b = pixels.shape[0]
-        pixels = torch.cat([pixels[:, 0], pixels[:, 1]]).to(device)  # (2B, 3, H, W) = [winners; losers]
+        torch.manual_seed(seed_for(cfg.train.seed, micro_step, acc.process_index))
+        b = batch["label"].shape[0]
 
         # Each pair's timestep, noise and VAE posterior samples come from its own sample seed (fixed by
         # the data order), so they do not depend on how pairs are split over processes or micro-steps.
-        c, h, w = comp.latent_shape(cfg.data.resolution)
-        timesteps, draws = [], []
-        for seed in batch["sample_seed"].tolist():
-            g = torch.Generator(device=device).manual_seed(_seed_for(seed, 1))
-            timesteps.append(torch.randint(0, comp.noise_scheduler.config.num_train_timesteps, (1,), generator=g,
-                                           device=device))
-            draws.append(torch.randn((3, c, h, w), generator=g, device=device))  # noise, posterior w, posterior l
-        draws = torch.stack(draws)  # (B, 3, C, h, w)
-        timesteps = torch.cat(timesteps).repeat(2)  # (2B,): one timestep per pair, shared by its two images
-        noise = draws[:, 0].repeat(2, 1, 1, 1)  # (2B, C, h, w): one noise per pair, shared
-        latents = comp.encode_images(pixels, torch.cat([draws[:, 1], draws[:, 2]])).float()  # (2B, C, h, w)
-        noisy = comp.noise_scheduler.add_noise(latents, noise, timesteps)
-        target = comp.target(latents, noise, timesteps).float()
-        ids = [batch["input_ids"]] + ([batch["input_ids_2"]] if comp.sdxl else [])
-        cond = comp.conditioning([i.to(device) for i in ids], batch["original_sizes"], batch["crop_top_lefts"],
-                                 cfg.data.resolution)
+        draws = pair_noise(batch["sample_seed"].tolist(), comp.noise_scheduler.config.num_train_timesteps,
+                           comp.latent_shape(cfg.data.resolution), device)
+        latents, cond = self._inputs(batch, draws.posterior)  # (2B, C, h, w) [winners; losers]
+        noisy = comp.noise_scheduler.add_noise(latents, draws.noise, draws.timesteps)
+        target = comp.target(latents, draws.noise, draws.timesteps).float()
 
         def mse(model: torch.nn.Module) -> tuple[Tensor, Tensor]:
-            pred = model(noisy, timesteps, cond.hidden_states, added_cond_kwargs=cond.added).sample
-            err = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))  # (2B,) mean over C, H, W
+            err = denoising_mse(model, noisy, draws.timesteps, cond, target)  # (2B,)
             return err[:b], err[b:]
 
         ref_w = ref_l = None
@@ -208,6 +208,20 @@ class Trainer:
             "ref_mse_l": (ref_l if ref_l is not None else model_l).detach().mean(),
         }
         return StepOutput(loss=loss, metrics=metrics)
+
+    def _inputs(self, batch: dict[str, Any], posterior_eps: Tensor) -> tuple[Tensor, Any]:
+        """Latents (2B, C, h, w) as [winners; losers] and their conditioning, from the cache or encoded now."""
+        comp, cfg, device = self.components, self.cfg, self.accelerator.device
+        if self.cache is not None:
+            return cached_inputs(batch, posterior_eps, comp.latent_scale, cfg.data.resolution, device,
+                                 self.weight_dtype)
+        pixels = batch["pixel_values"]  # (B, 2, 3, H, W), winner first
+        pixels = torch.cat([pixels[:, 0], pixels[:, 1]]).to(device, non_blocking=True)  # (2B, 3, H, W)
+        latents = comp.encode_images(pixels, posterior_eps).float()
+        ids = [batch["input_ids"]] + ([batch["input_ids_2"]] if comp.sdxl else [])
+        cond = comp.conditioning([i.to(device, non_blocking=True) for i in ids], batch["original_sizes"],
+                                 batch["crop_top_lefts"], cfg.data.resolution)
+        return latents, cond
 
     # ------------------------------------------------------------------ the loop
     def _batches(self) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -393,7 +407,12 @@ class Trainer:
 
             v = self.cfg.validation
             path = self.output_dir / "samples" / f"step-{self.state.step:06d}.png"
-            write_validation_grid(path, self.components, self.accelerator.unwrap_model(self.unet), self.reference,
+            components = self.components
+            if components.vae is None:
+                # Training from a cache holds no VAE or text encoders; a grid needs them, for the grid only.
+                frozen = load_components(self.cfg.model, self.weight_dtype, self.accelerator.device, unet=False)
+                components = dataclasses.replace(components, vae=frozen.vae, text_encoders=frozen.text_encoders)
+            write_validation_grid(path, components, self.accelerator.unwrap_model(self.unet), self.reference,
                                   v.prompts, v.seeds, self.cfg.data.resolution, v.num_inference_steps,
                                   v.guidance_scale, autocast=self.accelerator.autocast)
         self.accelerator.wait_for_everyone()
