@@ -83,3 +83,27 @@ def test_cached_run_equals_uncached_run(tmp_path, request, tiny_data, kind):
         assert [m[key] for m in plain] == pytest.approx([m[key] for m in from_cache], rel=1e-5), key
     # beta = 5000 turns ~1e-7 relative float noise in the errors into ~1e-4 in the loss (measured: 1e-4)
     assert [m["loss"] for m in plain] == pytest.approx([m["loss"] for m in from_cache], abs=1e-3)
+
+
+@pytest.mark.parametrize("rank", [0, 4])
+def test_precomputed_reference_equals_live_reference(tmp_path, tiny_sd, tiny_data, sd_cache, rank, monkeypatch):
+    """The reference errors computed ahead (other batches, no training) give the live run's losses; training
+    then holds no reference copy (full) and never switches the adapters off (LoRA)."""
+    common = dict(COMMON, cache__dir=sd_cache, lora__rank=rank, optim__lr="0.1" if rank == 0 else "1.0",
+                  optim__adam_epsilon="1.0", optim__weight_decay="0", train__max_steps=2,
+                  cache__reference_file=tmp_path / "ref.safetensors")
+    train(make_cfg(tmp_path / "live", tiny_sd, tiny_data, **common))
+    cfg = make_cfg(tmp_path / "pre", tiny_sd, tiny_data, cache__reference="precomputed", cache__auto="true", **common)
+    trainer = Trainer(cfg)
+    assert (tmp_path / "ref.safetensors").is_file()
+    if rank:
+        unet = trainer.accelerator.unwrap_model(trainer.unet)
+        monkeypatch.setattr(unet, "disable_adapters", lambda: pytest.fail("adapters-off forward with precomputed"))
+    else:
+        assert trainer.reference is None  # no frozen copy of the UNet in memory
+    trainer.run()
+    live, pre = read_metrics(tmp_path / "live"), read_metrics(tmp_path / "pre")
+    for key in ("ref_mse_w", "ref_mse_l", "model_mse_w", "model_mse_l"):
+        assert [m[key] for m in live] == pytest.approx([m[key] for m in pre], rel=1e-5), key
+    assert [m["loss"] for m in live] == pytest.approx([m["loss"] for m in pre], abs=1e-3)
+    assert live[-1]["loss"] != pytest.approx(math.log(2), abs=1e-3)

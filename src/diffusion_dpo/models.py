@@ -145,6 +145,10 @@ class Components:
         mean + std * noise (standard normal, (N, C, h, w)), or the mean when noise is None."""
         return sample_latents(*self.posterior(pixel_values), noise, self.latent_scale)
 
+    def noisy_and_target(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> tuple[Tensor, Tensor]:
+        """The forward-diffused latents x_t and the regression target (fp32), for training and the reference pass."""
+        return self.noise_scheduler.add_noise(latents, noise, timesteps), self.target(latents, noise, timesteps).float()
+
     def target(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         """The regression target: ε for epsilon-prediction, v for v-prediction (from the scheduler config)."""
         if self.prediction_type == "epsilon":
@@ -256,6 +260,11 @@ def load_components(cfg: ModelConfig, weight_dtype: torch.dtype = torch.float32,
     return Components(pretrained=cfg.pretrained, unet=model, vae=vae, text_encoders=text_encoders,
                       tokenizers=tokenizers, noise_scheduler=scheduler, pipeline_class=pipeline_class, sdxl=sdxl,
                       vae_config=config)
+
+
+def weight_dtype_of(mixed_precision: str) -> torch.dtype:
+    """The dtype of the frozen parts (and the autocast dtype) for train.mixed_precision no/fp16/bf16."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
 def cast(module: nn.Module, dtype: torch.dtype) -> nn.Module:

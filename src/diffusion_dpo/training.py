@@ -41,9 +41,10 @@ from diffusion_dpo.data import PairSampler, PreferenceDataset, collate_pairs, lo
 from diffusion_dpo.errors import UserError, is_local_path
 from diffusion_dpo.losses import LossSpec, get_loss, implicit_accuracy
 from diffusion_dpo.models import (Components, Reference, add_lora, cast, denoising_mse, load_components, load_vae,
-                                  read_model_index, save_lora)
+                                  read_model_index, save_lora, weight_dtype_of)
 from diffusion_dpo.optim import make_lr_scheduler, make_optimizer
 from diffusion_dpo.randomness import pair_noise, seed_for
+from diffusion_dpo.reference import ReferenceTable, WithReference, precompute_reference, reference_path
 
 METRIC_KEYS = ("loss", "implicit_acc", "reward_margin", "model_mse_w", "model_mse_l", "ref_mse_w", "ref_mse_l")
 
@@ -100,8 +101,7 @@ class Trainer:
         if cfg.train.mixed_precision == "fp16" and acc.device.type != "cuda":
             raise UserError(f"train.mixed_precision=fp16 needs a CUDA GPU (this run is on {acc.device.type}); "
                             "use bf16 or no")
-        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.train.mixed_precision,
-                                                                                 torch.float32)
+        self.weight_dtype = weight_dtype_of(cfg.train.mixed_precision)
         if cfg.train.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
         self.loss_spec: LossSpec = get_loss(cfg.loss.name)
@@ -134,6 +134,13 @@ class Trainer:
         if num_pairs < cfg.data.batch_size * self.world:
             raise UserError(f"data.path '{cfg.data.path}': {num_pairs} usable pairs is fewer than one batch "
                             f"(data.batch_size {cfg.data.batch_size} x {self.world} processes)")
+        # The precomputed reference (before any model loads: a stale or short file fails in seconds).
+        self.ref_table: Optional[ReferenceTable] = None
+        if self.cache is not None and cfg.cache.reference == "precomputed" and self.loss_spec.needs_reference:
+            with acc.main_process_first():
+                if acc.is_main_process and cfg.cache.auto and not reference_path(cfg).is_file():
+                    precompute_reference(cfg, acc.device, self.world, acc.print)
+                self.ref_table = ReferenceTable.open(cfg, self.cache, self.world, acc.device.type)
 
         # Seed python/numpy/torch before building anything random (LoRA's A matrices are drawn at init):
         # two runs with the same train.seed start from the same weights.
@@ -147,9 +154,11 @@ class Trainer:
             params = add_lora(unet, cfg.lora)
         else:
             params = list(unet.parameters())
-        # The reference: adapters off (LoRA: free) or a frozen copy (full: only if the loss needs one).
+        # The reference: adapters off (LoRA: free) or a frozen copy (full: only if the loss needs one and its
+        # errors are not precomputed). With precomputed errors LoRA keeps it for the sample grids only.
+        live = self.loss_spec.needs_reference and self.ref_table is None
         self.reference = Reference(unet, lora=True, dtype=self.weight_dtype) if self.lora else (
-            Reference(unet, lora=False, dtype=self.weight_dtype) if self.loss_spec.needs_reference else None)
+            Reference(unet, lora=False, dtype=self.weight_dtype) if live else None)
         if cfg.train.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         unet.train()
@@ -163,6 +172,8 @@ class Trainer:
 
         if self.cache is not None:
             self.dataset = CachedPairs(self.cache, cfg.data.random_flip, cfg.data.proportion_empty_prompts)
+            if self.ref_table is not None:
+                self.dataset = WithReference(self.dataset, self.ref_table)  # ref_mse comes with each item
         else:
             self.dataset = PreferenceDataset(pairs, cfg.data, self.components.tokenizers, self.components.sdxl)
         self.sampler = PairSampler(num_pairs, seed=cfg.train.seed)
@@ -183,15 +194,16 @@ class Trainer:
         draws = pair_noise(batch["sample_seed"].tolist(), comp.noise_scheduler.config.num_train_timesteps,
                            comp.latent_shape(cfg.data.resolution), device)
         latents, cond = self._inputs(batch, draws.posterior)  # (2B, C, h, w) [winners; losers]
-        noisy = comp.noise_scheduler.add_noise(latents, draws.noise, draws.timesteps)
-        target = comp.target(latents, draws.noise, draws.timesteps).float()
+        noisy, target = comp.noisy_and_target(latents, draws.noise, draws.timesteps)
 
         def mse(model: torch.nn.Module) -> tuple[Tensor, Tensor]:
             err = denoising_mse(model, noisy, draws.timesteps, cond, target)  # (2B,)
             return err[:b], err[b:]
 
         ref_w = ref_l = None
-        if self.loss_spec.needs_reference:
+        if self.ref_table is not None:
+            ref_w, ref_l = batch["ref_mse"].to(device, non_blocking=True).unbind(1)  # (B,) each, no forward
+        elif self.loss_spec.needs_reference:
             with torch.no_grad(), acc.autocast(), self.reference.model(acc.unwrap_model(self.unet)) as ref:
                 ref_w, ref_l = mse(ref)
         with acc.autocast():
