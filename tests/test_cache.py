@@ -107,3 +107,86 @@ def test_precomputed_reference_equals_live_reference(tmp_path, tiny_sd, tiny_dat
         assert [m[key] for m in live] == pytest.approx([m[key] for m in pre], rel=1e-5), key
     assert [m["loss"] for m in live] == pytest.approx([m["loss"] for m in pre], abs=1e-3)
     assert live[-1]["loss"] != pytest.approx(math.log(2), abs=1e-3)
+
+
+def cli_args(command: str, out: Path, model: Path, data: Path, *extra: str) -> list[str]:
+    return [command, "--output_dir", str(out), "--model.pretrained", str(model), "--data.path", str(data),
+            "--data.resolution", "32", "--data.batch_size", "3", "--data.num_workers", "0",
+            "--data.proportion_empty_prompts", "0.5", "--cache.shard_pairs", "5", "--train.max_steps", "2",
+            "--train.report_to", "none", "--validation.every_steps", "-1", "--train.checkpointing_steps", "0",
+            *extra]
+
+
+def test_mismatches_are_refused_in_one_line(tmp_path, tiny_sd, tiny_sdxl, tiny_data, sd_cache, capsys):
+    """A cache or reference file made with other settings is refused before training, naming the setting."""
+    ref = tmp_path / "ref.safetensors"
+    assert main(cli_args("cache", tmp_path / "unused", tiny_sd, tiny_data, "--cache.dir", str(sd_cache),
+                         "--reference", "--cache.reference_file", str(ref))) == 0
+    assert ref.is_file() and "up to date" in capsys.readouterr().out  # the cache itself was reused
+    cases = [
+        (["--data.resolution", "64"], "was made with data.resolution = 32, this run has 64"),
+        (["--model.pretrained", str(tiny_sdxl)], "was made with model (VAE, text encoders, tokenizers) = "),
+        (["--cache.dtype", "bfloat16"], "was made with cache.dtype = 'float32', this run has 'bfloat16'"),
+        (["--data.max_pairs", "4"], "was made with data.max_pairs = None, this run has 4"),
+        (["--data.random_crop"], "data.random_crop: the cache stores center crops"),
+        (["--cache.dir", str(tmp_path / "empty")], "holds no cache (no manifest.json)"),
+        (["--cache.reference", "precomputed", "--cache.reference_file", str(tmp_path / "nope.safetensors")],
+         "nope.safetensors not found"),
+        (["--cache.reference", "precomputed", "--train.seed", "1"], "was computed with train.seed = 0, this run has 1"),
+        (["--cache.reference", "precomputed", "--data.proportion_empty_prompts", "0.2"],
+         "was computed with data.proportion_empty_prompts = 0.5, this run has 0.2"),
+        (["--cache.reference", "precomputed", "--train.max_steps", "3"],  # too short: 6 pairs held, 9 needed
+         "holds reference errors for 6 pairs (2 steps on 1 process(es)), this run needs 9"),
+        (["--cache.reference", "precomputed", "--data.batch_size", "4"], "this run needs 8"),
+    ]
+    for extra, expected in cases:
+        out = tmp_path / "run"
+        args = cli_args("train", out, tiny_sd, tiny_data, "--cache.dir", str(sd_cache),
+                        "--cache.reference_file", str(ref))
+        rc = main(args + extra)
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("diffusion-dpo: error: "), (extra, err)
+        assert expected in err, (extra, err)
+        assert not out.exists(), extra  # nothing written before the refusal
+    # a file that covers the run (here: fewer steps than computed for) is accepted
+    assert main(cli_args("train", tmp_path / "ok", tiny_sd, tiny_data, "--cache.dir", str(sd_cache),
+                         "--cache.reference_file", str(ref), "--cache.reference", "precomputed",
+                         "--train.max_steps", "1")) == 0
+
+
+def test_a_seed_missing_from_the_file_fails_never_falls_back(tiny_sd, tiny_data, sd_cache, tmp_path):
+    from diffusion_dpo.cache import Cache
+    from diffusion_dpo.reference import ReferenceTable, precompute_reference
+
+    cfg = make_cfg(tmp_path / "run", tiny_sd, tiny_data, cache__dir=sd_cache, train__max_steps=1,
+                   cache__reference_file=tmp_path / "ref.safetensors", **{k: v for k, v in COMMON.items()
+                                                                          if k != "train__max_steps"})
+    precompute_reference(cfg)
+    table = ReferenceTable.open(cfg, Cache.open(cfg), 1, "cpu")
+    assert len(table.seeds) == 3
+    table.lookup(int(table.seeds[0]))
+    with pytest.raises(UserError, match="no reference errors for the pair with sample seed 12345"):
+        table.lookup(12345)
+
+
+def test_resume_with_cache_and_precomputed_reference(tmp_path, tiny_sd, tiny_data, sd_cache, monkeypatch):
+    """Kill after step 3 (checkpoint at 2), resume latest: bitwise the weights of the uninterrupted run. The VAE
+    and the text encoder cannot even be loaded here."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+
+    for cls in (AutoencoderKL, CLIPTextModel):
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("frozen encoder loaded")))
+    common = dict(COMMON, cache__dir=sd_cache, cache__reference="precomputed", cache__auto="true",
+                  cache__reference_file=tmp_path / "ref.safetensors", train__max_steps=4,
+                  train__checkpointing_steps=2, lora__rank=4)
+    straight = train(make_cfg(tmp_path / "a", tiny_sd, tiny_data, **common))
+    _KilledAfter.kill_at = 3
+    with pytest.raises(_Killed):
+        _KilledAfter(make_cfg(tmp_path / "b", tiny_sd, tiny_data, **common)).run()
+    resumed = train(make_cfg(tmp_path / "b", tiny_sd, tiny_data, train__resume="latest", **common))
+    from safetensors.torch import load_file
+
+    a, b = (load_file(p / "pytorch_lora_weights.safetensors") for p in (straight, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [m["loss"] for m in read_metrics(tmp_path / "a")] == [m["loss"] for m in read_metrics(tmp_path / "b")]

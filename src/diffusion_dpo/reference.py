@@ -127,6 +127,8 @@ def precompute_reference(cfg: Config, device: torch.device | str = "cpu", num_pr
             latents, cond = cached_inputs(batch, draws.posterior, comp.latent_scale, cfg.data.resolution, device,
                                           dtype)
             noisy, target = comp.noisy_and_target(latents, draws.noise, draws.timesteps)
+            if cfg.train.channels_last:
+                noisy = noisy.contiguous(memory_format=torch.channels_last)
             with _autocast(device, dtype):
                 err = denoising_mse(unet, noisy, draws.timesteps, cond, target)  # (2B,) [winners; losers]
             seeds.append(batch["sample_seed"])

@@ -162,6 +162,15 @@ class Trainer:
         if cfg.train.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         unet.train()
+        if cfg.train.channels_last:  # NHWC convolutions: faster tensor-core kernels under bf16/fp16 on GPUs
+            unet.to(memory_format=torch.channels_last)
+            if self.reference is not None and self.reference.copy is not None:
+                self.reference.copy.to(memory_format=torch.channels_last)
+        if cfg.train.compile:
+            # In place (nn.Module.compile): parameter names, checkpoints and unwrap_model stay as they are.
+            unet.compile()
+            if self.reference is not None and self.reference.copy is not None:
+                self.reference.copy.compile()
 
         self.pairs_per_step = cfg.data.batch_size * cfg.train.gradient_accumulation_steps * self.world
         lr = cfg.optim.lr * self.pairs_per_step if cfg.optim.scale_lr else cfg.optim.lr
@@ -195,6 +204,8 @@ class Trainer:
                            comp.latent_shape(cfg.data.resolution), device)
         latents, cond = self._inputs(batch, draws.posterior)  # (2B, C, h, w) [winners; losers]
         noisy, target = comp.noisy_and_target(latents, draws.noise, draws.timesteps)
+        if cfg.train.channels_last:
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
 
         def mse(model: torch.nn.Module) -> tuple[Tensor, Tensor]:
             err = denoising_mse(model, noisy, draws.timesteps, cond, target)  # (2B,)
