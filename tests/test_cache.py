@@ -72,11 +72,15 @@ def test_cached_run_equals_uncached_run(tmp_path, request, tiny_data, kind):
     # +-lr updates, and beta = 5000 amplifies what is left; this compares the inputs, not Adam.
     common = dict(COMMON, train__max_steps=2, optim__lr="0.1", optim__adam_epsilon="1.0", optim__weight_decay="0")
     train(make_cfg(tmp_path / "plain", model, tiny_data, **common))
+    # (a sample grid at the end: it loads the VAE and text encoders for the grid only)
     cached = Trainer(make_cfg(tmp_path / "cached", model, tiny_data, cache__dir=tmp_path / "cache",
-                              cache__auto="true", **common))
+                              cache__auto="true", validation__every_steps=0, validation__num_inference_steps=2,
+                              validation__prompts='["a red circle"]', **common))
     # the frozen encoders are never loaded: nothing to encode with, and no parameters of theirs in memory
     assert cached.components.vae is None and cached.components.text_encoders == []
     cached.run()
+    assert (tmp_path / "cached" / "samples" / "step-000002.png").is_file()
+    assert cached.components.vae is None
     plain, from_cache = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "cached")
     assert plain[-1]["loss"] != pytest.approx(math.log(2), abs=1e-3)  # training moved
     for key in ("model_mse_w", "model_mse_l", "ref_mse_w", "ref_mse_l"):
@@ -190,3 +194,30 @@ def test_resume_with_cache_and_precomputed_reference(tmp_path, tiny_sd, tiny_dat
     a, b = (load_file(p / "pytorch_lora_weights.safetensors") for p in (straight, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [m["loss"] for m in read_metrics(tmp_path / "a")] == [m["loss"] for m in read_metrics(tmp_path / "b")]
+
+
+@pytest.mark.slow
+def test_two_processes_with_cache_and_precomputed_reference(tmp_path, tiny_sd, tiny_data, sd_cache):
+    """torchrun, 2 processes x batch 2, each looking up its own pairs' precomputed errors (computed for
+    --num-processes 2 in batches of 4), matches 1 process x batch 4 with the live reference."""
+    import os
+    import subprocess
+    import sys
+
+    ref = tmp_path / "ref.safetensors"
+    common = ["--cache.dir", str(sd_cache), "--cache.reference_file", str(ref), "--data.batch_size", "2",
+              "--optim.lr", "0.1", "--optim.adam_epsilon", "1.0", "--optim.weight_decay", "0"]
+    assert main(cli_args("cache", tmp_path / "unused", tiny_sd, tiny_data, *common, "--reference",
+                         "--num-processes", "2")) == 0
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "diffusion_dpo",
+                          *cli_args("train", tmp_path / "ddp", tiny_sd, tiny_data, *common, "--data.num_workers", "1",
+                                    "--cache.reference", "precomputed")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert main(cli_args("train", tmp_path / "one", tiny_sd, tiny_data, *common, "--data.batch_size", "4")) == 0
+    ddp, one = read_metrics(tmp_path / "ddp"), read_metrics(tmp_path / "one")
+    assert len(ddp) == len(one) == 2
+    for key in ("ref_mse_w", "ref_mse_l", "model_mse_w", "model_mse_l"):
+        assert [m[key] for m in ddp] == pytest.approx([m[key] for m in one], rel=1e-5), key
+    assert [m["loss"] for m in ddp] == pytest.approx([m["loss"] for m in one], abs=1e-3)

@@ -118,7 +118,9 @@ class CacheConfig:
     dir: Optional[str] = _f(None, "Pre-encoding cache directory (`diffusion-dpo cache` writes it): every pair's "
                                   "VAE posterior and caption encodings, read memory-mapped; training then never "
                                   "loads the VAE or the text encoders. null = encode on the fly.")
-    auto: bool = _f(False, "train: build the cache (and a precomputed reference) first when cache.dir holds none.")
+    auto: bool = _f(False, "train: build the cache (and a precomputed reference) first when cache.dir holds none. "
+                           "With several processes, run `diffusion-dpo cache` first instead: the others wait at a "
+                           "barrier that may time out on a large data set.")
     dtype: str = _f("float32", "Storage dtype of the cache: float32 (a cached run equals an uncached one up to "
                                "float noise), float16 or bfloat16 (half the disk).")
     batch_size: int = _f(16, "Pairs per batch while building the cache and while precomputing the reference.")

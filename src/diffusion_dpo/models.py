@@ -66,7 +66,8 @@ def build_conditioning(hidden: Tensor, pooled: Optional[Tensor], original_sizes:
     sizes = torch.cat([original_sizes[:, 0], original_sizes[:, 1]])  # (2B, 2), winners first
     crops = torch.cat([crop_top_lefts[:, 0], crop_top_lefts[:, 1]])
     target = torch.tensor([resolution, resolution]).expand(sizes.shape[0], 2)
-    time_ids = torch.cat([sizes.cpu(), crops.cpu(), target], dim=1).to(pooled.device, pooled.dtype)
+    # built on the host from the batch, copied without waiting for the device (no sync in the step)
+    time_ids = torch.cat([sizes.cpu(), crops.cpu(), target], dim=1).to(pooled.device, pooled.dtype, non_blocking=True)
     return Conditioning(hidden, {"text_embeds": pooled.repeat(2, 1), "time_ids": time_ids})
 
 

@@ -220,7 +220,7 @@ class Trainer:
         with acc.autocast():
             model_w, model_l = mse(self.unet)
         out = self.loss_spec.fn(model_w, model_l, ref_w, ref_l, beta=cfg.loss.beta,
-                                label=batch["label"].to(device))
+                                label=batch["label"].to(device, non_blocking=True))
         loss = out.loss.mean()
         metrics = {
             "loss": loss.detach(),
