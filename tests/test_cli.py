@@ -36,7 +36,7 @@ def tiny_data(tmp_path_factory):
 
 
 def test_help_for_every_command():
-    for args in (["--help"], ["train", "--help"], ["make-tiny", "--help"]):
+    for args in (["--help"], ["train", "--help"], ["cache", "--help"], ["make-tiny", "--help"]):
         res = run_cli(*args)
         assert res.returncode == 0 and "usage:" in res.stdout, res.stderr
     assert "--loss.beta" in run_cli("train", "--help").stdout

@@ -12,9 +12,12 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from diffusion_dpo.errors import UserError
+
+if TYPE_CHECKING:  # imported where used, like the rest of this module's dependencies
+    from diffusion_dpo.config import Config
 
 PROG = "diffusion-dpo"
 
@@ -81,6 +84,22 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--markdown", metavar="FILE", help="also write the table as markdown")
     _add_config_flags(bench)
 
+    cache = sub.add_parser(
+        "cache", help="pre-encode a data set (VAE posteriors, caption encodings) for fast training; optionally "
+                      "precompute the reference model's errors",
+        description="Encode every pair's images with the VAE and every caption with the text encoder(s) once, into "
+                    "cache.dir; `train` with the same --cache.dir then never loads them. With --reference, also "
+                    "compute the reference model's per-pair errors for exactly this training config (seed, steps, "
+                    "batch, precision), so `train --cache.reference precomputed` loads no reference model. Takes "
+                    "the same --config FILE and --section.key VALUE flags as train.")
+    cache.add_argument("--config", metavar="FILE", help="YAML config (see configs/)")
+    cache.add_argument("--reference", action="store_true",
+                       help="also precompute the reference errors the training run with this config will need")
+    cache.add_argument("--num-processes", type=int, default=1, metavar="N",
+                       help="processes the training run will use (the reference errors cover data.batch_size x "
+                            "accumulation x N pairs per step) [default: 1]")
+    _add_config_flags(cache)
+
     tiny = sub.add_parser(
         "make-tiny", help="build tiny offline SD/SDXL pipelines and a tiny Pick-a-Pic-schema data set",
         description="Writes OUT/sd and OUT/sdxl (tiny random diffusers pipelines) and OUT/pickapic (parquet "
@@ -122,9 +141,17 @@ def quiet_progress_bars() -> None:
     datasets.disable_progress_bars()  # "Generating train split" (the env var only works before the import)
 
 
+def _load_config(args: argparse.Namespace) -> Config:
+    """The config from --config FILE and the --section.key flags given."""
+    from diffusion_dpo.config import iter_fields, load_config
+
+    given = vars(args)
+    return load_config(args.config, {name: given[name] for name, _ in iter_fields() if name in given})
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     quiet_progress_bars()
-    cfg = _config_from_args(args)
+    cfg = _load_config(args)
     from diffusion_dpo.training import train
 
     final = train(cfg)
@@ -133,22 +160,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _config_from_args(args: argparse.Namespace):
-    """The config of a command that takes --config FILE plus --section.key overrides."""
-    from diffusion_dpo.config import iter_fields, load_config
-
-    given = vars(args)
-    overrides = {name: given[name] for name, _ in iter_fields() if name in given}
-    return load_config(args.config, overrides)
-
-
 def _cmd_bench(args: argparse.Namespace) -> int:
     import json
 
     from diffusion_dpo.bench import MODES, markdown, run_bench
 
     quiet_progress_bars()
-    cfg = _config_from_args(args)
+    cfg = _load_config(args)
     if args.steps < 1 or args.warmup < 0 or args.floor_repeats < 1:
         raise UserError("bench: --steps and --floor-repeats must be >= 1, --warmup >= 0")
     rows = run_bench(cfg, args.modes or list(MODES), lora_rank=args.lora_rank, steps=args.steps, warmup=args.warmup,
@@ -160,6 +178,27 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     if args.markdown:
         Path(args.markdown).write_text(table)
+    return 0
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    import torch
+
+    from diffusion_dpo.cache import build_cache
+
+    quiet_progress_bars()
+    cfg = _load_config(args)
+    if not cfg.cache.dir:
+        raise UserError("cache: --cache.dir is required (where to write the cache)")
+    if args.num_processes < 1:
+        raise UserError("cache: --num-processes must be >= 1")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    build_cache(cfg, device)
+    if args.reference:
+        from diffusion_dpo.reference import precompute_reference
+
+        path = precompute_reference(cfg, device, num_processes=args.num_processes)
+        print(f"reference errors: {path}")
     return 0
 
 
@@ -200,7 +239,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = build_parser().parse_args(argv)
         from diffusion_dpo.cli_eval import COMMANDS as EVAL_COMMANDS
 
-        return {"train": _cmd_train, "bench": _cmd_bench, "make-tiny": _cmd_make_tiny,
+        return {"train": _cmd_train, "cache": _cmd_cache, "bench": _cmd_bench, "make-tiny": _cmd_make_tiny,
                 **EVAL_COMMANDS}[args.command](args)
     except UserError as exc:
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)

@@ -107,6 +107,28 @@ class TrainConfig:
     allow_tf32: bool = _f(True, "Allow TF32 matmuls on Ampere+ GPUs.")
     skip_nonfinite: bool = _f(False, "Skip (and count) optimizer steps whose loss or gradient is NaN/inf instead "
                                      "of stopping the run; the weights are never updated with them.")
+    channels_last: bool = _f(False, "Keep the UNet's weights and inputs in channels-last memory format (faster "
+                                    "convolutions on recent GPUs with bf16/fp16; no gain on CPU).")
+    compile: bool = _f(False, "torch.compile the UNet (the first steps are slow while it compiles; pays off on "
+                              "long GPU runs).")
+
+
+@dataclass
+class CacheConfig:
+    dir: Optional[str] = _f(None, "Pre-encoding cache directory (`diffusion-dpo cache` writes it): every pair's "
+                                  "VAE posterior and caption encodings, read memory-mapped; training then never "
+                                  "loads the VAE or the text encoders. null = encode on the fly.")
+    auto: bool = _f(False, "train: build the cache (and a precomputed reference) first when cache.dir holds none. "
+                           "With several processes, run `diffusion-dpo cache` first instead: the others wait at a "
+                           "barrier that may time out on a large data set.")
+    dtype: str = _f("float32", "Storage dtype of the cache: float32 (a cached run equals an uncached one up to "
+                               "float noise), float16 or bfloat16 (half the disk).")
+    batch_size: int = _f(16, "Pairs per batch while building the cache and while precomputing the reference.")
+    shard_pairs: int = _f(1024, "Pairs (and captions) per shard file.")
+    reference: str = _f("live", "The reference model's errors: live (a forward pass every step) or precomputed "
+                                "(computed once by `diffusion-dpo cache --reference` for this run's exact timesteps "
+                                "and noises; training then loads no reference model). precomputed needs cache.dir.")
+    reference_file: Optional[str] = _f(None, "The precomputed reference file; default: <cache.dir>/reference.safetensors.")
 
 
 @dataclass
@@ -131,7 +153,11 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+
+CACHE_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def iter_fields(cls: type = None, prefix: str = "") -> list[tuple[str, dataclasses.Field]]:
@@ -148,7 +174,7 @@ def iter_fields(cls: type = None, prefix: str = "") -> list[tuple[str, dataclass
 
 
 _SECTIONS = {"model": ModelConfig, "lora": LoraConfig, "data": DataConfig, "loss": LossConfig,
-             "optim": OptimConfig, "train": TrainConfig, "validation": ValidationConfig}
+             "optim": OptimConfig, "train": TrainConfig, "cache": CacheConfig, "validation": ValidationConfig}
 
 
 def _omegaconf_error(exc: OmegaConfBaseException, source: str) -> UserError:
@@ -232,6 +258,15 @@ def validate(cfg: Config) -> None:
          "must be tensorboard, wandb, all or none")
     need(cfg.model.prediction_type in (None, "epsilon", "v_prediction"), "model.prediction_type",
          "must be epsilon or v_prediction")
+    need(cfg.cache.dtype in CACHE_DTYPES, "cache.dtype", f"must be one of {', '.join(CACHE_DTYPES)} "
+                                                        f"(got '{cfg.cache.dtype}')")
+    need(cfg.cache.batch_size >= 1, "cache.batch_size", "must be >= 1")
+    need(cfg.cache.shard_pairs >= 1, "cache.shard_pairs", "must be >= 1")
+    need(cfg.cache.reference in ("live", "precomputed"), "cache.reference",
+         f"must be live or precomputed (got '{cfg.cache.reference}')")
+    need(cfg.cache.reference == "live" or bool(cfg.cache.dir), "cache.reference",
+         "precomputed needs cache.dir (the reference errors are computed from the cache)")
+    need(not cfg.cache.auto or bool(cfg.cache.dir), "cache.auto", "needs cache.dir (where to build the cache)")
     need(cfg.validation.every_steps >= -1, "validation.every_steps", "must be >= -1")
     need(cfg.validation.num_inference_steps >= 1, "validation.num_inference_steps", "must be >= 1")
 

@@ -41,6 +41,7 @@ from diffusion_dpo.config import DataConfig
 from diffusion_dpo.errors import UserError, is_local_path
 from diffusion_dpo.images import (FileImages, ImageSource, TableImages, crop_offsets, find_bad_images,
                                   image_source, load_rgb, resize_short_side, short_reason, to_unit_range)
+from diffusion_dpo.randomness import item_draws
 
 REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 LOCAL_KEYS = ("prompt", "chosen", "rejected")
@@ -98,6 +99,13 @@ class PreferencePairs:
         if self.winner_is_1[i]:
             win, lose = lose, win
         return rec["caption"], win, lose, float(self.labels[i])
+
+    def captions(self) -> list[str]:
+        """Every pair's caption, in pair order, without touching the images (one Arrow column read)."""
+        if isinstance(self.rows, list):
+            return [self.rows[int(r)][0] for r in self.row_index]
+        column = self.rows.data.column("caption").take(pa.array(self.row_index))
+        return [c if c is not None else "" for c in column.to_pylist()]
 
     def where(self, i: int) -> str:
         """"<file> row N" of pair `i`, for error messages."""
@@ -455,35 +463,21 @@ class PreferenceDataset(torch.utils.data.Dataset):
         return len(self.pairs)
 
     def __getitem__(self, key: tuple[int, int] | int) -> dict:
-        """Pair `key[0]` augmented with randomness drawn only from `np.random.default_rng(key[1])`.
+        """Pair `key[0]` augmented with the draws of sample seed `key[1]` (`randomness.item_draws`).
 
         A plain int key `i` means `(i, i)` (handy outside `PairSampler`).
         """
         index, seed = key if isinstance(key, tuple) else (key, key)
         caption, win, lose, label = self.pairs.get(index)
-        rng = np.random.default_rng(int(seed) % 2**64)
-        # Always draw the same four numbers, so switching one augmentation off leaves the others unchanged.
-        u_flip, u_top, u_left, u_drop = rng.random(4)
-        flip = self.cfg.random_flip and u_flip < 0.5
-        fractions = (u_top, u_left) if self.cfg.random_crop else (None, None)
-        size = self.cfg.resolution
+        draws = item_draws(seed, self.cfg.random_flip, self.cfg.random_crop, self.cfg.proportion_empty_prompts)
         pixels, original_sizes, crop_top_lefts = [], [], []
         for src in (win, lose):
-            try:
-                img = load_rgb(src)
-            except Exception as exc:  # noqa: BLE001 - only reachable with data.validate_images=false
-                raise UserError(f"{self.pairs.where(index)}: image cannot be decoded ({short_reason(exc)})") from None
+            img = decode_pair_image(self.pairs, index, src)
             original_sizes.append((img.height, img.width))
-            img = resize_short_side(img, size)
-            top, left = crop_offsets(img.width, img.height, size, *fractions)
-            resized_width = img.width
-            img = img.crop((left, top, left + size, top + size))
-            if flip:
-                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-                left = resized_width - left - size  # SDXL conditions on the crop as seen after the flip
-            pixels.append(to_unit_range(img))  # (3, R, R)
-            crop_top_lefts.append((top, left))
-        prompt = "" if u_drop < self.cfg.proportion_empty_prompts else caption
+            array, top_left = prepare_image(img, self.cfg.resolution, draws.flip, draws.crop_fractions)
+            pixels.append(array)  # (3, R, R)
+            crop_top_lefts.append(top_left)
+        prompt = "" if draws.empty_prompt else caption
         item = {
             "pixel_values": torch.from_numpy(np.stack(pixels)),  # (2, 3, R, R), winner first
             "original_sizes": torch.tensor(original_sizes, dtype=torch.long),  # (2, 2) (h, w)
@@ -492,21 +486,48 @@ class PreferenceDataset(torch.utils.data.Dataset):
             "prompt": prompt,
             "sample_seed": int(seed) & 0x7FFFFFFFFFFFFFFF,  # fits int64; the trainer draws the pair's noise from it
         }
-        for k, tok in enumerate(self.tokenizers):
-            ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids[0]  # (L,)
-            item["input_ids" if k == 0 else "input_ids_2"] = ids
+        for k, ids in enumerate(tokenize(self.tokenizers, [prompt])):
+            item["input_ids" if k == 0 else "input_ids_2"] = ids[0]  # (L,)
         return item
 
 
+def decode_pair_image(pairs: PreferencePairs, index: int, src: ImageSource) -> Image.Image:
+    """Decode one image of pair `index` to RGB; a broken file is a one-line `UserError` naming the row."""
+    try:
+        return load_rgb(src)
+    except Exception as exc:  # noqa: BLE001 - only reachable with data.validate_images=false
+        raise UserError(f"{pairs.where(index)}: image cannot be decoded ({short_reason(exc)})") from None
+
+
+def prepare_image(img: Image.Image, size: int, flip: bool,
+                  crop_fractions: tuple[Optional[float], Optional[float]]) -> tuple[np.ndarray, tuple[int, int]]:
+    """Resize (short side = size), crop (center, or at the given fractions), flip: (3, R, R) in [-1, 1] and
+    the crop's (top, left) as SDXL sees it. The one place images become training pixels (uncached and cache)."""
+    img = resize_short_side(img, size)
+    top, left = crop_offsets(img.width, img.height, size, *crop_fractions)
+    resized_width = img.width
+    img = img.crop((left, top, left + size, top + size))
+    if flip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        left = resized_width - left - size  # SDXL conditions on the crop as seen after the flip
+    return to_unit_range(img), (top, left)
+
+
+def tokenize(tokenizers: Sequence[Any], prompts: list[str]) -> list[torch.Tensor]:
+    """Prompts -> one (N, L) tensor of token ids per tokenizer, padded to the model's length."""
+    return [tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                return_tensors="pt").input_ids for tok in tokenizers]
+
+
 def collate_pairs(examples: list[dict]) -> dict:
-    """Stack items into a batch: pixel_values (B, 2, 3, R, R), input_ids (B, L), label (B,), ..."""
-    batch = {key: torch.stack([e[key] for e in examples])
-             for key in ("pixel_values", "original_sizes", "crop_top_lefts", "input_ids", "input_ids_2")
-             if key in examples[0]}
+    """Stack items into a batch: every tensor field gets a leading batch dimension (pixel_values
+    (B, 2, 3, R, R), input_ids (B, L), or the cache's latent parameters), label (B,), sample_seed (B,), prompts."""
+    batch = {key: torch.stack([e[key] for e in examples]) for key, value in examples[0].items()
+             if isinstance(value, torch.Tensor)}
     batch["label"] = torch.tensor([e["label"] for e in examples], dtype=torch.float32)  # (B,)
     batch["sample_seed"] = torch.tensor([e["sample_seed"] for e in examples], dtype=torch.int64)  # (B,)
-    batch["prompt"] = [e["prompt"] for e in examples]
+    if "prompt" in examples[0]:
+        batch["prompt"] = [e["prompt"] for e in examples]
     return batch
 
 

@@ -33,18 +33,72 @@ class Conditioning:
     added: Optional[dict[str, Tensor]] = None  # SDXL: text_embeds (2B, P), time_ids (2B, 6)
 
 
+@dataclass(frozen=True)
+class LatentScale:
+    """How VAE posterior samples become the UNet's latents: (sample - shift) * scaling (the VAE config's)."""
+
+    scaling_factor: float
+    shift_factor: float = 0.0
+
+    @classmethod
+    def of(cls, vae_config: Any) -> "LatentScale":
+        return cls(float(vae_config["scaling_factor"]), float(vae_config.get("shift_factor", None) or 0.0))
+
+
+def sample_latents(mean: Tensor, std: Tensor, eps: Optional[Tensor], scale: LatentScale) -> Tensor:
+    """Scaled latents from the VAE posterior N(mean, std²): (mean + std * eps - shift) * scaling, or the mean
+    when eps is None. The one formula for encoding on the fly and for the pre-encoded cache."""
+    latents = mean if eps is None else mean + std * eps.to(mean)
+    return (latents - scale.shift_factor) * scale.scaling_factor
+
+
+def build_conditioning(hidden: Tensor, pooled: Optional[Tensor], original_sizes: Tensor, crop_top_lefts: Tensor,
+                       resolution: int) -> Conditioning:
+    """Conditioning for [winners; losers] from the B prompts' encodings: both images of a pair share the
+    prompt; for SDXL (pooled given) each image gets its own original size and crop offsets as time ids.
+
+    hidden (B, L, D), pooled (B, P) or None; original_sizes, crop_top_lefts: (B, 2, 2) as (pair, image,
+    (h|top, w|left)). time_ids = (orig_h, orig_w, top, left, target_h, target_w).
+    """
+    hidden = hidden.repeat(2, 1, 1)  # (2B, L, D)
+    if pooled is None:
+        return Conditioning(hidden)
+    sizes = torch.cat([original_sizes[:, 0], original_sizes[:, 1]])  # (2B, 2), winners first
+    crops = torch.cat([crop_top_lefts[:, 0], crop_top_lefts[:, 1]])
+    target = torch.tensor([resolution, resolution]).expand(sizes.shape[0], 2)
+    # built on the host from the batch, copied without waiting for the device (no sync in the step)
+    time_ids = torch.cat([sizes.cpu(), crops.cpu(), target], dim=1).to(pooled.device, pooled.dtype, non_blocking=True)
+    return Conditioning(hidden, {"text_embeds": pooled.repeat(2, 1), "time_ids": time_ids})
+
+
+def denoising_mse(unet: nn.Module, noisy: Tensor, timesteps: Tensor, cond: Conditioning, target: Tensor) -> Tensor:
+    """(N,) per-sample MSE (mean over C, H, W) of the UNet's prediction against `target`: the quantity every
+    loss sees, for the policy, the live reference and the precomputed reference alike."""
+    pred = unet(noisy, timesteps, cond.hidden_states, added_cond_kwargs=cond.added).sample
+    return (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
+
+
 @dataclass
 class Components:
-    """The parts of a text-to-image pipeline that training needs, with the family's conventions."""
+    """The parts of a text-to-image pipeline that training needs, with the family's conventions.
+
+    Training from a pre-encoded cache loads neither the VAE nor the text encoders (`vae` is None,
+    `text_encoders` empty); only the VAE's config (latent geometry and scale) is read.
+    """
 
     pretrained: str
-    unet: nn.Module
-    vae: nn.Module
+    unet: Optional[nn.Module]
+    vae: Optional[nn.Module]
     text_encoders: list[nn.Module]
     tokenizers: list[Any]
     noise_scheduler: Any  # a DDPMScheduler with the checkpoint's betas and prediction type
     pipeline_class: type
     sdxl: bool
+    vae_config: Any = None  # the VAE's config (always present; read from disk when the VAE is not loaded)
+
+    @property
+    def latent_scale(self) -> LatentScale:
+        return LatentScale.of(self.vae_config)
 
     @property
     def prediction_type(self) -> str:
@@ -72,29 +126,29 @@ class Components:
         (pair, image, (h|top, w|left)). time_ids = (orig_h, orig_w, top, left, target_h, target_w).
         """
         hidden, pooled = self.encode_prompt(input_ids)
-        hidden = hidden.repeat(2, 1, 1)  # (2B, L, D)
-        if not self.sdxl:
-            return Conditioning(hidden)
-        sizes = torch.cat([original_sizes[:, 0], original_sizes[:, 1]])  # (2B, 2), winners first
-        crops = torch.cat([crop_top_lefts[:, 0], crop_top_lefts[:, 1]])
-        target = torch.tensor([resolution, resolution]).expand(sizes.shape[0], 2)
-        time_ids = torch.cat([sizes.cpu(), crops.cpu(), target], dim=1).to(pooled.device, pooled.dtype)
-        return Conditioning(hidden, {"text_embeds": pooled.repeat(2, 1), "time_ids": time_ids})
+        return build_conditioning(hidden, pooled if self.sdxl else None, original_sizes, crop_top_lefts, resolution)
 
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         """(C, h, w) of the latents of a resolution x resolution image."""
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        return self.vae.config.latent_channels, resolution // factor, resolution // factor
+        factor = 2 ** (len(self.vae_config["block_out_channels"]) - 1)
+        return self.vae_config["latent_channels"], resolution // factor, resolution // factor
+
+    @torch.no_grad()
+    def posterior(self, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
+        """Pixels (N, 3, H, W) in [-1, 1] -> the VAE posterior's mean and std, each (N, C, H/f, W/f)."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        dist = self.vae.encode(pixel_values.to(self.vae.device, vae_dtype)).latent_dist
+        return dist.mean, dist.std
 
     @torch.no_grad()
     def encode_images(self, pixel_values: Tensor, noise: Optional[Tensor] = None) -> Tensor:
         """Pixels (N, 3, H, W) in [-1, 1] -> scaled latents (N, C, H/f, W/f): a posterior sample
         mean + std * noise (standard normal, (N, C, h, w)), or the mean when noise is None."""
-        vae_dtype = next(self.vae.parameters()).dtype
-        dist = self.vae.encode(pixel_values.to(self.vae.device, vae_dtype)).latent_dist
-        latents = dist.mean if noise is None else dist.mean + dist.std * noise.to(dist.mean)
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        return (latents - shift) * self.vae.config.scaling_factor
+        return sample_latents(*self.posterior(pixel_values), noise, self.latent_scale)
+
+    def noisy_and_target(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> tuple[Tensor, Tensor]:
+        """The forward-diffused latents x_t and the regression target (fp32), for training and the reference pass."""
+        return self.noise_scheduler.add_noise(latents, noise, timesteps), self.target(latents, noise, timesteps).float()
 
     def target(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         """The regression target: ε for epsilon-prediction, v for v-prediction (from the scheduler config)."""
@@ -157,9 +211,12 @@ def _library_class(entry: list, what: str) -> type:
 
 
 def load_components(cfg: ModelConfig, weight_dtype: torch.dtype = torch.float32,
-                    device: torch.device | str = "cpu") -> Components:
+                    device: torch.device | str = "cpu", unet: bool = True, encoders: bool = True) -> Components:
     """Load UNet (fp32, trainable), VAE and text encoders (frozen, `weight_dtype`), tokenizers and a DDPM
-    noise scheduler from `cfg.pretrained` (plus `cfg.vae` if given)."""
+    noise scheduler from `cfg.pretrained` (plus `cfg.vae` if given).
+
+    `unet=False` skips the UNet (the cache builder); `encoders=False` skips the VAE and text encoders,
+    reading only the VAE's config (training from a pre-encoded cache)."""
     import diffusers
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
@@ -177,27 +234,38 @@ def load_components(cfg: ModelConfig, weight_dtype: torch.dtype = torch.float32,
         names = ["tokenizer", "tokenizer_2"] if sdxl else ["tokenizer"]
         tokenizers = [_library_class(index[n], n).from_pretrained(cfg.pretrained, subfolder=n, **common)
                       for n in names]
-        encoders = [_library_class(index[n], n).from_pretrained(cfg.pretrained, subfolder=n, variant=cfg.variant,
-                                                                 torch_dtype=weight_dtype, **common)
-                    for n in (["text_encoder", "text_encoder_2"] if sdxl else ["text_encoder"])]
-        unet = UNet2DConditionModel.from_pretrained(cfg.pretrained, subfolder="unet", variant=cfg.variant,
-                                                    torch_dtype=torch.float32, **common)
-        vae = load_vae(cfg)
+        text_encoders = [_library_class(index[n], n).from_pretrained(cfg.pretrained, subfolder=n,
+                                                                      variant=cfg.variant, torch_dtype=weight_dtype,
+                                                                      **common)
+                         for n in (["text_encoder", "text_encoder_2"] if sdxl and encoders else
+                                   ["text_encoder"] if encoders else [])]
+        model = UNet2DConditionModel.from_pretrained(cfg.pretrained, subfolder="unet", variant=cfg.variant,
+                                                     torch_dtype=torch.float32, **common) if unet else None
+        vae = load_vae(cfg) if encoders else None
+        config = vae.config if vae is not None else load_vae_config(cfg)
     except UserError:
         raise
     except (OSError, ValueError, EnvironmentError) as exc:
         raise UserError(f"model.pretrained '{cfg.pretrained}': {str(exc).strip().splitlines()[0]}") from None
-    # SDXL's original VAE overflows in fp16 (its config says force_upcast): keep it fp32 then.
-    vae_dtype = torch.float32 if (weight_dtype == torch.float16 and vae.config.get("force_upcast", False)) \
-        else weight_dtype
-    cast(vae, vae_dtype)
-    for module in [vae, *encoders]:
+    if vae is not None:
+        # SDXL's original VAE overflows in fp16 (its config says force_upcast): keep it fp32 then.
+        vae_dtype = torch.float32 if (weight_dtype == torch.float16 and vae.config.get("force_upcast", False)) \
+            else weight_dtype
+        cast(vae, vae_dtype)
+    for module in [m for m in (vae, *text_encoders) if m is not None]:
         module.requires_grad_(False)
         module.eval()
         module.to(device)
-    unet.to(device)
-    return Components(pretrained=cfg.pretrained, unet=unet, vae=vae, text_encoders=encoders, tokenizers=tokenizers,
-                      noise_scheduler=scheduler, pipeline_class=pipeline_class, sdxl=sdxl)
+    if model is not None:
+        model.to(device)
+    return Components(pretrained=cfg.pretrained, unet=model, vae=vae, text_encoders=text_encoders,
+                      tokenizers=tokenizers, noise_scheduler=scheduler, pipeline_class=pipeline_class, sdxl=sdxl,
+                      vae_config=config)
+
+
+def weight_dtype_of(mixed_precision: str) -> torch.dtype:
+    """The dtype of the frozen parts (and the autocast dtype) for train.mixed_precision no/fp16/bf16."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
 def cast(module: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -207,27 +275,48 @@ def cast(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     return module
 
 
-def load_vae(cfg: ModelConfig) -> nn.Module:
-    """The pipeline's VAE, or `cfg.vae`: a VAE repo/dir (config at its root) or a pipeline with a vae/ folder."""
-    from diffusers import AutoencoderKL
-
+def vae_location(cfg: ModelConfig) -> tuple[str | Path, dict]:
+    """Where the VAE lives: (path or hub id, from_pretrained keyword arguments). The pipeline's vae/ folder,
+    or `cfg.vae`: a VAE repo/dir (config at its root) or a pipeline with a vae/ folder."""
     if cfg.vae is None:
-        return AutoencoderKL.from_pretrained(cfg.pretrained, subfolder="vae", revision=cfg.revision,
-                                             variant=cfg.variant)
+        return cfg.pretrained, dict(subfolder="vae", revision=cfg.revision)
     local = Path(cfg.vae).expanduser()
     if local.exists():
         if (local / "config.json").is_file():
-            return AutoencoderKL.from_pretrained(local)
+            return local, {}
         if (local / "vae" / "config.json").is_file():
-            return AutoencoderKL.from_pretrained(local, subfolder="vae")
+            return local, dict(subfolder="vae")
         raise UserError(f"model.vae '{cfg.vae}' holds no VAE (no config.json, no vae/config.json)")
     if is_local_path(cfg.vae):
         raise UserError(f"model.vae '{cfg.vae}' does not exist")
+    return cfg.vae, {}
+
+
+def _vae_call(cfg: ModelConfig, fn: Any) -> Any:
+    """`fn(where, **kwargs)` at the VAE's location; a separate hub VAE that fails is one line naming model.vae."""
+    where, kwargs = vae_location(cfg)
+    if cfg.vae is None or isinstance(where, Path):
+        return fn(where, **kwargs)
     try:
-        return AutoencoderKL.from_pretrained(cfg.vae)
+        return fn(where, **kwargs)
     except (OSError, ValueError) as exc:
         raise UserError(f"model.vae '{cfg.vae}' is not a local directory and could not be loaded from the hub: "
                         f"{str(exc).strip().splitlines()[0]}") from None
+
+
+def load_vae(cfg: ModelConfig) -> nn.Module:
+    """The pipeline's VAE, or `cfg.vae` (see `vae_location`)."""
+    from diffusers import AutoencoderKL
+
+    variant = dict(variant=cfg.variant) if cfg.vae is None else {}
+    return _vae_call(cfg, lambda where, **kw: AutoencoderKL.from_pretrained(where, **kw, **variant))
+
+
+def load_vae_config(cfg: ModelConfig) -> Any:
+    """The VAE's config only (latent channels, downsampling, scaling and shift factors); no weights are read."""
+    from diffusers import AutoencoderKL
+
+    return _vae_call(cfg, AutoencoderKL.load_config)
 
 
 def add_lora(unet: nn.Module, cfg: LoraConfig) -> list[nn.Parameter]:

@@ -1,9 +1,12 @@
 """The Diffusion-DPO training loop: accelerate inside, one short `step`, exact bookkeeping.
 
 Per optimizer step, for each micro-batch of B pairs (winner first):
-  1. encode both images with the frozen VAE -> latents (2B, 4, h, w) as [winners; losers];
+  1. encode both images with the frozen VAE -> latents (2B, 4, h, w) as [winners; losers]
+     (or, with `cache.dir`, sample them from the cached VAE posteriors: the VAE and text encoders
+     are then never loaded; see cache.py);
   2. draw ONE timestep and ONE noise per pair and use them for both images of the pair;
-  3. the frozen reference predicts on all 2B noisy latents (no grad): per-sample MSE ref_w, ref_l;
+  3. the frozen reference predicts on all 2B noisy latents (no grad): per-sample MSE ref_w, ref_l
+     (or, with `cache.reference=precomputed`, they come with the batch: no reference model at all);
   4. the trainable UNet predicts on the same 2B in one forward: model_w, model_l;
   5. the registry loss (dpo by default) turns the four MSEs into a per-pair loss; backward.
 Gradients are accumulated over `train.gradient_accumulation_steps` micro-batches, clipped, and
@@ -16,6 +19,7 @@ Run: `diffusion-dpo train --config configs/sd15_pickapic.yaml --data.path DIR --
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -30,24 +34,19 @@ import torch
 from torch import Tensor
 
 from diffusion_dpo import checkpoint as ckpt
+from diffusion_dpo.cache import Cache, CachedPairs, build_cache, cached_inputs, read_manifest
 from diffusion_dpo.config import Config, to_yaml
 from diffusion_dpo.data import PairSampler, PreferenceDataset, collate_pairs, load_preference_pairs
 from diffusion_dpo.errors import UserError, is_local_path
 from diffusion_dpo.losses import LossSpec, get_loss, implicit_accuracy
-from diffusion_dpo.models import (Components, Reference, add_lora, cast, load_components, load_vae,
-                                  read_model_index, save_lora)
+from diffusion_dpo.models import (Components, Reference, add_lora, cast, denoising_mse, load_components, load_vae,
+                                  read_model_index, save_lora, weight_dtype_of)
 from diffusion_dpo.optim import make_lr_scheduler, make_optimizer
+from diffusion_dpo.randomness import pair_noise, seed_for
+from diffusion_dpo.reference import ReferenceTable, WithReference, precompute_reference, reference_path
 
 ENGINE_DIR = "engine"  # accelerate's save_state of a sharded (FSDP/DeepSpeed) run, inside a checkpoint
 METRIC_KEYS = ("loss", "implicit_acc", "reward_margin", "model_mse_w", "model_mse_l", "ref_mse_w", "ref_mse_l")
-
-
-def _seed_for(*parts: int) -> int:
-    """A 63-bit seed mixed from integers (so nearby steps get unrelated streams)."""
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h = (h ^ (p + 0x632BE59BD9B4E019 + (h << 6) + (h >> 2))) & 0xFFFFFFFFFFFFFFFF
-    return h & 0x7FFFFFFFFFFFFFFF
 
 
 class ShardedPairSampler(torch.utils.data.Sampler):
@@ -105,8 +104,7 @@ class Trainer:
         if cfg.train.mixed_precision == "fp16" and acc.device.type != "cuda":
             raise UserError(f"train.mixed_precision=fp16 needs a CUDA GPU (this run is on {acc.device.type}); "
                             "use bf16 or no")
-        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.train.mixed_precision,
-                                                                                 torch.float32)
+        self.weight_dtype = weight_dtype_of(cfg.train.mixed_precision)
         from accelerate.utils import DistributedType
 
         # FSDP and DeepSpeed shard parameters and optimizer states over processes: their checkpoints go
@@ -132,31 +130,62 @@ class Trainer:
                               resume_asked=bool(cfg.train.resume))
         if Path(cfg.model.pretrained).expanduser().exists() or is_local_path(cfg.model.pretrained):
             read_model_index(cfg.model)  # a local model path mistake fails before the data scan
-        # The main process validates (and builds the Arrow cache) first; the others then reuse the cache.
-        with acc.main_process_first():
-            self.pairs = load_preference_pairs(cfg.data)
-        acc.print(self.pairs.summary())
+        self.cache: Optional[Cache] = None
+        if cfg.cache.dir:
+            # The main process builds a missing cache (cache.auto) first; the others then open it.
+            with acc.main_process_first():
+                if acc.is_main_process and cfg.cache.auto and read_manifest(Path(cfg.cache.dir).expanduser()) is None:
+                    build_cache(cfg, acc.device, acc.print)
+                self.cache = Cache.open(cfg)  # refuses a cache made with other settings, before any model loads
+            num_pairs = self.cache.num_pairs
+            acc.print(f"cache {cfg.cache.dir}: {self.cache.manifest['summary']}")
+        else:
+            # The main process validates (and builds the Arrow cache) first; the others then reuse the cache.
+            with acc.main_process_first():
+                pairs = load_preference_pairs(cfg.data)
+            acc.print(pairs.summary())
+            num_pairs = len(pairs)
         self.world = acc.num_processes
-        if len(self.pairs) < cfg.data.batch_size * self.world:
-            raise UserError(f"data.path '{cfg.data.path}': {len(self.pairs)} usable pairs is fewer than one batch "
+        if num_pairs < cfg.data.batch_size * self.world:
+            raise UserError(f"data.path '{cfg.data.path}': {num_pairs} usable pairs is fewer than one batch "
                             f"(data.batch_size {cfg.data.batch_size} x {self.world} processes)")
+        # The precomputed reference (before any model loads: a stale or short file fails in seconds).
+        self.ref_table: Optional[ReferenceTable] = None
+        if self.cache is not None and cfg.cache.reference == "precomputed" and self.loss_spec.needs_reference:
+            with acc.main_process_first():
+                if acc.is_main_process and cfg.cache.auto and not reference_path(cfg).is_file():
+                    precompute_reference(cfg, acc.device, self.world, acc.print)
+                self.ref_table = ReferenceTable.open(cfg, self.cache, self.world, acc.device.type)
 
         # Seed python/numpy/torch before building anything random (LoRA's A matrices are drawn at init):
         # two runs with the same train.seed start from the same weights.
         set_seed(cfg.train.seed)
-        self.components: Components = load_components(cfg.model, self.weight_dtype, acc.device)
+        # With a cache, the VAE and text encoders are never loaded (only the VAE's config is read).
+        self.components: Components = load_components(cfg.model, self.weight_dtype, acc.device,
+                                                      encoders=self.cache is None)
         unet = self.components.unet
         if self.lora:
             cast(unet, self.weight_dtype)  # the frozen base in the compute dtype; LoRA weights stay fp32
             params = add_lora(unet, cfg.lora)
         else:
             params = list(unet.parameters())
-        # The reference: adapters off (LoRA: free) or a frozen copy (full: only if the loss needs one).
+        # The reference: adapters off (LoRA: free) or a frozen copy (full: only if the loss needs one and its
+        # errors are not precomputed). With precomputed errors LoRA keeps it for the sample grids only.
+        live = self.loss_spec.needs_reference and self.ref_table is None
         self.reference = Reference(unet, lora=True, dtype=self.weight_dtype) if self.lora else (
-            Reference(unet, lora=False, dtype=self.weight_dtype) if self.loss_spec.needs_reference else None)
+            Reference(unet, lora=False, dtype=self.weight_dtype) if live else None)
         if cfg.train.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         unet.train()
+        if cfg.train.channels_last:  # NHWC convolutions: faster tensor-core kernels under bf16/fp16 on GPUs
+            unet.to(memory_format=torch.channels_last)
+            if self.reference is not None and self.reference.copy is not None:
+                self.reference.copy.to(memory_format=torch.channels_last)
+        if cfg.train.compile:
+            # In place (nn.Module.compile): parameter names, checkpoints and unwrap_model stay as they are.
+            unet.compile()
+            if self.reference is not None and self.reference.copy is not None:
+                self.reference.copy.compile()
 
         self.pairs_per_step = cfg.data.batch_size * cfg.train.gradient_accumulation_steps * self.world
         lr = cfg.optim.lr * self.pairs_per_step if cfg.optim.scale_lr else cfg.optim.lr
@@ -169,8 +198,13 @@ class Trainer:
                             "it from the accelerate/DeepSpeed config (configs/accelerate/ leave it out)")
         self.params = params
 
-        self.dataset = PreferenceDataset(self.pairs, cfg.data, self.components.tokenizers, self.components.sdxl)
-        self.sampler = PairSampler(len(self.pairs), seed=cfg.train.seed)
+        if self.cache is not None:
+            self.dataset = CachedPairs(self.cache, cfg.data.random_flip, cfg.data.proportion_empty_prompts)
+            if self.ref_table is not None:
+                self.dataset = WithReference(self.dataset, self.ref_table)  # ref_mse comes with each item
+        else:
+            self.dataset = PreferenceDataset(pairs, cfg.data, self.components.tokenizers, self.components.sdxl)
+        self.sampler = PairSampler(num_pairs, seed=cfg.train.seed)
         self.state = ckpt.TrainState()
         self.metrics_path = self.output_dir / "metrics.jsonl"
 
@@ -180,43 +214,32 @@ class Trainer:
         acc, comp, cfg = self.accelerator, self.components, self.cfg
         device = acc.device
         # dropout (LoRA dropout) draws from the global generator: seed it per micro-step and process
-        torch.manual_seed(_seed_for(cfg.train.seed, micro_step, acc.process_index))
-        pixels = batch["pixel_values"]  # (B, 2, 3, H, W), winner first
-        b = pixels.shape[0]
-        pixels = torch.cat([pixels[:, 0], pixels[:, 1]]).to(device)  # (2B, 3, H, W) = [winners; losers]
+        torch.manual_seed(seed_for(cfg.train.seed, micro_step, acc.process_index))
+        b = batch["label"].shape[0]
 
         # Each pair's timestep, noise and VAE posterior samples come from its own sample seed (fixed by
         # the data order), so they do not depend on how pairs are split over processes or micro-steps.
-        c, h, w = comp.latent_shape(cfg.data.resolution)
-        timesteps, draws = [], []
-        for seed in batch["sample_seed"].tolist():
-            g = torch.Generator(device=device).manual_seed(_seed_for(seed, 1))
-            timesteps.append(torch.randint(0, comp.noise_scheduler.config.num_train_timesteps, (1,), generator=g,
-                                           device=device))
-            draws.append(torch.randn((3, c, h, w), generator=g, device=device))  # noise, posterior w, posterior l
-        draws = torch.stack(draws)  # (B, 3, C, h, w)
-        timesteps = torch.cat(timesteps).repeat(2)  # (2B,): one timestep per pair, shared by its two images
-        noise = draws[:, 0].repeat(2, 1, 1, 1)  # (2B, C, h, w): one noise per pair, shared
-        latents = comp.encode_images(pixels, torch.cat([draws[:, 1], draws[:, 2]])).float()  # (2B, C, h, w)
-        noisy = comp.noise_scheduler.add_noise(latents, noise, timesteps)
-        target = comp.target(latents, noise, timesteps).float()
-        ids = [batch["input_ids"]] + ([batch["input_ids_2"]] if comp.sdxl else [])
-        cond = comp.conditioning([i.to(device) for i in ids], batch["original_sizes"], batch["crop_top_lefts"],
-                                 cfg.data.resolution)
+        draws = pair_noise(batch["sample_seed"].tolist(), comp.noise_scheduler.config.num_train_timesteps,
+                           comp.latent_shape(cfg.data.resolution), device)
+        latents, cond = self._inputs(batch, draws.posterior)  # (2B, C, h, w) [winners; losers]
+        noisy, target = comp.noisy_and_target(latents, draws.noise, draws.timesteps)
+        if cfg.train.channels_last:
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
 
         def mse(model: torch.nn.Module) -> tuple[Tensor, Tensor]:
-            pred = model(noisy, timesteps, cond.hidden_states, added_cond_kwargs=cond.added).sample
-            err = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))  # (2B,) mean over C, H, W
+            err = denoising_mse(model, noisy, draws.timesteps, cond, target)  # (2B,)
             return err[:b], err[b:]
 
         ref_w = ref_l = None
-        if self.loss_spec.needs_reference:
+        if self.ref_table is not None:
+            ref_w, ref_l = batch["ref_mse"].to(device, non_blocking=True).unbind(1)  # (B,) each, no forward
+        elif self.loss_spec.needs_reference:
             with torch.no_grad(), acc.autocast(), self.reference.model(acc.unwrap_model(self.unet)) as ref:
                 ref_w, ref_l = mse(ref)
         with acc.autocast():
             model_w, model_l = mse(self.unet)
         out = self.loss_spec.fn(model_w, model_l, ref_w, ref_l, beta=cfg.loss.beta,
-                                label=batch["label"].to(device))
+                                label=batch["label"].to(device, non_blocking=True))
         loss = out.loss.mean()
         metrics = {
             "loss": loss.detach(),
@@ -227,6 +250,20 @@ class Trainer:
             "ref_mse_l": (ref_l if ref_l is not None else model_l).detach().mean(),
         }
         return StepOutput(loss=loss, metrics=metrics)
+
+    def _inputs(self, batch: dict[str, Any], posterior_eps: Tensor) -> tuple[Tensor, Any]:
+        """Latents (2B, C, h, w) as [winners; losers] and their conditioning, from the cache or encoded now."""
+        comp, cfg, device = self.components, self.cfg, self.accelerator.device
+        if self.cache is not None:
+            return cached_inputs(batch, posterior_eps, comp.latent_scale, cfg.data.resolution, device,
+                                 self.weight_dtype)
+        pixels = batch["pixel_values"]  # (B, 2, 3, H, W), winner first
+        pixels = torch.cat([pixels[:, 0], pixels[:, 1]]).to(device, non_blocking=True)  # (2B, 3, H, W)
+        latents = comp.encode_images(pixels, posterior_eps).float()
+        ids = [batch["input_ids"]] + ([batch["input_ids_2"]] if comp.sdxl else [])
+        cond = comp.conditioning([i.to(device, non_blocking=True) for i in ids], batch["original_sizes"],
+                                 batch["crop_top_lefts"], cfg.data.resolution)
+        return latents, cond
 
     # ------------------------------------------------------------------ the loop
     def _batches(self) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -277,7 +314,9 @@ class Trainer:
             # Check before the update: a NaN/inf must never reach the weights. (Under fp16 the gradient
             # scaler already skips steps with inf gradients, so there only the loss is checked. DeepSpeed
             # applies the update inside backward(); there this check can only stop the run after it.)
-            values = [record["loss"]] + ([] if cfg.train.mixed_precision == "fp16" else [record["grad_norm"]])
+            # (an engine that clips internally without reporting the norm logs it as NaN: only the loss counts)
+            norm_known = cfg.train.mixed_precision != "fp16" and grad_norm is not None
+            values = [record["loss"]] + ([record["grad_norm"]] if norm_known else [])
             finite = all(math.isfinite(v) for v in values)
             if not finite and not cfg.train.skip_nonfinite:
                 raise UserError(f"non-finite loss or gradient at step {self.state.step + 1} (loss {record['loss']}, "
@@ -438,7 +477,12 @@ class Trainer:
 
             v = self.cfg.validation
             path = self.output_dir / "samples" / f"step-{self.state.step:06d}.png"
-            write_validation_grid(path, self.components, self.accelerator.unwrap_model(self.unet), self.reference,
+            components = self.components
+            if components.vae is None:
+                # Training from a cache holds no VAE or text encoders; a grid needs them, for the grid only.
+                frozen = load_components(self.cfg.model, self.weight_dtype, self.accelerator.device, unet=False)
+                components = dataclasses.replace(components, vae=frozen.vae, text_encoders=frozen.text_encoders)
+            write_validation_grid(path, components, self.accelerator.unwrap_model(self.unet), self.reference,
                                   v.prompts, v.seeds, self.cfg.data.resolution, v.num_inference_steps,
                                   v.guidance_scale, autocast=self.accelerator.autocast)
         self.accelerator.wait_for_everyone()

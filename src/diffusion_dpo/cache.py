@@ -1,0 +1,345 @@
+"""The pre-encoding cache: every pair's images as VAE posteriors and every caption as text-encoder outputs,
+encoded once, then read memory-mapped by training, which never loads the VAE or the text encoders.
+
+    diffusion-dpo cache --config configs/sd15_pickapic.yaml --cache.dir cache/pickapic-sd15
+    diffusion-dpo train --config configs/sd15_pickapic.yaml --cache.dir cache/pickapic-sd15
+
+Layout of `cache.dir` (safetensors shards, opened lazily with `safe_open`, so only the rows a batch
+needs are paged in):
+
+    manifest.json            what it was made with (see `cache_identity`) and its shapes
+    pairs-00000.safetensors  `cache.shard_pairs` pairs each, in pair order:
+        mean, std            (n, V, 2, C, h, w)  VAE posterior; V orientations ([as is] or [as is, flipped]
+                                                 with data.random_flip), winner first
+        crop_top_lefts       (n, V, 2, 2)        SDXL crop offsets as seen after the flip
+        original_sizes       (n, 2, 2)           each image's (h, w) before resizing
+        caption              (n,)                row of the caption table
+        label                (n,)                1 for a decided pair, 0.5 for a kept tie
+    text-00000.safetensors   unique captions (row 0 is the empty prompt): hidden (m, L, D), pooled (m, P) (SDXL)
+
+Why posterior parameters and not latents: the posterior sample is drawn per pair and epoch from the
+pair's sample seed (`randomness.pair_noise`) with the same formula as on the fly (`models.sample_latents`),
+so a cached run stays stochastic and equals an uncached one up to float noise. Why both orientations: a
+VAE is not flip-equivariant, so the flipped image is encoded too. Random crops are refused: a crop drawn
+per pair and epoch has too many positions to pre-encode exactly. Captions are deduplicated (Pick-a-Pic v2
+has ~15x fewer unique captions than pairs); the empty-prompt swap is drawn at train time
+(`randomness.item_draws`) and picks row 0.
+
+The cache is written as `<dir>.tmp/` and renamed when complete, so a killed build leaves no half cache.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from diffusion_dpo import __version__
+from diffusion_dpo.config import Config
+from diffusion_dpo.errors import UserError
+from diffusion_dpo.fingerprint import component_fingerprint, data_fingerprint
+from diffusion_dpo.models import Conditioning, LatentScale, build_conditioning, sample_latents
+from diffusion_dpo.randomness import item_draws
+
+CACHE_FORMAT = 1
+MANIFEST = "manifest.json"
+EMPTY_PROMPT_ROW = 0
+ENCODER_ROLES = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _resolved(spec: Optional[str]) -> Optional[str]:
+    """A local path made absolute (so the same data or model named two ways matches); hub ids as given."""
+    if spec is None:
+        return None
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() else spec
+
+
+def cache_identity(cfg: Config) -> dict[str, Any]:
+    """What a cache depends on, keyed by the setting a user would change; a training run must agree on all."""
+    d = cfg.data
+    return {
+        "model (VAE, text encoders, tokenizers)": component_fingerprint(cfg.model, ENCODER_ROLES),
+        "model.variant": cfg.model.variant,
+        "data.path": _resolved(d.path),
+        "data files": data_fingerprint(d.path),
+        "data.split": d.split, "data.keep_ties": d.keep_ties, "data.skip_bad_rows": d.skip_bad_rows,
+        "data.max_pairs": d.max_pairs,
+        "data.resolution": d.resolution,
+        "cache.dtype": cfg.cache.dtype,
+    }
+
+
+def _refuse_random_crop(cfg: Config) -> None:
+    if cfg.data.random_crop:
+        raise UserError("data.random_crop: the cache stores center crops (and their flips); a crop drawn per pair "
+                        "and epoch cannot be pre-encoded exactly. Set data.random_crop=false or train without cache.dir")
+
+
+def check_manifest(manifest: dict, cfg: Config, directory: Path) -> None:
+    """Refuse, in one line naming the setting, a cache made with other weights, data, resolution or dtype."""
+    where = f"cache.dir '{directory}'"
+    if manifest.get("format") != CACHE_FORMAT:
+        raise UserError(f"{where} has cache format {manifest.get('format')} (this version reads {CACHE_FORMAT}); "
+                        "rebuild it with `diffusion-dpo cache`")
+    _refuse_random_crop(cfg)
+    made = manifest["identity"]
+    for key, value in cache_identity(cfg).items():
+        if made.get(key) != value:
+            raise UserError(f"{where} was made with {key} = {made.get(key)!r}, this run has {value!r}; rebuild it "
+                            "with `diffusion-dpo cache` or point cache.dir elsewhere")
+    if cfg.data.random_flip and not manifest["random_flip"]:
+        raise UserError(f"{where} was made with data.random_flip = false (no flipped encodings), this run has true; "
+                        "rebuild it with data.random_flip=true or set data.random_flip=false")
+
+
+def read_manifest(directory: Path) -> Optional[dict]:
+    """The manifest of a complete cache in `directory`, or None when there is none."""
+    path = directory / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+# ---------------------------------------------------------------- building
+
+
+class _ImagesToEncode(torch.utils.data.Dataset):
+    """Pair i -> its two images as training pixels, in every stored orientation (DataLoader workers decode)."""
+
+    def __init__(self, pairs: Any, resolution: int, orientations: int):
+        self.pairs, self.resolution, self.orientations = pairs, resolution, orientations
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        from diffusion_dpo.data import decode_pair_image, prepare_image
+
+        _, win, lose, label = self.pairs.get(i)
+        r, v = self.resolution, self.orientations
+        pixels = np.zeros((v, 2, 3, r, r), np.float32)
+        crops = np.zeros((v, 2, 2), np.int64)
+        sizes = np.zeros((2, 2), np.int64)
+        for k, src in enumerate((win, lose)):
+            img = decode_pair_image(self.pairs, i, src)
+            sizes[k] = (img.height, img.width)
+            for o in range(v):  # the same function as the uncached loader, with the flip off and on
+                pixels[o, k], crops[o, k] = prepare_image(img, r, flip=o == 1, crop_fractions=(None, None))
+        return {"pixels": torch.from_numpy(pixels), "crop_top_lefts": torch.from_numpy(crops),
+                "original_sizes": torch.from_numpy(sizes), "label": float(label)}
+
+
+class _ShardWriter:
+    """Collects rows and writes `<prefix>-NNNNN.safetensors` every `rows` rows."""
+
+    def __init__(self, directory: Path, prefix: str, rows: int):
+        self.directory, self.prefix, self.rows = directory, prefix, rows
+        self.parts: dict[str, list[Tensor]] = {}
+        self.pending = 0
+        self.files: list[dict] = []
+
+    def add(self, **tensors: Tensor) -> None:
+        """Append rows (the same number in every tensor); full shards are written as they fill."""
+        n, start = next(iter(tensors.values())).shape[0], 0
+        while start < n:  # a batch may straddle two shards
+            take = min(n - start, self.rows - self.pending)
+            for key, t in tensors.items():
+                self.parts.setdefault(key, []).append(t[start:start + take])
+            self.pending, start = self.pending + take, start + take
+            if self.pending == self.rows:
+                self.flush()
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.pending:
+            return
+        name = f"{self.prefix}-{len(self.files):05d}.safetensors"
+        save_file({k: torch.cat(v).contiguous() for k, v in self.parts.items()}, self.directory / name)
+        self.files.append({"file": name, "rows": self.pending})
+        self.parts, self.pending = {}, 0
+
+
+def build_cache(cfg: Config, device: torch.device | str = "cpu", log: Any = print) -> Path:
+    """Encode every pair of `cfg.data` with `cfg.model`'s VAE and text encoders into `cfg.cache.dir`.
+
+    Reuses a complete cache made with the same settings; refuses one made with other settings.
+    """
+    from tqdm.auto import tqdm
+
+    from diffusion_dpo.data import load_preference_pairs, tokenize
+    from diffusion_dpo.models import load_components
+
+    if not cfg.cache.dir:
+        raise UserError("cache.dir is required (where to write the cache)")
+    _refuse_random_crop(cfg)
+    directory = Path(cfg.cache.dir).expanduser()
+    manifest = read_manifest(directory)
+    if manifest is not None:
+        check_manifest(manifest, cfg, directory)
+        log(f"cache {directory}: up to date ({manifest['num_pairs']} pairs)")
+        return directory
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise UserError(f"cache.dir '{directory}' exists and holds no cache (no {MANIFEST}); remove it or choose "
+                        "another cache.dir")
+    identity = cache_identity(cfg)
+    pairs = load_preference_pairs(cfg.data)
+    log(pairs.summary())
+    # Encoders in fp32 whatever the training precision: the cache is made once and serves every run.
+    comp = load_components(cfg.model, torch.float32, device, unet=False)
+    dtype = DTYPES[cfg.cache.dtype]
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        # Captions: unique, row 0 the empty prompt (the caption-dropout replacement).
+        rows: dict[str, int] = {"": EMPTY_PROMPT_ROW}
+        caption_rows = torch.tensor([rows.setdefault(c, len(rows)) for c in pairs.captions()], dtype=torch.int64)
+        texts = list(rows)
+        writer = _ShardWriter(tmp, "text", cfg.cache.shard_pairs)
+        step = 4 * cfg.cache.batch_size
+        for start in tqdm(range(0, len(texts), step), desc="encode captions", unit="batch"):
+            hidden, pooled = comp.encode_prompt(tokenize(comp.tokenizers, texts[start:start + step]))
+            out = {"hidden": hidden.to("cpu", dtype)}
+            if pooled is not None:
+                out["pooled"] = pooled.to("cpu", dtype)
+            writer.add(**out)
+        writer.flush()
+        text_files = writer.files
+
+        orientations = 2 if cfg.data.random_flip else 1
+        loader = torch.utils.data.DataLoader(_ImagesToEncode(pairs, cfg.data.resolution, orientations),
+                                             batch_size=cfg.cache.batch_size, num_workers=cfg.data.num_workers)
+        writer = _ShardWriter(tmp, "pairs", cfg.cache.shard_pairs)
+        done = 0
+        for batch in tqdm(loader, desc="encode images", unit="batch"):
+            pixels = batch["pixels"]  # (b, V, 2, 3, R, R)
+            mean, std = comp.posterior(pixels.flatten(0, 2))  # (b*V*2, C, h, w)
+            shape = pixels.shape[:3] + mean.shape[1:]
+            b = pixels.shape[0]
+            writer.add(mean=mean.reshape(shape).to("cpu", dtype), std=std.reshape(shape).to("cpu", dtype),
+                       crop_top_lefts=batch["crop_top_lefts"], original_sizes=batch["original_sizes"],
+                       caption=caption_rows[done:done + b], label=batch["label"].float())
+            done += b
+        writer.flush()
+        latent_shape = list(comp.latent_shape(cfg.data.resolution))
+        manifest = {
+            "format": CACHE_FORMAT, "package_version": __version__, "identity": identity,
+            "model.pretrained": cfg.model.pretrained, "model.vae": cfg.model.vae,
+            "random_flip": cfg.data.random_flip, "random_crop": False, "sdxl": comp.sdxl,
+            "num_pairs": len(pairs), "num_captions": len(texts), "summary": pairs.summary(),
+            "latent_shape": latent_shape, "latent_scale": vars(comp.latent_scale),
+            "shard_pairs": cfg.cache.shard_pairs, "pair_files": writer.files, "text_files": text_files,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if directory.exists():
+            directory.rmdir()  # an empty folder the user made
+        tmp.rename(directory)
+    except OSError as exc:  # disk full, permissions: nothing half-written stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"cannot write cache.dir '{directory}': {exc.strerror or exc}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"cache {directory}: {len(pairs)} pairs, {len(texts)} unique captions")
+    return directory
+
+
+# ---------------------------------------------------------------- reading
+
+
+class Cache:
+    """A complete cache opened for reading; shard files are opened lazily (per process: DataLoader workers
+    open their own memory maps)."""
+
+    def __init__(self, directory: Path, manifest: dict):
+        self.directory, self.manifest = directory, manifest
+        self.num_pairs: int = manifest["num_pairs"]
+        self.shard_pairs: int = manifest["shard_pairs"]
+        self.orientations = 2 if manifest["random_flip"] else 1
+        self.sdxl: bool = manifest["sdxl"]
+        self._handles: dict[str, Any] = {}
+
+    @classmethod
+    def open(cls, cfg: Config) -> "Cache":
+        """Open `cfg.cache.dir`, refusing (one line) a missing cache or one made with other settings."""
+        directory = Path(cfg.cache.dir).expanduser()
+        manifest = read_manifest(directory)
+        if manifest is None:
+            raise UserError(f"cache.dir '{directory}' holds no cache (no {MANIFEST}); build it with "
+                            "`diffusion-dpo cache --config ...` or set cache.auto=true")
+        check_manifest(manifest, cfg, directory)
+        return cls(directory, manifest)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_handles": {}}  # memory maps do not travel to worker processes
+
+    def _file(self, name: str) -> Any:
+        from safetensors import safe_open
+
+        if name not in self._handles:
+            self._handles[name] = safe_open(str(self.directory / name), framework="pt")
+        return self._handles[name]
+
+    def _row(self, files: list[dict], row: int, keys: tuple[str, ...]) -> dict[str, Tensor]:
+        shard, offset = divmod(row, self.shard_pairs)
+        f = self._file(files[shard]["file"])
+        return {k: f.get_slice(k)[offset:offset + 1][0] for k in keys if k in f.keys()}
+
+    def pair(self, index: int, flipped: bool, empty_prompt: bool) -> dict[str, Tensor]:
+        """Pair `index` as one training item's tensors (the orientation and caption already chosen)."""
+        row = self._row(self.manifest["pair_files"], index,
+                        ("mean", "std", "crop_top_lefts", "original_sizes", "caption", "label"))
+        o = 1 if flipped else 0
+        text = self._row(self.manifest["text_files"],
+                         EMPTY_PROMPT_ROW if empty_prompt else int(row["caption"]), ("hidden", "pooled"))
+        item = {"latent_mean": row["mean"][o], "latent_std": row["std"][o],  # (2, C, h, w) winner first
+                "crop_top_lefts": row["crop_top_lefts"][o], "original_sizes": row["original_sizes"],
+                "hidden_states": text["hidden"], "label": float(row["label"])}
+        if "pooled" in text:
+            item["pooled"] = text["pooled"]
+        return item
+
+
+class CachedPairs(torch.utils.data.Dataset):
+    """The cached counterpart of `data.PreferenceDataset`: items keyed by (pair_index, sample_seed), with the
+    flip and the empty-prompt swap drawn by the same `randomness.item_draws`."""
+
+    def __init__(self, cache: Cache, random_flip: bool, proportion_empty_prompts: float):
+        self.cache, self.random_flip, self.proportion_empty_prompts = cache, random_flip, proportion_empty_prompts
+
+    def __len__(self) -> int:
+        return self.cache.num_pairs
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        index, seed = key
+        draws = item_draws(seed, self.random_flip, False, self.proportion_empty_prompts)
+        item = self.cache.pair(index, draws.flip, draws.empty_prompt)
+        item["sample_seed"] = int(seed) & 0x7FFFFFFFFFFFFFFF  # as PreferenceDataset: the key of the pair's noise
+        return item
+
+
+def cached_inputs(batch: dict[str, Any], posterior_eps: Tensor, scale: LatentScale, resolution: int,
+                  device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Conditioning]:
+    """Latents (2B, C, h, w) as [winners; losers] and their conditioning from a cached batch: the same
+    `sample_latents` and `build_conditioning` as the on-the-fly path."""
+    def both(t: Tensor) -> Tensor:  # (B, 2, ...) -> (2B, ...) winners first
+        return torch.cat([t[:, 0], t[:, 1]]).to(device, non_blocking=True)
+
+    latents = sample_latents(both(batch["latent_mean"]).float(), both(batch["latent_std"]).float(), posterior_eps,
+                             scale)
+    hidden = batch["hidden_states"].to(device, dtype, non_blocking=True)
+    pooled = batch["pooled"].to(device, dtype, non_blocking=True) if "pooled" in batch else None
+    cond = build_conditioning(hidden, pooled, batch["original_sizes"], batch["crop_top_lefts"], resolution)
+    return latents, cond
+

@@ -1,0 +1,82 @@
+"""Per-pair randomness: everything random about a pair in a training step comes from its sample seed.
+
+A pair's sample seed is fixed by where it sits in the run (`PairSampler`: seed, epoch, position).
+From it come two independent streams, each drawn in exactly one function here:
+
+  * `item_draws`: the data-side choices (horizontal flip, crop fractions, empty-prompt swap), drawn
+    with numpy where the item is built (a DataLoader worker, the cache reader);
+  * `pair_noise`: the model-side draws (one timestep and one noise per pair, one standard-normal
+    posterior sample per image), drawn with torch on the training device.
+
+The uncached loader, the cached loader, the training step and the precomputed-reference pass all
+call these same functions, so they cannot drift apart: a cached run and an uncached run, or a live and
+a precomputed reference, see the same draws for the same pair.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def seed_for(*parts: int) -> int:
+    """A 63-bit seed mixed from integers (so nearby steps get unrelated streams)."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h ^ (p + 0x632BE59BD9B4E019 + (h << 6) + (h >> 2))) & 0xFFFFFFFFFFFFFFFF
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+@dataclass(frozen=True)
+class ItemDraws:
+    """The data-side choices for one pair in one epoch (shared by both images of the pair)."""
+
+    flip: bool  # horizontal flip (only when data.random_flip)
+    crop_fractions: tuple[Optional[float], Optional[float]]  # (top, left) in [0, 1), or None = center
+    empty_prompt: bool  # the caption is replaced by "" (data.proportion_empty_prompts)
+
+
+def item_draws(seed: int, random_flip: bool, random_crop: bool, proportion_empty_prompts: float) -> ItemDraws:
+    """Flip, crop and caption dropout of the item with this sample seed.
+
+    Always draws the same four numbers, so switching one augmentation off leaves the others unchanged.
+    """
+    rng = np.random.default_rng(int(seed) % 2**64)
+    u_flip, u_top, u_left, u_drop = rng.random(4)
+    return ItemDraws(flip=bool(random_flip and u_flip < 0.5),
+                     crop_fractions=(float(u_top), float(u_left)) if random_crop else (None, None),
+                     empty_prompt=bool(u_drop < proportion_empty_prompts))
+
+
+@dataclass
+class PairNoise:
+    """The model-side draws for B pairs, laid out for [winners; losers] (2B images)."""
+
+    timesteps: Tensor  # (2B,) int64: one timestep per pair, shared by its two images
+    noise: Tensor  # (2B, C, h, w): one noise per pair, shared by its two images
+    posterior: Tensor  # (2B, C, h, w): a standard-normal draw per image for the VAE posterior sample
+
+
+def pair_noise(sample_seeds: Sequence[int], num_train_timesteps: int, latent_shape: tuple[int, int, int],
+               device: torch.device | str) -> PairNoise:
+    """Timesteps, noise and posterior draws of the pairs with these sample seeds.
+
+    Each pair's draws come from a generator seeded by its own sample seed on `device`, so they do not
+    depend on how pairs are split over processes, micro-steps or (for the precomputed reference) batches.
+    The generator lives on the training device: a precomputed reference must be drawn on the same
+    device type as the run that uses it (the reference file records it).
+    """
+    c, h, w = latent_shape
+    timesteps, draws = [], []
+    for seed in sample_seeds:
+        g = torch.Generator(device=device).manual_seed(seed_for(int(seed), 1))
+        timesteps.append(torch.randint(0, num_train_timesteps, (1,), generator=g, device=device))
+        draws.append(torch.randn((3, c, h, w), generator=g, device=device))  # noise, posterior w, posterior l
+    stacked = torch.stack(draws)  # (B, 3, C, h, w)
+    return PairNoise(timesteps=torch.cat(timesteps).repeat(2),
+                     noise=stacked[:, 0].repeat(2, 1, 1, 1),
+                     posterior=torch.cat([stacked[:, 1], stacked[:, 2]]))

@@ -1,0 +1,213 @@
+"""The precomputed reference: the frozen reference model's per-pair errors, computed once, ahead of training.
+
+The reference model never changes, so its errors ref_w, ref_l for a pair depend only on what the pair sees:
+its latents (the cache), its flip and caption (`randomness.item_draws`) and its timestep, noise and posterior
+draws (`randomness.pair_noise`), all fixed by the pair's sample seed, which `PairSampler` derives from
+(train.seed, epoch, position). So the errors of a whole training run can be computed before it starts, in
+one inference-only pass with large batches (`cache.batch_size`) and no gradients:
+
+    diffusion-dpo cache --config run.yaml --cache.dir cache/x --reference [--num-processes N]
+    diffusion-dpo train --config run.yaml --cache.dir cache/x --cache.reference precomputed
+
+Training then holds no reference model (no frozen copy for a full fine-tune, no adapters-off forward for
+LoRA). The file (`reference.safetensors` beside the cache) maps each sample seed of the run to its
+(ref_w, ref_l) and records what they depend on (reference weights, seed, data order, empty-prompt rate,
+flip, precision, device type); a run that differs in any of them, or needs a pair the file does not hold,
+is refused with one line, never silently given another reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from diffusion_dpo.cache import Cache, CachedPairs, cached_inputs
+from diffusion_dpo.config import Config
+from diffusion_dpo.errors import UserError
+from diffusion_dpo.fingerprint import component_fingerprint
+
+REFERENCE_FORMAT = 1
+DEFAULT_NAME = "reference.safetensors"
+
+
+def reference_path(cfg: Config) -> Path:
+    """`cache.reference_file`, or reference.safetensors in cache.dir."""
+    if cfg.cache.reference_file:
+        return Path(cfg.cache.reference_file).expanduser()
+    return Path(cfg.cache.dir).expanduser() / DEFAULT_NAME
+
+
+def reference_identity(cfg: Config, cache: Cache, device_type: str) -> dict[str, Any]:
+    """What the reference errors depend on (besides which pairs the run visits), keyed by the setting to change."""
+    made = json.dumps(cache.manifest["identity"], sort_keys=True)
+    return {
+        "model (UNet, scheduler)": component_fingerprint(cfg.model, ("unet", "scheduler")),
+        "model.variant": cfg.model.variant,
+        "model.prediction_type": cfg.model.prediction_type,
+        "cache.dir contents": hashlib.sha256(made.encode()).hexdigest()[:16],
+        "train.seed": cfg.train.seed,
+        "data.random_flip": cfg.data.random_flip,
+        "data.proportion_empty_prompts": cfg.data.proportion_empty_prompts,
+        "train.mixed_precision": cfg.train.mixed_precision,
+        # each pair's noise is drawn by a generator on the training device; CPU and CUDA streams differ
+        "device type": device_type,
+    }
+
+
+def run_coverage(cfg: Config, num_pairs: int, num_processes: int) -> tuple[int, int]:
+    """(keys per epoch, keys in the run) of a training run: every process takes data.batch_size pairs of each
+    global batch, an incomplete last global batch of an epoch is dropped (`ShardedPairSampler`)."""
+    global_batch = cfg.data.batch_size * num_processes
+    per_step = global_batch * cfg.train.gradient_accumulation_steps
+    return (num_pairs // global_batch) * global_batch, cfg.train.max_steps * per_step
+
+
+def _epochs(keys_per_epoch: int, num_keys: int) -> list[int]:
+    """Positions used in each epoch, in order: the run's keys are epochs' prefixes."""
+    full, rest = divmod(num_keys, keys_per_epoch)
+    return [keys_per_epoch] * full + ([rest] if rest else [])
+
+
+def run_keys(num_pairs: int, seed: int, keys_per_epoch: int, num_keys: int) -> Iterator[tuple[int, int]]:
+    """(pair_index, sample_seed) of every pair the run visits, in order (the same `PairSampler` as training)."""
+    from diffusion_dpo.data import PairSampler
+
+    sampler = PairSampler(num_pairs, seed=seed)
+    for epoch, used in enumerate(_epochs(keys_per_epoch, num_keys)):
+        order = sampler.order(epoch)
+        for position in range(used):
+            yield int(order[position]), sampler.sample_seed(epoch, position)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype) -> Any:
+    """The autocast the training step runs its reference under (accelerate's, for the same precision)."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def precompute_reference(cfg: Config, device: torch.device | str = "cpu", num_processes: int = 1,
+                         log: Any = print) -> Path:
+    """Compute the reference errors of every pair the training run `cfg` (on `num_processes` processes) visits
+    and write them to `reference_path(cfg)` (temp name, then rename)."""
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    from diffusion_dpo.data import collate_pairs
+    from diffusion_dpo.models import cast, denoising_mse, load_components, weight_dtype_of
+    from diffusion_dpo.randomness import pair_noise
+
+    device = torch.device(device)
+    if cfg.train.mixed_precision == "fp16" and device.type != "cuda":
+        raise UserError(f"train.mixed_precision=fp16 needs a CUDA GPU (this is {device.type}); use bf16 or no")
+    cache = Cache.open(cfg)
+    dtype = weight_dtype_of(cfg.train.mixed_precision)
+    comp = load_components(cfg.model, dtype, device, encoders=False)
+    # The reference as training holds it: the base UNet in the compute dtype, in train mode (see
+    # models.Reference: some diffusers blocks compute differently in eval mode).
+    unet = cast(comp.unet, dtype).requires_grad_(False).train()
+    if cfg.train.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    keys_per_epoch, num_keys = run_coverage(cfg, cache.num_pairs, num_processes)
+    keys = list(run_keys(cache.num_pairs, cfg.train.seed, keys_per_epoch, num_keys))
+    dataset = CachedPairs(cache, cfg.data.random_flip, cfg.data.proportion_empty_prompts)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.cache.batch_size, sampler=keys,
+                                         collate_fn=collate_pairs, num_workers=cfg.data.num_workers,
+                                         pin_memory=device.type == "cuda")
+    seeds, errors = [], []
+    with torch.no_grad():
+        for batch in tqdm(loader, desc="reference errors", unit="batch"):
+            b = batch["label"].shape[0]
+            draws = pair_noise(batch["sample_seed"].tolist(), comp.noise_scheduler.config.num_train_timesteps,
+                               comp.latent_shape(cfg.data.resolution), device)
+            latents, cond = cached_inputs(batch, draws.posterior, comp.latent_scale, cfg.data.resolution, device,
+                                          dtype)
+            noisy, target = comp.noisy_and_target(latents, draws.noise, draws.timesteps)
+            if cfg.train.channels_last:
+                noisy = noisy.contiguous(memory_format=torch.channels_last)
+            with _autocast(device, dtype):
+                err = denoising_mse(unet, noisy, draws.timesteps, cond, target)  # (2B,) [winners; losers]
+            seeds.append(batch["sample_seed"])
+            errors.append(torch.stack([err[:b], err[b:]], dim=1).float().cpu())  # (B, 2) (ref_w, ref_l)
+    info = {"format": REFERENCE_FORMAT, "identity": reference_identity(cfg, cache, device.type),
+            "keys_per_epoch": keys_per_epoch, "num_keys": num_keys, "num_processes": num_processes,
+            "max_steps": cfg.train.max_steps}
+    path = reference_path(cfg)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"sample_seed": torch.cat(seeds), "ref_mse": torch.cat(errors)}, tmp,
+                  metadata={"reference": json.dumps(info)})
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
+    log(f"reference errors: {num_keys} pairs ({cfg.train.max_steps} steps) -> {path}")
+    return path
+
+
+class ReferenceTable:
+    """The precomputed errors of a run, looked up by sample seed (in the data pipeline, not in the step)."""
+
+    def __init__(self, path: Path, seeds: np.ndarray, errors: torch.Tensor):
+        order = np.argsort(seeds, kind="stable")
+        self.path, self.seeds, self.errors = path, seeds[order], errors[torch.from_numpy(order)]
+
+    @classmethod
+    def open(cls, cfg: Config, cache: Cache, num_processes: int, device_type: str) -> "ReferenceTable":
+        """Load `reference_path(cfg)`, refusing (one line) one made for other settings or too short for this run."""
+        from safetensors import safe_open
+
+        path = reference_path(cfg)
+        redo = "recompute it with `diffusion-dpo cache --reference` and this run's config"
+        if not path.is_file():
+            raise UserError(f"cache.reference precomputed: {path} not found; compute it with "
+                            "`diffusion-dpo cache --reference` and this run's config (or set cache.auto=true)")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                info = json.loads((f.metadata() or {})["reference"])
+                seeds, errors = f.get_tensor("sample_seed").numpy(), f.get_tensor("ref_mse")
+        except Exception as exc:  # noqa: BLE001 - not a safetensors file, no metadata, missing tensors
+            raise UserError(f"{path} is not a precomputed reference file ({type(exc).__name__}); {redo}") from None
+        if info.get("format") != REFERENCE_FORMAT:
+            raise UserError(f"{path} has format {info.get('format')} (this version reads {REFERENCE_FORMAT}); {redo}")
+        for key, value in reference_identity(cfg, cache, device_type).items():
+            if info["identity"].get(key) != value:
+                raise UserError(f"{path} was computed with {key} = {info['identity'].get(key)!r}, this run has "
+                                f"{value!r}; {redo}")
+        keys_per_epoch, num_keys = run_coverage(cfg, cache.num_pairs, num_processes)
+        have = _epochs(info["keys_per_epoch"], info["num_keys"])
+        need = _epochs(keys_per_epoch, num_keys)
+        if len(need) > len(have) or any(n > h for n, h in zip(need, have)):
+            raise UserError(f"{path} holds reference errors for {info['num_keys']} pairs ({info['max_steps']} steps on "
+                            f"{info['num_processes']} process(es)), this run needs {num_keys} (train.max_steps "
+                            f"{cfg.train.max_steps} x data.batch_size x accumulation x {num_processes} processes); "
+                            f"{redo} (--num-processes {num_processes})")
+        return cls(path, seeds, errors)
+
+    def lookup(self, sample_seed: int) -> torch.Tensor:
+        """(2,) the (ref_w, ref_l) of the pair with this sample seed; a seed not in the file is an error."""
+        i = int(np.searchsorted(self.seeds, sample_seed))
+        if i == len(self.seeds) or self.seeds[i] != sample_seed:
+            raise UserError(f"{self.path}: no reference errors for the pair with sample seed {sample_seed}; "
+                            "recompute it with `diffusion-dpo cache --reference` and this run's config")
+        return self.errors[i]
+
+
+class WithReference(torch.utils.data.Dataset):
+    """Cached items plus their precomputed reference errors as `ref_mse` (2,): (ref_w, ref_l)."""
+
+    def __init__(self, items: CachedPairs, table: ReferenceTable):
+        self.items, self.table = items, table
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        item = self.items[key]
+        item["ref_mse"] = self.table.lookup(item["sample_seed"])
+        return item

@@ -1,0 +1,223 @@
+"""The pre-encoding cache and the precomputed reference: exactness against the on-the-fly run, no frozen
+encoders in training, refusals of mismatched caches as one line, resume."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffusion_dpo.cache import build_cache
+from diffusion_dpo.cli import main
+from diffusion_dpo.errors import UserError
+from diffusion_dpo.training import Trainer, train
+from test_training import _Killed, _KilledAfter, make_cfg, read_metrics, unet_weights
+
+# Flip on and half the captions dropped: both the flipped encodings and the empty-prompt row are exercised.
+COMMON = dict(data__random_flip="true", data__proportion_empty_prompts="0.5", data__batch_size=3,
+              train__max_steps=3, cache__shard_pairs=5, cache__batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    from diffusion_dpo.tiny_data import build_tiny_pickapic
+
+    return build_tiny_pickapic(tmp_path_factory.mktemp("data") / "pickapic", num_pairs=14, seed=3)
+
+
+@pytest.fixture(scope="module")
+def sd_cache(tmp_path_factory, tiny_sd, tiny_data):
+    out = tmp_path_factory.mktemp("cache")
+    return build_cache(make_cfg(out / "run", tiny_sd, tiny_data, cache__dir=out / "sd", **COMMON))
+
+
+def losses(out: Path) -> list[float]:
+    return [m["loss"] for m in read_metrics(out)]
+
+
+def test_cached_items_equal_encoding_on_the_fly(tmp_path, tiny_sdxl, tiny_data):
+    """Same keys, same draws: the cached posterior, caption encoding (or the empty prompt) and SDXL time ids are
+    those the uncached path computes, in both orientations."""
+    from diffusion_dpo.cache import Cache, CachedPairs, cached_inputs
+    from diffusion_dpo.data import PreferenceDataset, collate_pairs, load_preference_pairs
+    from diffusion_dpo.models import load_components
+    from diffusion_dpo.randomness import item_draws, pair_noise
+
+    cfg = make_cfg(tmp_path / "run", tiny_sdxl, tiny_data, cache__dir=tmp_path / "cache", **COMMON)
+    build_cache(cfg)
+    comp = load_components(cfg.model)
+    plain = PreferenceDataset(load_preference_pairs(cfg.data), cfg.data, comp.tokenizers, sdxl=True)
+    cached = CachedPairs(Cache.open(cfg), cfg.data.random_flip, cfg.data.proportion_empty_prompts)
+    keys = [(i, 1000 + i) for i in range(len(cached))]
+    draws = [item_draws(s, True, False, 0.5) for _, s in keys]
+    assert {d.flip for d in draws} == {True, False} and {d.empty_prompt for d in draws} == {True, False}
+    a, b = collate_pairs([plain[k] for k in keys]), collate_pairs([cached[k] for k in keys])
+    eps = pair_noise(a["sample_seed"].tolist(), 1000, comp.latent_shape(32), "cpu").posterior
+    pixels = torch.cat([a["pixel_values"][:, 0], a["pixel_values"][:, 1]])
+    expected = comp.encode_images(pixels, eps)
+    cond = comp.conditioning([a["input_ids"], a["input_ids_2"]], a["original_sizes"], a["crop_top_lefts"], 32)
+    latents, cached_cond = cached_inputs(b, eps, comp.latent_scale, 32, torch.device("cpu"), torch.float32)
+    torch.testing.assert_close(latents, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cached_cond.hidden_states, cond.hidden_states, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cached_cond.added["text_embeds"], cond.added["text_embeds"], rtol=1e-5, atol=1e-6)
+    assert torch.equal(cached_cond.added["time_ids"], cond.added["time_ids"])
+    assert torch.equal(a["label"], b["label"]) and torch.equal(a["sample_seed"], b["sample_seed"])
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_cached_run_equals_uncached_run(tmp_path, request, tiny_data, kind):
+    model = request.getfixturevalue("tiny_sd" if kind == "sd" else "tiny_sdxl")
+    # eps = 1 makes Adam ~ SGD with momentum: plain Adam would turn float noise in near-zero gradients into
+    # +-lr updates, and beta = 5000 amplifies what is left; this compares the inputs, not Adam.
+    common = dict(COMMON, train__max_steps=2, optim__lr="0.1", optim__adam_epsilon="1.0", optim__weight_decay="0")
+    train(make_cfg(tmp_path / "plain", model, tiny_data, **common))
+    # (a sample grid at the end: it loads the VAE and text encoders for the grid only)
+    cached = Trainer(make_cfg(tmp_path / "cached", model, tiny_data, cache__dir=tmp_path / "cache",
+                              cache__auto="true", validation__every_steps=0, validation__num_inference_steps=2,
+                              validation__prompts='["a red circle"]', **common))
+    # the frozen encoders are never loaded: nothing to encode with, and no parameters of theirs in memory
+    assert cached.components.vae is None and cached.components.text_encoders == []
+    cached.run()
+    assert (tmp_path / "cached" / "samples" / "step-000002.png").is_file()
+    assert cached.components.vae is None
+    plain, from_cache = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "cached")
+    assert plain[-1]["loss"] != pytest.approx(math.log(2), abs=1e-3)  # training moved
+    for key in ("model_mse_w", "model_mse_l", "ref_mse_w", "ref_mse_l"):
+        assert [m[key] for m in plain] == pytest.approx([m[key] for m in from_cache], rel=1e-5), key
+    # beta = 5000 turns ~1e-7 relative float noise in the errors into ~1e-4 in the loss (measured: 1e-4)
+    assert [m["loss"] for m in plain] == pytest.approx([m["loss"] for m in from_cache], abs=1e-3)
+
+
+@pytest.mark.parametrize("rank", [0, 4])
+def test_precomputed_reference_equals_live_reference(tmp_path, tiny_sd, tiny_data, sd_cache, rank, monkeypatch):
+    """The reference errors computed ahead (other batches, no training) give the live run's losses; training
+    then holds no reference copy (full) and never switches the adapters off (LoRA)."""
+    common = dict(COMMON, cache__dir=sd_cache, lora__rank=rank, optim__lr="0.1" if rank == 0 else "1.0",
+                  optim__adam_epsilon="1.0", optim__weight_decay="0", train__max_steps=2,
+                  cache__reference_file=tmp_path / "ref.safetensors")
+    train(make_cfg(tmp_path / "live", tiny_sd, tiny_data, **common))
+    cfg = make_cfg(tmp_path / "pre", tiny_sd, tiny_data, cache__reference="precomputed", cache__auto="true", **common)
+    trainer = Trainer(cfg)
+    assert (tmp_path / "ref.safetensors").is_file()
+    if rank:
+        unet = trainer.accelerator.unwrap_model(trainer.unet)
+        monkeypatch.setattr(unet, "disable_adapters", lambda: pytest.fail("adapters-off forward with precomputed"))
+    else:
+        assert trainer.reference is None  # no frozen copy of the UNet in memory
+    trainer.run()
+    live, pre = read_metrics(tmp_path / "live"), read_metrics(tmp_path / "pre")
+    for key in ("ref_mse_w", "ref_mse_l", "model_mse_w", "model_mse_l"):
+        assert [m[key] for m in live] == pytest.approx([m[key] for m in pre], rel=1e-5), key
+    assert [m["loss"] for m in live] == pytest.approx([m["loss"] for m in pre], abs=1e-3)
+    assert live[-1]["loss"] != pytest.approx(math.log(2), abs=1e-3)
+
+
+def cli_args(command: str, out: Path, model: Path, data: Path, *extra: str) -> list[str]:
+    return [command, "--output_dir", str(out), "--model.pretrained", str(model), "--data.path", str(data),
+            "--data.resolution", "32", "--data.batch_size", "3", "--data.num_workers", "0",
+            "--data.proportion_empty_prompts", "0.5", "--cache.shard_pairs", "5", "--train.max_steps", "2",
+            "--train.report_to", "none", "--validation.every_steps", "-1", "--train.checkpointing_steps", "0",
+            *extra]
+
+
+def test_mismatches_are_refused_in_one_line(tmp_path, tiny_sd, tiny_sdxl, tiny_data, sd_cache, capsys):
+    """A cache or reference file made with other settings is refused before training, naming the setting."""
+    ref = tmp_path / "ref.safetensors"
+    assert main(cli_args("cache", tmp_path / "unused", tiny_sd, tiny_data, "--cache.dir", str(sd_cache),
+                         "--reference", "--cache.reference_file", str(ref))) == 0
+    assert ref.is_file() and "up to date" in capsys.readouterr().out  # the cache itself was reused
+    cases = [
+        (["--data.resolution", "64"], "was made with data.resolution = 32, this run has 64"),
+        (["--model.pretrained", str(tiny_sdxl)], "was made with model (VAE, text encoders, tokenizers) = "),
+        (["--cache.dtype", "bfloat16"], "was made with cache.dtype = 'float32', this run has 'bfloat16'"),
+        (["--data.max_pairs", "4"], "was made with data.max_pairs = None, this run has 4"),
+        (["--data.random_crop"], "data.random_crop: the cache stores center crops"),
+        (["--cache.dir", str(tmp_path / "empty")], "holds no cache (no manifest.json)"),
+        (["--cache.reference", "precomputed", "--cache.reference_file", str(tmp_path / "nope.safetensors")],
+         "nope.safetensors not found"),
+        (["--cache.reference", "precomputed", "--train.seed", "1"], "was computed with train.seed = 0, this run has 1"),
+        (["--cache.reference", "precomputed", "--data.proportion_empty_prompts", "0.2"],
+         "was computed with data.proportion_empty_prompts = 0.5, this run has 0.2"),
+        (["--cache.reference", "precomputed", "--train.max_steps", "3"],  # too short: 6 pairs held, 9 needed
+         "holds reference errors for 6 pairs (2 steps on 1 process(es)), this run needs 9"),
+        (["--cache.reference", "precomputed", "--data.batch_size", "4"], "this run needs 8"),
+    ]
+    for extra, expected in cases:
+        out = tmp_path / "run"
+        args = cli_args("train", out, tiny_sd, tiny_data, "--cache.dir", str(sd_cache),
+                        "--cache.reference_file", str(ref))
+        rc = main(args + extra)
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("diffusion-dpo: error: "), (extra, err)
+        assert expected in err, (extra, err)
+        assert not out.exists(), extra  # nothing written before the refusal
+    # a file that covers the run (here: fewer steps than computed for) is accepted
+    assert main(cli_args("train", tmp_path / "ok", tiny_sd, tiny_data, "--cache.dir", str(sd_cache),
+                         "--cache.reference_file", str(ref), "--cache.reference", "precomputed",
+                         "--train.max_steps", "1")) == 0
+
+
+def test_a_seed_missing_from_the_file_fails_never_falls_back(tiny_sd, tiny_data, sd_cache, tmp_path):
+    from diffusion_dpo.cache import Cache
+    from diffusion_dpo.reference import ReferenceTable, precompute_reference
+
+    cfg = make_cfg(tmp_path / "run", tiny_sd, tiny_data, cache__dir=sd_cache, train__max_steps=1,
+                   cache__reference_file=tmp_path / "ref.safetensors", **{k: v for k, v in COMMON.items()
+                                                                          if k != "train__max_steps"})
+    precompute_reference(cfg)
+    table = ReferenceTable.open(cfg, Cache.open(cfg), 1, "cpu")
+    assert len(table.seeds) == 3
+    table.lookup(int(table.seeds[0]))
+    with pytest.raises(UserError, match="no reference errors for the pair with sample seed 12345"):
+        table.lookup(12345)
+
+
+def test_resume_with_cache_and_precomputed_reference(tmp_path, tiny_sd, tiny_data, sd_cache, monkeypatch):
+    """Kill after step 3 (checkpoint at 2), resume latest: bitwise the weights of the uninterrupted run. The VAE
+    and the text encoder cannot even be loaded here."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+
+    for cls in (AutoencoderKL, CLIPTextModel):
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("frozen encoder loaded")))
+    common = dict(COMMON, cache__dir=sd_cache, cache__reference="precomputed", cache__auto="true",
+                  cache__reference_file=tmp_path / "ref.safetensors", train__max_steps=4,
+                  train__checkpointing_steps=2, lora__rank=4)
+    straight = train(make_cfg(tmp_path / "a", tiny_sd, tiny_data, **common))
+    _KilledAfter.kill_at = 3
+    with pytest.raises(_Killed):
+        _KilledAfter(make_cfg(tmp_path / "b", tiny_sd, tiny_data, **common)).run()
+    resumed = train(make_cfg(tmp_path / "b", tiny_sd, tiny_data, train__resume="latest", **common))
+    from safetensors.torch import load_file
+
+    a, b = (load_file(p / "pytorch_lora_weights.safetensors") for p in (straight, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [m["loss"] for m in read_metrics(tmp_path / "a")] == [m["loss"] for m in read_metrics(tmp_path / "b")]
+
+
+@pytest.mark.slow
+def test_two_processes_with_cache_and_precomputed_reference(tmp_path, tiny_sd, tiny_data, sd_cache):
+    """torchrun, 2 processes x batch 2, each looking up its own pairs' precomputed errors (computed for
+    --num-processes 2 in batches of 4), matches 1 process x batch 4 with the live reference."""
+    import os
+    import subprocess
+    import sys
+
+    ref = tmp_path / "ref.safetensors"
+    common = ["--cache.dir", str(sd_cache), "--cache.reference_file", str(ref), "--data.batch_size", "2",
+              "--optim.lr", "0.1", "--optim.adam_epsilon", "1.0", "--optim.weight_decay", "0"]
+    assert main(cli_args("cache", tmp_path / "unused", tiny_sd, tiny_data, *common, "--reference",
+                         "--num-processes", "2")) == 0
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "diffusion_dpo",
+                          *cli_args("train", tmp_path / "ddp", tiny_sd, tiny_data, *common, "--data.num_workers", "1",
+                                    "--cache.reference", "precomputed")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert main(cli_args("train", tmp_path / "one", tiny_sd, tiny_data, *common, "--data.batch_size", "4")) == 0
+    ddp, one = read_metrics(tmp_path / "ddp"), read_metrics(tmp_path / "one")
+    assert len(ddp) == len(one) == 2
+    for key in ("ref_mse_w", "ref_mse_l", "model_mse_w", "model_mse_l"):
+        assert [m[key] for m in ddp] == pytest.approx([m[key] for m in one], rel=1e-5), key
+    assert [m["loss"] for m in ddp] == pytest.approx([m["loss"] for m in one], abs=1e-3)
