@@ -22,22 +22,29 @@ def test_bench_times_each_mode_against_the_floor_on_the_same_inputs(tmp_path, ti
     out = tmp_path / "rows.json"
     code = main(["bench", "--config", str(ROOT / "configs" / "tiny.yaml"), "--model.pretrained", str(tiny_sd),
                  "--data.path", str(tiny_data), "--data.batch_size", "3", "--data.num_workers", "0",
-                 "--modes", "live", "lora", "--steps", "2", "--warmup", "1", "--floor-repeats", "2",
+                 "--modes", "live", "lora+cache", "precomputed", "--steps", "2", "--warmup", "1", "--floor-repeats", "2",
                  "--lora-rank", "2", "--json", str(out), "--markdown", str(tmp_path / "t.md")])
     assert code == 0
     rows = json.loads(out.read_text())
-    assert [r["mode"] for r in rows] == ["live", "lora"]
+    assert [r["mode"] for r in rows] == ["live", "lora+cache", "precomputed"]
     for r in rows:
         assert r["steps_timed"] == 2 and r["batch_pairs"] == 3
         # the floor ran on the policy's real inputs: 2B latents of the training resolution (32 px / 2 = 16)
         assert r["floor_latents"] == [6, 4, 16, 16]
         assert r["step_s"] > 0 and r["floor_s"] > 0
         assert r["step_over_floor"] == pytest.approx(r["step_s"] / r["floor_s"])
-        assert r["encoders_loaded"] and r["vae_text_s_per_step"] > 0  # images are encoded every step here
         assert r["model_tflop_per_step"] > 0 and r["peak_memory_mib"] > 0
-    assert rows[0]["lora_rank"] == 0 and rows[1]["lora_rank"] == 2
+    live, lora, pre = rows
+    assert live["encoders_loaded"] and live["vae_text_s_per_step"] > 0  # images are encoded every step
+    for r in (lora, pre):  # from the cache: the VAE and text encoders are not even loaded
+        assert not r["encoders_loaded"] and r["vae_text_s_per_step"] == 0 and r["cached"]
+    assert live["lora_rank"] == 0 and lora["lora_rank"] == 2 and pre["lora_rank"] == 0
+    # the floor counts the reference forward only where a reference model runs: live's is a third larger
+    # (forward + backward ~ 3 forwards, + 1 reference forward); precomputed has none
+    assert pre["precomputed_reference"] and live["model_tflop_per_step"] == pytest.approx(
+        pre["model_tflop_per_step"] * 4 / 3, rel=0.1)
     table = (tmp_path / "t.md").read_text()
-    assert table.count("\n") == 4 and "| live |" in table and "| lora |" in table
+    assert table.count("\n") == 5 and "| live |" in table and "| lora+cache |" in table
     assert table in capsys.readouterr().out
 
 
@@ -45,7 +52,8 @@ def test_an_unknown_mode_is_one_line(capsys, tiny_sd, tiny_data):
     code = main(["bench", "--config", str(ROOT / "configs" / "tiny.yaml"), "--model.pretrained", str(tiny_sd),
                  "--data.path", str(tiny_data), "--modes", "warp"])
     assert code == 2
-    assert capsys.readouterr().err.strip() == "diffusion-dpo: error: bench: unknown mode 'warp' (choose from live, lora)"
+    assert capsys.readouterr().err.strip() == ("diffusion-dpo: error: bench: unknown mode 'warp' (choose from live, live+cache, lora, "
+                                                "lora+cache, precomputed)")
 
 
 def test_the_sd15_shaped_model_has_sd15s_architecture(tmp_path):

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -40,16 +40,21 @@ from diffusion_dpo.errors import UserError
 
 @dataclass(frozen=True)
 class Mode:
-    """One way of training the same model: config overrides on top of the user's config."""
+    """One way of training the same model, on top of the user's config."""
 
     description: str
-    overrides: dict[str, Any] = field(default_factory=dict)
-    lora: bool = False  # take lora.rank from --lora-rank
+    lora: bool = False  # LoRA (rank --lora-rank, reference = adapters off) instead of a full fine-tune
+    cached: bool = False  # latents and caption encodings from the pre-encoding cache
+    precomputed: bool = False  # reference errors precomputed (needs the cache)
 
 
 MODES: dict[str, Mode] = {
-    "live": Mode("full fine-tune, frozen reference copy, images encoded every step", {"lora.rank": 0}),
-    "lora": Mode("LoRA, reference = the same UNet with adapters disabled", lora=True),
+    "live": Mode("full fine-tune, frozen reference copy, images encoded every step"),
+    "live+cache": Mode("full fine-tune, frozen reference copy, pre-encoded latents", cached=True),
+    "lora": Mode("LoRA, reference = the same UNet with adapters disabled, images encoded every step", lora=True),
+    "lora+cache": Mode("LoRA, reference = adapters disabled, pre-encoded latents", lora=True, cached=True),
+    "precomputed": Mode("full fine-tune, precomputed reference (no reference model), pre-encoded latents",
+                        cached=True, precomputed=True),
 }
 
 # Dense bf16 tensor-core peaks (TFLOP/s) for model-FLOP utilisation; others: --peak-tflops.
@@ -177,14 +182,17 @@ def _encoder_modules(components: Any) -> list[torch.nn.Module]:
 
 
 # ------------------------------------------------------------------ one mode, in this process
-def bench_config(cfg: Config, mode: str, lora_rank: int, steps: int, warmup: int, out_dir: Path) -> Config:
-    """The config one mode trains with: the user's, the mode's overrides, and a short silent run."""
+def bench_config(cfg: Config, mode: str, lora_rank: int, steps: int, warmup: int, out_dir: Path,
+                 cache_dir: Path, reference_file: Path) -> Config:
+    """The config one mode trains with: the user's, the mode's settings, and a short silent run."""
     spec = MODES[mode]
-    overrides = {**spec.overrides, "output_dir": str(out_dir), "overwrite": True, "train.max_steps": warmup + steps,
+    overrides = {"output_dir": str(out_dir), "overwrite": True, "train.max_steps": warmup + steps,
                  "train.checkpointing_steps": 0, "train.resume": None, "train.report_to": "none",
-                 "train.gradient_accumulation_steps": 1, "validation.every_steps": -1}
-    if spec.lora:
-        overrides["lora.rank"] = lora_rank
+                 "train.gradient_accumulation_steps": 1, "validation.every_steps": -1,
+                 "lora.rank": lora_rank if spec.lora else 0,
+                 "cache.dir": str(cache_dir) if spec.cached else None, "cache.auto": False,
+                 "cache.reference": "precomputed" if spec.precomputed else "live",
+                 "cache.reference_file": str(reference_file) if spec.precomputed else None}
     run_cfg = copy.deepcopy(cfg)
     for key, value in overrides.items():
         *sections, name = key.split(".")
@@ -196,13 +204,13 @@ def bench_config(cfg: Config, mode: str, lora_rank: int, steps: int, warmup: int
     return run_cfg
 
 
-def run_mode(cfg: Config, mode: str, lora_rank: int, steps: int, warmup: int, floor_repeats: int,
-             peak: Optional[float]) -> dict[str, Any]:
-    """Train `warmup + steps` steps in `mode`, then time the floor on the same model: one result row."""
+def run_mode(run_cfg: Config, mode: str, warmup: int, floor_repeats: int, peak: Optional[float]) -> dict[str, Any]:
+    """Train `run_cfg` (a `bench_config`), then time the floor on the same model: one result row."""
     from diffusion_dpo.training import Trainer
 
     with tempfile.TemporaryDirectory(prefix="dpo-bench-") as tmp:
-        run_cfg = bench_config(cfg, mode, lora_rank, steps, warmup, Path(tmp) / "run")
+        run_cfg = copy.deepcopy(run_cfg)
+        run_cfg.output_dir = str(Path(tmp) / "run")
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         rss_before = _rss_bytes()
@@ -224,7 +232,7 @@ def run_mode(cfg: Config, mode: str, lora_rank: int, steps: int, warmup: int, fl
 
     pairs = trainer.pairs_per_step
     row = {
-        "mode": mode, "description": MODES[mode].description, "device": str(trainer.accelerator.device),
+        "mode": mode, "cached": MODES[mode].cached, "precomputed_reference": MODES[mode].precomputed, "description": MODES[mode].description, "device": str(trainer.accelerator.device),
         "model": run_cfg.model.pretrained, "resolution": run_cfg.data.resolution, "batch_pairs": pairs,
         "lora_rank": run_cfg.lora.rank, "mixed_precision": run_cfg.train.mixed_precision,
         "optimizer": run_cfg.optim.name, "gradient_checkpointing": run_cfg.train.gradient_checkpointing,
@@ -242,19 +250,37 @@ def run_mode(cfg: Config, mode: str, lora_rank: int, steps: int, warmup: int, fl
 def run_bench(cfg: Config, modes: Sequence[str], lora_rank: int = 8, steps: int = 10, warmup: int = 3,
               floor_repeats: int = 10, peak: Optional[float] = None,
               progress: Callable[[str], None] = lambda s: None) -> list[dict[str, Any]]:
-    """Each mode in its own `python -m diffusion_dpo.bench` process (its own peak memory); rows in order."""
+    """Each mode in its own `python -m diffusion_dpo.bench` process (its own peak memory); rows in order.
+
+    The pre-encoding cache (`cache.dir`, or a temporary one) and the precomputed reference errors are made
+    here first, untimed and outside the workers, as a user makes them once with `diffusion-dpo cache`."""
+    from diffusion_dpo.cache import build_cache, read_manifest
+    from diffusion_dpo.reference import precompute_reference
+
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         raise UserError(f"bench: unknown mode '{unknown[0]}' (choose from {', '.join(MODES)})")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
     with tempfile.TemporaryDirectory(prefix="dpo-bench-") as tmp:
-        config_file = Path(tmp) / "config.yaml"
-        config_file.write_text(to_yaml(cfg))
+        cache_dir = Path(cfg.cache.dir).expanduser() if cfg.cache.dir else Path(tmp) / "cache"
+        configs = {m: bench_config(cfg, m, lora_rank, steps, warmup, Path(tmp) / "run", cache_dir,
+                                   Path(tmp) / "reference.safetensors") for m in modes}
+        cached = [m for m in modes if MODES[m].cached]
+        if cached and read_manifest(cache_dir) is None:
+            progress(f"bench: building the pre-encoding cache in {cache_dir} (untimed)")
+            build_cache(configs[cached[0]], device, log=progress)
+        for m in modes:
+            if MODES[m].precomputed:
+                progress("bench: precomputing the reference errors (untimed)")
+                precompute_reference(configs[m], device)
         for mode in modes:
             progress(f"bench: {mode} ({MODES[mode].description})")
             result = Path(tmp) / f"{mode}.json"
-            cmd = [sys.executable, "-m", "diffusion_dpo.bench", str(config_file), mode, str(lora_rank), str(steps),
-                   str(warmup), str(floor_repeats), str(peak or 0), str(result)]
+            config_file = Path(tmp) / f"{mode}.yaml"
+            config_file.write_text(to_yaml(configs[mode]))
+            cmd = [sys.executable, "-m", "diffusion_dpo.bench", str(config_file), mode, str(warmup),
+                   str(floor_repeats), str(peak or 0), str(result)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0 or not result.is_file():
                 lines = (proc.stderr.strip() or "no output").splitlines()
@@ -278,14 +304,13 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def _worker(argv: Sequence[str]) -> None:
-    """Subprocess entry: config_file mode lora_rank steps warmup floor_repeats peak result_file."""
+    """Subprocess entry: config_file mode warmup floor_repeats peak result_file."""
     from diffusion_dpo.cli import quiet_progress_bars
 
-    config_file, mode, rank, steps, warmup, repeats, peak, result = argv
+    config_file, mode, warmup, repeats, peak, result = argv
     quiet_progress_bars()
     os.environ.setdefault("TQDM_DISABLE", "1")
-    cfg = load_config(config_file)
-    row = run_mode(cfg, mode, int(rank), int(steps), int(warmup), int(repeats), float(peak) or None)
+    row = run_mode(load_config(config_file), mode, int(warmup), int(repeats), float(peak) or None)
     Path(result).write_text(json.dumps(row))
 
 
