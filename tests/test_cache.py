@@ -1,7 +1,6 @@
 """The pre-encoding cache and the precomputed reference: exactness against the on-the-fly run, no frozen
 encoders in training, refusals of mismatched caches as one line, resume."""
 
-import json
 import math
 from pathlib import Path
 
@@ -12,7 +11,7 @@ from diffusion_dpo.cache import build_cache
 from diffusion_dpo.cli import main
 from diffusion_dpo.errors import UserError
 from diffusion_dpo.training import Trainer, train
-from test_training import _Killed, _KilledAfter, make_cfg, read_metrics, unet_weights
+from test_training import _Killed, _KilledAfter, make_cfg, read_metrics
 
 # Flip on and half the captions dropped: both the flipped encodings and the empty-prompt row are exercised.
 COMMON = dict(data__random_flip="true", data__proportion_empty_prompts="0.5", data__batch_size=3,
