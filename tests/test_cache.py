@@ -220,3 +220,28 @@ def test_two_processes_with_cache_and_precomputed_reference(tmp_path, tiny_sd, t
     for key in ("ref_mse_w", "ref_mse_l", "model_mse_w", "model_mse_l"):
         assert [m[key] for m in ddp] == pytest.approx([m[key] for m in one], rel=1e-5), key
     assert [m["loss"] for m in ddp] == pytest.approx([m["loss"] for m in one], abs=1e-3)
+
+
+@pytest.mark.slow
+def test_compile_and_channels_last_train_like_the_plain_run(tmp_path, tiny_sd, tiny_data, sd_cache, monkeypatch):
+    """train.compile (traced by dynamo; the eager backend stands in for inductor, whose CPU compile takes minutes)
+    and train.channels_last give the plain run's losses, and final/ keeps the UNet's parameter names."""
+    from diffusers import UNet2DConditionModel
+
+    original = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: original(self, backend="eager"))
+    common = dict(COMMON, cache__dir=sd_cache, train__max_steps=2, optim__lr="0.1", optim__adam_epsilon="1.0",
+                  optim__weight_decay="0")
+    train(make_cfg(tmp_path / "plain", tiny_sd, tiny_data, **common))
+    trainer = Trainer(make_cfg(tmp_path / "fast", tiny_sd, tiny_data, train__compile="true",
+                               train__channels_last="true", **common))
+    unet = trainer.accelerator.unwrap_model(trainer.unet)
+    assert unet._compiled_call_impl is not None and unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    final = trainer.run()
+    plain, fast = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "fast")
+    for key in ("model_mse_w", "model_mse_l", "ref_mse_w", "ref_mse_l"):
+        assert [m[key] for m in plain] == pytest.approx([m[key] for m in fast], rel=1e-5), key
+    assert [m["loss"] for m in plain] == pytest.approx([m["loss"] for m in fast], abs=1e-3)
+    tuned = UNet2DConditionModel.from_pretrained(final, subfolder="unet")  # the usual names, no _orig_mod
+    base = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
+    assert not torch.equal(tuned.conv_in.weight, base.conv_in.weight)

@@ -79,7 +79,8 @@ def cache_identity(cfg: Config) -> dict[str, Any]:
 def _refuse_random_crop(cfg: Config) -> None:
     if cfg.data.random_crop:
         raise UserError("data.random_crop: the cache stores center crops (and their flips); a crop drawn per pair "
-                        "and epoch cannot be pre-encoded exactly. Set data.random_crop=false or train without cache.dir")
+                        "and epoch cannot be pre-encoded exactly. Set data.random_crop=false or train without "
+                        "cache.dir")
 
 
 def check_manifest(manifest: dict, cfg: Config, directory: Path) -> None:
