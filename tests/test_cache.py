@@ -151,6 +151,15 @@ def test_mismatches_are_refused_in_one_line(tmp_path, tiny_sd, tiny_sdxl, tiny_d
         assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("diffusion-dpo: error: "), (extra, err)
         assert expected in err, (extra, err)
         assert not out.exists(), extra  # nothing written before the refusal
+    # a cache without flipped encodings cannot serve a run that flips (one with them serves both)
+    no_flip = tmp_path / "no_flip"
+    assert main(cli_args("cache", tmp_path / "unused", tiny_sd, tiny_data, "--cache.dir", str(no_flip),
+                         "--data.random_flip", "false")) == 0
+    capsys.readouterr()
+    assert main(cli_args("train", tmp_path / "run", tiny_sd, tiny_data, "--cache.dir", str(no_flip))) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("was made with data.random_flip = false (no flipped encodings), this run has true; rebuild "
+                        "it with data.random_flip=true or set data.random_flip=false"), err
     # a file that covers the run (here: fewer steps than computed for) is accepted
     assert main(cli_args("train", tmp_path / "ok", tiny_sd, tiny_data, "--cache.dir", str(sd_cache),
                          "--cache.reference_file", str(ref), "--cache.reference", "precomputed",
