@@ -1,6 +1,7 @@
 """The pre-encoding cache and the precomputed reference: exactness against the on-the-fly run, no frozen
 encoders in training, refusals of mismatched caches as one line, resume."""
 
+import json
 import math
 from pathlib import Path
 
@@ -254,3 +255,38 @@ def test_compile_and_channels_last_train_like_the_plain_run(tmp_path, tiny_sd, t
     tuned = UNet2DConditionModel.from_pretrained(final, subfolder="unet")  # the usual names, no _orig_mod
     base = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
     assert not torch.equal(tuned.conv_in.weight, base.conv_in.weight)
+
+
+def test_an_interrupted_build_resumes_after_its_finished_shards(tmp_path, tiny_sd, tiny_data, sd_cache, monkeypatch):
+    """Killed while encoding pair 9 (shard 0 = pairs 0-4 written): no cache.dir appears; the next build
+    encodes only pairs 5.. and the result equals an uninterrupted build."""
+    from safetensors.torch import load_file
+
+    from diffusion_dpo import cache as cache_module
+
+    original = cache_module._ImagesToEncode.__getitem__
+    seen = []
+
+    def killed_at_9(self, i):
+        if i == 9 and not seen.count("resumed"):
+            raise KeyboardInterrupt
+        seen.append(i)
+        return original(self, i)
+
+    monkeypatch.setattr(cache_module._ImagesToEncode, "__getitem__", killed_at_9)
+    cfg = make_cfg(tmp_path / "run", tiny_sd, tiny_data, cache__dir=tmp_path / "cache", **COMMON)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(cfg)
+    assert not (tmp_path / "cache").exists() and (tmp_path / "cache.tmp" / "pairs-00000.safetensors").is_file()
+    seen[:] = ["resumed"]
+    build_cache(cfg)
+    assert seen[1:] == list(range(5, 11))  # pairs 0-4 were not encoded again
+    assert not (tmp_path / "cache.tmp").exists()
+    fresh = json.loads((sd_cache / "manifest.json").read_text())
+    resumed = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert resumed["pair_files"] == fresh["pair_files"] and resumed["identity"] == fresh["identity"]
+    for f in fresh["pair_files"] + fresh["text_files"]:
+        a, b = load_file(sd_cache / f["file"]), load_file(tmp_path / "cache" / f["file"])
+        assert a.keys() == b.keys(), f["file"]
+        for k in a:  # other VAE batch compositions: equal up to float noise
+            torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7, msg=f"{f['file']} {k}")
