@@ -45,7 +45,8 @@ from diffusion_dpo import __version__
 from diffusion_dpo.config import Config
 from diffusion_dpo.errors import UserError
 from diffusion_dpo.fingerprint import component_fingerprint, data_fingerprint
-from diffusion_dpo.models import Conditioning, LatentScale, build_conditioning, sample_latents
+from diffusion_dpo.data import decode_pair_image, load_preference_pairs, prepare_image, tokenize
+from diffusion_dpo.models import Conditioning, LatentScale, build_conditioning, load_components, sample_latents
 from diffusion_dpo.randomness import item_draws
 
 CACHE_FORMAT = 1
@@ -127,8 +128,6 @@ class _ImagesToEncode(torch.utils.data.Dataset):
         return len(self.pairs)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        from diffusion_dpo.data import decode_pair_image, prepare_image
-
         _, win, lose, label = self.pairs.get(i)
         r, v = self.resolution, self.orientations
         pixels = np.zeros((v, 2, 3, r, r), np.float32)
@@ -208,9 +207,6 @@ def build_cache(cfg: Config, device: torch.device | str = "cpu", log: Any = prin
     next build with the same settings continues after them.
     """
     from tqdm.auto import tqdm
-
-    from diffusion_dpo.data import load_preference_pairs, tokenize
-    from diffusion_dpo.models import load_components
 
     if not cfg.cache.dir:
         raise UserError("cache.dir is required (where to write the cache)")
@@ -316,6 +312,11 @@ class Cache:
             raise UserError(f"cache.dir '{directory}' holds no cache (no {MANIFEST}); build it with "
                             "`diffusion-dpo cache --config ...` or set cache.auto=true")
         check_manifest(manifest, cfg, directory)
+        missing = [f["file"] for f in manifest["pair_files"] + manifest["text_files"]
+                   if not (directory / f["file"]).is_file()]
+        if missing:
+            raise UserError(f"cache.dir '{directory}' is incomplete: {missing[0]} is missing; rebuild it with "
+                            "`diffusion-dpo cache` (after removing the folder)")
         return cls(directory, manifest)
 
     def __getstate__(self) -> dict:
