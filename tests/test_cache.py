@@ -12,7 +12,7 @@ from diffusion_dpo.cache import build_cache
 from diffusion_dpo.cli import main
 from diffusion_dpo.errors import UserError
 from diffusion_dpo.training import Trainer, train
-from test_training import _Killed, _KilledAfter, make_cfg, read_metrics, unet_weights
+from test_training import _Killed, _KilledAfter, make_cfg, read_metrics
 
 # Flip on and half the captions dropped: both the flipped encodings and the empty-prompt row are exercised.
 COMMON = dict(data__random_flip="true", data__proportion_empty_prompts="0.5", data__batch_size=3,
@@ -152,6 +152,15 @@ def test_mismatches_are_refused_in_one_line(tmp_path, tiny_sd, tiny_sdxl, tiny_d
         assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("diffusion-dpo: error: "), (extra, err)
         assert expected in err, (extra, err)
         assert not out.exists(), extra  # nothing written before the refusal
+    # a cache without flipped encodings cannot serve a run that flips (one with them serves both)
+    no_flip = tmp_path / "no_flip"
+    assert main(cli_args("cache", tmp_path / "unused", tiny_sd, tiny_data, "--cache.dir", str(no_flip),
+                         "--data.random_flip", "false")) == 0
+    capsys.readouterr()
+    assert main(cli_args("train", tmp_path / "run", tiny_sd, tiny_data, "--cache.dir", str(no_flip))) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("was made with data.random_flip = false (no flipped encodings), this run has true; rebuild "
+                        "it with data.random_flip=true or set data.random_flip=false"), err
     # a file that covers the run (here: fewer steps than computed for) is accepted
     assert main(cli_args("train", tmp_path / "ok", tiny_sd, tiny_data, "--cache.dir", str(sd_cache),
                          "--cache.reference_file", str(ref), "--cache.reference", "precomputed",
@@ -221,3 +230,63 @@ def test_two_processes_with_cache_and_precomputed_reference(tmp_path, tiny_sd, t
     for key in ("ref_mse_w", "ref_mse_l", "model_mse_w", "model_mse_l"):
         assert [m[key] for m in ddp] == pytest.approx([m[key] for m in one], rel=1e-5), key
     assert [m["loss"] for m in ddp] == pytest.approx([m["loss"] for m in one], abs=1e-3)
+
+
+@pytest.mark.slow
+def test_compile_and_channels_last_train_like_the_plain_run(tmp_path, tiny_sd, tiny_data, sd_cache, monkeypatch):
+    """train.compile (traced by dynamo; the eager backend stands in for inductor, whose CPU compile takes minutes)
+    and train.channels_last give the plain run's losses, and final/ keeps the UNet's parameter names."""
+    from diffusers import UNet2DConditionModel
+
+    original = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: original(self, backend="eager"))
+    common = dict(COMMON, cache__dir=sd_cache, train__max_steps=2, optim__lr="0.1", optim__adam_epsilon="1.0",
+                  optim__weight_decay="0")
+    train(make_cfg(tmp_path / "plain", tiny_sd, tiny_data, **common))
+    trainer = Trainer(make_cfg(tmp_path / "fast", tiny_sd, tiny_data, train__compile="true",
+                               train__channels_last="true", **common))
+    unet = trainer.accelerator.unwrap_model(trainer.unet)
+    assert unet._compiled_call_impl is not None and unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    final = trainer.run()
+    plain, fast = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "fast")
+    for key in ("model_mse_w", "model_mse_l", "ref_mse_w", "ref_mse_l"):
+        assert [m[key] for m in plain] == pytest.approx([m[key] for m in fast], rel=1e-5), key
+    assert [m["loss"] for m in plain] == pytest.approx([m["loss"] for m in fast], abs=1e-3)
+    tuned = UNet2DConditionModel.from_pretrained(final, subfolder="unet")  # the usual names, no _orig_mod
+    base = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
+    assert not torch.equal(tuned.conv_in.weight, base.conv_in.weight)
+
+
+def test_an_interrupted_build_resumes_after_its_finished_shards(tmp_path, tiny_sd, tiny_data, sd_cache, monkeypatch):
+    """Killed while encoding pair 9 (shard 0 = pairs 0-4 written): no cache.dir appears; the next build
+    encodes only pairs 5.. and the result equals an uninterrupted build."""
+    from safetensors.torch import load_file
+
+    from diffusion_dpo import cache as cache_module
+
+    original = cache_module._ImagesToEncode.__getitem__
+    seen = []
+
+    def killed_at_9(self, i):
+        if i == 9 and not seen.count("resumed"):
+            raise KeyboardInterrupt
+        seen.append(i)
+        return original(self, i)
+
+    monkeypatch.setattr(cache_module._ImagesToEncode, "__getitem__", killed_at_9)
+    cfg = make_cfg(tmp_path / "run", tiny_sd, tiny_data, cache__dir=tmp_path / "cache", **COMMON)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(cfg)
+    assert not (tmp_path / "cache").exists() and (tmp_path / "cache.tmp" / "pairs-00000.safetensors").is_file()
+    seen[:] = ["resumed"]
+    build_cache(cfg)
+    assert seen[1:] == list(range(5, 11))  # pairs 0-4 were not encoded again
+    assert not (tmp_path / "cache.tmp").exists()
+    fresh = json.loads((sd_cache / "manifest.json").read_text())
+    resumed = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert resumed["pair_files"] == fresh["pair_files"] and resumed["identity"] == fresh["identity"]
+    for f in fresh["pair_files"] + fresh["text_files"]:
+        a, b = load_file(sd_cache / f["file"]), load_file(tmp_path / "cache" / f["file"])
+        assert a.keys() == b.keys(), f["file"]
+        for k in a:  # other VAE batch compositions: equal up to float noise
+            torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7, msg=f"{f['file']} {k}")

@@ -25,15 +25,17 @@ per pair and epoch has too many positions to pre-encode exactly. Captions are de
 has ~15x fewer unique captions than pairs); the empty-prompt swap is drawn at train time
 (`randomness.item_draws`) and picks row 0.
 
-The cache is written as `<dir>.tmp/` and renamed when complete, so a killed build leaves no half cache.
+The cache is written as `<dir>.tmp/` and renamed when complete, so a killed build never leaves a cache
+that looks usable; the next build with the same settings continues after the last finished shard.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -43,11 +45,13 @@ from diffusion_dpo import __version__
 from diffusion_dpo.config import Config
 from diffusion_dpo.errors import UserError
 from diffusion_dpo.fingerprint import component_fingerprint, data_fingerprint
-from diffusion_dpo.models import Conditioning, LatentScale, build_conditioning, sample_latents
+from diffusion_dpo.data import decode_pair_image, load_preference_pairs, prepare_image, tokenize
+from diffusion_dpo.models import Conditioning, LatentScale, build_conditioning, load_components, sample_latents
 from diffusion_dpo.randomness import item_draws
 
 CACHE_FORMAT = 1
 MANIFEST = "manifest.json"
+PROGRESS = "progress.json"  # in <dir>.tmp/ while building: the finished shards, so a killed build resumes
 EMPTY_PROMPT_ROW = 0
 ENCODER_ROLES = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -79,7 +83,8 @@ def cache_identity(cfg: Config) -> dict[str, Any]:
 def _refuse_random_crop(cfg: Config) -> None:
     if cfg.data.random_crop:
         raise UserError("data.random_crop: the cache stores center crops (and their flips); a crop drawn per pair "
-                        "and epoch cannot be pre-encoded exactly. Set data.random_crop=false or train without cache.dir")
+                        "and epoch cannot be pre-encoded exactly. Set data.random_crop=false or train without "
+                        "cache.dir")
 
 
 def check_manifest(manifest: dict, cfg: Config, directory: Path) -> None:
@@ -123,8 +128,6 @@ class _ImagesToEncode(torch.utils.data.Dataset):
         return len(self.pairs)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        from diffusion_dpo.data import decode_pair_image, prepare_image
-
         _, win, lose, label = self.pairs.get(i)
         r, v = self.resolution, self.orientations
         pixels = np.zeros((v, 2, 3, r, r), np.float32)
@@ -142,11 +145,13 @@ class _ImagesToEncode(torch.utils.data.Dataset):
 class _ShardWriter:
     """Collects rows and writes `<prefix>-NNNNN.safetensors` every `rows` rows."""
 
-    def __init__(self, directory: Path, prefix: str, rows: int):
+    def __init__(self, directory: Path, prefix: str, rows: int, files: Optional[list[dict]] = None,
+                 on_flush: Any = None):
         self.directory, self.prefix, self.rows = directory, prefix, rows
         self.parts: dict[str, list[Tensor]] = {}
         self.pending = 0
-        self.files: list[dict] = []
+        self.files: list[dict] = list(files or [])  # shards already written (a resumed build)
+        self.on_flush = on_flush
 
     def add(self, **tensors: Tensor) -> None:
         """Append rows (the same number in every tensor); full shards are written as they fill."""
@@ -168,17 +173,40 @@ class _ShardWriter:
         save_file({k: torch.cat(v).contiguous() for k, v in self.parts.items()}, self.directory / name)
         self.files.append({"file": name, "rows": self.pending})
         self.parts, self.pending = {}, 0
+        if self.on_flush is not None:
+            self.on_flush(self.files)
+
+
+def _resume_or_start(tmp: Path, plan: dict, log: Any) -> dict:
+    """The progress of an interrupted build of the same plan in `tmp` (its finished shards are kept), or a
+    fresh `tmp` and empty progress."""
+    path = tmp / PROGRESS
+    try:
+        saved = json.loads(path.read_text()) if path.is_file() else None
+    except json.JSONDecodeError:
+        saved = None
+    if saved is not None and saved.get("plan") == plan:
+        done = sum(f["rows"] for f in saved.get("pair_files", []))
+        log(f"cache: resuming the interrupted build in {tmp} at pair {done}")
+        return saved
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return {"plan": plan}
+
+
+def _save_progress(tmp: Path, progress: dict) -> None:
+    (tmp / (PROGRESS + ".tmp")).write_text(json.dumps(progress))
+    os.replace(tmp / (PROGRESS + ".tmp"), tmp / PROGRESS)  # a kill leaves the old or the new, never half
 
 
 def build_cache(cfg: Config, device: torch.device | str = "cpu", log: Any = print) -> Path:
     """Encode every pair of `cfg.data` with `cfg.model`'s VAE and text encoders into `cfg.cache.dir`.
 
-    Reuses a complete cache made with the same settings; refuses one made with other settings.
+    Reuses a complete cache made with the same settings; refuses one made with other settings. The build
+    happens in `<dir>.tmp/`; an interrupted build (killed, disk full) keeps its finished shards there and the
+    next build with the same settings continues after them.
     """
     from tqdm.auto import tqdm
-
-    from diffusion_dpo.data import load_preference_pairs, tokenize
-    from diffusion_dpo.models import load_components
 
     if not cfg.cache.dir:
         raise UserError("cache.dir is required (where to write the cache)")
@@ -195,33 +223,41 @@ def build_cache(cfg: Config, device: torch.device | str = "cpu", log: Any = prin
     identity = cache_identity(cfg)
     pairs = load_preference_pairs(cfg.data)
     log(pairs.summary())
+    # Captions: unique, row 0 the empty prompt (the caption-dropout replacement).
+    rows: dict[str, int] = {"": EMPTY_PROMPT_ROW}
+    caption_rows = torch.tensor([rows.setdefault(c, len(rows)) for c in pairs.captions()], dtype=torch.int64)
+    texts = list(rows)
+    orientations = 2 if cfg.data.random_flip else 1
+    plan = {"identity": identity, "random_flip": cfg.data.random_flip, "shard_pairs": cfg.cache.shard_pairs,
+            "num_pairs": len(pairs), "num_captions": len(texts)}
     # Encoders in fp32 whatever the training precision: the cache is made once and serves every run.
     comp = load_components(cfg.model, torch.float32, device, unet=False)
     dtype = DTYPES[cfg.cache.dtype]
     tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tmp.mkdir(parents=True)
-        # Captions: unique, row 0 the empty prompt (the caption-dropout replacement).
-        rows: dict[str, int] = {"": EMPTY_PROMPT_ROW}
-        caption_rows = torch.tensor([rows.setdefault(c, len(rows)) for c in pairs.captions()], dtype=torch.int64)
-        texts = list(rows)
-        writer = _ShardWriter(tmp, "text", cfg.cache.shard_pairs)
-        step = 4 * cfg.cache.batch_size
-        for start in tqdm(range(0, len(texts), step), desc="encode captions", unit="batch"):
-            hidden, pooled = comp.encode_prompt(tokenize(comp.tokenizers, texts[start:start + step]))
-            out = {"hidden": hidden.to("cpu", dtype)}
-            if pooled is not None:
-                out["pooled"] = pooled.to("cpu", dtype)
-            writer.add(**out)
-        writer.flush()
-        text_files = writer.files
+        progress = _resume_or_start(tmp, plan, log)
+        if "text_files" not in progress:
+            writer = _ShardWriter(tmp, "text", cfg.cache.shard_pairs)
+            step = 4 * cfg.cache.batch_size
+            for start in tqdm(range(0, len(texts), step), desc="encode captions", unit="batch"):
+                hidden, pooled = comp.encode_prompt(tokenize(comp.tokenizers, texts[start:start + step]))
+                out = {"hidden": hidden.to("cpu", dtype)}
+                if pooled is not None:
+                    out["pooled"] = pooled.to("cpu", dtype)
+                writer.add(**out)
+            writer.flush()
+            progress["text_files"] = writer.files
+            _save_progress(tmp, progress)
 
-        orientations = 2 if cfg.data.random_flip else 1
-        loader = torch.utils.data.DataLoader(_ImagesToEncode(pairs, cfg.data.resolution, orientations),
+        def shard_written(files: list[dict]) -> None:
+            progress["pair_files"] = files
+            _save_progress(tmp, progress)
+
+        writer = _ShardWriter(tmp, "pairs", cfg.cache.shard_pairs, progress.get("pair_files"), shard_written)
+        done = sum(f["rows"] for f in writer.files)
+        images = _ImagesToEncode(pairs, cfg.data.resolution, orientations)
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(images, range(done, len(pairs))),
                                              batch_size=cfg.cache.batch_size, num_workers=cfg.data.num_workers)
-        writer = _ShardWriter(tmp, "pairs", cfg.cache.shard_pairs)
-        done = 0
         for batch in tqdm(loader, desc="encode images", unit="batch"):
             pixels = batch["pixels"]  # (b, V, 2, 3, R, R)
             mean, std = comp.posterior(pixels.flatten(0, 2))  # (b*V*2, C, h, w)
@@ -232,25 +268,22 @@ def build_cache(cfg: Config, device: torch.device | str = "cpu", log: Any = prin
                        caption=caption_rows[done:done + b], label=batch["label"].float())
             done += b
         writer.flush()
-        latent_shape = list(comp.latent_shape(cfg.data.resolution))
         manifest = {
             "format": CACHE_FORMAT, "package_version": __version__, "identity": identity,
             "model.pretrained": cfg.model.pretrained, "model.vae": cfg.model.vae,
             "random_flip": cfg.data.random_flip, "random_crop": False, "sdxl": comp.sdxl,
             "num_pairs": len(pairs), "num_captions": len(texts), "summary": pairs.summary(),
-            "latent_shape": latent_shape, "latent_scale": vars(comp.latent_scale),
-            "shard_pairs": cfg.cache.shard_pairs, "pair_files": writer.files, "text_files": text_files,
+            "latent_shape": list(comp.latent_shape(cfg.data.resolution)), "latent_scale": vars(comp.latent_scale),
+            "shard_pairs": cfg.cache.shard_pairs, "pair_files": writer.files, "text_files": progress["text_files"],
         }
+        (tmp / PROGRESS).unlink()
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         if directory.exists():
             directory.rmdir()  # an empty folder the user made
-        tmp.rename(directory)
-    except OSError as exc:  # disk full, permissions: nothing half-written stays behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"cannot write cache.dir '{directory}': {exc.strerror or exc}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        tmp.rename(directory)  # complete: only now does cache.dir exist
+    except OSError as exc:  # disk full, permissions: the finished shards stay in tmp for the next build
+        raise UserError(f"cannot write cache.dir '{directory}': {exc.strerror or exc}; finished shards are kept in "
+                        f"{tmp} and reused by the next `diffusion-dpo cache`") from None
     log(f"cache {directory}: {len(pairs)} pairs, {len(texts)} unique captions")
     return directory
 
@@ -279,6 +312,11 @@ class Cache:
             raise UserError(f"cache.dir '{directory}' holds no cache (no {MANIFEST}); build it with "
                             "`diffusion-dpo cache --config ...` or set cache.auto=true")
         check_manifest(manifest, cfg, directory)
+        missing = [f["file"] for f in manifest["pair_files"] + manifest["text_files"]
+                   if not (directory / f["file"]).is_file()]
+        if missing:
+            raise UserError(f"cache.dir '{directory}' is incomplete: {missing[0]} is missing; rebuild it with "
+                            "`diffusion-dpo cache` (after removing the folder)")
         return cls(directory, manifest)
 
     def __getstate__(self) -> dict:

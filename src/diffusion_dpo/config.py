@@ -128,7 +128,8 @@ class CacheConfig:
     reference: str = _f("live", "The reference model's errors: live (a forward pass every step) or precomputed "
                                 "(computed once by `diffusion-dpo cache --reference` for this run's exact timesteps "
                                 "and noises; training then loads no reference model). precomputed needs cache.dir.")
-    reference_file: Optional[str] = _f(None, "The precomputed reference file; default: <cache.dir>/reference.safetensors.")
+    reference_file: Optional[str] = _f(None, "The precomputed reference file; default: "
+                                             "<cache.dir>/reference.safetensors.")
 
 
 @dataclass

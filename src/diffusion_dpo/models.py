@@ -2,7 +2,10 @@
 
 Everything that differs between SD and SDXL lives here, behind two methods:
 `conditioning` (one text encoder's last hidden state, or SDXL's two penultimate hidden states
-concatenated plus the pooled embedding and each image's size/crop time ids) and `encode_images`. The training loop never asks which family it is training.
+concatenated plus the pooled embedding and each image's size/crop time ids) and `encode_images`.
+The training loop never asks which family it is training. Their maths are the module functions
+`build_conditioning` and `sample_latents`, which the pre-encoding cache (cache.py) calls on stored
+encodings, so the cached and the on-the-fly paths share one formula each.
 
 Components are loaded one by one (not through `DiffusionPipeline`) so that only what training
 needs is in memory, by the class names that `model_index.json` declares, restricted to the

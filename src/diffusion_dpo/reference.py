@@ -29,8 +29,11 @@ import torch
 
 from diffusion_dpo.cache import Cache, CachedPairs, cached_inputs
 from diffusion_dpo.config import Config
+from diffusion_dpo.data import PairSampler, collate_pairs
 from diffusion_dpo.errors import UserError
 from diffusion_dpo.fingerprint import component_fingerprint
+from diffusion_dpo.models import cast, denoising_mse, load_components, weight_dtype_of
+from diffusion_dpo.randomness import pair_noise
 
 REFERENCE_FORMAT = 1
 DEFAULT_NAME = "reference.safetensors"
@@ -76,8 +79,6 @@ def _epochs(keys_per_epoch: int, num_keys: int) -> list[int]:
 
 def run_keys(num_pairs: int, seed: int, keys_per_epoch: int, num_keys: int) -> Iterator[tuple[int, int]]:
     """(pair_index, sample_seed) of every pair the run visits, in order (the same `PairSampler` as training)."""
-    from diffusion_dpo.data import PairSampler
-
     sampler = PairSampler(num_pairs, seed=seed)
     for epoch, used in enumerate(_epochs(keys_per_epoch, num_keys)):
         order = sampler.order(epoch)
@@ -96,10 +97,6 @@ def precompute_reference(cfg: Config, device: torch.device | str = "cpu", num_pr
     and write them to `reference_path(cfg)` (temp name, then rename)."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
-
-    from diffusion_dpo.data import collate_pairs
-    from diffusion_dpo.models import cast, denoising_mse, load_components, weight_dtype_of
-    from diffusion_dpo.randomness import pair_noise
 
     device = torch.device(device)
     if cfg.train.mixed_precision == "fp16" and device.type != "cuda":

@@ -36,7 +36,8 @@ from torch import Tensor
 from diffusion_dpo import checkpoint as ckpt
 from diffusion_dpo.cache import Cache, CachedPairs, build_cache, cached_inputs, read_manifest
 from diffusion_dpo.config import Config, to_yaml
-from diffusion_dpo.data import PairSampler, PreferenceDataset, collate_pairs, load_preference_pairs
+from diffusion_dpo.data import (PairSampler, PreferenceDataset, PreferencePairs, collate_pairs,
+                               load_preference_pairs)
 from diffusion_dpo.errors import UserError, is_local_path
 from diffusion_dpo.losses import LossSpec, get_loss, implicit_accuracy
 from diffusion_dpo.models import (Components, Reference, add_lora, cast, denoising_mse, load_components, load_vae,
@@ -130,32 +131,14 @@ class Trainer:
                               resume_asked=bool(cfg.train.resume))
         if Path(cfg.model.pretrained).expanduser().exists() or is_local_path(cfg.model.pretrained):
             read_model_index(cfg.model)  # a local model path mistake fails before the data scan
-        self.cache: Optional[Cache] = None
-        if cfg.cache.dir:
-            # The main process builds a missing cache (cache.auto) first; the others then open it.
-            with acc.main_process_first():
-                if acc.is_main_process and cfg.cache.auto and read_manifest(Path(cfg.cache.dir).expanduser()) is None:
-                    build_cache(cfg, acc.device, acc.print)
-                self.cache = Cache.open(cfg)  # refuses a cache made with other settings, before any model loads
-            num_pairs = self.cache.num_pairs
-            acc.print(f"cache {cfg.cache.dir}: {self.cache.manifest['summary']}")
-        else:
-            # The main process validates (and builds the Arrow cache) first; the others then reuse the cache.
-            with acc.main_process_first():
-                pairs = load_preference_pairs(cfg.data)
-            acc.print(pairs.summary())
-            num_pairs = len(pairs)
         self.world = acc.num_processes
+        self.cache: Optional[Cache] = None
+        self.ref_table: Optional[ReferenceTable] = None
+        pairs = self._open_data()
+        num_pairs = self.cache.num_pairs if self.cache is not None else len(pairs)
         if num_pairs < cfg.data.batch_size * self.world:
             raise UserError(f"data.path '{cfg.data.path}': {num_pairs} usable pairs is fewer than one batch "
                             f"(data.batch_size {cfg.data.batch_size} x {self.world} processes)")
-        # The precomputed reference (before any model loads: a stale or short file fails in seconds).
-        self.ref_table: Optional[ReferenceTable] = None
-        if self.cache is not None and cfg.cache.reference == "precomputed" and self.loss_spec.needs_reference:
-            with acc.main_process_first():
-                if acc.is_main_process and cfg.cache.auto and not reference_path(cfg).is_file():
-                    precompute_reference(cfg, acc.device, self.world, acc.print)
-                self.ref_table = ReferenceTable.open(cfg, self.cache, self.world, acc.device.type)
 
         # Seed python/numpy/torch before building anything random (LoRA's A matrices are drawn at init):
         # two runs with the same train.seed start from the same weights.
@@ -207,6 +190,29 @@ class Trainer:
         self.sampler = PairSampler(num_pairs, seed=cfg.train.seed)
         self.state = ckpt.TrainState()
         self.metrics_path = self.output_dir / "metrics.jsonl"
+
+    def _open_data(self) -> Optional[PreferencePairs]:
+        """The validated pairs (on the fly), or the cache and, if asked, the precomputed reference errors; all
+        checked before any model loads, so a stale cache or a short reference file fails in seconds."""
+        cfg, acc = self.cfg, self.accelerator
+        if not cfg.cache.dir:
+            # The main process validates (and builds the Arrow cache) first; the others then reuse the cache.
+            with acc.main_process_first():
+                pairs = load_preference_pairs(cfg.data)
+            acc.print(pairs.summary())
+            return pairs
+        # The main process builds what is missing (cache.auto) first; the others then open it.
+        with acc.main_process_first():
+            if acc.is_main_process and cfg.cache.auto and read_manifest(Path(cfg.cache.dir).expanduser()) is None:
+                build_cache(cfg, acc.device, acc.print)
+            self.cache = Cache.open(cfg)  # refuses a cache made with other settings
+        acc.print(f"cache {cfg.cache.dir}: {self.cache.manifest['summary']}")
+        if cfg.cache.reference == "precomputed" and self.loss_spec.needs_reference:
+            with acc.main_process_first():
+                if acc.is_main_process and cfg.cache.auto and not reference_path(cfg).is_file():
+                    precompute_reference(cfg, acc.device, self.world, acc.print)
+                self.ref_table = ReferenceTable.open(cfg, self.cache, self.world, acc.device.type)
+        return None
 
     # ------------------------------------------------------------------ the method
     def step(self, batch: dict[str, Any], micro_step: int) -> StepOutput:
