@@ -303,12 +303,23 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
     return head + body
 
 
+def _import_libraries() -> None:
+    """Import what training imports lazily, so the memory baseline holds the code and the peak only data."""
+    import accelerate  # noqa: F401
+    import peft  # noqa: F401
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel  # noqa
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: F401
+
+    import diffusion_dpo.training  # noqa: F401
+
+
 def _worker(argv: Sequence[str]) -> None:
     """Subprocess entry: config_file mode warmup floor_repeats peak result_file."""
     from diffusion_dpo.cli import quiet_progress_bars
 
     config_file, mode, warmup, repeats, peak, result = argv
     quiet_progress_bars()
+    _import_libraries()
     os.environ.setdefault("TQDM_DISABLE", "1")
     row = run_mode(load_config(config_file), mode, int(warmup), int(repeats), float(peak) or None)
     Path(result).write_text(json.dumps(row))
