@@ -289,4 +289,5 @@ def test_an_interrupted_build_resumes_after_its_finished_shards(tmp_path, tiny_s
         a, b = load_file(sd_cache / f["file"]), load_file(tmp_path / "cache" / f["file"])
         assert a.keys() == b.keys(), f["file"]
         for k in a:  # other VAE batch compositions: equal up to float noise
-            torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7, msg=f"{f['file']} {k}")
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6,
+                                       msg=f"{f['file']} {k}: max diff {(a[k] - b[k]).abs().max():.3g}")
