@@ -232,7 +232,8 @@ def test_accumulation_matches_a_larger_batch(tmp_path, tiny_sd, tiny_data):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
     la = [m["loss"] for m in read_metrics(tmp_path / "big")]
     lb = [m["loss"] for m in read_metrics(tmp_path / "acc")]
-    assert la == pytest.approx(lb, rel=1e-4)
+    # the loss multiplies fp32 noise in the error differences by beta (5000): 1.7e-4 apart with one thread
+    assert la == pytest.approx(lb, rel=1e-3)
 
 
 def test_same_seed_same_lora_initialisation(tmp_path, tiny_sd, tiny_data):
