@@ -3,14 +3,14 @@
 Parts, each the real diffusers/transformers class, shrunk:
 
     tokenizer      a word-level `BertTokenizer` whose vocabulary is the prompts' words (written locally)
-    text_encoder   `CLIPTextModel`, 2 layers of width 32, trained jointly with the UNet
+    text_encoder   `CLIPTextModel`, 2 layers of width 32, pre-trained CLIP-style on the base split, then frozen
     vae            `AutoencoderKL`, 16x16x3 pixels <-> 8x8x4 latents, trained first on reconstructions
     unet           `UNet2DConditionModel`, 2 cross-attention levels (32, 64 channels) on 8x8 latents
     scheduler      DDPM noise schedule of SD 1.x (scaled_linear betas, epsilon prediction); sampled
                    with DPM-Solver++ (few steps are enough)
 
-Training uses only the base split of the digits: the VAE by reconstruction (+ a small KL term),
-then the UNet and text encoder by plain denoising MSE, with captions replaced by "" at
+Training uses only the base split of the digits: the VAE by reconstruction, the text encoder by
+CLIP's contrastive loss against the images, then the UNet by plain denoising MSE, with captions replaced by "" at
 `caption_dropout` so classifier-free guidance works. The budget is deliberately short: samples
 look like digits, but some are smudged or show the wrong digit, which leaves DPO something to fix.
 Everything is seeded; the same recipe gives the same weights on the same machine.
@@ -39,13 +39,18 @@ class BaseRecipe:
     """Every setting that decides the base model's weights (its hash keys the cache)."""
 
     seed: int = 0
-    vae_steps: int = 300  # reconstructions are near-perfect after ~300 steps of 64 (8x8 digits hold little)
+    vae_steps: int = 200  # reconstructions are near-perfect (MSE < 0.01) after 200 steps of 64: 8x8 digits hold little
     vae_batch: int = 64
     vae_lr: float = 2e-3
-    vae_kl_weight: float = 1e-5  # just enough to keep the latent space smooth for the UNet
-    unet_steps: int = 700  # short on purpose: digit-like samples, but not all right or crisp
+    # No KL term: under Adam even a 1e-5 KL weight steadily widens the posterior (Adam rescales small, consistent
+    # gradients), and posterior noise the UNet must treat as signal slows its learning; the latents' scale is
+    # fixed by scaling_factor instead, as SD's was.
+    vae_kl_weight: float = 0.0
+    unet_steps: int = 600  # short on purpose: digit-like samples, but not all right or crisp
     unet_batch: int = 128
     unet_lr: float = 1e-3
+    text_steps: int = 150  # contrastive pre-training of the text encoder: the digit is told apart within ~100
+    text_lr: float = 3e-3
     caption_dropout: float = 0.1  # as in SD training: lets the pipeline do classifier-free guidance
     resolution: int = world.RESOLUTION
 
@@ -141,46 +146,80 @@ def train_vae(vae: nn.Module, pixels: torch.Tensor, recipe: BaseRecipe, tick: Ca
     return float(1.0 / means.std())  # SD's 0.18215 was found the same way
 
 
+def train_text_encoder(text_encoder: nn.Module, tokenizer, pixels: torch.Tensor, labels: np.ndarray,
+                       recipe: BaseRecipe, tick: Callable[[], None]) -> None:
+    """CLIP-style contrastive pre-training of the text encoder against the base split's images, then freeze it.
+
+    SD conditions on a CLIP text encoder pre-trained on image-text pairs; a randomly initialised one gives
+    hidden states that differ across prompts by a fifth of their scale, and a UNet trained on them learns to
+    ignore the prompt. Here the pooled output (at [SEP]) of a caption and a linear embedding of a digit image
+    are pulled together by the symmetric InfoNCE loss of CLIP, over batches holding each digit once with
+    a random phrasing. Because the encoder is causal, every position from [SEP] on carries the digit.
+    """
+    torch.manual_seed(recipe.seed + 3)
+    image_encoder = nn.Linear(pixels[0].numel(), text_encoder.config.hidden_size)
+    logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+    params = list(text_encoder.parameters()) + list(image_encoder.parameters()) + [logit_scale]
+    opt = torch.optim.AdamW(params, lr=recipe.text_lr, weight_decay=0.0)
+    captions = [world.all_captions(d) for d in range(10)]
+    g = torch.Generator().manual_seed(recipe.seed + 3)
+    by_digit = [np.flatnonzero(labels == d) for d in range(10)]
+    text_encoder.train()
+    for _ in range(recipe.text_steps):
+        picks = [int(ix[torch.randint(0, len(ix), (1,), generator=g)]) for ix in by_digit]  # one image per digit
+        texts = [captions[d][int(torch.randint(0, len(captions[d]), (1,), generator=g))] for d in range(10)]
+        ids = tokenizer(texts, padding="max_length", max_length=TOKEN_LENGTH, truncation=True,
+                        return_tensors="pt").input_ids
+        t = nn.functional.normalize(text_encoder(ids).pooler_output, dim=-1)  # (10, D)
+        v = nn.functional.normalize(image_encoder(pixels[picks].flatten(1)), dim=-1)  # (10, D)
+        logits = logit_scale.exp() * t @ v.T
+        target = torch.arange(10)
+        loss = 0.5 * (nn.functional.cross_entropy(logits, target) + nn.functional.cross_entropy(logits.T, target))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        tick()
+    text_encoder.eval().requires_grad_(False)
+
+
 def train_unet(unet: nn.Module, text_encoder: nn.Module, tokenizer, vae: nn.Module, scaling: float,
                pixels: torch.Tensor, labels: np.ndarray, recipe: BaseRecipe, tick: Callable[[], None]) -> None:
-    """Denoising MSE (epsilon target) on the base split, each image under a random one of its captions."""
+    """Denoising MSE (epsilon target) on the base split, each image under a random one of its captions;
+    the text encoder is frozen (as in SD), so every caption's hidden states are computed once."""
     from diffusers import DDPMScheduler
 
     noise_scheduler = DDPMScheduler(**SCHEDULE)
-    with torch.no_grad():  # the VAE is frozen now: encode once, sample the posterior per step
+    captions = [c for d in range(10) for c in world.all_captions(d)] + [""]  # digit-major; the last one is ""
+    k = len(world.all_captions(0))
+    with torch.no_grad():  # the VAE and text encoder are frozen now: encode once, sample the posterior per step
         dists = [vae.encode(pixels[i:i + 256]).latent_dist for i in range(0, len(pixels), 256)]
         mean = torch.cat([d.mean for d in dists])  # (N, 4, 8, 8)
         std = torch.cat([d.std for d in dists])
-    captions = [world.all_captions(d) for d in range(10)]
-    table = tokenizer([c for cs in captions for c in cs] + [""], padding="max_length", max_length=TOKEN_LENGTH,
-                      truncation=True, return_tensors="pt").input_ids  # (10 * K + 1, L); the last row is ""
-    k = len(captions[0])
+        ids = tokenizer(captions, padding="max_length", max_length=TOKEN_LENGTH, truncation=True,
+                        return_tensors="pt").input_ids
+        hidden_table = text_encoder(ids)[0]  # (10 * k + 1, L, 32)
     g = torch.Generator().manual_seed(recipe.seed + 2)
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=recipe.unet_lr, weight_decay=1e-2)
+    opt = torch.optim.AdamW(unet.parameters(), lr=recipe.unet_lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, recipe.unet_steps))
     unet.train()
-    text_encoder.train()
     labels_t = torch.from_numpy(labels)
     for _ in range(recipe.unet_steps):
         b = recipe.unet_batch
         idx = torch.randint(0, len(mean), (b,), generator=g)
         rows = labels_t[idx] * k + torch.randint(0, k, (b,), generator=g)  # a random phrasing of each image's digit
-        rows = torch.where(torch.rand(b, generator=g) < recipe.caption_dropout, len(table) - 1, rows)
+        rows = torch.where(torch.rand(b, generator=g) < recipe.caption_dropout, len(captions) - 1, rows)
         latents = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * scaling  # (B, 4, 8, 8)
         noise = torch.randn(latents.shape, generator=g)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=g)
-        hidden = text_encoder(table[rows])[0]  # (B, L, 32)
-        pred = unet(noise_scheduler.add_noise(latents, noise, t), t, hidden).sample
+        pred = unet(noise_scheduler.add_noise(latents, noise, t), t, hidden_table[rows]).sample
         loss = (pred - noise).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
         sched.step()
         tick()
     unet.eval()
-    text_encoder.eval()
 
 
 # The noise schedule of SD 1.x: the training (DDPM) and sampling (DPM-Solver++) schedulers share it.
@@ -202,6 +241,7 @@ def build_base(out_dir: Path, recipe: BaseRecipe, progress: Optional[Callable[[i
     pixels, labels = _pixels(recipe)
     scaling = train_vae(vae, pixels, recipe, tick)
     vae.register_to_config(scaling_factor=scaling)
+    train_text_encoder(text_encoder, tokenizer, pixels, labels, recipe, tick)
     train_unet(unet, text_encoder, tokenizer, vae, scaling, pixels, labels, recipe, tick)
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
@@ -214,4 +254,4 @@ def build_base(out_dir: Path, recipe: BaseRecipe, progress: Optional[Callable[[i
 
 def total_steps(recipe: BaseRecipe) -> int:
     """Optimizer steps of a build (the length of its progress bar)."""
-    return recipe.vae_steps + recipe.unet_steps
+    return recipe.vae_steps + recipe.text_steps + recipe.unet_steps

@@ -59,7 +59,7 @@ class DemoSize:
 
 SIZES = {
     "full": DemoSize(),
-    "tiny": DemoSize(base=BaseRecipe(vae_steps=2, unet_steps=2, vae_batch=8, unet_batch=8), pair_templates=1,
+    "tiny": DemoSize(base=BaseRecipe(vae_steps=2, text_steps=2, unet_steps=2, vae_batch=8, unet_batch=8), pair_templates=1,
                      pairs_per_prompt=1, eval_templates=1, eval_seeds=2, sample_steps=2, train_steps=2,
                      batch_size=2),
 }
