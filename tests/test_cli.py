@@ -36,11 +36,13 @@ def tiny_data(tmp_path_factory):
 
 
 def test_help_for_every_command():
-    for args in (["--help"], ["train", "--help"], ["cache", "--help"], ["make-tiny", "--help"]):
+    for args in (["--help"], ["train", "--help"], ["cache", "--help"], ["bench", "--help"], ["make-tiny", "--help"],
+                 ["demo", "--help"]):
         res = run_cli(*args)
         assert res.returncode == 0 and "usage:" in res.stdout, res.stderr
     assert "--loss.beta" in run_cli("train", "--help").stdout
     assert "diffusers example scripts' beta is half" in " ".join(run_cli("train", "--help").stdout.split())
+    assert "--cache-dir" in run_cli("demo", "--help").stdout
 
 
 def test_make_tiny_then_train_the_tiny_config_in_a_subprocess(tmp_path):

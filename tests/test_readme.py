@@ -24,7 +24,8 @@ def test_the_two_set_up_and_go_commands():
     demo, test = _block("demo-command"), _block("test-command")
     for cmd in (demo, test):
         assert "pip install torch==2.13.0" in cmd and ".venv" in cmd and "\n" not in cmd
-    assert "diffusion-dpo train --config configs/tiny.yaml" in demo
+    assert "diffusion-dpo demo --output-dir demo" in demo
+    assert "diffusion-dpo train --config configs/tiny.yaml" in README  # the quick mechanics check stays documented
     assert "pytest" in test
     assert "test-command" in (ROOT / ".ci" / "run").read_text()
     assert (ROOT / "configs" / "tiny.yaml").is_file()

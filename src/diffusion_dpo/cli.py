@@ -111,6 +111,21 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--sd15-width", type=int, metavar="W",
                       help="also write OUT/sd15: SD1.5's architecture with UNet width W (320 = the real size, random "
                            "weights), for `bench`; use with --resolution 256 or 512")
+    demo = sub.add_parser(
+        "demo", help="the whole method offline on a CPU: base model, preference data, training, a measured win",
+        description="Build (or reuse from the cache) a small StableDiffusionPipeline trained on sklearn's handwritten "
+                    "digits, sample preference pairs from it, label them by a hidden crowd and by an AI reward, "
+                    "train Diffusion-DPO on each labelling and an SFT baseline, and evaluate all against the base on "
+                    "held-out prompts and seeds with a judge fit on data nothing else saw. Writes DIR/base, DIR/dpo, "
+                    "DIR/dpo_ai, DIR/sft (pipeline directories), DIR/eval_prompts.jsonl, DIR/report.json, "
+                    "DIR/report.md and PNGs. About 10 minutes on 2 CPU cores the first time, 5 with a cached base.")
+    demo.add_argument("--output-dir", required=True, metavar="DIR", help="where everything is written (new, empty, "
+                      "or an earlier demo's directory, which is started over)")
+    demo.add_argument("--size", default="full", choices=("full", "tiny"),
+                      help="full: the README's run; tiny: a seconds-long run of the same code [default: full]")
+    demo.add_argument("--cache-dir", metavar="DIR", help="where the base model is cached "
+                      "[default: $XDG_CACHE_HOME/diffusion-dpo/demo or ~/.cache/diffusion-dpo/demo]")
+    demo.add_argument("--rebuild", action="store_true", help="build the base model again even if it is cached")
     from diffusion_dpo import cli_eval
 
     cli_eval.register(sub, _Parser)  # generate, score, compare
@@ -222,6 +237,19 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from diffusion_dpo.demo.run import run_demo
+
+    quiet_progress_bars()
+    report = run_demo(args.output_dir, size=args.size, cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+                      rebuild=args.rebuild)
+    for model, r in report["win_rates_vs_base"]["judge"].items():
+        print(f"{model} vs base (held-out judge, {r['n']} prompts): win rate {r['win_rate']:.3f} "
+              f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]")
+    print(f"done in {report['wall_time_s']['total']:.0f} s: {Path(args.output_dir) / 'report.md'}")
+    return 0
+
+
 def _one_line(exc: UserError) -> str:
     """The error's message; a UserError re-raised by a DataLoader worker carries the worker's traceback,
     whose last line holds the original message."""
@@ -240,7 +268,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from diffusion_dpo.cli_eval import COMMANDS as EVAL_COMMANDS
 
         return {"train": _cmd_train, "cache": _cmd_cache, "bench": _cmd_bench, "make-tiny": _cmd_make_tiny,
-                **EVAL_COMMANDS}[args.command](args)
+                "demo": _cmd_demo, **EVAL_COMMANDS}[args.command](args)
     except UserError as exc:
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return 2

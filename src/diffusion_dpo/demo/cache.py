@@ -1,0 +1,48 @@
+"""The base-model cache: built once per recipe, kept in the user's cache directory, written atomically.
+
+    $XDG_CACHE_HOME/diffusion-dpo/demo/base-<recipe hash>/     (default ~/.cache/...)
+
+A build goes to a temporary sibling directory and is renamed into place only when complete, so an
+interrupted build never leaves a directory that a later run would take for a finished one. The
+hash covers the recipe, the data split and the library versions (BaseRecipe.key).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional
+
+from diffusion_dpo.demo.base import BaseRecipe, build_base
+from diffusion_dpo.errors import UserError
+
+
+def default_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/diffusion-dpo/demo, or ~/.cache/diffusion-dpo/demo."""
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "diffusion-dpo" / "demo"
+
+
+def cached_base(recipe: BaseRecipe, cache_dir: Optional[Path] = None, rebuild: bool = False,
+                progress: Optional[Callable[[int], None]] = None) -> tuple[Path, bool]:
+    """(the base pipeline directory, whether it was built now) for `recipe`."""
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    final = cache_dir / f"base-{recipe.key()}"
+    if final.is_dir() and (final / "model_index.json").is_file() and not rebuild:
+        return final, False
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=cache_dir))
+    except OSError as exc:
+        raise UserError(f"cache directory '{cache_dir}' is not writable ({exc.strerror or exc}); "
+                        "pass another --cache-dir") from None
+    try:
+        build_base(tmp, recipe, progress)
+        if final.exists():  # --rebuild: the old build goes only once the new one is complete
+            shutil.rmtree(final)
+        tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final, True

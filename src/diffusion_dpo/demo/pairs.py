@@ -1,0 +1,101 @@
+"""Preference data for the demo: image pairs from the base model, labelled by a hidden crowd.
+
+For each pair prompt, `generate` draws 2K images from the base model at seeds 0..2K-1 (pair k =
+seeds 2k and 2k+1), and the crowd labels each pair by Bradley-Terry with ties (Rao and Kupper,
+1967) on their utility u (scorers.crowd_utility):
+
+    d  = (u_0 - u_1) / TEMPERATURE
+    P(image 0 preferred) = sigmoid(d - TIE)
+    P(image 1 preferred) = sigmoid(-d - TIE)
+    P(tie)               = 1 - the two above          (largest when the images are equally good)
+
+one draw per pair from a seeded generator, as one person's click would be. The result is written
+in the Pick-a-Pic v2 schema (tiny_data.SCHEMA: every column, PNG bytes), so training, `relabel`
+and the data checks read it exactly as they read Pick-a-Pic.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from diffusion_dpo.demo import scorers
+from diffusion_dpo.tiny_data import SCHEMA
+
+TEMPERATURE = 1.0  # utility is in nats of log-probability; a 1-nat gap is preferred ~70% of the time
+TIE = 0.3  # Rao-Kupper threshold: equal images are called a tie 15% of the time
+FILE = "train-00000-of-00001.parquet"
+
+
+def crowd_probabilities(u0: np.ndarray, u1: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(P(image 0 preferred), P(image 1 preferred), P(tie)) for utilities u0, u1 (each (N,))."""
+    d = (np.asarray(u0, np.float64) - np.asarray(u1, np.float64)) / TEMPERATURE
+    p0 = 1.0 / (1.0 + np.exp(-(d - TIE)))
+    p1 = 1.0 / (1.0 + np.exp(-(-d - TIE)))
+    return p0, p1, 1.0 - p0 - p1
+
+
+def crowd_labels(u0: np.ndarray, u1: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """label_0 per pair: 1.0 (image 0 preferred), 0.0 (image 1) or 0.5 (tie), one draw each."""
+    p0, p1, _ = crowd_probabilities(u0, u1)
+    draw = rng.random(len(p0))
+    return np.where(draw < p0, 1.0, np.where(draw < p0 + p1, 0.0, 0.5))
+
+
+@dataclass
+class PairSet:
+    """Where the pairs went and how the crowd labelled them."""
+
+    path: Path
+    pairs: int
+    ties: int
+    crowd_prefers_higher_utility: float  # of decided pairs: how often the chosen image has the higher u
+
+
+def pair_seeds(pairs_per_prompt: int) -> list[int]:
+    """Seeds for one prompt's images; pair k is (seeds[2k], seeds[2k+1])."""
+    return list(range(2 * pairs_per_prompt))
+
+
+def label_pairs(run_dir: Path, rows: Sequence[dict], out_dir: Path, seed: int) -> PairSet:
+    """Pair up a `generate` run's images (rows from evaluate.load_run), label them, write one parquet file."""
+    by_key = {(r["prompt_index"], r["seed"]): r for r in rows}
+    firsts = sorted(k for k in by_key if k[1] % 2 == 0 and (k[0], k[1] + 1) in by_key)
+    img0 = [_load(run_dir / by_key[k]["file"]) for k in firsts]
+    img1 = [_load(run_dir / by_key[(k[0], k[1] + 1)]["file"]) for k in firsts]
+    digits = [int(by_key[k]["digit"]) for k in firsts]
+    u0, u1 = scorers.crowd_utility(img0, digits), scorers.crowd_utility(img1, digits)
+    labels = crowd_labels(u0, u1, np.random.default_rng(seed))
+    t0 = dt.datetime(2024, 1, 1)
+    table = []
+    for n, (k, label) in enumerate(zip(firsts, labels)):
+        row0, row1 = by_key[k], by_key[(k[0], k[1] + 1)]
+        uid0, uid1 = f"p{k[0]:04d}-s{k[1]}", f"p{k[0]:04d}-s{k[1] + 1}"
+        table.append({
+            "are_different": True, "best_image_uid": "" if label == 0.5 else (uid0 if label == 1.0 else uid1),
+            "caption": row0["prompt"], "created_at": t0 + dt.timedelta(seconds=n), "has_label": True,
+            "image_0_uid": uid0, "image_0_url": "", "image_1_uid": uid1, "image_1_url": "",
+            "jpg_0": (run_dir / row0["file"]).read_bytes(), "jpg_1": (run_dir / row1["file"]).read_bytes(),
+            "label_0": float(label), "label_1": 1.0 - float(label), "model_0": "demo-base", "model_1": "demo-base",
+            "ranking_id": n, "user_id": int(k[0]), "num_example_per_prompt": 1,
+        })
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / (FILE + ".tmp")
+    pq.write_table(pa.Table.from_pylist(table, schema=SCHEMA), tmp)
+    tmp.rename(out_dir / FILE)  # complete or absent
+    decided = labels != 0.5
+    higher = np.where(labels == 1.0, u0 > u1, u1 > u0)[decided]
+    return PairSet(path=out_dir, pairs=len(labels), ties=int((~decided).sum()),
+                   crowd_prefers_higher_utility=float(higher.mean()) if higher.size else float("nan"))
+
+
+def _load(path: Path) -> Image.Image:
+    with Image.open(path) as im:
+        return im.convert("RGB")

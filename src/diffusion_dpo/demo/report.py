@@ -1,0 +1,227 @@
+"""The demo's report: report.json, report.md and four PNGs, from what the stages wrote.
+
+    report.json   per judge, per model vs base: win rate, 95% CI, n prompts, p; DPO vs SFT and
+                  DPO-AI vs DPO head to head; mean scores; diversity; training summaries; the
+                  targets with pass/fail; wall time per stage
+    report.md     the same as tables
+    win_rates.png            win rate over the base with its 95% interval, per judge and model
+    training_curves.png      loss, implicit accuracy and reward margin per optimizer step
+    score_distributions.png  histograms of the held-out judge's scores per model
+    grid.png                 base | DPO | DPO-AI | SFT on the same prompts and seeds
+
+Win rates come from `evaluate.compare` (prompts are the unit, seeds averaged, paired bootstrap);
+nothing is recomputed here except diversity, which `compare` does not measure.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from itertools import combinations
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from PIL import Image
+
+LABELS = {"base": "base", "dpo": "DPO", "dpo_ai": "DPO-AI", "sft": "SFT"}
+GRID_SEEDS = 3
+
+
+def diversity(run_dir: Path) -> float:
+    """Mean over prompts of the mean pairwise RMS pixel distance (pixels in [0, 1]) among a prompt's seeds."""
+    from diffusion_dpo.evaluate import load_run
+
+    by_prompt: dict[int, list[np.ndarray]] = {}
+    for row in load_run(run_dir):
+        with Image.open(run_dir / row["file"]) as im:
+            by_prompt.setdefault(row["prompt_index"], []).append(np.asarray(im.convert("L"), np.float64) / 255.0)
+    per_prompt = [np.mean([np.sqrt(np.mean((a - b) ** 2)) for a, b in combinations(images, 2)])
+                  for images in by_prompt.values() if len(images) > 1]
+    return float(np.mean(per_prompt)) if per_prompt else float("nan")
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _training_summary(rows: list[dict]) -> dict:
+    """Means over the last 10% of steps (single steps are noisy at small batches)."""
+    tail = rows[-max(1, len(rows) // 10):]
+    keys = ("loss", "implicit_acc", "reward_margin", "model_mse_w", "model_mse_l")
+    return {"steps": len(rows), **{f"final_{k}": float(np.mean([r[k] for r in tail])) for k in keys},
+            "pairs_per_s": float(np.median([r["pairs_per_s"] for r in rows]))}
+
+
+def _targets(judged: dict, head: dict, div: dict) -> dict:
+    """The issue's targets, each with its measured value and whether it is met."""
+    j = judged["judge"]
+    return {
+        "dpo_win_rate_ge_0.75": {"value": j["dpo"]["win_rate"], "met": j["dpo"]["win_rate"] >= 0.75},
+        "dpo_ci_low_gt_0.65": {"value": j["dpo"]["ci_low"], "met": j["dpo"]["ci_low"] > 0.65},
+        "dpo_ai_within_0.05_of_dpo": {"value": j["dpo_ai"]["win_rate"] - j["dpo"]["win_rate"],
+                                      "met": abs(j["dpo_ai"]["win_rate"] - j["dpo"]["win_rate"]) <= 0.05},
+        "dpo_above_sft": {"value": head["dpo_vs_sft"]["judge"]["win_rate"],
+                          "met": j["dpo"]["win_rate"] > j["sft"]["win_rate"]
+                          and head["dpo_vs_sft"]["judge"]["win_rate"] > 0.5},
+        "dpo_diversity_ge_0.8_of_base": {"value": div["ratio_to_base"]["dpo"], "met": div["ratio_to_base"]["dpo"] >= 0.8},
+    }
+
+
+def write_report(out: Path, facts: dict, comparisons: dict[str, dict], gens: dict[str, Path], runs: dict[str, Path],
+                 timer: Callable, judges: dict[str, str], started: float) -> dict:
+    """Write report.json, report.md and the PNGs into `out` (timed as the 'report' stage); return the report."""
+    from diffusion_dpo.evaluate import score_run
+
+    with timer("report"):
+        def result(cmp: dict, judge: str) -> dict:
+            r = cmp["rewards"][judges[judge]]
+            return {"win_rate": r["win_rate"], "ci_low": r["ci_low"], "ci_high": r["ci_high"], "n": r["n_prompts"],
+                    "p_value": r["p_value"], "wins": r["wins"], "ties": r["ties"], "losses": r["losses"],
+                    "mean_model": r["mean_a"], "mean_other": r["mean_b"]}
+
+        models = [m for m in LABELS if m != "base"]
+        judged = {j: {m: result(comparisons[f"{m}_vs_base"], j) for m in models} for j in judges}
+        head = {k: {j: result(comparisons[k], j) for j in judges} for k in comparisons if not k.endswith("_vs_base")}
+        scores = {name: score_run(gens[name], list(judges.values())) for name in LABELS}  # cached by compare
+        mean_scores = {j: {name: float(np.mean(scores[name][judges[j]])) for name in LABELS} for j in judges}
+        div = {name: diversity(gens[name]) for name in LABELS}
+        div = {**div, "ratio_to_base": {m: div[m] / div["base"] for m in models}}
+        training = {name: _training_summary(_metrics(path)) for name, path in runs.items()}
+        _plot_win_rates(out / "win_rates.png", judged)
+        _plot_curves(out / "training_curves.png", {name: _metrics(path) for name, path in runs.items()})
+        _plot_scores(out / "score_distributions.png", {name: scores[name][judges["judge"]] for name in LABELS})
+        _grid(gens).save(out / "grid.png")
+    report = {**facts, "judges": {j: judges[j] for j in judges}, "win_rates_vs_base": judged, "head_to_head": head,
+              "mean_scores": mean_scores, "diversity": div, "training": training,
+              "targets": _targets(judged, head, div),
+              "wall_time_s": {**timer.seconds, "total": round(time.perf_counter() - started, 2)}}
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(markdown(report))
+    return report
+
+
+def markdown(report: dict) -> str:
+    """report.md: win rates, head-to-head, diversity, targets, training and timings as tables."""
+    lines = ["# Diffusion-DPO demo", "",
+             f"Held-out evaluation: {report['win_rates_vs_base']['judge']['dpo']['n']} prompts (phrasings never "
+             f"used in the preference data) x {len(report['eval_seeds'])} seeds (never used for pairs). Win rate "
+             "of each model over the base per prompt (seeds averaged, ties 0.5), 95% paired-bootstrap interval "
+             "over prompts.", "",
+             "| judge | model | win rate vs base | 95% CI | n | mean score (model / base) |", "|---|---|---|---|---|---|"]
+    for judge, per_model in report["win_rates_vs_base"].items():
+        for model, r in per_model.items():
+            lines.append(f"| {judge} | {LABELS[model]} | {r['win_rate']:.3f} | [{r['ci_low']:.3f}, {r['ci_high']:.3f}] "
+                         f"| {r['n']} | {r['mean_model']:.3f} / {r['mean_other']:.3f} |")
+    lines += ["", "Head to head:", "", "| comparison | judge | win rate | 95% CI |", "|---|---|---|---|"]
+    for name, per_judge in report["head_to_head"].items():
+        a, b = name.split("_vs_")
+        for judge, r in per_judge.items():
+            lines.append(f"| {LABELS[a]} vs {LABELS[b]} | {judge} | {r['win_rate']:.3f} | "
+                         f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}] |")
+    div = report["diversity"]
+    lines += ["", "Diversity (mean pairwise RMS pixel distance among a prompt's seeds):", "",
+              "| model | diversity | ratio to base |", "|---|---|---|"]
+    for name in LABELS:
+        ratio = div["ratio_to_base"].get(name, 1.0)
+        lines.append(f"| {LABELS[name]} | {div[name]:.4f} | {ratio:.2f} |")
+    lines += ["", "Targets:", "", "| target | value | met |", "|---|---|---|"]
+    for name, t in report["targets"].items():
+        lines.append(f"| {name} | {t['value']:.3f} | {'yes' if t['met'] else 'no'} |")
+    lines += ["", "Training (means over the last 10% of steps):", "",
+              "| run | steps | loss | implicit acc | reward margin | pairs/s |", "|---|---|---|---|---|---|"]
+    for name, t in report["training"].items():
+        lines.append(f"| {LABELS[name]} | {t['steps']} | {t['final_loss']:.4f} | {t['final_implicit_acc']:.3f} | "
+                     f"{t['final_reward_margin']:.3f} | {t['pairs_per_s']:.1f} |")
+    lines += ["", "Wall time per stage (s):", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {stage} | {seconds:.1f} |" for stage, seconds in report["wall_time_s"].items()]
+    lines += ["", "Pictures: win_rates.png, training_curves.png, score_distributions.png, "
+                  "grid.png (base | DPO | DPO-AI | SFT, same prompts and seeds)."]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- pictures (matplotlib, no display)
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plot_win_rates(path: Path, judged: dict) -> None:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(judged), figsize=(4 * len(judged), 3.2), sharey=True)
+    for ax, (judge, per_model) in zip(np.atleast_1d(axes), judged.items()):
+        names = list(per_model)
+        rates = np.array([per_model[m]["win_rate"] for m in names])
+        err = np.array([[r - per_model[m]["ci_low"], per_model[m]["ci_high"] - r] for m, r in zip(names, rates)]).T
+        ax.bar([LABELS[m] for m in names], rates, yerr=err, capsize=4, color=["#1f77b4", "#2ca02c", "#ff7f0e"])
+        ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{judge}: win rate vs base")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _smooth(values: Sequence[float], window: int) -> np.ndarray:
+    values = np.asarray(values, np.float64)
+    window = max(1, min(window, len(values)))
+    return np.convolve(values, np.ones(window) / window, mode="valid")
+
+
+def _plot_curves(path: Path, metrics: dict[str, list[dict]]) -> None:
+    plt = _pyplot()
+    keys = ("loss", "implicit_acc", "reward_margin")
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.2))
+    for ax, key in zip(axes, keys):
+        for name, rows in metrics.items():
+            if name == "sft" and key != "loss":
+                continue  # SFT has no reference, so no implicit accuracy or margin
+            window = max(1, len(rows) // 20)
+            y = _smooth([r[key] for r in rows], window)
+            ax.plot(np.arange(len(y)) + window, y, label=LABELS[name])
+        ax.set_title(key + " (moving average)")
+        ax.set_xlabel("step")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_scores(path: Path, scores: dict[str, np.ndarray]) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    everything = np.concatenate(list(scores.values()))
+    bins = np.linspace(everything.min(), everything.max() + 1e-9, 30)
+    for name, values in scores.items():
+        ax.hist(values, bins=bins, histtype="step", lw=1.5, label=f"{LABELS[name]} (mean {np.mean(values):.2f})")
+    ax.set_xlabel("held-out judge: log p(prompted digit)")
+    ax.set_ylabel("images")
+    ax.set_yscale("log")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _grid(gens: dict[str, Path]) -> Image.Image:
+    """base | DPO | DPO-AI | SFT for one evaluation prompt per digit, at the first GRID_SEEDS seeds."""
+    from diffusion_dpo.evaluate import load_run
+    from diffusion_dpo.sampling import compose_grid
+
+    rows = {name: {(r["prompt_index"], r["seed"]): r for r in load_run(gens[name])} for name in LABELS}
+    keys = sorted(rows["base"])
+    seeds = sorted({s for _, s in keys})[:GRID_SEEDS]
+    by_digit: dict[int, int] = {}
+    for (i, _), row in sorted(rows["base"].items()):
+        by_digit.setdefault(int(row.get("digit", i)), i)  # the first prompt of each digit
+    prompts = list(by_digit.values())
+    columns = {}
+    for name in LABELS:
+        columns[LABELS[name]] = [[Image.open(gens[name] / rows[name][(i, s)]["file"]).convert("RGB") for s in seeds]
+                                 for i in prompts]
+    return compose_grid(columns, [rows["base"][(i, seeds[0])]["prompt"] for i in prompts], seeds)

@@ -1,0 +1,165 @@
+"""The offline demo: its world's splits and isolation, crowd labels, the written data, and a tiny end to end run."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from diffusion_dpo.demo import pairs, scorers, world
+
+
+def test_splits_are_disjoint_cover_everything_and_are_fixed():
+    parts = world.splits()
+    assert sorted(parts) == ["base", "judge", "scorers"]
+    everything = np.concatenate(list(parts.values()))
+    assert len(everything) == len(set(everything.tolist())) == 1797  # disjoint and complete
+    assert {k: len(v) for k, v in parts.items()} == {"base": 1078, "scorers": 359, "judge": 360}
+    again = world.splits()
+    assert all(np.array_equal(parts[k], again[k]) for k in parts)
+
+
+def test_the_judge_is_fit_on_its_split_only_and_nothing_else_reads_that_split():
+    parts = world.splits()
+    judge = scorers.classifier("judge")
+    assert judge.split == "judge" and np.array_equal(judge.train_index, parts["judge"])
+    # it was fit on exactly those digits: refitting the same model on them gives the same predictions
+    from sklearn.base import clone
+
+    digits = world.load_digits()
+    refit = clone(judge.model).fit(digits.ink[parts["judge"]].reshape(-1, 64), digits.labels[parts["judge"]])
+    probe = digits.ink[:200].reshape(-1, 64)
+    assert np.allclose(refit.predict_proba(probe), judge.model.predict_proba(probe))
+    for name in ("crowd", "ai"):  # the labellers never saw a judge digit
+        c = scorers.classifier(name)
+        assert c.split == "scorers" and not set(c.train_index.tolist()) & set(parts["judge"].tolist())
+    # the base model trains on the base split: its training pixels are exactly those digits
+    from diffusion_dpo.demo.base import BaseRecipe, _pixels
+
+    pixels, labels = _pixels(BaseRecipe())
+    assert np.array_equal(labels, digits.labels[parts["base"]])
+    first = np.asarray(world.to_image(digits.ink[parts["base"][0]]), np.float32).transpose(2, 0, 1) / 127.5 - 1
+    assert np.allclose(pixels[0].numpy(), first)
+
+
+def test_prompts_name_their_digit_and_evaluation_phrasings_are_held_out():
+    assert world.digit_of("a handwritten digit seven") == 7
+    assert world.digit_of("the numeral 3 in ink") == 3
+    with pytest.raises(ValueError):
+        world.digit_of("a cat")
+    pair_texts = {p["prompt"] for p in world.pair_prompts()}
+    eval_texts = {p["prompt"] for p in world.eval_prompts()}
+    assert not pair_texts & eval_texts
+    assert all(world.digit_of(p["prompt"]) == p["digit"] for p in world.pair_prompts() + world.eval_prompts())
+    assert len(eval_texts) == 120
+
+
+def test_bradley_terry_with_ties_by_hand():
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    p0, p1, tie = pairs.crowd_probabilities(np.array([0.0, 2.0]), np.array([0.0, 0.0]))
+    # equal utilities: sigma(-0.3) each way, the rest is a tie
+    assert p0[0] == pytest.approx(sig(-0.3)) and p1[0] == pytest.approx(sig(-0.3))
+    assert tie[0] == pytest.approx(1 - 2 * sig(-0.3)) == pytest.approx(0.1489, abs=1e-4)
+    # image 0 better by 2 nats: sigma(2 - 0.3) for it, sigma(-2 - 0.3) against
+    assert p0[1] == pytest.approx(sig(1.7)) and p1[1] == pytest.approx(sig(-2.3))
+    labels = pairs.crowd_labels(np.full(20000, 2.0), np.zeros(20000), np.random.default_rng(0))
+    assert set(np.unique(labels)) == {0.0, 0.5, 1.0}
+    assert (labels == 1.0).mean() == pytest.approx(sig(1.7), abs=0.01)
+    assert (labels == 0.5).mean() == pytest.approx(1 - sig(1.7) - sig(-2.3), abs=0.01)
+
+
+def test_rewards_load_through_the_registry_and_read_digits():
+    from diffusion_dpo.rewards import load_reward
+
+    digits = world.split("judge")
+    images = [world.to_image(ink) for ink in digits.ink[:20]]
+    right = [f"a handwritten digit {world.NAMES[d]}" for d in digits.labels[:20]]
+    wrong = [f"a handwritten digit {world.NAMES[(d + 5) % 10]}" for d in digits.labels[:20]]
+    for spec in (scorers.JUDGE_REWARD, scorers.AI_REWARD, scorers.CROWD_REWARD):
+        reward = load_reward(spec)
+        assert (reward(images, right) > reward(images, wrong)).float().mean() > 0.9
+
+
+def _fake_run(tmp_path, n_prompts=3, seeds=4):
+    """A directory shaped like `generate`'s output, with real digit images."""
+    digits = world.split("scorers")
+    run = tmp_path / "run"
+    (run / "images").mkdir(parents=True)
+    lines = []
+    for i in range(n_prompts):
+        for s in range(seeds):
+            file = f"images/{i:05d}_{s}.png"
+            world.to_image(digits.ink[i * seeds + s]).save(run / file)
+            d = int(digits.labels[i * seeds])
+            lines.append({"prompt": f"digit {world.NAMES[d]}", "prompt_index": i, "seed": s, "file": file, "digit": d})
+    (run / "manifest.jsonl").write_text("".join(json.dumps(row) + "\n" for row in lines))
+    return run
+
+
+def test_pairs_are_written_in_the_pickapic_schema_and_load_for_training(tmp_path):
+    import pyarrow.parquet as pq
+
+    from diffusion_dpo.config import DataConfig
+    from diffusion_dpo.data import load_preference_pairs
+    from diffusion_dpo.evaluate import load_run
+    from diffusion_dpo.tiny_data import SCHEMA
+
+    run = _fake_run(tmp_path)
+    result = pairs.label_pairs(run, load_run(run), tmp_path / "pairs", seed=0)
+    table = pq.read_table(tmp_path / "pairs" / pairs.FILE)
+    assert table.schema.names == SCHEMA.names and table.num_rows == result.pairs == 6  # 3 prompts x 2 pairs
+    assert set(table.column("label_0").to_pylist()) <= {0.0, 0.5, 1.0}
+    assert table.column("image_0_uid").to_pylist()[0] == "p0000-s0"
+    loaded = load_preference_pairs(DataConfig(path=str(tmp_path / "pairs"), num_workers=0, keep_ties=True))
+    assert len(loaded) == 6
+
+
+def test_tiny_demo_end_to_end_writes_every_output(tmp_path):
+    from diffusion_dpo.demo.run import run_demo
+
+    out, cache = tmp_path / "demo", tmp_path / "cache"
+    report = run_demo(out, size="tiny", cache_dir=cache)
+    for name in ("base/model_index.json", "dpo/model_index.json", "dpo_ai/model_index.json", "sft/model_index.json",
+                 "eval_prompts.jsonl", "report.json", "report.md", "win_rates.png", "training_curves.png",
+                 "score_distributions.png", "grid.png"):
+        assert (out / name).is_file(), name
+    saved = json.loads((out / "report.json").read_text())
+    assert saved == json.loads(json.dumps(report))
+    for judge in ("judge", "ai", "crowd"):
+        for model in ("dpo", "dpo_ai", "sft"):
+            r = saved["win_rates_vs_base"][judge][model]
+            assert 0 <= r["ci_low"] <= r["win_rate"] <= r["ci_high"] <= 1 and r["n"] == 20
+    assert set(saved["diversity"]["ratio_to_base"]) == {"dpo", "dpo_ai", "sft"}
+    for stage in ("base", "pairs", "relabel", "train_dpo", "train_dpo_ai", "train_sft", "generate", "compare",
+                  "report", "total"):
+        assert saved["wall_time_s"][stage] >= 0
+    lines = [json.loads(line) for line in (out / "eval_prompts.jsonl").read_text().splitlines()]
+    assert len(lines) == 20 and all(world.digit_of(p["prompt"]) == p["digit"] for p in lines)
+    assert saved["base_built_now"] and len(list(cache.iterdir())) == 1  # one finished build, no leftovers
+
+    again = run_demo(out, size="tiny", cache_dir=cache)  # an earlier demo's directory is started over
+    assert not again["base_built_now"]
+    assert again["win_rates_vs_base"] == saved["win_rates_vs_base"]  # deterministic given the seeds
+
+
+def test_a_failed_build_leaves_no_cache_entry(tmp_path, monkeypatch):
+    from diffusion_dpo.demo import cache
+    from diffusion_dpo.demo.run import SIZES
+
+    def boom(out_dir, recipe, progress=None):
+        (out_dir / "model_index.json").write_text("{}")  # half-written, then killed
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cache, "build_base", boom)
+    with pytest.raises(KeyboardInterrupt):
+        cache.cached_base(SIZES["tiny"].base, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_refuses_a_directory_with_other_files(tmp_path, capsys):
+    from diffusion_dpo.cli import main
+
+    (tmp_path / "thesis.tex").write_text("keep me")
+    assert main(["demo", "--output-dir", str(tmp_path), "--size", "tiny", "--cache-dir", str(tmp_path / "c")]) == 2
+    assert "thesis.tex" in capsys.readouterr().err
+    assert (tmp_path / "thesis.tex").read_text() == "keep me"
