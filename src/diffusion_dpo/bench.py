@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -62,14 +61,24 @@ GPU_PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362
 
 
 # ------------------------------------------------------------------ measurement helpers
+def _proc_status_bytes(field: str) -> int:
+    """A size field of /proc/self/status (VmRSS: now, VmHWM: the peak), in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
 def _rss_bytes() -> int:
     """Current resident set size of this process."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return _proc_status_bytes("VmRSS")
 
 
 def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across fork+exec, so a worker would report
+    # its parent's peak (the parent built the cache with the VAE and text encoders loaded)
+    return _proc_status_bytes("VmHWM")
 
 
 class ModuleTimer:
