@@ -22,8 +22,8 @@ def test_bench_times_each_mode_against_the_floor_on_the_same_inputs(tmp_path, ti
     out = tmp_path / "rows.json"
     code = main(["bench", "--config", str(ROOT / "configs" / "tiny.yaml"), "--model.pretrained", str(tiny_sd),
                  "--data.path", str(tiny_data), "--data.batch_size", "3", "--data.num_workers", "0",
-                 "--modes", "live", "lora+cache", "precomputed", "--steps", "2", "--warmup", "1", "--floor-repeats", "2",
-                 "--lora-rank", "2", "--json", str(out), "--markdown", str(tmp_path / "t.md")])
+                 "--modes", "live", "lora+cache", "precomputed", "--steps", "2", "--warmup", "1",
+                 "--floor-repeats", "2", "--lora-rank", "2", "--json", str(out), "--markdown", str(tmp_path / "t.md")])
     assert code == 0
     rows = json.loads(out.read_text())
     assert [r["mode"] for r in rows] == ["live", "lora+cache", "precomputed"]
@@ -52,8 +52,8 @@ def test_an_unknown_mode_is_one_line(capsys, tiny_sd, tiny_data):
     code = main(["bench", "--config", str(ROOT / "configs" / "tiny.yaml"), "--model.pretrained", str(tiny_sd),
                  "--data.path", str(tiny_data), "--modes", "warp"])
     assert code == 2
-    assert capsys.readouterr().err.strip() == ("diffusion-dpo: error: bench: unknown mode 'warp' (choose from live, live+cache, lora, "
-                                                "lora+cache, precomputed)")
+    assert capsys.readouterr().err.strip() == ("diffusion-dpo: error: bench: unknown mode 'warp' (choose from "
+                                               "live, live+cache, lora, lora+cache, precomputed)")
 
 
 def test_the_sd15_shaped_model_has_sd15s_architecture(tmp_path):
@@ -70,3 +70,15 @@ def test_the_sd15_shaped_model_has_sd15s_architecture(tmp_path):
     assert pipe.tokenizer.model_max_length == 77 and pipe.vae_scale_factor == 8 and cfg.sample_size == 8
     with pytest.raises(ValueError, match="multiple of 32"):
         build_sd15_shaped_pipeline(tmp_path / "bad", width=48)
+
+
+def test_mfu_peak_comes_from_the_flag_or_the_gpu_name(monkeypatch):
+    import torch
+
+    from diffusion_dpo import bench
+
+    assert bench.peak_tflops(torch.device("cpu"), None) is None  # no peak known for a CPU
+    assert bench.peak_tflops(torch.device("cpu"), 50.0) == 50.0
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert bench.peak_tflops(torch.device("cuda"), None) == 989.4
+    assert bench.peak_tflops(torch.device("cuda"), 400.0) == 400.0

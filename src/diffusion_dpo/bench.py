@@ -86,11 +86,11 @@ class ModuleTimer:
 
     def __init__(self, modules: Sequence[torch.nn.Module]):
         self.seconds = 0.0
-        self.calls = 0
+        self.modules = list(modules)
         self._start: Optional[float] = None
         self._depth = 0
         self._handles = []
-        for m in modules:
+        for m in self.modules:
             self._handles.append(m.register_forward_pre_hook(self._enter))
             self._handles.append(m.register_forward_hook(self._leave))
 
@@ -109,7 +109,6 @@ class ModuleTimer:
         if self._depth == 0 and self._start is not None:
             self._sync()
             self.seconds += time.perf_counter() - self._start
-            self.calls += 1
 
     def close(self) -> None:
         for h in self._handles:
@@ -214,7 +213,9 @@ def bench_config(cfg: Config, mode: str, lora_rank: int, steps: int, warmup: int
 
 
 def run_mode(run_cfg: Config, mode: str, warmup: int, floor_repeats: int, peak: Optional[float]) -> dict[str, Any]:
-    """Train `run_cfg` (a `bench_config`), then time the floor on the same model: one result row."""
+    """Train `run_cfg` (a `bench_config`), then time the floor on the same model: one result row.
+
+    `peak`: the device's TFLOP/s for MFU (--peak-tflops); None looks the GPU up by name."""
     from diffusion_dpo.training import Trainer
 
     with tempfile.TemporaryDirectory(prefix="dpo-bench-") as tmp:
@@ -240,15 +241,17 @@ def run_mode(run_cfg: Config, mode: str, warmup: int, floor_repeats: int, peak: 
         floor_s, flops = floor_seconds(trainer, recorder.args, recorder.kwargs, floor_repeats)
 
     pairs = trainer.pairs_per_step
+    peak = peak_tflops(trainer.accelerator.device, peak)
     row = {
-        "mode": mode, "cached": MODES[mode].cached, "precomputed_reference": MODES[mode].precomputed, "description": MODES[mode].description, "device": str(trainer.accelerator.device),
+        "mode": mode, "cached": MODES[mode].cached, "precomputed_reference": MODES[mode].precomputed,
+        "description": MODES[mode].description, "device": str(trainer.accelerator.device),
         "model": run_cfg.model.pretrained, "resolution": run_cfg.data.resolution, "batch_pairs": pairs,
         "lora_rank": run_cfg.lora.rank, "mixed_precision": run_cfg.train.mixed_precision,
         "optimizer": run_cfg.optim.name, "gradient_checkpointing": run_cfg.train.gradient_checkpointing,
         "floor_latents": list(recorder.args[0].shape) if recorder.args else None,
         "steps_timed": len(lines) - warmup, "step_s": step_s, "pairs_per_s": pairs / step_s, "floor_s": floor_s,
         "step_over_floor": step_s / floor_s, "peak_memory_mib": peak_bytes / 2**20,
-        "vae_text_s_per_step": encoders.seconds / len(lines), "encoders_loaded": bool(encoders._handles),
+        "vae_text_s_per_step": encoders.seconds / len(lines), "encoders_loaded": bool(encoders.modules),
         "model_tflop_per_step": flops / 1e12, "achieved_tflops": flops / step_s / 1e12,
     }
     row["mfu"] = row["achieved_tflops"] / peak if peak else None
