@@ -372,21 +372,18 @@ class Reference:
             unet.enable_adapters()
 
 
-def lora_state_dict(unet: nn.Module, full_state: Optional[dict[str, Tensor]] = None) -> tuple[dict[str, Tensor], dict]:
-    """The adapter's weights in diffusers' naming and its peft config (saved as metadata so alpha survives).
-
-    `full_state`: the UNet's state dict when its parameters are sharded (FSDP, ZeRO-3), gathered first."""
+def lora_state_dict(unet: nn.Module) -> tuple[dict[str, Tensor], dict]:
+    """The adapter's weights in diffusers' naming and its peft config (saved as metadata so alpha survives)."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, state_dict=full_state))
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}, unet.peft_config["default"].to_dict()
 
 
-def save_lora(components: Components, unet: nn.Module, out_dir: Path,
-              full_state: Optional[dict[str, Tensor]] = None) -> None:
+def save_lora(components: Components, unet: nn.Module, out_dir: Path) -> None:
     """Write `pytorch_lora_weights.safetensors` that `pipeline.load_lora_weights(out_dir)` loads."""
-    weights, metadata = lora_state_dict(unet, full_state)
+    weights, metadata = lora_state_dict(unet)
     metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in metadata.items()}
     components.pipeline_class.save_lora_weights(out_dir, unet_lora_layers=weights,
                                                 unet_lora_adapter_metadata=metadata, safe_serialization=True)

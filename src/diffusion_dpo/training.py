@@ -498,7 +498,8 @@ class Trainer:
         acc = self.accelerator
         final = self.output_dir / "final"
         self._maybe_validate(final=True)
-        # sharded parameters are gathered into one full state dict on the main process (a collective)
+        # sharded parameters (full fine-tunes only: LoRA is refused under FSDP/DeepSpeed) are gathered into
+        # one full state dict on the main process (a collective)
         full_state = acc.get_state_dict(self.unet) if self.sharded else None
         if acc.is_main_process:
             tmp = self.output_dir / "final.tmp"
@@ -507,7 +508,7 @@ class Trainer:
             try:
                 tmp.mkdir(parents=True)
                 if self.lora:
-                    save_lora(self.components, unet, tmp, full_state)
+                    save_lora(self.components, unet, tmp)
                 else:
                     if full_state is not None:  # a plain (unsharded) UNet holding the gathered weights
                         unet = type(unet).from_config(unet.config)
