@@ -531,6 +531,14 @@ def collate_pairs(examples: list[dict]) -> dict:
     return batch
 
 
+def keys_per_epoch(num_pairs: int, batch_size: int, num_processes: int) -> int:
+    """Pairs one epoch visits over all processes: whole global batches (batch_size x processes); an
+    incomplete last global batch is dropped. Training (`ShardedPairSampler`) and the precomputed
+    reference (`reference.run_coverage`) both count with this."""
+    global_batch = batch_size * num_processes
+    return (num_pairs // global_batch) * global_batch
+
+
 class PairSampler(torch.utils.data.Sampler[tuple[int, int]]):
     """Deterministic order: epoch e is a permutation of range(n) seeded by (seed, e).
 

@@ -29,7 +29,7 @@ import torch
 
 from diffusion_dpo.cache import Cache, CachedPairs, cached_inputs
 from diffusion_dpo.config import Config
-from diffusion_dpo.data import PairSampler, collate_pairs
+from diffusion_dpo.data import PairSampler, collate_pairs, keys_per_epoch
 from diffusion_dpo.errors import UserError
 from diffusion_dpo.fingerprint import component_fingerprint
 from diffusion_dpo.models import cast, denoising_mse, load_components, weight_dtype_of
@@ -66,9 +66,8 @@ def reference_identity(cfg: Config, cache: Cache, device_type: str) -> dict[str,
 def run_coverage(cfg: Config, num_pairs: int, num_processes: int) -> tuple[int, int]:
     """(keys per epoch, keys in the run) of a training run: every process takes data.batch_size pairs of each
     global batch, an incomplete last global batch of an epoch is dropped (`ShardedPairSampler`)."""
-    global_batch = cfg.data.batch_size * num_processes
-    per_step = global_batch * cfg.train.gradient_accumulation_steps
-    return (num_pairs // global_batch) * global_batch, cfg.train.max_steps * per_step
+    per_step = cfg.data.batch_size * num_processes * cfg.train.gradient_accumulation_steps
+    return keys_per_epoch(num_pairs, cfg.data.batch_size, num_processes), cfg.train.max_steps * per_step
 
 
 def _epochs(keys_per_epoch: int, num_keys: int) -> list[int]:

@@ -36,7 +36,7 @@ from torch import Tensor
 from diffusion_dpo import checkpoint as ckpt
 from diffusion_dpo.cache import Cache, CachedPairs, build_cache, cached_inputs, read_manifest
 from diffusion_dpo.config import Config, to_yaml
-from diffusion_dpo.data import (PairSampler, PreferenceDataset, PreferencePairs, collate_pairs,
+from diffusion_dpo.data import (PairSampler, PreferenceDataset, PreferencePairs, collate_pairs, keys_per_epoch,
                                load_preference_pairs)
 from diffusion_dpo.errors import UserError, is_local_path
 from diffusion_dpo.losses import LossSpec, get_loss, implicit_accuracy
@@ -67,7 +67,7 @@ class ShardedPairSampler(torch.utils.data.Sampler):
                 buffer = []
 
     def __len__(self) -> int:
-        return (len(self.base) // (self.b * self.world)) * self.b
+        return keys_per_epoch(len(self.base), self.b, self.world) // self.world
 
 
 @dataclass
