@@ -35,6 +35,20 @@ SCHEMA = pa.schema([
 ])
 
 
+def pickapic_row(caption: str, jpg_0: bytes, jpg_1: bytes, label_0: float, uid_0: str, uid_1: str,
+                 created_at: dt.datetime, ranking_id: int, user_id: int, model_0: str, model_1: str,
+                 url_0: str = "", url_1: str = "") -> dict:
+    """One row of SCHEMA. label_1 and best_image_uid (empty for a tie) follow from label_0 (1, 0 or 0.5)."""
+    return {
+        "are_different": True, "best_image_uid": "" if label_0 == 0.5 else (uid_0 if label_0 == 1.0 else uid_1),
+        "caption": caption, "created_at": created_at, "has_label": True,
+        "image_0_uid": uid_0, "image_0_url": url_0, "image_1_uid": uid_1, "image_1_url": url_1,
+        "jpg_0": jpg_0, "jpg_1": jpg_1, "label_0": float(label_0), "label_1": 1.0 - float(label_0),
+        "model_0": model_0, "model_1": model_1, "ranking_id": ranking_id, "user_id": user_id,
+        "num_example_per_prompt": 1,
+    }
+
+
 def draw_shape(size: tuple[int, int], colour: tuple[int, int, int], shape: str,
                rng: np.random.Generator) -> Image.Image:
     """`shape` in `colour` on a white background, with jittered position/size and pixel noise."""
@@ -99,19 +113,13 @@ def build_tiny_pickapic(out_dir: Path, num_pairs: int = 64, resolution: int = 32
         img0, img1 = (winner, loser) if first_wins else (loser, winner)
         label_0 = 0.5 if tie else float(first_wins)
         uid0, uid1 = f"{seed:04d}-{i:05d}-0", f"{seed:04d}-{i:05d}-1"
-        rows.append({
-            "are_different": True,
-            "best_image_uid": "" if tie else (uid0 if first_wins else uid1),
-            "caption": caption,
-            "created_at": t0 + dt.timedelta(minutes=int(i)),
-            "has_label": True,
-            "image_0_uid": uid0, "image_0_url": f"https://example.invalid/{uid0}.png",
-            "image_1_uid": uid1, "image_1_url": f"https://example.invalid/{uid1}.png",
-            "jpg_0": _encode(img0, png=rng.random() < 0.25), "jpg_1": _encode(img1, png=rng.random() < 0.25),
-            "label_0": label_0, "label_1": 1.0 - label_0,
-            "model_0": models[rng.integers(len(models))], "model_1": models[rng.integers(len(models))],
-            "ranking_id": 1000 + i, "user_id": int(rng.integers(1, 50)), "num_example_per_prompt": 1,
-        })
+        # the random draws in their original order: formats, models, user (the data stay as they were)
+        jpg_0, jpg_1 = _encode(img0, png=rng.random() < 0.25), _encode(img1, png=rng.random() < 0.25)
+        model_0, model_1 = models[rng.integers(len(models))], models[rng.integers(len(models))]
+        user_id = int(rng.integers(1, 50))
+        rows.append(pickapic_row(caption, jpg_0, jpg_1, label_0, uid0, uid1, t0 + dt.timedelta(minutes=int(i)),
+                                 1000 + i, user_id, model_0, model_1, url_0=f"https://example.invalid/{uid0}.png",
+                                 url_1=f"https://example.invalid/{uid1}.png"))
     bounds = np.linspace(0, num_pairs, num_shards + 1).round().astype(int)
     for k in range(num_shards):
         shard = rows[bounds[k]:bounds[k + 1]]

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from diffusion_dpo.demo import scorers
-from diffusion_dpo.tiny_data import SCHEMA
+from diffusion_dpo.tiny_data import SCHEMA, pickapic_row
 
 TEMPERATURE = 1.0  # utility is in nats of log-probability; a 1-nat gap is preferred ~70% of the time
 TIE = 0.3  # Rao-Kupper threshold: equal images are called a tie 15% of the time
@@ -77,15 +77,10 @@ def label_pairs(run_dir: Path, rows: Sequence[dict], out_dir: Path, seed: int) -
     table = []
     for n, (k, label) in enumerate(zip(firsts, labels)):
         row0, row1 = by_key[k], by_key[(k[0], k[1] + 1)]
-        uid0, uid1 = f"p{k[0]:04d}-s{k[1]}", f"p{k[0]:04d}-s{k[1] + 1}"
-        table.append({
-            "are_different": True, "best_image_uid": "" if label == 0.5 else (uid0 if label == 1.0 else uid1),
-            "caption": row0["prompt"], "created_at": t0 + dt.timedelta(seconds=n), "has_label": True,
-            "image_0_uid": uid0, "image_0_url": "", "image_1_uid": uid1, "image_1_url": "",
-            "jpg_0": (run_dir / row0["file"]).read_bytes(), "jpg_1": (run_dir / row1["file"]).read_bytes(),
-            "label_0": float(label), "label_1": 1.0 - float(label), "model_0": "demo-base", "model_1": "demo-base",
-            "ranking_id": n, "user_id": int(k[0]), "num_example_per_prompt": 1,
-        })
+        table.append(pickapic_row(row0["prompt"], (run_dir / row0["file"]).read_bytes(),
+                                  (run_dir / row1["file"]).read_bytes(), float(label), f"p{k[0]:04d}-s{k[1]}",
+                                  f"p{k[0]:04d}-s{k[1] + 1}", t0 + dt.timedelta(seconds=n), n, int(k[0]),
+                                  "demo-base", "demo-base"))
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / (FILE + ".tmp")
     pq.write_table(pa.Table.from_pylist(table, schema=SCHEMA), tmp)
