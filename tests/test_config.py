@@ -40,6 +40,7 @@ def test_contract_fields_exist():
     ("model: {pretrained: m}\ndata: {path: d, batch_size: two}\n", {}, "bad value for 'data.batch_size'"),
     ("model: {pretrained: m}\ndata: {path: d}\n", {"loss.beta": "0"}, "loss.beta must be > 0"),
     ("model: {pretrained: m}\ndata: {path: d}\n", {"loss.beta": "-5"}, "loss.beta must be > 0"),
+    ("model: {pretrained: m}\ndata: {path: d}\n", {"loss.label_smoothing": "0.5"}, "loss.label_smoothing must be in"),
     ("data: {path: d}\n", {}, "model.pretrained is required"),
     ("model: {pretrained: m}\n", {}, "data.path is required"),
     ("model: {pretrained: m}\ndata: {path: d}\n", {"loss.name": "kto2"}, "loss.name must be one of"),

@@ -56,16 +56,30 @@ def test_prompts_name_their_digit_and_evaluation_phrasings_are_held_out():
 
 def test_bradley_terry_with_ties_by_hand():
     sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
-    p0, p1, tie = pairs.crowd_probabilities(np.array([0.0, 2.0]), np.array([0.0, 0.0]))
+    p0, p1, tie = pairs.crowd_probabilities(np.array([0.0, 2.0]), np.array([0.0, 0.0]), temperature=1.0)
     # equal utilities: sigma(-0.3) each way, the rest is a tie
     assert p0[0] == pytest.approx(sig(-0.3)) and p1[0] == pytest.approx(sig(-0.3))
     assert tie[0] == pytest.approx(1 - 2 * sig(-0.3)) == pytest.approx(0.1489, abs=1e-4)
     # image 0 better by 2 nats: sigma(2 - 0.3) for it, sigma(-2 - 0.3) against
     assert p0[1] == pytest.approx(sig(1.7)) and p1[1] == pytest.approx(sig(-2.3))
-    labels = pairs.crowd_labels(np.full(20000, 2.0), np.zeros(20000), np.random.default_rng(0))
+    labels = pairs.crowd_labels(np.full(20000, 2.0), np.zeros(20000), 1.0, np.random.default_rng(0))
     assert set(np.unique(labels)) == {0.0, 0.5, 1.0}
     assert (labels == 1.0).mean() == pytest.approx(sig(1.7), abs=0.01)
     assert (labels == 0.5).mean() == pytest.approx(1 - sig(1.7) - sig(-2.3), abs=0.01)
+
+
+def test_crowd_is_calibrated_to_pick_a_pic_agreement():
+    """T is solved so that two independent crowd draws agree on 68% of the pairs both decide (by simulation)."""
+    rng = np.random.default_rng(0)
+    u0, u1 = rng.normal(0, 1, 4000), rng.normal(0, 1, 4000)
+    temperature = pairs.calibrate_temperature(u0, u1)
+    assert pairs.inter_rater_agreement(u0, u1, temperature) == pytest.approx(pairs.INTER_RATER_AGREEMENT, abs=1e-9)
+    assert pairs.inter_rater_agreement(u0, u1, 2 * temperature) < pairs.INTER_RATER_AGREEMENT  # noisier crowd
+    first, second = (pairs.crowd_labels(u0, u1, temperature, np.random.default_rng(s)) for s in (1, 2))
+    both = (first != 0.5) & (second != 0.5)
+    assert (first == second)[both].mean() == pytest.approx(pairs.INTER_RATER_AGREEMENT, abs=0.03)
+    # identical images leave nothing to calibrate on: the most consistent crowd allowed, not a crash
+    assert pairs.calibrate_temperature(np.zeros(5), np.zeros(5)) == pytest.approx(1e-3)
 
 
 def test_rewards_load_through_the_registry_and_read_digits():
@@ -163,3 +177,17 @@ def test_demo_refuses_a_directory_with_other_files(tmp_path, capsys):
     assert main(["demo", "--output-dir", str(tmp_path), "--size", "tiny", "--cache-dir", str(tmp_path / "c")]) == 2
     assert "thesis.tex" in capsys.readouterr().err
     assert (tmp_path / "thesis.tex").read_text() == "keep me"
+
+
+def test_tuning_loop_never_touches_the_evaluation_prompts_or_seeds():
+    from diffusion_dpo.demo import tune
+    from diffusion_dpo.demo.pairs import pair_seeds
+    from diffusion_dpo.demo.run import SIZES
+
+    dev = {p["prompt"] for p in tune.dev_prompts()}
+    assert dev and not dev & {p["prompt"] for p in world.eval_prompts()}
+    dev_seeds = range(tune.DEV_SEED_START, tune.DEV_SEED_START + tune.DEV_SEEDS)
+    assert max(pair_seeds(SIZES["full"].pairs_per_prompt)) < min(dev_seeds)
+    assert max(dev_seeds) < world.EVAL_SEED_START
+    with pytest.raises(SystemExit):  # a misspelt setting is refused before anything runs
+        tune.main(["--work-dir", "/nonexistent/never-made", "--set", "betta=1000"])

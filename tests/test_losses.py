@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from diffusion_dpo.errors import UserError
-from diffusion_dpo.losses import LOSSES, dpo_loss, get_loss, hinge_loss, implicit_accuracy, ipo_loss, sft_loss
+from diffusion_dpo.losses import (LOSSES, dpo_loss, get_loss, hinge_loss, implicit_accuracy, ipo_loss, sft_loss,
+                                  smooth_labels)
 
 # One pair, numbers chosen so the hand computation is easy:
 # model_w - model_l = 0.10 - 0.30 = -0.20; ref_w - ref_l = 0.20 - 0.20 = 0
@@ -100,3 +101,18 @@ def test_unknown_loss_is_a_user_error():
     with pytest.raises(UserError, match="unknown loss 'dpoo'"):
         get_loss("dpoo")
     assert get_loss("dpo").fn is dpo_loss
+
+
+def test_label_smoothing_is_conservative_dpo():
+    """cDPO: with eps, a decided pair's loss is (1-eps)·-logσ(x) + eps·-logσ(-x), least at x = log((1-eps)/eps)."""
+    eps = 0.2
+    labels = smooth_labels(torch.tensor([1.0, 0.0, 0.5]), eps)
+    assert torch.allclose(labels, torch.tensor([0.8, 0.2, 0.5]))
+    assert smooth_labels(labels, 0.0) is labels  # eps 0 is the paper's loss, untouched
+    x = torch.linspace(-6, 6, 2401, dtype=torch.float64)
+    zero = torch.zeros_like(x)
+    # model_w = -2x/beta moves inside to exactly x (beta 1, the rest at 0)
+    out = dpo_loss(-2 * x, zero, zero, zero, beta=1.0, label=torch.full_like(x, 0.8))
+    by_hand = -(0.8 * torch.log(torch.sigmoid(x)) + 0.2 * torch.log(torch.sigmoid(-x)))
+    assert torch.allclose(out.loss, by_hand)
+    assert abs(x[out.loss.argmin()].item() - math.log(0.8 / 0.2)) < 0.01  # a finite optimum, not +inf

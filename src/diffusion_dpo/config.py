@@ -76,6 +76,10 @@ class LossConfig:
                              "(inside = -0.5*beta*(model_diff - ref_diff)); 5000 in its SD1.5 and SDXL runs "
                              "(the paper quotes 2000 for SD1.5). The diffusers example scripts' beta is half "
                              "of ours: their 2500 = our 5000.")
+    label_smoothing: float = _f(0.0, "Conservative DPO (Mitchell 2023): a decided pair's label p=1 becomes 1-eps "
+                                     "(a tie's 0.5 stays), for labels believed wrong with probability eps. It "
+                                     "bounds how far noisy pairs pull: the loss is least at a finite margin "
+                                     "log((1-eps)/eps) instead of an infinite one. 0 is the paper's loss; < 0.5.")
 
 
 @dataclass
@@ -230,6 +234,8 @@ def validate(cfg: Config) -> None:
     need(bool(cfg.model.pretrained), "model.pretrained", "is required (a hub id or a local diffusers directory)")
     need(bool(cfg.data.path), "data.path", "is required (parquet, save_to_disk dir, JSONL/CSV or hub id)")
     need(cfg.loss.beta > 0, "loss.beta", f"must be > 0 (got {cfg.loss.beta})")
+    need(0.0 <= cfg.loss.label_smoothing < 0.5, "loss.label_smoothing",
+         f"must be in [0, 0.5) (got {cfg.loss.label_smoothing})")
     need(cfg.loss.name in LOSSES, "loss.name", f"must be one of {', '.join(sorted(LOSSES))} (got '{cfg.loss.name}')")
     need(cfg.lora.rank >= 0, "lora.rank", f"must be >= 0 (got {cfg.lora.rank})")
     need(cfg.lora.alpha is None or cfg.lora.alpha > 0, "lora.alpha", "must be > 0")

@@ -39,6 +39,11 @@ def implicit_margin(model_w: Tensor, model_l: Tensor, ref_w: Tensor, ref_l: Tens
     return -0.5 * ((model_w - model_l) - (ref_w - ref_l))
 
 
+def smooth_labels(label: Tensor, eps: float) -> Tensor:
+    """Conservative-DPO labels: p -> eps + (1 - 2 eps) p (1 -> 1-eps, 0 -> eps, a tie's 0.5 unchanged)."""
+    return label if eps == 0 else eps + (1.0 - 2.0 * eps) * label
+
+
 def _label(label: Optional[Tensor], like: Tensor) -> Tensor:
     return torch.ones_like(like) if label is None else label.to(like)
 

@@ -39,7 +39,7 @@ from diffusion_dpo.config import Config, to_yaml
 from diffusion_dpo.data import (PairSampler, PreferenceDataset, PreferencePairs, collate_pairs, keys_per_epoch,
                                load_preference_pairs)
 from diffusion_dpo.errors import UserError, is_local_path
-from diffusion_dpo.losses import LossSpec, get_loss, implicit_accuracy
+from diffusion_dpo.losses import LossSpec, get_loss, implicit_accuracy, smooth_labels
 from diffusion_dpo.models import (Components, Reference, add_lora, cast, denoising_mse, load_components, load_vae,
                                   read_model_index, save_lora, weight_dtype_of)
 from diffusion_dpo.optim import make_lr_scheduler, make_optimizer
@@ -245,7 +245,8 @@ class Trainer:
         with acc.autocast():
             model_w, model_l = mse(self.unet)
         out = self.loss_spec.fn(model_w, model_l, ref_w, ref_l, beta=cfg.loss.beta,
-                                label=batch["label"].to(device, non_blocking=True))
+                                label=smooth_labels(batch["label"].to(device, non_blocking=True),
+                                                    cfg.loss.label_smoothing))
         loss = out.loss.mean()
         metrics = {
             "loss": loss.detach(),

@@ -113,6 +113,12 @@ def markdown(report: dict) -> str:
         for model, r in per_model.items():
             lines.append(f"| {judge} | {LABELS[model]} | {r['win_rate']:.3f} | [{r['ci_low']:.3f}, {r['ci_high']:.3f}] "
                          f"| {r['n']} | {r['mean_model']:.3f} / {r['mean_other']:.3f} |")
+    crowd = report["crowd_pairs"]
+    lines += ["", f"Preference data: {crowd['pairs']} pairs from the base on {report['pair_prompts']} prompts. The crowd "
+              f"called {crowd['ties']} ties; of its decided pairs, {crowd['crowd_prefers_higher_utility']:.1%} went to "
+              f"the image of higher utility (temperature {crowd['temperature']:.3f} nats, calibrated so that two "
+              f"independent crowd draws agree on {crowd['inter_rater_agreement']:.1%} of the pairs both decide, "
+              "as two people do on Pick-a-Pic). The AI labels come from `relabel` with the AI reward."]
     lines += ["", "Head to head:", "", "| comparison | judge | win rate | 95% CI |", "|---|---|---|---|"]
     for name, per_judge in report["head_to_head"].items():
         a, b = name.split("_vs_")

@@ -1,0 +1,132 @@
+"""The demo's development loop: try training settings on a dev metric that never involves the judge.
+
+    python -m diffusion_dpo.demo.tune --work-dir /tmp/tune --set beta=5000 lr=1e-5 --labels crowd
+
+Each trial trains one model exactly as `diffusion-dpo demo` would (`run.train_config` with the given
+`DemoSize` fields overridden), then samples it on the *pair* prompts (the phrasings the labels were
+collected on) at `DEV_SEEDS`, a seed range that neither pair sampling nor the
+evaluation uses, and compares it with the base under the crowd's utility and the AI reward. The held-out
+judge, its split and the evaluation prompts are never read here: this is the user's view, who can ask
+more people and a reward model but has no held-out judge while tuning.
+
+Pairs and the base's dev samples are made once per work directory and pairs-per-prompt, then reused.
+One JSON line per trial is appended to WORK_DIR/results.jsonl (and printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from diffusion_dpo.demo import world
+from diffusion_dpo.demo.run import SIZES, DemoSize, train_config
+from diffusion_dpo.demo.scorers import AI_REWARD, CROWD_REWARD
+
+DEV_SEED_START = 500_000  # far above pair seeds (0..2K-1), far below evaluation seeds (1,000,000+)
+DEV_SEEDS = 4
+
+
+def dev_prompts() -> list[dict]:
+    """The 160 pair prompts (the phrasings the labels were collected on)."""
+    return world.pair_prompts()
+
+
+def _sample(size: DemoSize) -> dict:
+    return dict(steps=size.sample_steps, guidance_scale=size.guidance_scale, batch_size=128)
+
+
+def prepare_pairs(work: Path, size: DemoSize, base: Path) -> dict[str, Path]:
+    """Crowd- and AI-labelled pairs for `size.pairs_per_prompt` (made once per work directory)."""
+    from diffusion_dpo.demo.pairs import label_pairs, pair_seeds
+    from diffusion_dpo.evaluate import load_run
+    from diffusion_dpo.generate import generate
+    from diffusion_dpo.relabel import relabel
+
+    root = work / f"pairs-{size.pairs_per_prompt}"
+    crowd, ai = root / "crowd", root / "ai"
+    done = root / "done"
+    if not done.exists():
+        gen = root / "base_samples"
+        prompts = [{"prompt": p, "digit": d} for d in range(10)
+                   for p in world.phrasings(d, world.PAIR_TEMPLATES[:size.pair_templates])]
+        generate(str(base), prompts, pair_seeds(size.pairs_per_prompt), gen, **_sample(size))
+        pairs = label_pairs(gen, load_run(gen), crowd, seed=size.base.seed)
+        print(json.dumps({"pairs": dataclasses.asdict(pairs) | {"path": str(pairs.path)}}))
+        relabel(crowd, AI_REWARD, ai, margin=0.0, batch_size=256)
+        done.write_text(json.dumps(dataclasses.asdict(pairs) | {"path": str(pairs.path)}))
+    return {"crowd": crowd, "ai": ai}
+
+
+def dev_score(work: Path, size: DemoSize, base: Path, model: Path, name: str) -> dict:
+    """Win rate of `model` over the base on the dev prompts and seeds, under the crowd and the AI reward."""
+    from diffusion_dpo.demo.report import diversity
+    from diffusion_dpo.evaluate import compare
+    from diffusion_dpo.generate import generate
+
+    seeds = [DEV_SEED_START + k for k in range(DEV_SEEDS)]
+    base_gen = work / "dev-base"
+    generate(str(base), dev_prompts(), seeds, base_gen, **_sample(size))  # resumes: a no-op once done
+    gen = work / "runs" / name / "dev"
+    generate(str(model), dev_prompts(), seeds, gen, **_sample(size))
+    result = compare(gen, base_gen, [CROWD_REWARD, AI_REWARD], work / "runs" / name / "compare", batch_size=512)
+    wins = {key: round(result["rewards"][reward]["win_rate"], 3)
+            for key, reward in (("crowd", CROWD_REWARD), ("ai", AI_REWARD))}
+    return {**wins, "diversity": round(diversity(gen) / diversity(base_gen), 3)}
+
+
+def trial(work: Path, overrides: dict, labels: str, loss: str, name: str) -> dict:
+    """Train one model with `DemoSize` fields overridden and score it on the dev metric."""
+    from diffusion_dpo.demo.cache import cached_base
+    from diffusion_dpo.training import train
+
+    size = dataclasses.replace(SIZES["full"], **overrides)
+    base, _ = cached_base(size.base)
+    data = prepare_pairs(work, size, base)[labels]
+    started = time.perf_counter()
+    run_dir = work / "runs" / name / "train"
+    final = train(train_config(base, data, run_dir, size, loss))
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    tail = rows[-max(1, len(rows) // 10):]
+    result = {"name": name, "labels": labels, "loss": loss, **overrides,
+              "train_s": round(time.perf_counter() - started, 1),
+              "final_loss": round(sum(r["loss"] for r in tail) / len(tail), 3),
+              "final_acc": round(sum(r["implicit_acc"] for r in tail) / len(tail), 3),
+              **dev_score(work, size, base, final, name)}
+    with open(work / "results.jsonl", "a") as fh:
+        fh.write(json.dumps(result) + "\n")
+    print(json.dumps(result))
+    return result
+
+
+def _value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work-dir", type=Path, required=True)
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="DemoSize fields to override")
+    parser.add_argument("--labels", choices=("crowd", "ai"), default="crowd")
+    parser.add_argument("--loss", default="dpo")
+    parser.add_argument("--name", help="trial name (default: from the overrides)")
+    args = parser.parse_args(argv)
+    overrides = {k: _value(v) for k, v in (item.split("=", 1) for item in args.set)}
+    fields = {f.name for f in dataclasses.fields(DemoSize)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        parser.error(f"unknown DemoSize field(s): {', '.join(unknown)}")
+    name = args.name or "-".join([args.labels, args.loss] + [f"{k}{v}" for k, v in overrides.items()])
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    trial(args.work_dir, overrides, args.labels, args.loss, name)
+
+
+if __name__ == "__main__":
+    main()
