@@ -40,7 +40,8 @@ TIE = 0.3  # Rao-Kupper threshold: equal images are called a tie 15% of the time
 FILE = "train-00000-of-00001.parquet"
 
 
-def crowd_probabilities(u0: np.ndarray, u1: np.ndarray, temperature: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def crowd_probabilities(u0: np.ndarray, u1: np.ndarray,
+                        temperature: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(P(image 0 preferred), P(image 1 preferred), P(tie)) for utilities u0, u1 (each (N,))."""
     from scipy.special import expit  # the logistic function without overflow at large |d|
 

@@ -41,11 +41,11 @@ def diversity(run_dir: Path) -> float:
     return float(np.mean(per_prompt)) if per_prompt else float("nan")
 
 
-def _metrics(run_dir: Path) -> list[dict]:
+def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def _training_summary(rows: list[dict]) -> dict:
+def training_summary(rows: list[dict]) -> dict:
     """Means over the last 10% of steps (single steps are noisy at small batches)."""
     tail = rows[-max(1, len(rows) // 10):]
     keys = ("loss", "implicit_acc", "reward_margin", "model_mse_w", "model_mse_l")
@@ -87,9 +87,9 @@ def write_report(out: Path, facts: dict, comparisons: dict[str, dict], gens: dic
         mean_scores = {j: {name: float(np.mean(scores[name][judges[j]])) for name in LABELS} for j in judges}
         div = {name: diversity(gens[name]) for name in LABELS}
         div = {**div, "ratio_to_base": {m: div[m] / div["base"] for m in models}}
-        training = {name: _training_summary(_metrics(path)) for name, path in runs.items()}
+        training = {name: training_summary(read_metrics(path)) for name, path in runs.items()}
         _plot_win_rates(out / "win_rates.png", judged)
-        _plot_curves(out / "training_curves.png", {name: _metrics(path) for name, path in runs.items()})
+        _plot_curves(out / "training_curves.png", {name: read_metrics(path) for name, path in runs.items()})
         _plot_scores(out / "score_distributions.png", {name: scores[name][judges["judge"]] for name in LABELS})
         _grid(gens).save(out / "grid.png")
     report = {**facts, "judges": {j: judges[j] for j in judges}, "win_rates_vs_base": judged, "head_to_head": head,
@@ -114,8 +114,8 @@ def markdown(report: dict) -> str:
             lines.append(f"| {judge} | {LABELS[model]} | {r['win_rate']:.3f} | [{r['ci_low']:.3f}, {r['ci_high']:.3f}] "
                          f"| {r['n']} | {r['mean_model']:.3f} / {r['mean_other']:.3f} |")
     crowd = report["crowd_pairs"]
-    lines += ["", f"Preference data: {crowd['pairs']} pairs from the base on {report['pair_prompts']} prompts. The crowd "
-              f"called {crowd['ties']} ties; of its decided pairs, {crowd['crowd_prefers_higher_utility']:.1%} went to "
+    lines += ["", f"Preference data: {crowd['pairs']} pairs from the base on {report['pair_prompts']} prompts. "
+              f"The crowd called {crowd['ties']} ties; of its decided pairs, {crowd['crowd_prefers_higher_utility']:.1%} went to "
               f"the image of higher utility (temperature {crowd['temperature']:.3f} nats, calibrated so that two "
               f"independent crowd draws agree on {crowd['inter_rater_agreement']:.1%} of the pairs both decide, "
               "as two people do on Pick-a-Pic). The AI labels come from `relabel` with the AI reward."]

@@ -28,13 +28,16 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 from diffusion_dpo.config import Config, validate
 from diffusion_dpo.demo import world
 from diffusion_dpo.demo.base import BaseRecipe, total_steps
 from diffusion_dpo.demo.scorers import AI_REWARD, CROWD_REWARD, JUDGE_REWARD
 from diffusion_dpo.errors import UserError
+
+if TYPE_CHECKING:
+    from diffusion_dpo.demo.pairs import PairSet
 
 MODELS = ("dpo", "dpo_ai", "sft")  # tuned models, each compared with the base
 JUDGES = {"judge": JUDGE_REWARD, "ai": AI_REWARD, "crowd": CROWD_REWARD}  # report name -> reward
@@ -132,6 +135,33 @@ def train_config(base: Path, data: Path, out: Path, size: DemoSize, loss: str) -
     return cfg
 
 
+def sampling(size: DemoSize) -> dict:
+    """`generate` keyword arguments for every image the demo draws (pairs, evaluation, tuning)."""
+    return dict(steps=size.sample_steps, guidance_scale=size.guidance_scale, batch_size=128)
+
+
+def make_pairs(base: Path, size: DemoSize, data_dir: Path) -> PairSet:
+    """The pairs stage: sample 2K images per pair prompt from `base` into data_dir/base_samples and let the
+    crowd label them into data_dir/crowd."""
+    from diffusion_dpo.demo.pairs import label_pairs, pair_seeds
+    from diffusion_dpo.evaluate import load_run
+    from diffusion_dpo.generate import generate
+
+    gen_dir = data_dir / "base_samples"
+    generate(str(base), world.pair_prompts(size.pair_templates), pair_seeds(size.pairs_per_prompt), gen_dir,
+             **sampling(size))
+    return label_pairs(gen_dir, load_run(gen_dir), data_dir / "crowd", seed=size.base.seed)
+
+
+def relabel_ai(crowd_dir: Path, data_dir: Path) -> dict:
+    """The relabel stage: the same pairs labelled by the AI reward into data_dir/ai; returns relabel's report."""
+    from diffusion_dpo.relabel import relabel
+
+    # margin 0: the higher-scoring image wins, as in the paper's AI feedback. The AI reward is confident on
+    # most digits, so a margin as small as 0.05 nats already called 70% of the pairs ties.
+    return relabel(crowd_dir, AI_REWARD, data_dir / "ai", margin=0.0, batch_size=256)
+
+
 class StageTimer:
     """Wall time per stage, in order."""
 
@@ -177,11 +207,9 @@ def run_demo(output_dir: str | Path, size: str | DemoSize = "full", cache_dir: O
              rebuild: bool = False) -> dict:
     """Run every stage into `output_dir`; return the report (also written as report.json)."""
     from diffusion_dpo.demo.cache import cached_base
-    from diffusion_dpo.demo.pairs import label_pairs, pair_seeds
     from diffusion_dpo.demo.report import write_report
-    from diffusion_dpo.evaluate import compare, load_run
+    from diffusion_dpo.evaluate import compare
     from diffusion_dpo.generate import generate
-    from diffusion_dpo.relabel import relabel
     from diffusion_dpo.training import train
 
     if isinstance(size, str):
@@ -194,7 +222,7 @@ def run_demo(output_dir: str | Path, size: str | DemoSize = "full", cache_dir: O
     _prepare_output(out)
     timer = StageTimer()
     started = time.perf_counter()
-    sample = dict(steps=size.sample_steps, guidance_scale=size.guidance_scale, batch_size=128)
+    sample = sampling(size)
 
     with timer("base"):
         with _tqdm(total_steps(size.base), "base model") as bar:
@@ -204,16 +232,10 @@ def run_demo(output_dir: str | Path, size: str | DemoSize = "full", cache_dir: O
         shutil.copytree(cached, base)
 
     with timer("pairs"):
-        templates = world.PAIR_TEMPLATES[:size.pair_templates]
-        prompts = [{"prompt": p, "digit": d} for d in range(10) for p in world.phrasings(d, templates)]
-        gen_dir = out / "data" / "base_samples"
-        generate(str(base), prompts, pair_seeds(size.pairs_per_prompt), gen_dir, **sample)
-        crowd = label_pairs(gen_dir, load_run(gen_dir), out / "data" / "crowd", seed=size.base.seed)
+        crowd = make_pairs(base, size, out / "data")
 
     with timer("relabel"):
-        # margin 0: the higher-scoring image wins, as in the paper's AI feedback. The AI reward is confident on
-        # most digits, so a margin as small as 0.05 nats already called 70% of the pairs ties.
-        ai = relabel(crowd.path, AI_REWARD, out / "data" / "ai", margin=0.0, batch_size=256)
+        ai = relabel_ai(crowd.path, out / "data")
 
     runs = {}
     for name, data, loss in (("dpo", crowd.path, "dpo"), ("dpo_ai", out / "data" / "ai", "dpo"),
@@ -241,6 +263,6 @@ def run_demo(output_dir: str | Path, size: str | DemoSize = "full", cache_dir: O
                                                  out / "eval" / "compare" / f"{a}_vs_{b}", batch_size=512)
 
     facts = {"size": size_name, "settings": asdict(size), "base_built_now": built, "base_cache": str(cached),
-             "pair_prompts": len(prompts), "pairs_per_prompt": size.pairs_per_prompt,
+             "pair_prompts": len(world.pair_prompts(size.pair_templates)), "pairs_per_prompt": size.pairs_per_prompt,
              "crowd_pairs": {**asdict(crowd), "path": str(crowd.path)}, "ai_relabel": ai, "eval_seeds": eval_seeds}
     return write_report(out, facts, comparisons, gens, runs, timer, JUDGES, started)

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from diffusion_dpo.demo import world
-from diffusion_dpo.demo.run import SIZES, DemoSize, train_config
+from diffusion_dpo.demo.run import SIZES, DemoSize, make_pairs, relabel_ai, sampling, train_config
 from diffusion_dpo.demo.scorers import AI_REWARD, CROWD_REWARD
 
 DEV_SEED_START = 500_000  # far above pair seeds (0..2K-1), far below evaluation seeds (1,000,000+)
@@ -34,30 +34,18 @@ def dev_prompts() -> list[dict]:
     return world.pair_prompts()
 
 
-def _sample(size: DemoSize) -> dict:
-    return dict(steps=size.sample_steps, guidance_scale=size.guidance_scale, batch_size=128)
-
-
 def prepare_pairs(work: Path, size: DemoSize, base: Path) -> dict[str, Path]:
-    """Crowd- and AI-labelled pairs for `size.pairs_per_prompt` (made once per work directory)."""
-    from diffusion_dpo.demo.pairs import label_pairs, pair_seeds
-    from diffusion_dpo.evaluate import load_run
-    from diffusion_dpo.generate import generate
-    from diffusion_dpo.relabel import relabel
-
+    """Crowd- and AI-labelled pairs for `size.pairs_per_prompt`, made by the demo's own stages once per
+    work directory."""
     root = work / f"pairs-{size.pairs_per_prompt}"
-    crowd, ai = root / "crowd", root / "ai"
     done = root / "done"
     if not done.exists():
-        gen = root / "base_samples"
-        prompts = [{"prompt": p, "digit": d} for d in range(10)
-                   for p in world.phrasings(d, world.PAIR_TEMPLATES[:size.pair_templates])]
-        generate(str(base), prompts, pair_seeds(size.pairs_per_prompt), gen, **_sample(size))
-        pairs = label_pairs(gen, load_run(gen), crowd, seed=size.base.seed)
-        print(json.dumps({"pairs": dataclasses.asdict(pairs) | {"path": str(pairs.path)}}))
-        relabel(crowd, AI_REWARD, ai, margin=0.0, batch_size=256)
-        done.write_text(json.dumps(dataclasses.asdict(pairs) | {"path": str(pairs.path)}))
-    return {"crowd": crowd, "ai": ai}
+        pairs = make_pairs(base, size, root)
+        relabel_ai(pairs.path, root)
+        summary = json.dumps(dataclasses.asdict(pairs) | {"path": str(pairs.path)})
+        print(summary)
+        done.write_text(summary)
+    return {"crowd": root / "crowd", "ai": root / "ai"}
 
 
 def dev_score(work: Path, size: DemoSize, base: Path, model: Path, name: str) -> dict:
@@ -68,9 +56,9 @@ def dev_score(work: Path, size: DemoSize, base: Path, model: Path, name: str) ->
 
     seeds = [DEV_SEED_START + k for k in range(DEV_SEEDS)]
     base_gen = work / "dev-base"
-    generate(str(base), dev_prompts(), seeds, base_gen, **_sample(size))  # resumes: a no-op once done
+    generate(str(base), dev_prompts(), seeds, base_gen, **sampling(size))  # resumes: a no-op once done
     gen = work / "runs" / name / "dev"
-    generate(str(model), dev_prompts(), seeds, gen, **_sample(size))
+    generate(str(model), dev_prompts(), seeds, gen, **sampling(size))
     result = compare(gen, base_gen, [CROWD_REWARD, AI_REWARD], work / "runs" / name / "compare", batch_size=512)
     wins = {key: round(result["rewards"][reward]["win_rate"], 3)
             for key, reward in (("crowd", CROWD_REWARD), ("ai", AI_REWARD))}
@@ -80,6 +68,7 @@ def dev_score(work: Path, size: DemoSize, base: Path, model: Path, name: str) ->
 def trial(work: Path, overrides: dict, labels: str, loss: str, name: str) -> dict:
     """Train one model with `DemoSize` fields overridden and score it on the dev metric."""
     from diffusion_dpo.demo.cache import cached_base
+    from diffusion_dpo.demo.report import read_metrics, training_summary
     from diffusion_dpo.training import train
 
     size = dataclasses.replace(SIZES["full"], **overrides)
@@ -88,12 +77,10 @@ def trial(work: Path, overrides: dict, labels: str, loss: str, name: str) -> dic
     started = time.perf_counter()
     run_dir = work / "runs" / name / "train"
     final = train(train_config(base, data, run_dir, size, loss))
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    tail = rows[-max(1, len(rows) // 10):]
+    summary = training_summary(read_metrics(run_dir))
     result = {"name": name, "labels": labels, "loss": loss, **overrides,
               "train_s": round(time.perf_counter() - started, 1),
-              "final_loss": round(sum(r["loss"] for r in tail) / len(tail), 3),
-              "final_acc": round(sum(r["implicit_acc"] for r in tail) / len(tail), 3),
+              "final_loss": round(summary["final_loss"], 3), "final_acc": round(summary["final_implicit_acc"], 3),
               **dev_score(work, size, base, final, name)}
     with open(work / "results.jsonl", "a") as fh:
         fh.write(json.dumps(result) + "\n")

@@ -104,9 +104,9 @@ def all_captions(digit: int) -> list[str]:
     return phrasings(digit, PAIR_TEMPLATES + EVAL_TEMPLATES)
 
 
-def pair_prompts() -> list[dict]:
-    """Prompts for preference pairs: {"prompt", "digit"}, digit-major."""
-    return [{"prompt": p, "digit": d} for d in range(10) for p in phrasings(d, PAIR_TEMPLATES)]
+def pair_prompts(templates: int = len(PAIR_TEMPLATES)) -> list[dict]:
+    """Prompts for preference pairs under the first `templates` pair templates: {"prompt", "digit"}, digit-major."""
+    return [{"prompt": p, "digit": d} for d in range(10) for p in phrasings(d, PAIR_TEMPLATES[:templates])]
 
 
 def eval_prompts() -> list[dict]:
