@@ -238,6 +238,8 @@ def run_mode(run_cfg: Config, mode: str, warmup: int, floor_repeats: int, peak: 
             peak_bytes = _peak_rss_bytes() - rss_before
         lines = [json.loads(ln) for ln in trainer.metrics_path.read_text().splitlines()]
         step_s = statistics.median(trainer.pairs_per_step / r["pairs_per_s"] for r in lines[warmup:])
+        if trainer.in_backward is not None:
+            trainer.in_backward.remove_hooks()  # the floor is bare compute: no optimizer inside its backward
         floor_s, flops = floor_seconds(trainer, recorder.args, recorder.kwargs, floor_repeats)
 
     pairs = trainer.pairs_per_step
@@ -248,7 +250,7 @@ def run_mode(run_cfg: Config, mode: str, warmup: int, floor_repeats: int, peak: 
         "model": run_cfg.model.pretrained, "resolution": run_cfg.data.resolution, "batch_pairs": pairs,
         "lora_rank": run_cfg.lora.rank, "mixed_precision": run_cfg.train.mixed_precision,
         "optimizer": run_cfg.optim.name, "gradient_checkpointing": run_cfg.train.gradient_checkpointing,
-        "floor_latents": list(recorder.args[0].shape) if recorder.args else None,
+        "step_in_backward": run_cfg.optim.step_in_backward, "floor_latents": list(recorder.args[0].shape) if recorder.args else None,
         "steps_timed": len(lines) - warmup, "step_s": step_s, "pairs_per_s": pairs / step_s, "floor_s": floor_s,
         "step_over_floor": step_s / floor_s, "peak_memory_mib": peak_bytes / 2**20,
         "vae_text_s_per_step": encoders.seconds / len(lines), "encoders_loaded": bool(encoders.modules),

@@ -95,6 +95,10 @@ class OptimConfig:
     lr_scheduler: str = _f("constant_with_warmup", "LR schedule: constant, constant_with_warmup, linear, cosine, ...")
     lr_warmup_steps: int = _f(500, "Warm-up optimizer steps.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 disables clipping (the norm is still logged).")
+    step_in_backward: bool = _f(False, "Update each parameter inside the backward pass as soon as its gradient is "
+                                       "complete, then free that gradient: the gradients of the whole model never "
+                                       "exist at once (saves one copy of the trainable weights). Single process, "
+                                       "no gradient accumulation, no clipping (max_grad_norm 0), not with fp16.")
 
 
 @dataclass
@@ -252,6 +256,15 @@ def validate(cfg: Config) -> None:
     need(cfg.optim.lr > 0, "optim.lr", f"must be > 0 (got {cfg.optim.lr})")
     need(cfg.optim.lr_warmup_steps >= 0, "optim.lr_warmup_steps", "must be >= 0")
     need(cfg.optim.max_grad_norm >= 0, "optim.max_grad_norm", "must be >= 0")
+    if cfg.optim.step_in_backward:  # each parameter is updated before the others' gradients exist
+        need(cfg.train.gradient_accumulation_steps == 1, "optim.step_in_backward",
+             "needs train.gradient_accumulation_steps 1 (every backward pass is an update)")
+        need(cfg.optim.max_grad_norm == 0, "optim.step_in_backward",
+             "cannot clip by the global gradient norm (no parameter waits for the others); set optim.max_grad_norm 0")
+        need(cfg.train.mixed_precision != "fp16", "optim.step_in_backward",
+             "does not work with fp16's loss scaling (it must see every gradient before any update); use bf16")
+        need(not cfg.train.skip_nonfinite, "optim.step_in_backward",
+             "cannot skip a non-finite step (the update happens during the backward pass)")
     schedulers = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
     need(cfg.optim.lr_scheduler in schedulers, "optim.lr_scheduler", f"must be one of {', '.join(schedulers)}")
     need(cfg.train.max_steps >= 1, "train.max_steps", f"must be >= 1 (got {cfg.train.max_steps})")

@@ -42,7 +42,7 @@ from diffusion_dpo.errors import UserError, is_local_path
 from diffusion_dpo.losses import LossSpec, get_loss, implicit_accuracy, smooth_labels
 from diffusion_dpo.models import (Components, Reference, add_lora, cast, denoising_mse, load_components, load_vae,
                                   read_model_index, save_lora, weight_dtype_of)
-from diffusion_dpo.optim import make_lr_scheduler, make_optimizer
+from diffusion_dpo.optim import StepInBackward, make_lr_scheduler, make_optimizer
 from diffusion_dpo.randomness import pair_noise, seed_for
 from diffusion_dpo.reference import ReferenceTable, WithReference, precompute_reference, reference_path
 
@@ -172,7 +172,13 @@ class Trainer:
 
         self.pairs_per_step = cfg.data.batch_size * cfg.train.gradient_accumulation_steps * self.world
         lr = cfg.optim.lr * self.pairs_per_step if cfg.optim.scale_lr else cfg.optim.lr
+        if cfg.optim.step_in_backward and (self.world > 1 or self.sharded):
+            raise UserError("optim.step_in_backward runs on one process only: each parameter is updated before "
+                            "gradients could be averaged over processes; launch a single process or turn it off")
         self.optimizer = make_optimizer(cfg.optim, params, lr)
+        # With the step in the backward pass the gradients are gone by the time the loop would clip them; the
+        # optimizer reports their norm instead.
+        self.in_backward = self.optimizer if isinstance(self.optimizer, StepInBackward) else None
         self.lr_scheduler = make_lr_scheduler(cfg.optim, self.optimizer, cfg.train.max_steps)
         self.unet, self.optimizer = acc.prepare(unet, self.optimizer)
         if acc.gradient_accumulation_steps != cfg.train.gradient_accumulation_steps:  # a DeepSpeed file overrode it
@@ -316,7 +322,10 @@ class Trainer:
                 for key, v in out.metrics.items():
                     sums[key] = sums.get(key, 0) + v / accum
                 self._advance_position(epoch)
-            grad_norm = acc.clip_grad_norm_(self.params, cfg.optim.max_grad_norm or float("inf"))
+            if self.in_backward is not None:
+                grad_norm = self.in_backward.grad_norm().to(acc.device)
+            else:
+                grad_norm = acc.clip_grad_norm_(self.params, cfg.optim.max_grad_norm or float("inf"))
             record = self._reduce(sums, grad_norm)  # the step's one host sync
             # Check before the update: a NaN/inf must never reach the weights. (Under fp16 the gradient
             # scaler already skips steps with inf gradients, so there only the loss is checked. DeepSpeed
@@ -325,6 +334,10 @@ class Trainer:
             norm_known = cfg.train.mixed_precision != "fp16" and grad_norm is not None
             values = [record["loss"]] + ([record["grad_norm"]] if norm_known else [])
             finite = all(math.isfinite(v) for v in values)
+            if not finite and self.in_backward is not None:
+                raise UserError(f"non-finite loss or gradient at step {self.state.step + 1} (loss {record['loss']}, "
+                                f"grad norm {record['grad_norm']}); with optim.step_in_backward the weights were "
+                                "already updated with it, so resume from the last checkpoint with a lower optim.lr")
             if not finite and not cfg.train.skip_nonfinite:
                 raise UserError(f"non-finite loss or gradient at step {self.state.step + 1} (loss {record['loss']}, "
                                 f"grad norm {record['grad_norm']}); the weights were not updated. Lower optim.lr, "
