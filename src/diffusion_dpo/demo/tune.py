@@ -49,7 +49,8 @@ def prepare_pairs(work: Path, size: DemoSize, base: Path) -> dict[str, Path]:
 
 
 def dev_score(work: Path, size: DemoSize, base: Path, model: Path, name: str) -> dict:
-    """Win rate of `model` over the base on the dev prompts and seeds, under the crowd and the AI reward."""
+    """Win rate and mean score gain of `model` over the base on the dev prompts and seeds, under the crowd and
+    the AI reward."""
     from diffusion_dpo.demo.report import diversity
     from diffusion_dpo.evaluate import compare
     from diffusion_dpo.generate import generate
@@ -60,9 +61,12 @@ def dev_score(work: Path, size: DemoSize, base: Path, model: Path, name: str) ->
     gen = work / "runs" / name / "dev"
     generate(str(model), dev_prompts(), seeds, gen, **sampling(size))
     result = compare(gen, base_gen, [CROWD_REWARD, AI_REWARD], work / "runs" / name / "compare", batch_size=512)
-    wins = {key: round(result["rewards"][reward]["win_rate"], 3)
-            for key, reward in (("crowd", CROWD_REWARD), ("ai", AI_REWARD))}
-    return {**wins, "diversity": round(diversity(gen) / diversity(base_gen), 3)}
+    scores = {}
+    for key, reward in (("crowd", CROWD_REWARD), ("ai", AI_REWARD)):
+        r = result["rewards"][reward]
+        # The win rate saturates once a model improves nearly every prompt a little; the mean gain does not.
+        scores |= {key: round(r["win_rate"], 3), f"{key}_gain": round(r["mean_a"] - r["mean_b"], 4)}
+    return {**scores, "diversity": round(diversity(gen) / diversity(base_gen), 3)}
 
 
 def trial(work: Path, overrides: dict, labels: str, loss: str, name: str) -> dict:
