@@ -135,10 +135,12 @@ def markdown(report: dict) -> str:
     for name, t in report["targets"].items():
         lines.append(f"| {name} | {t['value']:.3f} | {'yes' if t['met'] else 'no'} |")
     lines += ["", "Training (means over the last 10% of steps):", "",
-              "| run | steps | loss | implicit acc | reward margin | pairs/s |", "|---|---|---|---|---|---|"]
+              "| run | beta | steps | loss | implicit acc | reward margin | pairs/s |", "|---|---|---|---|---|---|---|"]
+    settings = report["settings"]
+    betas = {"dpo": f"{settings['beta']:g}", "dpo_ai": f"{settings['beta_ai']:g}"}  # SFT has no beta
     for name, t in report["training"].items():
-        lines.append(f"| {LABELS[name]} | {t['steps']} | {t['final_loss']:.4f} | {t['final_implicit_acc']:.3f} | "
-                     f"{t['final_reward_margin']:.3f} | {t['pairs_per_s']:.1f} |")
+        lines.append(f"| {LABELS[name]} | {betas.get(name, '-')} | {t['steps']} | {t['final_loss']:.4f} | "
+                     f"{t['final_implicit_acc']:.3f} | {t['final_reward_margin']:.3f} | {t['pairs_per_s']:.1f} |")
     lines += ["", "Wall time per stage (s):", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {stage} | {seconds:.1f} |" for stage, seconds in report["wall_time_s"].items()]
     lines += ["", "Pictures: win_rates.png, training_curves.png, score_distributions.png, "

@@ -1,6 +1,7 @@
 """The demo's development loop: try training settings on a dev metric that never involves the judge.
 
-    python -m diffusion_dpo.demo.tune --work-dir /tmp/tune --set beta=5000 lr=1e-5 --labels crowd
+    python -m diffusion_dpo.demo.tune --work-dir /tmp/tune --set beta=500 lr=1e-5 --labels crowd
+    python -m diffusion_dpo.demo.tune --work-dir /tmp/tune --set beta_ai=500 --labels ai
 
 Each trial trains one model exactly as `diffusion-dpo demo` would (`run.train_config` with the given
 `DemoSize` fields overridden), then samples it on the *pair* prompts (the phrasings the labels were
@@ -80,7 +81,7 @@ def trial(work: Path, overrides: dict, labels: str, loss: str, name: str) -> dic
     data = prepare_pairs(work, size, base)[labels]
     started = time.perf_counter()
     run_dir = work / "runs" / name / "train"
-    final = train(train_config(base, data, run_dir, size, loss))
+    final = train(train_config(base, data, run_dir, size, loss, labels))
     summary = training_summary(read_metrics(run_dir))
     result = {"name": name, "labels": labels, "loss": loss, **overrides,
               "train_s": round(time.perf_counter() - started, 1),
