@@ -12,7 +12,7 @@ from diffusion_dpo.cache import build_cache
 from diffusion_dpo.cli import main
 from diffusion_dpo.errors import UserError
 from diffusion_dpo.training import Trainer, train
-from test_training import _Killed, _KilledAfter, make_cfg, read_metrics
+from test_training import make_cfg, read_metrics, straight_and_resumed
 
 # Flip on and half the captions dropped: both the flipped encodings and the empty-prompt row are exercised.
 COMMON = dict(data__random_flip="true", data__proportion_empty_prompts="0.5", data__batch_size=3,
@@ -193,11 +193,7 @@ def test_resume_with_cache_and_precomputed_reference(tmp_path, tiny_sd, tiny_dat
     common = dict(COMMON, cache__dir=sd_cache, cache__reference="precomputed", cache__auto="true",
                   cache__reference_file=tmp_path / "ref.safetensors", train__max_steps=4,
                   train__checkpointing_steps=2, lora__rank=4)
-    straight = train(make_cfg(tmp_path / "a", tiny_sd, tiny_data, **common))
-    _KilledAfter.kill_at = 3
-    with pytest.raises(_Killed):
-        _KilledAfter(make_cfg(tmp_path / "b", tiny_sd, tiny_data, **common)).run()
-    resumed = train(make_cfg(tmp_path / "b", tiny_sd, tiny_data, train__resume="latest", **common))
+    straight, resumed = straight_and_resumed(tmp_path, tiny_sd, tiny_data, **common)
     from safetensors.torch import load_file
 
     a, b = (load_file(p / "pytorch_lora_weights.safetensors") for p in (straight, resumed))

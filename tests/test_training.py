@@ -151,18 +151,24 @@ class _KilledAfter(Trainer):
             raise _Killed
 
 
+def straight_and_resumed(tmp_path: Path, model: Path, data: Path, **common) -> tuple[Path, Path]:
+    """The final/ of a straight run in tmp_path/a, and of one in tmp_path/b killed after step 3 (its checkpoint
+    at step 2 written, no final/) and resumed from the latest checkpoint. `common` must checkpoint every 2 steps."""
+    straight = train(make_cfg(tmp_path / "a", model, data, **common))
+    _KilledAfter.kill_at = 3
+    with pytest.raises(_Killed):
+        _KilledAfter(make_cfg(tmp_path / "b", model, data, **common)).run()
+    assert (tmp_path / "b" / "checkpoint-2").is_dir() and not (tmp_path / "b" / "final").exists()
+    resumed = train(make_cfg(tmp_path / "b", model, data, train__resume="latest", **common))
+    return straight, resumed
+
+
 @pytest.mark.parametrize("rank", [0, 4])
 def test_resume_matches_an_uninterrupted_run(tmp_path, tiny_sd, tiny_data, rank):
     """Kill after step 3 (checkpoint at 2, mid-epoch), resume latest: the final weights are bitwise equal."""
     common = dict(train__max_steps=5, train__checkpointing_steps=2, lora__rank=rank, data__proportion_empty_prompts=0.5,
                   data__random_crop="true", data__batch_size=3)
-    straight = train(make_cfg(tmp_path / "a", tiny_sd, tiny_data, **common))
-
-    _KilledAfter.kill_at = 3
-    with pytest.raises(_Killed):
-        _KilledAfter(make_cfg(tmp_path / "b", tiny_sd, tiny_data, **common)).run()
-    assert (tmp_path / "b" / "checkpoint-2").is_dir() and not (tmp_path / "b" / "final").exists()
-    resumed = train(make_cfg(tmp_path / "b", tiny_sd, tiny_data, train__resume="latest", **common))
+    straight, resumed = straight_and_resumed(tmp_path, tiny_sd, tiny_data, **common)
 
     if rank:
         a, b = (load_file(p / "pytorch_lora_weights.safetensors") for p in (straight, resumed))
@@ -296,11 +302,7 @@ def test_step_in_backward_resumes_exactly(tmp_path, tiny_sd, tiny_data):
     """The per-parameter optimizer states go into the checkpoint and come back: bitwise equal to a straight run."""
     common = dict(train__max_steps=4, train__checkpointing_steps=2, optim__step_in_backward="true",
                   optim__max_grad_norm=0, optim__lr_warmup_steps=3)
-    straight = train(make_cfg(tmp_path / "a", tiny_sd, tiny_data, **common))
-    _KilledAfter.kill_at = 3
-    with pytest.raises(_Killed):
-        _KilledAfter(make_cfg(tmp_path / "b", tiny_sd, tiny_data, **common)).run()
-    resumed = train(make_cfg(tmp_path / "b", tiny_sd, tiny_data, train__resume="latest", **common))
+    straight, resumed = straight_and_resumed(tmp_path, tiny_sd, tiny_data, **common)
     a, b = unet_weights(straight), unet_weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
     from diffusion_dpo.errors import UserError

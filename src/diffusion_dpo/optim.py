@@ -66,12 +66,11 @@ class StepInBackward(torch.optim.Optimizer):
 
     def __init__(self, optimizers: list[torch.optim.Optimizer]):
         self.optimizers = optimizers
-        params = [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
-        super().__init__(params, dict(optimizers[0].defaults))
+        owned = [(p, opt) for opt in optimizers for group in opt.param_groups for p in group["params"]]
+        super().__init__([p for p, _ in owned], dict(optimizers[0].defaults))
         self._refresh_groups()
         self._grad_sq: Optional[torch.Tensor] = None
-        self._handles = [p.register_post_accumulate_grad_hook(self._stepper(opt))
-                         for opt in optimizers for group in opt.param_groups for p in group["params"]]
+        self._handles = [p.register_post_accumulate_grad_hook(self._stepper(opt)) for p, opt in owned]
 
     def _refresh_groups(self) -> None:
         # the very dicts the per-parameter optimizers read (load_state_dict replaces them)
