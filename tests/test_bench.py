@@ -82,3 +82,29 @@ def test_mfu_peak_comes_from_the_flag_or_the_gpu_name(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
     assert bench.peak_tflops(torch.device("cuda"), None) == 989.4
     assert bench.peak_tflops(torch.device("cuda"), 400.0) == 400.0
+
+
+def test_fused_attention_flops_are_counted_like_the_plain_matmuls():
+    """MFU's numerator: the fused attention kernel counts what the plain matmuls count, forward and backward
+    (torch's own counter skips the CPU kernel and adds the CUDA kernels' recomputation)."""
+    import torch
+
+    from diffusion_dpo import bench
+
+    q, k, v = (torch.randn(2, 4, 64, 16, requires_grad=True) for _ in range(3))
+
+    def plain() -> torch.Tensor:
+        return torch.softmax(q @ k.transpose(-1, -2) / 4.0, dim=-1) @ v
+
+    def fused() -> torch.Tensor:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    counts = {}
+    for name, attention in (("plain", plain), ("fused", fused)):
+        with bench.model_flop_counter() as counter:
+            forward_only = attention()
+            forward_flops = counter.get_total_flops()
+            forward_only.sum().backward()
+        counts[name] = (forward_flops, counter.get_total_flops())
+    assert counts["fused"][0] == counts["plain"][0] == 2 * (2 * 2 * 4 * 64 * 64 * 16)
+    assert counts["fused"][1] == counts["plain"][1] == 3 * counts["plain"][0]  # backward: four matmuls

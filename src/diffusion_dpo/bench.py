@@ -131,13 +131,39 @@ class InputRecorder:
         self._handle.remove()
 
 
+def model_flop_counter() -> Any:
+    """torch's FlopCounterMode, counting *model* FLOPs in fused attention on every device.
+
+    torch counts the CUDA attention kernels but not the CPU's (`_scaled_dot_product_flash_attention_for_cpu`),
+    which would count every attention layer on a CPU as zero. And its backward formula for the fused kernels
+    includes their recomputation of QKᵀ, which is hardware work, not model work (MFU's numerator, as in
+    PaLM's definition, leaves recomputation out). Here every fused attention kernel counts what the plain
+    matmuls count: forward QKᵀ and PV, backward four matmuls of the same sizes."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    aten = torch.ops.aten
+
+    def forward(query, key, value, *_: Any, out_shape: Any = None, **__: Any) -> int:
+        return sdpa_flop_count(query, key, value)
+
+    def backward(grad_out, query, key, value, *_: Any, out_shape: Any = None, **__: Any) -> int:
+        return 2 * sdpa_flop_count(query, key, value)  # dV, dP, dQ, dK: twice the forward's two matmuls
+
+    mapping = {}
+    for kernel in ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+                   "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention"):
+        if hasattr(aten, kernel):  # the set of kernels varies across torch versions
+            mapping[getattr(aten, kernel)] = forward
+        if hasattr(aten, kernel + "_backward"):
+            mapping[getattr(aten, kernel + "_backward")] = backward
+    return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
 def floor_seconds(trainer: Any, args: tuple, kwargs: dict, repeats: int, warmup: int = 2) -> tuple[float, int]:
     """Median seconds of the bare compute of one micro-step, and its model FLOPs.
 
     The policy's forward + backward on the given 2B inputs, then the reference's forward on them
     (no_grad) when the trainer runs a live reference; the same autocast as training."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     acc = trainer.accelerator
     unet = trainer.unet
     live_reference = trainer.loss_spec.needs_reference and trainer.reference is not None
@@ -151,7 +177,7 @@ def floor_seconds(trainer: Any, args: tuple, kwargs: dict, repeats: int, warmup:
                 ref(*args, **kwargs)
         unet.zero_grad(set_to_none=True)
 
-    counter = FlopCounterMode(display=False)
+    counter = model_flop_counter()
     with counter:
         once()
     for _ in range(warmup):
