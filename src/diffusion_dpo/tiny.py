@@ -104,7 +104,8 @@ def build_sd15_shaped_pipeline(out_dir: str | Path, width: int = 64, resolution:
     """Write a randomly initialised `StableDiffusionPipeline` with SD1.5's architecture, channels scaled.
 
     `width` is the UNet's first block width (SD1.5: 320, giving its 860M-parameter UNet exactly): four
-    levels (width x 1, 2, 4, 4), two layers per block, cross-attention in the first three, 8-dim heads,
+    levels (width x 1, 2, 4, 4), two layers per block, cross-attention in the first three, 8 heads
+    (diffusers' `attention_head_dim` means the head count here; SD1.5's heads are 40 wide),
     768-dim text conditioning over 77 tokens. The VAE keeps SD's four levels (x8 downsampling) with its
     channels scaled by the same factor; the text encoder is CLIP ViT-L/14's shape (12 layers) at
     width 320, two layers otherwise. For benchmarks: no checkpoint is needed to time the architecture.
