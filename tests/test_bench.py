@@ -33,7 +33,7 @@ def test_bench_times_each_mode_against_the_floor_on_the_same_inputs(tmp_path, ti
         assert r["floor_latents"] == [6, 4, 16, 16]
         assert r["step_s"] > 0 and r["floor_s"] > 0
         assert r["step_over_floor"] == pytest.approx(r["step_s"] / r["floor_s"])
-        assert r["model_tflop_per_step"] > 0 and r["peak_memory_mib"] > 0
+        assert r["model_tflop_per_step"] > 0 and r["peak_memory_mib"] > 0 and r["load_peak_memory_mib"] > 0
     live, lora, pre = rows
     assert live["encoders_loaded"] and live["vae_text_s_per_step"] > 0  # images are encoded every step
     for r in (lora, pre):  # from the cache: the VAE and text encoders are not even loaded
@@ -108,3 +108,18 @@ def test_fused_attention_flops_are_counted_like_the_plain_matmuls():
         counts[name] = (forward_flops, counter.get_total_flops())
     assert counts["fused"][0] == counts["plain"][0] == 2 * (2 * 2 * 4 * 64 * 64 * 16)
     assert counts["fused"][1] == counts["plain"][1] == 3 * counts["plain"][0]  # backward: four matmuls
+
+
+def test_the_peak_restarts_where_training_begins():
+    """Training's peak excludes loading's transient: the peak is reset (to what is resident now) after loading."""
+    import torch
+
+    from diffusion_dpo import bench
+
+    if torch.cuda.is_available():
+        pytest.skip("on CUDA the reset is torch.cuda.reset_peak_memory_stats")
+    transient = torch.ones(64 * 2**20 // 4)  # 64 MiB touched, then returned to the system
+    del transient
+    before = bench._peak_rss_bytes()
+    bench._reset_peak_memory()
+    assert bench._peak_rss_bytes() < before - 48 * 2**20

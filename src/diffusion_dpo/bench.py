@@ -11,9 +11,10 @@ the compute that no implementation can avoid.
     diffusion-dpo bench --config configs/tiny.yaml --steps 20 --markdown bench.md
 
 Step time is the median over the timed steps of the wall time between consecutive optimizer steps
-(the `pairs_per_s` of metrics.jsonl), after `--warmup` untimed steps. Peak memory: CUDA's
-max_memory_allocated; on the CPU, the rise of the process's peak resident set over its size before
-any model was loaded. Time inside the VAE and the text encoders is measured by module hooks and
+(the `pairs_per_s` of metrics.jsonl), after `--warmup` untimed steps. Peak memory is training's,
+from the end of loading to the last step: CUDA's max_memory_allocated; on the CPU, the process's peak
+resident set over its size before any model was loaded. Loading's own peak is in the JSON
+(`load_peak_memory_mib`). Time inside the VAE and the text encoders is measured by module hooks and
 reported per step (zero, and "not loaded", when a run reads pre-encoded latents).
 """
 
@@ -79,6 +80,26 @@ def _peak_rss_bytes() -> int:
     # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across fork+exec, so a worker would report
     # its parent's peak (the parent built the cache with the VAE and text encoders loaded)
     return _proc_status_bytes("VmHWM")
+
+
+def _reset_peak_memory() -> None:
+    """Start a new peak from what is allocated now (CUDA), or resident now (CPU: VmHWM, reset by writing 5 to
+    /proc/self/clear_refs, Linux >= 4.0; where that is refused, the peak keeps counting from the start)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _peak_bytes(baseline: int) -> int:
+    """The peak since the last reset: CUDA's max_memory_allocated, or the CPU's peak RSS above `baseline`."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    return _peak_rss_bytes() - baseline
 
 
 class ModuleTimer:
@@ -247,21 +268,21 @@ def run_mode(run_cfg: Config, mode: str, warmup: int, floor_repeats: int, peak: 
     with tempfile.TemporaryDirectory(prefix="dpo-bench-") as tmp:
         run_cfg = copy.deepcopy(run_cfg)
         run_cfg.output_dir = str(Path(tmp) / "run")
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        rss_before = _rss_bytes()
+        rss_before = 0 if torch.cuda.is_available() else _rss_bytes()
+        _reset_peak_memory()
         trainer = Trainer(run_cfg)
         trainer._save_final = lambda: trainer.output_dir  # a benchmark keeps no weights
+        load_peak_bytes = _peak_bytes(rss_before)
+        # Training's own peak: loading can pass through a transient (a file's pages and the tensors built from
+        # them) that a long run never sees again; what stays resident (weights, reference copy) still counts.
+        _reset_peak_memory()
         comp = trainer.components
         encoders = ModuleTimer(_encoder_modules(comp))
         recorder = InputRecorder(trainer.accelerator.unwrap_model(trainer.unet))
         trainer.run()
         encoders.close()
         recorder.close()
-        if torch.cuda.is_available():
-            peak_bytes = torch.cuda.max_memory_allocated()
-        else:
-            peak_bytes = _peak_rss_bytes() - rss_before
+        peak_bytes = _peak_bytes(rss_before)
         lines = [json.loads(ln) for ln in trainer.metrics_path.read_text().splitlines()]
         step_s = statistics.median(trainer.pairs_per_step / r["pairs_per_s"] for r in lines[warmup:])
         if trainer.in_backward is not None:
@@ -279,6 +300,7 @@ def run_mode(run_cfg: Config, mode: str, warmup: int, floor_repeats: int, peak: 
         "step_in_backward": run_cfg.optim.step_in_backward, "floor_latents": list(recorder.args[0].shape) if recorder.args else None,
         "steps_timed": len(lines) - warmup, "step_s": step_s, "pairs_per_s": pairs / step_s, "floor_s": floor_s,
         "step_over_floor": step_s / floor_s, "peak_memory_mib": peak_bytes / 2**20,
+        "load_peak_memory_mib": load_peak_bytes / 2**20,
         "vae_text_s_per_step": encoders.seconds / len(lines), "encoders_loaded": bool(encoders.modules),
         "model_tflop_per_step": flops / 1e12, "achieved_tflops": flops / step_s / 1e12,
     }
