@@ -268,7 +268,7 @@ def run_mode(run_cfg: Config, mode: str, warmup: int, floor_repeats: int, peak: 
     with tempfile.TemporaryDirectory(prefix="dpo-bench-") as tmp:
         run_cfg = copy.deepcopy(run_cfg)
         run_cfg.output_dir = str(Path(tmp) / "run")
-        rss_before = 0 if torch.cuda.is_available() else _rss_bytes()
+        rss_before = _rss_bytes()  # the CPU's baseline (CUDA's peak needs none)
         _reset_peak_memory()
         trainer = Trainer(run_cfg)
         trainer._save_final = lambda: trainer.output_dir  # a benchmark keeps no weights
@@ -297,7 +297,8 @@ def run_mode(run_cfg: Config, mode: str, warmup: int, floor_repeats: int, peak: 
         "model": run_cfg.model.pretrained, "resolution": run_cfg.data.resolution, "batch_pairs": pairs,
         "lora_rank": run_cfg.lora.rank, "mixed_precision": run_cfg.train.mixed_precision,
         "optimizer": run_cfg.optim.name, "gradient_checkpointing": run_cfg.train.gradient_checkpointing,
-        "step_in_backward": run_cfg.optim.step_in_backward, "floor_latents": list(recorder.args[0].shape) if recorder.args else None,
+        "step_in_backward": run_cfg.optim.step_in_backward,
+        "floor_latents": list(recorder.args[0].shape) if recorder.args else None,
         "steps_timed": len(lines) - warmup, "step_s": step_s, "pairs_per_s": pairs / step_s, "floor_s": floor_s,
         "step_over_floor": step_s / floor_s, "peak_memory_mib": peak_bytes / 2**20,
         "load_peak_memory_mib": load_peak_bytes / 2**20,
