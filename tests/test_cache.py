@@ -3,6 +3,7 @@ encoders in training, refusals of mismatched caches as one line, resume."""
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -47,17 +48,18 @@ def test_cached_items_equal_encoding_on_the_fly(tmp_path, tiny_sdxl, tiny_data):
     cfg = make_cfg(tmp_path / "run", tiny_sdxl, tiny_data, cache__dir=tmp_path / "cache", **COMMON)
     build_cache(cfg)
     comp = load_components(cfg.model)
-    plain = PreferenceDataset(load_preference_pairs(cfg.data), cfg.data, comp.tokenizers, sdxl=True)
+    plain = PreferenceDataset(load_preference_pairs(cfg.data), cfg.data, comp.tokenizer)
     cached = CachedPairs(Cache.open(cfg), cfg.data.random_flip, cfg.data.proportion_empty_prompts)
     keys = [(i, 1000 + i) for i in range(len(cached))]
     draws = [item_draws(s, True, False, 0.5) for _, s in keys]
     assert {d.flip for d in draws} == {True, False} and {d.empty_prompt for d in draws} == {True, False}
     a, b = collate_pairs([plain[k] for k in keys]), collate_pairs([cached[k] for k in keys])
-    eps = pair_noise(a["sample_seed"].tolist(), 1000, comp.latent_shape(32), "cpu").posterior
+    eps = pair_noise(a["sample_seed"].tolist(), comp.draw_timestep, comp.latent_shape(32), "cpu").posterior
     pixels = torch.cat([a["pixel_values"][:, 0], a["pixel_values"][:, 1]])
     expected = comp.encode_images(pixels, eps)
-    cond = comp.conditioning([a["input_ids"], a["input_ids_2"]], a["original_sizes"], a["crop_top_lefts"], 32)
-    latents, cached_cond = cached_inputs(b, eps, comp.latent_scale, 32, torch.device("cpu"), torch.float32)
+    ids = {k: a[k] for k in ("input_ids", "input_ids_2")}
+    cond = comp.conditioning(comp.encode_prompt(ids), a["original_sizes"], a["crop_top_lefts"], 32)
+    latents, cached_cond = cached_inputs(b, eps, comp, 32, torch.device("cpu"), torch.float32)
     torch.testing.assert_close(latents, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(cached_cond.hidden_states, cond.hidden_states, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(cached_cond.added["text_embeds"], cond.added["text_embeds"], rtol=1e-5, atol=1e-6)
@@ -101,7 +103,7 @@ def test_precomputed_reference_equals_live_reference(tmp_path, tiny_sd, tiny_dat
     trainer = Trainer(cfg)
     assert (tmp_path / "ref.safetensors").is_file()
     if rank:
-        unet = trainer.accelerator.unwrap_model(trainer.unet)
+        unet = trainer.accelerator.unwrap_model(trainer.denoiser)
         monkeypatch.setattr(unet, "disable_adapters", lambda: pytest.fail("adapters-off forward with precomputed"))
     else:
         assert trainer.reference is None  # no frozen copy of the UNet in memory
@@ -127,9 +129,18 @@ def test_mismatches_are_refused_in_one_line(tmp_path, tiny_sd, tiny_sdxl, tiny_d
     assert main(cli_args("cache", tmp_path / "unused", tiny_sd, tiny_data, "--cache.dir", str(sd_cache),
                          "--reference", "--cache.reference_file", str(ref))) == 0
     assert ref.is_file() and "up to date" in capsys.readouterr().out  # the cache itself was reused
+    from diffusers import AutoencoderKL
+
+    retrained = tmp_path / "retrained_vae"  # the same family and architecture, other VAE weights
+    shutil.copytree(tiny_sd, retrained)
+    vae = AutoencoderKL.from_pretrained(retrained, subfolder="vae")
+    with torch.no_grad():
+        vae.encoder.conv_in.bias.add_(0.1)
+    vae.save_pretrained(retrained / "vae")
     cases = [
         (["--data.resolution", "64"], "was made with data.resolution = 32, this run has 64"),
-        (["--model.pretrained", str(tiny_sdxl)], "was made with model (VAE, text encoders, tokenizers) = "),
+        (["--model.pretrained", str(tiny_sdxl)], "was made with model family = 'sd', this run has 'sdxl'"),
+        (["--model.pretrained", str(retrained)], "was made with model (VAE, text encoders, tokenizers) = "),
         (["--cache.dtype", "bfloat16"], "was made with cache.dtype = 'float32', this run has 'bfloat16'"),
         (["--data.max_pairs", "4"], "was made with data.max_pairs = None, this run has 4"),
         (["--data.random_crop"], "data.random_crop: the cache stores center crops"),
@@ -241,7 +252,7 @@ def test_compile_and_channels_last_train_like_the_plain_run(tmp_path, tiny_sd, t
     train(make_cfg(tmp_path / "plain", tiny_sd, tiny_data, **common))
     trainer = Trainer(make_cfg(tmp_path / "fast", tiny_sd, tiny_data, train__compile="true",
                                train__channels_last="true", **common))
-    unet = trainer.accelerator.unwrap_model(trainer.unet)
+    unet = trainer.accelerator.unwrap_model(trainer.denoiser)
     assert unet._compiled_call_impl is not None and unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     final = trainer.run()
     plain, fast = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "fast")

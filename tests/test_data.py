@@ -12,6 +12,7 @@ import torch
 
 from diffusion_dpo.config import DataConfig
 from diffusion_dpo.data import PairSampler, PreferenceDataset, collate_pairs, load_preference_pairs
+from diffusion_dpo.models import PromptTokenizer
 from diffusion_dpo.errors import UserError
 from diffusion_dpo.tiny_data import build_tiny_pickapic
 from pickapic_fixtures import (BLUE, GARBAGE, GREEN, RED, cmyk_jpeg, exif_rotated_jpeg, gradient, gray_png, i16_png,
@@ -67,7 +68,7 @@ def test_parquet_file_winner_first_and_labels(tmp_path, tok):
     assert pairs.summary() == f"{f}: 3 rows, 3 pairs used, 0 ties dropped, 0 bad rows skipped"
     caption, win, lose, label = pairs.get(1)
     assert (caption, win, lose, label) == ("jpg_1 wins", solid(BLUE), solid(RED), 1.0)
-    ds = PreferenceDataset(pairs, dcfg(f), [tok], sdxl=False)
+    ds = PreferenceDataset(pairs, dcfg(f), ids(tok))
     expected = [(RED, BLUE), (BLUE, RED), (GREEN, RED)]
     for i, (winner, loser) in enumerate(expected):
         item = ds[(i, 0)]
@@ -149,7 +150,7 @@ def test_jsonl_local_format(tmp_path):
     prompt, win, lose, label = pairs.get(0)
     assert (prompt, Path(win).name, Path(lose).name, label) == ("p1", "red.png", "blue.png", 1.0)
     assert Path(pairs.get(1)[1]).name == "blue.png" and pairs.where(1).endswith("data.jsonl line 3")
-    item = PreferenceDataset(pairs, dcfg(tmp_path / "data.jsonl"), [make_tokenizer()], sdxl=False)[(1, 3)]
+    item = PreferenceDataset(pairs, dcfg(tmp_path / "data.jsonl"), ids(make_tokenizer()))[(1, 3)]
     assert item["original_sizes"].tolist() == [[48, 32], [32, 40]]
 
 
@@ -223,7 +224,7 @@ def _columns(pixels: torch.Tensor, channel: int) -> np.ndarray:
 def test_same_flip_and_crop_for_both_images_and_reproducible(tmp_path, tok):
     f = write_pickapic(tmp_path / "g.parquet", [row(jpg_0=gradient(channel=0), jpg_1=gradient(channel=1))])
     cfg = dcfg(f, random_crop=True, random_flip=True)
-    ds = PreferenceDataset(load_preference_pairs(cfg), cfg, [tok], sdxl=False)
+    ds = PreferenceDataset(load_preference_pairs(cfg), cfg, ids(tok))
     seen = set()
     for seed in range(40):
         item = ds[(0, seed)]
@@ -244,7 +245,7 @@ def test_same_flip_and_crop_for_both_images_and_reproducible(tmp_path, tok):
 def test_original_sizes_and_center_crop_offsets(tmp_path, tok):
     f = write_pickapic(tmp_path / "s.parquet", [row(jpg_0=solid(RED, (64, 32)), jpg_1=solid(BLUE, (20, 40)))])
     cfg = dcfg(f)
-    item = PreferenceDataset(load_preference_pairs(cfg), cfg, [tok], sdxl=False)[(0, 0)]
+    item = PreferenceDataset(load_preference_pairs(cfg), cfg, ids(tok))[(0, 0)]
     assert item["original_sizes"].tolist() == [[32, 64], [40, 20]]  # (height, width) before resizing
     # resized to 32x16 (w x h) -> left (32-16)/2 = 8; 16x32 -> top 8
     assert item["crop_top_lefts"].tolist() == [[0, 8], [8, 0]]
@@ -257,7 +258,7 @@ def test_caption_dropout_rate(tmp_path, tok):
     empty_ids = tok("", padding="max_length", max_length=16, truncation=True, return_tensors="pt").input_ids[0]
 
     def dropped(p: float, n: int) -> list[bool]:
-        ds = PreferenceDataset(pairs, dcfg(f, proportion_empty_prompts=p), [tok], sdxl=False)
+        ds = PreferenceDataset(pairs, dcfg(f, proportion_empty_prompts=p), ids(tok))
         items = [ds[(0, s)] for s in range(n)]
         assert all(torch.equal(it["input_ids"], empty_ids) == (it["prompt"] == "") for it in items)
         return [it["prompt"] == "" for it in items]
@@ -273,7 +274,7 @@ def test_odd_images_become_rgb_in_unit_range(tmp_path, tok):
     f = write_pickapic(tmp_path / "odd.parquet", [row(name, jpg_0=img) for name, img in odd.items()])
     cfg = dcfg(f)
     pairs = load_preference_pairs(cfg)  # every image decodes in validation
-    ds = PreferenceDataset(pairs, cfg, [tok], sdxl=False)
+    ds = PreferenceDataset(pairs, cfg, ids(tok))
     items = {pairs.get(i)[0]: ds[(i, 0)] for i in range(len(pairs))}
     for name, item in items.items():
         px = item["pixel_values"]
@@ -291,20 +292,23 @@ def test_odd_images_become_rgb_in_unit_range(tmp_path, tok):
     assert items["odd_size"]["original_sizes"][0].tolist() == [9, 17]
 
 
+def ids(*tokenizers):
+    """The prompt tokenizer of a family with these tokenizers, each padded to its model_max_length."""
+    return PromptTokenizer(tokenizers, tuple(t.model_max_length for t in tokenizers))
+
+
 def test_collate_shapes_sd_and_sdxl(tmp_path):
     f = write_pickapic(tmp_path / "b.parquet", [row(f"p{i}", label_0=float(i % 2)) for i in range(3)])
     cfg = dcfg(f)
     pairs = load_preference_pairs(cfg)
-    sd = collate_pairs([PreferenceDataset(pairs, cfg, [make_tokenizer()], sdxl=False)[(i, i)] for i in range(3)])
+    sd = collate_pairs([PreferenceDataset(pairs, cfg, ids(make_tokenizer()))[(i, i)] for i in range(3)])
     assert sd["pixel_values"].shape == (3, 2, 3, 16, 16) and sd["input_ids"].shape == (3, 16)
     assert sd["original_sizes"].shape == (3, 2, 2) and sd["crop_top_lefts"].shape == (3, 2, 2)
     assert sd["label"].dtype == torch.float32 and sd["label"].shape == (3,) and "input_ids_2" not in sd
     assert sd["prompt"] == ["p0", "p1", "p2"] and sd["input_ids"].dtype == torch.long
-    xl_ds = PreferenceDataset(pairs, cfg, [make_tokenizer(), make_tokenizer(12)], sdxl=True)
+    xl_ds = PreferenceDataset(pairs, cfg, ids(make_tokenizer(), make_tokenizer(12)))
     xl = collate_pairs([xl_ds[(i, i)] for i in range(3)])
     assert xl["input_ids"].shape == (3, 16) and xl["input_ids_2"].shape == (3, 12)
-    with pytest.raises(ValueError):
-        PreferenceDataset(pairs, cfg, [make_tokenizer()], sdxl=True)
 
 
 # ---------------------------------------------------------------- order
@@ -330,7 +334,7 @@ def test_pair_sampler_determinism_permutation_epochs_and_start():
 def test_dataloader_with_two_workers_matches_in_process_items(tmp_path, tok):
     out = build_tiny_pickapic(tmp_path / "tiny", num_pairs=16, seed=1, tie_fraction=0.0)
     cfg = dcfg(out, random_crop=True, random_flip=True, proportion_empty_prompts=0.5)
-    ds = PreferenceDataset(load_preference_pairs(cfg), cfg, [tok, make_tokenizer(12)], sdxl=True)
+    ds = PreferenceDataset(load_preference_pairs(cfg), cfg, ids(tok, make_tokenizer(12)))
     sampler = PairSampler(len(ds), seed=0)
     loader = torch.utils.data.DataLoader(ds, batch_size=4, sampler=sampler, collate_fn=collate_pairs, num_workers=2)
     batches = list(loader)
@@ -456,6 +460,6 @@ def test_max_pairs_scans_only_what_it_needs(tmp_path):
 def test_without_image_validation_a_broken_image_fails_when_read(tmp_path, tok):
     f = write_pickapic(tmp_path / "late.parquet", [row(), row(jpg_1=GARBAGE)])
     cfg = dcfg(f, validate_images=False)
-    ds = PreferenceDataset(load_preference_pairs(cfg), cfg, [tok], sdxl=False)
+    ds = PreferenceDataset(load_preference_pairs(cfg), cfg, ids(tok))
     with pytest.raises(UserError, match=r"late.parquet row 1: image cannot be decoded \(cannot identify image file\)"):
         ds[(1, 0)]

@@ -101,16 +101,16 @@ def test_resume_regenerates_only_missing_images(tiny_sd, tmp_path):
 
 def test_lora_weights_load_and_change_images(tiny_sd, tmp_path):
     from diffusion_dpo.config import LoraConfig, ModelConfig
-    from diffusion_dpo.models import add_lora, load_components, save_lora
+    from diffusion_dpo.models import add_lora, load_components
 
     components = load_components(ModelConfig(pretrained=str(tiny_sd)))
-    add_lora(components.unet, LoraConfig(rank=4))
+    add_lora(components.denoiser, LoraConfig(rank=4), components.default_lora_targets)
     torch.manual_seed(0)
     with torch.no_grad():
-        for name, p in components.unet.named_parameters():
+        for name, p in components.denoiser.named_parameters():
             if "lora_B" in name:  # B starts at zero (adapter = identity): make it do something
                 p.normal_(0, 0.5)
-    save_lora(components, components.unet, tmp_path / "lora")
+    components.save_lora(components.denoiser, tmp_path / "lora")
     base = generate(str(tiny_sd), PROMPTS[:1], [0], tmp_path / "base", **FAST).parent
     by_dir = generate(str(tiny_sd), PROMPTS[:1], [0], tmp_path / "dir", lora=str(tmp_path / "lora"), **FAST).parent
     weights = tmp_path / "lora" / "pytorch_lora_weights.safetensors"

@@ -153,7 +153,7 @@ def test_nan_stops_the_run_naming_the_step_without_touching_weights(tmp_path, ti
     with pytest.raises(UserError, match=r"non-finite loss or gradient at step 3 .*weights were not updated"):
         trainer.run()
     saved = load_file(tmp_path / "checkpoint-2" / "unet" / "diffusion_pytorch_model.safetensors")
-    current = trainer.accelerator.unwrap_model(trainer.unet).state_dict()
+    current = trainer.accelerator.unwrap_model(trainer.denoiser).state_dict()
     assert all(torch.equal(saved[k], current[k]) for k in saved)
 
 

@@ -1,4 +1,4 @@
-"""Model loading, SD/SDXL conditioning, prediction targets, LoRA and the reference model."""
+"""Model loading, SD/SDXL conditioning, prediction targets, LoRA and the reference model (the SD family)."""
 
 import json
 
@@ -7,20 +7,23 @@ import torch
 
 from diffusion_dpo.config import LoraConfig, ModelConfig
 from diffusion_dpo.errors import UserError
-from diffusion_dpo.models import Reference, add_lora, build_pipeline, load_components, save_lora
+from diffusion_dpo.models import Reference, add_lora, load_components
 
 
-def _ids(components, batch):
-    return [tok(["a red circle"] * batch, padding="max_length", max_length=tok.model_max_length,
-                truncation=True, return_tensors="pt").input_ids for tok in components.tokenizers]
+def _encodings(components, batch):
+    return components.encode_prompt(components.tokenizer(["a red circle"] * batch))
+
+
+def _lora(c, **kw):
+    return add_lora(c.denoiser, LoraConfig(**kw), c.default_lora_targets)
 
 
 def test_sd_components_and_conditioning(tiny_sd):
     c = load_components(ModelConfig(pretrained=str(tiny_sd)))
-    assert not c.sdxl and len(c.text_encoders) == 1 and c.prediction_type == "epsilon"
+    assert c.name == "sd" and len(c.text_encoders) == 1 and c.prediction_type == "epsilon"
     assert all(not p.requires_grad for p in c.vae.parameters())
     assert all(not p.requires_grad for p in c.text_encoders[0].parameters())
-    cond = c.conditioning(_ids(c, 3), torch.zeros(3, 2, 2), torch.zeros(3, 2, 2), 32)
+    cond = c.conditioning(_encodings(c, 3), torch.zeros(3, 2, 2), torch.zeros(3, 2, 2), 32)
     assert cond.hidden_states.shape == (6, 16, 32) and cond.added is None
     # both images of a pair share the prompt: rows i and B+i are equal
     torch.testing.assert_close(cond.hidden_states[:3], cond.hidden_states[3:])
@@ -28,10 +31,10 @@ def test_sd_components_and_conditioning(tiny_sd):
 
 def test_sdxl_conditioning_uses_each_images_size_and_crop(tiny_sdxl):
     c = load_components(ModelConfig(pretrained=str(tiny_sdxl)))
-    assert c.sdxl and len(c.text_encoders) == 2 and len(c.tokenizers) == 2
+    assert c.name == "sdxl" and len(c.text_encoders) == 2 and len(c.tokenizers) == 2
     sizes = torch.tensor([[[40, 32], [48, 64]], [[32, 32], [33, 35]]])  # (B, 2 images, (h, w))
     crops = torch.tensor([[[4, 0], [0, 8]], [[0, 0], [1, 2]]])
-    cond = c.conditioning(_ids(c, 2), sizes, crops, 32)
+    cond = c.conditioning(_encodings(c, 2), sizes, crops, 32)
     assert cond.hidden_states.shape == (4, 16, 64)  # both encoders' penultimate states concatenated
     assert cond.added["text_embeds"].shape == (4, 32)
     expected = torch.tensor([[40, 32, 4, 0, 32, 32], [32, 32, 0, 0, 32, 32],   # winners
@@ -40,7 +43,7 @@ def test_sdxl_conditioning_uses_each_images_size_and_crop(tiny_sdxl):
     torch.testing.assert_close(cond.added["time_ids"], expected)
     # the UNet accepts it
     noisy = torch.randn(4, 4, 16, 16)
-    out = c.unet(noisy, torch.tensor([10, 20, 10, 20]), cond.hidden_states, added_cond_kwargs=cond.added).sample
+    out = c.denoiser(noisy, torch.tensor([10, 20, 10, 20]), cond.hidden_states, added_cond_kwargs=cond.added).sample
     assert out.shape == noisy.shape
 
 
@@ -62,7 +65,7 @@ def test_targets_follow_prediction_type(tiny_sd, tiny_sd_vpred):
     assert eps.target(latents, noise, t) is noise
     v = load_components(ModelConfig(pretrained=str(tiny_sd_vpred)))
     assert v.prediction_type == "v_prediction"
-    alphas = v.noise_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    alphas = v.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
     expected = alphas.sqrt() * noise - (1 - alphas).sqrt() * latents
     torch.testing.assert_close(v.target(latents, noise, t), expected)
     # the config can override the scheduler's prediction type
@@ -73,50 +76,50 @@ def test_targets_follow_prediction_type(tiny_sd, tiny_sd_vpred):
 def _unet_out(unet, c, seed=0):
     g = torch.Generator().manual_seed(seed)
     noisy = torch.randn(2, 4, 16, 16, generator=g)
-    cond = c.conditioning(_ids(c, 1), torch.zeros(1, 2, 2), torch.zeros(1, 2, 2), 32)
+    cond = c.conditioning(_encodings(c, 1), torch.zeros(1, 2, 2), torch.zeros(1, 2, 2), 32)
     with torch.no_grad():
         return unet(noisy, torch.tensor([100, 100]), cond.hidden_states, added_cond_kwargs=cond.added).sample
 
 
 def test_lora_reference_disables_adapters_without_a_copy(tiny_sd):
     c = load_components(ModelConfig(pretrained=str(tiny_sd)))
-    base = _unet_out(c.unet, c)
-    params = add_lora(c.unet, LoraConfig(rank=4, alpha=8.0))
-    assert params and all("lora" in n for n, p in c.unet.named_parameters() if p.requires_grad)
-    torch.testing.assert_close(_unet_out(c.unet, c), base)  # B = 0 at init: adapted == base
+    base = _unet_out(c.denoiser, c)
+    params = _lora(c, rank=4, alpha=8.0)
+    assert params and all("lora" in n for n, p in c.denoiser.named_parameters() if p.requires_grad)
+    torch.testing.assert_close(_unet_out(c.denoiser, c), base)  # B = 0 at init: adapted == base
     with torch.no_grad():
         for p in params:
             p.add_(0.05 * torch.randn_like(p))
-    ref = Reference(c.unet, lora=True, dtype=torch.float32)
+    ref = Reference(c.denoiser, lora=True, dtype=torch.float32)
     assert ref.copy is None
-    assert not torch.allclose(_unet_out(c.unet, c), base)
+    assert not torch.allclose(_unet_out(c.denoiser, c), base)
     with ref.model() as r:
-        assert r is c.unet
+        assert r is c.denoiser
         torch.testing.assert_close(_unet_out(r, c), base)
-    assert not torch.allclose(_unet_out(c.unet, c), base)  # adapters are back on
+    assert not torch.allclose(_unet_out(c.denoiser, c), base)  # adapters are back on
 
 
 def test_full_reference_is_a_frozen_copy(tiny_sd):
     c = load_components(ModelConfig(pretrained=str(tiny_sd)))
-    ref = Reference(c.unet, lora=False, dtype=torch.float32)
-    assert ref.copy is not c.unet and all(not p.requires_grad for p in ref.copy.parameters())
+    ref = Reference(c.denoiser, lora=False, dtype=torch.float32)
+    assert ref.copy is not c.denoiser and all(not p.requires_grad for p in ref.copy.parameters())
     with torch.no_grad():
-        for p in c.unet.parameters():
+        for p in c.denoiser.parameters():
             p.add_(0.01)
     with ref.model() as r:
-        assert not torch.allclose(_unet_out(r, c), _unet_out(c.unet, c))
+        assert not torch.allclose(_unet_out(r, c), _unet_out(c.denoiser, c))
 
 
 @pytest.mark.parametrize("fixture", ["tiny_sd", "tiny_sdxl"])
 def test_saved_lora_loads_with_load_lora_weights(fixture, request, tmp_path):
     path = request.getfixturevalue(fixture)
     c = load_components(ModelConfig(pretrained=str(path)))
-    params = add_lora(c.unet, LoraConfig(rank=4, alpha=2.0))  # alpha != rank: the scale must survive saving
+    params = _lora(c, rank=4, alpha=2.0)  # alpha != rank: the scale must survive saving
     with torch.no_grad():
         for p in params:
             p.add_(0.05 * torch.randn_like(p))
-    trained = _unet_out(c.unet, c)
-    save_lora(c, c.unet, tmp_path)
+    trained = _unet_out(c.denoiser, c)
+    c.save_lora(c.denoiser, tmp_path)
     assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
     pipe = c.pipeline_class.from_pretrained(path)
     pipe.load_lora_weights(tmp_path)
@@ -125,7 +128,7 @@ def test_saved_lora_loads_with_load_lora_weights(fixture, request, tmp_path):
 
 def test_build_pipeline_samples_with_the_checkpoints_scheduler(tiny_sd):
     c = load_components(ModelConfig(pretrained=str(tiny_sd)))
-    pipe = build_pipeline(c, c.unet)
+    pipe = c.build_pipeline(c.denoiser)
     assert type(pipe.scheduler).__name__ == "PNDMScheduler"
     img = pipe("a red circle", num_inference_steps=2, height=32, width=32).images[0]
     assert img.size == (32, 32)
@@ -148,8 +151,8 @@ def test_reference_copy_runs_in_the_policys_mode(tiny_sd):
     """Some diffusers blocks compute differently in train and eval mode (ResnetBlock2D makes inputs contiguous
     only when training); a reference in another mode than the policy breaks loss = log 2 at step 1."""
     c = load_components(ModelConfig(pretrained=str(tiny_sd)))
-    ref = Reference(c.unet, lora=False, dtype=torch.float32)
+    ref = Reference(c.denoiser, lora=False, dtype=torch.float32)
     for training in (True, False):
-        c.unet.train(training)
-        with ref.model(c.unet) as r:
+        c.denoiser.train(training)
+        with ref.model(c.denoiser) as r:
             assert r.training is training

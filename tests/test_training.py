@@ -74,7 +74,7 @@ def test_sdxl_lora_changes_only_lora_weights_and_loads(tmp_path, tiny_sdxl, tiny
 
     out = tmp_path / "run"
     trainer = Trainer(make_cfg(out, tiny_sdxl, tiny_data, lora__rank=4, lora__alpha=8, optim__lr="1e-3"))
-    unet = trainer.accelerator.unwrap_model(trainer.unet)
+    unet = trainer.accelerator.unwrap_model(trainer.denoiser)
     before = {n: p.detach().clone() for n, p in unet.named_parameters()}
     final = trainer.run()
     metrics = read_metrics(out)
@@ -198,7 +198,7 @@ def test_sdxl_recipe_features_adafactor_checkpointing_separate_vae(tmp_path, tin
     out = tmp_path / "run"
     trainer = Trainer(make_cfg(out, tiny_sdxl, tiny_data, optim__name="adafactor", train__gradient_checkpointing="true",
                                model__vae=str(vae_dir)))
-    assert trainer.accelerator.unwrap_model(trainer.unet).is_gradient_checkpointing
+    assert trainer.accelerator.unwrap_model(trainer.denoiser).is_gradient_checkpointing
     assert torch.equal(trainer.components.vae.decoder.conv_out.bias, vae.decoder.conv_out.bias)
     final = trainer.run()
     assert read_metrics(out)[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
@@ -254,12 +254,12 @@ def test_same_seed_same_lora_initialisation(tmp_path, tiny_sd, tiny_data):
     a = Trainer(make_cfg(tmp_path / "a", tiny_sd, tiny_data, lora__rank=4))
     torch.manual_seed(456)
     b = Trainer(make_cfg(tmp_path / "b", tiny_sd, tiny_data, lora__rank=4))
-    for (n, p), (_, q) in zip(a.accelerator.unwrap_model(a.unet).named_parameters(),
-                              b.accelerator.unwrap_model(b.unet).named_parameters()):
+    for (n, p), (_, q) in zip(a.accelerator.unwrap_model(a.denoiser).named_parameters(),
+                              b.accelerator.unwrap_model(b.denoiser).named_parameters()):
         assert torch.equal(p, q), n
     c = Trainer(make_cfg(tmp_path / "c", tiny_sd, tiny_data, lora__rank=4, train__seed=1))
-    lora_a = [n for n, _ in a.unet.named_parameters() if "lora_A" in n][0]
-    assert not torch.equal(dict(a.unet.named_parameters())[lora_a], dict(c.unet.named_parameters())[lora_a])
+    lora_a = [n for n, _ in a.denoiser.named_parameters() if "lora_A" in n][0]
+    assert not torch.equal(dict(a.denoiser.named_parameters())[lora_a], dict(c.denoiser.named_parameters())[lora_a])
 
 
 @pytest.mark.parametrize("rank,optim", [(0, "adamw"), (4, "adamw"), (0, "adafactor"), (0, "adamw8bit")])

@@ -3,7 +3,7 @@
 For one config (one model, one batch size), every mode trains a few optimizer steps through the real
 `Trainer` loop (data loading, the VAE and text encoders unless cached, the reference, the loss, the
 backward, clipping, the optimizer, the one host sync) in its own subprocess, so that its peak memory
-is its own. Then, in the same process and on the same UNet, it times the *floor*: plain torch, the
+is its own. Then, in the same process and on the same denoiser, it times the *floor*: plain torch, the
 policy's forward + backward on the exact 2B latents the last step fed it, plus the reference's
 forward on them when the mode runs a live reference. `step / floor` says how much the loop adds to
 the compute that no implementation can avoid.
@@ -51,7 +51,7 @@ class Mode:
 MODES: dict[str, Mode] = {
     "live": Mode("full fine-tune, frozen reference copy, images encoded every step"),
     "live+cache": Mode("full fine-tune, frozen reference copy, pre-encoded latents", cached=True),
-    "lora": Mode("LoRA, reference = the same UNet with adapters disabled, images encoded every step", lora=True),
+    "lora": Mode("LoRA, reference = the same denoiser with adapters disabled, images encoded every step", lora=True),
     "lora+cache": Mode("LoRA, reference = adapters disabled, pre-encoded latents", lora=True, cached=True),
     "precomputed": Mode("full fine-tune, precomputed reference (no reference model), pre-encoded latents",
                         cached=True, precomputed=True),
@@ -137,12 +137,12 @@ class ModuleTimer:
 
 
 class InputRecorder:
-    """Keeps the arguments of the UNet's last forward with gradients on: the policy's real 2B inputs."""
+    """Keeps the arguments of the denoiser's last forward with gradients on: the policy's real 2B inputs."""
 
-    def __init__(self, unet: torch.nn.Module):
+    def __init__(self, denoiser: torch.nn.Module):
         self.args: tuple = ()
         self.kwargs: dict = {}
-        self._handle = unet.register_forward_pre_hook(self._record, with_kwargs=True)
+        self._handle = denoiser.register_forward_pre_hook(self._record, with_kwargs=True)
 
     def _record(self, _module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         if torch.is_grad_enabled():
@@ -186,17 +186,17 @@ def floor_seconds(trainer: Any, args: tuple, kwargs: dict, repeats: int, warmup:
     The policy's forward + backward on the given 2B inputs, then the reference's forward on them
     (no_grad) when the trainer runs a live reference; the same autocast as training."""
     acc = trainer.accelerator
-    unet = trainer.unet
+    model = trainer.denoiser
     live_reference = trainer.loss_spec.needs_reference and trainer.reference is not None
 
     def once() -> None:
         with acc.autocast():
-            out = unet(*args, **kwargs).sample
+            out = model(*args, **kwargs).sample
         out.float().pow(2).mean().backward()
         if live_reference:
-            with torch.no_grad(), acc.autocast(), trainer.reference.model(acc.unwrap_model(unet)) as ref:
+            with torch.no_grad(), acc.autocast(), trainer.reference.model(acc.unwrap_model(model)) as ref:
                 ref(*args, **kwargs)
-        unet.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
 
     counter = model_flop_counter()
     with counter:
@@ -278,7 +278,7 @@ def run_mode(run_cfg: Config, mode: str, warmup: int, floor_repeats: int, peak: 
         _reset_peak_memory()
         comp = trainer.components
         encoders = ModuleTimer(_encoder_modules(comp))
-        recorder = InputRecorder(trainer.accelerator.unwrap_model(trainer.unet))
+        recorder = InputRecorder(trainer.accelerator.unwrap_model(trainer.denoiser))
         trainer.run()
         encoders.close()
         recorder.close()
@@ -370,8 +370,11 @@ def _import_libraries() -> None:
     """Import what training imports lazily, so the memory baseline holds the code and the peak only data."""
     import accelerate  # noqa: F401
     import peft  # noqa: F401
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel  # noqa
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: F401
+    from diffusers import (AutoencoderKL, FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel,  # noqa: F401
+                           StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
+    from transformers import (CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel,  # noqa: F401
+                              T5TokenizerFast)
 
     import diffusion_dpo.training  # noqa: F401
 

@@ -15,7 +15,9 @@ needs are paged in):
         original_sizes       (n, 2, 2)           each image's (h, w) before resizing
         caption              (n,)                row of the caption table
         label                (n,)                1 for a decided pair, 0.5 for a kept tie
-    text-00000.safetensors   unique captions (row 0 is the empty prompt): hidden (m, L, D), pooled (m, P) (SDXL)
+    text-00000.safetensors   unique captions (row 0 is the empty prompt): the model family's per-prompt encodings
+                             (`Family.encode_prompt`): SD hidden (m, 77, D); SDXL hidden, pooled; SD3 clip
+                             (m, 77, 2048), pooled, t5 (m, L, 4096) unless model.t5 false; FLUX pooled, t5
 
 Why posterior parameters and not latents: the posterior sample is drawn per pair and epoch from the
 pair's sample seed (`randomness.pair_noise`) with the same formula as on the fly (`models.sample_latents`),
@@ -45,15 +47,15 @@ from diffusion_dpo import __version__
 from diffusion_dpo.config import Config
 from diffusion_dpo.errors import UserError
 from diffusion_dpo.fingerprint import component_fingerprint, data_fingerprint
-from diffusion_dpo.data import decode_pair_image, load_preference_pairs, prepare_image, tokenize
-from diffusion_dpo.models import Conditioning, LatentScale, build_conditioning, load_components, sample_latents
+from diffusion_dpo.data import decode_pair_image, load_preference_pairs, prepare_image
+from diffusion_dpo.models import Family, describe, load_components, sample_latents
 from diffusion_dpo.randomness import item_draws
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: encodings named by the model family (1 held SD/SDXL's hidden/pooled only)
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"  # in <dir>.tmp/ while building: the finished shards, so a killed build resumes
 EMPTY_PROMPT_ROW = 0
-ENCODER_ROLES = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+TEXT_PREFIX = "text_"  # an item's caption encodings: text_<name> for each of the family's encodings
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -68,9 +70,13 @@ def _resolved(spec: Optional[str]) -> Optional[str]:
 def cache_identity(cfg: Config) -> dict[str, Any]:
     """What a cache depends on, keyed by the setting a user would change; a training run must agree on all."""
     d = cfg.data
+    index, family = describe(cfg.model)
     return {
-        "model (VAE, text encoders, tokenizers)": component_fingerprint(cfg.model, ENCODER_ROLES),
+        "model family": family.name,
+        "model (VAE, text encoders, tokenizers)": component_fingerprint(cfg.model, family.encoder_roles(index,
+                                                                                                         cfg.model)),
         "model.variant": cfg.model.variant,
+        **family.encoding_identity(cfg.model),
         "data.path": _resolved(d.path),
         "data files": data_fingerprint(d.path),
         "data.split": d.split, "data.keep_ties": d.keep_ties, "data.skip_bad_rows": d.skip_bad_rows,
@@ -231,7 +237,7 @@ def build_cache(cfg: Config, device: torch.device | str = "cpu", log: Any = prin
     plan = {"identity": identity, "random_flip": cfg.data.random_flip, "shard_pairs": cfg.cache.shard_pairs,
             "num_pairs": len(pairs), "num_captions": len(texts)}
     # Encoders in fp32 whatever the training precision: the cache is made once and serves every run.
-    comp = load_components(cfg.model, torch.float32, device, unet=False)
+    comp = load_components(cfg.model, torch.float32, device, denoiser=False, flow=cfg.flow)
     dtype = DTYPES[cfg.cache.dtype]
     tmp = directory.with_name(directory.name + ".tmp")
     try:
@@ -240,11 +246,8 @@ def build_cache(cfg: Config, device: torch.device | str = "cpu", log: Any = prin
             writer = _ShardWriter(tmp, "text", cfg.cache.shard_pairs)
             step = 4 * cfg.cache.batch_size
             for start in tqdm(range(0, len(texts), step), desc="encode captions", unit="batch"):
-                hidden, pooled = comp.encode_prompt(tokenize(comp.tokenizers, texts[start:start + step]))
-                out = {"hidden": hidden.to("cpu", dtype)}
-                if pooled is not None:
-                    out["pooled"] = pooled.to("cpu", dtype)
-                writer.add(**out)
+                encodings = comp.encode_prompt(comp.tokenizer(texts[start:start + step]))
+                writer.add(**{name: t.to("cpu", dtype) for name, t in encodings.items()})
             writer.flush()
             progress["text_files"] = writer.files
             _save_progress(tmp, progress)
@@ -271,7 +274,7 @@ def build_cache(cfg: Config, device: torch.device | str = "cpu", log: Any = prin
         manifest = {
             "format": CACHE_FORMAT, "package_version": __version__, "identity": identity,
             "model.pretrained": cfg.model.pretrained, "model.vae": cfg.model.vae,
-            "random_flip": cfg.data.random_flip, "random_crop": False, "sdxl": comp.sdxl,
+            "random_flip": cfg.data.random_flip, "random_crop": False, "family": comp.name,
             "num_pairs": len(pairs), "num_captions": len(texts), "summary": pairs.summary(),
             "latent_shape": list(comp.latent_shape(cfg.data.resolution)), "latent_scale": vars(comp.latent_scale),
             "shard_pairs": cfg.cache.shard_pairs, "pair_files": writer.files, "text_files": progress["text_files"],
@@ -300,7 +303,7 @@ class Cache:
         self.num_pairs: int = manifest["num_pairs"]
         self.shard_pairs: int = manifest["shard_pairs"]
         self.orientations = 2 if manifest["random_flip"] else 1
-        self.sdxl: bool = manifest["sdxl"]
+        self.family: str = manifest["family"]
         self._handles: dict[str, Any] = {}
 
     @classmethod
@@ -329,23 +332,22 @@ class Cache:
             self._handles[name] = safe_open(str(self.directory / name), framework="pt")
         return self._handles[name]
 
-    def _row(self, files: list[dict], row: int, keys: tuple[str, ...]) -> dict[str, Tensor]:
+    def _row(self, files: list[dict], row: int, keys: Optional[tuple[str, ...]] = None) -> dict[str, Tensor]:
+        """Row `row` of the tensors `keys` (None: all the shard holds)."""
         shard, offset = divmod(row, self.shard_pairs)
         f = self._file(files[shard]["file"])
-        return {k: f.get_slice(k)[offset:offset + 1][0] for k in keys if k in f.keys()}
+        return {k: f.get_slice(k)[offset:offset + 1][0] for k in (keys or f.keys()) if k in f.keys()}
 
     def pair(self, index: int, flipped: bool, empty_prompt: bool) -> dict[str, Tensor]:
         """Pair `index` as one training item's tensors (the orientation and caption already chosen)."""
         row = self._row(self.manifest["pair_files"], index,
                         ("mean", "std", "crop_top_lefts", "original_sizes", "caption", "label"))
         o = 1 if flipped else 0
-        text = self._row(self.manifest["text_files"],
-                         EMPTY_PROMPT_ROW if empty_prompt else int(row["caption"]), ("hidden", "pooled"))
+        text = self._row(self.manifest["text_files"], EMPTY_PROMPT_ROW if empty_prompt else int(row["caption"]))
         item = {"latent_mean": row["mean"][o], "latent_std": row["std"][o],  # (2, C, h, w) winner first
                 "crop_top_lefts": row["crop_top_lefts"][o], "original_sizes": row["original_sizes"],
-                "hidden_states": text["hidden"], "label": float(row["label"])}
-        if "pooled" in text:
-            item["pooled"] = text["pooled"]
+                "label": float(row["label"])}
+        item.update({TEXT_PREFIX + name: t for name, t in text.items()})
         return item
 
 
@@ -367,17 +369,15 @@ class CachedPairs(torch.utils.data.Dataset):
         return item
 
 
-def cached_inputs(batch: dict[str, Any], posterior_eps: Tensor, scale: LatentScale, resolution: int,
-                  device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Conditioning]:
+def cached_inputs(batch: dict[str, Any], posterior_eps: Tensor, family: Family, resolution: int,
+                  device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Any]:
     """Latents (2B, C, h, w) as [winners; losers] and their conditioning from a cached batch: the same
-    `sample_latents` and `build_conditioning` as the on-the-fly path."""
+    `sample_latents` and `Family.conditioning` as the on-the-fly path."""
     def both(t: Tensor) -> Tensor:  # (B, 2, ...) -> (2B, ...) winners first
         return torch.cat([t[:, 0], t[:, 1]]).to(device, non_blocking=True)
 
     latents = sample_latents(both(batch["latent_mean"]).float(), both(batch["latent_std"]).float(), posterior_eps,
-                             scale)
-    hidden = batch["hidden_states"].to(device, dtype, non_blocking=True)
-    pooled = batch["pooled"].to(device, dtype, non_blocking=True) if "pooled" in batch else None
-    cond = build_conditioning(hidden, pooled, batch["original_sizes"], batch["crop_top_lefts"], resolution)
-    return latents, cond
-
+                             family.latent_scale)
+    encodings = {key[len(TEXT_PREFIX):]: t.to(device, dtype, non_blocking=True) for key, t in batch.items()
+                 if key.startswith(TEXT_PREFIX)}
+    return latents, family.conditioning(encodings, batch["original_sizes"], batch["crop_top_lefts"], resolution)

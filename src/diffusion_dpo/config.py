@@ -30,22 +30,32 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 @dataclass
 class ModelConfig:
     pretrained: str = _f("", "Base model: a hub id (online) or a local diffusers pipeline directory "
-                             "(SD 1.x/2.x or SDXL). Required.")
+                             "(SD 1.x/2.x, SDXL, SD3/SD3.5 or FLUX.1). Required.")
     revision: Optional[str] = _f(None, "Hub revision (branch, tag or commit) of `pretrained`.")
     variant: Optional[str] = _f(None, "Weight variant to load, e.g. 'fp16'.")
     vae: Optional[str] = _f(None, "A separate VAE (hub id or local dir), e.g. an fp16-safe SDXL VAE. "
                                   "Default: the pipeline's own.")
-    prediction_type: Optional[str] = _f(None, "Override the scheduler's prediction type "
+    prediction_type: Optional[str] = _f(None, "SD/SDXL: override the scheduler's prediction type "
                                               "('epsilon' or 'v_prediction'); default: the scheduler config's.")
+    t5: bool = _f(True, "SD3/SD3.5: condition on the T5 encoder as well as the two CLIPs; false leaves T5 out "
+                        "(zeros in its place, as StableDiffusion3Pipeline with text_encoder_3=None does; final/ is "
+                        "saved without it): less memory and a far smaller cache. FLUX.1 always needs its T5.")
+    max_sequence_length: Optional[int] = _f(None, "SD3/FLUX: T5 tokens per prompt; default: the pipeline's "
+                                                  "(SD3 256, FLUX 512; FLUX.1-schnell's own is 256).")
+    guidance: Optional[float] = _f(None, "FLUX.1-dev (guidance-distilled): the value fed to its guidance "
+                                         "embedding during training; default 3.5, as diffusers' FLUX scripts and "
+                                         "Flow-Factory train with. Only for models with a guidance embedding.")
 
 
 @dataclass
 class LoraConfig:
-    rank: int = _f(0, "LoRA rank; 0 = full fine-tune with a frozen reference copy of the UNet.")
+    rank: int = _f(0, "LoRA rank; 0 = full fine-tune with a frozen reference copy of the denoiser.")
     alpha: Optional[float] = _f(None, "LoRA alpha (scale = alpha / rank); default: equal to rank.")
     dropout: float = _f(0.0, "LoRA dropout.")
-    target_modules: list[str] = _f(["to_q", "to_k", "to_v", "to_out.0"],
-                                   "UNet module names that get LoRA adapters (attention projections by default).")
+    target_modules: Optional[list[str]] = _f(None, "Denoiser module names that get LoRA adapters; default: the "
+                                                   "family's attention projections (SD/SDXL: to_q, to_k, to_v, "
+                                                   "to_out.0; SD3 and FLUX add the joint attention's add_q_proj, "
+                                                   "add_k_proj, add_v_proj, to_add_out).")
 
 
 @dataclass
@@ -80,6 +90,22 @@ class LossConfig:
                                      "(a tie's 0.5 stays), for labels believed wrong with probability eps. It "
                                      "bounds how far noisy pairs pull: the loss is least at a finite margin "
                                      "log((1-eps)/eps) instead of an infinite one. 0 is the paper's loss; < 0.5.")
+
+
+@dataclass
+class FlowConfig:
+    timestep_sampling: str = _f("logit_normal", "Flow-matching families (SD3, FLUX): how each pair's noise level "
+                                                "u in (0, 1) is drawn before the shift: logit_normal (sigmoid of "
+                                                "N(logit_mean, logit_std^2); SD3's paper, flow_grpo, Flow-Factory), "
+                                                "uniform, or mode (SD3's mode sampling with mode_scale).")
+    logit_mean: float = _f(0.0, "Mean of the logit-normal timestep density.")
+    logit_std: float = _f(1.0, "Standard deviation of the logit-normal timestep density.")
+    mode_scale: float = _f(1.29, "Scale of SD3's mode sampling (timestep_sampling mode).")
+    shift: Optional[float] = _f(None, "Timestep shift s: sigma = s*u / (1 + (s-1)*u). Default: the scheduler's "
+                                      "(SD3/3.5: its config's shift, 3.0; FLUX.1-dev's resolution-dependent "
+                                      "exp(mu) at the training resolution, 3.16 at 1024 px); 1 = no shift.")
+    weighting: str = _f("none", "Per-timestep weight on each sample's error (and so on a pair's margin): none, "
+                                "sigma_sqrt (1/sigma^2) or cosmap (SD3 paper); diffusers' SD3 scripts' options.")
 
 
 @dataclass
@@ -160,6 +186,7 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -167,6 +194,8 @@ class Config:
 
 
 CACHE_DTYPES = ("float32", "float16", "bfloat16")
+TIMESTEP_SAMPLING = ("logit_normal", "uniform", "mode")
+FLOW_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
 
 
 def iter_fields(cls: type = None, prefix: str = "") -> list[tuple[str, dataclasses.Field]]:
@@ -183,7 +212,7 @@ def iter_fields(cls: type = None, prefix: str = "") -> list[tuple[str, dataclass
 
 
 _SECTIONS = {"model": ModelConfig, "lora": LoraConfig, "data": DataConfig, "loss": LossConfig,
-             "optim": OptimConfig, "train": TrainConfig, "cache": CacheConfig, "validation": ValidationConfig}
+             "flow": FlowConfig, "optim": OptimConfig, "train": TrainConfig, "cache": CacheConfig, "validation": ValidationConfig}
 
 
 def _omegaconf_error(exc: OmegaConfBaseException, source: str) -> UserError:
@@ -244,7 +273,16 @@ def validate(cfg: Config) -> None:
     need(cfg.lora.rank >= 0, "lora.rank", f"must be >= 0 (got {cfg.lora.rank})")
     need(cfg.lora.alpha is None or cfg.lora.alpha > 0, "lora.alpha", "must be > 0")
     need(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
-    need(cfg.lora.rank == 0 or len(cfg.lora.target_modules) > 0, "lora.target_modules", "must not be empty")
+    need(cfg.lora.target_modules is None or len(cfg.lora.target_modules) > 0, "lora.target_modules",
+         "must not be empty (leave it unset for the model family's default)")
+    need(cfg.model.max_sequence_length is None or cfg.model.max_sequence_length >= 1, "model.max_sequence_length",
+         "must be >= 1")
+    need(cfg.flow.timestep_sampling in TIMESTEP_SAMPLING, "flow.timestep_sampling",
+         f"must be one of {', '.join(TIMESTEP_SAMPLING)} (got '{cfg.flow.timestep_sampling}')")
+    need(cfg.flow.logit_std > 0, "flow.logit_std", f"must be > 0 (got {cfg.flow.logit_std})")
+    need(cfg.flow.shift is None or cfg.flow.shift > 0, "flow.shift", f"must be > 0 (got {cfg.flow.shift})")
+    need(cfg.flow.weighting in FLOW_WEIGHTINGS, "flow.weighting",
+         f"must be one of {', '.join(FLOW_WEIGHTINGS)} (got '{cfg.flow.weighting}')")
     need(cfg.data.batch_size >= 1, "data.batch_size", f"must be >= 1 (got {cfg.data.batch_size})")
     need(cfg.data.resolution >= 8 and cfg.data.resolution % 8 == 0, "data.resolution",
          f"must be a positive multiple of 8 (got {cfg.data.resolution})")

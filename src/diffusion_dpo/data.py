@@ -28,7 +28,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -452,12 +452,14 @@ def _load_local(path: Path, name: str, cfg: DataConfig) -> PreferencePairs:
 
 
 class PreferenceDataset(torch.utils.data.Dataset):
-    """Decoded, augmented, tokenized pairs; items are keyed by (pair_index, sample_seed)."""
+    """Decoded, augmented, tokenized pairs; items are keyed by (pair_index, sample_seed).
 
-    def __init__(self, pairs: PreferencePairs, cfg: DataConfig, tokenizers: Sequence[Any], sdxl: bool):
-        if len(tokenizers) != (2 if sdxl else 1):
-            raise ValueError(f"expected {'2 tokenizers (SDXL)' if sdxl else '1 tokenizer'}, got {len(tokenizers)}")
-        self.pairs, self.cfg, self.tokenizers, self.sdxl = pairs, cfg, list(tokenizers), sdxl
+    `tokenize` is the model family's prompt tokenizer (`models.PromptTokenizer`): prompts -> {"input_ids": (N, L),
+    "input_ids_2": ..., ...}; it is pickled into the DataLoader workers."""
+
+    def __init__(self, pairs: PreferencePairs, cfg: DataConfig,
+                 tokenize: Callable[[list[str]], dict[str, torch.Tensor]]):
+        self.pairs, self.cfg, self.tokenize = pairs, cfg, tokenize
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -486,8 +488,8 @@ class PreferenceDataset(torch.utils.data.Dataset):
             "prompt": prompt,
             "sample_seed": int(seed) & 0x7FFFFFFFFFFFFFFF,  # fits int64; the trainer draws the pair's noise from it
         }
-        for k, ids in enumerate(tokenize(self.tokenizers, [prompt])):
-            item["input_ids" if k == 0 else "input_ids_2"] = ids[0]  # (L,)
+        for key, ids in self.tokenize([prompt]).items():
+            item[key] = ids[0]  # (L,) per tokenizer
         return item
 
 
@@ -511,12 +513,6 @@ def prepare_image(img: Image.Image, size: int, flip: bool,
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         left = resized_width - left - size  # SDXL conditions on the crop as seen after the flip
     return to_unit_range(img), (top, left)
-
-
-def tokenize(tokenizers: Sequence[Any], prompts: list[str]) -> list[torch.Tensor]:
-    """Prompts -> one (N, L) tensor of token ids per tokenizer, padded to the model's length."""
-    return [tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                return_tensors="pt").input_ids for tok in tokenizers]
 
 
 def collate_pairs(examples: list[dict]) -> dict:

@@ -7,8 +7,9 @@ Equal terms for every model: the initial latents of image (prompt i, seed s) are
 
     x_T = N(0, I) of shape (C, H/f, W/f) from torch.Generator("cpu").manual_seed(s)
 
-(C = unet in_channels, f = the VAE's downsampling factor) on the CPU, in float32, one image at a
-time, and handed to the pipeline as `latents=`. So the noise depends on neither the batch size,
+(C = the denoiser's latent channels, f = the VAE's downsampling factor) on the CPU, in float32, one
+image at a time, and handed to the pipeline as `latents=` (in the layout the model family's pipeline
+takes: FLUX's packed 2x2 tokens). So the noise depends on neither the batch size,
 the device, the dtype nor the model: two models given the same prompts and seeds start from the
 same x_T, and differences in their images come from the models alone. The same generator,
 continuing after x_T, is passed per image for any randomness the sampler draws (ancestral / SDE
@@ -74,12 +75,14 @@ def initial_latents(seed: int, shape: Sequence[int]) -> tuple[torch.Tensor, torc
     return torch.randn(tuple(shape), generator=generator, dtype=torch.float32), generator
 
 
-def _check_model(model: str) -> dict:
-    """The checked model_index.json of `model` (local pipeline dir or hub id): see models.read_model_index."""
+def _check_model(model: str) -> tuple[dict, type]:
+    """The checked model_index.json of `model` (local pipeline dir or hub id) and its model family; an
+    unsupported family is a one-line error before anything loads."""
     from diffusion_dpo.config import ModelConfig
-    from diffusion_dpo.models import read_model_index
+    from diffusion_dpo.models import family_class, read_model_index
 
-    return read_model_index(ModelConfig(pretrained=model), setting="model")
+    index = read_model_index(ModelConfig(pretrained=model), setting="model")
+    return index, family_class(index, f"model '{model}'")
 
 
 def _scheduler_class(name: str) -> type:
@@ -93,9 +96,10 @@ def _scheduler_class(name: str) -> type:
     return cls
 
 
-def _load_lora(pipe: Any, lora: str) -> None:
+def _load_lora(pipe: Any, lora: str, denoiser_role: str) -> None:
     """`pipe.load_lora_weights` from a directory holding pytorch_lora_weights.safetensors, a weights file,
-    or a hub id."""
+    or a hub id; weights that fit nothing in the pipeline's denoiser (a LoRA of another family, which diffusers
+    only warns about) are a one-line error."""
     path = Path(lora).expanduser()
     try:
         if path.is_file():
@@ -114,6 +118,9 @@ def _load_lora(pipe: Any, lora: str) -> None:
     except Exception as exc:  # noqa: BLE001 - wrong base model, corrupt file, offline hub id
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"lora '{lora}': cannot load into this model: {first}") from None
+    if not getattr(getattr(pipe, denoiser_role), "peft_config", None):
+        raise UserError(f"lora '{lora}': none of its weights fit this model's {denoiser_role} (a LoRA made for "
+                        "another model family?)")
 
 
 def _dtype_keyword() -> str:
@@ -134,7 +141,7 @@ def load_pipeline(model: str, lora: Optional[str] = None, scheduler: Optional[st
         path = Path(lora).expanduser()
         if not path.exists() and is_local_path(lora, (".safetensors",)):
             raise UserError(f"lora weights '{lora}' do not exist")  # before the minutes-long model load
-    index = _check_model(model)
+    index, family = _check_model(model)
     sampler = _scheduler_class(scheduler) if scheduler else None
     kwargs: dict[str, Any] = {_dtype_keyword(): DTYPES[dtype]}
     if "safety_checker" in index:
@@ -147,9 +154,9 @@ def load_pipeline(model: str, lora: Optional[str] = None, scheduler: Optional[st
     if sampler is not None:
         pipe.scheduler = sampler.from_config(pipe.scheduler.config)
     if lora is not None:
-        _load_lora(pipe, lora)
+        _load_lora(pipe, lora, family.denoiser_role)
     pipe.set_progress_bar_config(disable=True)  # one bar over images instead of one per batch
-    return pipe.to(device)
+    return pipe.to(device), family
 
 
 def _read_manifest(path: Path) -> dict[tuple[int, int], dict]:
@@ -190,7 +197,7 @@ def generate(model: str, prompts: Sequence[dict | str], seeds: Sequence[int], ou
              batch_size: int = 4, device: str = "cpu", dtype: str = "float32") -> Path:
     """Generate image (i, s) for every prompt i and seed s that is not already done; return manifest.jsonl.
 
-    height/width default to the model's native size (unet sample_size × VAE factor).
+    height/width default to the model's native size (its pipeline's default).
     """
     prompts = [{"prompt": p} if isinstance(p, str) else dict(p) for p in prompts]
     seeds = [int(s) for s in seeds]
@@ -201,12 +208,12 @@ def generate(model: str, prompts: Sequence[dict | str], seeds: Sequence[int], ou
     if batch_size < 1 or steps < 1:
         raise UserError(f"batch size and steps must be positive, got {batch_size} and {steps}")
     out_dir = Path(out_dir)
-    pipe = load_pipeline(model, lora, scheduler, device, dtype)
-    factor = pipe.vae_scale_factor
-    default = pipe.unet.config.sample_size * factor
+    pipe, family = load_pipeline(model, lora, scheduler, device, dtype)
+    factor, multiple = pipe.vae_scale_factor, family.size_multiple(pipe)
+    default = family.native_size(pipe)
     height, width = height or default, width or default
-    if height % 8 or width % 8:
-        raise UserError(f"height and width must be multiples of 8, got {height}x{width}")
+    if height % multiple or width % multiple:
+        raise UserError(f"height and width must be multiples of {multiple} for {family.title}, got {height}x{width}")
     settings = dict(model=model, lora=lora, scheduler=type(pipe.scheduler).__name__, steps=steps,
                     guidance_scale=float(guidance_scale), height=height, width=width, dtype=dtype)
     (out_dir / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
@@ -219,12 +226,12 @@ def generate(model: str, prompts: Sequence[dict | str], seeds: Sequence[int], ou
                             "use another --output-dir for another prompt set")
     todo = [(i, s) for i in range(len(prompts)) for s in seeds
             if not ((i, s) in done and (out_dir / image_name(i, s)).is_file())]
-    shape = (pipe.unet.config.in_channels, height // factor, width // factor)
+    shape = (family.latent_channels(pipe), height // factor, width // factor)
     with tqdm(total=len(todo), desc=f"generating {out_dir.name}", unit="img") as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
             noise, generators = zip(*(initial_latents(s, shape) for _, s in batch))
-            latents = torch.stack(noise).to(device, DTYPES[dtype])  # (B, C, h, w)
+            latents = family.pipeline_latents(torch.stack(noise)).to(device, DTYPES[dtype])  # (B, C, h, w) or packed
             with torch.no_grad():
                 images = pipe(prompt=[prompts[i]["prompt"] for i, _ in batch], height=height, width=width,
                               num_inference_steps=steps, guidance_scale=guidance_scale, latents=latents,

@@ -6,7 +6,8 @@ From it come two independent streams, each drawn in exactly one function here:
   * `item_draws`: the data-side choices (horizontal flip, crop fractions, empty-prompt swap), drawn
     with numpy where the item is built (a DataLoader worker, the cache reader);
   * `pair_noise`: the model-side draws (one timestep and one noise per pair, one standard-normal
-    posterior sample per image), drawn with torch on the training device.
+    posterior sample per image), drawn with torch on the training device; the timestep's distribution is
+    the model family's (`models.Family.draw_timestep`).
 
 The uncached loader, the cached loader, the training step and the precomputed-reference pass all
 call these same functions, so they cannot drift apart: a cached run and an uncached run, or a live and
@@ -16,7 +17,7 @@ a precomputed reference, see the same draws for the same pair.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -56,25 +57,29 @@ def item_draws(seed: int, random_flip: bool, random_crop: bool, proportion_empty
 class PairNoise:
     """The model-side draws for B pairs, laid out for [winners; losers] (2B images)."""
 
-    timesteps: Tensor  # (2B,) int64: one timestep per pair, shared by its two images
+    timesteps: Tensor  # (2B,): one timestep per pair (DDPM: int64 t; flow matching: float sigma), shared by its images
     noise: Tensor  # (2B, C, h, w): one noise per pair, shared by its two images
     posterior: Tensor  # (2B, C, h, w): a standard-normal draw per image for the VAE posterior sample
 
 
-def pair_noise(sample_seeds: Sequence[int], num_train_timesteps: int, latent_shape: tuple[int, int, int],
+DrawTimestep = Callable[[torch.Generator, tuple[int, int, int], "torch.device | str"], Tensor]
+
+
+def pair_noise(sample_seeds: Sequence[int], draw_timestep: DrawTimestep, latent_shape: tuple[int, int, int],
                device: torch.device | str) -> PairNoise:
     """Timesteps, noise and posterior draws of the pairs with these sample seeds.
 
-    Each pair's draws come from a generator seeded by its own sample seed on `device`, so they do not
-    depend on how pairs are split over processes, micro-steps or (for the precomputed reference) batches.
-    The generator lives on the training device: a precomputed reference must be drawn on the same
+    Each pair's draws come from a generator seeded by its own sample seed on `device`: first its timestep, by the
+    model family's `draw_timestep(generator, latent_shape, device)`, then its noise and its two posterior draws.
+    So they do not depend on how pairs are split over processes, micro-steps or (for the precomputed reference)
+    batches. The generator lives on the training device: a precomputed reference must be drawn on the same
     device type as the run that uses it (the reference file records it).
     """
     c, h, w = latent_shape
     timesteps, draws = [], []
     for seed in sample_seeds:
         g = torch.Generator(device=device).manual_seed(seed_for(int(seed), 1))
-        timesteps.append(torch.randint(0, num_train_timesteps, (1,), generator=g, device=device))
+        timesteps.append(draw_timestep(g, latent_shape, device))
         draws.append(torch.randn((3, c, h, w), generator=g, device=device))  # noise, posterior w, posterior l
     stacked = torch.stack(draws)  # (B, 3, C, h, w)
     return PairNoise(timesteps=torch.cat(timesteps).repeat(2),

@@ -32,7 +32,7 @@ from diffusion_dpo.config import Config
 from diffusion_dpo.data import PairSampler, collate_pairs, keys_per_epoch
 from diffusion_dpo.errors import UserError
 from diffusion_dpo.fingerprint import component_fingerprint
-from diffusion_dpo.models import cast, denoising_mse, load_components, weight_dtype_of
+from diffusion_dpo.models import cast, describe, load_components, weight_dtype_of
 from diffusion_dpo.randomness import pair_noise
 
 REFERENCE_FORMAT = 1
@@ -49,10 +49,12 @@ def reference_path(cfg: Config) -> Path:
 def reference_identity(cfg: Config, cache: Cache, device_type: str) -> dict[str, Any]:
     """What the reference errors depend on (besides which pairs the run visits), keyed by the setting to change."""
     made = json.dumps(cache.manifest["identity"], sort_keys=True)
+    _, family = describe(cfg.model)
     return {
-        "model (UNet, scheduler)": component_fingerprint(cfg.model, ("unet", "scheduler")),
+        f"model ({family.denoiser_role}, scheduler)": component_fingerprint(cfg.model, (family.denoiser_role,
+                                                                                       "scheduler")),
         "model.variant": cfg.model.variant,
-        "model.prediction_type": cfg.model.prediction_type,
+        **family.schedule_identity(cfg.model, cfg.flow),
         "cache.dir contents": hashlib.sha256(made.encode()).hexdigest()[:16],
         "train.seed": cfg.train.seed,
         "data.random_flip": cfg.data.random_flip,
@@ -102,12 +104,12 @@ def precompute_reference(cfg: Config, device: torch.device | str = "cpu", num_pr
         raise UserError(f"train.mixed_precision=fp16 needs a CUDA GPU (this is {device.type}); use bf16 or no")
     cache = Cache.open(cfg)
     dtype = weight_dtype_of(cfg.train.mixed_precision)
-    comp = load_components(cfg.model, dtype, device, encoders=False)
-    # The reference as training holds it: the base UNet in the compute dtype, in train mode (see
+    comp = load_components(cfg.model, dtype, device, encoders=False, flow=cfg.flow)
+    # The reference as training holds it: the base denoiser in the compute dtype, in train mode (see
     # models.Reference: some diffusers blocks compute differently in eval mode).
-    unet = cast(comp.unet, dtype).requires_grad_(False).train()
+    model = cast(comp.denoiser, dtype).requires_grad_(False).train()
     if cfg.train.channels_last:
-        unet.to(memory_format=torch.channels_last)
+        model.to(memory_format=torch.channels_last)
     keys_per_epoch, num_keys = run_coverage(cfg, cache.num_pairs, num_processes)
     keys = list(run_keys(cache.num_pairs, cfg.train.seed, keys_per_epoch, num_keys))
     dataset = CachedPairs(cache, cfg.data.random_flip, cfg.data.proportion_empty_prompts)
@@ -118,15 +120,14 @@ def precompute_reference(cfg: Config, device: torch.device | str = "cpu", num_pr
     with torch.no_grad():
         for batch in tqdm(loader, desc="reference errors", unit="batch"):
             b = batch["label"].shape[0]
-            draws = pair_noise(batch["sample_seed"].tolist(), comp.noise_scheduler.config.num_train_timesteps,
+            draws = pair_noise(batch["sample_seed"].tolist(), comp.draw_timestep,
                                comp.latent_shape(cfg.data.resolution), device)
-            latents, cond = cached_inputs(batch, draws.posterior, comp.latent_scale, cfg.data.resolution, device,
-                                          dtype)
+            latents, cond = cached_inputs(batch, draws.posterior, comp, cfg.data.resolution, device, dtype)
             noisy, target = comp.noisy_and_target(latents, draws.noise, draws.timesteps)
             if cfg.train.channels_last:
                 noisy = noisy.contiguous(memory_format=torch.channels_last)
             with _autocast(device, dtype):
-                err = denoising_mse(unet, noisy, draws.timesteps, cond, target)  # (2B,) [winners; losers]
+                err = comp.mse(model, noisy, draws.timesteps, cond, target)  # (2B,) [winners; losers]
             seeds.append(batch["sample_seed"])
             errors.append(torch.stack([err[:b], err[b:]], dim=1).float().cpu())  # (B, 2) (ref_w, ref_l)
     info = {"format": REFERENCE_FORMAT, "identity": reference_identity(cfg, cache, device.type),

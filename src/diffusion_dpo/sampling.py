@@ -14,21 +14,22 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
-from diffusion_dpo.models import Components, Reference, build_pipeline
+from diffusion_dpo.models import Family, Reference
 
 _LABEL_HEIGHT = 14
 _MIN_CELL = 128  # pixels: cells narrower than this are enlarged (nearest neighbour)
 
 
 @torch.no_grad()
-def sample_images(components: Components, unet: nn.Module, prompts: Sequence[str], seeds: Sequence[int],
+def sample_images(components: Family, denoiser: nn.Module, prompts: Sequence[str], seeds: Sequence[int],
                   resolution: int, num_inference_steps: int, guidance_scale: float,
                   autocast: Optional[Callable[[], ContextManager]] = None) -> list[list[Image.Image]]:
-    """Images [prompt][seed] from a pipeline around `unet`; seed s always gives the same initial noise."""
-    pipe = build_pipeline(components, unet)
+    """Images [prompt][seed] from the family's pipeline around `denoiser`; seed s always gives the same initial
+    noise."""
+    pipe = components.build_pipeline(denoiser)
     pipe.set_progress_bar_config(disable=True)
-    was_training = unet.training
-    unet.eval()
+    was_training = denoiser.training
+    denoiser.eval()
     rows = []
     try:
         for prompt in prompts:
@@ -37,11 +38,11 @@ def sample_images(components: Components, unet: nn.Module, prompts: Sequence[str
                 generator = torch.Generator(device="cpu").manual_seed(seed)  # CPU noise: identical on any device
                 with autocast() if autocast is not None else contextlib.nullcontext():
                     out = pipe(prompt, height=resolution, width=resolution, num_inference_steps=num_inference_steps,
-                               guidance_scale=guidance_scale, generator=generator)
+                               guidance_scale=guidance_scale, generator=generator, **components.sampling_kwargs())
                 row.append(out.images[0])
             rows.append(row)
     finally:
-        unet.train(was_training)
+        denoiser.train(was_training)
     return rows
 
 
@@ -73,7 +74,7 @@ def compose_grid(columns: dict[str, list[list[Image.Image]]], prompts: Sequence[
     return grid
 
 
-def write_validation_grid(path: Path, components: Components, unet: nn.Module, reference: Reference | None,
+def write_validation_grid(path: Path, components: Family, denoiser: nn.Module, reference: Reference | None,
                           prompts: Sequence[str], seeds: Sequence[int], resolution: int, num_inference_steps: int,
                           guidance_scale: float, autocast: Optional[Callable[[], ContextManager]] = None) -> Path:
     """Sample reference and policy on the same prompts/seeds and save the side-by-side PNG grid at `path`."""
@@ -81,9 +82,9 @@ def write_validation_grid(path: Path, components: Components, unet: nn.Module, r
                   guidance_scale=guidance_scale, autocast=autocast)
     columns = {}
     if reference is not None:
-        with reference.model(unet) as ref_unet:
-            columns["reference"] = sample_images(components, ref_unet, **kwargs)
-    columns["policy"] = sample_images(components, unet, **kwargs)
+        with reference.model(denoiser) as ref:
+            columns["reference"] = sample_images(components, ref, **kwargs)
+    columns["policy"] = sample_images(components, denoiser, **kwargs)
     path.parent.mkdir(parents=True, exist_ok=True)
     compose_grid(columns, prompts, seeds).save(path)
     return path

@@ -1,14 +1,16 @@
 """The Diffusion-DPO training loop: accelerate inside, one short `step`, exact bookkeeping.
 
 Per optimizer step, for each micro-batch of B pairs (winner first):
-  1. encode both images with the frozen VAE -> latents (2B, 4, h, w) as [winners; losers]
+  1. encode both images with the frozen VAE -> latents (2B, C, h, w) as [winners; losers]
      (or, with `cache.dir`, sample them from the cached VAE posteriors: the VAE and text encoders
      are then never loaded; see cache.py);
   2. draw ONE timestep and ONE noise per pair and use them for both images of the pair;
   3. the frozen reference predicts on all 2B noisy latents (no grad): per-sample MSE ref_w, ref_l
      (or, with `cache.reference=precomputed`, they come with the batch: no reference model at all);
-  4. the trainable UNet predicts on the same 2B in one forward: model_w, model_l;
+  4. the trainable denoiser predicts on the same 2B in one forward: model_w, model_l;
   5. the registry loss (dpo by default) turns the four MSEs into a per-pair loss; backward.
+Everything model-specific (prompt encoding, latents, the schedule and target, the denoiser call, what is saved)
+is the model family's (models/: SD/SDXL, SD3, FLUX); this loop never asks which family it trains.
 Gradients are accumulated over `train.gradient_accumulation_steps` micro-batches, clipped, and
 applied. The data order comes from (seed, epoch); each pair's augmentation, timestep, noise and VAE
 sample from its own seed (seed, epoch, position), so a resumed run continues exactly and the split of
@@ -19,7 +21,6 @@ Run: `diffusion-dpo train --config configs/sd15_pickapic.yaml --data.path DIR --
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import math
@@ -40,8 +41,7 @@ from diffusion_dpo.data import (PairSampler, PreferenceDataset, PreferencePairs,
                                load_preference_pairs)
 from diffusion_dpo.errors import UserError, is_local_path
 from diffusion_dpo.losses import LossSpec, get_loss, implicit_accuracy, smooth_labels
-from diffusion_dpo.models import (Components, Reference, add_lora, cast, denoising_mse, load_components, load_vae,
-                                  read_model_index, save_lora, weight_dtype_of)
+from diffusion_dpo.models import Family, Reference, add_lora, cast, describe, load_components, weight_dtype_of
 from diffusion_dpo.optim import StepInBackward, make_lr_scheduler, make_optimizer
 from diffusion_dpo.randomness import pair_noise, seed_for
 from diffusion_dpo.reference import ReferenceTable, WithReference, precompute_reference, reference_path
@@ -130,7 +130,7 @@ class Trainer:
         ckpt.check_output_dir(self.output_dir, resuming=self.resume_from is not None, overwrite=cfg.overwrite,
                               resume_asked=bool(cfg.train.resume))
         if Path(cfg.model.pretrained).expanduser().exists() or is_local_path(cfg.model.pretrained):
-            read_model_index(cfg.model)  # a local model path mistake fails before the data scan
+            describe(cfg.model)  # a local model path mistake or an unsupported family fails before the data scan
         self.world = acc.num_processes
         self.cache: Optional[Cache] = None
         self.ref_table: Optional[ReferenceTable] = None
@@ -144,29 +144,30 @@ class Trainer:
         # two runs with the same train.seed start from the same weights.
         set_seed(cfg.train.seed)
         # With a cache, the VAE and text encoders are never loaded (only the VAE's config is read).
-        self.components: Components = load_components(cfg.model, self.weight_dtype, acc.device,
-                                                      encoders=self.cache is None)
-        unet = self.components.unet
+        self.components: Family = load_components(cfg.model, self.weight_dtype, acc.device,
+                                                  encoders=self.cache is None, flow=cfg.flow)
+        self.latent_shape = self.components.latent_shape(cfg.data.resolution)  # a resolution it cannot take fails now
+        model = self.components.denoiser
         if self.lora:
-            cast(unet, self.weight_dtype)  # the frozen base in the compute dtype; LoRA weights stay fp32
-            params = add_lora(unet, cfg.lora)
+            cast(model, self.weight_dtype)  # the frozen base in the compute dtype; LoRA weights stay fp32
+            params = add_lora(model, cfg.lora, self.components.default_lora_targets)
         else:
-            params = list(unet.parameters())
+            params = list(model.parameters())
         # The reference: adapters off (LoRA: free) or a frozen copy (full: only if the loss needs one and its
         # errors are not precomputed). With precomputed errors LoRA keeps it for the sample grids only.
         live = self.loss_spec.needs_reference and self.ref_table is None
-        self.reference = Reference(unet, lora=True, dtype=self.weight_dtype) if self.lora else (
-            Reference(unet, lora=False, dtype=self.weight_dtype) if live else None)
+        self.reference = Reference(model, lora=True, dtype=self.weight_dtype) if self.lora else (
+            Reference(model, lora=False, dtype=self.weight_dtype) if live else None)
         if cfg.train.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-        unet.train()
+            model.enable_gradient_checkpointing()
+        model.train()
         if cfg.train.channels_last:  # NHWC convolutions: faster tensor-core kernels under bf16/fp16 on GPUs
-            unet.to(memory_format=torch.channels_last)
+            model.to(memory_format=torch.channels_last)
             if self.reference is not None and self.reference.copy is not None:
                 self.reference.copy.to(memory_format=torch.channels_last)
         if cfg.train.compile:
             # In place (nn.Module.compile): parameter names, checkpoints and unwrap_model stay as they are.
-            unet.compile()
+            model.compile()
             if self.reference is not None and self.reference.copy is not None:
                 self.reference.copy.compile()
 
@@ -180,7 +181,7 @@ class Trainer:
         # optimizer reports their norm instead.
         self.in_backward = self.optimizer if isinstance(self.optimizer, StepInBackward) else None
         self.lr_scheduler = make_lr_scheduler(cfg.optim, self.optimizer, cfg.train.max_steps)
-        self.unet, self.optimizer = acc.prepare(unet, self.optimizer)
+        self.denoiser, self.optimizer = acc.prepare(model, self.optimizer)
         if acc.gradient_accumulation_steps != cfg.train.gradient_accumulation_steps:  # a DeepSpeed file overrode it
             raise UserError(f"the accelerate config sets gradient_accumulation_steps {acc.gradient_accumulation_steps}"
                             f" but train.gradient_accumulation_steps is {cfg.train.gradient_accumulation_steps}; remove "
@@ -192,7 +193,7 @@ class Trainer:
             if self.ref_table is not None:
                 self.dataset = WithReference(self.dataset, self.ref_table)  # ref_mse comes with each item
         else:
-            self.dataset = PreferenceDataset(pairs, cfg.data, self.components.tokenizers, self.components.sdxl)
+            self.dataset = PreferenceDataset(pairs, cfg.data, self.components.tokenizer)
         self.sampler = PairSampler(num_pairs, seed=cfg.train.seed)
         self.state = ckpt.TrainState()
         self.metrics_path = self.output_dir / "metrics.jsonl"
@@ -231,25 +232,24 @@ class Trainer:
 
         # Each pair's timestep, noise and VAE posterior samples come from its own sample seed (fixed by
         # the data order), so they do not depend on how pairs are split over processes or micro-steps.
-        draws = pair_noise(batch["sample_seed"].tolist(), comp.noise_scheduler.config.num_train_timesteps,
-                           comp.latent_shape(cfg.data.resolution), device)
+        draws = pair_noise(batch["sample_seed"].tolist(), comp.draw_timestep, self.latent_shape, device)
         latents, cond = self._inputs(batch, draws.posterior)  # (2B, C, h, w) [winners; losers]
         noisy, target = comp.noisy_and_target(latents, draws.noise, draws.timesteps)
         if cfg.train.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
 
         def mse(model: torch.nn.Module) -> tuple[Tensor, Tensor]:
-            err = denoising_mse(model, noisy, draws.timesteps, cond, target)  # (2B,)
+            err = comp.mse(model, noisy, draws.timesteps, cond, target)  # (2B,)
             return err[:b], err[b:]
 
         ref_w = ref_l = None
         if self.ref_table is not None:
             ref_w, ref_l = batch["ref_mse"].to(device, non_blocking=True).unbind(1)  # (B,) each, no forward
         elif self.loss_spec.needs_reference:
-            with torch.no_grad(), acc.autocast(), self.reference.model(acc.unwrap_model(self.unet)) as ref:
+            with torch.no_grad(), acc.autocast(), self.reference.model(acc.unwrap_model(self.denoiser)) as ref:
                 ref_w, ref_l = mse(ref)
         with acc.autocast():
-            model_w, model_l = mse(self.unet)
+            model_w, model_l = mse(self.denoiser)
         out = self.loss_spec.fn(model_w, model_l, ref_w, ref_l, beta=cfg.loss.beta,
                                 label=smooth_labels(batch["label"].to(device, non_blocking=True),
                                                     cfg.loss.label_smoothing))
@@ -268,14 +268,13 @@ class Trainer:
         """Latents (2B, C, h, w) as [winners; losers] and their conditioning, from the cache or encoded now."""
         comp, cfg, device = self.components, self.cfg, self.accelerator.device
         if self.cache is not None:
-            return cached_inputs(batch, posterior_eps, comp.latent_scale, cfg.data.resolution, device,
-                                 self.weight_dtype)
+            return cached_inputs(batch, posterior_eps, comp, cfg.data.resolution, device, self.weight_dtype)
         pixels = batch["pixel_values"]  # (B, 2, 3, H, W), winner first
         pixels = torch.cat([pixels[:, 0], pixels[:, 1]]).to(device, non_blocking=True)  # (2B, 3, H, W)
         latents = comp.encode_images(pixels, posterior_eps).float()
-        ids = [batch["input_ids"]] + ([batch["input_ids_2"]] if comp.sdxl else [])
-        cond = comp.conditioning([i.to(device, non_blocking=True) for i in ids], batch["original_sizes"],
-                                 batch["crop_top_lefts"], cfg.data.resolution)
+        ids = {key: t.to(device, non_blocking=True) for key, t in batch.items() if key.startswith("input_ids")}
+        cond = comp.conditioning(comp.encode_prompt(ids), batch["original_sizes"], batch["crop_top_lefts"],
+                                 cfg.data.resolution)
         return latents, cond
 
     # ------------------------------------------------------------------ the loop
@@ -316,7 +315,7 @@ class Trainer:
             for k in range(accum):
                 epoch, batch = next(batches)
                 micro_step = self.state.step * accum + k
-                with acc.accumulate(self.unet):  # no gradient all-reduce before the last micro-step
+                with acc.accumulate(self.denoiser):  # no gradient all-reduce before the last micro-step
                     out = self.step(batch, micro_step)
                     acc.backward(out.loss)  # divided by the accumulation steps inside
                 for key, v in out.metrics.items():
@@ -416,36 +415,42 @@ class Trainer:
         return record
 
     def _write_weights(self, directory: Path) -> None:
-        unet = self.accelerator.unwrap_model(self.unet)
+        model = self.accelerator.unwrap_model(self.denoiser)
         if self.lora:
             from peft.utils import get_peft_model_state_dict
             from safetensors.torch import save_file
 
-            save_lora(self.components, unet, directory)
-            state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+            self.components.save_lora(model, directory)
+            state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
             save_file(state, directory / "lora_peft.safetensors")
         else:
-            unet.save_pretrained(directory / "unet", safe_serialization=True)
+            model.save_pretrained(directory / self.components.denoiser_role, safe_serialization=True)
 
     def _read_weights(self, directory: Path) -> None:
         from safetensors.torch import load_file
 
-        unet = self.accelerator.unwrap_model(self.unet)
+        model = self.accelerator.unwrap_model(self.denoiser)
         if self.lora:
             from peft.utils import set_peft_model_state_dict
 
             path = directory / "lora_peft.safetensors"
             if not path.is_file():
                 raise UserError(f"train.resume: {directory} has no LoRA weights (was it a full fine-tune?)")
-            result = set_peft_model_state_dict(unet, load_file(path, device=str(self.accelerator.device)))
+            result = set_peft_model_state_dict(model, load_file(path, device=str(self.accelerator.device)))
             if getattr(result, "unexpected_keys", None):
                 raise UserError(f"train.resume: {path} does not match lora settings "
                                 f"(unexpected {result.unexpected_keys[0]})")
         else:
-            path = directory / "unet" / "diffusion_pytorch_model.safetensors"
+            role = self.components.denoiser_role
+            path = directory / role / "diffusion_pytorch_model.safetensors"
             if not path.is_file():
-                raise UserError(f"train.resume: {directory} has no full UNet weights (was it a LoRA run?)")
-            unet.load_state_dict(load_file(path, device=str(self.accelerator.device)))
+                raise UserError(f"train.resume: {directory} has no full {role} weights (was it a LoRA run, or "
+                                "another model family?)")
+            try:
+                model.load_state_dict(load_file(path, device=str(self.accelerator.device)))
+            except RuntimeError as exc:  # other shapes or names: another model's checkpoint
+                raise UserError(f"train.resume: {path} does not fit {self.cfg.model.pretrained} "
+                                f"({str(exc).splitlines()[0][:200]})") from None
 
     def _maybe_checkpoint(self) -> None:
         every = self.cfg.train.checkpointing_steps
@@ -500,9 +505,9 @@ class Trainer:
             components = self.components
             if components.vae is None:
                 # Training from a cache holds no VAE or text encoders; a grid needs them, for the grid only.
-                frozen = load_components(self.cfg.model, self.weight_dtype, self.accelerator.device, unet=False)
-                components = dataclasses.replace(components, vae=frozen.vae, text_encoders=frozen.text_encoders)
-            write_validation_grid(path, components, self.accelerator.unwrap_model(self.unet), self.reference,
+                components = load_components(self.cfg.model, self.weight_dtype, self.accelerator.device,
+                                             denoiser=False, flow=self.cfg.flow)
+            write_validation_grid(path, components, self.accelerator.unwrap_model(self.denoiser), self.reference,
                                   v.prompts, v.seeds, self.cfg.data.resolution, v.num_inference_steps,
                                   v.guidance_scale, autocast=self.accelerator.autocast)
         self.accelerator.wait_for_everyone()
@@ -514,20 +519,20 @@ class Trainer:
         self._maybe_validate(final=True)
         # sharded parameters (full fine-tunes only: LoRA is refused under FSDP/DeepSpeed) are gathered into
         # one full state dict on the main process (a collective)
-        full_state = acc.get_state_dict(self.unet) if self.sharded else None
+        full_state = acc.get_state_dict(self.denoiser) if self.sharded else None
         if acc.is_main_process:
             tmp = self.output_dir / "final.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            unet = acc.unwrap_model(self.unet)
+            model = acc.unwrap_model(self.denoiser)
             try:
                 tmp.mkdir(parents=True)
                 if self.lora:
-                    save_lora(self.components, unet, tmp)
+                    self.components.save_lora(model, tmp)
                 else:
-                    if full_state is not None:  # a plain (unsharded) UNet holding the gathered weights
-                        unet = type(unet).from_config(unet.config)
-                        unet.load_state_dict(full_state)
-                    self._save_pipeline(unet, tmp)
+                    if full_state is not None:  # a plain (unsharded) denoiser holding the gathered weights
+                        model = type(model).from_config(model.config)
+                        model.load_state_dict(full_state)
+                    self.components.save_pipeline(model, tmp)
             except OSError as exc:  # disk full, quota: the last checkpoint still holds the run
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise UserError(f"cannot write {final}: {exc.strerror or exc}; the run can be finished with "
@@ -536,18 +541,6 @@ class Trainer:
             tmp.rename(final)
         acc.wait_for_everyone()
         return final
-
-    def _save_pipeline(self, unet: torch.nn.Module, out: Path) -> None:
-        """Save the tuned UNet inside the original pipeline, the frozen parts re-read in full precision."""
-        m = self.cfg.model
-        extra = {}
-        if m.vae is not None:
-            extra["vae"] = load_vae(m)
-        if not self.components.sdxl:
-            extra.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        pipe = self.components.pipeline_class.from_pretrained(m.pretrained, unet=unet, revision=m.revision,
-                                                              variant=m.variant, **extra)
-        pipe.save_pretrained(out, safe_serialization=True)
 
 
 def _configure_deepspeed(ds: dict[str, Any], cfg: Config) -> None:

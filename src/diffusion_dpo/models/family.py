@@ -1,0 +1,252 @@
+"""The model-family contract: everything that differs between text-to-image families, behind one class.
+
+The training loop, the pre-encoding cache, the precomputed reference, sample grids, `generate` and `bench` hold
+a `Family` (one loaded checkpoint, from `models.load_components`) and call only what is below; none of them asks
+which family it runs. A family is one module (models/sd.py, sd3.py, flux.py) with its subclass, listed once in
+`models.loading.FAMILIES`.
+
+What a family owns, in the order a training step uses it:
+
+  text      `tokenizer`: prompts -> token ids {"input_ids", "input_ids_2", ...} (picklable: it runs in the
+            DataLoader workers); `encode_prompt(ids)`: the per-prompt encodings the cache stores
+            ({"hidden", "pooled", "t5", ...}); `conditioning(encodings, original_sizes, crop_top_lefts,
+            resolution)`: what the denoiser sees for the 2B images [winners; losers], both images of a pair
+            sharing its prompt.
+  images    `latent_shape(resolution)`, `posterior(pixels)`, `encode_images(pixels, eps)` (`vae.sample_latents`).
+  schedule  `draw_timestep(generator, latent_shape, device)`: one pair's timestep (DDPM: an integer t; flow
+            matching: sigma in (0, 1)) from the pair's own generator (`randomness.pair_noise`);
+            `noisy_and_target(latents, noise, t)`; `loss_weight(t)` (None: unweighted).
+  denoiser  `predict(model, noisy, t, cond)`: the prediction in the latents' (N, C, h, w) layout, so `mse`, the
+            per-sample error every loss sees, is one formula for all families: the mean over all latent
+            elements, times the family's loss weight.
+  outputs   `build_pipeline(denoiser)` (sample grids), `save_lora(denoiser, dir)` (the file the family pipeline's
+            `load_lora_weights` reads), `save_pipeline(denoiser, dir)` (final/ of a full fine-tune),
+            `sampling_kwargs()` (pipeline-call arguments that the training settings imply).
+  identity  class methods answering from model_index.json and the config before any weight loads: the text
+            roles, what a cache's encodings depend on (`encoder_roles`, `encoding_identity`), and what reference
+            errors depend on (`schedule_identity`).
+  generate  class methods on a loaded diffusers pipeline: `latent_channels`, `native_size`, `size_multiple`,
+            `pipeline_latents(noise)` (how (B, C, h, w) noise is handed to the pipeline as `latents=`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Optional
+
+import torch
+from torch import Tensor, nn
+
+from diffusion_dpo.config import FlowConfig, ModelConfig
+from diffusion_dpo.errors import UserError
+from diffusion_dpo.models.lora import lora_state_dict
+from diffusion_dpo.models.vae import LatentScale, downsampling, load_vae, sample_latents
+
+
+def ids_key(k: int) -> str:
+    """The batch key of the k-th tokenizer's ids: input_ids, input_ids_2, input_ids_3."""
+    return "input_ids" if k == 0 else f"input_ids_{k + 1}"
+
+
+@dataclass(frozen=True)
+class PromptTokenizer:
+    """Prompts -> one (N, L_k) tensor of token ids per tokenizer, padded to that tokenizer's length L_k (CLIP:
+    its model_max_length, 77 for the real ones; T5: the family's max_sequence_length), as the pipelines pad."""
+
+    tokenizers: tuple[Any, ...]
+    lengths: tuple[int, ...]
+
+    def __call__(self, prompts: list[str]) -> dict[str, Tensor]:
+        return {ids_key(k): tok(list(prompts), padding="max_length", max_length=n, truncation=True,
+                                return_tensors="pt").input_ids
+                for k, (tok, n) in enumerate(zip(self.tokenizers, self.lengths))}
+
+
+class Family:
+    """One loaded checkpoint of a family. Training from a pre-encoded cache loads neither the VAE nor the text
+    encoders (`vae` None, `text_encoders` empty); the cache builder loads no denoiser. Configs are always read."""
+
+    name: ClassVar[str]  # "sd", "sdxl", "sd3", "flux": in cache manifests and messages
+    title: ClassVar[str]  # for messages, e.g. "Stable Diffusion 3 / 3.5"
+    pipelines: ClassVar[tuple[str, ...]]  # the model_index.json `_class_name`s this family loads
+    denoiser_role: ClassVar[str]  # "unet" or "transformer": its folder and its pipeline keyword
+    default_lora_targets: ClassVar[tuple[str, ...]]
+
+    def __init__(self, cfg: ModelConfig, flow: FlowConfig, index: dict, pipeline_class: type,
+                 denoiser: Optional[nn.Module], denoiser_config: Any, vae: Optional[nn.Module], vae_config: Any,
+                 text_encoders: list[nn.Module], tokenizers: list[Any], scheduler: Any):
+        self.cfg, self.flow, self.index = cfg, flow, index
+        self.pretrained = cfg.pretrained
+        self.pipeline_class = pipeline_class
+        self.denoiser, self.denoiser_config = denoiser, denoiser_config
+        self.vae, self.vae_config = vae, vae_config
+        self.text_encoders, self.tokenizers = text_encoders, tokenizers
+        self.scheduler = scheduler  # the training schedule (DDPM with the checkpoint's betas, or flow matching)
+        self.roles = self.text_roles(index, cfg)
+        self.tokenizer = PromptTokenizer(tuple(tokenizers), tuple(self.token_lengths()))
+
+    # ------------------------------------------------------------------ identity (before any weight loads)
+    @classmethod
+    def text_roles(cls, index: dict, cfg: ModelConfig) -> list[tuple[str, str]]:
+        """(text encoder, tokenizer) folder names, in the order their ids and encodings are used."""
+        raise NotImplementedError
+
+    @classmethod
+    def check_index(cls, index: dict, cfg: ModelConfig, name: str) -> None:
+        """Refuse, in one line naming `name`, a checkpoint or setting this family cannot train."""
+
+    @classmethod
+    def encoder_roles(cls, index: dict, cfg: ModelConfig) -> tuple[str, ...]:
+        """The folders a cache's encodings depend on: the VAE, the text encoders and their tokenizers."""
+        roles = cls.text_roles(index, cfg)
+        return ("vae",) + tuple(e for e, _ in roles) + tuple(t for _, t in roles)
+
+    @classmethod
+    def encoding_identity(cls, cfg: ModelConfig) -> dict[str, Any]:
+        """Settings besides the weights that change the cached text encodings."""
+        return {}
+
+    @classmethod
+    def schedule_identity(cls, cfg: ModelConfig, flow: FlowConfig) -> dict[str, Any]:
+        """Settings besides the weights that change a pair's timestep, target or error (the precomputed reference)."""
+        raise NotImplementedError
+
+    @classmethod
+    def load_scheduler(cls, cfg: ModelConfig) -> Any:
+        """The training noise schedule from the checkpoint's scheduler/ folder."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ text
+    def token_lengths(self) -> list[int]:
+        """Each tokenizer's padded length (default: its model_max_length)."""
+        return [tok.model_max_length for tok in self.tokenizers]
+
+    def encode_prompt(self, ids: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Token ids (the tokenizer's dict, B prompts) -> the per-prompt encodings, each (B, ...)."""
+        raise NotImplementedError
+
+    def conditioning(self, encodings: dict[str, Tensor], original_sizes: Tensor, crop_top_lefts: Tensor,
+                     resolution: int) -> Any:
+        """The denoiser's conditioning for [winners; losers] (2B) from the B prompts' encodings; original_sizes and
+        crop_top_lefts are (B, 2, 2) as (pair, image, (h|top, w|left)) (only SDXL uses them)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ images
+    @property
+    def latent_scale(self) -> LatentScale:
+        return LatentScale.of(self.vae_config)
+
+    def latent_multiple(self) -> int:
+        """Latent height and width must be multiples of this (a transformer's patch size; FLUX's 2x2 packing)."""
+        return 1
+
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        """(C, h, w) of the latents of a resolution x resolution image; a resolution the denoiser cannot take is
+        a one-line error."""
+        f = downsampling(self.vae_config)
+        side, multiple = resolution // f, self.latent_multiple()
+        if resolution % f or side % multiple:
+            raise UserError(f"data.resolution {resolution}: {self.title} needs a multiple of {f * multiple} "
+                            f"(VAE downsampling {f} x {multiple})")
+        return self.vae_config["latent_channels"], side, side
+
+    @torch.no_grad()
+    def posterior(self, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
+        """Pixels (N, 3, H, W) in [-1, 1] -> the VAE posterior's mean and std, each (N, C, H/f, W/f)."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        dist = self.vae.encode(pixel_values.to(self.vae.device, vae_dtype)).latent_dist
+        return dist.mean, dist.std
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values: Tensor, noise: Optional[Tensor] = None) -> Tensor:
+        """Pixels (N, 3, H, W) in [-1, 1] -> scaled latents (N, C, H/f, W/f): a posterior sample
+        mean + std * noise (standard normal, (N, C, h, w)), or the mean when noise is None."""
+        return sample_latents(*self.posterior(pixel_values), noise, self.latent_scale)
+
+    # ------------------------------------------------------------------ schedule
+    def draw_timestep(self, generator: torch.Generator, latent_shape: tuple[int, int, int],
+                      device: torch.device | str) -> Tensor:
+        """(1,) one pair's timestep, drawn from `generator` (the pair's own)."""
+        raise NotImplementedError
+
+    def noisy_and_target(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> tuple[Tensor, Tensor]:
+        """The noised latents x_t and the regression target (fp32), for training and the reference pass."""
+        raise NotImplementedError
+
+    def loss_weight(self, timesteps: Tensor) -> Optional[Tensor]:
+        """(N,) per-sample weights on the error, or None (unweighted)."""
+        return None
+
+    # ------------------------------------------------------------------ denoiser
+    def predict(self, model: nn.Module, noisy: Tensor, timesteps: Tensor, cond: Any) -> Tensor:
+        """The denoiser's prediction for `noisy` (N, C, h, w), in the same layout."""
+        raise NotImplementedError
+
+    def mse(self, model: nn.Module, noisy: Tensor, timesteps: Tensor, cond: Any, target: Tensor) -> Tensor:
+        """(N,) per-sample error: mean over all latent elements of (prediction - target)², times the loss weight.
+        The quantity every loss sees, for the policy, the live reference and the precomputed reference alike."""
+        err = (self.predict(model, noisy, timesteps, cond).float() - target).pow(2).flatten(1).mean(1)
+        weight = self.loss_weight(timesteps)
+        return err if weight is None else err * weight
+
+    # ------------------------------------------------------------------ outputs
+    def sampling_scheduler(self) -> Any:
+        """A fresh sampling scheduler (the checkpoint's own class and config)."""
+        raise NotImplementedError
+
+    def extra_parts(self) -> dict[str, Any]:
+        """Pipeline constructor arguments besides the VAE, text encoders, tokenizers, denoiser and scheduler."""
+        return {}
+
+    def build_pipeline(self, denoiser: nn.Module, scheduler: Any = None) -> Any:
+        """A diffusers pipeline around `denoiser` and the loaded frozen parts (sample grids)."""
+        parts: dict[str, Any] = {"vae": self.vae, self.denoiser_role: denoiser,
+                                 "scheduler": scheduler if scheduler is not None else self.sampling_scheduler()}
+        for (encoder_role, tokenizer_role), encoder, tokenizer in zip(self.roles, self.text_encoders,
+                                                                      self.tokenizers):
+            parts[encoder_role], parts[tokenizer_role] = encoder, tokenizer
+        return self.pipeline_class(**parts, **self.extra_parts())
+
+    def sampling_kwargs(self) -> dict[str, Any]:
+        """Pipeline-call arguments implied by the training settings (e.g. the T5 length)."""
+        return {}
+
+    def save_pipeline(self, denoiser: nn.Module, out: Path) -> None:
+        """final/ of a full fine-tune: the tuned denoiser inside the original pipeline, the frozen parts re-read
+        in full precision (and `model.vae` when one was given)."""
+        m = self.cfg
+        extra = dict(self.extra_parts())
+        if m.vae is not None:
+            extra["vae"] = load_vae(m)
+        pipe = self.pipeline_class.from_pretrained(m.pretrained, revision=m.revision, variant=m.variant,
+                                                   **{self.denoiser_role: denoiser}, **extra)
+        pipe.save_pretrained(out, safe_serialization=True)
+
+    def save_lora(self, denoiser: nn.Module, out_dir: Path) -> None:
+        """Write `pytorch_lora_weights.safetensors` that the family pipeline's `load_lora_weights(out_dir)` reads."""
+        weights, metadata = lora_state_dict(denoiser)
+        self.pipeline_class.save_lora_weights(out_dir, **{f"{self.denoiser_role}_lora_layers": weights,
+                                                          f"{self.denoiser_role}_lora_adapter_metadata": metadata},
+                                              safe_serialization=True)
+
+    # ------------------------------------------------------------------ generate (a loaded diffusers pipeline)
+    @classmethod
+    def latent_channels(cls, pipe: Any) -> int:
+        """Channels of the initial noise x_T the pipeline's denoiser takes."""
+        return getattr(pipe, cls.denoiser_role).config.in_channels
+
+    @classmethod
+    def native_size(cls, pipe: Any) -> int:
+        """The pipeline's default image side in pixels."""
+        return getattr(pipe, cls.denoiser_role).config.sample_size * pipe.vae_scale_factor
+
+    @classmethod
+    def size_multiple(cls, pipe: Any) -> int:
+        """Image sides must be multiples of this."""
+        return pipe.vae_scale_factor
+
+    @classmethod
+    def pipeline_latents(cls, noise: Tensor) -> Tensor:
+        """(B, C, h, w) initial noise in the layout the pipeline's `latents=` argument takes."""
+        return noise

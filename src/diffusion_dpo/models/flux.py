@@ -1,0 +1,132 @@
+"""FLUX.1 (dev and schnell): `FluxTransformer2DModel` on flow matching (models/flow.py), conditioned as
+`FluxPipeline.encode_prompt` builds it: CLIP-L's pooled output (B, 768) and T5's last hidden state (B, L, 4096).
+
+The transformer sees the latents (N, C, h, w) packed 2x2 into tokens, (N, h/2 * w/2, 4C), with position ids
+(0, row, col) per token and zeros for the text tokens; its prediction is unpacked back, so the per-sample error is
+the mean over the same latent elements as every other family. It takes timestep = sigma (the pipeline passes
+t / 1000; the model scales by 1000 inside).
+
+Guidance-distilled models (FLUX.1-dev: `guidance_embeds` in the transformer config) also take a guidance value;
+training feeds `model.guidance`, default 3.5 (diffusers' train_dreambooth_lora_flux.py --guidance_scale and
+Flow-Factory's training_args.guidance_scale). FLUX.1-schnell has no guidance embedding.
+
+FLUX cannot run without its T5: a checkpoint without text_encoder_2, or `model.t5 false`, is refused.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from diffusion_dpo.config import FlowConfig, ModelConfig
+from diffusion_dpo.errors import UserError
+from diffusion_dpo.models.flow import ATTENTION_TARGETS, FlowMatching
+from diffusion_dpo.models.sd3 import JointConditioning
+
+DEFAULT_GUIDANCE = 3.5
+
+
+def pack(latents: Tensor) -> Tensor:
+    """(N, C, h, w) -> (N, h/2 * w/2, 4C): each 2x2 patch one token, channels-major within it (FluxPipeline's)."""
+    n, c, h, w = latents.shape
+    x = latents.view(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(n, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(tokens: Tensor, channels: int, height: int, width: int) -> Tensor:
+    """The inverse of `pack`: (N, h/2 * w/2, 4C) -> (N, C, h, w)."""
+    n = tokens.shape[0]
+    x = tokens.view(n, height // 2, width // 2, channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(n, channels, height, width)
+
+
+def image_ids(rows: int, cols: int, device: torch.device | str) -> Tensor:
+    """(rows * cols, 3) position ids of the packed tokens: (0, row, col)."""
+    ids = torch.zeros(rows, cols, 3, device=device)
+    ids[..., 1] = torch.arange(rows, device=device)[:, None]
+    ids[..., 2] = torch.arange(cols, device=device)[None, :]
+    return ids.reshape(rows * cols, 3)
+
+
+class Flux(FlowMatching):
+    name: ClassVar[str] = "flux"
+    title: ClassVar[str] = "FLUX.1"
+    pipelines: ClassVar[tuple[str, ...]] = ("FluxPipeline",)
+    denoiser_role: ClassVar[str] = "transformer"
+    default_lora_targets: ClassVar[tuple[str, ...]] = ATTENTION_TARGETS
+    default_max_sequence_length: ClassVar[int] = 512
+    max_max_sequence_length: ClassVar[int | None] = 512
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        distilled = bool(self.denoiser_config.get("guidance_embeds", False))
+        if self.cfg.guidance is not None and not distilled:
+            raise UserError(f"model.guidance {self.cfg.guidance}: '{self.pretrained}' has no guidance embedding "
+                            "(FLUX.1-schnell is not guidance-distilled); leave model.guidance unset")
+        self.guidance = (self.cfg.guidance if self.cfg.guidance is not None else DEFAULT_GUIDANCE) if distilled \
+            else None
+
+    @classmethod
+    def text_roles(cls, index: dict, cfg: ModelConfig) -> list[tuple[str, str]]:
+        return [("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")]
+
+    @classmethod
+    def check_index(cls, index: dict, cfg: ModelConfig, name: str) -> None:
+        super().check_index(index, cfg, name)
+        if not cfg.t5:
+            raise UserError("model.t5 false: FLUX.1 cannot run without its T5 encoder (only SD3 can)")
+        if (index.get("text_encoder_2") or [None])[0] is None or (index.get("tokenizer_2") or [None])[0] is None:
+            raise UserError(f"{name} is a FLUX model without its T5 encoder (text_encoder_2/tokenizer_2 in "
+                            "model_index.json); FLUX.1 needs it")
+
+    @classmethod
+    def schedule_identity(cls, cfg: ModelConfig, flow: FlowConfig) -> dict[str, Any]:
+        return {**super().schedule_identity(cfg, flow), "model.guidance": cfg.guidance}
+
+    def token_lengths(self) -> list[int]:
+        return [self.tokenizers[0].model_max_length, self.max_sequence_length]
+
+    @torch.no_grad()
+    def encode_prompt(self, ids: dict[str, Tensor]) -> dict[str, Tensor]:
+        """{"pooled": (B, P) CLIP-L's pooler output, "t5": (B, L, D) T5's last hidden state}."""
+        clip, t5 = self.text_encoders
+        return {"pooled": clip(ids["input_ids"].to(clip.device)).pooler_output,
+                "t5": t5(ids["input_ids_2"].to(t5.device))[0]}
+
+    def conditioning(self, encodings: dict[str, Tensor], original_sizes: Tensor, crop_top_lefts: Tensor,
+                     resolution: int) -> JointConditioning:
+        t5, pooled = encodings["t5"], encodings["pooled"]
+        guidance = None
+        if self.guidance is not None:
+            guidance = torch.full((2 * t5.shape[0],), self.guidance, device=t5.device, dtype=torch.float32)
+        return JointConditioning(t5.repeat(2, 1, 1), pooled.repeat(2, 1), guidance)
+
+    def latent_multiple(self) -> int:
+        return 2  # 2x2 packing
+
+    def predict(self, model: nn.Module, noisy: Tensor, timesteps: Tensor, cond: JointConditioning) -> Tensor:
+        n, c, h, w = noisy.shape
+        text_ids = torch.zeros(cond.hidden_states.shape[1], 3, device=noisy.device)
+        out = model(hidden_states=pack(noisy), timestep=timesteps, guidance=cond.guidance,
+                    pooled_projections=cond.pooled, encoder_hidden_states=cond.hidden_states, txt_ids=text_ids,
+                    img_ids=image_ids(h // 2, w // 2, noisy.device)).sample
+        return unpack(out, c, h, w)
+
+    # ------------------------------------------------------------------ generate
+    @classmethod
+    def latent_channels(cls, pipe: Any) -> int:
+        return pipe.transformer.config.in_channels // 4
+
+    @classmethod
+    def native_size(cls, pipe: Any) -> int:
+        return pipe.default_sample_size * pipe.vae_scale_factor
+
+    @classmethod
+    def size_multiple(cls, pipe: Any) -> int:
+        return 2 * pipe.vae_scale_factor
+
+    @classmethod
+    def pipeline_latents(cls, noise: Tensor) -> Tensor:
+        return pack(noise)  # FluxPipeline takes `latents=` already packed

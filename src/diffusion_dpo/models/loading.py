@@ -1,0 +1,148 @@
+"""Load a checkpoint into its `Family`: model_index.json read and checked, the family chosen by its `_class_name`,
+and only the parts a job needs loaded, one by one (not through `DiffusionPipeline`).
+
+Every class built is one that model_index.json names, restricted to the diffusers and transformers libraries: a
+checkpoint can never name code to run. Adding a family is one module under models/ and one entry in FAMILIES.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from diffusion_dpo.config import FlowConfig, ModelConfig
+from diffusion_dpo.errors import UserError, is_local_path
+from diffusion_dpo.models.family import Family
+from diffusion_dpo.models.flux import Flux
+from diffusion_dpo.models.precision import cast
+from diffusion_dpo.models.sd import StableDiffusion, StableDiffusionXL
+from diffusion_dpo.models.sd3 import StableDiffusion3
+from diffusion_dpo.models.vae import load_vae, load_vae_config
+
+FAMILIES: tuple[type[Family], ...] = (StableDiffusion, StableDiffusionXL, StableDiffusion3, Flux)
+
+
+def read_model_index(cfg: ModelConfig, setting: str = "model.pretrained") -> dict:
+    """model_index.json of a local directory or hub repo: one-line errors (naming `setting`, the option the user
+    gave) for the usual mistakes, and only diffusers/transformers components."""
+    from diffusers import DiffusionPipeline
+
+    name = f"{setting} '{cfg.pretrained}'"
+    path = Path(cfg.pretrained).expanduser()
+    if path.exists():
+        index_file = path / "model_index.json"
+        if not index_file.is_file():
+            raise UserError(f"{name} is not a diffusers pipeline directory (no model_index.json)")
+        try:
+            index = json.loads(index_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{index_file}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+    elif is_local_path(cfg.pretrained):
+        raise UserError(f"{name} does not exist")
+    else:
+        try:
+            index = DiffusionPipeline.load_config(cfg.pretrained, revision=cfg.revision)
+        except Exception as exc:  # network, auth or not-found errors from the hub client
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"{name} is not a local directory and could not be loaded from the hub: "
+                            f"{reason}") from None
+    # A checkpoint names the classes to build; only the two libraries' own may be named (no code enters).
+    for key, entry in index.items():
+        if not key.startswith("_") and isinstance(entry, list) and entry and \
+                entry[0] not in (None, "diffusers", "transformers"):
+            raise UserError(f"{name}: component {key} comes from '{entry[0]}'; only diffusers and transformers "
+                            "components are loaded")
+    return index
+
+
+def family_class(index: dict, name: str) -> type[Family]:
+    """The family whose pipelines include the index's `_class_name`; an unsupported one is a one-line error."""
+    class_name = index.get("_class_name", "")
+    for family in FAMILIES:
+        if class_name in family.pipelines:
+            return family
+    supported = ", ".join(f"{p} ({f.title})" for f in FAMILIES for p in f.pipelines)
+    raise UserError(f"{name}: model_index.json does not describe a supported model family (its _class_name is "
+                    f"'{class_name or '?'}'; supported: {supported})")
+
+
+def describe(cfg: ModelConfig, setting: str = "model.pretrained") -> tuple[dict, type[Family]]:
+    """The checked model_index.json and its family, before any weight loads: unsupported families, settings the
+    family refuses and (for a local directory) missing component folders each end in one line."""
+    name = f"{setting} '{cfg.pretrained}'"
+    index = read_model_index(cfg, setting)
+    family = family_class(index, name)
+    family.check_index(index, cfg, name)
+    needed = [family.denoiser_role, "scheduler"] + (["vae"] if cfg.vae is None else [])
+    needed += [role for pair in family.text_roles(index, cfg) for role in pair]
+    absent = [n for n in needed if not (index.get(n) or [None])[0]]
+    if absent:
+        raise UserError(f"{name}: model_index.json has no {', '.join(absent)} (a {family.title} pipeline needs it)")
+    path = Path(cfg.pretrained).expanduser()
+    if path.exists():
+        missing = [n for n in needed if not (path / n).is_dir()]
+        if missing:
+            raise UserError(f"{name}: missing component folder(s) {', '.join(n + '/' for n in missing)}")
+    return index, family
+
+
+def _library_class(entry: list, what: str) -> type:
+    """The class a model_index entry names, only from diffusers or transformers."""
+    import diffusers
+    import transformers
+
+    library, name = entry
+    module = {"diffusers": diffusers, "transformers": transformers}.get(library)
+    if module is None or not hasattr(module, name):
+        raise UserError(f"model_index.json: {what} is {library}.{name}; only diffusers/transformers classes load")
+    return getattr(module, name)
+
+
+def load_components(cfg: ModelConfig, weight_dtype: torch.dtype = torch.float32,
+                    device: torch.device | str = "cpu", denoiser: bool = True, encoders: bool = True,
+                    flow: Optional[FlowConfig] = None) -> Family:
+    """Load `cfg.pretrained` (plus `cfg.vae` if given) into its family: the denoiser in fp32 (trainable), the VAE
+    and text encoders frozen in `weight_dtype`, the tokenizers, the training noise schedule, and every config.
+
+    `denoiser=False` skips the denoiser (the cache builder, a sample grid's frozen parts); `encoders=False` skips
+    the VAE and the text encoders, reading only their configs (training from a pre-encoded cache)."""
+    import diffusers
+
+    index, family = describe(cfg)
+    roles = family.text_roles(index, cfg)
+    role = family.denoiser_role
+    common = dict(revision=cfg.revision)
+    try:
+        scheduler = family.load_scheduler(cfg)
+        tokenizers = [_library_class(index[t], t).from_pretrained(cfg.pretrained, subfolder=t, **common)
+                      for _, t in roles]
+        text_encoders = [_library_class(index[e], e).from_pretrained(cfg.pretrained, subfolder=e, variant=cfg.variant,
+                                                                      torch_dtype=weight_dtype, **common)
+                         for e, _ in roles] if encoders else []
+        denoiser_class = _library_class(index[role], role)
+        model = denoiser_class.from_pretrained(cfg.pretrained, subfolder=role, variant=cfg.variant,
+                                               torch_dtype=torch.float32, **common) if denoiser else None
+        denoiser_config = model.config if model is not None else \
+            denoiser_class.load_config(cfg.pretrained, subfolder=role, **common)
+        vae = load_vae(cfg) if encoders else None
+        vae_config = vae.config if vae is not None else load_vae_config(cfg)
+    except UserError:
+        raise
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise UserError(f"model.pretrained '{cfg.pretrained}': {str(exc).strip().splitlines()[0]}") from None
+    if vae is not None:
+        # SDXL's original VAE overflows in fp16 (its config says force_upcast): keep it fp32 then.
+        vae_dtype = torch.float32 if (weight_dtype == torch.float16 and vae.config.get("force_upcast", False)) \
+            else weight_dtype
+        cast(vae, vae_dtype)
+    for module in [m for m in (vae, *text_encoders) if m is not None]:
+        module.requires_grad_(False)
+        module.eval()
+        module.to(device)
+    if model is not None:
+        model.to(device)
+    return family(cfg, flow or FlowConfig(), index, getattr(diffusers, index["_class_name"]), model,
+                  denoiser_config, vae, vae_config, text_encoders, tokenizers, scheduler)
