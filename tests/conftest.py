@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny SD and SDXL pipelines saved as real diffusers directories (built once per session)."""
+"""Shared fixtures: tiny SD, SDXL, SD3 and FLUX pipelines saved as real diffusers directories, built once."""
 
 import os
 import warnings
@@ -30,3 +30,24 @@ def tiny_sd_vpred(tmp_path_factory):
     from diffusion_dpo.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline(tmp_path_factory.mktemp("models") / "sd_v", kind="sd", prediction_type="v_prediction")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory):
+    from diffusion_dpo.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("models") / "sd3", kind="sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory):
+    from diffusion_dpo.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("models") / "flux", kind="flux")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_schnell(tmp_path_factory):
+    from diffusion_dpo.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("models") / "flux_schnell", kind="flux-schnell")

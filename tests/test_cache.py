@@ -37,15 +37,19 @@ def losses(out: Path) -> list[float]:
     return [m["loss"] for m in read_metrics(out)]
 
 
-def test_cached_items_equal_encoding_on_the_fly(tmp_path, tiny_sdxl, tiny_data):
-    """Same keys, same draws: the cached posterior, caption encoding (or the empty prompt) and SDXL time ids are
-    those the uncached path computes, in both orientations."""
+@pytest.mark.parametrize("fixture", ["tiny_sdxl", "tiny_sd3", "tiny_flux"])
+def test_cached_items_equal_encoding_on_the_fly(request, tmp_path, tiny_data, fixture):
+    """Same keys, same draws: the cached posterior, caption encodings (or the empty prompt) and SDXL time ids are
+    those the uncached path computes, in both orientations, for every family's conditioning."""
+    import dataclasses
+
     from diffusion_dpo.cache import Cache, CachedPairs, cached_inputs
     from diffusion_dpo.data import PreferenceDataset, collate_pairs, load_preference_pairs
     from diffusion_dpo.models import load_components
     from diffusion_dpo.randomness import item_draws, pair_noise
 
-    cfg = make_cfg(tmp_path / "run", tiny_sdxl, tiny_data, cache__dir=tmp_path / "cache", **COMMON)
+    cfg = make_cfg(tmp_path / "run", request.getfixturevalue(fixture), tiny_data, cache__dir=tmp_path / "cache",
+                   model__max_sequence_length=8, **COMMON)
     build_cache(cfg)
     comp = load_components(cfg.model)
     plain = PreferenceDataset(load_preference_pairs(cfg.data), cfg.data, comp.tokenizer)
@@ -57,22 +61,30 @@ def test_cached_items_equal_encoding_on_the_fly(tmp_path, tiny_sdxl, tiny_data):
     eps = pair_noise(a["sample_seed"].tolist(), comp.draw_timestep, comp.latent_shape(32), "cpu").posterior
     pixels = torch.cat([a["pixel_values"][:, 0], a["pixel_values"][:, 1]])
     expected = comp.encode_images(pixels, eps)
-    ids = {k: a[k] for k in ("input_ids", "input_ids_2")}
+    ids = {k: v for k, v in a.items() if k.startswith("input_ids")}
     cond = comp.conditioning(comp.encode_prompt(ids), a["original_sizes"], a["crop_top_lefts"], 32)
     latents, cached_cond = cached_inputs(b, eps, comp, 32, torch.device("cpu"), torch.float32)
     torch.testing.assert_close(latents, expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(cached_cond.hidden_states, cond.hidden_states, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(cached_cond.added["text_embeds"], cond.added["text_embeds"], rtol=1e-5, atol=1e-6)
-    assert torch.equal(cached_cond.added["time_ids"], cond.added["time_ids"])
+    fields = {f.name for f in dataclasses.fields(cond)}
+    assert fields >= {"hidden_states"} and ({"added"} <= fields or {"pooled"} <= fields)
+    for name in fields:  # every tensor the denoiser sees: hidden states, pooled, SDXL's time ids, FLUX's guidance
+        x, y = getattr(cached_cond, name), getattr(cond, name)
+        for u, v in zip(*(list(t.values()) if isinstance(t, dict) else [t] for t in (x, y))):
+            assert (u is None) == (v is None), name
+            if u is not None:
+                torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6, msg=name)
+    if fixture == "tiny_sdxl":
+        assert torch.equal(cached_cond.added["time_ids"], cond.added["time_ids"])
     assert torch.equal(a["label"], b["label"]) and torch.equal(a["sample_seed"], b["sample_seed"])
 
 
-@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+@pytest.mark.parametrize("kind", ["sd", "sdxl", "sd3", "flux"])
 def test_cached_run_equals_uncached_run(tmp_path, request, tiny_data, kind):
-    model = request.getfixturevalue("tiny_sd" if kind == "sd" else "tiny_sdxl")
+    model = request.getfixturevalue(f"tiny_{kind}")
     # eps = 1 makes Adam ~ SGD with momentum: plain Adam would turn float noise in near-zero gradients into
     # +-lr updates, and beta = 5000 amplifies what is left; this compares the inputs, not Adam.
-    common = dict(COMMON, train__max_steps=2, optim__lr="0.1", optim__adam_epsilon="1.0", optim__weight_decay="0")
+    common = dict(COMMON, train__max_steps=2, optim__lr="0.1", optim__adam_epsilon="1.0", optim__weight_decay="0",
+                  model__max_sequence_length=8)
     train(make_cfg(tmp_path / "plain", model, tiny_data, **common))
     # (a sample grid at the end: it loads the VAE and text encoders for the grid only)
     cached = Trainer(make_cfg(tmp_path / "cached", model, tiny_data, cache__dir=tmp_path / "cache",
@@ -91,15 +103,17 @@ def test_cached_run_equals_uncached_run(tmp_path, request, tiny_data, kind):
     assert [m["loss"] for m in plain] == pytest.approx([m["loss"] for m in from_cache], abs=1e-3)
 
 
-@pytest.mark.parametrize("rank", [0, 4])
-def test_precomputed_reference_equals_live_reference(tmp_path, tiny_sd, tiny_data, sd_cache, rank, monkeypatch):
+@pytest.mark.parametrize("kind,rank", [("sd", 0), ("sd", 4), ("sd3", 0), ("flux", 4)])
+def test_precomputed_reference_equals_live_reference(request, tmp_path, tiny_data, kind, rank, monkeypatch):
     """The reference errors computed ahead (other batches, no training) give the live run's losses; training
     then holds no reference copy (full) and never switches the adapters off (LoRA)."""
-    common = dict(COMMON, cache__dir=sd_cache, lora__rank=rank, optim__lr="0.1" if rank == 0 else "1.0",
-                  optim__adam_epsilon="1.0", optim__weight_decay="0", train__max_steps=2,
-                  cache__reference_file=tmp_path / "ref.safetensors")
-    train(make_cfg(tmp_path / "live", tiny_sd, tiny_data, **common))
-    cfg = make_cfg(tmp_path / "pre", tiny_sd, tiny_data, cache__reference="precomputed", cache__auto="true", **common)
+    model = request.getfixturevalue(f"tiny_{kind}")
+    cache = request.getfixturevalue("sd_cache") if kind == "sd" else tmp_path / "cache"
+    common = dict(COMMON, cache__dir=cache, cache__auto="true", lora__rank=rank, model__max_sequence_length=8,
+                  optim__lr="0.1" if rank == 0 else "1.0", optim__adam_epsilon="1.0", optim__weight_decay="0",
+                  train__max_steps=2, cache__reference_file=tmp_path / "ref.safetensors")
+    train(make_cfg(tmp_path / "live", model, tiny_data, **common))
+    cfg = make_cfg(tmp_path / "pre", model, tiny_data, cache__reference="precomputed", **common)
     trainer = Trainer(cfg)
     assert (tmp_path / "ref.safetensors").is_file()
     if rank:

@@ -56,6 +56,13 @@ def test_make_tiny_then_train_the_tiny_config_in_a_subprocess(tmp_path):
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert first["step"] == 1 and first["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
+    for kind in ("sd3", "flux"):  # every family make-tiny writes trains through the same command
+        res = run_cli(*fast(tmp_path / kind, tmp_path / "tiny" / kind, tmp_path / "tiny" / "pickapic",
+                            "--model.max_sequence_length", "8"))
+        assert res.returncode == 0, res.stderr
+        first = json.loads((tmp_path / kind / "metrics.jsonl").read_text().splitlines()[0])
+        assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+        assert (tmp_path / kind / "final" / "transformer").is_dir()
 
 
 def test_bad_data_in_a_subprocess_is_one_line(tmp_path, tiny_sd):
@@ -130,16 +137,18 @@ def test_config_and_path_mistakes_are_one_line(tmp_path, tiny_sd, tiny_data, cap
     assert rc == 2 and len(err.splitlines()) == 1 and expected in err, err
 
 
-def test_two_cpu_processes_match_one_process_with_twice_the_batch(tmp_path, tiny_sd, tiny_data):
+@pytest.mark.parametrize("family,role", [("sd", "unet"), ("flux", "transformer")])
+def test_two_cpu_processes_match_one_process_with_twice_the_batch(request, tmp_path, tiny_data, family, role):
     """DDP over gloo through `accelerate launch`: 2 processes x batch 2 reach the weights of 1 process x batch 4
     and of 1 process x batch 2 x 2 accumulation steps; metrics are averaged over processes and files are
-    written once."""
+    written once. For a UNet and for a flow-matching transformer."""
     import torch
     from safetensors.torch import load_file
 
+    tiny_sd = request.getfixturevalue(f"tiny_{family}")
     # eps = 1: Adam ~ SGD with momentum, so fp32 reduction-order noise is not amplified (see test_training)
     sgd_like = ["--optim.lr", "0.1", "--optim.adam_epsilon", "1.0", "--optim.weight_decay", "0",
-                "--train.checkpointing_steps", "1"]
+                "--train.checkpointing_steps", "1", "--model.max_sequence_length", "8"]
     out = tmp_path / "ddp"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     # --multi_gpu is accelerate's name for its torch.distributed launcher; without GPUs it runs gloo on the CPU
@@ -161,9 +170,9 @@ def test_two_cpu_processes_match_one_process_with_twice_the_batch(tmp_path, tiny
     assert ddp_m[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     for key in ("loss", "model_mse_w", "model_mse_l", "reward_margin"):
         assert [m[key] for m in ddp_m] == pytest.approx([m[key] for m in one_m], rel=1e-4, abs=1e-6), key
-    a = load_file(out / "final" / "unet" / "diffusion_pytorch_model.safetensors")
+    a = load_file(out / "final" / role / "diffusion_pytorch_model.safetensors")
     for other in (single, accum):
-        b = load_file(other / "final" / "unet" / "diffusion_pytorch_model.safetensors")
+        b = load_file(other / "final" / role / "diffusion_pytorch_model.safetensors")
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=f"{other.name}: {k}")
     assert (out / "checkpoint-1").is_dir() and not list(out.glob("*.tmp"))

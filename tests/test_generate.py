@@ -207,3 +207,36 @@ def test_prompt_file_errors(tmp_path):
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(UserError, match="holds no prompts"):
         load_prompts(tmp_path / "empty.txt")
+
+
+@pytest.mark.parametrize("fixture", ["tiny_sd3", "tiny_flux"])
+def test_flow_families_generate_the_pipelines_own_images_byte_identically(request, tmp_path, fixture):
+    """x_T from the seed alone, handed over in the family's layout (FLUX: packed): the images are the pipeline's
+    own for that seed, the same bytes on a rerun, and within one level for another batch size."""
+    from diffusers import DiffusionPipeline
+
+    model = str(request.getfixturevalue(fixture))
+    kw = dict(steps=2, guidance_scale=3.0, height=32, width=32)
+    a = generate(model, PROMPTS[:2], [0, 1], tmp_path / "a", batch_size=2, **kw).parent
+    again = generate(model, PROMPTS[:2], [0, 1], tmp_path / "again", batch_size=2, **kw).parent
+    assert len(_images(a)) == 4 and _images(a) == _images(again)
+    b = generate(model, PROMPTS[:2], [0, 1], tmp_path / "b", batch_size=1, **kw).parent
+    assert _max_pixel_diff(a, b) <= 1
+    pipe = DiffusionPipeline.from_pretrained(model)
+    own = pipe(PROMPTS[1], num_inference_steps=2, guidance_scale=3.0, height=32, width=32,
+               generator=torch.Generator().manual_seed(1)).images[0]
+    ours = np.asarray(Image.open(b / image_name(1, 1)), dtype=int)
+    assert np.abs(ours - np.asarray(own, dtype=int)).max() <= 1
+
+
+def test_a_lora_of_another_family_is_refused(tiny_sd, tiny_flux, tmp_path):
+    """diffusers only warns when no weight of a LoRA fits the pipeline (and the images stay the base's)."""
+    from diffusion_dpo.config import LoraConfig, ModelConfig
+    from diffusion_dpo.models import add_lora, load_components
+
+    sd = load_components(ModelConfig(pretrained=str(tiny_sd)))
+    add_lora(sd.denoiser, LoraConfig(rank=4), sd.default_lora_targets)
+    sd.save_lora(sd.denoiser, tmp_path / "sd_lora")
+    with pytest.raises(UserError, match="none of its weights fit this model's transformer"):
+        generate(str(tiny_flux), PROMPTS[:1], [0], tmp_path / "x", lora=str(tmp_path / "sd_lora"), height=32,
+                 width=32, steps=1)

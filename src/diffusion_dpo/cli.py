@@ -56,7 +56,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Diffusion-DPO: align SD 1.x/2.x and SDXL with preference pairs.")
+    parser = _Parser(prog=PROG, description="Diffusion-DPO: align SD 1.x/2.x, SDXL, SD3/SD3.5 and FLUX.1 with "
+                                             "preference pairs.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -102,9 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(cache)
 
     tiny = sub.add_parser(
-        "make-tiny", help="build tiny offline SD/SDXL pipelines and a tiny Pick-a-Pic-schema data set",
-        description="Writes OUT/sd and OUT/sdxl (tiny random diffusers pipelines) and OUT/pickapic (parquet "
-                    "shards in the Pick-a-Pic v2 schema with a learnable preference). configs/tiny.yaml uses them.")
+        "make-tiny", help="build tiny offline SD/SDXL/SD3/FLUX pipelines and a tiny Pick-a-Pic-schema data set",
+        description="Writes OUT/sd, OUT/sdxl, OUT/sd3 and OUT/flux (tiny random diffusers pipelines of each model "
+                    "family, with locally made CLIP and T5 tokenizers) and OUT/pickapic (parquet shards in the "
+                    "Pick-a-Pic v2 schema with a learnable preference). configs/tiny.yaml uses them.")
     tiny.add_argument("--output-dir", default="tiny", help="where to write them [default: tiny]")
     tiny.add_argument("--num-pairs", type=int, default=64, help="pairs in the data set [default: 64]")
     tiny.add_argument("--resolution", type=int, default=32, help="image resolution [default: 32]")
@@ -227,10 +229,10 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
 
     quiet_progress_bars()
     out = Path(args.output_dir)
-    for kind in ("sd", "sdxl"):
-        build_tiny_pipeline(out / kind, kind=kind, resolution=args.resolution, seed=args.seed)
-    build_tiny_pickapic(out / "pickapic", num_pairs=args.num_pairs, resolution=args.resolution, seed=args.seed)
-    written = [out / "sd", out / "sdxl", out / "pickapic"]
+    written = [build_tiny_pipeline(out / kind, kind=kind, resolution=args.resolution, seed=args.seed)
+               for kind in ("sd", "sdxl", "sd3", "flux")]
+    written.append(build_tiny_pickapic(out / "pickapic", num_pairs=args.num_pairs, resolution=args.resolution,
+                                       seed=args.seed))
     if args.sd15_width is not None:
         try:
             written.append(build_sd15_shaped_pipeline(out / "sd15", width=args.sd15_width,

@@ -1,10 +1,17 @@
-"""Tiny SD and SDXL pipelines built from config, saved as real diffusers directories.
+"""Tiny SD, SDXL, SD3 and FLUX.1 pipelines built from config, saved as real diffusers directories.
 
 They share every code path with real checkpoints (`from_pretrained`, tokenizer files, scheduler
 config), so the tests and the offline tiny run exercise exactly what users run, in seconds on a
-CPU. Architecture is the real one, shrunk: a 2-level UNet with cross-attention, a 2-level VAE
-(downsampling x2), a 2-layer CLIP text encoder (two for SDXL, the second with a projection
-giving the pooled embedding), and a character-level CLIP tokenizer written locally.
+CPU. Architecture is the real one, shrunk, with character-level CLIP and T5 tokenizers written locally:
+
+  sd, sdxl      a 2-level UNet with cross-attention, a 2-level VAE (downsampling x2), a 2-layer CLIP text
+                encoder (two for SDXL, the second with a projection giving the pooled embedding);
+  sd3           an MMDiT with SD3.5's switches (QK RMS-norm, a dual-attention block), a 16-channel VAE with
+                SD3's scaling and shift and no quant convs, CLIP-L + CLIP-G (with projections) + a 2-layer T5,
+                FlowMatchEulerDiscreteScheduler with shift 3 (SD3.5's config);
+  flux          a FLUX transformer (double- and single-stream blocks, 3-axis RoPE, a guidance embedding as in
+                FLUX.1-dev; `flux-schnell`: none), FLUX's VAE scaling and shift, CLIP-L + T5, and FLUX.1-dev's
+                dynamically shifting scheduler config.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -46,17 +54,28 @@ def _text_encoder(with_projection: bool, seed: int):
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
 
 
+KINDS = ("sd", "sdxl", "sd3", "flux", "flux-schnell")
+
+
 def build_tiny_pipeline(out_dir: str | Path, kind: str = "sd", resolution: int = 32,
                         prediction_type: str = "epsilon", seed: int = 0) -> Path:
-    """Write a tiny randomly initialised `StableDiffusionPipeline` (kind="sd") or
-    `StableDiffusionXLPipeline` (kind="sdxl") to `out_dir` and return the path."""
+    """Write a tiny randomly initialised pipeline of `kind` (see KINDS and the module docstring) to `out_dir`
+    and return the path. `prediction_type` is for the UNet kinds (flow-matching kinds predict eps - x_0)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    out_dir = Path(out_dir)
+    if kind == "sd3":
+        return _tiny_sd3(out_dir, resolution, seed)
+    if kind.startswith("flux"):
+        return _tiny_flux(out_dir, resolution, seed, guidance_embeds=kind == "flux")
+    return _tiny_sd(out_dir, kind, resolution, prediction_type, seed)
+
+
+def _tiny_sd(out_dir: Path, kind: str, resolution: int, prediction_type: str, seed: int) -> Path:
     from diffusers import (AutoencoderKL, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline,
                            StableDiffusionXLPipeline, UNet2DConditionModel)
     from transformers import CLIPTokenizer
 
-    if kind not in ("sd", "sdxl"):
-        raise ValueError(f"kind must be 'sd' or 'sdxl', got {kind!r}")
-    out_dir = Path(out_dir)
     sdxl = kind == "sdxl"
     torch.manual_seed(seed)
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
@@ -96,6 +115,82 @@ def build_tiny_pipeline(out_dir: str | Path, kind: str = "sd", resolution: int =
             vae=vae, text_encoder=_text_encoder(False, seed + 1), tokenizer=tokenizer, unet=unet,
             scheduler=PNDMScheduler(skip_prk_steps=True, **schedule),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out_dir)
+    return out_dir
+
+
+def _clip_tokenizer() -> Any:
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _write_tokenizer(Path(tmp))
+        return CLIPTokenizer.from_pretrained(tmp)
+
+
+def _t5(d_model: int, seed: int) -> tuple[Any, Any]:
+    """A 2-layer T5 encoder and a character-level T5 tokenizer (sentencepiece-style pieces: each printable
+    character, alone and word-initial), built offline."""
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    chars = [chr(c) for c in range(33, 127)]
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(c, -3.0) for c in chars] + [("\u2581" + c, -2.5) for c in chars]
+    tokenizer = T5TokenizerFast(vocab=pieces, extra_ids=0)
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=len(pieces), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2, num_heads=4,
+                      relative_attention_num_buckets=8, relative_attention_max_distance=32, dropout_rate=0.0,
+                      feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False)
+    return T5EncoderModel(config), tokenizer
+
+
+def _flow_vae(resolution: int, scaling: float, shift: float) -> Any:
+    """SD3's and FLUX's VAE, shrunk: 16 latent channels, a scaling and a shift factor, no quant convs."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(32, 64),
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         layers_per_block=1, sample_size=resolution, scaling_factor=scaling, shift_factor=shift,
+                         use_quant_conv=False, use_post_quant_conv=False, force_upcast=False)
+
+
+def _tiny_sd3(out_dir: Path, resolution: int, seed: int) -> Path:
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed)
+    vae = _flow_vae(resolution, scaling=1.5305, shift=0.0609)
+    # CLIP-L and CLIP-G: 32 + 32 hidden (concatenated, padded to T5's 64), pooled 32 + 32 = the pooled projection
+    clip_l, clip_g = _text_encoder(True, seed + 1), _text_encoder(True, seed + 2)
+    t5, t5_tokenizer = _t5(64, seed + 3)
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(sample_size=resolution // 2, patch_size=2, in_channels=16, out_channels=16,
+                                        num_layers=2, attention_head_dim=8, num_attention_heads=4,
+                                        joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
+                                        pos_embed_max_size=32, qk_norm="rms_norm", dual_attention_layers=(0,))
+    tokenizer = _clip_tokenizer()
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=vae, text_encoder=clip_l, tokenizer=tokenizer, text_encoder_2=clip_g,
+                                    tokenizer_2=tokenizer, text_encoder_3=t5, tokenizer_3=t5_tokenizer)
+    pipe.save_pretrained(out_dir)
+    return out_dir
+
+
+def _tiny_flux(out_dir: Path, resolution: int, seed: int, guidance_embeds: bool) -> Path:
+    from diffusers import FluxPipeline, FluxTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    torch.manual_seed(seed)
+    vae = _flow_vae(resolution, scaling=0.3611, shift=0.1159)
+    clip = _text_encoder(False, seed + 1)  # its pooler output (32) is FLUX's pooled projection input
+    t5, t5_tokenizer = _t5(32, seed + 3)
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=2,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, guidance_embeds=guidance_embeds,
+                                         axes_dims_rope=(4, 6, 6))
+    # FLUX.1-dev's scheduler: the shift is resolution-dependent at sampling time (exp(mu), mu linear in tokens)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=_clip_tokenizer(),
+                        text_encoder_2=t5, tokenizer_2=t5_tokenizer, transformer=transformer)
     pipe.save_pretrained(out_dir)
     return out_dir
 

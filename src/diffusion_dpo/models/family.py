@@ -72,6 +72,7 @@ class Family:
     pipelines: ClassVar[tuple[str, ...]]  # the model_index.json `_class_name`s this family loads
     denoiser_role: ClassVar[str]  # "unet" or "transformer": its folder and its pipeline keyword
     default_lora_targets: ClassVar[tuple[str, ...]]
+    lora_diffusers_naming: ClassVar[bool] = False  # save LoRA in diffusers' older naming (see lora.lora_state_dict)
 
     def __init__(self, cfg: ModelConfig, flow: FlowConfig, index: dict, pipeline_class: type,
                  denoiser: Optional[nn.Module], denoiser_config: Any, vae: Optional[nn.Module], vae_config: Any,
@@ -212,11 +213,15 @@ class Family:
         """Pipeline-call arguments implied by the training settings (e.g. the T5 length)."""
         return {}
 
+    def save_overrides(self) -> dict[str, Any]:
+        """`from_pretrained` arguments for final/ (default: the same extra parts as a sample grid's pipeline)."""
+        return self.extra_parts()
+
     def save_pipeline(self, denoiser: nn.Module, out: Path) -> None:
         """final/ of a full fine-tune: the tuned denoiser inside the original pipeline, the frozen parts re-read
         in full precision (and `model.vae` when one was given)."""
         m = self.cfg
-        extra = dict(self.extra_parts())
+        extra = dict(self.save_overrides())
         if m.vae is not None:
             extra["vae"] = load_vae(m)
         pipe = self.pipeline_class.from_pretrained(m.pretrained, revision=m.revision, variant=m.variant,
@@ -225,7 +230,7 @@ class Family:
 
     def save_lora(self, denoiser: nn.Module, out_dir: Path) -> None:
         """Write `pytorch_lora_weights.safetensors` that the family pipeline's `load_lora_weights(out_dir)` reads."""
-        weights, metadata = lora_state_dict(denoiser)
+        weights, metadata = lora_state_dict(denoiser, self.lora_diffusers_naming)
         self.pipeline_class.save_lora_weights(out_dir, **{f"{self.denoiser_role}_lora_layers": weights,
                                                           f"{self.denoiser_role}_lora_adapter_metadata": metadata},
                                               safe_serialization=True)

@@ -38,12 +38,19 @@ def add_lora(denoiser: nn.Module, cfg: LoraConfig, family_default: Sequence[str]
     return params
 
 
-def lora_state_dict(denoiser: nn.Module) -> tuple[dict[str, Tensor], dict]:
-    """The adapter's weights in diffusers' naming and its peft config (saved as metadata so alpha survives)."""
+def lora_state_dict(denoiser: nn.Module, diffusers_naming: bool) -> tuple[dict[str, Tensor], dict]:
+    """The adapter's weights and its peft config (saved as metadata so alpha survives).
+
+    `diffusers_naming`: convert peft's names to diffusers' older LoRA naming (what diffusers' SD/SDXL training
+    scripts save for a UNet). The transformer families keep peft's names, as diffusers' SD3/FLUX scripts save
+    them: the conversion knows only some of an MMDiT's projections (to_q but not add_q_proj), and a file with
+    both namings loads only in part."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser))
+    state = get_peft_model_state_dict(denoiser)
+    if diffusers_naming:
+        state = convert_state_dict_to_diffusers(state)
     metadata = denoiser.peft_config["default"].to_dict()
     metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in metadata.items()}
     return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}, metadata

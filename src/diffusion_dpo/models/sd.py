@@ -40,6 +40,7 @@ class StableDiffusion(Family):
     pipelines: ClassVar[tuple[str, ...]] = ("StableDiffusionPipeline",)
     denoiser_role: ClassVar[str] = "unet"
     default_lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
+    lora_diffusers_naming: ClassVar[bool] = True  # as diffusers' SD/SDXL LoRA scripts save a UNet's adapter
 
     @classmethod
     def text_roles(cls, index: dict, cfg: ModelConfig) -> list[tuple[str, str]]:

@@ -7,6 +7,8 @@ CLIP-L + CLIP-G + T5, exactly as `StableDiffusion3Pipeline.encode_prompt` builds
 
 `model.t5 false` leaves T5 out as the pipeline does with text_encoder_3=None: zeros (B, max_sequence_length,
 joint_attention_dim) take its place. The cache then stores no T5 encodings at all (the zeros are made at train time).
+final/ still holds the base's T5, so that `from_pretrained(final)` loads it; sample such a model as it was trained
+with `StableDiffusion3Pipeline.from_pretrained(final, text_encoder_3=None, tokenizer_3=None)`.
 
 The transformer takes timestep = 1000 sigma (the scheduler's num_train_timesteps), as the pipeline passes
 `scheduler.timesteps`. LoRA targets the eight joint-attention projections (flow_grpo's train_sd3_dpo.py).
@@ -95,6 +97,12 @@ class StableDiffusion3(FlowMatching):
 
     def extra_parts(self) -> dict[str, Any]:
         return {} if self.cfg.t5 else {"text_encoder_3": None, "tokenizer_3": None}
+
+    def save_overrides(self) -> dict[str, Any]:
+        # final/ keeps the base's T5 even when training left it out: diffusers' from_pretrained refuses a pipeline
+        # saved without it unless text_encoder_3=None, tokenizer_3=None are passed, which is also how to sample
+        # such a model as it was trained
+        return {}
 
     @classmethod
     def size_multiple(cls, pipe: Any) -> int:

@@ -1,0 +1,183 @@
+"""The flow-matching families (SD3, FLUX): the schedule by hand, conditioning and the denoiser call against the
+diffusers pipelines' own, the pair invariants, and the one-line refusals."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from diffusion_dpo.config import FlowConfig, ModelConfig
+from diffusion_dpo.errors import UserError
+from diffusion_dpo.losses import dpo_loss
+from diffusion_dpo.models import load_components
+from diffusion_dpo.models.flow import draw_u, loss_weight, shift_sigma
+from diffusion_dpo.models.flux import image_ids, pack, unpack
+from diffusion_dpo.randomness import pair_noise
+
+PROMPTS = ["a red circle", "a blue square on a white background"]
+
+
+def test_flow_noisy_input_and_target_by_hand(tiny_sd3):
+    c = load_components(ModelConfig(pretrained=str(tiny_sd3)), denoiser=False, encoders=False)
+    x0 = torch.tensor([[[[2.0]]], [[[-1.0]]]])  # (2, 1, 1, 1)
+    eps = torch.tensor([[[[0.5]]], [[[3.0]]]])
+    sigma = torch.tensor([0.25, 0.9])
+    noisy, target = c.noisy_and_target(x0, eps, sigma)
+    assert noisy.flatten().tolist() == pytest.approx([0.75 * 2.0 + 0.25 * 0.5, 0.1 * -1.0 + 0.9 * 3.0])
+    assert target.flatten().tolist() == pytest.approx([0.5 - 2.0, 3.0 + 1.0])  # v = eps - x0
+    assert target.dtype == torch.float32
+
+
+def test_sigma_sampling_and_shift_by_hand():
+    def first(kind, seed=7, **kw):
+        return draw_u(torch.Generator().manual_seed(seed), FlowConfig(timestep_sampling=kind, **kw), "cpu").item()
+
+    z = torch.randn((1,), generator=torch.Generator().manual_seed(7)).item()
+    w = torch.rand((1,), generator=torch.Generator().manual_seed(7)).item()
+    assert first("logit_normal") == pytest.approx(1 / (1 + math.exp(-z)), rel=1e-6)
+    assert first("logit_normal", logit_mean=0.5, logit_std=2.0) == pytest.approx(1 / (1 + math.exp(-(0.5 + 2 * z))),
+                                                                                  rel=1e-6)
+    assert first("uniform") == pytest.approx(w)
+    assert first("mode", mode_scale=1.29) == pytest.approx(1 - w - 1.29 * (math.cos(math.pi * w / 2) ** 2 - 1 + w),
+                                                           rel=1e-5)
+    u = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    assert shift_sigma(u, 3.0).tolist() == pytest.approx([0.0, 0.75 / 1.5, 1.5 / 2.0, 1.0])  # s u / (1 + (s-1) u)
+    assert shift_sigma(u, 1.0).tolist() == pytest.approx(u.tolist())
+    sigma = torch.tensor([0.5, 0.25])
+    assert loss_weight(sigma, "none") is None
+    assert loss_weight(sigma, "sigma_sqrt").tolist() == pytest.approx([4.0, 16.0])
+    assert loss_weight(sigma, "cosmap").tolist() == pytest.approx([2 / (math.pi * 0.5), 2 / (math.pi * 0.625)])
+
+
+def test_each_family_takes_its_schedulers_shift(tiny_sd3, tiny_flux):
+    """SD3: its config's static shift (3); FLUX.1-dev shifts dynamically at sampling time, so training is unshifted
+    (diffusers' FLUX script, Flow-Factory); `flow.shift` overrides either. One sigma per pair, shared."""
+    sd3 = load_components(ModelConfig(pretrained=str(tiny_sd3)), denoiser=False, encoders=False)
+    flux = load_components(ModelConfig(pretrained=str(tiny_flux)), denoiser=False, encoders=False)
+    assert sd3.shift == 3.0 and flux.shift == 1.0
+    forced = load_components(ModelConfig(pretrained=str(tiny_flux)), denoiser=False, encoders=False,
+                             flow=FlowConfig(shift=2.0))
+    assert forced.shift == 2.0
+    seeds = [11, 12, 13]
+    draws = pair_noise(seeds, sd3.draw_timestep, sd3.latent_shape(32), "cpu")
+    plain = pair_noise(seeds, flux.draw_timestep, flux.latent_shape(32), "cpu")
+    assert torch.allclose(draws.timesteps, shift_sigma(plain.timesteps, 3.0))  # the same u, shifted
+    assert torch.equal(draws.timesteps[:3], draws.timesteps[3:]) and torch.equal(draws.noise[:3], draws.noise[3:])
+    assert bool(((draws.timesteps > 0) & (draws.timesteps < 1)).all())
+
+
+@pytest.mark.parametrize("t5", [True, False])
+def test_sd3_conditioning_equals_the_pipelines_encode_prompt(tiny_sd3, t5):
+    from diffusers import StableDiffusion3Pipeline
+
+    c = load_components(ModelConfig(pretrained=str(tiny_sd3), t5=t5, max_sequence_length=24))
+    cond = c.conditioning(c.encode_prompt(c.tokenizer(PROMPTS)), None, None, 32)
+    pipe = c.build_pipeline(c.denoiser)
+    assert isinstance(pipe, StableDiffusion3Pipeline) and (pipe.text_encoder_3 is None) is (not t5)
+    embeds, _, pooled, _ = pipe.encode_prompt(PROMPTS, None, None, do_classifier_free_guidance=False,
+                                              max_sequence_length=24)
+    assert embeds.shape == (2, 16 + 24, 64)  # 16 CLIP tokens (the tiny CLIPs) + 24 T5 tokens, T5's width
+    torch.testing.assert_close(cond.hidden_states, embeds.repeat(2, 1, 1))  # [winners; losers]
+    torch.testing.assert_close(cond.pooled, pooled.repeat(2, 1))
+    assert cond.guidance is None
+
+
+@pytest.mark.parametrize("fixture,guidance", [("tiny_flux", 3.5), ("tiny_flux_schnell", None)])
+def test_flux_conditioning_equals_the_pipelines_encode_prompt(request, fixture, guidance):
+    c = load_components(ModelConfig(pretrained=str(request.getfixturevalue(fixture)), max_sequence_length=20))
+    cond = c.conditioning(c.encode_prompt(c.tokenizer(PROMPTS)), None, None, 32)
+    embeds, pooled, text_ids = c.build_pipeline(c.denoiser).encode_prompt(PROMPTS, max_sequence_length=20)
+    torch.testing.assert_close(cond.hidden_states, embeds.repeat(2, 1, 1))
+    torch.testing.assert_close(cond.pooled, pooled.repeat(2, 1))
+    if guidance is None:
+        assert cond.guidance is None
+    else:
+        assert cond.guidance.tolist() == [guidance] * 4
+
+
+def test_flux_packing_and_ids_are_the_pipelines(tiny_flux):
+    """Training packs latents and numbers the tokens exactly as FluxPipeline does at sampling time, and unpack
+    inverts pack, so the per-sample error is over the same latent elements."""
+    from diffusers import FluxPipeline
+
+    x = torch.randn(3, 16, 8, 12)
+    assert torch.equal(pack(x), FluxPipeline._pack_latents(x, 3, 16, 8, 12))
+    assert torch.equal(unpack(pack(x), 16, 8, 12), x)
+    assert torch.equal(image_ids(4, 6, "cpu"), FluxPipeline._prepare_latent_image_ids(3, 4, 6, "cpu", torch.float32))
+    # predict = the transformer called as FluxPipeline calls it (timestep / 1000, guidance, ids), unpacked
+    c = load_components(ModelConfig(pretrained=str(tiny_flux), max_sequence_length=8))
+    cond = c.conditioning(c.encode_prompt(c.tokenizer(PROMPTS[:1])), None, None, 32)
+    noisy, sigma = torch.randn(2, 16, 16, 16), torch.tensor([0.3, 0.3])
+    with torch.no_grad():
+        direct = c.denoiser(hidden_states=FluxPipeline._pack_latents(noisy, 2, 16, 16, 16), timestep=sigma,
+                            guidance=torch.full((2,), 3.5), pooled_projections=cond.pooled,
+                            encoder_hidden_states=cond.hidden_states, txt_ids=torch.zeros(8, 3),
+                            img_ids=FluxPipeline._prepare_latent_image_ids(2, 8, 8, "cpu", torch.float32)).sample
+        torch.testing.assert_close(c.predict(c.denoiser, noisy, sigma, cond), unpack(direct, 16, 16, 16))
+
+
+@pytest.mark.parametrize("fixture", ["tiny_sd3", "tiny_flux"])
+def test_swapping_winner_and_loser_negates_inside(request, fixture):
+    """At theta = ref the margin is 0; with the policy moved, the same pair in the other order has the opposite
+    margin: conditioning, timestep and noise are paired per pair, never per position."""
+    c = load_components(ModelConfig(pretrained=str(request.getfixturevalue(fixture)), max_sequence_length=8))
+    ref = load_components(ModelConfig(pretrained=str(request.getfixturevalue(fixture)), max_sequence_length=8))
+    with torch.no_grad():
+        for p in c.denoiser.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    b = 2
+    enc = c.encode_prompt(c.tokenizer(PROMPTS))
+    draws = pair_noise([5, 6], c.draw_timestep, c.latent_shape(32), "cpu")
+    winners, losers = torch.randn(b, 16, 16, 16), torch.randn(b, 16, 16, 16)
+
+    def inside(first, second):
+        noisy, target = c.noisy_and_target(torch.cat([first, second]), draws.noise, draws.timesteps)
+        cond = c.conditioning(enc, None, None, 32)
+        with torch.no_grad():
+            m, r = (c.mse(model, noisy, draws.timesteps, cond, target) for model in (c.denoiser, ref.denoiser))
+        return dpo_loss(m[:b], m[b:], r[:b], r[b:], beta=100.0).inside
+
+    forward, swapped = inside(winners, losers), inside(losers, winners)
+    assert bool((forward.abs() > 1e-3).all())
+    torch.testing.assert_close(swapped, -forward, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        for p, q in zip(c.denoiser.parameters(), ref.denoiser.parameters()):
+            p.copy_(q)
+    assert inside(winners, losers).abs().max() == 0  # theta = ref: exactly zero, so the loss is log 2
+
+
+def _edited_copy(src, tmp_path, edit):
+    out = tmp_path / "model"
+    shutil.copytree(src, out)
+    index = json.loads((out / "model_index.json").read_text())
+    edit(index)
+    (out / "model_index.json").write_text(json.dumps(index))
+    return str(out)
+
+
+def test_refusals_are_one_line(tiny_sd3, tiny_flux, tiny_flux_schnell, tmp_path):
+    def error(**model) -> str:
+        with pytest.raises(UserError) as exc:
+            load_components(ModelConfig(**model))
+        assert "\n" not in str(exc.value)
+        return str(exc.value)
+
+    other = _edited_copy(tiny_sd3, tmp_path / "a", lambda ix: ix.update(_class_name="PixArtSigmaPipeline"))
+    assert "does not describe a supported model family (its _class_name is 'PixArtSigmaPipeline'" in \
+        error(pretrained=other)
+    no_t5 = _edited_copy(tiny_flux, tmp_path / "b", lambda ix: ix.update(text_encoder_2=[None, None]))
+    assert "is a FLUX model without its T5 encoder" in error(pretrained=no_t5)
+    assert "FLUX.1 cannot run without its T5" in error(pretrained=str(tiny_flux), t5=False)
+    assert "at most 512 T5 tokens" in error(pretrained=str(tiny_flux), max_sequence_length=513)
+    assert "has no guidance embedding" in error(pretrained=str(tiny_flux_schnell), guidance=3.5)
+    sd3_no_t5 = _edited_copy(tiny_sd3, tmp_path / "c", lambda ix: ix.update(text_encoder_3=[None, None],
+                                                                             tokenizer_3=[None, None]))
+    assert "set model.t5 false" in error(pretrained=sd3_no_t5)
+    assert load_components(ModelConfig(pretrained=sd3_no_t5, t5=False), denoiser=False).tokenizer.lengths == (16, 16)
+    flux = load_components(ModelConfig(pretrained=str(tiny_flux)), denoiser=False, encoders=False)
+    flux.vae_config = {**flux.vae_config, "block_out_channels": [1, 2, 3, 4]}  # a real FLUX VAE: downsampling 8
+    with pytest.raises(UserError, match="data.resolution 504: FLUX.1 needs a multiple of 16"):
+        flux.latent_shape(504)
+    assert flux.latent_shape(512) == (16, 64, 64)
