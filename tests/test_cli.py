@@ -41,7 +41,7 @@ def test_help_for_every_command():
         res = run_cli(*args)
         assert res.returncode == 0 and "usage:" in res.stdout, res.stderr
     assert "--loss.beta" in run_cli("train", "--help").stdout
-    assert "diffusers example scripts' beta is half" in " ".join(run_cli("train", "--help").stdout.split())
+    assert "diffusers' SD1.5 DPO script's beta is half of ours" in " ".join(run_cli("train", "--help").stdout.split())
     assert "--cache-dir" in run_cli("demo", "--help").stdout
 
 

@@ -94,3 +94,51 @@ def test_paper_recipes():
     assert sdxl.data.batch_size * sdxl.train.gradient_accumulation_steps == 2048
     lora = load_config(CONFIGS / "sd15_lora.yaml")
     assert lora.lora.rank > 0
+
+
+def test_flow_recipes():
+    sd35 = load_config(CONFIGS / "sd35_medium_lora.yaml")
+    assert (sd35.lora.rank, sd35.lora.alpha, sd35.loss.beta, sd35.data.resolution) == (32, 64, 100, 512)
+    assert sd35.lora.target_modules is None and sd35.flow.timestep_sampling == "logit_normal"
+    assert sd35.flow.shift is None and sd35.flow.weighting == "none"
+    full = load_config(CONFIGS / "sd35_full.yaml")
+    assert full.lora.rank == 0 and full.optim.name == "adafactor" and full.optim.max_grad_norm == 0
+    assert full.data.batch_size * full.train.gradient_accumulation_steps == 2048 and full.optim.scale_lr
+    flux = load_config(CONFIGS / "flux_dev_lora.yaml")
+    assert (flux.loss.beta, flux.model.guidance, flux.lora.rank) == (2000, 3.5, 64)
+    assert {"add_q_proj", "to_add_out", "ff.net.0.proj", "ff_context.net.2"} <= set(flux.lora.target_modules)
+
+
+@pytest.mark.parametrize("recipe,fixture", [("sd35_medium_lora.yaml", "tiny_sd3"), ("sd35_full.yaml", "tiny_sd3"),
+                                            ("flux_dev_lora.yaml", "tiny_flux")])
+def test_flow_recipes_train_their_familys_architecture(request, tmp_path, recipe, fixture):
+    """The recipe as shipped (its LoRA targets, optimizer, schedule, guidance), on the tiny model of its family:
+    every target module exists in the architecture and the first step is log 2."""
+    import json
+    import math
+
+    from diffusion_dpo.tiny_data import build_tiny_pickapic
+    from diffusion_dpo.training import train
+
+    data = build_tiny_pickapic(tmp_path / "data", num_pairs=8, seed=2)
+    cfg = load_config(CONFIGS / recipe, {
+        "model.pretrained": str(request.getfixturevalue(fixture)), "data.path": str(data), "output_dir":
+        str(tmp_path / "run"), "data.resolution": "32", "data.batch_size": "2", "data.num_workers": "0",
+        "train.gradient_accumulation_steps": "1", "train.max_steps": "2", "train.mixed_precision": "no",
+        "train.report_to": "none", "validation.every_steps": "-1", "model.max_sequence_length": "8"})
+    train(cfg)
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_mixed_precision_no_works_as_written_in_yaml_and_on_the_command_line(tmp_path):
+    """YAML 1.1 reads `no` as false; the documented value must reach the field as the string 'no'."""
+    f = tmp_path / "c.yaml"
+    f.write_text("model: {pretrained: m}\ndata: {path: d, random_flip: off}\ntrain: {mixed_precision: no}\n"
+                 "optim: {lr: 1e-5}\n")
+    cfg = load_config(f)
+    assert cfg.train.mixed_precision == "no" and cfg.data.random_flip is False and cfg.optim.lr == 1e-5
+    cfg = load_config(f, {"train.mixed_precision": "no", "data.random_flip": "yes", "optim.lr": "3e-4",
+                          "validation.prompts": "[no, a cat]", "data.max_pairs": "null"})
+    assert cfg.train.mixed_precision == "no" and cfg.data.random_flip is True and cfg.optim.lr == 3e-4
+    assert cfg.validation.prompts == ["no", "a cat"] and cfg.data.max_pairs is None

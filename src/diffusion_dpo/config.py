@@ -9,6 +9,7 @@ with the key's dotted name; `validate` then checks ranges and choices.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -82,10 +83,13 @@ class DataConfig:
 @dataclass
 class LossConfig:
     name: str = _f("dpo", "Objective from the loss registry: dpo, hinge, ipo, sft.")
-    beta: float = _f(5000.0, "KL strength beta in the official research code's convention "
-                             "(inside = -0.5*beta*(model_diff - ref_diff)); 5000 in its SD1.5 and SDXL runs "
-                             "(the paper quotes 2000 for SD1.5). The diffusers example scripts' beta is half "
-                             "of ours: their 2500 = our 5000.")
+    beta: float = _f(5000.0, "KL strength beta in the official research code's convention (inside = -0.5*beta*"
+                             "(model_diff - ref_diff)), each error the mean over all latent elements: beta's scale "
+                             "is tied to that reduction (a sum over N elements would need beta/N). UNets: 5000 in "
+                             "the official SD1.5 and SDXL runs (the paper quotes 2000 for SD1.5); diffusers' SD1.5 "
+                             "DPO script's beta is half of ours (its 2500 = our 5000), its SDXL script's is ours. "
+                             "Flow models: 100 in flow_grpo's SD3.5-M LoRA and Flow-Factory's SD3.5 LoRA example; "
+                             "2000 is Flow-Factory's DPO default (the value its FLUX runs inherit).")
     label_smoothing: float = _f(0.0, "Conservative DPO (Mitchell 2023): a decided pair's label p=1 becomes 1-eps "
                                      "(a tie's 0.5 stays), for labels believed wrong with probability eps. It "
                                      "bounds how far noisy pairs pull: the loss is least at a finite margin "
@@ -223,6 +227,31 @@ def _omegaconf_error(exc: OmegaConfBaseException, source: str) -> UserError:
     return UserError(f"{source}: bad value for '{key}': {msg}")
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML as a config is read, in files and in --section.key values alike: only true/false are booleans (YAML
+    1.2), so `train.mixed_precision: no` stays the string the field documents, where YAML 1.1 would make it false;
+    and 1e-4 is a float (YAML 1.1 wants 1.0e-4). Boolean fields still accept yes/no/on/off (OmegaConf converts)."""
+
+
+_BOOL = "tag:yaml.org,2002:bool"
+_ConfigLoader.yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL]
+                                         for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_ConfigLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                    list("-+0123456789"))
+
+
+def _override_value(text: str) -> Any:
+    """A command-line value read as YAML by `_ConfigLoader` (lists, numbers, null); anything else as given."""
+    if text == "":
+        return text
+    try:
+        return yaml.load(text, Loader=_ConfigLoader)
+    except yaml.YAMLError:
+        return text
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Optional[dict[str, str]] = None) -> Config:
     """Build the config from defaults, an optional YAML file, then `{dotted.key: value}` overrides.
 
@@ -234,7 +263,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[dict[str,
         if not path.is_file():
             raise UserError(f"config file not found: {path}")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.load(path.read_text(), Loader=_ConfigLoader) or {}
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark is not None else ""
@@ -248,7 +277,10 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[dict[str,
     if overrides:
         for key, value in overrides.items():
             try:
-                cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{key}={value}"]))
+                nested: Any = _override_value(str(value))
+                for part in reversed(key.split(".")):
+                    nested = {part: nested}
+                cfg = OmegaConf.merge(cfg, OmegaConf.create(nested))
             except OmegaConfBaseException as exc:
                 raise _omegaconf_error(exc, "command line") from None
     config = OmegaConf.to_object(cfg)

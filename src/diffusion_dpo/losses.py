@@ -12,8 +12,11 @@ sigmoid. `label` is the probability that the first image (the winner) is preferr
 decided pair, 0.5 for a tie kept with `data.keep_ties`. Each loss returns per-sample values;
 the trainer averages them over the batch.
 
-beta convention: ours is the official research code's (5000 for SD1.5 and SDXL). The diffusers
-example scripts compute `-logsigmoid(beta' * (ref_diff - model_diff))`, i.e. beta' = beta / 2.
+beta convention: ours is the official research code's (5000 for SD1.5 and SDXL), with each error the mean
+over all latent elements; a sum over N elements instead would make beta N times larger for the same step.
+diffusers' SD1.5 DPO script computes `-logsigmoid(beta' * (ref_diff - model_diff))`, i.e. beta' = beta / 2;
+its SDXL script uses our -0.5 * beta. flow_grpo (train_sd3_dpo.py) and Flow-Factory (trainers/dpo.py) use ours
+exactly, with beta 100 for SD3.5-M LoRA (Flow-Factory's default is 2000).
 """
 
 from __future__ import annotations
