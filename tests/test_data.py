@@ -463,3 +463,23 @@ def test_without_image_validation_a_broken_image_fails_when_read(tmp_path, tok):
     ds = PreferenceDataset(load_preference_pairs(cfg), cfg, ids(tok))
     with pytest.raises(UserError, match=r"late.parquet row 1: image cannot be decoded \(cannot identify image file\)"):
         ds[(1, 0)]
+
+
+def test_a_packed_batch_unpacks_to_the_plain_batch():
+    """Workers hand a batch over as one buffer (one file descriptor instead of one per tensor); the views it
+    unpacks to are the plain batch's tensors, whatever their dtypes, shapes and byte alignments."""
+    from diffusion_dpo.data import collate_packed, unpack_batch
+
+    g = torch.Generator().manual_seed(0)
+    examples = [{"a": torch.randn(3, 5, generator=g), "b": torch.randint(0, 9, (7,), generator=g),
+                 "c": torch.randn(3, generator=g).half(), "d": torch.tensor([True, False, True]),
+                 "e": torch.zeros(0, 2), "label": 1.0, "sample_seed": 11 + i, "prompt": f"p{i}"} for i in range(3)]
+    plain = collate_pairs(examples)
+    packed = collate_packed(examples)
+    assert [k for k, v in packed.items() if isinstance(v, torch.Tensor)] == ["_packed"]
+    unpacked = unpack_batch(packed)
+    assert unpacked.keys() == plain.keys() and unpacked["prompt"] == plain["prompt"]
+    for key, value in plain.items():
+        if isinstance(value, torch.Tensor):
+            assert unpacked[key].dtype == value.dtype and torch.equal(unpacked[key], value), key
+    assert unpack_batch(plain) is plain

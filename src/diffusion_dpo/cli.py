@@ -114,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--sd15-width", type=int, metavar="W",
                       help="also write OUT/sd15: SD1.5's architecture with UNet width W (320 = the real size, random "
                            "weights), for `bench`; use with --resolution 256 or 512")
+    tiny.add_argument("--shaped", choices=("sd35-medium", "flux-dev"),
+                      help="also write OUT/<name>: that model's published transformer architecture (random weights), "
+                           "its VAE, and text encoders of the real widths (one layer each), for `bench` and for "
+                           "sizing the cache; use with --resolution 512")
+    tiny.add_argument("--depth", type=int, metavar="N", help="with --shaped: N transformer blocks (FLUX: N double- "
+                                                             "and N single-stream) instead of the real count")
     demo = sub.add_parser(
         "demo", help="the whole method offline on a CPU: base model, preference data, training, a measured win",
         description="Build (or reuse from the cache) a small StableDiffusionPipeline trained on sklearn's handwritten "
@@ -224,7 +230,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
 
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
-    from diffusion_dpo.tiny import build_sd15_shaped_pipeline, build_tiny_pipeline
+    from diffusion_dpo.tiny import build_sd15_shaped_pipeline, build_shaped_pipeline, build_tiny_pipeline
     from diffusion_dpo.tiny_data import build_tiny_pickapic
 
     quiet_progress_bars()
@@ -239,6 +245,13 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
                                                       resolution=args.resolution, seed=args.seed))
         except ValueError as exc:
             raise UserError(f"make-tiny: {exc}") from None
+    if args.shaped is not None:
+        if args.depth is not None and args.depth < 1:
+            raise UserError("make-tiny: --depth must be >= 1")
+        written.append(build_shaped_pipeline(out / args.shaped, args.shaped, resolution=args.resolution,
+                                             depth=args.depth, seed=args.seed))
+    elif args.depth is not None:
+        raise UserError("make-tiny: --depth needs --shaped")
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 

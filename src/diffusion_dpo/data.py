@@ -527,6 +527,39 @@ def collate_pairs(examples: list[dict]) -> dict:
     return batch
 
 
+_ALIGN = 16  # bytes: every tensor of a packed batch starts aligned, so its bytes view back as its dtype
+
+
+def collate_packed(examples: list[dict]) -> dict:
+    """`collate_pairs`, with every tensor of the batch packed into ONE byte buffer (a DataLoader worker runs it).
+
+    A worker hands each tensor to the main process as its own shared-memory file descriptor, one socket round
+    trip per tensor: ~0.7 ms each on this CPU, 7-10 ms per step for a cached flow-model batch of ten tensors,
+    paid in the training loop's thread. One buffer is one round trip; `unpack_batch` views it back, no copy."""
+    batch = collate_pairs(examples)
+    layout, parts, offset = [], [], 0
+    for key in [k for k, v in batch.items() if isinstance(v, torch.Tensor)]:
+        t = batch.pop(key).contiguous()
+        raw = t.reshape(-1).view(torch.uint8) if t.numel() else torch.zeros(0, dtype=torch.uint8)
+        pad = -raw.numel() % _ALIGN
+        parts += [raw, torch.zeros(pad, dtype=torch.uint8)]
+        layout.append((key, t.dtype, tuple(t.shape), offset, raw.numel()))
+        offset += raw.numel() + pad
+    batch["_packed"] = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8)
+    batch["_layout"] = layout
+    return batch
+
+
+def unpack_batch(batch: dict) -> dict:
+    """The batch `collate_packed` packed, its tensors as views of the one buffer (a plain batch is returned as is)."""
+    if "_packed" not in batch:
+        return batch
+    buffer, layout = batch.pop("_packed"), batch.pop("_layout")
+    for key, dtype, shape, offset, size in layout:
+        batch[key] = buffer[offset:offset + size].view(dtype).view(shape)
+    return batch
+
+
 def keys_per_epoch(num_pairs: int, batch_size: int, num_processes: int) -> int:
     """Pairs one epoch visits over all processes: whole global batches (batch_size x processes); an
     incomplete last global batch is dropped. Training (`ShardedPairSampler`) and the precomputed

@@ -29,7 +29,7 @@ import torch
 
 from diffusion_dpo.cache import Cache, CachedPairs, cached_inputs
 from diffusion_dpo.config import Config
-from diffusion_dpo.data import PairSampler, collate_pairs, keys_per_epoch
+from diffusion_dpo.data import PairSampler, collate_packed, keys_per_epoch, unpack_batch
 from diffusion_dpo.errors import UserError
 from diffusion_dpo.fingerprint import component_fingerprint
 from diffusion_dpo.models import cast, describe, load_components, weight_dtype_of
@@ -114,11 +114,12 @@ def precompute_reference(cfg: Config, device: torch.device | str = "cpu", num_pr
     keys = list(run_keys(cache.num_pairs, cfg.train.seed, keys_per_epoch, num_keys))
     dataset = CachedPairs(cache, cfg.data.random_flip, cfg.data.proportion_empty_prompts)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.cache.batch_size, sampler=keys,
-                                         collate_fn=collate_pairs, num_workers=cfg.data.num_workers,
+                                         collate_fn=collate_packed, num_workers=cfg.data.num_workers,
                                          pin_memory=device.type == "cuda")
     seeds, errors = [], []
     with torch.no_grad():
         for batch in tqdm(loader, desc="reference errors", unit="batch"):
+            batch = unpack_batch(batch)
             b = batch["label"].shape[0]
             draws = pair_noise(batch["sample_seed"].tolist(), comp.draw_timestep,
                                comp.latent_shape(cfg.data.resolution), device)

@@ -239,3 +239,74 @@ def build_sd15_shaped_pipeline(out_dir: str | Path, width: int = 64, resolution:
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out_dir)
     return out_dir
+
+
+# The published architectures, for benchmarks (random weights: no checkpoint needed to time or size them).
+SHAPED = {
+    # stabilityai/stable-diffusion-3.5-medium transformer/config.json (MMDiT-X: 2.5B parameters)
+    "sd35-medium": dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                        attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                        caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
+                        dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"),
+    # black-forest-labs/FLUX.1-dev transformer/config.json (12B parameters)
+    "flux-dev": dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                     num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                     axes_dims_rope=(16, 56, 56)),
+}
+
+
+def build_shaped_pipeline(out_dir: str | Path, name: str, resolution: int = 512, depth: int | None = None,
+                          seed: int = 0) -> Path:
+    """Write a randomly initialised SD3.5-medium- or FLUX.1-dev-shaped pipeline (see SHAPED) to `out_dir`.
+
+    The transformer has the published config (with `depth` blocks instead when given: FLUX's double and single
+    stream blocks each become `depth`); the VAE is SD3's/FLUX's (4 levels, x8, 16 latent channels); the text
+    encoders have the real widths and sequence lengths (CLIP-L 768, CLIP-G 1280, T5-XXL 4096 wide) with one layer
+    each, so every encoding has its real shape (what the cache stores) at a fraction of the weights, and the
+    tokenizers are the local character-level ones. For `bench` and for measuring the cache's disk per pair."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
+                           SD3Transformer2DModel, StableDiffusion3Pipeline)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import T5Config, T5EncoderModel
+
+    if name not in SHAPED:
+        raise ValueError(f"name must be one of {', '.join(SHAPED)}, got {name!r}")
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    flux = name.startswith("flux")
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        layers_per_block=2, sample_size=resolution, use_quant_conv=False, use_post_quant_conv=False,
+                        scaling_factor=0.3611 if flux else 1.5305, shift_factor=0.1159 if flux else 0.0609)
+
+    def clip(width: int, with_projection: bool) -> torch.nn.Module:
+        config = CLIPTextConfig(vocab_size=2 + 2 * 94, hidden_size=width, intermediate_size=4 * width,
+                                num_hidden_layers=1, num_attention_heads=width // 64, max_position_embeddings=77,
+                                projection_dim=width, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+        return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+
+    _, t5_tokenizer = _t5(32, seed)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=4096, d_kv=64, d_ff=10240, num_layers=1,
+                                 num_heads=64, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
+                                 use_cache=False, dropout_rate=0.0))
+    with tempfile.TemporaryDirectory() as tmp:
+        _write_tokenizer(Path(tmp), max_length=77)
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    config = dict(SHAPED[name])
+    if depth is not None:
+        config.update(num_layers=depth, **({"num_single_layers": depth} if flux else
+                                           {"dual_attention_layers": tuple(range(min(depth, 13)))}))
+    if flux:
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                    max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+        pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip(768, False), tokenizer=tokenizer,
+                            text_encoder_2=t5, tokenizer_2=t5_tokenizer, transformer=FluxTransformer2DModel(**config))
+    else:
+        pipe = StableDiffusion3Pipeline(transformer=SD3Transformer2DModel(**config),
+                                        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+                                        text_encoder=clip(768, True), tokenizer=tokenizer,
+                                        text_encoder_2=clip(1280, True), tokenizer_2=tokenizer, text_encoder_3=t5,
+                                        tokenizer_3=t5_tokenizer)
+    pipe.save_pretrained(out_dir)
+    return out_dir
+

@@ -37,8 +37,8 @@ from torch import Tensor
 from diffusion_dpo import checkpoint as ckpt
 from diffusion_dpo.cache import Cache, CachedPairs, build_cache, cached_inputs, read_manifest
 from diffusion_dpo.config import Config, to_yaml
-from diffusion_dpo.data import (PairSampler, PreferenceDataset, PreferencePairs, collate_pairs, keys_per_epoch,
-                               load_preference_pairs)
+from diffusion_dpo.data import (PairSampler, PreferenceDataset, PreferencePairs, collate_packed, keys_per_epoch,
+                               load_preference_pairs, unpack_batch)
 from diffusion_dpo.errors import UserError, is_local_path
 from diffusion_dpo.losses import LossSpec, get_loss, implicit_accuracy, smooth_labels
 from diffusion_dpo.models import Family, Reference, add_lora, cast, describe, load_components, weight_dtype_of
@@ -286,14 +286,14 @@ class Trainer:
         cfg = self.cfg
         sharded = ShardedPairSampler(self.sampler, cfg.data.batch_size, self.accelerator.process_index, self.world)
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=cfg.data.batch_size, sampler=sharded, collate_fn=collate_pairs,
+            self.dataset, batch_size=cfg.data.batch_size, sampler=sharded, collate_fn=collate_packed,
             num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0, drop_last=True,
             pin_memory=self.accelerator.device.type == "cuda")
         epoch, start = self.state.epoch, self.state.position
         while True:
             self.sampler.set_epoch(epoch, start=start * cfg.data.batch_size * self.world)
             for batch in loader:
-                yield epoch, batch
+                yield epoch, unpack_batch(batch)
             epoch, start = epoch + 1, 0
 
     def run(self) -> Path:
