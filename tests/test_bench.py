@@ -72,6 +72,21 @@ def test_the_sd15_shaped_model_has_sd15s_architecture(tmp_path):
         build_sd15_shaped_pipeline(tmp_path / "bad", width=48)
 
 
+def test_the_flow_shaped_transformers_have_the_published_sizes():
+    """SD3.5-medium's MMDiT-X is ~2.2B parameters, FLUX.1-dev's transformer 11.9B (counted on the meta device)."""
+    import torch
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    from diffusion_dpo.tiny import SHAPED
+
+    with torch.device("meta"):
+        sd35 = SD3Transformer2DModel(**SHAPED["sd35-medium"])
+        flux = FluxTransformer2DModel(**SHAPED["flux-dev"])
+    assert 2.0e9 < sum(p.numel() for p in sd35.parameters()) < 2.6e9
+    assert 11.5e9 < sum(p.numel() for p in flux.parameters()) < 12.3e9
+    assert sd35.config.joint_attention_dim == flux.config.joint_attention_dim == 4096  # T5-XXL's width
+
+
 def test_mfu_peak_comes_from_the_flag_or_the_gpu_name(monkeypatch):
     import torch
 

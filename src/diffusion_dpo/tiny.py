@@ -243,12 +243,12 @@ def build_sd15_shaped_pipeline(out_dir: str | Path, width: int = 64, resolution:
 
 # The published architectures, for benchmarks (random weights: no checkpoint needed to time or size them).
 SHAPED = {
-    # stabilityai/stable-diffusion-3.5-medium transformer/config.json (MMDiT-X: 2.5B parameters)
+    # stabilityai/stable-diffusion-3.5-medium transformer/config.json (MMDiT-X: 2.24B parameters)
     "sd35-medium": dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
                         attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
                         caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
                         dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"),
-    # black-forest-labs/FLUX.1-dev transformer/config.json (12B parameters)
+    # black-forest-labs/FLUX.1-dev transformer/config.json (11.9B parameters)
     "flux-dev": dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                      num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
                      axes_dims_rope=(16, 56, 56)),
