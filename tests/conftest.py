@@ -11,43 +11,37 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 warnings.filterwarnings("ignore", message=".*torchvision.*")
 
 
-@pytest.fixture(scope="session")
-def tiny_sd(tmp_path_factory):
+def _tiny(tmp_path_factory, name: str, **kwargs):
     from diffusion_dpo.tiny import build_tiny_pipeline
 
-    return build_tiny_pipeline(tmp_path_factory.mktemp("models") / "sd", kind="sd")
+    return build_tiny_pipeline(tmp_path_factory.mktemp("models") / name, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory):
+    return _tiny(tmp_path_factory, "sd", kind="sd")
 
 
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory):
-    from diffusion_dpo.tiny import build_tiny_pipeline
-
-    return build_tiny_pipeline(tmp_path_factory.mktemp("models") / "sdxl", kind="sdxl")
+    return _tiny(tmp_path_factory, "sdxl", kind="sdxl")
 
 
 @pytest.fixture(scope="session")
 def tiny_sd_vpred(tmp_path_factory):
-    from diffusion_dpo.tiny import build_tiny_pipeline
-
-    return build_tiny_pipeline(tmp_path_factory.mktemp("models") / "sd_v", kind="sd", prediction_type="v_prediction")
+    return _tiny(tmp_path_factory, "sd_v", kind="sd", prediction_type="v_prediction")
 
 
 @pytest.fixture(scope="session")
 def tiny_sd3(tmp_path_factory):
-    from diffusion_dpo.tiny import build_tiny_pipeline
-
-    return build_tiny_pipeline(tmp_path_factory.mktemp("models") / "sd3", kind="sd3")
+    return _tiny(tmp_path_factory, "sd3", kind="sd3")
 
 
 @pytest.fixture(scope="session")
 def tiny_flux(tmp_path_factory):
-    from diffusion_dpo.tiny import build_tiny_pipeline
-
-    return build_tiny_pipeline(tmp_path_factory.mktemp("models") / "flux", kind="flux")
+    return _tiny(tmp_path_factory, "flux", kind="flux")
 
 
 @pytest.fixture(scope="session")
 def tiny_flux_schnell(tmp_path_factory):
-    from diffusion_dpo.tiny import build_tiny_pipeline
-
-    return build_tiny_pipeline(tmp_path_factory.mktemp("models") / "flux_schnell", kind="flux-schnell")
+    return _tiny(tmp_path_factory, "flux_schnell", kind="flux-schnell")

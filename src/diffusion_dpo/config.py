@@ -216,7 +216,8 @@ def iter_fields(cls: type = None, prefix: str = "") -> list[tuple[str, dataclass
 
 
 _SECTIONS = {"model": ModelConfig, "lora": LoraConfig, "data": DataConfig, "loss": LossConfig,
-             "flow": FlowConfig, "optim": OptimConfig, "train": TrainConfig, "cache": CacheConfig, "validation": ValidationConfig}
+             "flow": FlowConfig, "optim": OptimConfig, "train": TrainConfig, "cache": CacheConfig,
+             "validation": ValidationConfig}
 
 
 def _omegaconf_error(exc: OmegaConfBaseException, source: str) -> UserError:

@@ -1,4 +1,4 @@
-"""Precision helpers shared by every family: the frozen parts' dtype, and a cast that is a no-op when nothing changes."""
+"""Precision helpers shared by every family: the frozen parts' dtype, and a cast that skips no-op casts."""
 
 from __future__ import annotations
 
