@@ -101,6 +101,27 @@ def test_win_rate_by_hand():
     # seeds averaged first: A wins prompt p on average although it loses one of p's two seeds
     r = paired_win_rate([5, 0], [1, 2], ["p", "p"], n_boot=100)
     assert (r.win_rate, r.wins, r.n_prompts) == (1.0, 1, 1)
+    # ... while per image it wins one of its two: 0.5
+    assert (r.image_win_rate, r.n_images) == (0.5, 2)
+
+
+def test_image_win_rate_by_hand_and_its_interval_resamples_prompts():
+    # the 3 x 2 example above, per image: (1, 0.5, 0, 0.5, 0.5, 0) -> 2.5 / 6
+    r = paired_win_rate([3, 2, 0, 1, 2, 1], [1, 2, 4, 1, 2, 4], ["p", "q", "r", "p", "q", "r"], n_boot=2000)
+    assert r.image_win_rate == pytest.approx(2.5 / 6) and r.n_images == 6
+    assert r.image_ci_low <= r.image_win_rate <= r.image_ci_high
+    # 100 prompts x 4 seeds whose seeds always agree: 400 images but only 100 independent units, so the
+    # interval is as wide as for 100 prompts (+-0.096), not for 400 images (+-0.048)
+    ids = np.repeat(np.arange(100), 4)
+    a = np.repeat(np.r_[np.ones(60), np.zeros(40)], 4)
+    r = paired_win_rate(a, np.full(400, 0.5), ids, n_boot=10000)
+    assert r.image_win_rate == pytest.approx(0.6)
+    half = 1.96 * np.sqrt(0.6 * 0.4 / 100)
+    assert r.image_ci_low == pytest.approx(0.6 - half, abs=0.02) and r.image_ci_high == pytest.approx(0.6 + half, abs=0.02)
+    # unequal seeds per prompt: the rate weights images, not prompts (prompt p: 3 wins; q: 1 loss -> 3/4)
+    r = paired_win_rate([1, 1, 1, 0], [0, 0, 0, 1], ["p", "p", "p", "q"], n_boot=500)
+    assert (r.image_win_rate, r.win_rate) == (0.75, 0.5)
+    assert r.image_ci_low == 0.0 and r.image_ci_high == 1.0  # resamples of (q, q) and (p, p)
 
 
 def test_bootstrap_interval_matches_the_normal_approximation():

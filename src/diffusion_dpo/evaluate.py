@@ -14,6 +14,10 @@ an image of model A and one of model B started from the same noise. For each rew
     p-value: two-sided exact sign test on the n = wins + losses untied prompts, k = wins:
              p = min(1, 2 * sum_{i <= min(k, n-k)} C(n, i) / 2^n)   (p = 1 when n = 0)
 
+    per image: w_ps = 1 if r(A's image of (p, s)) > r(B's image of (p, s)), 0.5 if equal, 0 otherwise;
+               image win rate = (1/N) * sum_{p,s} w_ps over the N paired images. Its 95% CI resamples
+               prompts (each with all its seeds: a cluster bootstrap), for the same reason as below.
+
 Seeds are averaged before comparing because the prompts, not the images, are the independent
 units: two images of one prompt share the prompt's difficulty, so counting them separately would
 make the interval too narrow.
@@ -236,6 +240,10 @@ class WinRate:
     n_prompts: int
     mean_a: float
     mean_b: float
+    image_win_rate: float  # per (prompt, seed) image, same initial noise for A and B (see the module docstring)
+    image_ci_low: float
+    image_ci_high: float
+    n_images: int
 
 
 def sign_test(wins: int, losses: int) -> float:
@@ -247,16 +255,19 @@ def sign_test(wins: int, losses: int) -> float:
     return min(1.0, 2.0 * tail / 2 ** n)  # integer sum, one division: exact for any n
 
 
-def bootstrap_ci(per_prompt: np.ndarray, n_boot: int = 10000, seed: int = 0,
-                 level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of `per_prompt` (P,), resampling prompts with replacement."""
+def bootstrap_ci(per_prompt: np.ndarray, n_boot: int = 10000, seed: int = 0, level: float = 0.95,
+                 weights: Optional[np.ndarray] = None) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `per_prompt` (P,), resampling prompts with replacement;
+    with `weights` (P,), of the weighted mean sum(w x) / sum(w) (a prompt's image count, for per-image rates)."""
     rng = np.random.default_rng(seed)
     p = len(per_prompt)
+    w = np.ones(p) if weights is None else np.asarray(weights, dtype=np.float64)
     means = np.empty(n_boot)
     chunk = max(1, 2_000_000 // max(p, 1))  # bounded memory: 10k x 50k prompts would be 4 GB at once
     for start in range(0, n_boot, chunk):
         stop = min(n_boot, start + chunk)
-        means[start:stop] = per_prompt[rng.integers(0, p, size=(stop - start, p))].mean(axis=1)
+        pick = rng.integers(0, p, size=(stop - start, p))
+        means[start:stop] = (per_prompt[pick] * w[pick]).sum(axis=1) / w[pick].sum(axis=1)
     alpha = (1.0 - level) / 2.0
     return float(np.quantile(means, alpha)), float(np.quantile(means, 1.0 - alpha))
 
@@ -267,6 +278,12 @@ def per_prompt_means(scores: np.ndarray, prompt_ids: Sequence) -> np.ndarray:
     sums = np.bincount(inverse, weights=np.asarray(scores, dtype=np.float64))
     means = sums / np.bincount(inverse)
     return means[np.argsort(first)]
+
+
+def per_prompt_counts(prompt_ids: Sequence) -> np.ndarray:
+    """Images per prompt, prompts in order of first appearance (as per_prompt_means)."""
+    _, first, counts = np.unique(np.asarray(prompt_ids), return_index=True, return_counts=True)
+    return counts[np.argsort(first)].astype(np.float64)
 
 
 def paired_win_rate(a_scores: Sequence[float], b_scores: Sequence[float], prompt_ids: Sequence,
@@ -280,9 +297,13 @@ def paired_win_rate(a_scores: Sequence[float], b_scores: Sequence[float], prompt
     w = np.where(pa > pb, 1.0, np.where(pa == pb, 0.5, 0.0))  # (P,)
     wins, losses = int((pa > pb).sum()), int((pa < pb).sum())
     low, high = bootstrap_ci(w, n_boot, seed)
+    w_image = np.where(a > b, 1.0, np.where(a == b, 0.5, 0.0))  # (N,)
+    counts = per_prompt_counts(prompt_ids)
+    image_low, image_high = bootstrap_ci(per_prompt_means(w_image, prompt_ids), n_boot, seed, weights=counts)
     return WinRate(win_rate=float(w.mean()), ci_low=low, ci_high=high, p_value=sign_test(wins, losses), wins=wins,
                    ties=len(w) - wins - losses, losses=losses, n_prompts=len(w), mean_a=float(a.mean()),
-                   mean_b=float(b.mean()))
+                   mean_b=float(b.mean()), image_win_rate=float(w_image.mean()), image_ci_low=image_low,
+                   image_ci_high=image_high, n_images=len(w_image))
 
 
 # ---------------------------------------------------------------- compare
@@ -336,11 +357,15 @@ def markdown_table(report: dict) -> str:
              f"- B: `{report['b']['run']}` ({_model_name(report['b'])})", "",
              "Win rate of A over B per prompt (seeds averaged, ties count 0.5); 95% CI from a paired bootstrap "
              "over prompts; p from a two-sided sign test on untied prompts.", "",
-             "| reward | win rate A | 95% CI | p (sign test) | wins / ties / losses | mean A | mean B |",
-             "|---|---|---|---|---|---|---|"]
+             "Per image: the share of (prompt, seed) images where A's beats B's from the same noise; its CI "
+             "resamples prompts with all their seeds.", "",
+             "| reward | win rate A | 95% CI | p (sign test) | wins / ties / losses | per image | 95% CI | "
+             "mean A | mean B |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for label, r in report["rewards"].items():
         lines.append(f"| {label} | {r['win_rate']:.3f} | [{r['ci_low']:.3f}, {r['ci_high']:.3f}] | "
                      f"{r['p_value']:.3g} | {r['wins']} / {r['ties']} / {r['losses']} | "
+                     f"{r['image_win_rate']:.3f} | [{r['image_ci_low']:.3f}, {r['image_ci_high']:.3f}] | "
                      f"{r['mean_a']:.5g} | {r['mean_b']:.5g} |")
     lines += ["", f"scores.png: score distributions; grid.png: A | B at the first seed, captions "
                   f"'A vs B' under {report['grid_reward']}."]
