@@ -55,7 +55,8 @@ def test_same_seeds_same_bytes_and_batch_size_invariance(tiny_sd, tmp_path):
     assert [(r["prompt_index"], r["seed"]) for r in rows] == [(i, s) for i in range(3) for s in (0, 1)]
     assert rows[0] == {"prompt": "a red cat", "prompt_index": 0, "seed": 0, "file": "images/00000_0.png",
                        "model": str(tiny_sd), "lora": None, "scheduler": "PNDMScheduler", "steps": 2,
-                       "guidance_scale": 5.0, "height": 32, "width": 32, "dtype": "float32"}
+                       "guidance_scale": 5.0, "height": 32, "width": 32, "dtype": "float32",
+                       "max_sequence_length": None}
     assert json.loads((a / "run.json").read_text())["steps"] == 2
     images = _images(a)
     assert images["00000_0.png"] != images["00000_1.png"]  # another seed, another image
@@ -124,6 +125,7 @@ def test_lora_weights_load_and_change_images(tiny_sd, tmp_path):
     (dict(scheduler="warp"), "unknown scheduler 'warp'"),
     (dict(dtype="float8"), "dtype 'float8'"),
     (dict(height=30), "multiples of 8"),
+    (dict(max_sequence_length=16), "applies to T5-conditioned models .* Stable Diffusion 1.x/2.x has no T5"),
 ])
 def test_bad_generate_input_is_one_line(tiny_sd, tmp_path, kwargs, match):
     with pytest.raises(UserError, match=match) as err:
@@ -227,6 +229,28 @@ def test_flow_families_generate_the_pipelines_own_images_byte_identically(reques
                generator=torch.Generator().manual_seed(1)).images[0]
     ours = np.asarray(Image.open(b / image_name(1, 1)), dtype=int)
     assert np.abs(ours - np.asarray(own, dtype=int)).max() <= 1
+
+
+def test_pipeline_defaults_and_the_t5_length(tiny_sd3, tmp_path):
+    """steps/guidance None are the pipeline's own call defaults (what `pipe(prompt)` gives), recorded in run.json;
+    max_sequence_length reaches the pipeline (the image equals its own call at that length) and is recorded."""
+    from diffusers import DiffusionPipeline
+
+    kw = dict(height=32, width=32)
+    short = generate(str(tiny_sd3), PROMPTS[:1], [3], tmp_path / "short", steps=2, guidance_scale=3.0,
+                     max_sequence_length=8, **kw).parent
+    assert _manifest(short)[0]["max_sequence_length"] == 8
+    pipe = DiffusionPipeline.from_pretrained(str(tiny_sd3))
+    own = pipe(PROMPTS[0], num_inference_steps=2, guidance_scale=3.0, max_sequence_length=8,
+               generator=torch.Generator().manual_seed(3), **kw).images[0]
+    assert np.abs(np.asarray(Image.open(short / image_name(0, 3)), dtype=int) - np.asarray(own, dtype=int)).max() <= 1
+    default_length = generate(str(tiny_sd3), PROMPTS[:1], [3], tmp_path / "long", steps=2, guidance_scale=3.0,
+                              **kw).parent
+    assert _manifest(default_length)[0]["max_sequence_length"] == 256
+    assert _images(default_length) != _images(short)  # T5's padding is attended: the length changes the image
+    run = json.loads((generate(str(tiny_sd3), PROMPTS[:1], [3], tmp_path / "defaults", steps=None,
+                               guidance_scale=None, **kw).parent / "run.json").read_text())
+    assert (run["steps"], run["guidance_scale"], run["max_sequence_length"]) == (28, 7.0, 256)
 
 
 def test_a_lora_of_another_family_is_refused(tiny_sd, tiny_flux, tmp_path):

@@ -56,6 +56,9 @@ def register(subparsers: argparse._SubParsersAction, parser_class: type[argparse
     gen.add_argument("--output-dir", required=True, help="run directory (images/, manifest.jsonl, run.json)")
     gen.add_argument("--steps", type=int, default=30, help="sampling steps [default: 30]")
     gen.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance [default: 7.5]")
+    gen.add_argument("--max-sequence-length", type=int, metavar="N",
+                     help="T5 tokens (SD3, FLUX): the model.max_sequence_length it was trained at "
+                          "[default: the pipeline's: 256 for SD3, 512 for FLUX (schnell takes at most 256)]")
     gen.add_argument("--height", type=int, help="[default: the model's native size]")
     gen.add_argument("--width", type=int, help="[default: the model's native size]")
     gen.add_argument("--batch-size", type=int, default=4, help="images per forward pass [default: 4]")
@@ -151,6 +154,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     prompts = load_prompts(args.prompts, args.prompt_kind, args.limit, args.prompt_split)
     manifest = generate(args.model, prompts, args.seeds, args.output_dir, lora=args.lora, scheduler=args.scheduler,
                         steps=args.steps, guidance_scale=args.guidance_scale, height=args.height, width=args.width,
+                        max_sequence_length=args.max_sequence_length,
                         batch_size=args.batch_size, device=_device(args.device), dtype=args.dtype)
     print(f"{len(prompts)} prompts x {len(args.seeds)} seeds: {len(prompts) * len(args.seeds)} images in "
           f"{Path(args.output_dir)} (manifest: {manifest})")

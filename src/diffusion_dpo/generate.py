@@ -19,7 +19,7 @@ settings on the same machine give byte-identical files.)
 
 Output directory:
 
-    run.json         the settings (model, lora, scheduler, steps, guidance, size, dtype)
+    run.json         the settings (model, lora, scheduler, steps, guidance, size, dtype, T5 length)
     manifest.jsonl   one line per image: prompt, prompt_index, seed, file, model, lora, scheduler,
                      steps, guidance_scale, height, width (+ category if the prompt set has one)
     images/{prompt_index:05d}_{seed}.png
@@ -60,7 +60,7 @@ SCHEDULERS = {
     "unipc": "UniPCMultistepScheduler",
 }
 # Settings that must agree for images in one directory to belong to one run.
-RUN_KEYS = ("model", "lora", "scheduler", "steps", "guidance_scale", "height", "width", "dtype")
+RUN_KEYS = ("model", "lora", "scheduler", "steps", "guidance_scale", "height", "width", "dtype", "max_sequence_length")
 
 
 def image_name(prompt_index: int, seed: int) -> str:
@@ -191,13 +191,28 @@ def _check_resume(out_dir: Path, settings: dict) -> None:
     run_file.write_text(json.dumps(settings, indent=2) + "\n")
 
 
+def pipeline_defaults(pipe: Any) -> dict[str, Any]:
+    """The sampling settings a user gets from `pipe(prompt)`: the pipeline's own call defaults
+    (steps, guidance scale, and the T5 length for pipelines with a T5 encoder)."""
+    import inspect
+
+    params = inspect.signature(type(pipe).__call__).parameters
+    defaults = {"steps": params["num_inference_steps"].default, "guidance_scale": params["guidance_scale"].default}
+    if "max_sequence_length" in params:
+        defaults["max_sequence_length"] = params["max_sequence_length"].default
+    return defaults
+
+
 def generate(model: str, prompts: Sequence[dict | str], seeds: Sequence[int], out_dir: str | Path,
-             lora: Optional[str] = None, scheduler: Optional[str] = None, steps: int = 30,
-             guidance_scale: float = 7.5, height: Optional[int] = None, width: Optional[int] = None,
-             batch_size: int = 4, device: str = "cpu", dtype: str = "float32") -> Path:
+             lora: Optional[str] = None, scheduler: Optional[str] = None, steps: Optional[int] = 30,
+             guidance_scale: Optional[float] = 7.5, height: Optional[int] = None, width: Optional[int] = None,
+             batch_size: int = 4, device: str = "cpu", dtype: str = "float32",
+             max_sequence_length: Optional[int] = None) -> Path:
     """Generate image (i, s) for every prompt i and seed s that is not already done; return manifest.jsonl.
 
-    height/width default to the model's native size (its pipeline's default).
+    height/width default to the model's native size (its pipeline's default); steps or guidance_scale None take
+    the pipeline's own default (`pipeline_defaults`). max_sequence_length (T5 tokens; SD3 and FLUX only) defaults
+    to the pipeline's: sample at the length the model was trained at (`model.max_sequence_length`).
     """
     prompts = [{"prompt": p} if isinstance(p, str) else dict(p) for p in prompts]
     seeds = [int(s) for s in seeds]
@@ -205,17 +220,30 @@ def generate(model: str, prompts: Sequence[dict | str], seeds: Sequence[int], ou
         raise UserError("no prompts to generate")
     if not seeds or len(set(seeds)) != len(seeds):
         raise UserError(f"seeds must be a non-empty list without repeats, got {seeds}")
-    if batch_size < 1 or steps < 1:
+    if batch_size < 1 or (steps is not None and steps < 1):
         raise UserError(f"batch size and steps must be positive, got {batch_size} and {steps}")
+    if max_sequence_length is not None and max_sequence_length < 1:
+        raise UserError(f"max sequence length must be positive, got {max_sequence_length}")
     out_dir = Path(out_dir)
     pipe, family = load_pipeline(model, lora, scheduler, device, dtype)
+    defaults = pipeline_defaults(pipe)
+    steps = defaults["steps"] if steps is None else steps
+    guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+    text_kwargs = {}
+    if max_sequence_length is not None:
+        if "max_sequence_length" not in defaults:
+            raise UserError(f"max sequence length applies to T5-conditioned models (SD3, FLUX); {family.title} "
+                            "has no T5")
+        text_kwargs["max_sequence_length"] = max_sequence_length
     factor, multiple = pipe.vae_scale_factor, family.size_multiple(pipe)
     default = family.native_size(pipe)
     height, width = height or default, width or default
     if height % multiple or width % multiple:
         raise UserError(f"height and width must be multiples of {multiple} for {family.title}, got {height}x{width}")
     settings = dict(model=model, lora=lora, scheduler=type(pipe.scheduler).__name__, steps=steps,
-                    guidance_scale=float(guidance_scale), height=height, width=width, dtype=dtype)
+                    guidance_scale=float(guidance_scale), height=height, width=width, dtype=dtype,
+                    max_sequence_length=defaults.get("max_sequence_length") if max_sequence_length is None
+                    else max_sequence_length)
     (out_dir / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
     _check_resume(out_dir, settings)
     manifest = out_dir / MANIFEST
@@ -235,7 +263,7 @@ def generate(model: str, prompts: Sequence[dict | str], seeds: Sequence[int], ou
             with torch.no_grad():
                 images = pipe(prompt=[prompts[i]["prompt"] for i, _ in batch], height=height, width=width,
                               num_inference_steps=steps, guidance_scale=guidance_scale, latents=latents,
-                              generator=list(generators), output_type="pil").images
+                              generator=list(generators), output_type="pil", **text_kwargs).images
             with open(manifest, "a", encoding="utf-8") as f:
                 for (i, s), image in zip(batch, images):
                     file = image_name(i, s)
