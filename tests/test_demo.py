@@ -128,30 +128,46 @@ def test_pairs_are_written_in_the_pickapic_schema_and_load_for_training(tmp_path
     assert len(loaded) == 6
 
 
-def test_tiny_demo_end_to_end_writes_every_output(tmp_path):
+@pytest.mark.parametrize("family, base_class", [("sd", "StableDiffusionPipeline"),
+                                                ("sd3", "StableDiffusion3Pipeline")])
+def test_tiny_demo_end_to_end_writes_every_output(tmp_path, family, base_class):
     from diffusion_dpo.demo.run import run_demo
 
     out, cache = tmp_path / "demo", tmp_path / "cache"
-    report = run_demo(out, size="tiny", cache_dir=cache)
+    report = run_demo(out, size="tiny", cache_dir=cache, family=family)
     for name in ("base/model_index.json", "dpo/model_index.json", "dpo_ai/model_index.json", "sft/model_index.json",
                  "eval_prompts.jsonl", "report.json", "report.md", "win_rates.png", "training_curves.png",
                  "score_distributions.png", "grid.png"):
         assert (out / name).is_file(), name
+    for name in ("base", "dpo", "dpo_ai", "sft"):
+        assert json.loads((out / name / "model_index.json").read_text())["_class_name"] == base_class
     saved = json.loads((out / "report.json").read_text())
-    assert saved == json.loads(json.dumps(report))
-    for judge in ("judge", "ai", "crowd"):
-        for model in ("dpo", "dpo_ai", "sft"):
-            r = saved["win_rates_vs_base"][judge][model]
-            assert 0 <= r["ci_low"] <= r["win_rate"] <= r["ci_high"] <= 1 and r["n"] == 20
-    assert set(saved["diversity"]["ratio_to_base"]) == {"dpo", "dpo_ai", "sft"}
+    assert saved == json.loads(json.dumps(report)) and saved["family"] == family
+    assert set(saved["win_rates_vs_base"]) == {"demo", "defaults"}
+    for setting in ("demo", "defaults"):
+        for judge in ("judge", "ai", "crowd"):
+            for model in ("dpo", "dpo_ai", "sft"):
+                r = saved["win_rates_vs_base"][setting][judge][model]
+                assert 0 <= r["ci_low"] <= r["win_rate"] <= r["ci_high"] <= 1 and r["n"] == 20
+                assert 0 <= r["image_ci_low"] <= r["image_win_rate"] <= r["image_ci_high"] <= 1
+                assert r["n_images"] == 40
+        assert set(saved["diversity"][setting]["ratio_to_base"]) == {"dpo", "dpo_ai", "sft"}
+        assert set(saved["failure_share"][setting]) == {"base", "dpo", "dpo_ai", "sft"}
+    # the demo's own settings, and the pipeline's call defaults (what pipe(prompt) gives), as generate ran them
+    demo, defaults = saved["sampling"]["demo"], saved["sampling"]["defaults"]
+    assert demo["steps"] == 2
+    assert (defaults["steps"], defaults["guidance_scale"]) == ((50, 7.5) if family == "sd" else (28, 7.0))
+    assert demo["max_sequence_length"] == defaults["max_sequence_length"] == (None if family == "sd" else 12)
     for stage in ("base", "pairs", "relabel", "train_dpo", "train_dpo_ai", "train_sft", "generate", "compare",
                   "report", "total"):
         assert saved["wall_time_s"][stage] >= 0
     lines = [json.loads(line) for line in (out / "eval_prompts.jsonl").read_text().splitlines()]
     assert len(lines) == 20 and all(world.digit_of(p["prompt"]) == p["digit"] for p in lines)
     assert saved["base_built_now"] and len(list(cache.iterdir())) == 1  # one finished build, no leftovers
+    md = (out / "report.md").read_text()
+    assert "the pipeline's own defaults" in md and "per image" in md
 
-    again = run_demo(out, size="tiny", cache_dir=cache)  # an earlier demo's directory is started over
+    again = run_demo(out, size="tiny", cache_dir=cache, family=family)  # an earlier demo's directory: started over
     assert not again["base_built_now"]
     assert again["win_rates_vs_base"] == saved["win_rates_vs_base"]  # deterministic given the seeds
 
@@ -160,13 +176,13 @@ def test_a_failed_build_leaves_no_cache_entry(tmp_path, monkeypatch):
     from diffusion_dpo.demo import cache
     from diffusion_dpo.demo.run import SIZES
 
-    def boom(out_dir, recipe, progress=None):
+    def boom(recipe, out_dir, progress=None):
         (out_dir / "model_index.json").write_text("{}")  # half-written, then killed
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cache, "build_base", boom)
+    monkeypatch.setattr(type(SIZES["sd"]["tiny"].base), "build", boom)
     with pytest.raises(KeyboardInterrupt):
-        cache.cached_base(SIZES["tiny"].base, tmp_path)
+        cache.cached_base(SIZES["sd"]["tiny"].base, tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -187,7 +203,7 @@ def test_tuning_loop_never_touches_the_evaluation_prompts_or_seeds():
     dev = {p["prompt"] for p in tune.dev_prompts()}
     assert dev and not dev & {p["prompt"] for p in world.eval_prompts()}
     dev_seeds = range(tune.DEV_SEED_START, tune.DEV_SEED_START + tune.DEV_SEEDS)
-    assert max(pair_seeds(SIZES["full"].pairs_per_prompt)) < min(dev_seeds)
+    assert max(pair_seeds(SIZES["sd"]["full"].pairs_per_prompt)) < min(dev_seeds)
     assert max(dev_seeds) < world.EVAL_SEED_START
     with pytest.raises(SystemExit):  # a misspelt setting is refused before anything runs
         tune.main(["--work-dir", "/nonexistent/never-made", "--set", "betta=1000"])

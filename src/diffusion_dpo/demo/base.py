@@ -23,7 +23,7 @@ import math
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -56,15 +56,27 @@ class BaseRecipe:
 
     def key(self) -> str:
         """A short stable hash of the recipe, the split and the package versions (the cache key)."""
-        import hashlib
+        return recipe_key(self)
 
-        import diffusers
-        import transformers
+    def build(self, out_dir: Path, progress: Optional[Callable[[int], None]] = None) -> Path:
+        return build_base(out_dir, self, progress)
 
-        text = json.dumps({**asdict(self), "split_seed": world.SPLIT_SEED, "torch": torch.__version__,
-                           "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-                           "templates": world.PAIR_TEMPLATES + world.EVAL_TEMPLATES}, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+    def total_steps(self) -> int:
+        """Optimizer steps of a build (the length of its progress bar)."""
+        return self.vae_steps + self.text_steps + self.unet_steps
+
+
+def recipe_key(recipe: Any) -> str:
+    """A short stable hash of a base recipe (a dataclass), the split and the package versions: its cache key."""
+    import hashlib
+
+    import diffusers
+    import transformers
+
+    text = json.dumps({**asdict(recipe), "split_seed": world.SPLIT_SEED, "torch": torch.__version__,
+                       "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+                       "templates": world.PAIR_TEMPLATES + world.EVAL_TEMPLATES}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def make_tokenizer(out_dir: Path) -> None:
@@ -78,20 +90,30 @@ def make_tokenizer(out_dir: Path) -> None:
         BertTokenizer(str(file), model_max_length=TOKEN_LENGTH, do_lower_case=True).save_pretrained(out_dir)
 
 
+def make_vae(resolution: int, latent_channels: int = 4, quant_conv: bool = True) -> nn.Module:
+    """A fresh x2 AutoencoderKL (16x16x3 <-> 8x8xC), its posterior started near-deterministic."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=(32, 64),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, sample_size=resolution, use_quant_conv=quant_conv,
+                        use_post_quant_conv=quant_conv)
+    with torch.no_grad():
+        # Start from a near-deterministic posterior (std ~0.02, like SD's VAE relative to its latents): from the
+        # default std 1 a short run leaves posterior noise of a third of the latent scale, which the denoiser
+        # cannot tell from diffusion noise, so low-noise steps dominate its loss and its prompt is never learned.
+        moments = vae.quant_conv if quant_conv else vae.encoder.conv_out  # the last layer giving (mean, log var)
+        moments.bias[latent_channels:] = -8.0
+    return vae
+
+
 def _modules(recipe: BaseRecipe, vocab_size: int):
     """Freshly initialised VAE, text encoder and UNet (seeded)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(recipe.seed)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        layers_per_block=1, sample_size=recipe.resolution)
-    with torch.no_grad():
-        # Start from a near-deterministic posterior (std ~0.02, like SD's VAE relative to its latents): from the
-        # default std 1 a short run leaves posterior noise of a third of the latent scale, which the UNet cannot
-        # tell from diffusion noise, so low-noise steps dominate its loss and its prompt is never learned.
-        vae.quant_conv.bias[4:] = -8.0
+    vae = make_vae(recipe.resolution)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
         max_position_embeddings=TOKEN_LENGTH, projection_dim=32, pad_token_id=0, bos_token_id=2, eos_token_id=3,
@@ -146,8 +168,16 @@ def train_vae(vae: nn.Module, pixels: torch.Tensor, recipe: BaseRecipe, tick: Ca
     return float(1.0 / means.std())  # SD's 0.18215 was found the same way
 
 
+def clip_pooled(text_encoder: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The pooled embedding a pipeline reads from a CLIP text encoder: text_embeds (with projection), else the
+    pooled output at the end token."""
+    out = text_encoder(ids)
+    return out.text_embeds if getattr(out, "text_embeds", None) is not None else out.pooler_output
+
+
 def train_text_encoder(text_encoder: nn.Module, tokenizer, pixels: torch.Tensor, labels: np.ndarray,
-                       recipe: BaseRecipe, tick: Callable[[], None]) -> None:
+                       recipe: Any, tick: Callable[[], None], pooled: Callable = clip_pooled,
+                       length: int = TOKEN_LENGTH, seed_offset: int = 3) -> None:
     """CLIP-style contrastive pre-training of the text encoder against the base split's images, then freeze it.
 
     SD conditions on a CLIP text encoder pre-trained on image-text pairs; a randomly initialised one gives
@@ -155,22 +185,25 @@ def train_text_encoder(text_encoder: nn.Module, tokenizer, pixels: torch.Tensor,
     ignore the prompt. Here the pooled output (at [SEP]) of a caption and a linear embedding of a digit image
     are pulled together by the symmetric InfoNCE loss of CLIP, over batches holding each digit once with
     a random phrasing. Because the encoder is causal, every position from [SEP] on carries the digit.
+    `pooled(encoder, ids)` picks the embedding trained (CLIP's pooled output by default; mean-pooled T5 states).
     """
-    torch.manual_seed(recipe.seed + 3)
-    image_encoder = nn.Linear(pixels[0].numel(), text_encoder.config.hidden_size)
+    torch.manual_seed(recipe.seed + seed_offset)
+    with torch.no_grad():
+        width = pooled(text_encoder, tokenizer([""], return_tensors="pt").input_ids).shape[-1]
+    image_encoder = nn.Linear(pixels[0].numel(), width)
     logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
     params = list(text_encoder.parameters()) + list(image_encoder.parameters()) + [logit_scale]
     opt = torch.optim.AdamW(params, lr=recipe.text_lr, weight_decay=0.0)
     captions = [world.all_captions(d) for d in range(10)]
-    g = torch.Generator().manual_seed(recipe.seed + 3)
+    g = torch.Generator().manual_seed(recipe.seed + seed_offset)
     by_digit = [np.flatnonzero(labels == d) for d in range(10)]
     text_encoder.train()
     for _ in range(recipe.text_steps):
         picks = [int(ix[torch.randint(0, len(ix), (1,), generator=g)]) for ix in by_digit]  # one image per digit
         texts = [captions[d][int(torch.randint(0, len(captions[d]), (1,), generator=g))] for d in range(10)]
-        ids = tokenizer(texts, padding="max_length", max_length=TOKEN_LENGTH, truncation=True,
+        ids = tokenizer(texts, padding="max_length", max_length=length, truncation=True,
                         return_tensors="pt").input_ids
-        t = nn.functional.normalize(text_encoder(ids).pooler_output, dim=-1)  # (10, D)
+        t = nn.functional.normalize(pooled(text_encoder, ids), dim=-1)  # (10, D)
         v = nn.functional.normalize(image_encoder(pixels[picks].flatten(1)), dim=-1)  # (10, D)
         logits = logit_scale.exp() * t @ v.T
         target = torch.arange(10)
@@ -250,8 +283,3 @@ def build_base(out_dir: Path, recipe: BaseRecipe, progress: Optional[Callable[[i
     pipe.save_pretrained(out_dir, safe_serialization=True)
     (out_dir / "recipe.json").write_text(json.dumps({**asdict(recipe), "key": recipe.key()}, indent=2) + "\n")
     return out_dir
-
-
-def total_steps(recipe: BaseRecipe) -> int:
-    """Optimizer steps of a build (the length of its progress bar)."""
-    return recipe.vae_steps + recipe.text_steps + recipe.unet_steps

@@ -4,7 +4,7 @@
 
 A build goes to a temporary sibling directory and is renamed into place only when complete, so an
 interrupted build never leaves a directory that a later run would take for a finished one. The
-hash covers the recipe, the data split and the library versions (BaseRecipe.key).
+hash covers the recipe, the data split and the library versions (base.recipe_key).
 """
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
-from diffusion_dpo.demo.base import BaseRecipe, build_base
 from diffusion_dpo.errors import UserError
 
 
@@ -25,9 +24,10 @@ def default_cache_dir() -> Path:
     return Path(root) / "diffusion-dpo" / "demo"
 
 
-def cached_base(recipe: BaseRecipe, cache_dir: Optional[Path] = None, rebuild: bool = False,
+def cached_base(recipe: Any, cache_dir: Optional[Path] = None, rebuild: bool = False,
                 progress: Optional[Callable[[int], None]] = None) -> tuple[Path, bool]:
-    """(the base pipeline directory, whether it was built now) for `recipe`."""
+    """(the base pipeline directory, whether it was built now) for `recipe` (a recipe of demo/base.py or
+    demo/base_sd3.py: `key()`, `build(out_dir, progress)`)."""
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     final = cache_dir / f"base-{recipe.key()}"
     if final.is_dir() and (final / "model_index.json").is_file() and not rebuild:
@@ -39,7 +39,7 @@ def cached_base(recipe: BaseRecipe, cache_dir: Optional[Path] = None, rebuild: b
         raise UserError(f"cache directory '{cache_dir}' is not writable ({exc.strerror or exc}); "
                         "pass another --cache-dir") from None
     try:
-        build_base(tmp, recipe, progress)
+        recipe.build(tmp, progress)
         if final.exists():  # --rebuild: the old build goes only once the new one is complete
             shutil.rmtree(final)
         tmp.rename(final)

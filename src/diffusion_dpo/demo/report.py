@@ -53,47 +53,70 @@ def training_summary(rows: list[dict]) -> dict:
             "pairs_per_s": float(np.median([r["pairs_per_s"] for r in rows]))}
 
 
+SETTINGS = {"demo": "the demo's sampling settings", "defaults": "the pipeline's own defaults"}
+FAIL_P = 0.5  # an image "fails to show the prompted digit" when the judge gives that digit p < 0.5
+
+
 def _targets(judged: dict, head: dict, div: dict) -> dict:
-    """The issue's targets, each with its measured value and whether it is met."""
-    j = judged["judge"]
-    return {
-        "dpo_win_rate_ge_0.75": {"value": j["dpo"]["win_rate"], "met": j["dpo"]["win_rate"] >= 0.75},
-        "dpo_ci_low_gt_0.65": {"value": j["dpo"]["ci_low"], "met": j["dpo"]["ci_low"] > 0.65},
-        "dpo_ai_within_0.05_of_dpo": {"value": j["dpo_ai"]["win_rate"] - j["dpo"]["win_rate"],
-                                      "met": abs(j["dpo_ai"]["win_rate"] - j["dpo"]["win_rate"]) <= 0.05},
-        "dpo_above_sft": {"value": head["dpo_vs_sft"]["judge"]["win_rate"],
-                          "met": j["dpo"]["win_rate"] > j["sft"]["win_rate"]
-                          and head["dpo_vs_sft"]["judge"]["win_rate"] > 0.5},
-        "dpo_diversity_ge_0.8_of_base": {"value": div["ratio_to_base"]["dpo"], "met": div["ratio_to_base"]["dpo"] >= 0.8},
-    }
+    """The issues' targets, each with its measured value and whether it is met: per image (prompt, seed) under the
+    held-out judge, at the demo's sampling settings and at the pipeline's defaults."""
+    targets = {}
+    for setting in judged:
+        j, h, d = judged[setting]["judge"], head[setting]["dpo_vs_sft"]["judge"], div[setting]["ratio_to_base"]
+        targets |= {
+            f"{setting}: dpo_image_win_rate_ge_0.70": {"value": j["dpo"]["image_win_rate"],
+                                                       "met": j["dpo"]["image_win_rate"] >= 0.70},
+            f"{setting}: dpo_image_ci_low_gt_0.65": {"value": j["dpo"]["image_ci_low"],
+                                                     "met": j["dpo"]["image_ci_low"] > 0.65},
+            f"{setting}: dpo_ai_within_0.05_of_dpo": {
+                "value": j["dpo_ai"]["image_win_rate"] - j["dpo"]["image_win_rate"],
+                "met": abs(j["dpo_ai"]["image_win_rate"] - j["dpo"]["image_win_rate"]) <= 0.05},
+            f"{setting}: dpo_above_sft": {"value": h["image_win_rate"],
+                                          "met": j["dpo"]["image_win_rate"] > j["sft"]["image_win_rate"]
+                                          and h["image_win_rate"] > 0.5},
+            f"{setting}: dpo_diversity_ge_0.8_of_base": {"value": d["dpo"], "met": d["dpo"] >= 0.8},
+        }
+    return targets
 
 
-def write_report(out: Path, facts: dict, comparisons: dict[str, dict], gens: dict[str, Path], runs: dict[str, Path],
-                 timer: Callable, judges: dict[str, str], started: float) -> dict:
-    """Write report.json, report.md and the PNGs into `out` (timed as the 'report' stage); return the report."""
+def _result(cmp: dict, reward: str) -> dict:
+    r = cmp["rewards"][reward]
+    return {"win_rate": r["win_rate"], "ci_low": r["ci_low"], "ci_high": r["ci_high"], "n": r["n_prompts"],
+            "p_value": r["p_value"], "wins": r["wins"], "ties": r["ties"], "losses": r["losses"],
+            "image_win_rate": r["image_win_rate"], "image_ci_low": r["image_ci_low"],
+            "image_ci_high": r["image_ci_high"], "n_images": r["n_images"],
+            "mean_model": r["mean_a"], "mean_other": r["mean_b"]}
+
+
+def write_report(out: Path, facts: dict, comparisons: dict[str, dict[str, dict]], gens: dict[str, dict[str, Path]],
+                 runs: dict[str, Path], timer: Callable, judges: dict[str, str], started: float) -> dict:
+    """Write report.json, report.md and the PNGs into `out` (timed as the 'report' stage); return the report.
+    `comparisons` and `gens` hold one entry per sampling setting ("demo", "defaults")."""
     from diffusion_dpo.evaluate import score_run
 
     with timer("report"):
-        def result(cmp: dict, judge: str) -> dict:
-            r = cmp["rewards"][judges[judge]]
-            return {"win_rate": r["win_rate"], "ci_low": r["ci_low"], "ci_high": r["ci_high"], "n": r["n_prompts"],
-                    "p_value": r["p_value"], "wins": r["wins"], "ties": r["ties"], "losses": r["losses"],
-                    "mean_model": r["mean_a"], "mean_other": r["mean_b"]}
-
         models = [m for m in LABELS if m != "base"]
-        judged = {j: {m: result(comparisons[f"{m}_vs_base"], j) for m in models} for j in judges}
-        head = {k: {j: result(comparisons[k], j) for j in judges} for k in comparisons if not k.endswith("_vs_base")}
-        scores = {name: score_run(gens[name], list(judges.values())) for name in LABELS}  # cached by compare
-        mean_scores = {j: {name: float(np.mean(scores[name][judges[j]])) for name in LABELS} for j in judges}
-        div = {name: diversity(gens[name]) for name in LABELS}
-        div = {**div, "ratio_to_base": {m: div[m] / div["base"] for m in models}}
+        judged = {st: {j: {m: _result(cmp[f"{m}_vs_base"], judges[j]) for m in models} for j in judges}
+                  for st, cmp in comparisons.items()}
+        head = {st: {k: {j: _result(cmp[k], judges[j]) for j in judges} for k in cmp if not k.endswith("_vs_base")}
+                for st, cmp in comparisons.items()}
+        scores = {st: {name: score_run(g[name], list(judges.values())) for name in LABELS}  # cached by compare
+                  for st, g in gens.items()}
+        mean_scores = {st: {j: {name: float(np.mean(sc[name][judges[j]])) for name in LABELS} for j in judges}
+                       for st, sc in scores.items()}
+        failures = {st: {name: float(np.mean(sc[name][judges["judge"]] < np.log(FAIL_P))) for name in LABELS}
+                    for st, sc in scores.items()}
+        div = {}
+        for st, g in gens.items():
+            d = {name: diversity(g[name]) for name in LABELS}
+            div[st] = {**d, "ratio_to_base": {m: d[m] / d["base"] for m in models}}
         training = {name: training_summary(read_metrics(path)) for name, path in runs.items()}
         _plot_win_rates(out / "win_rates.png", judged)
         _plot_curves(out / "training_curves.png", {name: read_metrics(path) for name, path in runs.items()})
-        _plot_scores(out / "score_distributions.png", {name: scores[name][judges["judge"]] for name in LABELS})
-        _grid(gens).save(out / "grid.png")
+        _plot_scores(out / "score_distributions.png", {name: scores["demo"][name][judges["judge"]] for name in LABELS})
+        _grid(gens["demo"]).save(out / "grid.png")
     report = {**facts, "judges": {j: judges[j] for j in judges}, "win_rates_vs_base": judged, "head_to_head": head,
-              "mean_scores": mean_scores, "diversity": div, "training": training,
+              "mean_scores": mean_scores, "failure_share": failures, "diversity": div, "training": training,
               "targets": _targets(judged, head, div),
               "wall_time_s": {**timer.seconds, "total": round(time.perf_counter() - started, 2)}}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -101,36 +124,54 @@ def write_report(out: Path, facts: dict, comparisons: dict[str, dict], gens: dic
     return report
 
 
+def _setting_line(name: str, used: dict) -> str:
+    t5 = f", T5 length {used['max_sequence_length']}" if used.get("max_sequence_length") else ""
+    return (f"**{SETTINGS[name]}** ({used['scheduler']}, {used['steps']} steps, guidance {used['guidance_scale']:g}"
+            f"{t5})")
+
+
 def markdown(report: dict) -> str:
-    """report.md: win rates, head-to-head, diversity, targets, training and timings as tables."""
-    lines = ["# Diffusion-DPO demo", "",
-             f"Held-out evaluation: {report['win_rates_vs_base']['judge']['dpo']['n']} prompts (phrasings never "
-             f"used in the preference data) x {len(report['eval_seeds'])} seeds (never used for pairs). Win rate "
-             "of each model over the base per prompt (seeds averaged, ties 0.5), 95% paired-bootstrap interval "
-             "over prompts.", "",
-             "| judge | model | win rate vs base | 95% CI | n | mean score (model / base) |", "|---|---|---|---|---|---|"]
-    for judge, per_model in report["win_rates_vs_base"].items():
-        for model, r in per_model.items():
-            lines.append(f"| {judge} | {LABELS[model]} | {r['win_rate']:.3f} | [{r['ci_low']:.3f}, {r['ci_high']:.3f}] "
-                         f"| {r['n']} | {r['mean_model']:.3f} / {r['mean_other']:.3f} |")
+    """report.md: win rates per sampling setting, head-to-head, failures, diversity, targets, training, timings."""
+    any_setting = next(iter(report["win_rates_vs_base"].values()))
+    n = any_setting["judge"]["dpo"]
+    lines = [f"# Diffusion-DPO demo ({report['family']} base)", "",
+             f"Held-out evaluation: {n['n']} prompts (phrasings never used in the preference data) x "
+             f"{len(report['eval_seeds'])} seeds (never used for pairs) = {n['n_images']} images per model, at two "
+             "sampling settings. Win rate of each model over the base per image (its image and the base's from the "
+             "same noise; ties 0.5) and per prompt (seeds averaged); 95% intervals from a paired bootstrap that "
+             "resamples prompts (with all their seeds).", ""]
+    for setting, per_judge in report["win_rates_vs_base"].items():
+        lines += [_setting_line(setting, report["sampling"][setting]) + ":", "",
+                  "| judge | model | per image | 95% CI | per prompt | 95% CI | mean score (model / base) |",
+                  "|---|---|---|---|---|---|---|"]
+        for judge, per_model in per_judge.items():
+            for model, r in per_model.items():
+                lines.append(f"| {judge} | {LABELS[model]} | {r['image_win_rate']:.3f} | "
+                             f"[{r['image_ci_low']:.3f}, {r['image_ci_high']:.3f}] | {r['win_rate']:.3f} | "
+                             f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}] | {r['mean_model']:.3f} / {r['mean_other']:.3f} |")
+        lines.append("")
     crowd = report["crowd_pairs"]
-    lines += ["", f"Preference data: {crowd['pairs']} pairs from the base on {report['pair_prompts']} prompts. "
+    lines += [f"Preference data: {crowd['pairs']} pairs from the base on {report['pair_prompts']} prompts. "
               f"The crowd called {crowd['ties']} ties; of its decided pairs, {crowd['crowd_prefers_higher_utility']:.1%} went to "
               f"the image of higher utility (temperature {crowd['temperature']:.3f} nats, calibrated so that two "
               f"independent crowd draws agree on {crowd['inter_rater_agreement']:.1%} of the pairs both decide, "
               "as two people do on Pick-a-Pic). The AI labels come from `relabel` with the AI reward."]
-    lines += ["", "Head to head:", "", "| comparison | judge | win rate | 95% CI |", "|---|---|---|---|"]
-    for name, per_judge in report["head_to_head"].items():
-        a, b = name.split("_vs_")
-        for judge, r in per_judge.items():
-            lines.append(f"| {LABELS[a]} vs {LABELS[b]} | {judge} | {r['win_rate']:.3f} | "
-                         f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}] |")
-    div = report["diversity"]
-    lines += ["", "Diversity (mean pairwise RMS pixel distance among a prompt's seeds):", "",
-              "| model | diversity | ratio to base |", "|---|---|---|"]
-    for name in LABELS:
-        ratio = div["ratio_to_base"].get(name, 1.0)
-        lines.append(f"| {LABELS[name]} | {div[name]:.4f} | {ratio:.2f} |")
+    lines += ["", "Head to head (per image):", "", "| setting | comparison | judge | win rate | 95% CI |",
+              "|---|---|---|---|---|"]
+    for setting, per_cmp in report["head_to_head"].items():
+        for name, per_judge in per_cmp.items():
+            a, b = name.split("_vs_")
+            for judge, r in per_judge.items():
+                lines.append(f"| {setting} | {LABELS[a]} vs {LABELS[b]} | {judge} | {r['image_win_rate']:.3f} | "
+                             f"[{r['image_ci_low']:.3f}, {r['image_ci_high']:.3f}] |")
+    lines += ["", f"Samples that fail to show the prompted digit (held-out judge: p(digit) < {FAIL_P}), and diversity "
+              "(mean pairwise RMS pixel distance among a prompt's seeds):", "",
+              "| setting | model | failing share | diversity | ratio to base |", "|---|---|---|---|---|"]
+    for setting, div in report["diversity"].items():
+        for name in LABELS:
+            ratio = div["ratio_to_base"].get(name, 1.0)
+            lines.append(f"| {setting} | {LABELS[name]} | {report['failure_share'][setting][name]:.3f} | "
+                         f"{div[name]:.4f} | {ratio:.2f} |")
     lines += ["", "Targets:", "", "| target | value | met |", "|---|---|---|"]
     for name, t in report["targets"].items():
         lines.append(f"| {name} | {t['value']:.3f} | {'yes' if t['met'] else 'no'} |")
@@ -143,8 +184,8 @@ def markdown(report: dict) -> str:
                      f"{t['final_implicit_acc']:.3f} | {t['final_reward_margin']:.3f} | {t['pairs_per_s']:.1f} |")
     lines += ["", "Wall time per stage (s):", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {stage} | {seconds:.1f} |" for stage, seconds in report["wall_time_s"].items()]
-    lines += ["", "Pictures: win_rates.png, training_curves.png, score_distributions.png, "
-                  "grid.png (base | DPO | DPO-AI | SFT, same prompts and seeds)."]
+    lines += ["", "Pictures: win_rates.png (per image, both settings), training_curves.png, score_distributions.png "
+                  "and grid.png (base | DPO | DPO-AI | SFT, same prompts and seeds), at the demo's settings."]
     return "\n".join(lines) + "\n"
 
 
@@ -160,16 +201,21 @@ def _pyplot():
 
 
 def _plot_win_rates(path: Path, judged: dict) -> None:
+    """Per-image win rate over the base with its 95% interval: one row per sampling setting, one column per judge."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(judged), figsize=(4 * len(judged), 3.2), sharey=True)
-    for ax, (judge, per_model) in zip(np.atleast_1d(axes), judged.items()):
-        names = list(per_model)
-        rates = np.array([per_model[m]["win_rate"] for m in names])
-        err = np.array([[r - per_model[m]["ci_low"], per_model[m]["ci_high"] - r] for m, r in zip(names, rates)]).T
-        ax.bar([LABELS[m] for m in names], rates, yerr=err, capsize=4, color=["#1f77b4", "#2ca02c", "#ff7f0e"])
-        ax.axhline(0.5, color="grey", lw=0.8, ls="--")
-        ax.set_ylim(0, 1)
-        ax.set_title(f"{judge}: win rate vs base")
+    n_judges = len(next(iter(judged.values())))
+    fig, axes = plt.subplots(len(judged), n_judges, figsize=(4 * n_judges, 3.0 * len(judged)), sharey=True,
+                             squeeze=False)
+    for row, (setting, per_judge) in zip(axes, judged.items()):
+        for ax, (judge, per_model) in zip(row, per_judge.items()):
+            names = list(per_model)
+            rates = np.array([per_model[m]["image_win_rate"] for m in names])
+            err = np.array([[r - per_model[m]["image_ci_low"], per_model[m]["image_ci_high"] - r]
+                            for m, r in zip(names, rates)]).T
+            ax.bar([LABELS[m] for m in names], rates, yerr=err, capsize=4, color=["#1f77b4", "#2ca02c", "#ff7f0e"])
+            ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+            ax.set_ylim(0, 1)
+            ax.set_title(f"{judge}, {setting} sampling: per image vs base", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -1,18 +1,21 @@
 """`diffusion-dpo demo`: the whole method, offline, on a CPU, in minutes.
 
-    diffusion-dpo demo --output-dir demo
+    diffusion-dpo demo --output-dir demo                  # UNet: StableDiffusionPipeline
+    diffusion-dpo demo --family sd3 --output-dir demo-sd3  # flow matching: StableDiffusion3Pipeline (Flow-DPO)
 
 Stages (one progress bar each, wall time of each in report.json):
 
-    base       build (or take from the cache) the base StableDiffusionPipeline       -> DIR/base/
+    base       build (or take from the cache) the base pipeline (demo/base.py, base_sd3.py) -> DIR/base/
     pairs      `generate` 2K images per pair prompt from the base; the hidden crowd labels each
                pair by Bradley-Terry with ties                                       -> DIR/data/crowd/
     relabel    `relabel` the same pairs with the AI reward (AI feedback)             -> DIR/data/ai/
     train_*    `train`: Diffusion-DPO on crowd labels, on AI labels, and the SFT baseline
                                                                                     -> DIR/dpo, dpo_ai, sft
-    generate   `generate` every model on the held-out prompts and seeds              -> DIR/eval/gen/
+    generate   `generate` every model on the held-out prompts and seeds, at the demo's sampling
+               settings and at the pipeline's own defaults (what `pipe(prompt)` gives)
+                                                                      -> DIR/eval/gen/, gen_defaults/
     compare    `compare` each model with the base (and DPO with SFT) under the held-out judge,
-               the AI reward and the crowd's utility                                 -> DIR/eval/compare/
+               the AI reward and the crowd's utility, at both settings  -> DIR/eval/compare/, compare_defaults/
     report     report.json, report.md and the PNGs
 
 Nothing here re-implements the library: the demo is a user of `train`, `generate`, `relabel`
@@ -28,11 +31,12 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 from diffusion_dpo.config import Config, validate
 from diffusion_dpo.demo import world
-from diffusion_dpo.demo.base import BaseRecipe, total_steps
+from diffusion_dpo.demo.base import BaseRecipe
+from diffusion_dpo.demo.base_sd3 import SD3Recipe
 from diffusion_dpo.demo.scorers import AI_REWARD, CROWD_REWARD, JUDGE_REWARD
 from diffusion_dpo.errors import UserError
 
@@ -45,9 +49,9 @@ JUDGES = {"judge": JUDGE_REWARD, "ai": AI_REWARD, "crowd": CROWD_REWARD}  # repo
 
 @dataclass(frozen=True)
 class DemoSize:
-    """How big the demo is; `SIZES["full"]` is the README's run, "tiny" the smoke test's (same code)."""
+    """How big the demo is; `SIZES[family]["full"]` is the README's run, "tiny" the smoke test's (same code)."""
 
-    base: BaseRecipe = field(default_factory=BaseRecipe)
+    base: Any = field(default_factory=BaseRecipe)  # BaseRecipe (UNet) or SD3Recipe (flow matching)
     pair_templates: int = len(world.PAIR_TEMPLATES)  # 8 templates x 2 forms x 10 digits = 160 pair prompts
     pairs_per_prompt: int = 18  # 2,880 pairs; ~10% crowd ties are dropped in training, as in Pick-a-Pic
     eval_templates: int = len(world.EVAL_TEMPLATES)  # 6 x 2 x 10 = 120 held-out prompts: CI half-width ~0.08
@@ -63,13 +67,32 @@ class DemoSize:
     label_smoothing: float = 0.0  # conservative DPO's eps (loss.label_smoothing)
     train_seed: int = 0  # train.seed of every tuned model (the tuning loop varies it to see the spread)
 
+    @property
+    def family(self) -> str:
+        return getattr(self.base, "family", "sd")
 
+    @property
+    def max_sequence_length(self) -> Optional[int]:
+        """T5 tokens the model is trained and sampled at (SD3; None for the UNet)."""
+        return getattr(self.base, "t5_length", None)
+
+
+_TINY = dict(pair_templates=1, pairs_per_prompt=1, eval_templates=1, eval_seeds=2, sample_steps=2, train_steps=2,
+             batch_size=2)
 SIZES = {
-    "full": DemoSize(),
-    "tiny": DemoSize(base=BaseRecipe(vae_steps=2, text_steps=2, unet_steps=2, vae_batch=8, unet_batch=8), pair_templates=1,
-                     pairs_per_prompt=1, eval_templates=1, eval_seeds=2, sample_steps=2, train_steps=2,
-                     batch_size=2),
+    "sd": {
+        "full": DemoSize(),
+        "tiny": DemoSize(base=BaseRecipe(vae_steps=2, text_steps=2, unet_steps=2, vae_batch=8, unet_batch=8),
+                         **_TINY),
+    },
+    "sd3": {
+        # Flow-DPO settings chosen on the same judge-free dev metric as the UNet's (see train_config)
+        "full": DemoSize(base=SD3Recipe(), beta=250.0, beta_ai=1000.0),
+        "tiny": DemoSize(base=SD3Recipe(vae_steps=2, text_steps=2, transformer_steps=2, vae_batch=8,
+                                        transformer_batch=8), **_TINY),
+    },
 }
+FAMILIES = tuple(SIZES)
 
 OUTPUTS = ("base", "data", "train", "eval", *MODELS, "eval_prompts.jsonl", "report.json", "report.md",
            "win_rates.png", "training_curves.png", "score_distributions.png", "grid.png")
@@ -126,6 +149,8 @@ def train_config(base: Path, data: Path, out: Path, size: DemoSize, loss: str, l
     """
     cfg = Config(output_dir=str(out), overwrite=True)
     cfg.model.pretrained = str(base)
+    if size.max_sequence_length is not None:
+        cfg.model.max_sequence_length = size.max_sequence_length  # SD3: the T5 length it is sampled at
     cfg.lora.rank = 0
     cfg.data.path = str(data)
     cfg.data.batch_size = size.batch_size
@@ -153,7 +178,14 @@ def train_config(base: Path, data: Path, out: Path, size: DemoSize, loss: str, l
 
 def sampling(size: DemoSize) -> dict:
     """`generate` keyword arguments for every image the demo draws (pairs, evaluation, tuning)."""
-    return dict(steps=size.sample_steps, guidance_scale=size.guidance_scale, batch_size=128)
+    return dict(steps=size.sample_steps, guidance_scale=size.guidance_scale, batch_size=128,
+                max_sequence_length=size.max_sequence_length)
+
+
+def default_sampling(size: DemoSize) -> dict:
+    """`generate` keyword arguments for the evaluation at the pipeline's own defaults: its default steps and
+    guidance scale (`generate.pipeline_defaults`), at the T5 length the model was trained at."""
+    return {**sampling(size), "steps": None, "guidance_scale": None}
 
 
 def make_pairs(base: Path, size: DemoSize, data_dir: Path) -> PairSet:
@@ -176,6 +208,12 @@ def relabel_ai(crowd_dir: Path, data_dir: Path) -> dict:
     # margin 0: the higher-scoring image wins, as in the paper's AI feedback. The AI reward is confident on
     # most digits, so a margin as small as 0.05 nats already called 70% of the pairs ties.
     return relabel(crowd_dir, AI_REWARD, data_dir / "ai", margin=0.0, batch_size=256)
+
+
+def _resolved(run_dir: Path) -> dict:
+    """The sampling settings a generation run actually used (run.json): steps, guidance, T5 length, sampler."""
+    run = json.loads((run_dir / "run.json").read_text())
+    return {k: run[k] for k in ("steps", "guidance_scale", "max_sequence_length", "scheduler")}
 
 
 class StageTimer:
@@ -220,8 +258,9 @@ def _tqdm(total: int, desc: str):
 
 
 def run_demo(output_dir: str | Path, size: str | DemoSize = "full", cache_dir: Optional[Path] = None,
-             rebuild: bool = False) -> dict:
-    """Run every stage into `output_dir`; return the report (also written as report.json)."""
+             rebuild: bool = False, family: str = "sd") -> dict:
+    """Run every stage into `output_dir` for the base model `family` ("sd": UNet, "sd3": flow matching; a
+    DemoSize given as `size` carries its own); return the report (also written as report.json)."""
     from diffusion_dpo.demo.cache import cached_base
     from diffusion_dpo.demo.report import write_report
     from diffusion_dpo.evaluate import compare
@@ -229,9 +268,11 @@ def run_demo(output_dir: str | Path, size: str | DemoSize = "full", cache_dir: O
     from diffusion_dpo.training import train
 
     if isinstance(size, str):
-        if size not in SIZES:
-            raise UserError(f"unknown demo size '{size}'; choose one of {', '.join(SIZES)}")
-        size_name, size = size, SIZES[size]
+        if family not in SIZES:
+            raise UserError(f"unknown demo family '{family}'; choose one of {', '.join(FAMILIES)}")
+        if size not in SIZES[family]:
+            raise UserError(f"unknown demo size '{size}'; choose one of {', '.join(SIZES[family])}")
+        size_name, size = size, SIZES[family][size]
     else:
         size_name = "custom"
     out = Path(output_dir)
@@ -241,7 +282,7 @@ def run_demo(output_dir: str | Path, size: str | DemoSize = "full", cache_dir: O
     sample = sampling(size)
 
     with timer("base"):
-        with _tqdm(total_steps(size.base), "base model") as bar:
+        with _tqdm(size.base.total_steps(), "base model") as bar:
             cached, built = cached_base(size.base, cache_dir, rebuild, bar.update)
             bar.update(bar.total - bar.n)  # a cached base skips the bar to its end
         base = out / "base"
@@ -266,19 +307,27 @@ def run_demo(output_dir: str | Path, size: str | DemoSize = "full", cache_dir: O
                   for p in world.phrasings(d, world.EVAL_TEMPLATES[:size.eval_templates])]
     eval_seeds = [world.EVAL_SEED_START + k for k in range(size.eval_seeds)]
     (out / "eval_prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in eval_items))
-    gens = {}
+    settings = {"demo": ("gen", "compare", sample), "defaults": ("gen_defaults", "compare_defaults",
+                                                                  default_sampling(size))}
+    gens: dict[str, dict[str, Path]] = {}
     with timer("generate"):
-        for name in ("base", *MODELS):
-            gens[name] = out / "eval" / "gen" / name
-            generate(str(out / name), eval_items, eval_seeds, gens[name], **sample)
+        for setting, (gen_dir, _, kwargs) in settings.items():
+            gens[setting] = {name: out / "eval" / gen_dir / name for name in ("base", *MODELS)}
+            for name, path in gens[setting].items():
+                generate(str(out / name), eval_items, eval_seeds, path, **kwargs)
 
-    comparisons = {}
+    comparisons: dict[str, dict[str, dict]] = {}
     with timer("compare"):
-        for a, b in [(m, "base") for m in MODELS] + [("dpo", "sft"), ("dpo_ai", "dpo")]:
-            comparisons[f"{a}_vs_{b}"] = compare(gens[a], gens[b], list(JUDGES.values()),
-                                                 out / "eval" / "compare" / f"{a}_vs_{b}", batch_size=512)
+        for setting, (_, cmp_dir, _) in settings.items():
+            g = gens[setting]
+            comparisons[setting] = {
+                f"{a}_vs_{b}": compare(g[a], g[b], list(JUDGES.values()), out / "eval" / cmp_dir / f"{a}_vs_{b}",
+                                       batch_size=512)
+                for a, b in [(m, "base") for m in MODELS] + [("dpo", "sft"), ("dpo_ai", "dpo")]}
 
-    facts = {"size": size_name, "settings": asdict(size), "base_built_now": built, "base_cache": str(cached),
+    facts = {"family": size.family, "size": size_name, "settings": asdict(size),
+             "sampling": {setting: _resolved(gens[setting]["base"]) for setting in settings},
+             "base_built_now": built, "base_cache": str(cached),
              "pair_prompts": len(world.pair_prompts(size.pair_templates)), "pairs_per_prompt": size.pairs_per_prompt,
              "crowd_pairs": {**asdict(crowd), "path": str(crowd.path)}, "ai_relabel": ai, "eval_seeds": eval_seeds}
     return write_report(out, facts, comparisons, gens, runs, timer, JUDGES, started)

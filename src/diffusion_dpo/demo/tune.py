@@ -2,6 +2,7 @@
 
     python -m diffusion_dpo.demo.tune --work-dir /tmp/tune --set beta=500 lr=1e-5 --labels crowd
     python -m diffusion_dpo.demo.tune --work-dir /tmp/tune --set beta_ai=500 --labels ai
+    python -m diffusion_dpo.demo.tune --family sd3 --work-dir /tmp/tune-sd3 --set beta=500
 
 Each trial trains one model exactly as `diffusion-dpo demo` would (`run.train_config` with the given
 `DemoSize` fields overridden), then samples it on the *pair* prompts (the phrasings the labels were
@@ -38,7 +39,7 @@ def dev_prompts() -> list[dict]:
 def prepare_pairs(work: Path, size: DemoSize, base: Path) -> dict[str, Path]:
     """Crowd- and AI-labelled pairs for `size.pairs_per_prompt`, made by the demo's own stages once per
     work directory."""
-    root = work / f"pairs-{size.pairs_per_prompt}"
+    root = work / f"pairs-{size.family}-{size.pairs_per_prompt}"
     done = root / "done"
     if not done.exists():
         pairs = make_pairs(base, size, root)
@@ -57,7 +58,7 @@ def dev_score(work: Path, size: DemoSize, base: Path, model: Path, name: str) ->
     from diffusion_dpo.generate import generate
 
     seeds = [DEV_SEED_START + k for k in range(DEV_SEEDS)]
-    base_gen = work / "dev-base"
+    base_gen = work / f"dev-base-{size.family}"
     generate(str(base), dev_prompts(), seeds, base_gen, **sampling(size))  # resumes: a no-op once done
     gen = work / "runs" / name / "dev"
     generate(str(model), dev_prompts(), seeds, gen, **sampling(size))
@@ -70,20 +71,20 @@ def dev_score(work: Path, size: DemoSize, base: Path, model: Path, name: str) ->
     return {**scores, "diversity": round(diversity(gen) / diversity(base_gen), 3)}
 
 
-def trial(work: Path, overrides: dict, labels: str, loss: str, name: str) -> dict:
-    """Train one model with `DemoSize` fields overridden and score it on the dev metric."""
+def trial(work: Path, overrides: dict, labels: str, loss: str, name: str, family: str = "sd") -> dict:
+    """Train one model of the `family` demo with `DemoSize` fields overridden and score it on the dev metric."""
     from diffusion_dpo.demo.cache import cached_base
     from diffusion_dpo.demo.report import read_metrics, training_summary
     from diffusion_dpo.training import train
 
-    size = dataclasses.replace(SIZES["full"], **overrides)
+    size = dataclasses.replace(SIZES[family]["full"], **overrides)
     base, _ = cached_base(size.base)
     data = prepare_pairs(work, size, base)[labels]
     started = time.perf_counter()
     run_dir = work / "runs" / name / "train"
     final = train(train_config(base, data, run_dir, size, loss, labels))
     summary = training_summary(read_metrics(run_dir))
-    result = {"name": name, "labels": labels, "loss": loss, **overrides,
+    result = {"name": name, "family": family, "labels": labels, "loss": loss, **overrides,
               "train_s": round(time.perf_counter() - started, 1),
               "final_loss": round(summary["final_loss"], 3), "final_acc": round(summary["final_implicit_acc"], 3),
               **dev_score(work, size, base, final, name)}
@@ -106,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", type=Path, required=True)
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="DemoSize fields to override")
+    parser.add_argument("--family", choices=tuple(SIZES), default="sd")
     parser.add_argument("--labels", choices=("crowd", "ai"), default="crowd")
     parser.add_argument("--loss", default="dpo")
     parser.add_argument("--name", help="trial name (default: from the overrides)")
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown DemoSize field(s): {', '.join(unknown)}")
     name = args.name or "-".join([args.labels, args.loss] + [f"{k}{v}" for k, v in overrides.items()])
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    trial(args.work_dir, overrides, args.labels, args.loss, name)
+    trial(args.work_dir, overrides, args.labels, args.loss, name, args.family)
 
 
 if __name__ == "__main__":
