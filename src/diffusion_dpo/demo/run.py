@@ -87,7 +87,7 @@ SIZES = {
     },
     "sd3": {
         # Flow-DPO settings chosen on the same judge-free dev metric as the UNet's (see train_config)
-        "full": DemoSize(base=SD3Recipe(), beta=250.0, beta_ai=1000.0),
+        "full": DemoSize(base=SD3Recipe(), beta=100.0, beta_ai=100.0, lr=3e-5),
         "tiny": DemoSize(base=SD3Recipe(vae_steps=2, text_steps=2, transformer_steps=2, vae_batch=8,
                                         transformer_batch=8), **_TINY),
     },

@@ -67,7 +67,8 @@ def dev_score(work: Path, size: DemoSize, base: Path, model: Path, name: str) ->
     for key, reward in (("crowd", CROWD_REWARD), ("ai", AI_REWARD)):
         r = result["rewards"][reward]
         # The win rate saturates once a model improves nearly every prompt a little; the mean gain does not.
-        scores |= {key: round(r["win_rate"], 3), f"{key}_gain": round(r["mean_a"] - r["mean_b"], 4)}
+        scores |= {key: round(r["win_rate"], 3), f"{key}_image": round(r["image_win_rate"], 3),
+                   f"{key}_gain": round(r["mean_a"] - r["mean_b"], 4)}
     return {**scores, "diversity": round(diversity(gen) / diversity(base_gen), 3)}
 
 
