@@ -61,7 +61,9 @@ class SD3Recipe:
     transformer_layers: int = 3  # joint blocks
     transformer_steps: int = 500
     transformer_batch: int = 128
-    transformer_lr: float = 1e-3
+    # At 1e-3 the prompt was still being learnt after 500 steps (the AI reward read the prompted digit in 23% of
+    # dev samples); at 2e-3 in 82% (seed 0) and 89% (seed 1): past that transition, with mistakes left to fix.
+    transformer_lr: float = 2e-3
     caption_dropout: float = 0.1
     shift: float = 1.0
     t5_length: int = T5_LENGTH
