@@ -146,20 +146,19 @@ def train_config(base: Path, data: Path, out: Path, size: DemoSize, loss: str, l
     per prompt and steps; the table adds the per-image dev win rate (the unit of the targets):
 
         labels  beta  lr     crowd: per image (gain)   AI: per image (gain)   diversity
-        crowd   250   1e-5   0.842 (+0.097)            0.728 (+0.137)         0.99
-        crowd   100   1e-5   0.850 (+0.153)            0.748 (+0.200)         0.99
-        crowd   40    1e-5   0.848 (+0.213)            0.747 (+0.275)         0.99
-        crowd   250   3e-5   0.745 (+0.131)            0.708 (+0.188)         0.99
-        crowd   100   3e-5   0.850 (+0.283)            0.753 (+0.397)         0.98   chosen
-        crowd   40    3e-5   0.816 (+0.462)            0.738 (+0.595)         0.93
-        ai      100   3e-5   0.786 (+0.369)            0.744 (+0.654)         0.98   chosen
-        ai      400   3e-5   0.730 (+0.142)            0.697 (+0.228)         1.01
+        crowd   250   3e-5   0.973 (+0.168)            0.866 (+0.133)         0.98
+        crowd   100   3e-5   0.963 (+0.267)            0.861 (+0.190)         0.96   chosen
+        crowd   40    3e-5   0.923 (+0.331)            0.811 (+0.180)         0.93
+        ai      400   3e-5   0.922 (+0.176)            0.898 (+0.190)         0.96
+        ai      100   3e-5   0.914 (+0.328)            0.881 (+0.282)         0.91   chosen
 
-    The flow model's diversity hardly moves at any beta tried, so the UNet's rule (diversity 0.90) picks nothing
-    here. The rule instead, fixed before the judge was run: per label source, the highest per-image dev win rate
-    under the crowd's utility, a tie (within 0.01) going to the larger mean gain. Both sources land on beta 100
-    at lr 3e-5 (flow_grpo's beta for SD3.5-M, whose loss has the same per-element mean). A smaller beta trades
-    per-image wins for larger mean gains: it moves more images further but breaks more of those already right.
+    The flow model's diversity hardly moves at these betas (on an earlier, weaker base it stayed at 0.93-1.0
+    down to beta 40, at lr 1e-5 and 3e-5 alike), so the UNet's rule (diversity 0.90) picks nothing here. The rule
+    instead, fixed on that earlier base before any judge was run: per label source, the highest per-image dev
+    win rate under the crowd's utility, a tie (within 0.01) going to the larger mean gain. Both sources land on
+    beta 100 at lr 3e-5 (flow_grpo's beta for SD3.5-M, whose loss has the same per-element mean); at lr 1e-5 the
+    earlier base moved about half as far. A smaller beta trades per-image wins for larger mean gains: it moves
+    more images further but breaks more of those already right.
 
     SFT (`loss="sft"`) runs with exactly these settings, the comparison with one thing changed (the
     objective). Tuned on its own, SFT does better than this: at lr 1e-4 it reached 0.90 (crowd) and 0.95

@@ -51,25 +51,31 @@ def prepare_pairs(work: Path, size: DemoSize, base: Path) -> dict[str, Path]:
 
 
 def dev_score(work: Path, size: DemoSize, base: Path, model: Path, name: str) -> dict:
-    """Win rate and mean score gain of `model` over the base on the dev prompts and seeds, under the crowd and
-    the AI reward."""
+    """Win rates (per prompt and per image) and mean score gain of `model` over the base on the dev prompts and
+    seeds, under the crowd and the AI reward, at the demo's sampling settings and at the pipeline's defaults
+    (keys suffixed "_defaults"); diversity relative to the base at the demo's settings."""
     from diffusion_dpo.demo.report import diversity
+    from diffusion_dpo.demo.run import default_sampling
     from diffusion_dpo.evaluate import compare
     from diffusion_dpo.generate import generate
 
     seeds = [DEV_SEED_START + k for k in range(DEV_SEEDS)]
-    base_gen = work / f"dev-base-{size.family}"
-    generate(str(base), dev_prompts(), seeds, base_gen, **sampling(size))  # resumes: a no-op once done
-    gen = work / "runs" / name / "dev"
-    generate(str(model), dev_prompts(), seeds, gen, **sampling(size))
-    result = compare(gen, base_gen, [CROWD_REWARD, AI_REWARD], work / "runs" / name / "compare", batch_size=512)
-    scores = {}
-    for key, reward in (("crowd", CROWD_REWARD), ("ai", AI_REWARD)):
-        r = result["rewards"][reward]
-        # The win rate saturates once a model improves nearly every prompt a little; the mean gain does not.
-        scores |= {key: round(r["win_rate"], 3), f"{key}_image": round(r["image_win_rate"], 3),
-                   f"{key}_gain": round(r["mean_a"] - r["mean_b"], 4)}
-    return {**scores, "diversity": round(diversity(gen) / diversity(base_gen), 3)}
+    scores: dict = {}
+    for suffix, kwargs in (("", sampling(size)), ("_defaults", default_sampling(size))):
+        base_gen = work / f"dev-base-{size.family}{suffix}"
+        generate(str(base), dev_prompts(), seeds, base_gen, **kwargs)  # resumes: a no-op once done
+        gen = work / "runs" / name / f"dev{suffix}"
+        generate(str(model), dev_prompts(), seeds, gen, **kwargs)
+        result = compare(gen, base_gen, [CROWD_REWARD, AI_REWARD], work / "runs" / name / f"compare{suffix}",
+                         batch_size=512)
+        for key, reward in (("crowd", CROWD_REWARD), ("ai", AI_REWARD)):
+            r = result["rewards"][reward]
+            # The win rate saturates once a model improves nearly every prompt a little; the mean gain does not.
+            scores |= {f"{key}{suffix}": round(r["win_rate"], 3), f"{key}_image{suffix}": round(r["image_win_rate"], 3),
+                       f"{key}_gain{suffix}": round(r["mean_a"] - r["mean_b"], 4)}
+        if not suffix:
+            scores["diversity"] = round(diversity(gen) / diversity(base_gen), 3)
+    return scores
 
 
 def trial(work: Path, overrides: dict, labels: str, loss: str, name: str, family: str = "sd") -> dict:
