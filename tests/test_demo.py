@@ -54,6 +54,32 @@ def test_prompts_name_their_digit_and_evaluation_phrasings_are_held_out():
     assert len(eval_texts) == 120
 
 
+def test_the_flow_base_tokenizers_read_every_caption_whole():
+    """The flow base's T5 tokenizer (made offline from word pieces) and the word-level CLIP tokenizers turn every
+    caption into known tokens, within the lengths the model is trained and sampled at (nothing truncated)."""
+    import tempfile
+    from pathlib import Path
+
+    from transformers import BertTokenizer
+
+    from diffusion_dpo.demo.base import TOKEN_LENGTH, make_tokenizer
+    from diffusion_dpo.demo.base_sd3 import T5_LENGTH, make_t5_tokenizer
+
+    t5 = make_t5_tokenizer()
+    with tempfile.TemporaryDirectory() as tmp:
+        make_tokenizer(Path(tmp))
+        clip = BertTokenizer.from_pretrained(tmp)
+    captions = [c for d in range(10) for c in world.all_captions(d)]
+    for caption in captions:
+        ids = t5(caption).input_ids
+        assert t5.unk_token_id not in ids and ids[-1] == t5.eos_token_id and len(ids) <= T5_LENGTH, caption
+        assert len(ids) == len(caption.split()) + 1  # one piece per word, then </s>
+        ids = clip(caption).input_ids
+        assert clip.unk_token_id not in ids and len(ids) <= TOKEN_LENGTH, caption
+    a, b = (t5(c, padding="max_length", max_length=T5_LENGTH).input_ids for c in ("digit 7", "digit seven"))
+    assert a != b  # numeral and word stay distinct tokens
+
+
 def test_bradley_terry_with_ties_by_hand():
     sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
     p0, p1, tie = pairs.crowd_probabilities(np.array([0.0, 2.0]), np.array([0.0, 0.0]), temperature=1.0)

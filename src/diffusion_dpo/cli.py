@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "held-out prompts and seeds with a judge fit on data nothing else saw, at the demo's sampling "
                     "settings and at the pipeline's own defaults. Writes DIR/base, DIR/dpo, "
                     "DIR/dpo_ai, DIR/sft (pipeline directories), DIR/eval_prompts.jsonl, DIR/report.json, "
-                    "DIR/report.md and PNGs. About 10 minutes on 2 CPU cores the first time, 5 with a cached base.")
+                    "DIR/report.md and PNGs. Minutes on 2 CPU cores (the README gives measured times); the base is cached.")
     demo.add_argument("--output-dir", required=True, metavar="DIR", help="where everything is written (new, empty, "
                       "or an earlier demo's directory, which is started over)")
     demo.add_argument("--family", default="sd", choices=("sd", "sd3"),
