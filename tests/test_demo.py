@@ -176,7 +176,7 @@ def test_tiny_demo_end_to_end_writes_every_output(tmp_path, family, base_class):
                 r = saved["win_rates_vs_base"][setting][judge][model]
                 assert 0 <= r["ci_low"] <= r["win_rate"] <= r["ci_high"] <= 1 and r["n"] == 20
                 assert 0 <= r["image_ci_low"] <= r["image_win_rate"] <= r["image_ci_high"] <= 1
-                assert r["n_images"] == 40
+                assert r["n_images"] == 40 and "effect_size" in r
         assert set(saved["diversity"][setting]["ratio_to_base"]) == {"dpo", "dpo_ai", "sft"}
         assert set(saved["failure_share"][setting]) == {"base", "dpo", "dpo_ai", "sft"}
     # the demo's own settings, and the pipeline's call defaults (what pipe(prompt) gives), as generate ran them

@@ -98,9 +98,13 @@ def test_win_rate_by_hand():
     assert (r.win_rate, r.wins, r.ties, r.losses, r.n_prompts, r.p_value) == (0.5, 1, 1, 1, 3, 1.0)
     assert (r.mean_a, r.mean_b) == (pytest.approx(1.5), pytest.approx(7 / 3))
     assert 0.0 <= r.ci_low <= 0.5 <= r.ci_high <= 1.0
+    # effect size: per-prompt differences (1, 0, -3.5): mean -5/6, sample sd sqrt(67/12) -> d_z = -0.3527
+    assert r.mean_diff == pytest.approx(-5 / 6)
+    assert r.effect_size == pytest.approx((-5 / 6) / np.sqrt(67 / 12)) and r.effect_size == pytest.approx(-0.3527, abs=1e-4)
     # seeds averaged first: A wins prompt p on average although it loses one of p's two seeds
     r = paired_win_rate([5, 0], [1, 2], ["p", "p"], n_boot=100)
     assert (r.win_rate, r.wins, r.n_prompts) == (1.0, 1, 1)
+    assert r.effect_size is None  # one prompt: no spread to standardize by
     # ... while per image it wins one of its two: 0.5
     assert (r.image_win_rate, r.n_images) == (0.5, 2)
 

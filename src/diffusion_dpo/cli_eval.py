@@ -190,7 +190,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     for label, r in report["rewards"].items():
         print(f"{label}: win rate A {r['win_rate']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] per prompt, "
               f"{r['image_win_rate']:.3f} [{r['image_ci_low']:.3f}, {r['image_ci_high']:.3f}] per image, "
-              f"p={r['p_value']:.3g}, mean A {r['mean_a']:.4g} vs B {r['mean_b']:.4g}")
+              f"p={r['p_value']:.3g}, mean A {r['mean_a']:.4g} vs B {r['mean_b']:.4g}"
+              + ("" if r["effect_size"] is None else f", effect d_z {r['effect_size']:.2f}"))
     print(f"wrote {Path(args.output_dir) / 'compare.md'} (+ compare.json, scores.png, grid.png)")
     return 0
 

@@ -14,6 +14,10 @@ an image of model A and one of model B started from the same noise. For each rew
     p-value: two-sided exact sign test on the n = wins + losses untied prompts, k = wins:
              p = min(1, 2 * sum_{i <= min(k, n-k)} C(n, i) / 2^n)   (p = 1 when n = 0)
 
+    effect size: d_p = a_p - b_p; mean difference mean_p d_p and the paired standardized effect
+                 d_z = mean_p d_p / sd_p d_p (sample sd; None when it is 0 or there is one prompt), which
+                 says how large the gain is, where the win rate says only how often
+
     per image: w_ps = 1 if r(A's image of (p, s)) > r(B's image of (p, s)), 0.5 if equal, 0 otherwise;
                image win rate = (1/N) * sum_{p,s} w_ps over the N paired images. Its 95% CI resamples
                prompts (each with all its seeds: a cluster bootstrap), for the same reason as below.
@@ -244,6 +248,8 @@ class WinRate:
     image_ci_low: float
     image_ci_high: float
     n_images: int
+    mean_diff: float  # mean over prompts of a_p - b_p
+    effect_size: Optional[float]  # d_z = mean_diff / sd of a_p - b_p (None when undefined)
 
 
 def sign_test(wins: int, losses: int) -> float:
@@ -300,10 +306,13 @@ def paired_win_rate(a_scores: Sequence[float], b_scores: Sequence[float], prompt
     w_image = np.where(a > b, 1.0, np.where(a == b, 0.5, 0.0))  # (N,)
     counts = per_prompt_counts(prompt_ids)
     image_low, image_high = bootstrap_ci(per_prompt_means(w_image, prompt_ids), n_boot, seed, weights=counts)
+    d = pa - pb  # (P,)
+    sd = float(d.std(ddof=1)) if len(d) > 1 else 0.0
     return WinRate(win_rate=float(w.mean()), ci_low=low, ci_high=high, p_value=sign_test(wins, losses), wins=wins,
                    ties=len(w) - wins - losses, losses=losses, n_prompts=len(w), mean_a=float(a.mean()),
                    mean_b=float(b.mean()), image_win_rate=float(w_image.mean()), image_ci_low=image_low,
-                   image_ci_high=image_high, n_images=len(w_image))
+                   image_ci_high=image_high, n_images=len(w_image), mean_diff=float(d.mean()),
+                   effect_size=float(d.mean()) / sd if sd > 0 else None)
 
 
 # ---------------------------------------------------------------- compare
@@ -350,6 +359,10 @@ def _model_name(info: dict) -> str:
     return model + (f" + {info['lora']}" if info.get("lora") else "")
 
 
+def _effect(d: Optional[float]) -> str:
+    return "-" if d is None else f"{d:.2f}"
+
+
 def markdown_table(report: dict) -> str:
     """The comparison as a Markdown table, one row per reward."""
     lines = [f"# A vs B: {report['n_prompts']} prompts x {len(report['seeds'])} seeds", "",
@@ -359,14 +372,15 @@ def markdown_table(report: dict) -> str:
              "over prompts; p from a two-sided sign test on untied prompts.", "",
              "Per image: the share of (prompt, seed) images where A's beats B's from the same noise; its CI "
              "resamples prompts with all their seeds.", "",
+             "Effect: d_z, the mean per-prompt score difference over its standard deviation.", "",
              "| reward | win rate A | 95% CI | p (sign test) | wins / ties / losses | per image | 95% CI | "
-             "mean A | mean B |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "mean A | mean B | d_z |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for label, r in report["rewards"].items():
         lines.append(f"| {label} | {r['win_rate']:.3f} | [{r['ci_low']:.3f}, {r['ci_high']:.3f}] | "
                      f"{r['p_value']:.3g} | {r['wins']} / {r['ties']} / {r['losses']} | "
                      f"{r['image_win_rate']:.3f} | [{r['image_ci_low']:.3f}, {r['image_ci_high']:.3f}] | "
-                     f"{r['mean_a']:.5g} | {r['mean_b']:.5g} |")
+                     f"{r['mean_a']:.5g} | {r['mean_b']:.5g} | {_effect(r['effect_size'])} |")
     lines += ["", f"scores.png: score distributions; grid.png: A | B at the first seed, captions "
                   f"'A vs B' under {report['grid_reward']}."]
     return "\n".join(lines) + "\n"

@@ -84,7 +84,7 @@ def _result(cmp: dict, reward: str) -> dict:
     return {"win_rate": r["win_rate"], "ci_low": r["ci_low"], "ci_high": r["ci_high"], "n": r["n_prompts"],
             "p_value": r["p_value"], "wins": r["wins"], "ties": r["ties"], "losses": r["losses"],
             "image_win_rate": r["image_win_rate"], "image_ci_low": r["image_ci_low"],
-            "image_ci_high": r["image_ci_high"], "n_images": r["n_images"],
+            "image_ci_high": r["image_ci_high"], "n_images": r["n_images"], "effect_size": r["effect_size"],
             "mean_model": r["mean_a"], "mean_other": r["mean_b"]}
 
 
@@ -139,16 +139,18 @@ def markdown(report: dict) -> str:
              f"{len(report['eval_seeds'])} seeds (never used for pairs) = {n['n_images']} images per model, at two "
              "sampling settings. Win rate of each model over the base per image (its image and the base's from the "
              "same noise; ties 0.5) and per prompt (seeds averaged); 95% intervals from a paired bootstrap that "
-             "resamples prompts (with all their seeds).", ""]
+             "resamples prompts (with all their seeds); d_z, the effect size: the mean per-prompt score gain over its "
+             "standard deviation.", ""]
     for setting, per_judge in report["win_rates_vs_base"].items():
         lines += [_setting_line(setting, report["sampling"][setting]) + ":", "",
-                  "| judge | model | per image | 95% CI | per prompt | 95% CI | mean score (model / base) |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| judge | model | per image | 95% CI | per prompt | 95% CI | mean score (model / base) | d_z |",
+                  "|---|---|---|---|---|---|---|---|"]
         for judge, per_model in per_judge.items():
             for model, r in per_model.items():
                 lines.append(f"| {judge} | {LABELS[model]} | {r['image_win_rate']:.3f} | "
                              f"[{r['image_ci_low']:.3f}, {r['image_ci_high']:.3f}] | {r['win_rate']:.3f} | "
-                             f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}] | {r['mean_model']:.3f} / {r['mean_other']:.3f} |")
+                             f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}] | {r['mean_model']:.3f} / {r['mean_other']:.3f} | "
+                             f"{'-' if r['effect_size'] is None else format(r['effect_size'], '.2f')} |")
         lines.append("")
     crowd = report["crowd_pairs"]
     lines += [f"Preference data: {crowd['pairs']} pairs from the base on {report['pair_prompts']} prompts. "
