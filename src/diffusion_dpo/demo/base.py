@@ -232,27 +232,46 @@ def train_unet(unet: nn.Module, text_encoder: nn.Module, tokenizer, vae: nn.Modu
                         return_tensors="pt").input_ids
         hidden_table = text_encoder(ids)[0]  # (10 * k + 1, L, 32)
     g = torch.Generator().manual_seed(recipe.seed + 2)
-    opt = torch.optim.AdamW(unet.parameters(), lr=recipe.unet_lr, weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, recipe.unet_steps))
-    unet.train()
+    step = DenoiserSteps(unet, recipe.unet_lr, recipe.unet_steps, tick)
     labels_t = torch.from_numpy(labels)
     for _ in range(recipe.unet_steps):
         b = recipe.unet_batch
-        idx = torch.randint(0, len(mean), (b,), generator=g)
-        rows = labels_t[idx] * k + torch.randint(0, k, (b,), generator=g)  # a random phrasing of each image's digit
-        rows = torch.where(torch.rand(b, generator=g) < recipe.caption_dropout, len(captions) - 1, rows)
-        latents = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * scaling  # (B, 4, 8, 8)
+        z, rows = captioned_batch(g, mean, std, labels_t, k, len(captions) - 1, b, recipe.caption_dropout)
+        latents = z * scaling  # (B, 4, 8, 8)
         noise = torch.randn(latents.shape, generator=g)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=g)
         pred = unet(noise_scheduler.add_noise(latents, noise, t), t, hidden_table[rows]).sample
-        loss = (pred - noise).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        tick()
+        step((pred - noise).pow(2).mean())
     unet.eval()
+
+
+def captioned_batch(g: torch.Generator, mean: torch.Tensor, std: torch.Tensor, labels: torch.Tensor, k: int,
+                    empty_row: int, b: int, caption_dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training batch for a denoiser: a posterior draw z (B, C, h, w) of b random images (unscaled) and the row
+    of each one's caption in a digit-major table of k phrasings per digit (`empty_row`, the "" caption, at
+    `caption_dropout`)."""
+    idx = torch.randint(0, len(mean), (b,), generator=g)
+    rows = labels[idx] * k + torch.randint(0, k, (b,), generator=g)  # a random phrasing of each image's digit
+    rows = torch.where(torch.rand(b, generator=g) < caption_dropout, empty_row, rows)
+    return mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g), rows
+
+
+class DenoiserSteps:
+    """AdamW (weight decay 1e-2) with warm-up and cosine decay, gradients clipped at norm 1: one call per step."""
+
+    def __init__(self, model: nn.Module, lr: float, steps: int, tick: Callable[[], None]):
+        self.model, self.tick = model, tick
+        self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-2)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: _schedule(s, steps))
+        model.train()
+
+    def __call__(self, loss: torch.Tensor) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.sched.step()
+        self.tick()
 
 
 # The noise schedule of SD 1.x: the training (DDPM) and sampling (DPM-Solver++) schedulers share it.

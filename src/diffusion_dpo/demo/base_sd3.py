@@ -39,8 +39,8 @@ import torch
 from torch import nn
 
 from diffusion_dpo.demo import world
-from diffusion_dpo.demo.base import (TOKEN_LENGTH, _pixels, _schedule, make_tokenizer, make_vae, recipe_key,
-                                     train_text_encoder, train_vae)
+from diffusion_dpo.demo.base import (TOKEN_LENGTH, DenoiserSteps, _pixels, captioned_batch, make_tokenizer, make_vae,
+                                     recipe_key, train_text_encoder, train_vae)
 
 T5_LENGTH = 12  # the longest prompt is 8 words + </s>
 LATENT_CHANNELS = 16  # as SD3's VAE
@@ -141,28 +141,18 @@ def train_transformer(pipe: Any, pixels: torch.Tensor, labels: np.ndarray, recip
                                                   do_classifier_free_guidance=False,
                                                   max_sequence_length=recipe.t5_length)
     g = torch.Generator().manual_seed(recipe.seed + 2)
-    opt = torch.optim.AdamW(transformer.parameters(), lr=recipe.transformer_lr, weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, recipe.transformer_steps))
-    transformer.train()
+    step = DenoiserSteps(transformer, recipe.transformer_lr, recipe.transformer_steps, tick)
     labels_t = torch.from_numpy(labels)
     for _ in range(recipe.transformer_steps):
         b = recipe.transformer_batch
-        idx = torch.randint(0, len(mean), (b,), generator=g)
-        rows = labels_t[idx] * k + torch.randint(0, k, (b,), generator=g)  # a random phrasing of each image's digit
-        rows = torch.where(torch.rand(b, generator=g) < recipe.caption_dropout, len(captions) - 1, rows)
-        x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g) - shift) * scale  # (B, 16, 8, 8)
+        z, rows = captioned_batch(g, mean, std, labels_t, k, len(captions) - 1, b, recipe.caption_dropout)
+        x0 = (z - shift) * scale  # (B, 16, 8, 8)
         noise = torch.randn(x0.shape, generator=g)
         sigma = torch.sigmoid(torch.randn(b, generator=g))  # logit-normal (0, 1)
         s = sigma.view(b, 1, 1, 1)
         pred = transformer(hidden_states=(1 - s) * x0 + s * noise, timestep=1000 * sigma,
                            encoder_hidden_states=hidden[rows], pooled_projections=pooled[rows]).sample
-        loss = (pred - (noise - x0)).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        tick()
+        step((pred - (noise - x0)).pow(2).mean())
     transformer.eval()
 
 
