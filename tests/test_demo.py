@@ -57,18 +57,10 @@ def test_prompts_name_their_digit_and_evaluation_phrasings_are_held_out():
 def test_the_flow_base_tokenizers_read_every_caption_whole():
     """The flow base's T5 tokenizer (made offline from word pieces) and the word-level CLIP tokenizers turn every
     caption into known tokens, within the lengths the model is trained and sampled at (nothing truncated)."""
-    import tempfile
-    from pathlib import Path
-
-    from transformers import BertTokenizer
-
-    from diffusion_dpo.demo.base import TOKEN_LENGTH, make_tokenizer
+    from diffusion_dpo.demo.base import TOKEN_LENGTH, word_tokenizer
     from diffusion_dpo.demo.base_sd3 import T5_LENGTH, make_t5_tokenizer
 
-    t5 = make_t5_tokenizer()
-    with tempfile.TemporaryDirectory() as tmp:
-        make_tokenizer(Path(tmp))
-        clip = BertTokenizer.from_pretrained(tmp)
+    t5, clip = make_t5_tokenizer(), word_tokenizer()
     captions = [c for d in range(10) for c in world.all_captions(d)]
     for caption in captions:
         ids = t5(caption).input_ids

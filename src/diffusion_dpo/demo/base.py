@@ -90,6 +90,25 @@ def make_tokenizer(out_dir: Path) -> None:
         BertTokenizer(str(file), model_max_length=TOKEN_LENGTH, do_lower_case=True).save_pretrained(out_dir)
 
 
+def word_tokenizer() -> Any:
+    """The word-level BertTokenizer of make_tokenizer, loaded (written to a temporary directory and read back)."""
+    from transformers import BertTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        make_tokenizer(Path(tmp))
+        return BertTokenizer.from_pretrained(tmp)
+
+
+def progress_tick(progress: Optional[Callable[[int], None]]) -> Callable[[], None]:
+    """One optimizer step's worth of progress (a no-op without a progress callback)."""
+    return (lambda: progress(1)) if progress is not None else (lambda: None)
+
+
+def write_recipe(out_dir: Path, recipe: Any) -> None:
+    """recipe.json beside a built base: every setting and the cache key."""
+    (out_dir / "recipe.json").write_text(json.dumps({**asdict(recipe), "key": recipe.key()}, indent=2) + "\n")
+
+
 def make_vae(resolution: int, latent_channels: int = 4, quant_conv: bool = True) -> nn.Module:
     """A fresh x2 AutoencoderKL (16x16x3 <-> 8x8xC), its posterior started near-deterministic."""
     from diffusers import AutoencoderKL
@@ -282,13 +301,10 @@ SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, be
 def build_base(out_dir: Path, recipe: BaseRecipe, progress: Optional[Callable[[int], None]] = None) -> Path:
     """Train the base pipeline from scratch and save it to `out_dir` with `save_pretrained`."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-    from transformers import BertTokenizer
 
-    tick = (lambda: progress(1)) if progress is not None else (lambda: None)
+    tick = progress_tick(progress)
     out_dir = Path(out_dir)
-    with tempfile.TemporaryDirectory() as tmp:
-        make_tokenizer(Path(tmp))
-        tokenizer = BertTokenizer.from_pretrained(tmp)
+    tokenizer = word_tokenizer()
     vae, text_encoder, unet = _modules(recipe, len(tokenizer))
     pixels, labels = _pixels(recipe)
     scaling = train_vae(vae, pixels, recipe, tick)
@@ -300,5 +316,5 @@ def build_base(out_dir: Path, recipe: BaseRecipe, progress: Optional[Callable[[i
         scheduler=DPMSolverMultistepScheduler(**SCHEDULE), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False)
     pipe.save_pretrained(out_dir, safe_serialization=True)
-    (out_dir / "recipe.json").write_text(json.dumps({**asdict(recipe), "key": recipe.key()}, indent=2) + "\n")
+    write_recipe(out_dir, recipe)
     return out_dir

@@ -2,7 +2,7 @@
 
 Parts, each the real diffusers/transformers class of SD3, shrunk:
 
-    tokenizer, _2     word-level `BertTokenizer`s of the prompts' words (base.make_tokenizer), 12 tokens
+    tokenizer, _2     word-level `BertTokenizer`s of the prompts' words (base.word_tokenizer), 12 tokens
     text_encoder, _2  `CLIPTextModelWithProjection` in the CLIP-L and CLIP-G roles: 3 layers of width 32, projection
                       32; each pre-trained CLIP-style against the base split (base.train_text_encoder), then frozen
     tokenizer_3       `T5TokenizerFast` of the prompts' words, made offline from (piece, score) pairs
@@ -28,9 +28,7 @@ at 256 the transformer would see 268 text tokens beside its 16 image ones, and a
 
 from __future__ import annotations
 
-import json
-import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -39,8 +37,8 @@ import torch
 from torch import nn
 
 from diffusion_dpo.demo import world
-from diffusion_dpo.demo.base import (TOKEN_LENGTH, DenoiserSteps, _pixels, captioned_batch, make_tokenizer, make_vae,
-                                     recipe_key, train_text_encoder, train_vae)
+from diffusion_dpo.demo.base import (TOKEN_LENGTH, DenoiserSteps, _pixels, captioned_batch, make_vae, progress_tick,
+                                     recipe_key, train_text_encoder, train_vae, word_tokenizer, write_recipe)
 
 T5_LENGTH = 12  # the longest prompt is 8 words + </s>
 LATENT_CHANNELS = 16  # as SD3's VAE
@@ -159,13 +157,10 @@ def train_transformer(pipe: Any, pixels: torch.Tensor, labels: np.ndarray, recip
 def build_sd3_base(out_dir: Path, recipe: SD3Recipe, progress: Optional[Callable[[int], None]] = None) -> Path:
     """Train the flow base pipeline from scratch and save it to `out_dir` with `save_pretrained`."""
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-    from transformers import BertTokenizer
 
-    tick = (lambda: progress(1)) if progress is not None else (lambda: None)
+    tick = progress_tick(progress)
     out_dir = Path(out_dir)
-    with tempfile.TemporaryDirectory() as tmp:
-        make_tokenizer(Path(tmp))
-        tokenizer = BertTokenizer.from_pretrained(tmp)
+    tokenizer = word_tokenizer()
     t5_tokenizer = make_t5_tokenizer()
     vae, clips, t5, transformer = _modules(recipe, len(tokenizer), len(t5_tokenizer))
     pixels, labels = _pixels(recipe)
@@ -182,5 +177,5 @@ def build_sd3_base(out_dir: Path, recipe: SD3Recipe, progress: Optional[Callable
         text_encoder_3=t5, tokenizer_3=t5_tokenizer)
     train_transformer(pipe, pixels, labels, recipe, tick)
     pipe.save_pretrained(out_dir, safe_serialization=True)
-    (out_dir / "recipe.json").write_text(json.dumps({**asdict(recipe), "key": recipe.key()}, indent=2) + "\n")
+    write_recipe(out_dir, recipe)
     return out_dir
