@@ -225,3 +225,46 @@ def test_generate_and_compare_through_main(tmp_path, tiny_sd, capsys):
                "--output-dir", str(tmp_path / "cmp2")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "not found" in err, err
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["train", "--lora.r", "3"], "train: unrecognized arguments: --lora.r 3; did you mean --lora.rank?"),
+    (["train", "--train.max_step", "3"], "train: unrecognized arguments: --train.max_step 3; did you mean "
+                                         "--train.max_steps?"),
+    (["generate", "--model", "m", "--prompts", "p", "--output-dir", "o", "--seed", "1"],
+     "generate: unrecognized arguments: --seed 1; did you mean --seeds?"),
+    (["demo", "--output-dir", "d", "--fam", "sd3"], "demo: unrecognized arguments: --fam sd3; did you mean --family?"),
+    (["demo"], "demo: the following arguments are required: --output-dir (see --help)"),
+])
+def test_abbreviated_options_are_refused_in_one_line(capsys, args, expected):
+    """argparse would take a unique prefix as the option (--lora.r as --lora.rank): options are spelled out."""
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"diffusion-dpo: error: {expected}"), err
+
+
+def test_both_spellings_of_every_option(tmp_path, tiny_sd, tiny_data):
+    """--output-dir and --output_dir (and every other option, config flags included) work both ways; --help lists
+    the documented one only."""
+    from diffusion_dpo.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["train", "--output-dir", "a", "--train.max-steps", "3", "--lora.rank",
+                              "2"])
+    assert (vars(args)["output_dir"], vars(args)["train.max_steps"], vars(args)["lora.rank"]) == ("a", "3", "2")
+    assert parser.parse_args(["generate", "--model", "m", "--prompts", "p", "--output_dir", "o",
+                              "--guidance_scale", "2"]).output_dir == "o"
+    assert parser.parse_args(["compare", "--a", "x", "--b", "y", "--reward", "r", "--output_dir", "o"]).output_dir == "o"
+    for command in parser.command_parsers.values():  # every long option has both spellings
+        for action in command._actions:
+            for option in action.option_strings:
+                if option.startswith("--") and ("-" in option[2:] or "_" in option[2:]):
+                    other = option[:2] + (option[2:].replace("-", "_") if "-" in option[2:]
+                                          else option[2:].replace("_", "-"))
+                    assert other in command._option_string_actions, (command.prog, option)
+    help_text = parser.command_parsers["generate"].format_help()
+    assert "--output-dir" in help_text and "--output_dir" not in help_text
+    # end to end: train with the dashed spelling of its output directory
+    out = tmp_path / "run"
+    assert main(fast(out, tiny_sd, tiny_data)[:3] + ["--output-dir", str(out)] + fast(out, tiny_sd, tiny_data)[5:]) == 0
+    assert (out / "final").is_dir()

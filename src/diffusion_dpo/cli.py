@@ -7,13 +7,15 @@ help text lives once, beside the field.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import difflib
 import logging
 import os
 import sys
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from diffusion_dpo.errors import UserError
 
@@ -23,12 +25,77 @@ if TYPE_CHECKING:  # imported where used, like the rest of this module's depende
 PROG = "diffusion-dpo"
 
 
+def alternate_spelling(option: str) -> Optional[str]:
+    """`--output-dir` <-> `--output_dir` (and `--train.max_steps` <-> `--train.max-steps`): the other spelling of a
+    long option, None when it has none. Every option is accepted both ways; --help documents the first."""
+    if not option.startswith("--"):
+        return None
+    body = option[2:]
+    other = body.replace("_", "-") if "_" in body else body.replace("-", "_")
+    return None if other == body else "--" + other
+
+
+def _add_spelled(add: Any, names: tuple, kwargs: dict) -> argparse.Action:
+    """`add(*names, **kwargs)` with each long option's alternate spelling added as a hidden alias."""
+    aliases = [a for a in (alternate_spelling(n) for n in names if isinstance(n, str)) if a and a not in names]
+    if aliases and "dest" not in kwargs:  # the dest argparse would derive from the documented spelling
+        kwargs["dest"] = next(n for n in names if n.startswith("--"))[2:].replace("-", "_")
+    action = add(*names, *aliases, **kwargs)
+    action.spelling_aliases = tuple(aliases)
+    return action
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """--help shows each option once, as documented; its alternate spelling works but is not listed."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        aliases = getattr(action, "spelling_aliases", ())
+        if not aliases:
+            return super()._format_action_invocation(action)
+        shown = copy.copy(action)
+        shown.option_strings = [s for s in action.option_strings if s not in aliases]
+        return super()._format_action_invocation(shown)
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage mistake as one line (no usage dump), exit 2."""
+    """argparse that reports a usage mistake as one line (no usage dump), exit 2; refuses abbreviated options
+    (`--lora.r` is not `--lora.rank`) and accepts `-` and `_` alike inside an option's name."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *names: Any, **kwargs: Any) -> argparse.Action:  # type: ignore[override]
+        return _add_spelled(super().add_argument, names, kwargs)
+
+    def add_argument_group(self, *args: Any, **kwargs: Any) -> argparse._ArgumentGroup:
+        group = super().add_argument_group(*args, **kwargs)
+        plain = group.add_argument
+        group.add_argument = lambda *names, **kw: _add_spelled(plain, names, kw)  # type: ignore[method-assign]
+        return group
 
     def error(self, message: str) -> None:  # type: ignore[override]
         command = self.prog[len(PROG):].strip()
-        raise UserError(f"{command + ': ' if command else ''}{message} (see --help)")
+        for action in self._actions:  # "required: --output-dir/--output_dir" names the documented spelling only
+            aliases = getattr(action, "spelling_aliases", ())
+            if aliases:
+                documented = "/".join(o for o in action.option_strings if o not in aliases)
+                message = message.replace("/".join(action.option_strings), documented)
+        raise UserError(f"{command + ': ' if command else ''}{message}{self._suggestion(message)} (see --help)")
+
+    def _suggestion(self, message: str) -> str:
+        """For an unknown option: the option it abbreviates or resembles (abbreviations are refused, not guessed)."""
+        if not message.startswith("unrecognized arguments:"):
+            return ""
+        unknown = next((t.split("=", 1)[0] for t in message.split(":", 1)[1].split() if t.startswith("--")), None)
+        if unknown is None:
+            return ""
+        known = [o for o, a in self._option_string_actions.items()
+                 if o.startswith("--") and o not in getattr(a, "spelling_aliases", ())]
+        longer = sorted(o for o in known if o.startswith(unknown))
+        close = longer[:1] or difflib.get_close_matches(unknown, known, n=1)
+        return f"; did you mean {close[0]}? (options are spelled out in full)" if close else ""
 
 
 def _type_name(field: dataclasses.Field) -> str:
@@ -142,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     from diffusion_dpo import cli_eval
 
     cli_eval.register(sub, _Parser)  # generate, score, compare
+    parser.command_parsers = dict(sub.choices)  # type: ignore[attr-defined]
     return parser
 
 
@@ -288,7 +356,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of `diffusion-dpo` and `python -m diffusion_dpo`."""
     _quiet_libraries()
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # reported by the command's own parser, which knows its options and can suggest one
+            parser.command_parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
         from diffusion_dpo.cli_eval import COMMANDS as EVAL_COMMANDS
 
         return {"train": _cmd_train, "cache": _cmd_cache, "bench": _cmd_bench, "make-tiny": _cmd_make_tiny,
