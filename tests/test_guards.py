@@ -3,6 +3,7 @@
 import errno
 import hashlib
 import json
+import math
 import os
 import pickle
 import signal
@@ -235,3 +236,59 @@ def test_a_model_index_cannot_name_code_outside_the_libraries(tmp_path, tiny_sd)
     (evil / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(UserError, match="component tokenizer comes from 'os'; only diffusers and transformers"):
         load_components(ModelConfig(pretrained=str(evil)))
+
+
+def test_fp16_skipped_step_leaves_the_scaler_usable_and_the_schedule_still(monkeypatch):
+    """Issue 15 defect 1: under fp16 the clipping unscales the gradients; a step then skipped for a non-finite loss
+    must still let the scaler update, or the next unscale_ fails. Neither a skip nor the scaler's own skip (inf
+    gradients) moves the LR schedule. (accelerate gives no grad scaler on a CPU; the same GradScaler runs here.)"""
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+    from accelerate.state import AcceleratorState
+    from transformers import get_scheduler
+
+    from diffusion_dpo.training import apply_update
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    Accelerator(cpu=True)
+    weight = torch.nn.Parameter(torch.ones(4))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
+    optimizer = AcceleratedOptimizer(torch.optim.SGD([weight], lr=0.1), device_placement=False, scaler=scaler)
+    schedule = get_scheduler("linear", optimizer.optimizer, num_warmup_steps=0, num_training_steps=100)
+    # step 1: NaN loss (skipped by us); step 2: inf gradient with a finite-looking loss (skipped by the scaler);
+    # step 3: an ordinary step
+    factors = [float("nan"), float("inf"), 1.0]
+    updated, lrs, weights = [], [], []
+    for factor in factors:
+        loss = (weight * torch.tensor([factor, 1.0, 1.0, 1.0])).sum()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer.optimizer)  # what accelerate's clip_grad_norm_ does under fp16
+        finite = math.isfinite(loss.item()) or factor == float("inf")
+        lrs.append(schedule.get_last_lr()[0])
+        updated.append(apply_update(optimizer, schedule, scaler, finite=finite))
+        weights.append(weight.detach().clone())
+        optimizer.zero_grad()
+    assert updated == [False, False, True]
+    assert lrs[0] == lrs[1] == lrs[2] == 0.1 and schedule.get_last_lr()[0] < lrs[2]  # moved by the update only
+    assert torch.equal(weights[0], torch.ones(4)) and torch.equal(weights[1], torch.ones(4))
+    assert not torch.equal(weights[2], torch.ones(4))
+    assert scaler.get_scale() == 2.0 ** 2  # halved after each step that saw inf/NaN gradients
+
+
+def test_skipped_step_does_not_advance_the_lr_schedule(tmp_path, tiny_sd, tiny_data):
+    trainer = Trainer(make_cfg(tmp_path, tiny_sd, tiny_data, train__max_steps=4, train__skip_nonfinite="true",
+                               optim__lr_warmup_steps=10))
+    trainer.loss_spec = _nan_at(2)
+    trainer.run()
+    lrs = [m["lr"] for m in read_metrics(tmp_path)]
+    assert lrs[1] == lrs[2] and lrs[0] < lrs[1] < lrs[3]  # step 2 was skipped: step 3 uses its rate
+
+
+def test_launcher_precision_that_disagrees_is_refused(tmp_path, tiny_sd, tiny_data, monkeypatch):
+    """Issue 15 defect 4: `accelerate launch --mixed_precision fp16` reaches us as ACCELERATE_MIXED_PRECISION."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    with pytest.raises(UserError, match="accelerate launch sets mixed precision fp16 but train.mixed_precision is "
+                                        "bf16; set the precision in one place"):
+        Trainer(make_cfg(tmp_path, tiny_sd, tiny_data, train__mixed_precision="bf16"))
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # launch's default when nothing was asked: no conflict
+    Trainer(make_cfg(tmp_path, tiny_sd, tiny_data, train__mixed_precision="bf16"))

@@ -39,7 +39,7 @@ class TrainState:
     step: int = 0
     epoch: int = 0
     position: int = 0  # global (all processes) micro-batches already consumed in `epoch`
-    skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss/gradient (train.skip_nonfinite)
+    skipped_steps: int = 0  # steps that did not update: a non-finite loss/gradient (train.skip_nonfinite), or fp16 inf gradients
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:

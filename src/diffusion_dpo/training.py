@@ -87,6 +87,7 @@ class Trainer:
         # accelerate keeps one state per process; a second run in the same process (a notebook, the
         # tests) with another precision would be refused. The process group itself is left alone.
         AcceleratorState._reset_state(reset_partial_state=False)
+        check_launcher_precision(cfg.train.mixed_precision)
         self.cfg = cfg
         self.output_dir = Path(cfg.output_dir)
         trackers = {"none": None, "all": ["tensorboard", "wandb"]}.get(cfg.train.report_to, [cfg.train.report_to])
@@ -342,11 +343,8 @@ class Trainer:
                                 f"grad norm {record['grad_norm']}); the weights were not updated. Lower optim.lr, "
                                 "use bf16 instead of fp16, or set train.skip_nonfinite=true to skip such steps")
             record["lr"] = self.lr_scheduler.get_last_lr()[0]  # the rate this update uses
-            if finite:
-                self.optimizer.step()
-            else:
+            if not apply_update(self.optimizer, self.lr_scheduler, acc.scaler, finite):
                 self.state.skipped_steps += 1
-            self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.state.step += 1
             record = self._write_metrics(record, time.perf_counter() - t0)
@@ -541,6 +539,41 @@ class Trainer:
             tmp.rename(final)
         acc.wait_for_everyone()
         return final
+
+
+def apply_update(optimizer: torch.optim.Optimizer, lr_scheduler: Any, scaler: Optional[Any], finite: bool) -> bool:
+    """The update at the end of an optimizer step, or its skip; True when the weights were updated.
+
+    A step is skipped when its loss or gradient is not finite (with `train.skip_nonfinite`) or when fp16's grad
+    scaler finds inf/NaN gradients and skips it itself (`step_was_skipped`). A skipped step moves neither the
+    weights nor the LR schedule, so the schedule counts updates, as accelerate's own scheduler wrapper does.
+    Under fp16 the clipping has already unscaled the gradients (`unscale_`): the scaler must still `update()`
+    after a skip (lowering its scale when it saw inf), or the next step's `unscale_` fails ("unscale_() has
+    already been called on this optimizer since the last update()")."""
+    if finite:
+        optimizer.step()  # under fp16: scaler.step (skipped by the scaler on inf gradients) + scaler.update
+        updated = not getattr(optimizer, "step_was_skipped", False)
+    else:
+        if scaler is not None:
+            scaler.update()
+        updated = False
+    if updated:
+        lr_scheduler.step()
+    return updated
+
+
+def check_launcher_precision(mixed_precision: str) -> None:
+    """Refuse a precision set in two places that disagree: `accelerate launch --mixed_precision fp16` (or an
+    accelerate config file saying so) reaches the process as ACCELERATE_MIXED_PRECISION, which
+    `train.mixed_precision` would silently override. "no" there is also accelerate launch's default when nothing
+    was asked, so only an fp16/bf16 request is checked."""
+    import os
+
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if launcher in ("fp16", "bf16") and launcher != mixed_precision:
+        raise UserError(f"accelerate launch sets mixed precision {launcher} but train.mixed_precision is "
+                        f"{mixed_precision}; set the precision in one place: --train.mixed_precision {launcher}, "
+                        "or drop it from the accelerate launch command/config")
 
 
 def _configure_deepspeed(ds: dict[str, Any], cfg: Config) -> None:
