@@ -92,6 +92,8 @@ def test_paper_recipes():
     assert sdxl.optim.name == "adafactor" and sdxl.train.gradient_checkpointing
     assert (sdxl.data.resolution, sdxl.optim.lr_warmup_steps, sdxl.loss.beta) == (1024, 200, 5000)
     assert sdxl.data.batch_size * sdxl.train.gradient_accumulation_steps == 2048
+    # the official run: constant time ids; clips the gradient norm at 1.0 (launcher: --sdxl, not --use_adafactor)
+    assert sdxl.model.sdxl_time_ids == "constant" and sdxl.optim.max_grad_norm == 1.0
     lora = load_config(CONFIGS / "sd15_lora.yaml")
     assert lora.lora.rank > 0
 

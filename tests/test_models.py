@@ -47,6 +47,27 @@ def test_sdxl_conditioning_uses_each_images_size_and_crop(tiny_sdxl):
     assert out.shape == noisy.shape
 
 
+def test_sdxl_constant_time_ids_as_the_official_code(tiny_sdxl, tiny_sd):
+    """model.sdxl_time_ids constant: (res, res, 0, 0, res, res) for every image, whatever its size and crop."""
+    from diffusion_dpo.models import describe
+    from diffusion_dpo.models.sd import StableDiffusionXL
+
+    cfg = ModelConfig(pretrained=str(tiny_sdxl), sdxl_time_ids="constant")
+    c = load_components(cfg)
+    sizes = torch.tensor([[[40, 32], [48, 64]]])
+    crops = torch.tensor([[[4, 0], [0, 8]]])
+    cond = c.conditioning(_encodings(c, 1), sizes, crops, 32)
+    torch.testing.assert_close(cond.added["time_ids"], torch.tensor([[32, 32, 0, 0, 32, 32]] * 2,
+                                                                    dtype=cond.added["time_ids"].dtype))
+    from diffusion_dpo.config import FlowConfig
+
+    # the precomputed reference's identity follows it; the default keeps the identity earlier files were made with
+    assert StableDiffusionXL.schedule_identity(cfg, FlowConfig())["model.sdxl_time_ids"] == "constant"
+    assert "model.sdxl_time_ids" not in StableDiffusionXL.schedule_identity(ModelConfig(pretrained="x"), FlowConfig())
+    with pytest.raises(UserError, match="model.sdxl_time_ids is for SDXL; a Stable Diffusion 1.x/2.x model has no"):
+        describe(ModelConfig(pretrained=str(tiny_sd), sdxl_time_ids="constant"))
+
+
 def test_encode_images_samples_the_posterior_and_scales(tiny_sd):
     c = load_components(ModelConfig(pretrained=str(tiny_sd)))
     x = torch.rand(2, 3, 32, 32) * 2 - 1

@@ -43,6 +43,10 @@ class ModelConfig:
                         "saved without it): less memory and a far smaller cache. FLUX.1 always needs its T5.")
     max_sequence_length: Optional[int] = _f(None, "SD3/FLUX: T5 tokens per prompt; default: the pipeline's "
                                                   "(SD3 256, FLUX 512; FLUX.1-schnell's own is 256).")
+    sdxl_time_ids: str = _f("image", "SDXL's size/crop conditioning (time ids orig_h, orig_w, top, left, target_h, "
+                                     "target_w): image = each image's true size and crop offsets, as diffusers' "
+                                     "SDXL training scripts; constant = (res, res, 0, 0, res, res) for every image, as "
+                                     "the official DiffusionDPO code (and as the SDXL pipeline samples by default).")
     guidance: Optional[float] = _f(None, "FLUX.1-dev (guidance-distilled): the value fed to its guidance "
                                          "embedding during training; default 3.5, as diffusers' FLUX scripts and "
                                          "Flow-Factory train with. Only for models with a guidance embedding.")
@@ -200,6 +204,7 @@ class Config:
 CACHE_DTYPES = ("float32", "float16", "bfloat16")
 TIMESTEP_SAMPLING = ("logit_normal", "uniform", "mode")
 FLOW_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
+SDXL_TIME_IDS = ("image", "constant")
 
 
 def iter_fields(cls: type = None, prefix: str = "") -> list[tuple[str, dataclasses.Field]]:
@@ -308,6 +313,8 @@ def validate(cfg: Config) -> None:
     need(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
     need(cfg.lora.target_modules is None or len(cfg.lora.target_modules) > 0, "lora.target_modules",
          "must not be empty (leave it unset for the model family's default)")
+    need(cfg.model.sdxl_time_ids in SDXL_TIME_IDS, "model.sdxl_time_ids",
+         f"must be one of {', '.join(SDXL_TIME_IDS)} (got '{cfg.model.sdxl_time_ids}')")
     need(cfg.model.max_sequence_length is None or cfg.model.max_sequence_length >= 1, "model.max_sequence_length",
          "must be >= 1")
     need(cfg.flow.timestep_sampling in TIMESTEP_SAMPLING, "flow.timestep_sampling",

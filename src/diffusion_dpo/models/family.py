@@ -73,6 +73,7 @@ class Family:
     denoiser_role: ClassVar[str]  # "unet" or "transformer": its folder and its pipeline keyword
     default_lora_targets: ClassVar[tuple[str, ...]]
     lora_diffusers_naming: ClassVar[bool] = False  # save LoRA in diffusers' older naming (see lora.lora_state_dict)
+    size_conditioning: ClassVar[bool] = False  # conditions on each image's size and crop (SDXL's time ids)
 
     def __init__(self, cfg: ModelConfig, flow: FlowConfig, index: dict, pipeline_class: type,
                  denoiser: Optional[nn.Module], denoiser_config: Any, vae: Optional[nn.Module], vae_config: Any,

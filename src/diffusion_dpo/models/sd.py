@@ -3,7 +3,8 @@
   SD 1.x/2.x  one CLIP text encoder, its last hidden state (B, 77, D).
   SDXL        two CLIP encoders, both penultimate hidden states concatenated (B, 77, 768 + 1280), the second's
               pooled projection (B, 1280), and each image's original size and crop offsets as six time ids
-              (orig_h, orig_w, top, left, target_h, target_w): the two images of a pair may differ in both.
+              (orig_h, orig_w, top, left, target_h, target_w): the two images of a pair may differ in both
+              (`model.sdxl_time_ids constant`: (res, res, 0, 0, res, res), as the official DiffusionDPO code).
 
 Training schedule: the checkpoint's betas in a `DDPMScheduler`, t ~ U{0, ..., T-1} per pair, x_t = add_noise(x_0,
 eps, t), target eps (epsilon) or v = sqrt(a_t) eps - sqrt(1 - a_t) x_0 (v_prediction), as the scheduler config (or
@@ -122,6 +123,13 @@ class StableDiffusionXL(StableDiffusion):
     name: ClassVar[str] = "sdxl"
     title: ClassVar[str] = "Stable Diffusion XL"
     pipelines: ClassVar[tuple[str, ...]] = ("StableDiffusionXLPipeline",)
+    size_conditioning: ClassVar[bool] = True
+
+    @classmethod
+    def schedule_identity(cls, cfg: ModelConfig, flow: FlowConfig) -> dict[str, Any]:
+        # the time ids change every error the reference makes; the default keeps earlier references' identity
+        extra = {"model.sdxl_time_ids": cfg.sdxl_time_ids} if cfg.sdxl_time_ids != "image" else {}
+        return {**super().schedule_identity(cfg, flow), **extra}
 
     @classmethod
     def text_roles(cls, index: dict, cfg: ModelConfig) -> list[tuple[str, str]]:
@@ -139,10 +147,13 @@ class StableDiffusionXL(StableDiffusion):
 
     def conditioning(self, encodings: dict[str, Tensor], original_sizes: Tensor, crop_top_lefts: Tensor,
                      resolution: int) -> Conditioning:
-        """time_ids = (orig_h, orig_w, top, left, target_h, target_w) per image, winners first."""
+        """time_ids = (orig_h, orig_w, top, left, target_h, target_w) per image, winners first; with
+        `model.sdxl_time_ids constant` (the official DiffusionDPO code) (res, res, 0, 0, res, res) for all."""
         hidden, pooled = encodings["hidden"].repeat(2, 1, 1), encodings["pooled"]
         sizes = torch.cat([original_sizes[:, 0], original_sizes[:, 1]])  # (2B, 2), winners first
         crops = torch.cat([crop_top_lefts[:, 0], crop_top_lefts[:, 1]])
+        if self.cfg.sdxl_time_ids == "constant":
+            sizes, crops = torch.full_like(sizes, resolution), torch.zeros_like(crops)
         target = torch.tensor([resolution, resolution]).expand(sizes.shape[0], 2)
         # built on the host from the batch, copied without waiting for the device (no sync in the step)
         time_ids = torch.cat([sizes.cpu(), crops.cpu(), target], dim=1).to(pooled.device, pooled.dtype,
