@@ -94,6 +94,7 @@ class Model(nn.Module):
     def __init__(self):
         super().__init__()
         self.visual = nn.Linear(3 * 8 * 8, 8)
+        self.visual.image_size = (8, 8)  # as open_clip's VisionTransformer
         self.token_embedding = nn.Embedding(256, 8)
 
     def encode_image(self, pixels, normalize=False):

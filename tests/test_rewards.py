@@ -21,7 +21,7 @@ from diffusion_dpo.errors import UserError
 from diffusion_dpo.rewards import REWARDS, Reward, load_reward, parse_weighted, weighted_score
 from diffusion_dpo.rewards.aesthetic import WEIGHTS_STEM
 from diffusion_dpo.rewards.clip_score import clip_score, pickscore
-from diffusion_dpo.rewards.hpsv2 import CHECKPOINTS, hps_score
+from diffusion_dpo.rewards.hpsv2 import CHECKPOINTS, CLIP_MEAN, CLIP_STD, hps_preprocess, hps_score
 
 RED, BLUE, GREEN = (255, 0, 0), (0, 0, 255), (0, 255, 0)
 PROMPTS = ["a red cat", "blue sky", "green grass on a hill", "x", "stripes, stripes and more stripes!"]
@@ -197,9 +197,8 @@ def test_hpsv2_loading_path_with_a_stand_in_open_clip(monkeypatch, tmp_path, ima
     assert open_clip.CALLS[-1]["name"] == "ViT-H-14" and open_clip.CALLS[-1]["pretrained"] is None
     for name, value in trained.state_dict().items():  # every weight came from the checkpoint
         assert torch.equal(reward.score_batch.model.state_dict()[name], value)
-    _, _, preprocess = open_clip.create_model_and_transforms("ViT-H-14")
-    with torch.no_grad():
-        img = trained.encode_image(torch.stack([preprocess(im) for im in images]))
+    with torch.no_grad():  # the images go through HPSv2's resize-and-pad, not open_clip's transform
+        img = trained.encode_image(torch.stack([hps_preprocess(im, 8) for im in images]))
         txt = trained.encode_text(open_clip.get_tokenizer("ViT-H-14")(PROMPTS))
     cos = torch.nn.functional.cosine_similarity(img, txt, dim=-1)
     np.testing.assert_allclose(reward(images, PROMPTS).numpy(), (100 * cos).numpy(), atol=1e-4)
@@ -208,6 +207,32 @@ def test_hpsv2_loading_path_with_a_stand_in_open_clip(monkeypatch, tmp_path, ima
         load_reward("hpsv2", path=str(ckpt_dir), version="v2.0")
     with pytest.raises(UserError, match="version 'v3' is not one of v2.0, v2.1"):
         load_reward("hpsv2", path=str(ckpt_dir), version="v3")
+
+
+def test_hpsv2_preprocessing_resizes_the_long_side_and_pads():
+    """Issue 15 defect 7: HPSv2 scores a non-square image whole (long side to 224, black pad), not centre-cropped."""
+    from PIL import Image as PILImage
+
+    wide = np.zeros((20, 40, 3), dtype=np.uint8)
+    wide[:, :20] = (255, 0, 0)  # left half red, right half blue: a centre crop would keep 10 columns of each
+    wide[:, 20:] = (0, 0, 255)
+    x = hps_preprocess(PILImage.fromarray(wide), 8)  # (3, 8, 8): scaled to 4 x 8, padded 2 rows above and below
+    mean, std = torch.tensor(CLIP_MEAN).view(3, 1), torch.tensor(CLIP_STD).view(3, 1)
+    black = (-mean / std).expand(3, 8)
+    for row in (0, 1, 6, 7):
+        torch.testing.assert_close(x[:, row], black)
+    pixels = x[:, 2:6] * std.view(3, 1, 1) + mean.view(3, 1, 1)  # back to [0, 1]
+    assert pixels.shape == (3, 4, 8)
+    torch.testing.assert_close(pixels[:, :, 0], torch.tensor([1.0, 0.0, 0.0]).view(3, 1).expand(3, 4), atol=1e-5,
+                               rtol=0)
+    torch.testing.assert_close(pixels[:, :, 7], torch.tensor([0.0, 0.0, 1.0]).view(3, 1).expand(3, 4), atol=1e-5,
+                               rtol=0)  # the edges survive: nothing was cropped
+    tall = hps_preprocess(PILImage.fromarray(wide.transpose(1, 0, 2).copy()), 8)  # 40 x 20: padded left and right
+    torch.testing.assert_close(tall[:, :, 0], black)
+    torch.testing.assert_close(tall[:, :, 7], black)
+    square = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)  # already the size: no resize
+    torch.testing.assert_close(hps_preprocess(PILImage.fromarray(square), 8),
+                               (torch.from_numpy(square).permute(2, 0, 1) / 255.0 - mean.view(3, 1, 1)) / std.view(3, 1, 1))
 
 
 def test_imagereward_without_package(monkeypatch):
