@@ -320,3 +320,20 @@ def test_step_in_backward_resumes_exactly(tmp_path, tiny_sd, tiny_data):
     with pytest.raises(UserError, match="not a usable checkpoint"):
         train(make_cfg(tmp_path / "b", tiny_sd, tiny_data, train__resume=str(tmp_path / "b" / "checkpoint-2"),
                        **dict(plain, train__max_steps=4)))
+
+
+@pytest.mark.parametrize("family", ["tiny_sd", "tiny_flux"])
+def test_sft_runs_the_model_on_the_winners_only(request, tmp_path, tiny_data, family):
+    """Issue 15 defect 8: SFT gives a decided pair's loser weight 0, so the model never runs on the losers (it did,
+    forward and backward: half of SFT's compute); the loss is the winners' mean error and the loser errors are null."""
+    extra = {"model__max_sequence_length": 8} if family == "tiny_flux" else {}
+    trainer = Trainer(make_cfg(tmp_path, request.getfixturevalue(family), tiny_data, loss__name="sft", **extra))
+    seen = []
+    model = trainer.accelerator.unwrap_model(trainer.denoiser)
+    model.register_forward_hook(lambda module, args, kwargs, out: seen.append(
+        (args[0] if args else kwargs["hidden_states"]).shape[0]), with_kwargs=True)
+    trainer.run()
+    assert seen and all(n == 2 for n in seen), seen  # data.batch_size 2 pairs: 2 images, not 4
+    for m in read_metrics(tmp_path):
+        assert m["loss"] == pytest.approx(m["model_mse_w"], rel=1e-6)
+        assert m["model_mse_l"] is None and m["ref_mse_l"] is None

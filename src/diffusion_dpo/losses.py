@@ -84,14 +84,17 @@ def ipo_loss(model_w: Tensor, model_l: Tensor, ref_w: Tensor, ref_l: Tensor, bet
     return LossOutput(loss=loss, inside=beta * h)
 
 
-def sft_loss(model_w: Tensor, model_l: Tensor, ref_w: Optional[Tensor], ref_l: Optional[Tensor], beta: float,
-             label: Optional[Tensor] = None) -> LossOutput:
+def sft_loss(model_w: Tensor, model_l: Optional[Tensor], ref_w: Optional[Tensor], ref_l: Optional[Tensor],
+             beta: float, label: Optional[Tensor] = None) -> LossOutput:
     """Supervised fine-tuning on winners (the paper's baseline): loss = p·mse_w + (1-p)·mse_l.
 
     Needs no reference (the trainer passes None); inside is β·h for logging when reference
-    errors are given, else 0.
+    errors are given, else 0. When every p is 1 the losers carry no weight, and the trainer does not run the
+    model on them at all: model_l is then None and loss = mse_w.
     """
     p = _label(label, model_w)
+    if model_l is None:
+        return LossOutput(loss=model_w, inside=torch.zeros_like(model_w))
     loss = p * model_w + (1 - p) * model_l
     if ref_w is None or ref_l is None:
         inside = torch.zeros_like(model_w)
@@ -107,13 +110,16 @@ LossFn = Callable[..., LossOutput]
 class LossSpec:
     fn: LossFn
     needs_reference: bool  # False: the trainer skips the reference forward pass entirely
+    # True: with every label 1 the loss depends on the winners alone; the trainer then runs the model on the
+    # winners only and passes model_l=None (SFT: half the forward and backward)
+    winners_only: bool = False
 
 
 LOSSES: dict[str, LossSpec] = {
     "dpo": LossSpec(dpo_loss, needs_reference=True),
     "hinge": LossSpec(hinge_loss, needs_reference=True),
     "ipo": LossSpec(ipo_loss, needs_reference=True),
-    "sft": LossSpec(sft_loss, needs_reference=False),
+    "sft": LossSpec(sft_loss, needs_reference=False, winners_only=True),
 }
 
 

@@ -48,6 +48,7 @@ from diffusion_dpo.reference import ReferenceTable, WithReference, precompute_re
 
 ENGINE_DIR = "engine"  # accelerate's save_state of a sharded (FSDP/DeepSpeed) run, inside a checkpoint
 METRIC_KEYS = ("loss", "implicit_acc", "reward_margin", "model_mse_w", "model_mse_l", "ref_mse_w", "ref_mse_l")
+NOT_ALWAYS_RUN = ("model_mse_l", "ref_mse_l")  # SFT on decided pairs never runs the model on the losers
 
 
 class ShardedPairSampler(torch.utils.data.Sampler):
@@ -236,12 +237,18 @@ class Trainer:
         draws = pair_noise(batch["sample_seed"].tolist(), comp.draw_timestep, self.latent_shape, device)
         latents, cond = self._inputs(batch, draws.posterior)  # (2B, C, h, w) [winners; losers]
         noisy, target = comp.noisy_and_target(latents, draws.noise, draws.timesteps)
+        timesteps = draws.timesteps
+        label = smooth_labels(batch["label"], cfg.loss.label_smoothing)  # (B,) on the host: no device sync
+        # SFT on decided pairs gives the losers weight 0: do not run the model on them at all
+        winners_only = self.loss_spec.winners_only and bool((label == 1).all())
+        if winners_only:
+            noisy, target, timesteps, cond = noisy[:b], target[:b], timesteps[:b], comp.first_images(cond, b)
         if cfg.train.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
 
-        def mse(model: torch.nn.Module) -> tuple[Tensor, Tensor]:
-            err = comp.mse(model, noisy, draws.timesteps, cond, target)  # (2B,)
-            return err[:b], err[b:]
+        def mse(model: torch.nn.Module) -> tuple[Tensor, Optional[Tensor]]:
+            err = comp.mse(model, noisy, timesteps, cond, target)  # (2B,), or (B,) winners only
+            return (err, None) if winners_only else (err[:b], err[b:])
 
         ref_w = ref_l = None
         if self.ref_table is not None:
@@ -252,16 +259,18 @@ class Trainer:
         with acc.autocast():
             model_w, model_l = mse(self.denoiser)
         out = self.loss_spec.fn(model_w, model_l, ref_w, ref_l, beta=cfg.loss.beta,
-                                label=smooth_labels(batch["label"].to(device, non_blocking=True),
-                                                    cfg.loss.label_smoothing))
+                                label=label.to(device, non_blocking=True))
         loss = out.loss.mean()
+        not_run = torch.full((), float("nan"), device=device)  # losers the model was not run on: logged as null
+        loser_ref = ref_l if ref_l is not None else model_l
         metrics = {
             "loss": loss.detach(),
             "implicit_acc": implicit_accuracy(out.inside.detach()).mean(),
             "reward_margin": out.inside.detach().mean(),
-            "model_mse_w": model_w.detach().mean(), "model_mse_l": model_l.detach().mean(),
+            "model_mse_w": model_w.detach().mean(),
+            "model_mse_l": model_l.detach().mean() if model_l is not None else not_run,
             "ref_mse_w": (ref_w if ref_w is not None else model_w).detach().mean(),
-            "ref_mse_l": (ref_l if ref_l is not None else model_l).detach().mean(),
+            "ref_mse_l": loser_ref.detach().mean() if loser_ref is not None else not_run,
         }
         return StepOutput(loss=loss, metrics=metrics)
 
@@ -406,10 +415,13 @@ class Trainer:
         acc = self.accelerator
         record = {"step": self.state.step, "epoch": self.state.epoch, **record,
                   "pairs_per_s": self.pairs_per_step / max(seconds, 1e-9), "skipped_steps": self.state.skipped_steps}
+        for key in NOT_ALWAYS_RUN:  # null, not NaN, when the step did not compute it (SFT skips the losers)
+            if isinstance(record.get(key), float) and math.isnan(record[key]):
+                record[key] = None
         if acc.is_main_process:
             with self.metrics_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")  # one write per line: a kill leaves at most one partial line
-            acc.log({k: v for k, v in record.items() if k != "step"}, step=self.state.step)
+            acc.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=self.state.step)
         return record
 
     def _write_weights(self, directory: Path) -> None:

@@ -19,7 +19,7 @@ import json
 import time
 from itertools import combinations
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -49,7 +49,11 @@ def training_summary(rows: list[dict]) -> dict:
     """Means over the last 10% of steps (single steps are noisy at small batches)."""
     tail = rows[-max(1, len(rows) // 10):]
     keys = ("loss", "implicit_acc", "reward_margin", "model_mse_w", "model_mse_l")
-    return {"steps": len(rows), **{f"final_{k}": float(np.mean([r[k] for r in tail])) for k in keys},
+    def mean(k: str) -> Optional[float]:  # a metric a run did not compute (SFT's loser errors) is null throughout
+        values = [r[k] for r in tail if r.get(k) is not None]
+        return float(np.mean(values)) if values else None
+
+    return {"steps": len(rows), **{f"final_{k}": mean(k) for k in keys},
             "pairs_per_s": float(np.median([r["pairs_per_s"] for r in rows]))}
 
 

@@ -31,6 +31,7 @@ What a family owns, in the order a training step uses it:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Optional
@@ -184,6 +185,18 @@ class Family:
     def predict(self, model: nn.Module, noisy: Tensor, timesteps: Tensor, cond: Any) -> Tensor:
         """The denoiser's prediction for `noisy` (N, C, h, w), in the same layout."""
         raise NotImplementedError
+
+    def first_images(self, cond: Any, n: int) -> Any:
+        """The conditioning of the first n images of a batch (the winners of [winners; losers]): every tensor of a
+        family's conditioning is batch-first, so each is cut to its first n rows (None stays None)."""
+        if isinstance(cond, Tensor):
+            return cond[:n]
+        if isinstance(cond, dict):
+            return {k: self.first_images(v, n) for k, v in cond.items()}
+        if dataclasses.is_dataclass(cond):
+            return dataclasses.replace(cond, **{f.name: self.first_images(getattr(cond, f.name), n)
+                                                for f in dataclasses.fields(cond)})
+        return cond
 
     def mse(self, model: nn.Module, noisy: Tensor, timesteps: Tensor, cond: Any, target: Tensor) -> Tensor:
         """(N,) per-sample error: mean over all latent elements of (prediction - target)², times the loss weight.
