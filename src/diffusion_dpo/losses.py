@@ -74,9 +74,11 @@ def hinge_loss(model_w: Tensor, model_l: Tensor, ref_w: Tensor, ref_l: Tensor, b
 
 def ipo_loss(model_w: Tensor, model_l: Tensor, ref_w: Tensor, ref_l: Tensor, beta: float,
              label: Optional[Tensor] = None) -> LossOutput:
-    """IPO (Azar et al. 2023) on the same log-ratio: loss = (h - (2p - 1) / (2β))², with β as IPO's 1/τ.
+    """IPO (Azar et al. 2023) on the same log-ratio: loss = (h - (2p - 1) / (2β))².
 
-    A decided pair regresses h to 1/(2β); a tie (p = 0.5) regresses it to 0. Reported inside = β·h.
+    IPO's objective is (h - 1/(2τ))², so β here is IPO's τ (not 1/τ): a larger β asks for a smaller margin, i.e.
+    a stronger pull toward the reference, as in DPO. A decided pair regresses h to 1/(2β); a tie (p = 0.5)
+    regresses it to 0. Reported inside = β·h.
     """
     h = implicit_margin(model_w, model_l, ref_w, ref_l)
     p = _label(label, h)
