@@ -144,3 +144,40 @@ def test_mixed_precision_no_works_as_written_in_yaml_and_on_the_command_line(tmp
                           "validation.prompts": "[no, a cat]", "data.max_pairs": "null"})
     assert cfg.train.mixed_precision == "no" and cfg.data.random_flip is True and cfg.optim.lr == 3e-4
     assert cfg.validation.prompts == ["no", "a cat"] and cfg.data.max_pairs is None
+
+
+def test_a_config_built_in_code_is_checked_like_yaml():
+    from diffusion_dpo.config import Config, check_config
+
+    cfg = Config()
+    cfg.model.pretrained, cfg.data.path = "m", "d"
+    cfg.data.batch_size = "4"  # converted as YAML would
+    assert check_config(cfg).data.batch_size == 4
+    cfg.train.max_step = 3  # a misspelt field: refused, as on the command line
+    with pytest.raises(UserError, match=r"^config: unknown config key 'train.max_step'$"):
+        check_config(cfg)
+    del cfg.train.max_step
+    cfg.lora.rank = "four"
+    with pytest.raises(UserError, match=r"^config: bad value for 'lora.rank'"):
+        check_config(cfg)
+    cfg.lora.rank = -1
+    with pytest.raises(UserError, match=r"^config: lora.rank must be >= 0"):
+        check_config(cfg)
+    cfg.lora.rank = 0
+    with pytest.raises(UserError, match="data.path must be empty when a dataset is passed in memory"):
+        check_config(cfg, data_in_memory=True)
+    cfg.data.path = ""
+    assert check_config(cfg, data_in_memory=True).data.path == ""
+    with pytest.raises(UserError, match="data.path is required"):
+        check_config(cfg)
+
+
+def test_the_package_exports_its_api_lazily():
+    import subprocess
+    import sys
+
+    code = ("import sys, diffusion_dpo as dd; assert 'torch' not in sys.modules, 'eager import'; "
+            "assert set(dd.__all__) >= {'Config', 'load_config', 'train', 'Trainer', 'generate', 'compare', 'relabel', "
+            "'load_reward', 'LOSSES'}; assert callable(dd.train) and dd.LOSSES['dpo'].needs_reference; print('ok')")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.stdout.strip() == "ok", res.stderr

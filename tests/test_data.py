@@ -483,3 +483,44 @@ def test_a_packed_batch_unpacks_to_the_plain_batch():
         if isinstance(value, torch.Tensor):
             assert unpacked[key].dtype == value.dtype and torch.equal(unpacked[key], value), key
     assert unpack_batch(plain) is plain
+
+
+# ---------------------------------------------------------------- in-memory datasets (the Python API)
+
+
+def test_in_memory_dataset_in_both_schemas(tmp_path):
+    import datasets
+    from PIL import Image
+
+    from diffusion_dpo.data import pairs_from_memory
+
+    picka = datasets.Dataset.from_list([row("a", label_0=0.0), row("b", label_0=1.0), row("t", label_0=0.5,
+                                                                                           label_1=0.5)])
+    pairs = pairs_from_memory(picka, dcfg(""))
+    assert len(pairs) == 2 and pairs.num_ties_dropped == 1
+    assert pairs.get(0)[1:] == (solid(BLUE), solid(RED), 1.0)  # jpg_1 won: winner first
+    # prompt / chosen / rejected with PIL images, with bytes and with paths (relative to the working directory)
+    red_png = tmp_path / "red.png"
+    red_png.write_bytes(solid(RED))
+    pil = [Image.new("RGB", (16, 16), "red"), Image.new("RGB", (16, 16), "blue")]
+    by_image = datasets.Dataset.from_dict({"prompt": ["p"], "chosen": [pil[0]], "rejected": [pil[1]]},
+                                          features=datasets.Features({"prompt": datasets.Value("string"),
+                                                                      "chosen": datasets.Image(),
+                                                                      "rejected": datasets.Image()}))
+    by_bytes = datasets.Dataset.from_dict({"prompt": ["p"], "chosen": [solid(RED)], "rejected": [solid(BLUE)]})
+    by_path = datasets.Dataset.from_dict({"prompt": ["p"], "chosen": [str(red_png)], "rejected": [str(red_png)]})
+    for ds in (by_image, by_bytes, by_path):
+        pairs = pairs_from_memory(ds, dcfg(""))
+        caption, win, lose, label = pairs.get(0)
+        assert caption == "p" and label == 1.0 and win is not None and lose is not None
+    item = PreferenceDataset(pairs_from_memory(by_bytes, dcfg("")), dcfg(""), make_tokenizer())[(0, 0)]
+    assert is_colour(item["pixel_values"][0], RED) and is_colour(item["pixel_values"][1], BLUE)
+    # a bad row is named like a file's
+    bad = datasets.Dataset.from_dict({"prompt": ["p", "q"], "chosen": [solid(RED), GARBAGE],
+                                      "rejected": [solid(BLUE), solid(BLUE)]})
+    with pytest.raises(UserError, match=r"^in-memory dataset row 1: jpg_0 cannot be decoded as an image"):
+        pairs_from_memory(bad, dcfg(""))
+    with pytest.raises(UserError, match="split 'train' not found"):
+        pairs_from_memory(datasets.DatasetDict({"test": picka}), dcfg(""))
+    with pytest.raises(UserError, match="expected a datasets.Dataset, got list"):
+        pairs_from_memory([1, 2], dcfg(""))

@@ -1,6 +1,60 @@
 """Diffusion-DPO: Direct Preference Optimization for text-to-image diffusion models.
 
 Wallace et al., 2023, "Diffusion Model Alignment Using Direct Preference Optimization".
+
+The Python API (the command line is a thin layer over the same functions):
+
+    import diffusion_dpo as dd
+
+    cfg = dd.load_config("configs/tiny.yaml", {"model.pretrained": "tiny/sd", "output_dir": "runs/x"})
+    final = dd.train(cfg, dataset=None, callback=lambda m: print(m["step"], m["loss"]))  # final/ directory
+    dd.generate("tiny/sd", ["a red circle"], seeds=[0, 1], out_dir="gen/tuned", lora=None)
+    report = dd.compare("gen/tuned", "gen/base", ["clip"], "cmp")  # win rates with intervals, effect sizes
+
+Names are imported on first use (PEP 562), so `import diffusion_dpo` and the CLI stay fast.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+# public name -> the module that defines it (one home each)
+_EXPORTS = {
+    "Config": "diffusion_dpo.config", "load_config": "diffusion_dpo.config", "check_config": "diffusion_dpo.config",
+    "Trainer": "diffusion_dpo.training", "train": "diffusion_dpo.training",
+    "generate": "diffusion_dpo.generate",
+    "compare": "diffusion_dpo.evaluate", "score_run": "diffusion_dpo.evaluate",
+    "relabel": "diffusion_dpo.relabel",
+    "load_reward": "diffusion_dpo.rewards",
+    "LOSSES": "diffusion_dpo.losses", "LossSpec": "diffusion_dpo.losses", "LossOutput": "diffusion_dpo.losses",
+    "get_loss": "diffusion_dpo.losses",
+    "UserError": "diffusion_dpo.errors",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time each name loads on first access
+    from diffusion_dpo.config import Config, check_config, load_config
+    from diffusion_dpo.errors import UserError
+    from diffusion_dpo.evaluate import compare, score_run
+    from diffusion_dpo.generate import generate
+    from diffusion_dpo.losses import LOSSES, LossOutput, LossSpec, get_loss
+    from diffusion_dpo.relabel import relabel
+    from diffusion_dpo.rewards import load_reward
+    from diffusion_dpo.training import Trainer, train
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'diffusion_dpo' has no attribute '{name}'")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -294,7 +294,29 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[dict[str,
     return config
 
 
-def validate(cfg: Config) -> None:
+def check_config(cfg: Config, data_in_memory: bool = False) -> Config:
+    """A `Config` built in code, checked exactly as one read from YAML: unknown keys (an attribute set on a section
+    that is not one of its fields, e.g. `cfg.train.max_step = 3`), values of the wrong type (converted where YAML
+    would convert them: "4" -> 4) and ranges. Returns the checked copy; raises `UserError` in one line.
+    `data_in_memory`: the data comes as a `datasets.Dataset` (`train(cfg, dataset=...)`), so data.path may be empty."""
+    if not isinstance(cfg, Config):
+        raise UserError(f"config: expected a diffusion_dpo.Config, got {type(cfg).__name__}")
+    for section, cls in [("", Config), *_SECTIONS.items()]:
+        obj = getattr(cfg, section) if section else cfg
+        if not isinstance(obj, cls):
+            raise UserError(f"config: {section} must be a {cls.__name__}, got {type(obj).__name__}")
+        unknown = sorted(set(vars(obj)) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise UserError(f"config: unknown config key '{section + '.' if section else ''}{unknown[0]}'")
+    try:
+        checked = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.structured(cfg)))
+    except OmegaConfBaseException as exc:
+        raise _omegaconf_error(exc, "config") from None
+    validate(checked, data_in_memory=data_in_memory)
+    return checked
+
+
+def validate(cfg: Config, data_in_memory: bool = False) -> None:
     """Check ranges and choices that types alone cannot express; raise `UserError` on the first problem."""
     from diffusion_dpo.losses import LOSSES  # the registry is the single list of loss names
 
@@ -303,7 +325,13 @@ def validate(cfg: Config) -> None:
             raise UserError(f"config: {key} {msg}")
 
     need(bool(cfg.model.pretrained), "model.pretrained", "is required (a hub id or a local diffusers directory)")
-    need(bool(cfg.data.path), "data.path", "is required (parquet, save_to_disk dir, JSONL/CSV or hub id)")
+    need(bool(cfg.data.path) or data_in_memory, "data.path",
+         "is required (parquet, save_to_disk dir, JSONL/CSV or hub id)")
+    need(not (data_in_memory and cfg.data.path), "data.path",
+         "must be empty when a dataset is passed in memory (one source of pairs)")
+    need(not (data_in_memory and cfg.cache.dir), "cache.dir",
+         "cannot cache an in-memory dataset (it has no file to identify it by); save it with "
+         "dataset.save_to_disk(DIR) and set data.path DIR")
     need(cfg.loss.beta > 0, "loss.beta", f"must be > 0 (got {cfg.loss.beta})")
     need(0.0 <= cfg.loss.label_smoothing < 0.5, "loss.label_smoothing",
          f"must be in [0, 0.5) (got {cfg.loss.label_smoothing})")

@@ -153,6 +153,39 @@ def load_preference_pairs(cfg: DataConfig) -> PreferencePairs:
     return _load_hub(spec, cfg)
 
 
+IN_MEMORY = "in-memory dataset"
+
+
+def pairs_from_memory(dataset: Any, cfg: DataConfig) -> PreferencePairs:
+    """Validated pairs from a `datasets.Dataset` held in memory (`train(cfg, dataset=...)`), checked like a file.
+
+    Schemas: Pick-a-Pic's (caption, jpg_0, jpg_1, label_0[, label_1]), or prompt/chosen/rejected where each image
+    is a `datasets.Image` column (PIL images, bytes or paths) or a string path (relative to the working directory);
+    the chosen image is the winner. A DatasetDict gives its `data.split`. Errors name "in-memory dataset row N"."""
+    import datasets
+
+    if isinstance(dataset, datasets.DatasetDict):
+        if cfg.split not in dataset:
+            raise UserError(f"{IN_MEMORY}: split '{cfg.split}' not found (data.split); available splits: "
+                            f"{', '.join(dataset.keys())}")
+        dataset = dataset[cfg.split]
+    if not isinstance(dataset, datasets.Dataset):
+        raise UserError(f"{IN_MEMORY}: expected a datasets.Dataset, got {type(dataset).__name__}")
+    columns = dataset.column_names
+    if "caption" not in columns and all(k in columns for k in LOCAL_KEYS):
+        for key in ("chosen", "rejected"):  # paths, PIL images or bytes -> undecoded image cells
+            if not isinstance(dataset.features[key], datasets.Image) or dataset.features[key].decode:
+                try:
+                    dataset = dataset.cast_column(key, datasets.Image(decode=False))
+                except Exception as exc:  # noqa: BLE001 - e.g. numbers where image paths belong
+                    raise UserError(f"{IN_MEMORY}: column {key} is not images or image paths "
+                                    f"({short_reason(exc)})") from None
+        dataset = dataset.select_columns(list(LOCAL_KEYS)).rename_columns(
+            {"prompt": "caption", "chosen": "jpg_0", "rejected": "jpg_1"})
+        dataset = dataset.add_column("label_0", [1.0] * dataset.num_rows)
+    return _pairs_from_dataset(dataset, _RowNamer([IN_MEMORY]), IN_MEMORY, cfg)
+
+
 def parquet_files(root: Path, split: str) -> list[Path]:
     """Sorted .parquet files under `root`, only those of `split` when the names say so."""
     files = sorted((p for p in root.rglob("*.parquet")

@@ -42,7 +42,7 @@ import math
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -107,22 +107,26 @@ def check_paired(rows_a: list[dict], rows_b: list[dict], name_a: str = "A", name
 @dataclass
 class RewardSpec:
     """A reward as the user wrote it: one name ('pickscore', 'pkg.mod:fn') or a weighted sum
-    ('pickscore=1,aesthetic=0.5', scored as sum_k w_k * r_k)."""
+    ('pickscore=1,aesthetic=0.5', scored as sum_k w_k * r_k); from Python also a function
+    `fn(images, prompts) -> N scores`, named by its __name__ (never cached: it has no identity on disk)."""
 
     label: str
     terms: list[tuple[str, float]]
+    function: Optional[Callable] = None
 
 
-def parse_rewards(specs: Sequence[str], paths: Optional[dict[str, str]] = None) -> list[RewardSpec]:
+def parse_rewards(specs: Sequence[str | Callable], paths: Optional[dict[str, str]] = None) -> list[RewardSpec]:
     """Validate reward specs and `paths` ({reward name: weights path}) before any model loads."""
     from diffusion_dpo.rewards import REWARDS, parse_weighted
     from diffusion_dpo.rewards.custom import is_import_path
 
     if not specs:
         raise UserError("name at least one reward (e.g. --reward pickscore)")
-    out = [RewardSpec(spec, parse_weighted(spec)) for spec in specs]
+    out = [RewardSpec(spec, parse_weighted(spec)) if isinstance(spec, str) else
+           RewardSpec(_function_name(spec), [(_function_name(spec), 1.0)], spec) for spec in specs]
+    functions = {s.label for s in out if s.function is not None}
     names = {name for s in out for name, _ in s.terms}
-    for name in sorted(names):
+    for name in sorted(names - functions):
         if name not in REWARDS and not is_import_path(name):
             raise UserError(f"unknown reward '{name}'; choose one of {', '.join(sorted(REWARDS))}, "
                             "or 'package.module:function' for your own")
@@ -133,6 +137,12 @@ def parse_rewards(specs: Sequence[str], paths: Optional[dict[str, str]] = None) 
     if len({s.label for s in out}) != len(out):
         raise UserError(f"a reward is named twice: {', '.join(specs)}")
     return out
+
+
+def _function_name(fn: Callable) -> str:
+    if not callable(fn):
+        raise UserError(f"a reward must be a name, an import path or a function, got {type(fn).__name__}")
+    return getattr(fn, "__name__", type(fn).__name__)
 
 
 def _cache_file(run_dir: Path, name: str, path: Optional[str]) -> Path:
@@ -198,24 +208,27 @@ class Scorer:
 
     def __init__(self, specs: Sequence[RewardSpec], paths: Optional[dict[str, str]] = None, device: str = "cpu",
                  batch_size: int = 16, cache: bool = True):
-        from diffusion_dpo.rewards import load_reward
+        from diffusion_dpo.rewards import Reward, load_reward
 
         self.specs = list(specs)
         self.paths = dict(paths or {})
         self.cache = cache
+        functions = {s.label: s.function for s in self.specs if s.function is not None}
         names = list(dict.fromkeys(name for s in self.specs for name, _ in s.terms))
-        self.rewards = {n: load_reward(n, self.paths.get(n), device=device, batch_size=batch_size) for n in names}
+        self.rewards = {n: Reward(n, functions[n], batch_size) if n in functions else
+                        load_reward(n, self.paths.get(n), device=device, batch_size=batch_size) for n in names}
+        self.cached = {n for n in names if cache and n not in functions}
 
     def __call__(self, run_dir: str | Path, rows: Optional[list[dict]] = None) -> dict[str, np.ndarray]:
         run_dir = Path(run_dir)
         rows = load_run(run_dir) if rows is None else rows
-        per_name = {n: score_images(run_dir, rows, r, _cache_file(run_dir, n, self.paths.get(n)) if self.cache
+        per_name = {n: score_images(run_dir, rows, r, _cache_file(run_dir, n, self.paths.get(n)) if n in self.cached
                                     else None) for n, r in self.rewards.items()}
         # score = sum_k w_k * r_k, per image
         return {s.label: sum(w * per_name[n] for n, w in s.terms) for s in self.specs}
 
 
-def score_run(run_dir: str | Path, rewards: Sequence[str], paths: Optional[dict[str, str]] = None,
+def score_run(run_dir: str | Path, rewards: Sequence[str | Callable], paths: Optional[dict[str, str]] = None,
               device: str = "cpu", batch_size: int = 16, cache: bool = True) -> dict[str, np.ndarray]:
     """Per-image scores of a run, {reward spec: (N,)} aligned with `load_run(run_dir)`."""
     rows = load_run(run_dir)  # a broken run fails before a reward model loads
@@ -317,7 +330,7 @@ def paired_win_rate(a_scores: Sequence[float], b_scores: Sequence[float], prompt
 
 # ---------------------------------------------------------------- compare
 
-def compare(run_a: str | Path, run_b: str | Path, rewards: Sequence[str], out_dir: str | Path,
+def compare(run_a: str | Path, run_b: str | Path, rewards: Sequence[str | Callable], out_dir: str | Path,
             paths: Optional[dict[str, str]] = None, device: str = "cpu", batch_size: int = 16,
             n_boot: int = 10000, seed: int = 0, grid_prompts: int = GRID_PROMPTS, cache: bool = True) -> dict:
     """Score both runs and write compare.json, compare.md, scores.png and grid.png into `out_dir`."""

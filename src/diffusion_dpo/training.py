@@ -29,16 +29,16 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
 
 from diffusion_dpo import checkpoint as ckpt
 from diffusion_dpo.cache import Cache, CachedPairs, build_cache, cached_inputs, read_manifest
-from diffusion_dpo.config import Config, to_yaml
+from diffusion_dpo.config import Config, check_config, to_yaml
 from diffusion_dpo.data import (PairSampler, PreferenceDataset, PreferencePairs, collate_packed, keys_per_epoch,
-                               load_preference_pairs, unpack_batch)
+                               load_preference_pairs, pairs_from_memory, unpack_batch)
 from diffusion_dpo.errors import UserError, is_local_path
 from diffusion_dpo.losses import LossSpec, get_loss, implicit_accuracy, smooth_labels
 from diffusion_dpo.models import Family, Reference, add_lora, cast, describe, load_components, weight_dtype_of
@@ -77,10 +77,17 @@ class StepOutput:
     metrics: dict[str, Tensor]  # detached scalars (no host sync)
 
 
-class Trainer:
-    """Holds the models, optimizer and data for one run; `run()` trains to `train.max_steps`."""
+MetricsCallback = Callable[[dict[str, Any]], None]
 
-    def __init__(self, cfg: Config):
+
+class Trainer:
+    """Holds the models, optimizer and data for one run; `run()` trains to `train.max_steps`.
+
+    `cfg` is checked as a YAML config is (`config.check_config`). `dataset`: the pairs as an in-memory
+    `datasets.Dataset` (Pick-a-Pic or prompt/chosen/rejected schema) instead of `data.path`. `callback` is called on
+    the main process after every optimizer step with that step's metrics (the line written to metrics.jsonl)."""
+
+    def __init__(self, cfg: Config, dataset: Optional[Any] = None, callback: Optional[MetricsCallback] = None):
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
         from accelerate.utils import ProjectConfiguration, set_seed
@@ -88,8 +95,10 @@ class Trainer:
         # accelerate keeps one state per process; a second run in the same process (a notebook, the
         # tests) with another precision would be refused. The process group itself is left alone.
         AcceleratorState._reset_state(reset_partial_state=False)
+        cfg = check_config(cfg, data_in_memory=dataset is not None)
         check_launcher_precision(cfg.train.mixed_precision)
         self.cfg = cfg
+        self.in_memory, self.callback = dataset, callback
         self.output_dir = Path(cfg.output_dir)
         trackers = {"none": None, "all": ["tensorboard", "wandb"]}.get(cfg.train.report_to, [cfg.train.report_to])
         if trackers and "wandb" in trackers and importlib.util.find_spec("wandb") is None:
@@ -139,7 +148,7 @@ class Trainer:
         pairs = self._open_data()
         num_pairs = self.cache.num_pairs if self.cache is not None else len(pairs)
         if num_pairs < cfg.data.batch_size * self.world:
-            raise UserError(f"data.path '{cfg.data.path}': {num_pairs} usable pairs is fewer than one batch "
+            raise UserError(f"data.path '{cfg.data.path or 'in-memory dataset'}': {num_pairs} usable pairs is fewer than one batch "
                             f"(data.batch_size {cfg.data.batch_size} x {self.world} processes)")
 
         # Seed python/numpy/torch before building anything random (LoRA's A matrices are drawn at init):
@@ -207,7 +216,8 @@ class Trainer:
         if not cfg.cache.dir:
             # The main process validates (and builds the Arrow cache) first; the others then reuse the cache.
             with acc.main_process_first():
-                pairs = load_preference_pairs(cfg.data)
+                pairs = load_preference_pairs(cfg.data) if self.in_memory is None else \
+                    pairs_from_memory(self.in_memory, cfg.data)
             acc.print(pairs.summary())
             return pairs
         # The main process builds what is missing (cache.auto) first; the others then open it.
@@ -422,6 +432,8 @@ class Trainer:
             with self.metrics_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")  # one write per line: a kill leaves at most one partial line
             acc.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=self.state.step)
+            if self.callback is not None:
+                self.callback(dict(record))
         return record
 
     def _write_weights(self, directory: Path) -> None:
@@ -621,6 +633,7 @@ def _progress(total: int, initial: int, enabled: bool):
                 mininterval=interval)
 
 
-def train(cfg: Config) -> Path:
-    """Train with `cfg` and return the `final/` directory."""
-    return Trainer(cfg).run()
+def train(cfg: Config, dataset: Optional[Any] = None, callback: Optional[MetricsCallback] = None) -> Path:
+    """Train with `cfg` (optionally on an in-memory `dataset`, calling `callback(metrics)` after every step) and
+    return the `final/` directory. See `Trainer`."""
+    return Trainer(cfg, dataset=dataset, callback=callback).run()
