@@ -181,3 +181,44 @@ def test_the_package_exports_its_api_lazily():
             "'load_reward', 'LOSSES'}; assert callable(dd.train) and dd.LOSSES['dpo'].needs_reference; print('ok')")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.stdout.strip() == "ok", res.stderr
+
+
+def test_report_to_names_any_accelerate_tracker():
+    from diffusion_dpo.trackers import init_kwargs, parse_report_to
+
+    assert load_config(None, {**REQUIRED, "train.report_to": "tensorboard,mlflow"}).train.report_to == \
+        "tensorboard,mlflow"
+    with pytest.raises(UserError, match="train.report_to must be tracker names"):
+        load_config(None, {**REQUIRED, "train.report_to": "tensorbored"})
+    assert parse_report_to("none") is None and parse_report_to("tensorboard") == ["tensorboard"]
+    assert "tensorboard" in parse_report_to("all")
+    import importlib.util
+
+    if importlib.util.find_spec("mlflow") is None:
+        with pytest.raises(UserError, match=r"^train.report_to=mlflow needs the mlflow package: pip install mlflow"):
+            parse_report_to("tensorboard,mlflow")
+    assert init_kwargs(["tensorboard", "wandb", "mlflow"], "run-7") == {"wandb": {"name": "run-7"},
+                                                                         "mlflow": {"run_name": "run-7"}}
+
+
+def test_validation_grids_go_to_every_tracker_that_takes_images(tmp_path):
+    from PIL import Image
+
+    from diffusion_dpo.trackers import log_image
+
+    Image.new("RGB", (6, 4), "red").save(tmp_path / "grid.png")
+
+    class Tracker:
+        def __init__(self, name):
+            self.name, self.calls = name, []
+
+        def log_images(self, values, step, **kwargs):
+            self.calls.append((values, step, kwargs))
+
+    tb, wandb, aim = Tracker("tensorboard"), Tracker("wandb"), Tracker("aim")
+    log_image([tb, wandb, aim, object()], "validation/grid", tmp_path / "grid.png", 7)
+    (values, step, kwargs), = tb.calls
+    assert values["validation/grid"].shape == (1, 4, 6, 3) and step == 7 and kwargs == {"dataformats": "NHWC"}
+    (values, step, kwargs), = wandb.calls
+    assert isinstance(values["validation/grid"], list) and values["validation/grid"][0].size == (6, 4) and not kwargs
+    assert aim.calls[0][0]["validation/grid"].size == (6, 4)

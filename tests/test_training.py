@@ -43,7 +43,7 @@ def test_full_fine_tune_outputs(tmp_path, tiny_sd, tiny_data):
     out = tmp_path / "run"
     cfg = make_cfg(out, tiny_sd, tiny_data, train__max_steps=3, train__checkpointing_steps=2,
                    validation__every_steps=2, validation__num_inference_steps=2, validation__prompts='["a red circle"]',
-                   train__report_to="tensorboard")
+                   train__report_to="tensorboard", train__tracker_project="my-project")
     final = train(cfg)
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [1, 2, 3]
@@ -56,7 +56,14 @@ def test_full_fine_tune_outputs(tmp_path, tiny_sd, tiny_data):
     assert (out / "checkpoint-2" / "unet").is_dir() and (out / "checkpoint-2" / "optimizer.pt").is_file()
     assert not list(out.glob("*.tmp"))
     assert (out / "samples" / "step-000002.png").is_file() and (out / "samples" / "step-000003.png").is_file()
-    assert list((out / "logs").rglob("events.out.tfevents*"))
+    events = list((out / "logs" / "my-project").rglob("events.out.tfevents*"))
+    assert events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logged = EventAccumulator(str(events[0].parent), size_guidance={"images": 0}).Reload()
+    assert {"loss", "implicit_acc"} <= set(logged.Tags()["scalars"])
+    grids = logged.Images("validation/reference_vs_policy")  # the grids reach the tracker as images
+    assert [g.step for g in grids] == [2, 3] and grids[0].width > 0
     assert (out / "config.yaml").is_file()
     # final/ is a pipeline diffusers loads; only the UNet changed
     pipe = StableDiffusionPipeline.from_pretrained(final)

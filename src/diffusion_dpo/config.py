@@ -145,7 +145,13 @@ class TrainConfig:
     checkpointing_steps: int = _f(500, "Save checkpoint-<step>/ every N optimizer steps (0 = never).")
     checkpoints_total_limit: Optional[int] = _f(None, "Keep at most this many checkpoints (oldest removed).")
     resume: Optional[str] = _f(None, "'latest' or a checkpoint directory to continue from.")
-    report_to: str = _f("tensorboard", "Trackers: tensorboard, wandb, all or none (metrics.jsonl is always written).")
+    report_to: str = _f("tensorboard", "Trackers, any accelerate supports: tensorboard, wandb, trackio, comet_ml, "
+                                       "mlflow, clearml, dvclive, swanlab, aim; several comma-separated (wandb,mlflow), "
+                                       "all (those installed) or none. Metrics every step, validation grids as "
+                                       "images; metrics.jsonl is always written.")
+    tracker_project: str = _f("diffusion-dpo", "The trackers' project name (TensorBoard: the folder under logs/).")
+    run_name: Optional[str] = _f(None, "The run's name in trackers that have one (wandb, trackio, mlflow, swanlab, "
+                                       "aim); default: the output directory's name.")
     allow_tf32: bool = _f(True, "Allow TF32 matmuls on Ampere+ GPUs.")
     skip_nonfinite: bool = _f(False, "Skip (and count) optimizer steps whose loss or gradient is NaN/inf instead "
                                      "of stopping the run; the weights are never updated with them.")
@@ -380,8 +386,13 @@ def validate(cfg: Config, data_in_memory: bool = False) -> None:
     need(cfg.train.checkpointing_steps >= 0, "train.checkpointing_steps", "must be >= 0")
     need(cfg.train.checkpoints_total_limit is None or cfg.train.checkpoints_total_limit >= 1,
          "train.checkpoints_total_limit", "must be >= 1")
-    need(cfg.train.report_to in ("tensorboard", "wandb", "all", "none"), "train.report_to",
-         "must be tensorboard, wandb, all or none")
+    from diffusion_dpo.trackers import TRACKER_PACKAGES
+
+    trackers = [n.strip() for n in cfg.train.report_to.split(",") if n.strip()]
+    need(trackers in (["all"], ["none"]) or (bool(trackers) and all(t in TRACKER_PACKAGES for t in trackers)),
+         "train.report_to", f"must be tracker names ({', '.join(TRACKER_PACKAGES)}; several comma-separated), all or "
+                            f"none (got '{cfg.train.report_to}')")
+    need(bool(cfg.train.tracker_project), "train.tracker_project", "must not be empty")
     need(cfg.model.prediction_type in (None, "epsilon", "v_prediction"), "model.prediction_type",
          "must be epsilon or v_prediction")
     need(cfg.cache.dtype in CACHE_DTYPES, "cache.dtype", f"must be one of {', '.join(CACHE_DTYPES)} "

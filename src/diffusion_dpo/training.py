@@ -21,7 +21,6 @@ Run: `diffusion-dpo train --config configs/sd15_pickapic.yaml --data.path DIR --
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import shutil
@@ -45,6 +44,7 @@ from diffusion_dpo.models import Family, Reference, add_lora, cast, describe, lo
 from diffusion_dpo.optim import StepInBackward, make_lr_scheduler, make_optimizer
 from diffusion_dpo.randomness import pair_noise, seed_for
 from diffusion_dpo.reference import ReferenceTable, WithReference, precompute_reference, reference_path
+from diffusion_dpo.trackers import init_kwargs, log_image, parse_report_to
 
 ENGINE_DIR = "engine"  # accelerate's save_state of a sharded (FSDP/DeepSpeed) run, inside a checkpoint
 METRIC_KEYS = ("loss", "implicit_acc", "reward_margin", "model_mse_w", "model_mse_l", "ref_mse_w", "ref_mse_l")
@@ -100,9 +100,7 @@ class Trainer:
         self.cfg = cfg
         self.in_memory, self.callback = dataset, callback
         self.output_dir = Path(cfg.output_dir)
-        trackers = {"none": None, "all": ["tensorboard", "wandb"]}.get(cfg.train.report_to, [cfg.train.report_to])
-        if trackers and "wandb" in trackers and importlib.util.find_spec("wandb") is None:
-            raise UserError("train.report_to=wandb needs wandb: pip install wandb (or report_to tensorboard)")
+        self.trackers = trackers = parse_report_to(cfg.train.report_to)  # one not installed fails here, in one line
         self.accelerator = Accelerator(
             # without CUDA, say so: only then does accelerate run several CPU processes over gloo
             cpu=not torch.cuda.is_available(),
@@ -325,7 +323,9 @@ class Trainer:
             acc.print(f"resumed from {self.resume_from} at step {self.state.step}")
         self._truncate_metrics(self.state.step)
         if acc.is_main_process:
-            acc.init_trackers("diffusion-dpo", config=_flat_config(cfg))
+            acc.init_trackers(cfg.train.tracker_project, config=_flat_config(cfg),
+                              init_kwargs=init_kwargs(self.trackers or [],
+                                                      cfg.train.run_name or self.output_dir.resolve().name))
         accum = cfg.train.gradient_accumulation_steps
         progress = _progress(cfg.train.max_steps, self.state.step, acc.is_main_process)
         batches = self._batches()
@@ -532,6 +532,7 @@ class Trainer:
             write_validation_grid(path, components, self.accelerator.unwrap_model(self.denoiser), self.reference,
                                   v.prompts, v.seeds, self.cfg.data.resolution, v.num_inference_steps,
                                   v.guidance_scale, autocast=self.accelerator.autocast)
+            log_image(self.accelerator.trackers, "validation/reference_vs_policy", path, self.state.step)
         self.accelerator.wait_for_everyone()
 
     def _save_final(self) -> Path:
