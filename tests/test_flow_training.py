@@ -71,7 +71,7 @@ def test_lora_loads_with_load_lora_weights_and_changes_samples(request, tmp_path
     after = dict(trainer.accelerator.unwrap_model(trainer.denoiser).named_parameters())
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     assert changed and all("lora" in n for n in changed)
-    assert sorted(p.name for p in final.iterdir()) == ["pytorch_lora_weights.safetensors"]
+    assert sorted(p.name for p in final.iterdir()) == ["README.md", "pytorch_lora_weights.safetensors"]  # + the card
     with safe_open(str(final / "pytorch_lora_weights.safetensors"), framework="pt") as f:
         keys = list(f.keys())
     assert all(k.startswith("transformer.") for k in keys)

@@ -74,6 +74,17 @@ def test_full_fine_tune_outputs(tmp_path, tiny_sd, tiny_data):
     for a, b in zip(pipe.vae.state_dict().values(), base.vae.state_dict().values()):
         assert torch.equal(a, b)
     assert pipe("a red circle", num_inference_steps=2, height=32, width=32).images[0].size == (32, 32)
+    # final/README.md: a model card the hub reads, with what was trained and the last grid beside it
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(final / "README.md")
+    assert card.data.base_model == str(tiny_sd) and card.data.library_name == "diffusers"
+    assert {"text-to-image", "diffusers-training", "stable-diffusion", "diffusion-dpo"} <= set(card.data.tags)
+    assert "lora" not in card.data.tags
+    for fact in ("| steps | 3 |", "| effective batch | 2 pairs per step |", "| beta | 5000, in the official DiffusionDPO",
+                 "| learning rate | 0.0001 (adamw", "![validation grid](validation_grid.png)", "StableDiffusionPipeline"):
+        assert fact in card.text, fact
+    assert (final / "validation_grid.png").is_file()
 
 
 def test_sdxl_lora_changes_only_lora_weights_and_loads(tmp_path, tiny_sdxl, tiny_data):
@@ -89,7 +100,12 @@ def test_sdxl_lora_changes_only_lora_weights_and_loads(tmp_path, tiny_sdxl, tiny
     changed = {n for n, p in unet.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all("lora" in n for n in changed)
     assert any("lora_B" in n for n in changed)
-    assert sorted(p.name for p in final.iterdir()) == ["pytorch_lora_weights.safetensors"]
+    assert sorted(p.name for p in final.iterdir()) == ["README.md", "pytorch_lora_weights.safetensors"]  # + the card
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(final / "README.md")
+    assert {"lora", "template:sd-lora", "stable-diffusion-xl"} <= set(card.data.tags)
+    assert "LoRA (rank 4" in card.text and "pipe.load_lora_weights(" in card.text
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
     pipe.load_lora_weights(final)
     assert pipe("a red circle", num_inference_steps=2, height=32, width=32).images[0].size == (32, 32)

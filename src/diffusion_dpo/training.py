@@ -44,6 +44,7 @@ from diffusion_dpo.models import Family, Reference, add_lora, cast, describe, lo
 from diffusion_dpo.optim import StepInBackward, make_lr_scheduler, make_optimizer
 from diffusion_dpo.randomness import pair_noise, seed_for
 from diffusion_dpo.reference import ReferenceTable, WithReference, precompute_reference, reference_path
+from diffusion_dpo.model_card import RunFacts, write_card
 from diffusion_dpo.trackers import init_kwargs, log_image, parse_report_to
 
 ENGINE_DIR = "engine"  # accelerate's save_state of a sharded (FSDP/DeepSpeed) run, inside a checkpoint
@@ -145,6 +146,7 @@ class Trainer:
         self.ref_table: Optional[ReferenceTable] = None
         pairs = self._open_data()
         num_pairs = self.cache.num_pairs if self.cache is not None else len(pairs)
+        self.num_pairs = num_pairs
         if num_pairs < cfg.data.batch_size * self.world:
             raise UserError(f"data.path '{cfg.data.path or 'in-memory dataset'}': {num_pairs} usable pairs is fewer than one batch "
                             f"(data.batch_size {cfg.data.batch_size} x {self.world} processes)")
@@ -535,6 +537,17 @@ class Trainer:
             log_image(self.accelerator.trackers, "validation/reference_vs_policy", path, self.state.step)
         self.accelerator.wait_for_everyone()
 
+    def _write_card(self, directory: Path) -> None:
+        """final/README.md: the model card (base, data, loss and beta, steps, batch, lr, the last grid)."""
+        comp, cfg = self.components, self.cfg
+        grid = self.output_dir / "samples" / f"step-{self.state.step:06d}.png"
+        facts = RunFacts(family_title=comp.title, family_tags=comp.card_tags,
+                         pipeline_class=comp.pipeline_class.__name__, pairs=self.num_pairs, steps=self.state.step,
+                         skipped_steps=self.state.skipped_steps, pairs_per_step=self.pairs_per_step,
+                         lr=cfg.optim.lr * self.pairs_per_step if cfg.optim.scale_lr else cfg.optim.lr,
+                         grid=grid if grid.is_file() else None)
+        write_card(directory, cfg, facts)
+
     def _save_final(self) -> Path:
         """final/: a diffusers pipeline (full fine-tune) or pytorch_lora_weights.safetensors (LoRA)."""
         acc = self.accelerator
@@ -556,6 +569,7 @@ class Trainer:
                         model = type(model).from_config(model.config)
                         model.load_state_dict(full_state)
                     self.components.save_pipeline(model, tmp)
+                self._write_card(tmp)
             except OSError as exc:  # disk full, quota: the last checkpoint still holds the run
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise UserError(f"cannot write {final}: {exc.strerror or exc}; the run can be finished with "

@@ -75,6 +75,7 @@ class Family:
     default_lora_targets: ClassVar[tuple[str, ...]]
     lora_diffusers_naming: ClassVar[bool] = False  # save LoRA in diffusers' older naming (see lora.lora_state_dict)
     size_conditioning: ClassVar[bool] = False  # conditions on each image's size and crop (SDXL's time ids)
+    card_tags: ClassVar[tuple[str, ...]] = ()  # the family's model-card tags, as diffusers' training scripts write
 
     def __init__(self, cfg: ModelConfig, flow: FlowConfig, index: dict, pipeline_class: type,
                  denoiser: Optional[nn.Module], denoiser_config: Any, vae: Optional[nn.Module], vae_config: Any,

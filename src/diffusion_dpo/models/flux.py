@@ -54,6 +54,7 @@ class Flux(FlowMatching):
     name: ClassVar[str] = "flux"
     title: ClassVar[str] = "FLUX.1"
     pipelines: ClassVar[tuple[str, ...]] = ("FluxPipeline",)
+    card_tags: ClassVar[tuple[str, ...]] = ("flux", "flux-diffusers")
     denoiser_role: ClassVar[str] = "transformer"
     default_lora_targets: ClassVar[tuple[str, ...]] = ATTENTION_TARGETS
     default_max_sequence_length: ClassVar[int] = 512

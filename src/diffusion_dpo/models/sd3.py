@@ -42,6 +42,7 @@ class StableDiffusion3(FlowMatching):
     name: ClassVar[str] = "sd3"
     title: ClassVar[str] = "Stable Diffusion 3 / 3.5"
     pipelines: ClassVar[tuple[str, ...]] = ("StableDiffusion3Pipeline",)
+    card_tags: ClassVar[tuple[str, ...]] = ("sd3", "sd3-diffusers")
     denoiser_role: ClassVar[str] = "transformer"
     default_lora_targets: ClassVar[tuple[str, ...]] = ATTENTION_TARGETS
     default_max_sequence_length: ClassVar[int] = 256
