@@ -206,6 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--cache-dir", metavar="DIR", help="where the base model is cached "
                       "[default: $XDG_CACHE_HOME/diffusion-dpo/demo or ~/.cache/diffusion-dpo/demo]")
     demo.add_argument("--rebuild", action="store_true", help="build the base model again even if it is cached")
+    push = sub.add_parser(
+        "push", help="publish a run's final/ (pipeline or LoRA weights, with its model card) to the Hugging Face hub",
+        description="Upload RUN_DIR/final to --repo-id in one commit (the repository is created if needed). Checks the "
+                    "run, the repo id, that the hub is not switched off (HF_HUB_OFFLINE) and that a token is there "
+                    "before any upload.")
+    push.add_argument("run", metavar="RUN_DIR", help="a training output_dir (or its final/)")
+    push.add_argument("--repo-id", required=True, metavar="ID", help="hub repository, e.g. user/sdxl-dpo")
+    push.add_argument("--private", action="store_true", help="create the repository as private")
+    push.add_argument("--token", help="Hugging Face token [default: the logged-in one, or HF_TOKEN]")
     from diffusion_dpo import cli_eval
 
     cli_eval.register(sub, _Parser)  # generate, score, compare
@@ -328,6 +337,13 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_push(args: argparse.Namespace) -> int:
+    from diffusion_dpo.push import push_run
+
+    print(f"pushed: {push_run(args.run, args.repo_id, private=args.private, token=args.token)}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from diffusion_dpo.demo.run import run_demo
 
@@ -363,7 +379,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from diffusion_dpo.cli_eval import COMMANDS as EVAL_COMMANDS
 
         return {"train": _cmd_train, "cache": _cmd_cache, "bench": _cmd_bench, "make-tiny": _cmd_make_tiny,
-                "demo": _cmd_demo, **EVAL_COMMANDS}[args.command](args)
+                "demo": _cmd_demo, "push": _cmd_push, **EVAL_COMMANDS}[args.command](args)
     except UserError as exc:
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return 2

@@ -149,6 +149,9 @@ class TrainConfig:
                                        "mlflow, clearml, dvclive, swanlab, aim; several comma-separated (wandb,mlflow), "
                                        "all (those installed) or none. Metrics every step, validation grids as "
                                        "images; metrics.jsonl is always written.")
+    push_to_hub: Optional[str] = _f(None, "A hub repo id (user/name): push final/ there when training ends (checked "
+                                          "before training starts: repo id, HF_HUB_OFFLINE, token). Or later: "
+                                          "`diffusion-dpo push OUTPUT_DIR --repo-id ID`.")
     tracker_project: str = _f("diffusion-dpo", "The trackers' project name (TensorBoard: the folder under logs/).")
     run_name: Optional[str] = _f(None, "The run's name in trackers that have one (wandb, trackio, mlflow, swanlab, "
                                        "aim); default: the output directory's name.")

@@ -98,6 +98,10 @@ class Trainer:
         AcceleratorState._reset_state(reset_partial_state=False)
         cfg = check_config(cfg, data_in_memory=dataset is not None)
         check_launcher_precision(cfg.train.mixed_precision)
+        if cfg.train.push_to_hub:  # a push that cannot happen fails now, not after hours of training
+            from diffusion_dpo.push import check_can_push
+
+            check_can_push(cfg.train.push_to_hub)
         self.cfg = cfg
         self.in_memory, self.callback = dataset, callback
         self.output_dir = Path(cfg.output_dir)
@@ -377,6 +381,10 @@ class Trainer:
         progress.close()
         final = self._save_final()
         acc.end_training()
+        if cfg.train.push_to_hub and acc.is_main_process:
+            from diffusion_dpo.push import push_run
+
+            acc.print(f"pushed: {push_run(self.output_dir, cfg.train.push_to_hub)}")
         return final
 
     def _advance_position(self, epoch: int) -> None:
