@@ -120,7 +120,7 @@ def test_skip_bad_rows_reports_the_count(tmp_path, tiny_sd, capsys):
 
 
 @pytest.mark.parametrize("args,expected", [
-    (["--bogus", "1"], "error: unrecognized arguments: --bogus 1 (see --help)"),
+    (["--bogus", "1"], "error: train: unrecognized arguments: --bogus 1 (see --help)"),
     (["--loss.beta", "0"], "loss.beta must be > 0"),
     (["--loss.beta", "high"], "bad value for 'loss.beta'"),
     (["--model.pretrained", "/no/such/model"], "model.pretrained '/no/such/model' does not exist"),

@@ -254,7 +254,7 @@ def test_fp16_skipped_step_leaves_the_scaler_usable_and_the_schedule_still(monke
     weight = torch.nn.Parameter(torch.ones(4))
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
     optimizer = AcceleratedOptimizer(torch.optim.SGD([weight], lr=0.1), device_placement=False, scaler=scaler)
-    schedule = get_scheduler("linear", optimizer.optimizer, num_warmup_steps=0, num_training_steps=100)
+    schedule = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=100)
     # step 1: NaN loss (skipped by us); step 2: inf gradient with a finite-looking loss (skipped by the scaler);
     # step 3: an ordinary step
     factors = [float("nan"), float("inf"), 1.0]

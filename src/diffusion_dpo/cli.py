@@ -345,6 +345,10 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("sklearn") is None:  # the demo's digits and classifiers; not needed to train
+        raise UserError("demo needs scikit-learn: pip install -e \".[demo]\" (or pip install scikit-learn)")
     from diffusion_dpo.demo.run import run_demo
 
     quiet_progress_bars()

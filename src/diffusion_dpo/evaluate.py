@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from diffusion_dpo.errors import UserError
 from diffusion_dpo.generate import MANIFEST, RUN_FILE
@@ -401,56 +401,31 @@ def markdown_table(report: dict) -> str:
 
 # ---------------------------------------------------------------- pictures (PIL only)
 
-_A_COLOUR, _B_COLOUR = (31, 119, 180), (255, 127, 14)
-
-
-def _font(size: int = 12) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has one fixed-size bitmap font
-        return ImageFont.load_default()
+_A_COLOUR, _B_COLOUR = "#1f77b4", "#ff7f0e"  # matplotlib's first two colours
 
 
 def plot_scores(scores: dict[str, tuple[np.ndarray, np.ndarray]], results: dict[str, WinRate],
                 bins: int = 20) -> Image.Image:
     """One panel per reward: overlaid histograms of A's and B's per-image scores, dashed lines at the means."""
-    width, panel_h, margin = 560, 230, 40
-    canvas = Image.new("RGB", (width, panel_h * len(scores)), "white")
-    font = _font(12)
-    for k, (label, (a, b)) in enumerate(scores.items()):
-        top = k * panel_h
-        x0, x1, y0, y1 = margin, width - 15, top + 40, top + panel_h - 35  # plot area
+    from diffusion_dpo.plots import figure_image, pyplot
+
+    plt = pyplot()
+    fig, axes = plt.subplots(len(scores), 1, figsize=(6.0, 2.6 * len(scores)), squeeze=False)
+    for ax, (label, (a, b)) in zip(axes[:, 0], scores.items()):
         lo, hi = float(min(a.min(), b.min())), float(max(a.max(), b.max()))
         if hi - lo < 1e-12:  # all equal: a unit-wide window around the value
             lo, hi = lo - 0.5, hi + 0.5
         edges = np.linspace(lo, hi, bins + 1)
-        counts = [np.histogram(v, edges)[0] for v in (a, b)]
-        peak = max(int(c.max()) for c in counts) or 1
-        layer = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
-        draw = ImageDraw.Draw(layer)
-        to_x = lambda v: x0 + (v - lo) / (hi - lo) * (x1 - x0)  # noqa: E731
-        for count, colour in zip(counts, (_A_COLOUR, _B_COLOUR)):
-            for i, c in enumerate(count):
-                if c:
-                    draw.rectangle([to_x(edges[i]), y1 - c / peak * (y1 - y0), to_x(edges[i + 1]), y1],
-                                   fill=colour + (110,), outline=colour + (255,))
-        canvas.paste(Image.alpha_composite(canvas.convert("RGBA"), layer).convert("RGB"))
-        draw = ImageDraw.Draw(canvas)
-        for v, colour in ((a.mean(), _A_COLOUR), (b.mean(), _B_COLOUR)):
-            x = to_x(float(v))
-            for y in range(int(y0), int(y1), 6):
-                draw.line([x, y, x, y + 3], fill=colour, width=2)
-        draw.line([x0, y1, x1, y1], fill="black")
-        draw.line([x0, y0, x0, y1], fill="black")
-        for v, anchor in ((lo, "la"), ((lo + hi) / 2, "ma"), (hi, "ra")):  # end labels stay inside the panel
-            draw.text((to_x(v), y1 + 4), f"{v:.5g}", fill="black", font=font, anchor=anchor)
-        draw.text((x0 - 4, y0), str(peak), fill="black", font=font, anchor="ra")
         r = results[label]
-        draw.text((x0, top + 6), f"{label}: win rate A {r.win_rate:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}], "
-                                 f"p={r.p_value:.3g}", fill="black", font=_font(13))
-        draw.text((x0, top + 22), f"A mean {r.mean_a:.5g}", fill=_A_COLOUR, font=font)
-        draw.text((x0 + 160, top + 22), f"B mean {r.mean_b:.5g}", fill=_B_COLOUR, font=font)
-    return canvas
+        for values, colour, name, mean in ((a, _A_COLOUR, "A", r.mean_a), (b, _B_COLOUR, "B", r.mean_b)):
+            ax.hist(values, bins=edges, color=colour, alpha=0.45, edgecolor=colour, label=f"{name} mean {mean:.5g}")
+            ax.axvline(float(values.mean()), color=colour, linestyle="--", linewidth=1.5)
+        ax.set_title(f"{label}: win rate A {r.win_rate:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}], p={r.p_value:.3g}",
+                     fontsize=10)
+        ax.set_ylabel("images")
+        ax.legend(fontsize=8, frameon=False)
+    fig.tight_layout()
+    return figure_image(fig)
 
 
 def sample_grid(run_a: Path, run_b: Path, rows_a: list[dict], rows_b: list[dict], scores_a: np.ndarray,

@@ -24,6 +24,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from diffusion_dpo.plots import pyplot
+
 LABELS = {"base": "base", "dpo": "DPO", "dpo_ai": "DPO-AI", "sft": "SFT"}
 GRID_SEEDS = 3
 
@@ -195,20 +197,11 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-# ---------------------------------------------------------------- pictures (matplotlib, no display)
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
+# ---------------------------------------------------------------- pictures (matplotlib, no display: plots.py)
 
 def _plot_win_rates(path: Path, judged: dict) -> None:
     """Per-image win rate over the base with its 95% interval: one row per sampling setting, one column per judge."""
-    plt = _pyplot()
+    plt = pyplot()
     n_judges = len(next(iter(judged.values())))
     fig, axes = plt.subplots(len(judged), n_judges, figsize=(4 * n_judges, 3.0 * len(judged)), sharey=True,
                              squeeze=False)
@@ -234,7 +227,7 @@ def _smooth(values: Sequence[float], window: int) -> np.ndarray:
 
 
 def _plot_curves(path: Path, metrics: dict[str, list[dict]]) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     keys = ("loss", "implicit_acc", "reward_margin")
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.2))
     for ax, key in zip(axes, keys):
@@ -253,7 +246,7 @@ def _plot_curves(path: Path, metrics: dict[str, list[dict]]) -> None:
 
 
 def _plot_scores(path: Path, scores: dict[str, np.ndarray]) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     everything = np.concatenate(list(scores.values()))
     bins = np.linspace(everything.min(), everything.max() + 1e-9, 30)
