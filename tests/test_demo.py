@@ -174,7 +174,15 @@ def test_tiny_demo_end_to_end_writes_every_output(tmp_path, family, base_class):
     # the demo's own settings, and the pipeline's call defaults (what pipe(prompt) gives), as generate ran them
     demo, defaults = saved["sampling"]["demo"], saved["sampling"]["defaults"]
     assert demo["steps"] == 2
-    assert (defaults["steps"], defaults["guidance_scale"]) == ((50, 7.5) if family == "sd" else (28, 7.0))
+    # the tiny run samples its "defaults" evaluation at 2 steps (the README's run: the pipeline's own 50 / 28);
+    # the guidance is the pipeline's default in both
+    assert (defaults["steps"], defaults["guidance_scale"]) == (2, 7.5 if family == "sd" else 7.0)
+    from diffusion_dpo.demo.run import SIZES, default_sampling
+    from diffusion_dpo.generate import load_pipeline, pipeline_defaults
+
+    assert default_sampling(SIZES[family]["full"])["steps"] is None  # None: generate takes the pipeline's own
+    own = pipeline_defaults(load_pipeline(str(out / "base"))[0])
+    assert (own["steps"], own["guidance_scale"]) == ((50, 7.5) if family == "sd" else (28, 7.0))
     assert demo["max_sequence_length"] == defaults["max_sequence_length"] == (None if family == "sd" else 12)
     for stage in ("base", "pairs", "relabel", "train_dpo", "train_dpo_ai", "train_sft", "generate", "compare",
                   "report", "total"):

@@ -66,6 +66,9 @@ class DemoSize:
     caption_dropout: float = 0.0
     label_smoothing: float = 0.0  # conservative DPO's eps (loss.label_smoothing)
     train_seed: int = 0  # train.seed of every tuned model (the tuning loop varies it to see the spread)
+    # steps of the "pipeline defaults" evaluation: None = the pipeline's own (the README's run); the tiny smoke
+    # run takes 2 so that its 50-step SD default does not dominate the test suite (its guidance stays the default)
+    default_steps: Optional[int] = None
 
     @property
     def family(self) -> str:
@@ -78,7 +81,7 @@ class DemoSize:
 
 
 _TINY = dict(pair_templates=1, pairs_per_prompt=1, eval_templates=1, eval_seeds=2, sample_steps=2, train_steps=2,
-             batch_size=2)
+             batch_size=2, default_steps=2)
 SIZES = {
     "sd": {
         "full": DemoSize(),
@@ -209,7 +212,7 @@ def sampling(size: DemoSize) -> dict:
 def default_sampling(size: DemoSize) -> dict:
     """`generate` keyword arguments for the evaluation at the pipeline's own defaults: its default steps and
     guidance scale (`generate.pipeline_defaults`), at the T5 length the model was trained at."""
-    return {**sampling(size), "steps": None, "guidance_scale": None}
+    return {**sampling(size), "steps": size.default_steps, "guidance_scale": None}
 
 
 def make_pairs(base: Path, size: DemoSize, data_dir: Path) -> PairSet:
