@@ -518,8 +518,10 @@ def test_in_memory_dataset_in_both_schemas(tmp_path):
     # a bad row is named like a file's
     bad = datasets.Dataset.from_dict({"prompt": ["p", "q"], "chosen": [solid(RED), GARBAGE],
                                       "rejected": [solid(BLUE), solid(BLUE)]})
-    with pytest.raises(UserError, match=r"^in-memory dataset row 1: jpg_0 cannot be decoded as an image"):
-        pairs_from_memory(bad, dcfg(""))
+    with pytest.raises(UserError, match=r"^in-memory dataset row 1: chosen cannot be decoded as an image"):
+        pairs_from_memory(bad, dcfg(""))  # named by the user's column, not Pick-a-Pic's jpg_0
+    skipped = pairs_from_memory(bad, dcfg("", skip_bad_rows=True))
+    assert len(skipped) == 1 and skipped.num_bad_skipped == 1 and "row 1: chosen cannot be decoded" in skipped.summary()
     with pytest.raises(UserError, match="split 'train' not found"):
         pairs_from_memory(datasets.DatasetDict({"test": picka}), dcfg(""))
     with pytest.raises(UserError, match="expected a datasets.Dataset, got list"):

@@ -183,6 +183,17 @@ def pairs_from_memory(dataset: Any, cfg: DataConfig) -> PreferencePairs:
         dataset = dataset.select_columns(list(LOCAL_KEYS)).rename_columns(
             {"prompt": "caption", "chosen": "jpg_0", "rejected": "jpg_1"})
         dataset = dataset.add_column("label_0", [1.0] * dataset.num_rows)
+        # problems are found in Pick-a-Pic's column names; the user named the columns prompt/chosen/rejected
+        def own_names(text: str) -> str:
+            return text.replace("jpg_0", "chosen").replace("jpg_1", "rejected").replace("caption is", "prompt is")
+
+        try:
+            pairs = _pairs_from_dataset(dataset, _RowNamer([IN_MEMORY]), IN_MEMORY, cfg)
+        except UserError as exc:
+            raise UserError(own_names(str(exc))) from None
+        if pairs.first_bad is not None:
+            pairs.first_bad = own_names(pairs.first_bad)
+        return pairs
     return _pairs_from_dataset(dataset, _RowNamer([IN_MEMORY]), IN_MEMORY, cfg)
 
 
