@@ -47,6 +47,12 @@ class ModelConfig:
                                      "target_w): image = each image's true size and crop offsets, as diffusers' "
                                      "SDXL training scripts; constant = (res, res, 0, 0, res, res) for every image, as "
                                      "the official DiffusionDPO code (and as the SDXL pipeline samples by default).")
+    reference: Optional[str] = _f(None, "The frozen reference model of DPO-style losses. Default: the policy's "
+                                        "starting weights (a frozen copy of model.pretrained's denoiser; with LoRA, "
+                                        "model.pretrained with lora.init_from's adapters, or adapters off). A "
+                                        "pipeline dir or hub id of the same family and architecture: its denoiser is "
+                                        "the reference (e.g. the base model while model.pretrained is a model tuned "
+                                        "from it); with LoRA, model.pretrained itself means adapters off.")
     guidance: Optional[float] = _f(None, "FLUX.1-dev (guidance-distilled): the value fed to its guidance "
                                          "embedding during training; default 3.5, as diffusers' FLUX scripts and "
                                          "Flow-Factory train with. Only for models with a guidance embedding.")
@@ -61,6 +67,10 @@ class LoraConfig:
                                                    "family's attention projections (SD/SDXL: to_q, to_k, to_v, "
                                                    "to_out.0; SD3 and FLUX add the joint attention's add_q_proj, "
                                                    "add_k_proj, add_v_proj, to_add_out).")
+    init_from: Optional[str] = _f(None, "Continue from LoRA weights made by this tool for the same model.pretrained "
+                                        "(an output's final/ or its pytorch_lora_weights.safetensors): the adapters "
+                                        "start from them instead of a fresh init; lora.rank and target modules must "
+                                        "match them. `iterate` uses it to carry LoRA rounds on.")
 
 
 @dataclass
@@ -348,6 +358,8 @@ def validate(cfg: Config, data_in_memory: bool = False) -> None:
     need(cfg.lora.rank >= 0, "lora.rank", f"must be >= 0 (got {cfg.lora.rank})")
     need(cfg.lora.alpha is None or cfg.lora.alpha > 0, "lora.alpha", "must be > 0")
     need(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
+    need(cfg.lora.init_from is None or cfg.lora.rank > 0, "lora.init_from",
+         "needs lora.rank > 0 (a full fine-tune continues from the weights in model.pretrained)")
     need(cfg.lora.target_modules is None or len(cfg.lora.target_modules) > 0, "lora.target_modules",
          "must not be empty (leave it unset for the model family's default)")
     need(cfg.model.sdxl_time_ids in SDXL_TIME_IDS, "model.sdxl_time_ids",

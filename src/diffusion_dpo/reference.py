@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -31,8 +32,9 @@ from diffusion_dpo.cache import Cache, CachedPairs, cached_inputs
 from diffusion_dpo.config import Config
 from diffusion_dpo.data import PairSampler, collate_packed, keys_per_epoch, unpack_batch
 from diffusion_dpo.errors import UserError
-from diffusion_dpo.fingerprint import component_fingerprint
-from diffusion_dpo.models import cast, describe, load_components, weight_dtype_of
+from diffusion_dpo.fingerprint import component_fingerprint, fingerprint
+from diffusion_dpo.models import add_lora, cast, describe, load_components, weight_dtype_of
+from diffusion_dpo.models.lora import lora_file
 from diffusion_dpo.randomness import pair_noise
 
 REFERENCE_FORMAT = 1
@@ -62,7 +64,27 @@ def reference_identity(cfg: Config, cache: Cache, device_type: str) -> dict[str,
         "train.mixed_precision": cfg.train.mixed_precision,
         # each pair's noise is drawn by a generator on the training device; CPU and CUDA streams differ
         "device type": device_type,
+        # what else the reference is made of, when set (models/reference.py); absent keys keep old files valid
+        **({"model.reference": component_fingerprint(replace(cfg.model, pretrained=cfg.model.reference, vae=None),
+                                                     (family.denoiser_role,))} if cfg.model.reference else {}),
+        **({"lora.init_from": fingerprint({"lora": lora_file(cfg.lora.init_from)})}
+           if cfg.lora.rank > 0 and cfg.lora.init_from and cfg.model.reference is None else {}),
     }
+
+
+def _reference_denoiser(cfg: Config, comp: Any, device: torch.device) -> torch.nn.Module:
+    """The reference model as training holds it (models.reference.build_reference): model.reference's denoiser,
+    or the base with lora.init_from's adapters (without dropout), or the base itself."""
+    from diffusion_dpo.models.loading import load_reference_denoiser, same_model
+    from diffusion_dpo.models.lora import load_adapter, read_lora_file
+
+    if cfg.model.reference and not same_model(cfg.model.reference, cfg.model.pretrained):
+        return load_reference_denoiser(cfg.model, type(comp), device)
+    if cfg.lora.rank > 0 and cfg.lora.init_from and cfg.model.reference is None:
+        add_lora(comp.denoiser, replace(cfg.lora, dropout=0.0), comp.default_lora_targets)
+        state = read_lora_file(cfg.lora.init_from, comp.denoiser_role, comp.lora_diffusers_naming)
+        load_adapter(comp.denoiser, state, "default", f"lora.init_from '{cfg.lora.init_from}'")
+    return comp.denoiser
 
 
 def run_coverage(cfg: Config, num_pairs: int, num_processes: int) -> tuple[int, int]:
@@ -107,7 +129,7 @@ def precompute_reference(cfg: Config, device: torch.device | str = "cpu", num_pr
     comp = load_components(cfg.model, dtype, device, encoders=False, flow=cfg.flow)
     # The reference as training holds it: the base denoiser in the compute dtype, in train mode (see
     # models.Reference: some diffusers blocks compute differently in eval mode).
-    model = cast(comp.denoiser, dtype).requires_grad_(False).train()
+    model = cast(_reference_denoiser(cfg, comp, device), dtype).requires_grad_(False).train()
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
     keys_per_epoch, num_keys = run_coverage(cfg, cache.num_pairs, num_processes)
@@ -173,7 +195,9 @@ class ReferenceTable:
             raise UserError(f"{path} is not a precomputed reference file ({type(exc).__name__}); {redo}") from None
         if info.get("format") != REFERENCE_FORMAT:
             raise UserError(f"{path} has format {info.get('format')} (this version reads {REFERENCE_FORMAT}); {redo}")
-        for key, value in reference_identity(cfg, cache, device_type).items():
+        identity = reference_identity(cfg, cache, device_type)
+        for key in [*identity, *(k for k in info["identity"] if k not in identity)]:  # a key only the file has too
+            value = identity.get(key)
             if info["identity"].get(key) != value:
                 raise UserError(f"{path} was computed with {key} = {info['identity'].get(key)!r}, this run has "
                                 f"{value!r}; {redo}")

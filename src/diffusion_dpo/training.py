@@ -40,7 +40,9 @@ from diffusion_dpo.data import (PairSampler, PreferenceDataset, PreferencePairs,
                                load_preference_pairs, pairs_from_memory, unpack_batch)
 from diffusion_dpo.errors import UserError, is_local_path
 from diffusion_dpo.losses import LossSpec, get_loss, implicit_accuracy, smooth_labels
-from diffusion_dpo.models import Family, Reference, add_lora, cast, describe, load_components, weight_dtype_of
+from diffusion_dpo.models import Family, add_lora, cast, describe, load_components, weight_dtype_of
+from diffusion_dpo.models.lora import load_adapter, read_lora_file
+from diffusion_dpo.models.reference import build_reference
 from diffusion_dpo.optim import StepInBackward, make_lr_scheduler, make_optimizer
 from diffusion_dpo.randomness import pair_noise, seed_for
 from diffusion_dpo.reference import ReferenceTable, WithReference, precompute_reference, reference_path
@@ -163,16 +165,22 @@ class Trainer:
                                                   encoders=self.cache is None, flow=cfg.flow)
         self.latent_shape = self.components.latent_shape(cfg.data.resolution)  # a resolution it cannot take fails now
         model = self.components.denoiser
+        init_state = None
         if self.lora:
             cast(model, self.weight_dtype)  # the frozen base in the compute dtype; LoRA weights stay fp32
             params = add_lora(model, cfg.lora, self.components.default_lora_targets)
+            if cfg.lora.init_from:  # continue earlier adapters (iterate's rounds)
+                init_state = read_lora_file(cfg.lora.init_from, self.components.denoiser_role,
+                                            self.components.lora_diffusers_naming)
+                load_adapter(model, init_state, "default", f"lora.init_from '{cfg.lora.init_from}'")
         else:
             params = list(model.parameters())
-        # The reference: adapters off (LoRA: free) or a frozen copy (full: only if the loss needs one and its
-        # errors are not precomputed). With precomputed errors LoRA keeps it for the sample grids only.
+        # The reference (models/reference.py): the starting weights, adapters off, or model.reference; for a full
+        # fine-tune only if the loss needs one and its errors are not precomputed. With precomputed errors LoRA
+        # keeps it for the sample grids only.
         live = self.loss_spec.needs_reference and self.ref_table is None
-        self.reference = Reference(model, lora=True, dtype=self.weight_dtype) if self.lora else (
-            Reference(model, lora=False, dtype=self.weight_dtype) if live else None)
+        self.reference = build_reference(model, cfg.model, cfg.lora, self.components, self.weight_dtype, acc.device,
+                                         init_state) if (self.lora or live) else None
         if cfg.train.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         model.train()

@@ -149,3 +149,41 @@ def load_components(cfg: ModelConfig, weight_dtype: torch.dtype = torch.float32,
         model.to(device)
     return family(cfg, flow or FlowConfig(), index, getattr(diffusers, index["_class_name"]), model,
                   denoiser_config, vae, vae_config, text_encoders, tokenizers, scheduler)
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two model.pretrained-style names point at the same model (paths compared resolved)."""
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()
+    return a == b
+
+
+def load_reference_denoiser(cfg: ModelConfig, family: type[Family], device: torch.device | str,
+                            setting: str = "model.reference") -> torch.nn.Module:
+    """The denoiser of `cfg.reference` (fp32, on `device`): a pipeline of the same family and architecture as
+    `cfg.pretrained`, else a one-line error before it is trained against."""
+    from dataclasses import replace
+
+    ref_cfg = replace(cfg, pretrained=cfg.reference, vae=None)
+    index = read_model_index(ref_cfg, setting)
+    ref_family = family_class(index, f"{setting} '{cfg.reference}'")
+    if ref_family is not family:
+        raise UserError(f"{setting} '{cfg.reference}' is a {ref_family.title} model; model.pretrained "
+                        f"'{cfg.pretrained}' is {family.title}")
+    role = family.denoiser_role
+    if not (index.get(role) or [None])[0]:
+        raise UserError(f"{setting} '{cfg.reference}': model_index.json has no {role}")
+    denoiser_class = _library_class(index[role], role)
+    try:
+        config = denoiser_class.load_config(cfg.pretrained, subfolder=role, revision=cfg.revision)
+        model = denoiser_class.from_pretrained(cfg.reference, subfolder=role, variant=cfg.variant,
+                                               torch_dtype=torch.float32)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise UserError(f"{setting} '{cfg.reference}': {str(exc).strip().splitlines()[0]}") from None
+    differ = sorted(k for k in set(config) | set(model.config) if not k.startswith("_")
+                    and config.get(k) != model.config.get(k))
+    if differ:
+        raise UserError(f"{setting} '{cfg.reference}': its {role} is another architecture than model.pretrained's "
+                        f"({differ[0]} {model.config.get(differ[0])!r} vs {config.get(differ[0])!r})")
+    return model.to(device)

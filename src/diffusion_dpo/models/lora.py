@@ -3,16 +3,29 @@ that the family's pipeline `load_lora_weights` reads.
 
 LoRA's B matrices start at zero, so the adapted denoiser equals the base at step 0 (loss = log 2). The reference
 of a LoRA run is the same denoiser with its adapters disabled (models.reference).
+
+A run may instead continue from LoRA weights it (or an earlier run) saved (`lora.init_from`, `iterate`'s rounds):
+`read_lora_file` reads the exported file back into peft's naming and `load_adapter` puts it into a named adapter.
+The reference of such a run is, by default, its own starting point: a second, frozen adapter "reference" holding
+the same weights (`add_frozen_adapter`), so the policy again equals the reference at step 0, at no memory cost
+beyond a second set of adapter weights.
 """
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
 from typing import Sequence
 
+import torch
 from torch import Tensor, nn
 
 from diffusion_dpo.config import LoraConfig
 from diffusion_dpo.errors import UserError
+
+
+LORA_FILE = "pytorch_lora_weights.safetensors"  # what the pipelines' save_lora_weights writes and load_lora_weights reads
+REFERENCE_ADAPTER = "reference"
 
 
 def lora_targets(cfg: LoraConfig, family_default: Sequence[str]) -> list[str]:
@@ -54,3 +67,81 @@ def lora_state_dict(denoiser: nn.Module, diffusers_naming: bool) -> tuple[dict[s
     metadata = denoiser.peft_config["default"].to_dict()
     metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in metadata.items()}
     return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}, metadata
+
+
+def lora_file(path: str, setting: str = "lora.init_from") -> Path:
+    """The weights file of a LoRA output: a directory holding pytorch_lora_weights.safetensors, or the file."""
+    given = Path(path).expanduser()
+    file = given / LORA_FILE if given.is_dir() else given
+    if not file.is_file():
+        raise UserError(f"{setting} '{path}': no {LORA_FILE} there (expected a LoRA run's final/ or that file)")
+    return file
+
+
+def read_lora_file(path: str, role: str, diffusers_naming: bool, setting: str = "lora.init_from") -> dict[str, Tensor]:
+    """The denoiser's adapter weights from a file `Family.save_lora` wrote, in peft's naming (no adapter name):
+    the inverse of `lora_state_dict` plus the pipeline's "<role>." prefix."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from safetensors.torch import load_file
+
+    file = lora_file(path, setting)
+    try:
+        state = load_file(file)
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
+        raise UserError(f"{setting} '{path}': not a readable safetensors file ({type(exc).__name__})") from None
+    prefix = f"{role}."
+    own = {k[len(prefix):]: v.float() for k, v in state.items() if k.startswith(prefix)}
+    if not own:
+        found = sorted({k.split(".", 1)[0] for k in state})
+        raise UserError(f"{setting} '{path}': holds no {role} weights (its keys start with {', '.join(found[:3])}; "
+                        "a LoRA made for another model family?)")
+    return convert_unet_state_dict_to_peft(own) if diffusers_naming else own
+
+
+def load_adapter(denoiser: nn.Module, state: dict[str, Tensor], adapter_name: str, setting: str) -> None:
+    """Copy `state` (peft naming) into the denoiser's adapter `adapter_name`; every one of that adapter's weights
+    must be given, with its shape (another rank or other target modules is a one-line error)."""
+    from peft.utils import set_peft_model_state_dict
+
+    try:
+        result = set_peft_model_state_dict(denoiser, state, adapter_name=adapter_name)
+    except RuntimeError as exc:  # size mismatch: another rank
+        raise UserError(f"{setting}: its weights do not fit lora.rank/target modules "
+                        f"({str(exc).strip().splitlines()[-1].strip()[:160]})") from None
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    missing = [k for k in getattr(result, "missing_keys", []) or [] if f".{adapter_name}." in k and "lora_" in k]
+    if unexpected or missing:
+        what = f"has {unexpected[0]}, which" if unexpected else f"lacks {missing[0]}, which"
+        raise UserError(f"{setting}: its weights do not fit lora.target_modules (it {what} this run's adapters "
+                        f"{'do not have' if unexpected else 'need'})")
+
+
+def add_frozen_adapter(denoiser: nn.Module, cfg: LoraConfig, family_default: Sequence[str],
+                       state: dict[str, Tensor], setting: str) -> None:
+    """A second adapter, REFERENCE_ADAPTER, holding `state` in fp32 (as the trained one), without dropout, frozen;
+    the trained adapter ("default") stays the active one."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    peft_cfg = PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha if cfg.alpha is not None else cfg.rank,
+                              lora_dropout=0.0, init_lora_weights="gaussian",
+                              target_modules=lora_targets(cfg, family_default))
+    with warnings.catch_warnings():  # peft warns that a second adapter is being added: here that is the point
+        warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+        denoiser.add_adapter(peft_cfg, adapter_name=REFERENCE_ADAPTER)  # diffusers makes the new adapter active
+    denoiser.set_adapter("default")  # ... so make the trained one active again (and the only trainable one)
+    frozen = [p for n, p in denoiser.named_parameters() if f".{REFERENCE_ADAPTER}." in n]
+    for p in frozen:
+        p.data = p.data.float()
+        p.requires_grad_(False)
+    load_adapter(denoiser, state, REFERENCE_ADAPTER, setting)
+
+
+def active_adapter(denoiser: nn.Module, name: str) -> None:
+    """Make adapter `name` the one every LoRA layer applies (peft's per-layer switch; it also sets requires_grad
+    to the active adapter, so the trained adapter must be switched back before a backward pass)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in denoiser.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.set_adapter(name)
+

@@ -1,5 +1,10 @@
-"""The frozen reference model of DPO: a separate frozen copy (full fine-tune) or the same denoiser with its LoRA
-adapters disabled (no second copy in memory). Family-neutral: it only copies, casts and toggles adapters.
+"""The frozen reference model of DPO, in one of four forms (family-neutral: it only copies, casts and switches
+adapters):
+
+    a frozen copy of the policy's starting weights   full fine-tune (default)
+    a frozen denoiser loaded from elsewhere          `model.reference` (e.g. the base while training round r)
+    the same denoiser, adapters disabled             LoRA (default; no second copy in memory)
+    the same denoiser, the frozen adapter active     LoRA continued from `lora.init_from` (models.lora)
 
     with torch.no_grad(), reference.model(policy) as ref:
         ref_err = family.mse(ref, ...)
@@ -9,23 +14,31 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import torch
 from torch import nn
 
+from diffusion_dpo.config import LoraConfig, ModelConfig
 from diffusion_dpo.models.precision import cast
+
+if TYPE_CHECKING:
+    from diffusion_dpo.models.family import Family
 
 
 class Reference:
-    """The frozen reference model: a separate frozen copy (full fine-tune) or the same denoiser with its
-    LoRA adapters disabled (no second copy in memory)."""
+    """The frozen reference model (see the module docstring): `frozen` a denoiser to use as it is, else a copy
+    of the policy (full fine-tune), the policy with adapter `adapter` active, or with its adapters disabled."""
 
-    def __init__(self, policy: nn.Module, lora: bool, dtype: torch.dtype):
+    def __init__(self, policy: nn.Module, lora: bool, dtype: torch.dtype, frozen: Optional[nn.Module] = None,
+                 adapter: Optional[str] = None):
         self.policy = policy
         self.lora = lora
+        self.adapter = adapter
         self.copy: Optional[nn.Module] = None
-        if not lora:
+        if frozen is not None:
+            self.copy = cast(frozen.requires_grad_(False).eval(), dtype)
+        elif not lora:
             self.copy = cast(copy.deepcopy(policy).requires_grad_(False).eval(), dtype)
 
     @contextlib.contextmanager
@@ -40,8 +53,36 @@ class Reference:
             self.copy.train(model.training)
             yield self.copy
             return
+        if self.adapter is not None:
+            from diffusion_dpo.models.lora import active_adapter
+
+            active_adapter(model, self.adapter)
+            try:
+                yield model
+            finally:
+                active_adapter(model, "default")
+            return
         model.disable_adapters()
         try:
             yield model
         finally:
             model.enable_adapters()
+
+
+def build_reference(policy: nn.Module, model_cfg: ModelConfig, lora_cfg: LoraConfig, family: "Family",
+                    dtype: torch.dtype, device: torch.device | str,
+                    init_state: Optional[dict[str, torch.Tensor]] = None) -> Reference:
+    """The reference a run's settings ask for (the table in the module docstring). `policy` is the denoiser as
+    set up for training (adapters attached and, with `init_state`, loaded from lora.init_from)."""
+    from diffusion_dpo.models.loading import load_reference_denoiser, same_model
+    from diffusion_dpo.models.lora import REFERENCE_ADAPTER, add_frozen_adapter
+
+    lora = lora_cfg.rank > 0
+    elsewhere = model_cfg.reference is not None and not same_model(model_cfg.reference, model_cfg.pretrained)
+    if elsewhere:
+        return Reference(policy, lora, dtype, frozen=load_reference_denoiser(model_cfg, type(family), device))
+    if lora and init_state is not None and model_cfg.reference is None:
+        add_frozen_adapter(policy, lora_cfg, family.default_lora_targets, init_state,
+                           f"lora.init_from '{lora_cfg.init_from}'")
+        return Reference(policy, lora, dtype, adapter=REFERENCE_ADAPTER)
+    return Reference(policy, lora, dtype)
