@@ -101,6 +101,9 @@ def test_win_rate_by_hand():
     # effect size: per-prompt differences (1, 0, -3.5): mean -5/6, sample sd sqrt(67/12) -> d_z = -0.3527
     assert r.mean_diff == pytest.approx(-5 / 6)
     assert r.effect_size == pytest.approx((-5 / 6) / np.sqrt(67 / 12)) and r.effect_size == pytest.approx(-0.3527, abs=1e-4)
+    # its paired bootstrap interval: a resample of 3 prompts is all "r" (mean -3.5) or all "p" (mean 1) with
+    # probability 1/27 = 3.7% each, more than the 2.5% in each tail, so the interval is exactly [-3.5, 1]
+    assert (r.mean_diff_ci_low, r.mean_diff_ci_high) == (-3.5, 1.0)
     # seeds averaged first: A wins prompt p on average although it loses one of p's two seeds
     r = paired_win_rate([5, 0], [1, 2], ["p", "p"], n_boot=100)
     assert (r.win_rate, r.wins, r.n_prompts) == (1.0, 1, 1)
@@ -153,6 +156,8 @@ def test_compare_run_with_itself(tiny_run, tmp_path, bright_reward):
     assert json.loads((out / "compare.json").read_text()) == report
     md = (out / "compare.md").read_text()
     assert "| clip | 0.500 | [0.500, 0.500] | 1 | 0 / 3 / 0 |" in md
+    assert "| 0 [0, 0] | - |" in md  # identical runs: mean difference 0, a degenerate interval, no d_z
+    assert "per-image win rate at one seed" in md and report["protocol"] in md  # which number is the paper's
     with Image.open(out / "scores.png") as scores_png:  # one panel per reward (about 250 px each), stacked
         assert scores_png.height > 2 * 200 and scores_png.width > 400
     grid = Image.open(out / "grid.png")

@@ -14,13 +14,19 @@ an image of model A and one of model B started from the same noise. For each rew
     p-value: two-sided exact sign test on the n = wins + losses untied prompts, k = wins:
              p = min(1, 2 * sum_{i <= min(k, n-k)} C(n, i) / 2^n)   (p = 1 when n = 0)
 
-    effect size: d_p = a_p - b_p; mean difference mean_p d_p and the paired standardized effect
+    effect size: d_p = a_p - b_p; mean difference mean_p d_p with its paired-bootstrap 95% CI (prompts
+                 resampled, as for the win rate), and the paired standardized effect
                  d_z = mean_p d_p / sd_p d_p (sample sd; None when it is 0 or there is one prompt), which
                  says how large the gain is, where the win rate says only how often
 
     per image: w_ps = 1 if r(A's image of (p, s)) > r(B's image of (p, s)), 0.5 if equal, 0 otherwise;
                image win rate = (1/N) * sum_{p,s} w_ps over the N paired images. Its 95% CI resamples
                prompts (each with all its seeds: a cluster bootstrap), for the same reason as below.
+
+Which number is the paper's: Diffusion-DPO's human evaluation (and its PickScore/HPS win rates) compares ONE
+image per prompt and model, i.e. the per-image win rate at one seed (per image and per prompt coincide there).
+With several seeds the per-image rate is that protocol averaged over seeds; the per-prompt rate saturates near
+1.0 once a model improves nearly every prompt a little, so read it with the mean difference and d_z beside it.
 
 Seeds are averaged before comparing because the prompts, not the images, are the independent
 units: two images of one prompt share the prompt's difficulty, so counting them separately would
@@ -50,6 +56,9 @@ from PIL import Image
 from diffusion_dpo.errors import UserError
 from diffusion_dpo.generate import MANIFEST, RUN_FILE
 
+PROTOCOL = ("The paper's protocol (one image per prompt and model, judged pairwise) is the per-image win rate at "
+            "one seed; over several seeds, image_win_rate averages it. win_rate counts prompts (seeds averaged), which "
+            "saturates near 1 once most prompts improve a little: read mean_diff and its interval beside it.")
 SCORE_CHUNK = 256  # images held in memory at once while scoring
 GRID_PROMPTS = 8
 
@@ -262,6 +271,8 @@ class WinRate:
     image_ci_high: float
     n_images: int
     mean_diff: float  # mean over prompts of a_p - b_p
+    mean_diff_ci_low: float  # its paired bootstrap 95% CI over prompts
+    mean_diff_ci_high: float
     effect_size: Optional[float]  # d_z = mean_diff / sd of a_p - b_p (None when undefined)
 
 
@@ -321,10 +332,12 @@ def paired_win_rate(a_scores: Sequence[float], b_scores: Sequence[float], prompt
     image_low, image_high = bootstrap_ci(per_prompt_means(w_image, prompt_ids), n_boot, seed, weights=counts)
     d = pa - pb  # (P,)
     sd = float(d.std(ddof=1)) if len(d) > 1 else 0.0
+    diff_low, diff_high = bootstrap_ci(d, n_boot, seed)
     return WinRate(win_rate=float(w.mean()), ci_low=low, ci_high=high, p_value=sign_test(wins, losses), wins=wins,
                    ties=len(w) - wins - losses, losses=losses, n_prompts=len(w), mean_a=float(a.mean()),
                    mean_b=float(b.mean()), image_win_rate=float(w_image.mean()), image_ci_low=image_low,
                    image_ci_high=image_high, n_images=len(w_image), mean_diff=float(d.mean()),
+                   mean_diff_ci_low=diff_low, mean_diff_ci_high=diff_high,
                    effect_size=float(d.mean()) / sd if sd > 0 else None)
 
 
@@ -349,6 +362,7 @@ def compare(run_a: str | Path, run_b: str | Path, rewards: Sequence[str | Callab
         "n_prompts": len(set(prompt_ids)), "n_images": len(rows_a),
         "seeds": sorted({r["seed"] for r in rows_a}), "bootstrap": {"n": n_boot, "seed": seed, "level": 0.95},
         "grid_reward": specs[0].label,
+        "protocol": PROTOCOL,
         "rewards": {label: {**asdict(r), "std_a": summarize(scores_a[label])["std"],
                             "std_b": summarize(scores_b[label])["std"]} for label, r in results.items()},
     }
@@ -385,15 +399,17 @@ def markdown_table(report: dict) -> str:
              "over prompts; p from a two-sided sign test on untied prompts.", "",
              "Per image: the share of (prompt, seed) images where A's beats B's from the same noise; its CI "
              "resamples prompts with all their seeds.", "",
-             "Effect: d_z, the mean per-prompt score difference over its standard deviation.", "",
+             "Effect: the mean per-prompt score difference A - B with its paired-bootstrap 95% CI, and d_z, that "
+             "difference over its standard deviation.", "", report.get("protocol", PROTOCOL), "",
              "| reward | win rate A | 95% CI | p (sign test) | wins / ties / losses | per image | 95% CI | "
-             "mean A | mean B | d_z |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "mean A | mean B | mean A - B [95% CI] | d_z |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, r in report["rewards"].items():
         lines.append(f"| {label} | {r['win_rate']:.3f} | [{r['ci_low']:.3f}, {r['ci_high']:.3f}] | "
                      f"{r['p_value']:.3g} | {r['wins']} / {r['ties']} / {r['losses']} | "
                      f"{r['image_win_rate']:.3f} | [{r['image_ci_low']:.3f}, {r['image_ci_high']:.3f}] | "
-                     f"{r['mean_a']:.5g} | {r['mean_b']:.5g} | {_effect(r['effect_size'])} |")
+                     f"{r['mean_a']:.5g} | {r['mean_b']:.5g} | {r['mean_diff']:.4g} "
+                     f"[{r['mean_diff_ci_low']:.4g}, {r['mean_diff_ci_high']:.4g}] | {_effect(r['effect_size'])} |")
     lines += ["", f"scores.png: score distributions; grid.png: A | B at the first seed, captions "
                   f"'A vs B' under {report['grid_reward']}."]
     return "\n".join(lines) + "\n"

@@ -17,30 +17,17 @@ from __future__ import annotations
 
 import json
 import time
-from itertools import combinations
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 from PIL import Image
 
+from diffusion_dpo.diversity import diversity
 from diffusion_dpo.plots import pyplot
 
 LABELS = {"base": "base", "dpo": "DPO", "dpo_ai": "DPO-AI", "sft": "SFT"}
 GRID_SEEDS = 3
-
-
-def diversity(run_dir: Path) -> float:
-    """Mean over prompts of the mean pairwise RMS pixel distance (pixels in [0, 1]) among a prompt's seeds."""
-    from diffusion_dpo.evaluate import load_run
-
-    by_prompt: dict[int, list[np.ndarray]] = {}
-    for row in load_run(run_dir):
-        with Image.open(run_dir / row["file"]) as im:
-            by_prompt.setdefault(row["prompt_index"], []).append(np.asarray(im.convert("L"), np.float64) / 255.0)
-    per_prompt = [np.mean([np.sqrt(np.mean((a - b) ** 2)) for a, b in combinations(images, 2)])
-                  for images in by_prompt.values() if len(images) > 1]
-    return float(np.mean(per_prompt)) if per_prompt else float("nan")
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

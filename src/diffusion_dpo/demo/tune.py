@@ -54,7 +54,7 @@ def dev_score(work: Path, size: DemoSize, base: Path, model: Path, name: str) ->
     """Win rates (per prompt and per image) and mean score gain of `model` over the base on the dev prompts and
     seeds, under the crowd and the AI reward, at the demo's sampling settings and at the pipeline's defaults
     (keys suffixed "_defaults"); diversity relative to the base at the demo's settings."""
-    from diffusion_dpo.demo.report import diversity
+    from diffusion_dpo.diversity import diversity
     from diffusion_dpo.demo.run import default_sampling
     from diffusion_dpo.evaluate import compare
     from diffusion_dpo.generate import generate

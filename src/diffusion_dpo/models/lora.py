@@ -17,7 +17,6 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
-import torch
 from torch import Tensor, nn
 
 from diffusion_dpo.config import LoraConfig
