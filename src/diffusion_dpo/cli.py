@@ -106,12 +106,15 @@ def _type_name(field: dataclasses.Field) -> str:
     return t.upper()
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+def _add_config_flags(parser: argparse.ArgumentParser, iterate: bool = False) -> None:
+    """A --section.key flag per config field; the iterate section only for `iterate` (it means nothing elsewhere)."""
     from diffusion_dpo.config import iter_fields
 
     groups: dict[str, argparse._ArgumentGroup] = {}
     for name, f in iter_fields():
         section = name.split(".")[0] if "." in name else "run"
+        if section == "iterate" and not iterate:
+            continue
         if section not in groups:
             groups[section] = parser.add_argument_group(f"{section} (config section '{section}')")
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
@@ -134,6 +137,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "--section.key VALUE flags; e.g. --data.batch_size 4 --lora.rank 8 --train.resume latest.")
     train.add_argument("--config", metavar="FILE", help="YAML config (see configs/)")
     _add_config_flags(train)
+
+    iterate = sub.add_parser(
+        "iterate", help="on-policy rounds: sample K per prompt, label with a reward, pair, train, evaluate; repeat",
+        description="Align the model on its own samples, round after round: the policy generates K images per "
+                    "training prompt, iterate.reward scores them, pairs are made by iterate.pairing, `train` continues "
+                    "the policy against the previous round's (or the base's) reference, and `compare` measures the "
+                    "round against the base and the round before on held-out prompts. Writes OUTPUT_DIR/round-<r>/ "
+                    "and report.json, report.md, report.png; rerunning the same command resumes. Takes the same "
+                    "--config FILE and --section.key VALUE flags as train, plus the iterate section.")
+    iterate.add_argument("--config", metavar="FILE", help="YAML config (see configs/iterate_*.yaml)")
+    _add_config_flags(iterate, iterate=True)
 
     bench = sub.add_parser(
         "bench", help="time the training step per mode (pairs/s, peak memory, step / compute floor)",
@@ -249,12 +263,29 @@ def quiet_progress_bars() -> None:
     datasets.disable_progress_bars()  # "Generating train split" (the env var only works before the import)
 
 
-def _load_config(args: argparse.Namespace) -> Config:
+def _load_config(args: argparse.Namespace, iterate: bool = False) -> Config:
     """The config from --config FILE and the --section.key flags given."""
     from diffusion_dpo.config import iter_fields, load_config
 
     given = vars(args)
-    return load_config(args.config, {name: given[name] for name, _ in iter_fields() if name in given})
+    return load_config(args.config, {name: given[name] for name, _ in iter_fields() if name in given},
+                       iterate=iterate)
+
+
+def _cmd_iterate(args: argparse.Namespace) -> int:
+    quiet_progress_bars()
+    cfg = _load_config(args, iterate=True)
+    from diffusion_dpo.iterate import iterate
+
+    report = iterate(cfg)
+    if report:  # the main process
+        h = report["heldout_reward"]
+        for r in report["rounds"]:
+            b, p = r["vs_base"][h], r["vs_previous"][h]
+            print(f"round {r['round']}: vs base {b['image_win_rate']:.3f} [{b['image_ci_low']:.3f}, "
+                  f"{b['image_ci_high']:.3f}], vs previous {p['image_win_rate']:.3f} ({h}, per image)")
+        print(f"done: {Path(cfg.output_dir) / 'report.md'}")
+    return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -383,7 +414,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from diffusion_dpo.cli_eval import COMMANDS as EVAL_COMMANDS
 
         return {"train": _cmd_train, "cache": _cmd_cache, "bench": _cmd_bench, "make-tiny": _cmd_make_tiny,
-                "demo": _cmd_demo, "push": _cmd_push, **EVAL_COMMANDS}[args.command](args)
+                "demo": _cmd_demo, "push": _cmd_push, "iterate": _cmd_iterate, **EVAL_COMMANDS}[args.command](args)
     except UserError as exc:
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return 2

@@ -205,6 +205,45 @@ class ValidationConfig:
 
 
 @dataclass
+class IterateConfig:
+    rounds: int = _f(3, "iterate: on-policy rounds (sample, label, pair, train, evaluate). Raising it and rerunning "
+                        "continues a finished run.")
+    prompts: str = _f("", "iterate: the training prompts (a prompt file as `generate` reads: .txt, PartiPrompts .tsv, "
+                          "HPSv2 .json, Pick-a-Pic captions). Required.")
+    samples_per_prompt: int = _f(8, "iterate: K images per training prompt and round (K >= 2; flow_grpo's OnlineDPO "
+                                    "pairs the best and worst of 24).")
+    reward: str = _f("", "iterate: the reward that labels the samples, as `relabel --reward` takes it: a registry "
+                         "name, a weighted sum (pickscore=1,aesthetic=0.5) or package.module:function. Required.")
+    heldout_rewards: list[str] = _f([], "iterate: rewards that never label anything, scored on the evaluation "
+                                        "prompts beside the training reward: where they stop rising while it "
+                                        "rises, the policy is over-optimising the training reward.")
+    pairing: str = _f("best_worst", "iterate: how a prompt's K scored samples become pairs: best_worst (the best "
+                                    "against the worst, as flow_grpo's OnlineDPO) or all (every two samples whose "
+                                    "scores differ by more than margin).")
+    margin: float = _f(0.0, "iterate: a pair needs its two scores to differ by more than this (prompts whose "
+                            "samples all score alike give no pair).")
+    reference: str = _f("previous", "iterate: the reference of round r: previous (round r-1's policy, i.e. the "
+                                    "round's own starting weights, as flow_grpo refreshes it) or base (model.pretrained "
+                                    "in every round).")
+    start: Optional[str] = _f(None, "iterate: the weights round 1 starts from: a full fine-tune's final/ (a pipeline "
+                                    "dir) or, with lora.rank > 0, a LoRA final/ for model.pretrained. Default: "
+                                    "model.pretrained itself.")
+    eval_prompts: str = _f("", "iterate: held-out prompts (a prompt file) on which every round is compared with the "
+                               "base and with the round before. Required.")
+    eval_seeds: list[int] = _f([0, 1], "iterate: seeds per evaluation prompt (the same for every model).")
+    seed: int = _f(0, "iterate: round r samples at seeds seed + (r-1)*K ... seed + r*K - 1 (recorded in each "
+                      "round's manifest), so no round repeats another's noise.")
+    steps: Optional[int] = _f(None, "iterate: sampling steps (samples and evaluation); default the pipeline's own.")
+    guidance_scale: Optional[float] = _f(None, "iterate: classifier-free guidance scale; default the pipeline's own.")
+    scheduler: Optional[str] = _f(None, "iterate: sampler (as `generate --scheduler`); default the pipeline's own.")
+    batch_size: int = _f(8, "iterate: images per generation batch.")
+    stop_patience: int = _f(0, "iterate: stop early when the held-out score (the first heldout reward's mean on the "
+                               "evaluation prompts; the training reward's if none) has not beaten its best by more "
+                               "than stop_min_delta for this many rounds; 0 = run every round.")
+    stop_min_delta: float = _f(0.0, "iterate: the improvement the stop rule counts as one.")
+
+
+@dataclass
 class Config:
     output_dir: str = _f("runs/dpo", "Where metrics, logs, checkpoints and final/ are written.")
     overwrite: bool = _f(False, "Start over in an output_dir that holds an earlier run (its checkpoints, final/, "
@@ -218,12 +257,15 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    iterate: IterateConfig = field(default_factory=IterateConfig)
 
 
 CACHE_DTYPES = ("float32", "float16", "bfloat16")
 TIMESTEP_SAMPLING = ("logit_normal", "uniform", "mode")
 FLOW_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
 SDXL_TIME_IDS = ("image", "constant")
+PAIRINGS = ("best_worst", "all")
+ITERATE_REFERENCES = ("previous", "base")
 
 
 def iter_fields(cls: type = None, prefix: str = "") -> list[tuple[str, dataclasses.Field]]:
@@ -241,7 +283,7 @@ def iter_fields(cls: type = None, prefix: str = "") -> list[tuple[str, dataclass
 
 _SECTIONS = {"model": ModelConfig, "lora": LoraConfig, "data": DataConfig, "loss": LossConfig,
              "flow": FlowConfig, "optim": OptimConfig, "train": TrainConfig, "cache": CacheConfig,
-             "validation": ValidationConfig}
+             "validation": ValidationConfig, "iterate": IterateConfig}
 
 
 def _omegaconf_error(exc: OmegaConfBaseException, source: str) -> UserError:
@@ -277,10 +319,12 @@ def _override_value(text: str) -> Any:
         return text
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Optional[dict[str, str]] = None) -> Config:
+def load_config(path: Optional[str | Path] = None, overrides: Optional[dict[str, str]] = None,
+                iterate: bool = False) -> Config:
     """Build the config from defaults, an optional YAML file, then `{dotted.key: value}` overrides.
 
-    Raises `UserError` (one line) for an unreadable file, unknown key, wrong type or bad value.
+    Raises `UserError` (one line) for an unreadable file, unknown key, wrong type or bad value. `iterate`: checked
+    for `diffusion-dpo iterate` (its iterate section; data.path is made per round, so it is not asked for).
     """
     cfg = OmegaConf.structured(Config)
     if path is not None:
@@ -309,7 +353,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[dict[str,
             except OmegaConfBaseException as exc:
                 raise _omegaconf_error(exc, "command line") from None
     config = OmegaConf.to_object(cfg)
-    validate(config)
+    validate(config, iterate=iterate)
     return config
 
 
@@ -335,8 +379,9 @@ def check_config(cfg: Config, data_in_memory: bool = False) -> Config:
     return checked
 
 
-def validate(cfg: Config, data_in_memory: bool = False) -> None:
-    """Check ranges and choices that types alone cannot express; raise `UserError` on the first problem."""
+def validate(cfg: Config, data_in_memory: bool = False, iterate: bool = False) -> None:
+    """Check ranges and choices that types alone cannot express; raise `UserError` on the first problem.
+    `iterate`: the config of `diffusion-dpo iterate`, whose rounds make the data."""
     from diffusion_dpo.losses import LOSSES  # the registry is the single list of loss names
 
     def need(ok: bool, key: str, msg: str) -> None:
@@ -344,7 +389,10 @@ def validate(cfg: Config, data_in_memory: bool = False) -> None:
             raise UserError(f"config: {key} {msg}")
 
     need(bool(cfg.model.pretrained), "model.pretrained", "is required (a hub id or a local diffusers directory)")
-    need(bool(cfg.data.path) or data_in_memory, "data.path",
+    if iterate:
+        _validate_iterate(cfg.iterate, need)
+        need(not cfg.data.path, "data.path", "must be empty for iterate (each round's pairs are made from its samples)")
+    need(bool(cfg.data.path) or data_in_memory or iterate, "data.path",
          "is required (parquet, save_to_disk dir, JSONL/CSV or hub id)")
     need(not (data_in_memory and cfg.data.path), "data.path",
          "must be empty when a dataset is passed in memory (one source of pairs)")
@@ -421,6 +469,24 @@ def validate(cfg: Config, data_in_memory: bool = False) -> None:
     need(not cfg.cache.auto or bool(cfg.cache.dir), "cache.auto", "needs cache.dir (where to build the cache)")
     need(cfg.validation.every_steps >= -1, "validation.every_steps", "must be >= -1")
     need(cfg.validation.num_inference_steps >= 1, "validation.num_inference_steps", "must be >= 1")
+
+
+def _validate_iterate(it: IterateConfig, need: Any) -> None:
+    need(it.rounds >= 1, "iterate.rounds", f"must be >= 1 (got {it.rounds})")
+    need(bool(it.prompts), "iterate.prompts", "is required (a prompt file of training prompts)")
+    need(bool(it.eval_prompts), "iterate.eval_prompts", "is required (held-out prompts for each round's evaluation)")
+    need(bool(it.reward), "iterate.reward", "is required (the reward that labels each round's samples)")
+    need(it.samples_per_prompt >= 2, "iterate.samples_per_prompt",
+         f"must be >= 2: a pair needs two samples of a prompt (got {it.samples_per_prompt})")
+    need(it.pairing in PAIRINGS, "iterate.pairing", f"must be one of {', '.join(PAIRINGS)} (got '{it.pairing}')")
+    need(it.margin >= 0, "iterate.margin", f"must be >= 0 (got {it.margin})")
+    need(it.reference in ITERATE_REFERENCES, "iterate.reference",
+         f"must be one of {', '.join(ITERATE_REFERENCES)} (got '{it.reference}')")
+    need(len(it.eval_seeds) >= 1 and len(set(it.eval_seeds)) == len(it.eval_seeds), "iterate.eval_seeds",
+         "must be a non-empty list without repeats")
+    need(it.steps is None or it.steps >= 1, "iterate.steps", "must be >= 1")
+    need(it.batch_size >= 1, "iterate.batch_size", "must be >= 1")
+    need(it.stop_patience >= 0, "iterate.stop_patience", "must be >= 0")
 
 
 def to_yaml(cfg: Config) -> str:

@@ -228,13 +228,17 @@ class Scorer:
                         load_reward(n, self.paths.get(n), device=device, batch_size=batch_size) for n in names}
         self.cached = {n for n in names if cache and n not in functions}
 
-    def __call__(self, run_dir: str | Path, rows: Optional[list[dict]] = None) -> dict[str, np.ndarray]:
+    def __call__(self, run_dir: str | Path, rows: Optional[list[dict]] = None,
+                 only: Optional[Sequence[str]] = None) -> dict[str, np.ndarray]:
+        """{spec label: scores (N,)} for the run's images; `only`: just these spec labels (their rewards only)."""
         run_dir = Path(run_dir)
         rows = load_run(run_dir) if rows is None else rows
+        specs = [s for s in self.specs if only is None or s.label in only]
+        names = {n for s in specs for n, _ in s.terms}
         per_name = {n: score_images(run_dir, rows, r, _cache_file(run_dir, n, self.paths.get(n)) if n in self.cached
-                                    else None) for n, r in self.rewards.items()}
+                                    else None) for n, r in self.rewards.items() if n in names}
         # score = sum_k w_k * r_k, per image
-        return {s.label: sum(w * per_name[n] for n, w in s.terms) for s in self.specs}
+        return {s.label: sum(w * per_name[n] for n, w in s.terms) for s in specs}
 
 
 def score_run(run_dir: str | Path, rewards: Sequence[str | Callable], paths: Optional[dict[str, str]] = None,
@@ -345,14 +349,17 @@ def paired_win_rate(a_scores: Sequence[float], b_scores: Sequence[float], prompt
 
 def compare(run_a: str | Path, run_b: str | Path, rewards: Sequence[str | Callable], out_dir: str | Path,
             paths: Optional[dict[str, str]] = None, device: str = "cpu", batch_size: int = 16,
-            n_boot: int = 10000, seed: int = 0, grid_prompts: int = GRID_PROMPTS, cache: bool = True) -> dict:
-    """Score both runs and write compare.json, compare.md, scores.png and grid.png into `out_dir`."""
+            n_boot: int = 10000, seed: int = 0, grid_prompts: int = GRID_PROMPTS, cache: bool = True,
+            scorer: Optional[Scorer] = None) -> dict:
+    """Score both runs and write compare.json, compare.md, scores.png and grid.png into `out_dir`. `scorer`: reward
+    models already loaded (for `rewards`), so that many comparisons load them once."""
     run_a, run_b, out_dir = Path(run_a), Path(run_b), Path(out_dir)
     rows_a, rows_b = load_run(run_a), load_run(run_b)  # sorted by (prompt_index, seed): aligned if paired
     check_paired(rows_a, rows_b, f"A ({run_a})", f"B ({run_b})")
     specs = parse_rewards(rewards, paths)
-    scorer = Scorer(specs, paths, device, batch_size, cache)
-    scores_a, scores_b = scorer(run_a, rows_a), scorer(run_b, rows_b)
+    scorer = scorer if scorer is not None else Scorer(specs, paths, device, batch_size, cache)
+    labels = [s.label for s in specs]
+    scores_a, scores_b = scorer(run_a, rows_a, labels), scorer(run_b, rows_b, labels)
     prompt_ids = [r["prompt_index"] for r in rows_a]
     results = {s.label: paired_win_rate(scores_a[s.label], scores_b[s.label], prompt_ids, n_boot, seed)
                for s in specs}

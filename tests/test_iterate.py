@@ -1,0 +1,223 @@
+"""`iterate`: pair rules by hand, rounds end to end (full and LoRA, both references), a kill at any stage resumed
+to the same bits as an uninterrupted run, the report, and bad input in one line before any work."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffusion_dpo.config import load_config
+from diffusion_dpo.errors import UserError
+from diffusion_dpo.iterate import Rounds, iterate
+from diffusion_dpo.pairing import pairs_of_prompt
+
+TESTS = Path(__file__).parent
+REWARD, HELDOUT = "iterate_rewards:brightness", "iterate_rewards:redness"
+
+
+def test_pairs_by_hand():
+    # best_worst: the best (0.9, the first of the two) against the worst (0.1); kept only above the margin
+    (p,) = pairs_of_prompt([0.5, 0.9, 0.1, 0.9], "best_worst", 0.0)
+    assert (p.winner, p.loser, p.margin) == (1, 2, pytest.approx(0.8))
+    assert pairs_of_prompt([0.5, 0.9, 0.1], "best_worst", 0.8) == []  # 0.8 is not more than 0.8
+    assert pairs_of_prompt([0.3, 0.3], "best_worst", 0.0) == []  # all alike: no pair
+    # all: every two samples farther apart than the margin, the higher first
+    got = [(q.winner, q.loser, round(q.margin, 6)) for q in pairs_of_prompt([0.2, 0.5, 0.45], "all", 0.1)]
+    assert got == [(1, 0, 0.3), (2, 0, 0.25)]  # (1, 2) differ by 0.05 <= 0.1
+
+
+@pytest.fixture(scope="module")
+def prompt_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prompts")
+    (root / "train.txt").write_text("a red circle\na blue square\na green triangle\n")
+    (root / "eval.txt").write_text("a red square\na blue circle\n")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _rewards_importable(monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS))
+
+
+def make_cfg(out: Path, model: Path, prompts: Path, **overrides):
+    base = {"output_dir": str(out), "model.pretrained": str(model), "data.resolution": "32", "data.batch_size": "2",
+            "data.num_workers": "0", "optim.lr": "1e-3", "optim.scale_lr": "false", "optim.lr_warmup_steps": "0",
+            "train.max_steps": "3", "train.checkpointing_steps": "0", "train.report_to": "none",
+            "validation.every_steps": "-1", "iterate.rounds": "2", "iterate.prompts": str(prompts / "train.txt"),
+            "iterate.eval_prompts": str(prompts / "eval.txt"), "iterate.samples_per_prompt": "2",
+            "iterate.reward": REWARD, "iterate.heldout_rewards": f"[{HELDOUT}]", "iterate.steps": "2",
+            "iterate.guidance_scale": "3.0"}
+    base.update({k.replace("__", "."): str(v) for k, v in overrides.items()})
+    return load_config(None, base, iterate=True)
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_full_rounds_continue_the_policy_against_the_previous_round(tmp_path, tiny_sd, prompt_files):
+    out = tmp_path / "run"
+    report = iterate(make_cfg(out, tiny_sd, prompt_files))
+    r1, r2 = out / "round-1", out / "round-2"
+    # round 2 samples with round 1's model at new seeds, and trains from it against it: log 2 at its first step
+    assert json.loads((r2 / "samples" / "run.json").read_text())["model"] == str(r1 / "train" / "final")
+    seeds = [{json.loads(line)["seed"] for line in (r / "samples" / "manifest.jsonl").read_text().splitlines()}
+             for r in (r1, r2)]
+    assert seeds == [{0, 1}, {2, 3}]
+    assert metrics(r2 / "train")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    # the pairs: best vs worst per prompt, winner first, both scores kept, the labels' own scores
+    table = pq.read_table(r1 / "pairs").to_pylist()
+    labels = {json.loads(line)["file"]: json.loads(line)["score"] for line in (r1 / "labels.jsonl").read_text().splitlines()}
+    assert len(table) == 3 and all(row["label_0"] == 1.0 and row["ai_score_0"] > row["ai_score_1"] for row in table)
+    assert sorted(r["ai_score_0"] for r in table) == sorted(max(labels[f"images/{i:05d}_{s}.png"] for s in (0, 1))
+                                                           for i in range(3))
+    # the report: every round, both comparisons, both rewards, diversity, the last round's model
+    assert [r["round"] for r in report["rounds"]] == [1, 2] and report["final"] == str(r2 / "train" / "final")
+    for r in report["rounds"]:
+        for key in ("vs_base", "vs_previous"):
+            assert set(r[key]) == {REWARD, HELDOUT} and 0.0 <= r[key][HELDOUT]["image_win_rate"] <= 1.0
+        assert r["diversity_ratio"] > 0 and r["overoptimisation_gap"] is not None
+    # round 1's "previous" is the base itself: the same comparison
+    assert report["rounds"][0]["vs_previous"] == report["rounds"][0]["vs_base"]
+    assert json.loads((out / "report.json").read_text()) == report
+    assert "| 2 | 3 |" in (out / "report.md").read_text() and (out / "report.png").is_file()
+    # a rerun of the finished command does nothing new; raising the rounds continues it
+    iterate(make_cfg(out, tiny_sd, prompt_files))
+    assert not (out / "round-3").exists()
+    more = iterate(make_cfg(out, tiny_sd, prompt_files, iterate__rounds=3))
+    assert len(more["rounds"]) == 3 and more["rounds"][:2] == report["rounds"]
+
+
+def _final_weights(out: Path, rounds: int = 2, lora: bool = False) -> dict[str, torch.Tensor]:
+    final = out / f"round-{rounds}" / "train" / "final"
+    return load_file(final / ("pytorch_lora_weights.safetensors" if lora else "unet/diffusion_pytorch_model.safetensors"))
+
+
+class Killed(BaseException):
+    """Stands for a kill -9: nothing after it runs (a BaseException, so no handler of ours catches it)."""
+
+
+KILL_KW = dict(train__checkpointing_steps=1, lora__rank=4)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, tiny_sd, prompt_files):
+    """An uninterrupted LoRA run, for the killed ones to match."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    with pytest.MonkeyPatch.context() as m:
+        m.syspath_prepend(str(TESTS))
+        iterate(make_cfg(out, tiny_sd, prompt_files, **KILL_KW))
+    return out
+
+
+@pytest.mark.parametrize("where", ["label-2", "train-2-step-2", "evaluate-1"])
+def test_a_killed_run_resumes_to_the_same_bits(tmp_path, tiny_sd, prompt_files, monkeypatch, straight, where):
+    from diffusion_dpo import training
+
+    kw = KILL_KW
+    out = tmp_path / "killed"
+    stage, r, *rest = where.split("-")
+    with monkeypatch.context() as m:
+        if stage == "train":  # mid-training: after the checkpoint of step 1, during step 2
+            original = training.Trainer._write_metrics
+
+            def write_metrics(self, record, seconds):
+                if self.output_dir.parent.name == f"round-{r}" and self.state.step == int(rest[-1]):
+                    raise Killed
+                return original(self, record, seconds)
+            m.setattr(training.Trainer, "_write_metrics", write_metrics)
+        else:
+            original = getattr(Rounds, stage)
+
+            def stop(self, round_index, *args):
+                if round_index == int(r):
+                    raise Killed
+                return original(self, round_index, *args)
+            m.setattr(Rounds, stage, stop)
+        with pytest.raises(Killed):
+            iterate(make_cfg(out, tiny_sd, prompt_files, **kw))
+    if stage == "train":
+        assert (out / "round-2" / "train" / "checkpoint-1").is_dir()
+    resumed = iterate(make_cfg(out, tiny_sd, prompt_files, **kw))
+    a, b = _final_weights(straight, lora=True), _final_weights(out, lora=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["rounds"][-1]["vs_base"] == json.loads((straight / "report.json").read_text())["rounds"][-1]["vs_base"]
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_lora_rounds_against_the_base_load_into_the_base_pipeline(request, tmp_path, prompt_files, family):
+    from diffusion_dpo.generate import generate
+
+    model = request.getfixturevalue(f"tiny_{family}")
+    out = tmp_path / "run"
+    report = iterate(make_cfg(out, model, prompt_files, lora__rank=4, iterate__reference="base",
+                              model__max_sequence_length=8, iterate__stop_patience=5))
+    r2 = out / "round-2" / "train"
+    cfg = (r2 / "config.yaml").read_text()
+    assert f"init_from: {out / 'round-1' / 'train' / 'final'}" in cfg and f"reference: {model}" in cfg
+    # the reference is the base, the policy round 1's: not log 2 at round 2's first step
+    assert abs(metrics(r2)[0]["loss"] - math.log(2)) > 1e-5
+    # the last round's LoRA loads into the base pipeline and changes its images
+    gen = tmp_path / "gen"
+    generate(str(model), ["a red square"], [7], gen, lora=report["final"], steps=2, height=32, width=32,
+             max_sequence_length=8)
+    generate(str(model), ["a red square"], [7], tmp_path / "gen_base", steps=2, height=32, width=32,
+             max_sequence_length=8)
+    assert (gen / "images/00000_7.png").read_bytes() != (tmp_path / "gen_base/images/00000_7.png").read_bytes()
+
+
+def test_stop_rule(tmp_path):
+    from diffusion_dpo.iterate_report import stop_reason
+
+    base = {"means": {"h": 1.0}}
+    rounds = [{"eval": {"means": {"h": v}}} for v in (1.5, 1.4, 1.45)]
+    assert stop_reason(base, rounds[:1], "h", 2, 0.0) is None
+    assert stop_reason(base, rounds[:2], "h", 2, 0.0) is None  # one round without a new best
+    assert "best 1.5 at round 1" in stop_reason(base, rounds, "h", 2, 0.0)  # two rounds without one
+    assert stop_reason(base, rounds, "h", 0, 0.0) is None  # patience 0: never
+    assert "round 0" in stop_reason(base, rounds[:1], "h", 1, 0.6)  # +0.5 is not more than 0.6
+
+
+def test_bad_input_fails_in_one_line_before_any_work(tmp_path, tiny_sd, prompt_files):
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match="iterate.samples_per_prompt must be >= 2"):
+        make_cfg(out, tiny_sd, prompt_files, iterate__samples_per_prompt=1)
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(UserError, match="holds no prompts"):
+        iterate(make_cfg(out, tiny_sd, prompt_files, iterate__prompts=tmp_path / "empty.txt"))
+    with pytest.raises(UserError, match="unknown reward 'pickscor'"):
+        iterate(make_cfg(out, tiny_sd, prompt_files, iterate__reward="pickscor"))
+    with pytest.raises(UserError, match="no_such_module"):
+        iterate(make_cfg(out, tiny_sd, prompt_files, iterate__reward="no_such_module:fn"))
+    with pytest.raises(UserError, match="data.path must be empty for iterate"):
+        make_cfg(out, tiny_sd, prompt_files, data__path=tmp_path)
+    assert not out.exists()  # nothing was written by any of them
+    with pytest.raises(UserError, match="round 1: 0 pairs .* fewer than one batch"):
+        iterate(make_cfg(out, tiny_sd, prompt_files, iterate__margin=10, iterate__rounds=1))
+    # the same directory with other settings is refused, naming the setting
+    with pytest.raises(UserError, match="made with iterate.margin = 10.0, not 0.0"):
+        iterate(make_cfg(out, tiny_sd, prompt_files, iterate__rounds=1))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not an iterate run"):
+        iterate(make_cfg(tmp_path / "other", tiny_sd, prompt_files))
+
+
+def test_cli(tmp_path, tiny_sd, prompt_files):
+    env_cmd = [sys.executable, "-m", "diffusion_dpo", "iterate", "--model.pretrained", str(tiny_sd),
+               "--iterate.prompts", str(prompt_files / "train.txt"), "--iterate.eval-prompts",
+               str(prompt_files / "eval.txt"), "--iterate.reward", REWARD, "--iterate.samples_per_prompt", "1",
+               "--output-dir", str(tmp_path / "x")]
+    run = subprocess.run(env_cmd, capture_output=True, text=True, env={**__import__("os").environ,
+                                                                        "PYTHONPATH": str(TESTS)})
+    assert run.returncode == 2 and run.stderr.strip().splitlines() == [
+        "diffusion-dpo: error: config: iterate.samples_per_prompt must be >= 2: a pair needs two samples of a "
+        "prompt (got 1)"]
+    helped = subprocess.run([sys.executable, "-m", "diffusion_dpo", "train", "--help"], capture_output=True, text=True)
+    assert "--iterate." not in helped.stdout  # the iterate section belongs to iterate only
