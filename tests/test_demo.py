@@ -154,23 +154,26 @@ def test_tiny_demo_end_to_end_writes_every_output(tmp_path, family, base_class):
     out, cache = tmp_path / "demo", tmp_path / "cache"
     report = run_demo(out, size="tiny", cache_dir=cache, family=family)
     for name in ("base/model_index.json", "dpo/model_index.json", "dpo_ai/model_index.json", "sft/model_index.json",
+                 "dpo_online/model_index.json", "online/report.json", "online/round-2/train/final/model_index.json",
                  "eval_prompts.jsonl", "report.json", "report.md", "win_rates.png", "training_curves.png",
                  "score_distributions.png", "grid.png"):
         assert (out / name).is_file(), name
-    for name in ("base", "dpo", "dpo_ai", "sft"):
+    for name in ("base", "dpo", "dpo_ai", "sft", "dpo_online"):
         assert json.loads((out / name / "model_index.json").read_text())["_class_name"] == base_class
     saved = json.loads((out / "report.json").read_text())
     assert saved == json.loads(json.dumps(report)) and saved["family"] == family
     assert set(saved["win_rates_vs_base"]) == {"demo", "defaults"}
     for setting in ("demo", "defaults"):
         for judge in ("judge", "ai", "crowd"):
-            for model in ("dpo", "dpo_ai", "sft"):
+            for model in ("dpo", "dpo_ai", "sft", "dpo_online"):
                 r = saved["win_rates_vs_base"][setting][judge][model]
                 assert 0 <= r["ci_low"] <= r["win_rate"] <= r["ci_high"] <= 1 and r["n"] == 20
                 assert 0 <= r["image_ci_low"] <= r["image_win_rate"] <= r["image_ci_high"] <= 1
                 assert r["n_images"] == 40 and "effect_size" in r
-        assert set(saved["diversity"][setting]["ratio_to_base"]) == {"dpo", "dpo_ai", "sft"}
-        assert set(saved["failure_share"][setting]) == {"base", "dpo", "dpo_ai", "sft"}
+        assert set(saved["diversity"][setting]["ratio_to_base"]) == {"dpo", "dpo_ai", "sft", "dpo_online"}
+        assert set(saved["failure_share"][setting]) == {"base", "dpo", "dpo_ai", "sft", "dpo_online"}
+        assert "dpo_online_vs_online_round_1" in saved["head_to_head"][setting]
+        assert f"{setting}: online_vs_round_1_ge_0.65" in saved["targets"]
     # the demo's own settings, and the pipeline's call defaults (what pipe(prompt) gives), as generate ran them
     demo, defaults = saved["sampling"]["demo"], saved["sampling"]["defaults"]
     assert demo["steps"] == 2
@@ -184,7 +187,11 @@ def test_tiny_demo_end_to_end_writes_every_output(tmp_path, family, base_class):
     own = pipeline_defaults(load_pipeline(str(out / "base"))[0])
     assert (own["steps"], own["guidance_scale"]) == ((50, 7.5) if family == "sd" else (28, 7.0))
     assert demo["max_sequence_length"] == defaults["max_sequence_length"] == (None if family == "sd" else 12)
-    for stage in ("base", "pairs", "relabel", "train_dpo", "train_dpo_ai", "train_sft", "generate", "compare",
+    # the online stage: iterate from DPO-AI, the last round's model copied to DIR/dpo_online, round 1 its start's child
+    online = saved["online"]
+    assert len(online["rounds"]) == 2 and online["final"] == str(out / "online" / "round-2" / "train" / "final")
+    assert json.loads((out / "online" / "round-1" / "samples" / "run.json").read_text())["model"] == str(out / "dpo_ai")
+    for stage in ("base", "pairs", "relabel", "train_dpo", "train_dpo_ai", "train_sft", "online", "generate", "compare",
                   "report", "total"):
         assert saved["wall_time_s"][stage] >= 0
     lines = [json.loads(line) for line in (out / "eval_prompts.jsonl").read_text().splitlines()]

@@ -26,7 +26,8 @@ from PIL import Image
 from diffusion_dpo.diversity import diversity
 from diffusion_dpo.plots import pyplot
 
-LABELS = {"base": "base", "dpo": "DPO", "dpo_ai": "DPO-AI", "sft": "SFT"}
+LABELS = {"base": "base", "dpo": "DPO", "dpo_ai": "DPO-AI", "sft": "SFT", "dpo_online": "DPO-online"}
+NAMES = {**LABELS, "online_round_1": "online round 1"}  # also the models that appear only head to head
 GRID_SEEDS = 3
 
 
@@ -50,7 +51,7 @@ SETTINGS = {"demo": "the demo's sampling settings", "defaults": "the pipeline's 
 FAIL_P = 0.5  # an image "fails to show the prompted digit" when the judge gives that digit p < 0.5
 
 
-def _targets(judged: dict, head: dict, div: dict) -> dict:
+def _targets(judged: dict, head: dict, div: dict, failures: dict) -> dict:
     """The issues' targets, each with its measured value and whether it is met: per image (prompt, seed) under the
     held-out judge, at the demo's sampling settings and at the pipeline's defaults."""
     targets = {}
@@ -69,6 +70,20 @@ def _targets(judged: dict, head: dict, div: dict) -> dict:
                                           and h["image_win_rate"] > 0.5},
             f"{setting}: dpo_diversity_ge_0.8_of_base": {"value": d["dpo"], "met": d["dpo"] >= 0.8},
         }
+        if "dpo_online" in j:
+            o, r1 = j["dpo_online"], head[setting]["dpo_online_vs_online_round_1"]["judge"]
+            fail = failures[setting]
+            best = min((m for m in fail if m != "base"), key=lambda m: fail[m])
+            targets |= {
+                f"{setting}: online_image_win_rate_ge_0.85": {"value": o["image_win_rate"],
+                                                              "met": o["image_win_rate"] >= 0.85},
+                f"{setting}: online_vs_round_1_ge_0.65": {"value": r1["image_win_rate"],
+                                                          "met": r1["image_win_rate"] >= 0.65},
+                f"{setting}: best_model_halves_failures ({LABELS[best]})": {
+                    "value": fail[best] / fail["base"] if fail["base"] else 0.0,
+                    "met": fail[best] <= 0.5 * fail["base"]},
+                f"{setting}: online_diversity_ge_0.8_of_base": {"value": d["dpo_online"], "met": d["dpo_online"] >= 0.8},
+            }
     return targets
 
 
@@ -110,7 +125,7 @@ def write_report(out: Path, facts: dict, comparisons: dict[str, dict[str, dict]]
         _grid(gens["demo"]).save(out / "grid.png")
     report = {**facts, "judges": {j: judges[j] for j in judges}, "win_rates_vs_base": judged, "head_to_head": head,
               "mean_scores": mean_scores, "failure_share": failures, "diversity": div, "training": training,
-              "targets": _targets(judged, head, div),
+              "targets": _targets(judged, head, div, failures),
               "wall_time_s": {**timer.seconds, "total": round(time.perf_counter() - started, 2)}}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(markdown(report))
@@ -157,7 +172,7 @@ def markdown(report: dict) -> str:
         for name, per_judge in per_cmp.items():
             a, b = name.split("_vs_")
             for judge, r in per_judge.items():
-                lines.append(f"| {setting} | {LABELS[a]} vs {LABELS[b]} | {judge} | {r['image_win_rate']:.3f} | "
+                lines.append(f"| {setting} | {NAMES[a]} vs {NAMES[b]} | {judge} | {r['image_win_rate']:.3f} | "
                              f"[{r['image_ci_low']:.3f}, {r['image_ci_high']:.3f}] |")
     lines += ["", f"Samples that fail to show the prompted digit (held-out judge: p(digit) < {FAIL_P}), and diversity "
               "(mean pairwise RMS pixel distance among a prompt's seeds):", "",
@@ -173,7 +188,8 @@ def markdown(report: dict) -> str:
     lines += ["", "Training (means over the last 10% of steps):", "",
               "| run | beta | steps | loss | implicit acc | reward margin | pairs/s |", "|---|---|---|---|---|---|---|"]
     settings = report["settings"]
-    betas = {"dpo": f"{settings['beta']:g}", "dpo_ai": f"{settings['beta_ai']:g}"}  # SFT has no beta
+    betas = {"dpo": f"{settings['beta']:g}", "dpo_ai": f"{settings['beta_ai']:g}",  # SFT has no beta
+             "dpo_online": f"{settings['beta_ai']:g}"}
     for name, t in report["training"].items():
         lines.append(f"| {LABELS[name]} | {betas.get(name, '-')} | {t['steps']} | {t['final_loss']:.4f} | "
                      f"{t['final_implicit_acc']:.3f} | {t['final_reward_margin']:.3f} | {t['pairs_per_s']:.1f} |")
@@ -198,7 +214,8 @@ def _plot_win_rates(path: Path, judged: dict) -> None:
             rates = np.array([per_model[m]["image_win_rate"] for m in names])
             err = np.array([[r - per_model[m]["image_ci_low"], per_model[m]["image_ci_high"] - r]
                             for m, r in zip(names, rates)]).T
-            ax.bar([LABELS[m] for m in names], rates, yerr=err, capsize=4, color=["#1f77b4", "#2ca02c", "#ff7f0e"])
+            ax.bar([LABELS[m] for m in names], rates, yerr=err, capsize=4,
+                   color=["#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd"][:len(names)])
             ax.axhline(0.5, color="grey", lw=0.8, ls="--")
             ax.set_ylim(0, 1)
             ax.set_title(f"{judge}, {setting} sampling: per image vs base", fontsize=9)

@@ -11,6 +11,9 @@ Stages (one progress bar each, wall time of each in report.json):
     relabel    `relabel` the same pairs with the AI reward (AI feedback)             -> DIR/data/ai/
     train_*    `train`: Diffusion-DPO on crowd labels, on AI labels, and the SFT baseline
                                                                                     -> DIR/dpo, dpo_ai, sft
+    online     `iterate`: on-policy rounds from DPO-AI, the AI reward labelling the model's own samples
+               (best vs worst of K per pair prompt), the reference refreshed every round; the crowd's
+               utility is its held-out reward                     -> DIR/online/, DIR/dpo_online
     generate   `generate` every model on the held-out prompts and seeds, at the demo's sampling
                settings and at the pipeline's own defaults (what `pipe(prompt)` gives)
                                                                       -> DIR/eval/gen/, gen_defaults/
@@ -43,7 +46,7 @@ from diffusion_dpo.errors import UserError
 if TYPE_CHECKING:
     from diffusion_dpo.demo.pairs import PairSet
 
-MODELS = ("dpo", "dpo_ai", "sft")  # tuned models, each compared with the base
+MODELS = ("dpo", "dpo_ai", "sft", "dpo_online")  # tuned models, each compared with the base
 JUDGES = {"judge": JUDGE_REWARD, "ai": AI_REWARD, "crowd": CROWD_REWARD}  # report name -> reward
 
 
@@ -69,6 +72,10 @@ class DemoSize:
     # steps of the "pipeline defaults" evaluation: None = the pipeline's own (the README's run); the tiny smoke
     # run takes 2 so that its 50-step SD default does not dominate the test suite (its guidance stays the default)
     default_steps: Optional[int] = None
+    # the online stage (`iterate` from DPO-AI; see online_config). Set a priori, not tuned on any metric yet.
+    online_rounds: int = 2
+    online_samples: int = 8  # K samples per pair prompt and round; best vs worst under the AI reward
+    online_steps: int = 150  # training steps per round (the reference is refreshed between rounds)
 
     @property
     def family(self) -> str:
@@ -81,7 +88,7 @@ class DemoSize:
 
 
 _TINY = dict(pair_templates=1, pairs_per_prompt=1, eval_templates=1, eval_seeds=2, sample_steps=2, train_steps=2,
-             batch_size=2, default_steps=2)
+             batch_size=2, default_steps=2, online_rounds=2, online_samples=2, online_steps=2)
 SIZES = {
     "sd": {
         "full": DemoSize(),
@@ -97,7 +104,7 @@ SIZES = {
 }
 FAMILIES = tuple(SIZES)
 
-OUTPUTS = ("base", "data", "train", "eval", *MODELS, "eval_prompts.jsonl", "report.json", "report.md",
+OUTPUTS = ("base", "data", "train", "online", "eval", *MODELS, "eval_prompts.jsonl", "report.json", "report.md",
            "win_rates.png", "training_curves.png", "score_distributions.png", "grid.png")
 
 
@@ -203,6 +210,33 @@ def train_config(base: Path, data: Path, out: Path, size: DemoSize, loss: str, l
     return cfg
 
 
+ONLINE_SEED = 100_000  # online samples: far above the pair seeds (0..2K-1), below tune's dev seeds (500,000+)
+
+
+def online_config(base: Path, start: Path, prompts: Path, dev_prompts: Path, out: Path, size: DemoSize) -> Config:
+    """The `iterate` config of the online stage: DPO-AI's training settings (`train_config` with the AI labels'
+    beta), `online_steps` per round, K = `online_samples` samples per pair prompt and round labelled by the AI reward,
+    best against worst, the reference refreshed every round (flow_grpo's OnlineDPO). Its held-out reward is the
+    crowd's utility, and its evaluation runs on the evaluation prompts at tune.py's dev seeds: the judge (and the
+    report's evaluation seeds) stay out of it."""
+    from diffusion_dpo.demo.tune import DEV_SEED_START
+
+    cfg = train_config(base, out / "pairs", out, size, "dpo", "ai")
+    cfg.data.path = ""  # iterate makes each round's pairs
+    cfg.cache.dir = str(out / "cache")  # a cache per round (iterate puts it in round-<r>/)
+    cfg.train.max_steps = size.online_steps
+    cfg.optim.lr_warmup_steps = min(20, size.online_steps // 10)
+    it = cfg.iterate
+    it.rounds, it.samples_per_prompt, it.start = size.online_rounds, size.online_samples, str(start)
+    it.prompts, it.eval_prompts = str(prompts), str(dev_prompts)
+    it.reward, it.heldout_rewards = AI_REWARD, [CROWD_REWARD]
+    it.pairing, it.reference, it.seed = "best_worst", "previous", ONLINE_SEED
+    it.eval_seeds = [DEV_SEED_START + k for k in range(2)]
+    it.steps, it.guidance_scale, it.batch_size = size.sample_steps, size.guidance_scale, 128
+    validate(cfg, iterate=True)
+    return cfg
+
+
 def sampling(size: DemoSize) -> dict:
     """`generate` keyword arguments for every image the demo draws (pairs, evaluation, tuning)."""
     return dict(steps=size.sample_steps, guidance_scale=size.guidance_scale, batch_size=128,
@@ -292,6 +326,7 @@ def run_demo(output_dir: str | Path, size: str | DemoSize = "full", cache_dir: O
     from diffusion_dpo.demo.report import write_report
     from diffusion_dpo.evaluate import compare
     from diffusion_dpo.generate import generate
+    from diffusion_dpo.iterate import iterate
     from diffusion_dpo.training import train
 
     if isinstance(size, str):
@@ -332,6 +367,15 @@ def run_demo(output_dir: str | Path, size: str | DemoSize = "full", cache_dir: O
 
     eval_items = [{"prompt": p, "digit": d} for d in range(10)
                   for p in world.phrasings(d, world.EVAL_TEMPLATES[:size.eval_templates])]
+    with timer("online"):
+        prompts_file, dev_file = out / "data" / "online_prompts.txt", out / "data" / "online_dev_prompts.txt"
+        prompts_file.write_text("".join(p["prompt"] + "\n" for p in world.pair_prompts(size.pair_templates)))
+        dev_file.write_text("".join(p["prompt"] + "\n" for p in eval_items))
+        online = iterate(online_config(base, out / "dpo_ai", prompts_file, dev_file, out / "online", size),
+                         log=lambda line: None)
+        shutil.copytree(online["final"], out / "dpo_online")  # the last round's pipeline directory
+        round_1 = Path(online["rounds"][0]["final"])
+        runs["dpo_online"] = Path(online["final"]).parent
     eval_seeds = [world.EVAL_SEED_START + k for k in range(size.eval_seeds)]
     (out / "eval_prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in eval_items))
     settings = {"demo": ("gen", "compare", sample), "defaults": ("gen_defaults", "compare_defaults",
@@ -339,9 +383,10 @@ def run_demo(output_dir: str | Path, size: str | DemoSize = "full", cache_dir: O
     gens: dict[str, dict[str, Path]] = {}
     with timer("generate"):
         for setting, (gen_dir, _, kwargs) in settings.items():
-            gens[setting] = {name: out / "eval" / gen_dir / name for name in ("base", *MODELS)}
+            gens[setting] = {name: out / "eval" / gen_dir / name for name in ("base", *MODELS, "online_round_1")}
             for name, path in gens[setting].items():
-                generate(str(out / name), eval_items, eval_seeds, path, **kwargs)
+                model = round_1 if name == "online_round_1" else out / name
+                generate(str(model), eval_items, eval_seeds, path, **kwargs)
 
     comparisons: dict[str, dict[str, dict]] = {}
     with timer("compare"):
@@ -350,11 +395,13 @@ def run_demo(output_dir: str | Path, size: str | DemoSize = "full", cache_dir: O
             comparisons[setting] = {
                 f"{a}_vs_{b}": compare(g[a], g[b], list(JUDGES.values()), out / "eval" / cmp_dir / f"{a}_vs_{b}",
                                        batch_size=512)
-                for a, b in [(m, "base") for m in MODELS] + [("dpo", "sft"), ("dpo_ai", "dpo")]}
+                for a, b in [(m, "base") for m in MODELS] + [("dpo", "sft"), ("dpo_ai", "dpo"),
+                                                             ("dpo_online", "online_round_1")]}
 
     facts = {"family": size.family, "size": size_name, "settings": asdict(size),
              "sampling": {setting: _resolved(gens[setting]["base"]) for setting in settings},
              "base_built_now": built, "base_cache": str(cached),
              "pair_prompts": len(world.pair_prompts(size.pair_templates)), "pairs_per_prompt": size.pairs_per_prompt,
-             "crowd_pairs": {**asdict(crowd), "path": str(crowd.path)}, "ai_relabel": ai, "eval_seeds": eval_seeds}
+             "crowd_pairs": {**asdict(crowd), "path": str(crowd.path)}, "ai_relabel": ai, "eval_seeds": eval_seeds,
+             "online": {"rounds": online["rounds"], "stopped": online["stopped"], "final": online["final"]}}
     return write_report(out, facts, comparisons, gens, runs, timer, JUDGES, started)
