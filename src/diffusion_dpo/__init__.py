@@ -11,6 +11,9 @@ The Python API (the command line is a thin layer over the same functions):
     dd.generate("tiny/sd", ["a red circle"], seeds=[0, 1], out_dir="gen/tuned", lora=None)
     report = dd.compare("gen/tuned", "gen/base", ["clip"], "cmp")  # win rates with intervals, effect sizes
 
+    from diffusion_dpo.iterate import iterate  # on-policy rounds (the module's name, so not a package attribute)
+    rounds = iterate(dd.load_config("online.yaml", iterate=True))  # report.json's contents
+
 Names are imported on first use (PEP 562), so `import diffusion_dpo` and the CLI stay fast.
 """
 

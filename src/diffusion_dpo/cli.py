@@ -206,10 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build (or reuse from the cache) a small StableDiffusionPipeline (--family sd3: a "
                     "StableDiffusion3Pipeline, trained by flow matching) on sklearn's handwritten "
                     "digits, sample preference pairs from it, label them by a hidden crowd and by an AI reward, "
-                    "train Diffusion-DPO on each labelling and an SFT baseline, and evaluate all against the base on "
+                    "train Diffusion-DPO on each labelling and an SFT baseline, run on-policy rounds (iterate) from DPO-AI, and "
+                    "evaluate all against the base on "
                     "held-out prompts and seeds with a judge fit on data nothing else saw, at the demo's sampling "
                     "settings and at the pipeline's own defaults. Writes DIR/base, DIR/dpo, "
-                    "DIR/dpo_ai, DIR/sft (pipeline directories), DIR/eval_prompts.jsonl, DIR/report.json, "
+                    "DIR/dpo_ai, DIR/sft, DIR/dpo_online (pipeline directories), DIR/online (the rounds), DIR/eval_prompts.jsonl, "
+                    "DIR/report.json, "
                     "DIR/report.md and PNGs. Minutes on 2 CPU cores (the README gives measured times); the base is cached.")
     demo.add_argument("--output-dir", required=True, metavar="DIR", help="where everything is written (new, empty, "
                       "or an earlier demo's directory, which is started over)")

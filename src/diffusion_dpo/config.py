@@ -357,11 +357,12 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[dict[str,
     return config
 
 
-def check_config(cfg: Config, data_in_memory: bool = False) -> Config:
+def check_config(cfg: Config, data_in_memory: bool = False, iterate: bool = False) -> Config:
     """A `Config` built in code, checked exactly as one read from YAML: unknown keys (an attribute set on a section
     that is not one of its fields, e.g. `cfg.train.max_step = 3`), values of the wrong type (converted where YAML
     would convert them: "4" -> 4) and ranges. Returns the checked copy; raises `UserError` in one line.
-    `data_in_memory`: the data comes as a `datasets.Dataset` (`train(cfg, dataset=...)`), so data.path may be empty."""
+    `data_in_memory`: the data comes as a `datasets.Dataset` (`train(cfg, dataset=...)`), so data.path may be empty;
+    `iterate`: the config of `iterate` (see `validate`)."""
     if not isinstance(cfg, Config):
         raise UserError(f"config: expected a diffusion_dpo.Config, got {type(cfg).__name__}")
     for section, cls in [("", Config), *_SECTIONS.items()]:
@@ -375,7 +376,7 @@ def check_config(cfg: Config, data_in_memory: bool = False) -> Config:
         checked = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.structured(cfg)))
     except OmegaConfBaseException as exc:
         raise _omegaconf_error(exc, "config") from None
-    validate(checked, data_in_memory=data_in_memory)
+    validate(checked, data_in_memory=data_in_memory, iterate=iterate)
     return checked
 
 

@@ -45,7 +45,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from diffusion_dpo.checkpoint import list_checkpoints
-from diffusion_dpo.config import Config, validate
+from diffusion_dpo.config import Config, check_config
 from diffusion_dpo.errors import UserError
 
 SETTINGS_FILE = "iterate.json"
@@ -121,10 +121,13 @@ class Rounds:
         from diffusion_dpo.models import describe
         from diffusion_dpo.prompts import load_prompts
 
-        validate(cfg, iterate=True)
+        cfg = check_config(cfg, iterate=True)  # a Config built in code is checked as a YAML one is
         self.cfg, self.it, self.log = cfg, cfg.iterate, log
         self.out = Path(cfg.output_dir)
-        self.state = PartialState()
+        import torch
+
+        # as the Trainer's Accelerator: without CUDA, only cpu=True runs several processes (over gloo)
+        self.state = PartialState(cpu=not torch.cuda.is_available())
         self.main = self.state.is_main_process
         self.lora = cfg.lora.rank > 0
         # Everything a round needs is checked before the first image: the model, the start, both prompt sets, the

@@ -388,7 +388,10 @@ class Trainer:
             self._maybe_validate()
         progress.close()
         final = self._save_final()
-        acc.end_training()
+        # accelerate's end_training would also destroy the process group, which the caller may still need
+        # (iterate trains round after round in one process group); it goes when the process exits
+        for tracker in acc.trackers:
+            tracker.finish()
         if cfg.train.push_to_hub and acc.is_main_process:
             from diffusion_dpo.push import push_run
 
