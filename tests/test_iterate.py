@@ -16,6 +16,7 @@ from diffusion_dpo.config import load_config
 from diffusion_dpo.errors import UserError
 from diffusion_dpo.iterate import Rounds, iterate
 from diffusion_dpo.pairing import pairs_of_prompt
+from test_training import read_metrics
 
 TESTS = Path(__file__).parent
 REWARD, HELDOUT = "iterate_rewards:brightness", "iterate_rewards:redness"
@@ -57,10 +58,6 @@ def make_cfg(out: Path, model: Path, prompts: Path, **overrides):
     return load_config(None, base, iterate=True)
 
 
-def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_full_rounds_continue_the_policy_against_the_previous_round(tmp_path, tiny_sd, prompt_files):
     out = tmp_path / "run"
     report = iterate(make_cfg(out, tiny_sd, prompt_files))
@@ -70,7 +67,7 @@ def test_full_rounds_continue_the_policy_against_the_previous_round(tmp_path, ti
     seeds = [{json.loads(line)["seed"] for line in (r / "samples" / "manifest.jsonl").read_text().splitlines()}
              for r in (r1, r2)]
     assert seeds == [{0, 1}, {2, 3}]
-    assert metrics(r2 / "train")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert read_metrics(r2 / "train")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     # the pairs: best vs worst per prompt, winner first, both scores kept, the labels' own scores
     table = pq.read_table(r1 / "pairs").to_pylist()
     labels = {json.loads(line)["file"]: json.loads(line)["score"] for line in (r1 / "labels.jsonl").read_text().splitlines()}
@@ -162,7 +159,7 @@ def test_lora_rounds_against_the_base_load_into_the_base_pipeline(request, tmp_p
     cfg = (r2 / "config.yaml").read_text()
     assert f"init_from: {out / 'round-1' / 'train' / 'final'}" in cfg and f"reference: {model}" in cfg
     # the reference is the base, the policy round 1's: not log 2 at round 2's first step
-    assert abs(metrics(r2)[0]["loss"] - math.log(2)) > 1e-5
+    assert abs(read_metrics(r2)[0]["loss"] - math.log(2)) > 1e-5
     # the last round's LoRA loads into the base pipeline and changes its images
     gen = tmp_path / "gen"
     generate(str(model), ["a red square"], [7], gen, lora=report["final"], steps=2, height=32, width=32,

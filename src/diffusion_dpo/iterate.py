@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +46,7 @@ from omegaconf import OmegaConf
 from diffusion_dpo.checkpoint import list_checkpoints
 from diffusion_dpo.config import Config, check_config
 from diffusion_dpo.errors import UserError
+from diffusion_dpo.iterate_report import write_text_atomic
 
 SETTINGS_FILE = "iterate.json"
 ROUND_FILE = "round.json"
@@ -62,10 +62,7 @@ def round_dir(out: Path, r: int) -> Path:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    """Write JSON under a temporary name, then rename: the file is complete or absent."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _flat(cfg: Config) -> dict[str, Any]:
@@ -132,7 +129,7 @@ class Rounds:
         self.lora = cfg.lora.rank > 0
         # Everything a round needs is checked before the first image: the model, the start, both prompt sets, the
         # rewards (loaded: a reward that cannot load fails here), the output directory.
-        describe(cfg.model)
+        _, self.family = describe(cfg.model)
         self.base = cfg.model.pretrained
         self.start = self._check_start(self.it.start) if self.it.start else None
         self.prompts = load_prompts(self.it.prompts)
@@ -155,9 +152,8 @@ class Rounds:
             lora_file(start, "iterate.start")
             return Policy(self.base, start)
         index = read_model_index(ModelConfig(pretrained=start), "iterate.start")
-        ours = family_class(read_model_index(self.cfg.model), "model.pretrained")
-        if family_class(index, f"iterate.start '{start}'") is not ours:
-            raise UserError(f"iterate.start '{start}' is not a {ours.title} pipeline like model.pretrained")
+        if family_class(index, f"iterate.start '{start}'") is not self.family:
+            raise UserError(f"iterate.start '{start}' is not a {self.family.title} pipeline like model.pretrained")
         return Policy(start)
 
     def policy_before(self, r: int) -> Policy:
@@ -204,11 +200,9 @@ class Rounds:
         if not file.is_file():
             rows = load_run(samples)
             scores = self.scorer(samples, rows, [self.train_label])[self.train_label]
-            tmp = file.with_name(file.name + ".tmp")
-            tmp.write_text("".join(json.dumps({"file": row["file"], "prompt_index": row["prompt_index"],
-                                               "seed": row["seed"], "score": float(s)}) + "\n"
-                                   for row, s in zip(rows, scores)))
-            os.replace(tmp, file)
+            write_text_atomic(file, "".join(json.dumps({"file": row["file"], "prompt_index": row["prompt_index"],
+                                                        "seed": row["seed"], "score": float(s)}) + "\n"
+                                            for row, s in zip(rows, scores)))
         return file
 
     def pair(self, r: int, samples: Path, labels: Path) -> dict:
@@ -220,7 +214,7 @@ class Rounds:
         if summary_file.is_file():
             return json.loads(summary_file.read_text())
         rows = load_run(samples)
-        scores = {json.loads(line)["file"]: json.loads(line)["score"] for line in labels.read_text().splitlines()}
+        scores = {row["file"]: row["score"] for row in map(json.loads, labels.read_text().splitlines())}
         pairs = make_pairs(rows, [scores[row["file"]] for row in rows], self.it.pairing, self.it.margin)
         need = self.cfg.data.batch_size * self.state.num_processes
         if len(pairs) < need:
@@ -295,6 +289,7 @@ class Rounds:
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
         from diffusion_dpo.iterate_report import base_summary, stop_reason, write_report
+        from diffusion_dpo.metrics import read_metrics, training_summary
 
         summaries: list[dict] = []
         base, gens, report = None, {}, {}
@@ -313,7 +308,7 @@ class Rounds:
                 self.state.wait_for_everyone()
                 if self.main:
                     _write_json(done, {"round": r, "start": vars(self.policy_before(r)), "seeds": self.sample_seeds(r),
-                                       **pairs, "train": _train_summary(final.parent), "final": str(final),
+                                       **pairs, "train": training_summary(read_metrics(final.parent)), "final": str(final),
                                        "eval": self.evaluate(r, gens)})
             reason = None
             if self.main:
@@ -343,14 +338,6 @@ def _brief(r: dict) -> dict:
     keys = ("image_win_rate", "image_ci_low", "image_ci_high", "win_rate", "ci_low", "ci_high", "mean_a", "mean_b",
             "mean_diff", "mean_diff_ci_low", "mean_diff_ci_high", "effect_size", "n_images", "n_prompts")
     return {k: r[k] for k in keys}
-
-
-def _train_summary(run_dir: Path) -> dict:
-    """Steps, and the loss and implicit accuracy averaged over the last 10% of steps (single steps are noisy)."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    tail = rows[-max(1, len(rows) // 10):]
-    return {"steps": len(rows), "final_loss": float(np.mean([r["loss"] for r in tail])),
-            "final_implicit_acc": float(np.mean([r["implicit_acc"] for r in tail]))}
 
 
 def iterate(cfg: Config, log: Callable[[str], None] = print) -> dict:

@@ -81,13 +81,14 @@ def write_report(out: Path, base: dict, rounds: Sequence[dict], train_label: str
               "stopped": stopped, "final": rows[-1]["final"] if rows else None,
               "unit": "per-image win rates over (prompt, seed), the same initial noise for both models; 95% "
                       "intervals resample prompts (see evaluate.py)"}
-    _write(out / "report.json", json.dumps(report, indent=2) + "\n")
-    _write(out / "report.md", _markdown(report))
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomic(out / "report.md", _markdown(report))
     plot(report).save(out / "report.png")
     return report
 
 
-def _write(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write under a temporary name, then rename: the file is complete or absent (iterate's stage files too)."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)

@@ -35,6 +35,7 @@ from diffusion_dpo.errors import UserError
 from diffusion_dpo.fingerprint import component_fingerprint, fingerprint
 from diffusion_dpo.models import add_lora, cast, describe, load_components, weight_dtype_of
 from diffusion_dpo.models.lora import lora_file
+from diffusion_dpo.models.reference import reference_kind
 from diffusion_dpo.randomness import pair_noise
 
 REFERENCE_FORMAT = 1
@@ -68,22 +69,22 @@ def reference_identity(cfg: Config, cache: Cache, device_type: str) -> dict[str,
         **({"model.reference": component_fingerprint(replace(cfg.model, pretrained=cfg.model.reference, vae=None),
                                                      (family.denoiser_role,))} if cfg.model.reference else {}),
         **({"lora.init_from": fingerprint({"lora": lora_file(cfg.lora.init_from)})}
-           if cfg.lora.rank > 0 and cfg.lora.init_from and cfg.model.reference is None else {}),
+           if reference_kind(cfg.model, cfg.lora) == "start_adapters" else {}),
     }
 
 
 def _reference_denoiser(cfg: Config, comp: Any, device: torch.device) -> torch.nn.Module:
     """The reference model as training holds it (models.reference.build_reference): model.reference's denoiser,
     or the base with lora.init_from's adapters (without dropout), or the base itself."""
-    from diffusion_dpo.models.loading import load_reference_denoiser, same_model
-    from diffusion_dpo.models.lora import load_adapter, read_lora_file
+    from diffusion_dpo.models.loading import load_reference_denoiser
+    from diffusion_dpo.models.lora import continue_adapters
 
-    if cfg.model.reference and not same_model(cfg.model.reference, cfg.model.pretrained):
+    kind = reference_kind(cfg.model, cfg.lora)
+    if kind == "elsewhere":
         return load_reference_denoiser(cfg.model, type(comp), device)
-    if cfg.lora.rank > 0 and cfg.lora.init_from and cfg.model.reference is None:
+    if kind == "start_adapters":
         add_lora(comp.denoiser, replace(cfg.lora, dropout=0.0), comp.default_lora_targets)
-        state = read_lora_file(cfg.lora.init_from, comp.denoiser_role, comp.lora_diffusers_naming)
-        load_adapter(comp.denoiser, state, "default", f"lora.init_from '{cfg.lora.init_from}'")
+        continue_adapters(comp.denoiser, cfg.lora, comp.denoiser_role, comp.lora_diffusers_naming)
     return comp.denoiser
 
 

@@ -41,7 +41,7 @@ from diffusion_dpo.data import (PairSampler, PreferenceDataset, PreferencePairs,
 from diffusion_dpo.errors import UserError, is_local_path
 from diffusion_dpo.losses import LossSpec, get_loss, implicit_accuracy, smooth_labels
 from diffusion_dpo.models import Family, add_lora, cast, describe, load_components, weight_dtype_of
-from diffusion_dpo.models.lora import load_adapter, read_lora_file
+from diffusion_dpo.models.lora import continue_adapters
 from diffusion_dpo.models.reference import build_reference
 from diffusion_dpo.optim import StepInBackward, make_lr_scheduler, make_optimizer
 from diffusion_dpo.randomness import pair_noise, seed_for
@@ -170,9 +170,8 @@ class Trainer:
             cast(model, self.weight_dtype)  # the frozen base in the compute dtype; LoRA weights stay fp32
             params = add_lora(model, cfg.lora, self.components.default_lora_targets)
             if cfg.lora.init_from:  # continue earlier adapters (iterate's rounds)
-                init_state = read_lora_file(cfg.lora.init_from, self.components.denoiser_role,
-                                            self.components.lora_diffusers_naming)
-                load_adapter(model, init_state, "default", f"lora.init_from '{cfg.lora.init_from}'")
+                init_state = continue_adapters(model, cfg.lora, self.components.denoiser_role,
+                                               self.components.lora_diffusers_naming)
         else:
             params = list(model.parameters())
         # The reference (models/reference.py): the starting weights, adapters off, or model.reference; for a full

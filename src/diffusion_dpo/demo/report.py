@@ -18,33 +18,18 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
 
 from diffusion_dpo.diversity import diversity
+from diffusion_dpo.metrics import read_metrics, training_summary
 from diffusion_dpo.plots import pyplot
 
 LABELS = {"base": "base", "dpo": "DPO", "dpo_ai": "DPO-AI", "sft": "SFT", "dpo_online": "DPO-online"}
 NAMES = {**LABELS, "online_round_1": "online round 1"}  # also the models that appear only head to head
 GRID_SEEDS = 3
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
-def training_summary(rows: list[dict]) -> dict:
-    """Means over the last 10% of steps (single steps are noisy at small batches)."""
-    tail = rows[-max(1, len(rows) // 10):]
-    keys = ("loss", "implicit_acc", "reward_margin", "model_mse_w", "model_mse_l")
-    def mean(k: str) -> Optional[float]:  # a metric a run did not compute (SFT's loser errors) is null throughout
-        values = [r[k] for r in tail if r.get(k) is not None]
-        return float(np.mean(values)) if values else None
-
-    return {"steps": len(rows), **{f"final_{k}": mean(k) for k in keys},
-            "pairs_per_s": float(np.median([r["pairs_per_s"] for r in rows]))}
 
 
 SETTINGS = {"demo": "the demo's sampling settings", "defaults": "the pipeline's own defaults"}

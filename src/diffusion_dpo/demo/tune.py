@@ -81,7 +81,7 @@ def dev_score(work: Path, size: DemoSize, base: Path, model: Path, name: str) ->
 def trial(work: Path, overrides: dict, labels: str, loss: str, name: str, family: str = "sd") -> dict:
     """Train one model of the `family` demo with `DemoSize` fields overridden and score it on the dev metric."""
     from diffusion_dpo.demo.cache import cached_base
-    from diffusion_dpo.demo.report import read_metrics, training_summary
+    from diffusion_dpo.metrics import read_metrics, training_summary
     from diffusion_dpo.training import train
 
     size = dataclasses.replace(SIZES[family]["full"], **overrides)

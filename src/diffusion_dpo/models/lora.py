@@ -144,3 +144,10 @@ def active_adapter(denoiser: nn.Module, name: str) -> None:
         if isinstance(module, BaseTunerLayer):
             module.set_adapter(name)
 
+
+
+def continue_adapters(denoiser: nn.Module, cfg: LoraConfig, role: str, diffusers_naming: bool) -> dict[str, Tensor]:
+    """Load `cfg.init_from` into the trained adapter ("default", attached by `add_lora`); return the weights."""
+    state = read_lora_file(cfg.init_from, role, diffusers_naming)
+    load_adapter(denoiser, state, "default", f"lora.init_from '{cfg.init_from}'")
+    return state

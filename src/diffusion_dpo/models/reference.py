@@ -69,19 +69,32 @@ class Reference:
             model.enable_adapters()
 
 
+def reference_kind(model_cfg: ModelConfig, lora_cfg: LoraConfig) -> str:
+    """Which form the reference takes (the table in the module docstring): "elsewhere" (model.reference's
+    denoiser), "start_adapters" (LoRA continued from lora.init_from: those adapters, frozen) or "start" (the
+    policy's starting weights: a frozen copy, or adapters off)."""
+    from diffusion_dpo.models.loading import same_model
+
+    if model_cfg.reference is not None and not same_model(model_cfg.reference, model_cfg.pretrained):
+        return "elsewhere"
+    if lora_cfg.rank > 0 and lora_cfg.init_from and model_cfg.reference is None:
+        return "start_adapters"
+    return "start"
+
+
 def build_reference(policy: nn.Module, model_cfg: ModelConfig, lora_cfg: LoraConfig, family: "Family",
                     dtype: torch.dtype, device: torch.device | str,
                     init_state: Optional[dict[str, torch.Tensor]] = None) -> Reference:
-    """The reference a run's settings ask for (the table in the module docstring). `policy` is the denoiser as
-    set up for training (adapters attached and, with `init_state`, loaded from lora.init_from)."""
-    from diffusion_dpo.models.loading import load_reference_denoiser, same_model
+    """The reference a run's settings ask for (`reference_kind`). `policy` is the denoiser as set up for training
+    (adapters attached and, with lora.init_from, loaded: `init_state` is what was loaded)."""
+    from diffusion_dpo.models.loading import load_reference_denoiser
     from diffusion_dpo.models.lora import REFERENCE_ADAPTER, add_frozen_adapter
 
     lora = lora_cfg.rank > 0
-    elsewhere = model_cfg.reference is not None and not same_model(model_cfg.reference, model_cfg.pretrained)
-    if elsewhere:
+    kind = reference_kind(model_cfg, lora_cfg)
+    if kind == "elsewhere":
         return Reference(policy, lora, dtype, frozen=load_reference_denoiser(model_cfg, type(family), device))
-    if lora and init_state is not None and model_cfg.reference is None:
+    if kind == "start_adapters":
         add_frozen_adapter(policy, lora_cfg, family.default_lora_targets, init_state,
                            f"lora.init_from '{lora_cfg.init_from}'")
         return Reference(policy, lora, dtype, adapter=REFERENCE_ADAPTER)
