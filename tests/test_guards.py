@@ -146,7 +146,7 @@ def _nan_at(step: int) -> LossSpec:
             out = LossOutput(loss=out.loss * float("nan"), inside=out.inside)
         return out
 
-    return LossSpec(fn, needs_reference=True)
+    return LossSpec(fn, "dpo, NaN on one step", needs_reference=True)
 
 
 def test_nan_stops_the_run_naming_the_step_without_touching_weights(tmp_path, tiny_sd, tiny_data):

@@ -116,3 +116,65 @@ def test_label_smoothing_is_conservative_dpo():
     by_hand = -(0.8 * torch.log(torch.sigmoid(x)) + 0.2 * torch.log(torch.sigmoid(-x)))
     assert torch.allclose(out.loss, by_hand)
     assert abs(x[out.loss.argmin()].item() - math.log(0.8 / 0.2)) < 0.01  # a finite optimum, not +inf
+
+
+# ---------------------------------------------------------------- MaPO
+
+def _mapo_by_hand(e_w: float, e_l: float, beta: float, T: float = 1000.0) -> float:
+    f = lambda e: (e / 2) / (math.exp(e / 2) - 1)  # noqa: E731 - the authors' log-likelihood proxy, snr = 0.5
+    m = T * (f(e_w) - f(e_l))
+    return e_w - beta * -math.log1p(math.exp(-m))  # e_w - beta * log sigmoid(T m)
+
+
+def test_mapo_hand_computed():
+    from diffusion_dpo.losses import mapo_loss
+
+    for e_w, e_l in ((0.2, 0.2002), (0.5, 0.499), (0.05, 0.0501)):
+        out = mapo_loss(torch.tensor([e_w], dtype=torch.float64), torch.tensor([e_l], dtype=torch.float64),
+                        None, None, beta=0.1)
+        assert out.loss.item() == pytest.approx(_mapo_by_hand(e_w, e_l, 0.1), rel=1e-9)
+        assert (out.inside.item() > 0) == (e_w < e_l)  # the proxy is decreasing: a smaller winner error is a win
+
+
+def test_mapo_invariants():
+    from diffusion_dpo.losses import mapo_loss
+
+    e = torch.rand(8, dtype=torch.float64) + 0.01
+    out = mapo_loss(e, e.clone(), None, None, beta=0.3)  # equal errors: margin 0, log σ(0) = -log 2
+    torch.testing.assert_close(out.loss, e + 0.3 * math.log(2.0))
+    assert torch.all(out.inside == 0)
+    w, l = torch.rand(8, dtype=torch.float64), torch.rand(8, dtype=torch.float64)
+    tie = torch.full((8,), 0.5, dtype=torch.float64)  # a tie is symmetric in its two images
+    torch.testing.assert_close(mapo_loss(w, l, None, None, 0.1, tie).loss, mapo_loss(l, w, None, None, 0.1, tie).loss)
+    tiny = mapo_loss(torch.tensor([0.0]), torch.tensor([1e-9]), None, None, beta=0.1)  # f(0) = 1: finite at 0
+    assert torch.isfinite(tiny.loss).all()
+    assert not get_loss("mapo").needs_reference and get_loss("mapo").pairwise
+
+
+# ---------------------------------------------------------------- the winner safeguard (Diffusion-SDPO)
+
+def test_safeguard_scale_hand_computed_and_keeps_the_winner_from_growing():
+    from diffusion_dpo.losses import scale_gradient, winner_safeguard_scale
+
+    r_w = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # residuals of two pairs' winners, flattened
+    r_l = torch.tensor([[2.0, 1.0], [0.0, 3.0]])  # <r_l, r_w> = 2 + 3 = 5, |r_w|² = 2
+    assert winner_safeguard_scale(r_w, r_l, None, mu=0.0).item() == pytest.approx(2 / 5)
+    assert winner_safeguard_scale(r_w, r_l, None, mu=0.5).item() == pytest.approx(0.5 * 2 / 5)
+    assert winner_safeguard_scale(r_w, -r_l, None, mu=0.0).item() == 1.0  # opposed gradients: nothing to guard
+    assert winner_safeguard_scale(r_w, 0.1 * r_l, None, mu=0.0).item() == 1.0  # 2 / 0.5 = 4, capped at 1
+    weight = torch.tensor([1.0, 2.0])  # w² = 1, 4: (2·1 + 0·... ) own = 1 + 4 = 5, cross = 2 + 4·3 = 14
+    assert winner_safeguard_scale(r_w, r_l, weight, mu=0.0).item() == pytest.approx(5 / 14)
+    # the guarantee: in output space, the update -g_w + λ g_l does not increase the winners' error to first order
+    torch.manual_seed(0)
+    for mu in (0.0, 0.6):
+        r_w, r_l = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+        r_l = r_l + 2 * r_w  # strongly aligned, so the cap binds
+        lam = winner_safeguard_scale(r_w, r_l, None, mu)
+        g_w, g_l = 2 * r_w / r_w[0].numel(), 2 * r_l / r_l[0].numel()  # gradients of the per-sample means
+        step = -g_w + lam * g_l
+        assert (step * g_w).sum() <= -mu * g_w.pow(2).sum() + 1e-6
+        assert 0 < lam < 1
+    x = torch.tensor([3.0], requires_grad=True)
+    y = scale_gradient(x * 2, torch.tensor(0.25))
+    y.backward()
+    assert y.item() == 6.0 and x.grad.item() == 0.5  # the value as is, the gradient a quarter

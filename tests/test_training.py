@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from diffusion_dpo.config import load_config
+from diffusion_dpo.errors import UserError
 from diffusion_dpo.training import Trainer, train
 
 
@@ -135,11 +136,11 @@ def test_overfit_a_fixed_batch(tmp_path, tiny_sd, tiny_data, rank):
     assert (last["model_mse_w"] - last["model_mse_l"]) < (last["ref_mse_w"] - last["ref_mse_l"])
 
 
-@pytest.mark.parametrize("loss", ["hinge", "ipo", "sft"])
+@pytest.mark.parametrize("loss", ["hinge", "ipo", "sft", "mapo"])
 def test_other_losses_train(tmp_path, tiny_sd, tiny_data, loss):
     trainer = Trainer(make_cfg(tmp_path, tiny_sd, tiny_data, loss__name=loss, loss__beta=100))
-    if loss == "sft":
-        assert trainer.reference is None  # the SFT baseline never runs a reference model
+    if loss in ("sft", "mapo"):
+        assert trainer.reference is None  # the SFT baseline and MaPO never run a reference model
     trainer.run()
     metrics = read_metrics(tmp_path)
     assert len(metrics) == 2 and all(math.isfinite(m["loss"]) for m in metrics)
@@ -360,3 +361,27 @@ def test_sft_runs_the_model_on_the_winners_only(request, tmp_path, tiny_data, fa
     for m in read_metrics(tmp_path):
         assert m["loss"] == pytest.approx(m["model_mse_w"], rel=1e-6)
         assert m["model_mse_l"] is None and m["ref_mse_l"] is None
+
+
+@pytest.mark.parametrize("family", ["tiny_sd", "tiny_flux"])
+def test_the_winner_safeguard_scales_only_the_losers_gradient(request, tmp_path, tiny_data, family):
+    """loss.safeguard: the forward (the loss) is the plain run's; the update differs; lambda is logged in [0, 1];
+    mu = 1 leaves the loser no gradient wherever the two gradients agree."""
+    extra = {"model__max_sequence_length": 8} if family == "tiny_flux" else {}
+    model = request.getfixturevalue(family)
+    runs = {}
+    for name, opts in {"plain": {}, "guarded": {"loss__safeguard": "true"},
+                       "mu1": {"loss__safeguard": "true", "loss__safeguard_mu": "1"}}.items():
+        out = tmp_path / name
+        train(make_cfg(out, model, tiny_data, train__max_steps=1, optim__lr="1e-3", **extra, **opts))
+        denoiser = "unet" if family == "tiny_sd" else "transformer"
+        runs[name] = (read_metrics(out)[0], load_file(next((out / "final" / denoiser).glob("*.safetensors"))))
+    (plain, w_plain), (guarded, w_guarded), (mu1, _) = runs["plain"], runs["guarded"], runs["mu1"]
+    assert guarded["loss"] == pytest.approx(plain["loss"], rel=1e-6) and "loser_scale" not in plain
+    assert 0.0 < guarded["loser_scale"] < 1.0 and mu1["loser_scale"] == 0.0  # a pair's residuals share the noise
+    assert any(not torch.equal(w_plain[k], w_guarded[k]) for k in w_plain)
+
+
+def test_the_safeguard_needs_a_pairwise_loss(tmp_path, tiny_sd, tiny_data):
+    with pytest.raises(UserError, match="loss.safeguard applies to pairwise losses .* not sft"):
+        make_cfg(tmp_path, tiny_sd, tiny_data, loss__name="sft", loss__safeguard="true")

@@ -96,7 +96,8 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    name: str = _f("dpo", "Objective from the loss registry: dpo, hinge, ipo, sft.")
+    name: str = _f("dpo", "Objective from the loss registry: dpo, hinge, ipo, sft, mapo (reference-free: no "
+                                   "reference model is loaded).")
     beta: float = _f(5000.0, "KL strength beta in the official research code's convention (inside = -0.5*beta*"
                              "(model_diff - ref_diff)), each error the mean over all latent elements: beta's scale "
                              "is tied to that reduction (a sum over N elements would need beta/N). UNets: 5000 in "
@@ -108,6 +109,14 @@ class LossConfig:
                                      "(a tie's 0.5 stays), for labels believed wrong with probability eps. It "
                                      "bounds how far noisy pairs pull: the loss is least at a finite margin "
                                      "log((1-eps)/eps) instead of an infinite one. 0 is the paper's loss; < 0.5.")
+    safeguard: bool = _f(False, "Diffusion-SDPO's winner safeguard, for every pairwise loss (dpo, hinge, ipo, "
+                                "mapo): the loser's gradient is scaled by lambda in [0, 1], chosen from the "
+                                "denoiser's output-space gradients so the winner's error does not grow to first "
+                                "order. Logged as loser_scale.")
+    safeguard_mu: float = _f(0.6, "The safeguard's slack mu in [0, 1]: lambda <= (1 - mu)·|g_w|²/(g_l·g_w); larger "
+                                  "is more conservative. 0.6 is the authors' SDXL scripts' value (their SD1.5 DPO "
+                                  "script uses 0.9; their argparse default 0 rarely binds: a pair's two residuals "
+                                  "share the noise, so g_l·g_w is close to |g_w|²).")
 
 
 @dataclass
@@ -404,6 +413,10 @@ def validate(cfg: Config, data_in_memory: bool = False, iterate: bool = False) -
     need(0.0 <= cfg.loss.label_smoothing < 0.5, "loss.label_smoothing",
          f"must be in [0, 0.5) (got {cfg.loss.label_smoothing})")
     need(cfg.loss.name in LOSSES, "loss.name", f"must be one of {', '.join(sorted(LOSSES))} (got '{cfg.loss.name}')")
+    need(0.0 <= cfg.loss.safeguard_mu <= 1.0, "loss.safeguard_mu", f"must be in [0, 1] (got {cfg.loss.safeguard_mu})")
+    need(not cfg.loss.safeguard or cfg.loss.name not in LOSSES or LOSSES[cfg.loss.name].pairwise, "loss.safeguard",
+         f"applies to pairwise losses ({', '.join(sorted(n for n, s in LOSSES.items() if s.pairwise))}), "
+         f"not {cfg.loss.name}")
     need(cfg.lora.rank >= 0, "lora.rank", f"must be >= 0 (got {cfg.lora.rank})")
     need(cfg.lora.alpha is None or cfg.lora.alpha > 0, "lora.alpha", "must be > 0")
     need(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")

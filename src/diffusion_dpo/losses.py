@@ -105,23 +105,80 @@ def sft_loss(model_w: Tensor, model_l: Optional[Tensor], ref_w: Optional[Tensor]
     return LossOutput(loss=loss, inside=inside)
 
 
+def mapo_loss(model_w: Tensor, model_l: Tensor, ref_w: Optional[Tensor], ref_l: Optional[Tensor], beta: float,
+              label: Optional[Tensor] = None, num_train_timesteps: int = 1000) -> LossOutput:
+    """MaPO (Hong et al. 2024, "Margin-aware Preference Optimization ... without Reference"): no reference model.
+
+    With e = mse and the authors' log-likelihood proxy f(e) = (e/2) / (exp(e/2) - 1) (decreasing in e; their
+    train_with_mapo.py, "snr = 0.5"), the per-pair margin is m = f(e_w) - f(e_l), and
+
+        loss = p·e_w + (1-p)·e_l - β·[p log σ(T·m) + (1-p) log σ(-T·m)]
+
+    where T is the schedule's num_train_timesteps (1000; the authors scale the margin by it "to maximise it
+    throughout the denoising process"). A decided pair (p = 1) gives exactly the authors' e_w - β log σ(T·m);
+    a tie weighs both images and pulls the margin to 0. β is the authors' `beta_mapo` unchanged (their
+    default 0.1); it does not play DPO's KL role (there is no reference). Reported inside = T·m.
+    """
+    p = _label(label, model_w)
+
+    def f(e: Tensor) -> Tensor:
+        x = 0.5 * e
+        return x / torch.expm1(x).clamp_min(1e-12)  # x/(e^x - 1), finite as x -> 0 (its limit is 1)
+
+    inside = num_train_timesteps * (f(model_w) - f(model_l))
+    ratio = p * F.logsigmoid(inside) + (1 - p) * F.logsigmoid(-inside)
+    loss = p * model_w + (1 - p) * model_l - beta * ratio
+    return LossOutput(loss=loss, inside=inside)
+
+
+def winner_safeguard_scale(residual_w: Tensor, residual_l: Tensor, weight: Optional[Tensor], mu: float) -> Tensor:
+    """Diffusion-SDPO's loser scale λ (Fu et al. 2025, AIDC-AI/Diffusion-SDPO train.py, get_adaptive_lose_l_scale).
+
+    In the denoiser's output space, g_w and g_l are the gradients of the batch's winner and loser errors; the
+    update -g_w + λ g_l keeps the winner's error from growing to first order, with slack μ, when
+    (-g_w + λ g_l)·g_w ≤ -μ ||g_w||², i.e. λ ≤ (1 - μ) ||g_w||² / (g_l·g_w) where g_l·g_w > 0. So
+
+        λ = clamp((1 - μ) Σ_i w_i² ||r_w,i||² / Σ_i w_i² <r_l,i, r_w,i>, 0, 1)   (1 when the sum is ≤ 0)
+
+    with r = prediction - target per image of pair i (N, C, h, w) and w_i its loss weight (1 for none; the
+    authors' errors are unweighted, where the w_i cancel). One λ per micro-batch and process, detached, as the
+    authors compute it over their local batch.
+    """
+    w2 = torch.ones(residual_w.shape[0], device=residual_w.device) if weight is None else weight.float() ** 2
+    own = (residual_w.flatten(1).pow(2).sum(1) * w2).sum()
+    cross = ((residual_l.flatten(1) * residual_w.flatten(1)).sum(1) * w2).sum()
+    scale = torch.where(cross > 0, (1.0 - mu) * own / cross.clamp_min(torch.finfo(cross.dtype).tiny),
+                        torch.ones_like(cross))
+    return scale.clamp(0.0, 1.0).detach()
+
+
+def scale_gradient(x: Tensor, scale: Tensor) -> Tensor:
+    """x in the forward pass, `scale` times its gradient in the backward pass."""
+    return x.detach() + scale * (x - x.detach())
+
+
 LossFn = Callable[..., LossOutput]
 
 
 @dataclass(frozen=True)
 class LossSpec:
     fn: LossFn
+    title: str  # what the model card calls the objective
     needs_reference: bool  # False: the trainer skips the reference forward pass entirely
     # True: with every label 1 the loss depends on the winners alone; the trainer then runs the model on the
     # winners only and passes model_l=None (SFT: half the forward and backward)
     winners_only: bool = False
+    # True: a loss over pairs whose loser enters the gradient, so the winner safeguard (loss.safeguard) applies
+    pairwise: bool = True
 
 
 LOSSES: dict[str, LossSpec] = {
-    "dpo": LossSpec(dpo_loss, needs_reference=True),
-    "hinge": LossSpec(hinge_loss, needs_reference=True),
-    "ipo": LossSpec(ipo_loss, needs_reference=True),
-    "sft": LossSpec(sft_loss, needs_reference=False, winners_only=True),
+    "dpo": LossSpec(dpo_loss, "Diffusion-DPO (Wallace et al. 2023)", needs_reference=True),
+    "hinge": LossSpec(hinge_loss, "hinge loss on the Diffusion-DPO margin", needs_reference=True),
+    "ipo": LossSpec(ipo_loss, "IPO on the Diffusion-DPO margin", needs_reference=True),
+    "sft": LossSpec(sft_loss, "supervised fine-tuning on the preferred images", needs_reference=False,
+                    winners_only=True, pairwise=False),
+    "mapo": LossSpec(mapo_loss, "MaPO, reference-free (Hong et al. 2024)", needs_reference=False),
 }
 
 

@@ -54,13 +54,17 @@ def card_text(cfg: Config, facts: RunFacts, repo_id: Optional[str] = None) -> st
     name = repo_id or Path(cfg.output_dir).name
     data = ModelCardData(base_model=cfg.model.pretrained, library_name="diffusers", tags=tags(cfg, facts),
                          inference=True)
-    objective = {"dpo": "Diffusion-DPO (Wallace et al. 2023)", "sft": "supervised fine-tuning on the preferred images",
-                 "hinge": "hinge loss on the Diffusion-DPO margin", "ipo": "IPO on the Diffusion-DPO margin"}
+    from diffusion_dpo.losses import LOSSES
+
+    spec = LOSSES[cfg.loss.name]
     rows = [
         ("base model", f"`{cfg.model.pretrained}` ({facts.family_title})"),
-        ("method", f"{objective.get(cfg.loss.name, cfg.loss.name)}, {what}"),
+        ("method", f"{spec.title}" + (" with the winner safeguard (Diffusion-SDPO, mu "
+                                      f"{cfg.loss.safeguard_mu:g})" if cfg.loss.safeguard else "") + f", {what}"),
         ("preference data", f"`{cfg.data.path or 'an in-memory dataset'}` ({facts.pairs} pairs used)"),
-        ("beta", f"{cfg.loss.beta:g}, in {BETA_CONVENTION}" if cfg.loss.name != "sft" else "not used (SFT)"),
+        ("beta", "not used (SFT)" if cfg.loss.name == "sft" else
+         f"{cfg.loss.beta:g}, MaPO's beta_mapo (the weight of its margin term; no reference)" if cfg.loss.name == "mapo"
+         else f"{cfg.loss.beta:g}, in {BETA_CONVENTION}"),
         ("label smoothing", f"{cfg.loss.label_smoothing:g}"),
         ("steps", f"{facts.steps}" + (f" ({facts.skipped_steps} skipped)" if facts.skipped_steps else "")),
         ("effective batch", f"{facts.pairs_per_step} pairs per step"),
@@ -81,7 +85,7 @@ def card_text(cfg: Config, facts: RunFacts, repo_id: Optional[str] = None) -> st
     body = f"""# {name}
 
 A {what} of `{cfg.model.pretrained}` aligned with preference pairs by the diffusion-dpo library
-({objective.get(cfg.loss.name, cfg.loss.name)}).
+({spec.title}).
 
 ## Training
 

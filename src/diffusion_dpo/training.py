@@ -39,7 +39,8 @@ from diffusion_dpo.config import Config, check_config, to_yaml
 from diffusion_dpo.data import (PairSampler, PreferenceDataset, PreferencePairs, collate_packed, keys_per_epoch,
                                load_preference_pairs, pairs_from_memory, unpack_batch)
 from diffusion_dpo.errors import UserError, is_local_path
-from diffusion_dpo.losses import LossSpec, get_loss, implicit_accuracy, smooth_labels
+from diffusion_dpo.losses import (LossSpec, get_loss, implicit_accuracy, scale_gradient, smooth_labels,
+                                 winner_safeguard_scale)
 from diffusion_dpo.models import Family, add_lora, cast, describe, load_components, weight_dtype_of
 from diffusion_dpo.models.lora import continue_adapters
 from diffusion_dpo.models.reference import build_reference
@@ -277,8 +278,16 @@ class Trainer:
         elif self.loss_spec.needs_reference:
             with torch.no_grad(), acc.autocast(), self.reference.model(acc.unwrap_model(self.denoiser)) as ref:
                 ref_w, ref_l = mse(ref)
+        loser_scale = None
         with acc.autocast():
-            model_w, model_l = mse(self.denoiser)
+            if cfg.loss.safeguard and not winners_only:
+                res = comp.residual(self.denoiser, noisy, timesteps, cond, target)  # (2B, C, h, w)
+                err = comp.error(res, timesteps)
+                loser_scale = winner_safeguard_scale(res[:b], res[b:], comp.loss_weight(timesteps[:b]),
+                                                     cfg.loss.safeguard_mu)
+                model_w, model_l = err[:b], scale_gradient(err[b:], loser_scale)  # same value, scaled gradient
+            else:
+                model_w, model_l = mse(self.denoiser)
         out = self.loss_spec.fn(model_w, model_l, ref_w, ref_l, beta=cfg.loss.beta,
                                 label=label.to(device, non_blocking=True))
         loss = out.loss.mean()
@@ -293,6 +302,8 @@ class Trainer:
             "ref_mse_w": (ref_w if ref_w is not None else model_w).detach().mean(),
             "ref_mse_l": loser_ref.detach().mean() if loser_ref is not None else not_run,
         }
+        if cfg.loss.safeguard:
+            metrics["loser_scale"] = loser_scale if loser_scale is not None else torch.ones((), device=device)
         return StepOutput(loss=loss, metrics=metrics)
 
     def _inputs(self, batch: dict[str, Any], posterior_eps: Tensor) -> tuple[Tensor, Any]:
@@ -435,10 +446,11 @@ class Trainer:
         acc = self.accelerator
         if grad_norm is None:  # an engine that clips internally and does not report the norm
             grad_norm = float("nan")
-        stacked = torch.stack([sums[k].float() for k in METRIC_KEYS]
+        keys = METRIC_KEYS + (("loser_scale",) if self.cfg.loss.safeguard else ())
+        stacked = torch.stack([sums[k].float() for k in keys]
                               + [torch.as_tensor(grad_norm, device=acc.device).float()])
         values = acc.reduce(stacked, reduction="mean").tolist()
-        return {**dict(zip(METRIC_KEYS, values[:-1])), "grad_norm": values[-1]}
+        return {**dict(zip(keys, values[:-1])), "grad_norm": values[-1]}
 
     def _write_metrics(self, record: dict[str, float], seconds: float) -> dict[str, Any]:
         """Append the step's line to metrics.jsonl and the trackers (main process)."""

@@ -202,7 +202,15 @@ class Family:
     def mse(self, model: nn.Module, noisy: Tensor, timesteps: Tensor, cond: Any, target: Tensor) -> Tensor:
         """(N,) per-sample error: mean over all latent elements of (prediction - target)², times the loss weight.
         The quantity every loss sees, for the policy, the live reference and the precomputed reference alike."""
-        err = (self.predict(model, noisy, timesteps, cond).float() - target).pow(2).flatten(1).mean(1)
+        return self.error(self.residual(model, noisy, timesteps, cond, target), timesteps)
+
+    def residual(self, model: nn.Module, noisy: Tensor, timesteps: Tensor, cond: Any, target: Tensor) -> Tensor:
+        """(N, C, h, w) fp32 prediction - target (what the winner safeguard needs besides the errors)."""
+        return self.predict(model, noisy, timesteps, cond).float() - target
+
+    def error(self, residual: Tensor, timesteps: Tensor) -> Tensor:
+        """(N,) the per-sample error of a residual: mean of its squares times the loss weight (see `mse`)."""
+        err = residual.pow(2).flatten(1).mean(1)
         weight = self.loss_weight(timesteps)
         return err if weight is None else err * weight
 
