@@ -249,3 +249,16 @@ def test_two_cpu_processes_train_what_one_process_trains(tmp_path, tiny_sd, prom
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
     assert json.loads((two / "report.json").read_text())["rounds"][0]["pairs"] == 3
+
+
+def test_kto_rounds_train_on_each_rounds_best_and_worst_as_thumbs(tmp_path, tiny_sd, prompt_files):
+    """An unpaired loss in iterate: each round's pairs are split into thumbs up (best) and down (worst)."""
+    out = tmp_path / "run"
+    iterate(make_cfg(out, tiny_sd, prompt_files, loss__name="kto", loss__beta=1000, iterate__rounds=1,
+                     lora__rank=4), print)
+    pairs = json.loads((out / "round-1" / "pairs.json").read_text())["pairs"]
+    metrics = read_metrics(out / "round-1" / "train")
+    assert metrics[0]["loss"] == pytest.approx(0.5, abs=1e-6) and metrics[0]["model_mse_l"] is None
+    config = (out / "round-1" / "train" / "config.yaml").read_text()
+    assert "unpaired: true" in config and pairs == 3
+    assert json.loads((out / "report.json").read_text())["rounds"][0]["round"] == 1

@@ -46,6 +46,7 @@ class Mode:
     lora: bool = False  # LoRA (rank --lora-rank, reference = adapters off) instead of a full fine-tune
     cached: bool = False  # latents and caption encodings from the pre-encoding cache
     precomputed: bool = False  # reference errors precomputed (needs the cache)
+    loss: Optional[str] = None  # another loss than the config's (mapo: no reference model at all)
 
 
 MODES: dict[str, Mode] = {
@@ -55,7 +56,11 @@ MODES: dict[str, Mode] = {
     "lora+cache": Mode("LoRA, reference = adapters disabled, pre-encoded latents", lora=True, cached=True),
     "precomputed": Mode("full fine-tune, precomputed reference (no reference model), pre-encoded latents",
                         cached=True, precomputed=True),
+    "mapo": Mode("full fine-tune, MaPO (reference-free: no reference model or pass), images encoded every step",
+                 loss="mapo"),
+    "mapo+cache": Mode("full fine-tune, MaPO (reference-free), pre-encoded latents", cached=True, loss="mapo"),
 }
+DEFAULT_MODES = ("live", "live+cache", "lora", "lora+cache", "precomputed")  # the mapo modes on request
 
 # Dense bf16 tensor-core peaks (TFLOP/s) for model-FLOP utilisation; others: --peak-tflops.
 GPU_PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 70.0, "L4": 121.0}
@@ -248,6 +253,8 @@ def bench_config(cfg: Config, mode: str, lora_rank: int, steps: int, warmup: int
                  "cache.dir": str(cache_dir) if spec.cached else None, "cache.auto": False,
                  "cache.reference": "precomputed" if spec.precomputed else "live",
                  "cache.reference_file": str(reference_file) if spec.precomputed else None}
+    if spec.loss is not None:  # MaPO's own beta (its margin weight): the DPO beta of the config means nothing to it
+        overrides.update({"loss.name": spec.loss, "loss.beta": 0.1, "loss.safeguard": False})
     run_cfg = copy.deepcopy(cfg)
     for key, value in overrides.items():
         *sections, name = key.split(".")

@@ -47,7 +47,8 @@ from diffusion_dpo import __version__
 from diffusion_dpo.config import Config
 from diffusion_dpo.errors import UserError
 from diffusion_dpo.fingerprint import component_fingerprint, data_fingerprint
-from diffusion_dpo.data import decode_pair_image, load_preference_pairs, prepare_image
+from diffusion_dpo.data import decode_pair_image, prepare_image
+from diffusion_dpo.unpaired import load_feedback
 from diffusion_dpo.models import Family, describe, load_components, sample_latents
 from diffusion_dpo.randomness import item_draws
 
@@ -81,6 +82,7 @@ def cache_identity(cfg: Config) -> dict[str, Any]:
         "data files": data_fingerprint(d.path),
         "data.split": d.split, "data.keep_ties": d.keep_ties, "data.skip_bad_rows": d.skip_bad_rows,
         "data.max_pairs": d.max_pairs,
+        **({"data.unpaired": True} if d.unpaired else {}),  # only when set: caches made before it stay valid
         "data.resolution": d.resolution,
         "cache.dtype": cfg.cache.dtype,
     }
@@ -134,12 +136,12 @@ class _ImagesToEncode(torch.utils.data.Dataset):
         return len(self.pairs)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        _, win, lose, label = self.pairs.get(i)
-        r, v = self.resolution, self.orientations
-        pixels = np.zeros((v, 2, 3, r, r), np.float32)
-        crops = np.zeros((v, 2, 2), np.int64)
-        sizes = np.zeros((2, 2), np.int64)
-        for k, src in enumerate((win, lose)):
+        _, sources, label = self.pairs.images(i)
+        r, v, g = self.resolution, self.orientations, len(sources)
+        pixels = np.zeros((v, g, 3, r, r), np.float32)
+        crops = np.zeros((v, g, 2), np.int64)
+        sizes = np.zeros((g, 2), np.int64)
+        for k, src in enumerate(sources):
             img = decode_pair_image(self.pairs, i, src)
             sizes[k] = (img.height, img.width)
             for o in range(v):  # the same function as the uncached loader, with the flip off and on
@@ -227,7 +229,7 @@ def build_cache(cfg: Config, device: torch.device | str = "cpu", log: Any = prin
         raise UserError(f"cache.dir '{directory}' exists and holds no cache (no {MANIFEST}); remove it or choose "
                         "another cache.dir")
     identity = cache_identity(cfg)
-    pairs = load_preference_pairs(cfg.data)
+    pairs = load_feedback(cfg.data)  # pairs, or unpaired items (one image each)
     log(pairs.summary())
     # Captions: unique, row 0 the empty prompt (the caption-dropout replacement).
     rows: dict[str, int] = {"": EMPTY_PROMPT_ROW}
@@ -262,8 +264,8 @@ def build_cache(cfg: Config, device: torch.device | str = "cpu", log: Any = prin
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(images, range(done, len(pairs))),
                                              batch_size=cfg.cache.batch_size, num_workers=cfg.data.num_workers)
         for batch in tqdm(loader, desc="encode images", unit="batch"):
-            pixels = batch["pixels"]  # (b, V, 2, 3, R, R)
-            mean, std = comp.posterior(pixels.flatten(0, 2))  # (b*V*2, C, h, w)
+            pixels = batch["pixels"]  # (b, V, G, 3, R, R): G = 2 images per pair, 1 per unpaired item
+            mean, std = comp.posterior(pixels.flatten(0, 2))  # (b*V*G, C, h, w)
             shape = pixels.shape[:3] + mean.shape[1:]
             b = pixels.shape[0]
             writer.add(mean=mean.reshape(shape).to("cpu", dtype), std=std.reshape(shape).to("cpu", dtype),
@@ -276,6 +278,7 @@ def build_cache(cfg: Config, device: torch.device | str = "cpu", log: Any = prin
             "model.pretrained": cfg.model.pretrained, "model.vae": cfg.model.vae,
             "random_flip": cfg.data.random_flip, "random_crop": False, "family": comp.name,
             "num_pairs": len(pairs), "num_captions": len(texts), "summary": pairs.summary(),
+            "images_per_item": pairs.images_per_item,
             "latent_shape": list(comp.latent_shape(cfg.data.resolution)), "latent_scale": vars(comp.latent_scale),
             "shard_pairs": cfg.cache.shard_pairs, "pair_files": writer.files, "text_files": progress["text_files"],
         }
@@ -304,6 +307,7 @@ class Cache:
         self.shard_pairs: int = manifest["shard_pairs"]
         self.orientations = 2 if manifest["random_flip"] else 1
         self.family: str = manifest["family"]
+        self.images_per_item: int = manifest.get("images_per_item", 2)  # caches before unpaired items held pairs
         self._handles: dict[str, Any] = {}
 
     @classmethod
@@ -373,8 +377,8 @@ def cached_inputs(batch: dict[str, Any], posterior_eps: Tensor, family: Family, 
                   device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Any]:
     """Latents (2B, C, h, w) as [winners; losers] and their conditioning from a cached batch: the same
     `sample_latents` and `Family.conditioning` as the on-the-fly path."""
-    def both(t: Tensor) -> Tensor:  # (B, 2, ...) -> (2B, ...) winners first
-        return torch.cat([t[:, 0], t[:, 1]]).to(device, non_blocking=True)
+    def both(t: Tensor) -> Tensor:  # (B, G, ...) -> (GB, ...) winners first (G = 1: unpaired items)
+        return torch.cat(t.unbind(1)).to(device, non_blocking=True)
 
     latents = sample_latents(both(batch["latent_mean"]).float(), both(batch["latent_std"]).float(), posterior_eps,
                              family.latent_scale)

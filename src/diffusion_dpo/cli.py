@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "for train.")
     bench.add_argument("--config", metavar="FILE", help="YAML config (see configs/)")
     bench.add_argument("--modes", nargs="+", default=None, metavar="MODE",
-                       help="modes to run (live, lora, ...) [default: all]")
+                       help="modes to run: live, live+cache, lora, lora+cache, precomputed (the default set), "
+                            "mapo, mapo+cache (MaPO, reference-free)")
     bench.add_argument("--steps", type=int, default=10, help="timed optimizer steps per mode [default: 10]")
     bench.add_argument("--warmup", type=int, default=3, help="untimed steps first [default: 3]")
     bench.add_argument("--floor-repeats", type=int, default=10, help="timed floor repetitions [default: 10]")
@@ -304,13 +305,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     import json
 
-    from diffusion_dpo.bench import MODES, markdown, run_bench
+    from diffusion_dpo.bench import DEFAULT_MODES, markdown, run_bench
 
     quiet_progress_bars()
     cfg = _load_config(args)
     if args.steps < 1 or args.warmup < 0 or args.floor_repeats < 1:
         raise UserError("bench: --steps and --floor-repeats must be >= 1, --warmup >= 0")
-    rows = run_bench(cfg, args.modes or list(MODES), lora_rank=args.lora_rank, steps=args.steps, warmup=args.warmup,
+    rows = run_bench(cfg, args.modes or list(DEFAULT_MODES), lora_rank=args.lora_rank, steps=args.steps, warmup=args.warmup,
                      floor_repeats=args.floor_repeats, peak=args.peak_tflops,
                      progress=lambda s: print(s, file=sys.stderr, flush=True))
     table = markdown(rows)

@@ -90,6 +90,9 @@ class DataConfig:
                                     "stopping before training.")
     validate_images: bool = _f(True, "Decode every image once before training so a broken file stops the run "
                                      "up front (parallel over num_workers).")
+    unpaired: bool = _f(False, "Split each decided pair into two unpaired items, its winner desirable (label 1) and "
+                               "its loser undesirable (label 0), for unpaired losses (kto); ties are dropped. Data "
+                               "with prompt/image/label columns is unpaired already.")
     max_pairs: Optional[int] = _f(None, "Use only the first N usable pairs (subsets, debugging).")
     num_workers: int = _f(2, "Data-loader worker processes (images are decoded in the workers).")
 
@@ -97,7 +100,7 @@ class DataConfig:
 @dataclass
 class LossConfig:
     name: str = _f("dpo", "Objective from the loss registry: dpo, hinge, ipo, sft, mapo (reference-free: no "
-                                   "reference model is loaded).")
+                                   "reference model is loaded), kto (unpaired items: see data.unpaired).")
     beta: float = _f(5000.0, "KL strength beta in the official research code's convention (inside = -0.5*beta*"
                              "(model_diff - ref_diff)), each error the mean over all latent elements: beta's scale "
                              "is tied to that reduction (a sum over N elements would need beta/N). UNets: 5000 in "
@@ -109,6 +112,8 @@ class LossConfig:
                                      "(a tie's 0.5 stays), for labels believed wrong with probability eps. It "
                                      "bounds how far noisy pairs pull: the loss is least at a finite margin "
                                      "log((1-eps)/eps) instead of an infinite one. 0 is the paper's loss; < 0.5.")
+    kto_weight_desirable: float = _f(1.0, "KTO's lambda_D: the weight of desirable items' losses (the authors' 1).")
+    kto_weight_undesirable: float = _f(1.0, "KTO's lambda_U: the weight of undesirable items' losses (the authors' 1).")
     safeguard: bool = _f(False, "Diffusion-SDPO's winner safeguard, for every pairwise loss (dpo, hinge, ipo, "
                                 "mapo): the loser's gradient is scaled by lambda in [0, 1], chosen from the "
                                 "denoiser's output-space gradients so the winner's error does not grow to first "
@@ -413,6 +418,10 @@ def validate(cfg: Config, data_in_memory: bool = False, iterate: bool = False) -
     need(0.0 <= cfg.loss.label_smoothing < 0.5, "loss.label_smoothing",
          f"must be in [0, 0.5) (got {cfg.loss.label_smoothing})")
     need(cfg.loss.name in LOSSES, "loss.name", f"must be one of {', '.join(sorted(LOSSES))} (got '{cfg.loss.name}')")
+    need(cfg.loss.kto_weight_desirable > 0 and cfg.loss.kto_weight_undesirable > 0, "loss.kto_weight_desirable",
+         "and loss.kto_weight_undesirable must be > 0")
+    need(cfg.loss.name != "kto" or cfg.loss.label_smoothing == 0, "loss.label_smoothing",
+         "does not apply to kto (an unpaired label is a thumb up or down, not a probability)")
     need(0.0 <= cfg.loss.safeguard_mu <= 1.0, "loss.safeguard_mu", f"must be in [0, 1] (got {cfg.loss.safeguard_mu})")
     need(not cfg.loss.safeguard or cfg.loss.name not in LOSSES or LOSSES[cfg.loss.name].pairwise, "loss.safeguard",
          f"applies to pairwise losses ({', '.join(sorted(n for n, s in LOSSES.items() if s.pairwise))}), "

@@ -88,6 +88,13 @@ class PreferencePairs:
     def __len__(self) -> int:
         return len(self.row_index)
 
+    images_per_item = 2  # a training item is a pair: winner, loser (unpaired.UnpairedItems has 1)
+
+    def images(self, i: int) -> tuple[str, tuple[ImageSource, ImageSource], float]:
+        """(caption, (winner, loser), label) of pair `i`: the interface pairs and unpaired items share."""
+        caption, win, lose, label = self.get(i)
+        return caption, (win, lose), label
+
     def get(self, i: int) -> tuple[str, ImageSource, ImageSource, float]:
         """(caption, winner image source, loser image source, label) of pair `i`."""
         row = int(self.row_index[i])
@@ -396,8 +403,10 @@ def _select(n: int, bad: np.ndarray, tie: np.ndarray, problem: Any, images: Any,
 # ---------------------------------------------------------------- local JSONL / CSV
 
 
-def _local_records(path: Path, name: str) -> tuple[str, list[tuple[int, Optional[dict], Optional[str]]]]:
-    """("line" or "item", [(number, record or None, problem or None)]) for each non-blank record."""
+def _local_records(path: Path, name: str, keys: tuple[str, ...] = LOCAL_KEYS
+                   ) -> tuple[str, list[tuple[int, Optional[dict], Optional[str]]]]:
+    """("line" or "item", [(number, record or None, problem or None)]) for each non-blank record; a CSV header
+    without the columns `keys` is a one-line error."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
@@ -405,7 +414,7 @@ def _local_records(path: Path, name: str) -> tuple[str, list[tuple[int, Optional
     out: list[tuple[int, Optional[dict], Optional[str]]] = []
     if path.suffix.lower() == ".csv":
         reader = csv.DictReader(io.StringIO(text, newline=""))  # newline="": quoted fields may span lines
-        missing = [k for k in LOCAL_KEYS if k not in (reader.fieldnames or [])]
+        missing = [k for k in keys if k not in (reader.fieldnames or [])]
         if missing:
             raise UserError(f"{name}: missing column(s) {', '.join(missing)}; columns present: "
                             f"{', '.join(reader.fieldnames or []) or '(none)'}")
@@ -514,10 +523,10 @@ class PreferenceDataset(torch.utils.data.Dataset):
         A plain int key `i` means `(i, i)` (handy outside `PairSampler`).
         """
         index, seed = key if isinstance(key, tuple) else (key, key)
-        caption, win, lose, label = self.pairs.get(index)
+        caption, sources, label = self.pairs.images(index)
         draws = item_draws(seed, self.cfg.random_flip, self.cfg.random_crop, self.cfg.proportion_empty_prompts)
         pixels, original_sizes, crop_top_lefts = [], [], []
-        for src in (win, lose):
+        for src in sources:
             img = decode_pair_image(self.pairs, index, src)
             original_sizes.append((img.height, img.width))
             array, top_left = prepare_image(img, self.cfg.resolution, draws.flip, draws.crop_fractions)
@@ -525,9 +534,9 @@ class PreferenceDataset(torch.utils.data.Dataset):
             crop_top_lefts.append(top_left)
         prompt = "" if draws.empty_prompt else caption
         item = {
-            "pixel_values": torch.from_numpy(np.stack(pixels)),  # (2, 3, R, R), winner first
-            "original_sizes": torch.tensor(original_sizes, dtype=torch.long),  # (2, 2) (h, w)
-            "crop_top_lefts": torch.tensor(crop_top_lefts, dtype=torch.long),  # (2, 2) (top, left)
+            "pixel_values": torch.from_numpy(np.stack(pixels)),  # (G, 3, R, R), winner first (G = 1: unpaired)
+            "original_sizes": torch.tensor(original_sizes, dtype=torch.long),  # (G, 2) (h, w)
+            "crop_top_lefts": torch.tensor(crop_top_lefts, dtype=torch.long),  # (G, 2) (top, left)
             "label": float(label),
             "prompt": prompt,
             "sample_seed": int(seed) & 0x7FFFFFFFFFFFFFFF,  # fits int64; the trainer draws the pair's noise from it

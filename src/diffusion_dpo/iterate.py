@@ -45,6 +45,7 @@ from omegaconf import OmegaConf
 
 from diffusion_dpo.checkpoint import list_checkpoints
 from diffusion_dpo.config import Config, check_config
+from diffusion_dpo.losses import get_loss
 from diffusion_dpo.errors import UserError
 from diffusion_dpo.iterate_report import write_text_atomic
 
@@ -237,6 +238,7 @@ class Rounds:
         start = self.policy_before(r)
         cfg.output_dir = str(rd / "train")
         cfg.data.path = str(rd / "pairs")
+        cfg.data.unpaired = get_loss(cfg.loss.name).unpaired  # kto: each pair's best and worst as two thumbs
         # continue a killed round's last checkpoint, else start the round's training over
         cfg.overwrite = True
         cfg.train.resume = "latest" if list_checkpoints(Path(cfg.output_dir)) else None

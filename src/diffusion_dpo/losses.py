@@ -12,6 +12,11 @@ sigmoid. `label` is the probability that the first image (the winner) is preferr
 decided pair, 0.5 for a tie kept with `data.keep_ties`. Each loss returns per-sample values;
 the trainer averages them over the batch.
 
+Beyond the DPO family: `mapo` needs no reference (ref_w = ref_l = None); `kto` trains on unpaired items, one
+image each, whose errors arrive as (model_w, ref_w) with the loser slots None and `label` 1 (desirable) or 0
+(undesirable). `winner_safeguard_scale` + `scale_gradient` are Diffusion-SDPO's safeguard, which the trainer
+applies to the loser error of any pairwise loss before the loss sees it.
+
 beta convention: ours is the official research code's (5000 for SD1.5 and SDXL), with each error the mean
 over all latent elements; a sum over N elements instead would make beta N times larger for the same step.
 diffusers' SD1.5 DPO script computes `-logsigmoid(beta' * (ref_diff - model_diff))`, i.e. beta' = beta / 2;
@@ -105,6 +110,33 @@ def sft_loss(model_w: Tensor, model_l: Optional[Tensor], ref_w: Optional[Tensor]
     return LossOutput(loss=loss, inside=inside)
 
 
+def kto_loss(model: Tensor, model_l: None, ref: Tensor, ref_l: None, beta: float, label: Optional[Tensor] = None,
+             batch_mean: Optional[Callable[[Tensor], Tensor]] = None, weight_desirable: float = 1.0,
+             weight_undesirable: float = 1.0) -> LossOutput:
+    """Diffusion-KTO (Li et al. 2024), on unpaired items: `model` and `ref` are each image's errors, `label` 1 for a
+    desirable image and 0 for an undesirable one (the pair slots model_l / ref_l are None).
+
+        g    = ref - model                                the implicit reward (> 0: the policy denoises it better)
+        z0   = max(0, mean of g over the batch and processes), detached          the KL reference point
+        loss = λ_y · (1 - σ(s_y · β · (g - z0))),        s_y = +1 desirable, -1 undesirable
+
+    as the authors' train_kto_sd_v1.5.py computes it with its defaults (--halo sigmoid, --bce_offset none:
+    g_term, kl = reduce(g_term.mean()).clamp(min=0), l_kto = w_y * (1 - sigmoid(label_sgn * beta * (g - kl)))).
+    β is theirs unchanged (default 1000) on errors that are means over the latent elements; DPO's β puts 0.5·β on
+    each image's error difference, so KTO's β ≈ β_DPO / 2 is the same scale. `batch_mean` averages over processes
+    (the trainer passes accelerate's; None: this batch alone). At θ = ref every loss is λ_y / 2. Reported inside =
+    s_y · β · (g - z0) (> 0: the item is on its label's side of the reference point).
+    """
+    y = _label(label, model)
+    g = ref - model
+    z0 = g.detach().mean()
+    z0 = (batch_mean(z0) if batch_mean is not None else z0).clamp_min(0.0).detach()
+    sign = 2.0 * y - 1.0
+    inside = sign * beta * (g - z0)
+    weight = weight_desirable * y + weight_undesirable * (1.0 - y)
+    return LossOutput(loss=weight * (1.0 - torch.sigmoid(inside)), inside=inside)
+
+
 def mapo_loss(model_w: Tensor, model_l: Tensor, ref_w: Optional[Tensor], ref_l: Optional[Tensor], beta: float,
               label: Optional[Tensor] = None, num_train_timesteps: int = 1000) -> LossOutput:
     """MaPO (Hong et al. 2024, "Margin-aware Preference Optimization ... without Reference"): no reference model.
@@ -132,7 +164,7 @@ def mapo_loss(model_w: Tensor, model_l: Tensor, ref_w: Optional[Tensor], ref_l: 
 
 
 def winner_safeguard_scale(residual_w: Tensor, residual_l: Tensor, weight: Optional[Tensor], mu: float) -> Tensor:
-    """Diffusion-SDPO's loser scale λ (Fu et al. 2025, AIDC-AI/Diffusion-SDPO train.py, get_adaptive_lose_l_scale).
+    """Diffusion-SDPO's loser scale λ (AIDC-AI 2025, arXiv:2511.03317; train.py's get_adaptive_lose_l_scale).
 
     In the denoiser's output space, g_w and g_l are the gradients of the batch's winner and loser errors; the
     update -g_w + λ g_l keeps the winner's error from growing to first order, with slack μ, when
@@ -170,6 +202,9 @@ class LossSpec:
     winners_only: bool = False
     # True: a loss over pairs whose loser enters the gradient, so the winner safeguard (loss.safeguard) applies
     pairwise: bool = True
+    # True: a loss over unpaired items (one image, label 1 desirable / 0 undesirable); the trainer passes
+    # batch_mean (the mean over processes) and the loss.kto_* weights
+    unpaired: bool = False
 
 
 LOSSES: dict[str, LossSpec] = {
@@ -179,6 +214,8 @@ LOSSES: dict[str, LossSpec] = {
     "sft": LossSpec(sft_loss, "supervised fine-tuning on the preferred images", needs_reference=False,
                     winners_only=True, pairwise=False),
     "mapo": LossSpec(mapo_loss, "MaPO, reference-free (Hong et al. 2024)", needs_reference=False),
+    "kto": LossSpec(kto_loss, "Diffusion-KTO on unpaired feedback (Li et al. 2024)", needs_reference=True,
+                    pairwise=False, unpaired=True),
 }
 
 

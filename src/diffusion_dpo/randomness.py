@@ -55,7 +55,8 @@ def item_draws(seed: int, random_flip: bool, random_crop: bool, proportion_empty
 
 @dataclass
 class PairNoise:
-    """The model-side draws for B pairs, laid out for [winners; losers] (2B images)."""
+    """The model-side draws for B pairs, laid out for [winners; losers] (2B images), or for B single images
+    (unpaired feedback: B)."""
 
     timesteps: Tensor  # (2B,): one timestep per pair (DDPM: int64 t; flow matching: float sigma), shared by its images
     noise: Tensor  # (2B, C, h, w): one noise per pair, shared by its two images
@@ -66,14 +67,15 @@ DrawTimestep = Callable[[torch.Generator, tuple[int, int, int], "torch.device | 
 
 
 def pair_noise(sample_seeds: Sequence[int], draw_timestep: DrawTimestep, latent_shape: tuple[int, int, int],
-               device: torch.device | str) -> PairNoise:
+               device: torch.device | str, images: int = 2) -> PairNoise:
     """Timesteps, noise and posterior draws of the pairs with these sample seeds.
 
     Each pair's draws come from a generator seeded by its own sample seed on `device`: first its timestep, by the
     model family's `draw_timestep(generator, latent_shape, device)`, then its noise and its two posterior draws.
     So they do not depend on how pairs are split over processes, micro-steps or (for the precomputed reference)
     batches. The generator lives on the training device: a precomputed reference must be drawn on the same
-    device type as the run that uses it (the reference file records it).
+    device type as the run that uses it (the reference file records it). `images` is 2 for pairs, 1 for unpaired
+    items (which take the first posterior draw: the same stream either way).
     """
     c, h, w = latent_shape
     timesteps, draws = [], []
@@ -82,6 +84,6 @@ def pair_noise(sample_seeds: Sequence[int], draw_timestep: DrawTimestep, latent_
         timesteps.append(draw_timestep(g, latent_shape, device))
         draws.append(torch.randn((3, c, h, w), generator=g, device=device))  # noise, posterior w, posterior l
     stacked = torch.stack(draws)  # (B, 3, C, h, w)
-    return PairNoise(timesteps=torch.cat(timesteps).repeat(2),
-                     noise=stacked[:, 0].repeat(2, 1, 1, 1),
-                     posterior=torch.cat([stacked[:, 1], stacked[:, 2]]))
+    return PairNoise(timesteps=torch.cat(timesteps).repeat(images),
+                     noise=stacked[:, 0].repeat(images, 1, 1, 1),
+                     posterior=torch.cat([stacked[:, 1 + k] for k in range(images)]))

@@ -145,15 +145,15 @@ def precompute_reference(cfg: Config, device: torch.device | str = "cpu", num_pr
             batch = unpack_batch(batch)
             b = batch["label"].shape[0]
             draws = pair_noise(batch["sample_seed"].tolist(), comp.draw_timestep,
-                               comp.latent_shape(cfg.data.resolution), device)
+                               comp.latent_shape(cfg.data.resolution), device, images=cache.images_per_item)
             latents, cond = cached_inputs(batch, draws.posterior, comp, cfg.data.resolution, device, dtype)
             noisy, target = comp.noisy_and_target(latents, draws.noise, draws.timesteps)
             if cfg.train.channels_last:
                 noisy = noisy.contiguous(memory_format=torch.channels_last)
             with _autocast(device, dtype):
-                err = comp.mse(model, noisy, draws.timesteps, cond, target)  # (2B,) [winners; losers]
+                err = comp.mse(model, noisy, draws.timesteps, cond, target)  # (GB,) [winners; losers]
             seeds.append(batch["sample_seed"])
-            errors.append(torch.stack([err[:b], err[b:]], dim=1).float().cpu())  # (B, 2) (ref_w, ref_l)
+            errors.append(err.float().cpu().view(-1, b).T)  # (B, G): (ref_w, ref_l), or one unpaired image's
     info = {"format": REFERENCE_FORMAT, "identity": reference_identity(cfg, cache, device.type),
             "keys_per_epoch": keys_per_epoch, "num_keys": num_keys, "num_processes": num_processes,
             "max_steps": cfg.train.max_steps}
@@ -213,7 +213,8 @@ class ReferenceTable:
         return cls(path, seeds, errors)
 
     def lookup(self, sample_seed: int) -> torch.Tensor:
-        """(2,) the (ref_w, ref_l) of the pair with this sample seed; a seed not in the file is an error."""
+        """(G,) the (ref_w, ref_l) of the pair with this sample seed (an unpaired item: (ref,)); a seed not in the
+        file is an error."""
         i = int(np.searchsorted(self.seeds, sample_seed))
         if i == len(self.seeds) or self.seeds[i] != sample_seed:
             raise UserError(f"{self.path}: no reference errors for the pair with sample seed {sample_seed}; "

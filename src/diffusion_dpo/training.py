@@ -9,6 +9,8 @@ Per optimizer step, for each micro-batch of B pairs (winner first):
      (or, with `cache.reference=precomputed`, they come with the batch: no reference model at all);
   4. the trainable denoiser predicts on the same 2B in one forward: model_w, model_l;
   5. the registry loss (dpo by default) turns the four MSEs into a per-pair loss; backward.
+Unpaired feedback (loss kto; `unpaired.py`) runs the same recipe on B single images: B latents, one timestep and
+noise each, errors (B,) for the model and the reference.
 Everything model-specific (prompt encoding, latents, the schedule and target, the denoiser call, what is saved)
 is the model family's (models/: SD/SDXL, SD3, FLUX); this loop never asks which family it trains.
 Gradients are accumulated over `train.gradient_accumulation_steps` micro-batches, clipped, and
@@ -36,8 +38,8 @@ from torch import Tensor
 from diffusion_dpo import checkpoint as ckpt
 from diffusion_dpo.cache import Cache, CachedPairs, build_cache, cached_inputs, read_manifest
 from diffusion_dpo.config import Config, check_config, to_yaml
-from diffusion_dpo.data import (PairSampler, PreferenceDataset, PreferencePairs, collate_packed, keys_per_epoch,
-                               load_preference_pairs, pairs_from_memory, unpack_batch)
+from diffusion_dpo.data import (PairSampler, PreferenceDataset, collate_packed, keys_per_epoch, pairs_from_memory,
+                               unpack_batch)
 from diffusion_dpo.errors import UserError, is_local_path
 from diffusion_dpo.losses import (LossSpec, get_loss, implicit_accuracy, scale_gradient, smooth_labels,
                                  winner_safeguard_scale)
@@ -47,6 +49,7 @@ from diffusion_dpo.models.reference import build_reference
 from diffusion_dpo.optim import StepInBackward, make_lr_scheduler, make_optimizer
 from diffusion_dpo.randomness import pair_noise, seed_for
 from diffusion_dpo.reference import ReferenceTable, WithReference, precompute_reference, reference_path
+from diffusion_dpo.unpaired import Feedback, load_feedback, split_pairs
 from diffusion_dpo.model_card import RunFacts, write_card
 from diffusion_dpo.trackers import init_kwargs, log_image, parse_report_to
 
@@ -154,6 +157,14 @@ class Trainer:
         pairs = self._open_data()
         num_pairs = self.cache.num_pairs if self.cache is not None else len(pairs)
         self.num_pairs = num_pairs
+        self.images_per_item = self.cache.images_per_item if self.cache is not None else pairs.images_per_item
+        source = f"data.path '{cfg.data.path or 'in-memory dataset'}'"
+        if self.loss_spec.unpaired and self.images_per_item != 1:
+            raise UserError(f"loss.name {cfg.loss.name} trains on unpaired items (prompt, image, label) and {source} "
+                            "holds pairs; set data.unpaired=true to split each pair into its winner and its loser")
+        if not self.loss_spec.unpaired and self.images_per_item != 2:
+            raise UserError(f"loss.name {cfg.loss.name} trains on pairs and {source} holds unpaired items"
+                            + (" (data.unpaired=true)" if cfg.data.unpaired else "") + "; use loss.name kto")
         if num_pairs < cfg.data.batch_size * self.world:
             raise UserError(f"data.path '{cfg.data.path or 'in-memory dataset'}': {num_pairs} usable pairs is fewer than one batch "
                             f"(data.batch_size {cfg.data.batch_size} x {self.world} processes)")
@@ -221,15 +232,18 @@ class Trainer:
         self.state = ckpt.TrainState()
         self.metrics_path = self.output_dir / "metrics.jsonl"
 
-    def _open_data(self) -> Optional[PreferencePairs]:
+    def _open_data(self) -> Optional[Feedback]:
         """The validated pairs (on the fly), or the cache and, if asked, the precomputed reference errors; all
         checked before any model loads, so a stale cache or a short reference file fails in seconds."""
         cfg, acc = self.cfg, self.accelerator
         if not cfg.cache.dir:
             # The main process validates (and builds the Arrow cache) first; the others then reuse the cache.
             with acc.main_process_first():
-                pairs = load_preference_pairs(cfg.data) if self.in_memory is None else \
-                    pairs_from_memory(self.in_memory, cfg.data)
+                if self.in_memory is None:
+                    pairs = load_feedback(cfg.data)
+                else:
+                    pairs = pairs_from_memory(self.in_memory, cfg.data)
+                    pairs = split_pairs(pairs) if cfg.data.unpaired else pairs
             acc.print(pairs.summary())
             return pairs
         # The main process builds what is missing (cache.auto) first; the others then open it.
@@ -256,14 +270,16 @@ class Trainer:
 
         # Each pair's timestep, noise and VAE posterior samples come from its own sample seed (fixed by
         # the data order), so they do not depend on how pairs are split over processes or micro-steps.
-        draws = pair_noise(batch["sample_seed"].tolist(), comp.draw_timestep, self.latent_shape, device)
+        draws = pair_noise(batch["sample_seed"].tolist(), comp.draw_timestep, self.latent_shape, device,
+                           images=self.images_per_item)
         latents, cond = self._inputs(batch, draws.posterior)  # (2B, C, h, w) [winners; losers]
         noisy, target = comp.noisy_and_target(latents, draws.noise, draws.timesteps)
         timesteps = draws.timesteps
         label = smooth_labels(batch["label"], cfg.loss.label_smoothing)  # (B,) on the host: no device sync
         # SFT on decided pairs gives the losers weight 0: do not run the model on them at all
-        winners_only = self.loss_spec.winners_only and bool((label == 1).all())
-        if winners_only:
+        # an unpaired item is one image: its errors arrive as model_w / ref_w, with model_l = ref_l = None
+        winners_only = self.images_per_item == 1 or (self.loss_spec.winners_only and bool((label == 1).all()))
+        if winners_only and self.images_per_item == 2:
             noisy, target, timesteps, cond = noisy[:b], target[:b], timesteps[:b], comp.first_images(cond, b)
         if cfg.train.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
@@ -274,7 +290,8 @@ class Trainer:
 
         ref_w = ref_l = None
         if self.ref_table is not None:
-            ref_w, ref_l = batch["ref_mse"].to(device, non_blocking=True).unbind(1)  # (B,) each, no forward
+            ref = batch["ref_mse"].to(device, non_blocking=True)  # (B, G): no forward
+            ref_w, ref_l = ref[:, 0], (ref[:, 1] if ref.shape[1] == 2 else None)
         elif self.loss_spec.needs_reference:
             with torch.no_grad(), acc.autocast(), self.reference.model(acc.unwrap_model(self.denoiser)) as ref:
                 ref_w, ref_l = mse(ref)
@@ -288,8 +305,11 @@ class Trainer:
                 model_w, model_l = err[:b], scale_gradient(err[b:], loser_scale)  # same value, scaled gradient
             else:
                 model_w, model_l = mse(self.denoiser)
+        extra = {"batch_mean": lambda t: acc.reduce(t, reduction="mean"),
+                 "weight_desirable": cfg.loss.kto_weight_desirable,
+                 "weight_undesirable": cfg.loss.kto_weight_undesirable} if self.loss_spec.unpaired else {}
         out = self.loss_spec.fn(model_w, model_l, ref_w, ref_l, beta=cfg.loss.beta,
-                                label=label.to(device, non_blocking=True))
+                                label=label.to(device, non_blocking=True), **extra)
         loss = out.loss.mean()
         not_run = torch.full((), float("nan"), device=device)  # losers the model was not run on: logged as null
         loser_ref = ref_l if ref_l is not None else model_l
@@ -311,8 +331,8 @@ class Trainer:
         comp, cfg, device = self.components, self.cfg, self.accelerator.device
         if self.cache is not None:
             return cached_inputs(batch, posterior_eps, comp, cfg.data.resolution, device, self.weight_dtype)
-        pixels = batch["pixel_values"]  # (B, 2, 3, H, W), winner first
-        pixels = torch.cat([pixels[:, 0], pixels[:, 1]]).to(device, non_blocking=True)  # (2B, 3, H, W)
+        pixels = batch["pixel_values"]  # (B, G, 3, H, W): a pair's winner first (G = 2), or one unpaired image
+        pixels = torch.cat(pixels.unbind(1)).to(device, non_blocking=True)  # (GB, 3, H, W)
         latents = comp.encode_images(pixels, posterior_eps).float()
         ids = {key: t.to(device, non_blocking=True) for key, t in batch.items() if key.startswith("input_ids")}
         cond = comp.conditioning(comp.encode_prompt(ids), batch["original_sizes"], batch["crop_top_lefts"],

@@ -133,8 +133,14 @@ class Family:
     def conditioning(self, encodings: dict[str, Tensor], original_sizes: Tensor, crop_top_lefts: Tensor,
                      resolution: int) -> Any:
         """The denoiser's conditioning for [winners; losers] (2B) from the B prompts' encodings; original_sizes and
-        crop_top_lefts are (B, 2, 2) as (pair, image, (h|top, w|left)) (only SDXL uses them)."""
+        crop_top_lefts are (B, G, 2) as (item, image, (h|top, w|left)) (only SDXL reads their values), G = 2 images
+        per pair or 1 per unpaired item (then the conditioning is for B images)."""
         raise NotImplementedError
+
+    @staticmethod
+    def images_per_item(original_sizes: Optional[Tensor]) -> int:
+        """G of a batch's (B, G, 2) original_sizes: 2 images per pair, 1 per unpaired item (None: pairs)."""
+        return 2 if original_sizes is None else original_sizes.shape[1]
 
     # ------------------------------------------------------------------ images
     @property

@@ -99,10 +99,11 @@ class Flux(FlowMatching):
     def conditioning(self, encodings: dict[str, Tensor], original_sizes: Tensor, crop_top_lefts: Tensor,
                      resolution: int) -> JointConditioning:
         t5, pooled = encodings["t5"], encodings["pooled"]
+        g = self.images_per_item(original_sizes)  # 2 for a pair, 1 for unpaired feedback
         guidance = None
         if self.guidance is not None:
-            guidance = torch.full((2 * t5.shape[0],), self.guidance, device=t5.device, dtype=torch.float32)
-        return JointConditioning(t5.repeat(2, 1, 1), pooled.repeat(2, 1), guidance)
+            guidance = torch.full((g * t5.shape[0],), self.guidance, device=t5.device, dtype=torch.float32)
+        return JointConditioning(t5.repeat(g, 1, 1), pooled.repeat(g, 1), guidance)
 
     def latent_multiple(self) -> int:
         return 2  # 2x2 packing

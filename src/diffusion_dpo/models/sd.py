@@ -74,7 +74,8 @@ class StableDiffusion(Family):
 
     def conditioning(self, encodings: dict[str, Tensor], original_sizes: Tensor, crop_top_lefts: Tensor,
                      resolution: int) -> Conditioning:
-        return Conditioning(encodings["hidden"].repeat(2, 1, 1))  # (2B, L, D): a pair's images share the prompt
+        g = self.images_per_item(original_sizes)  # 2 for a pair, 1 for unpaired feedback
+        return Conditioning(encodings["hidden"].repeat(g, 1, 1))  # (2B, L, D): a pair's images share the prompt
 
     # ------------------------------------------------------------------ schedule
     def draw_timestep(self, generator: torch.Generator, latent_shape: tuple[int, int, int],
@@ -151,16 +152,17 @@ class StableDiffusionXL(StableDiffusion):
                      resolution: int) -> Conditioning:
         """time_ids = (orig_h, orig_w, top, left, target_h, target_w) per image, winners first; with
         `model.sdxl_time_ids constant` (the official DiffusionDPO code) (res, res, 0, 0, res, res) for all."""
-        hidden, pooled = encodings["hidden"].repeat(2, 1, 1), encodings["pooled"]
-        sizes = torch.cat([original_sizes[:, 0], original_sizes[:, 1]])  # (2B, 2), winners first
-        crops = torch.cat([crop_top_lefts[:, 0], crop_top_lefts[:, 1]])
+        g = self.images_per_item(original_sizes)  # 2 for a pair, 1 for unpaired feedback
+        hidden, pooled = encodings["hidden"].repeat(g, 1, 1), encodings["pooled"]
+        sizes = torch.cat(original_sizes.unbind(1))  # (2B, 2), winners first
+        crops = torch.cat(crop_top_lefts.unbind(1))
         if self.cfg.sdxl_time_ids == "constant":
             sizes, crops = torch.full_like(sizes, resolution), torch.zeros_like(crops)
         target = torch.tensor([resolution, resolution]).expand(sizes.shape[0], 2)
         # built on the host from the batch, copied without waiting for the device (no sync in the step)
         time_ids = torch.cat([sizes.cpu(), crops.cpu(), target], dim=1).to(pooled.device, pooled.dtype,
                                                                            non_blocking=True)
-        return Conditioning(hidden, {"text_embeds": pooled.repeat(2, 1), "time_ids": time_ids})
+        return Conditioning(hidden, {"text_embeds": pooled.repeat(g, 1), "time_ids": time_ids})
 
     def extra_parts(self) -> dict[str, Any]:
         return {}

@@ -89,7 +89,8 @@ class StableDiffusion3(FlowMatching):
         if t5 is None:  # model.t5 false: the pipeline's zeros for a missing text_encoder_3
             t5 = clip.new_zeros(clip.shape[0], self.max_sequence_length, width)
         joint = torch.cat([clip, t5], dim=-2)  # (B, 77 + L, width)
-        return JointConditioning(joint.repeat(2, 1, 1), encodings["pooled"].repeat(2, 1))
+        g = self.images_per_item(original_sizes)  # 2 for a pair, 1 for unpaired feedback
+        return JointConditioning(joint.repeat(g, 1, 1), encodings["pooled"].repeat(g, 1))
 
     def predict(self, model: nn.Module, noisy: Tensor, timesteps: Tensor, cond: JointConditioning) -> Tensor:
         t = timesteps * self.scheduler.config.num_train_timesteps  # the pipeline passes sigma x 1000

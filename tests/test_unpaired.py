@@ -1,0 +1,190 @@
+"""Unpaired feedback and Diffusion-KTO: the formats, the split of pairs, the loss by hand, training on every path."""
+
+import json
+import math
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from diffusion_dpo.config import DataConfig
+from diffusion_dpo.errors import UserError
+from diffusion_dpo.losses import get_loss, kto_loss
+from diffusion_dpo.training import Trainer, train
+from diffusion_dpo.unpaired import load_feedback
+from test_training import make_cfg, read_metrics
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    from diffusion_dpo.tiny_data import build_tiny_pickapic
+
+    return build_tiny_pickapic(tmp_path_factory.mktemp("data") / "pickapic", num_pairs=12, seed=5)
+
+
+# ---------------------------------------------------------------- the loss by hand
+
+def test_kto_hand_computed():
+    model = torch.tensor([0.10, 0.30, 0.20, 0.25], dtype=torch.float64)
+    ref = torch.tensor([0.20, 0.20, 0.20, 0.20], dtype=torch.float64)
+    label = torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64)
+    g = [0.10, -0.10, 0.0, -0.05]  # ref - model
+    z0 = max(0.0, sum(g) / 4)  # -0.0125 -> 0
+    beta = 10.0
+    want = [1 - 1 / (1 + math.exp(-s * beta * (gi - z0))) for s, gi in zip((1, 1, -1, -1), g)]
+    out = kto_loss(model, None, ref, None, beta=beta, label=label)
+    torch.testing.assert_close(out.loss, torch.tensor(want, dtype=torch.float64))
+    # a positive mean reward becomes the reference point; the weights scale each side
+    model2 = model - 0.1  # every g grows by 0.1: z0 = 0.0875
+    out2 = kto_loss(model2, None, ref, None, beta=beta, label=label, weight_desirable=2.0, weight_undesirable=0.5)
+    g2, z2 = [x + 0.1 for x in g], sum(x + 0.1 for x in g) / 4
+    want2 = [w * (1 - 1 / (1 + math.exp(-s * beta * (gi - z2))))
+             for w, s, gi in zip((2, 2, 0.5, 0.5), (1, 1, -1, -1), g2)]
+    torch.testing.assert_close(out2.loss, torch.tensor(want2, dtype=torch.float64))
+    # z0 is averaged across processes by the given mean, and carries no gradient
+    seen = []
+    kto_loss(model, None, ref, None, beta=beta, label=label, batch_mean=lambda t: seen.append(t) or t * 0 + 1.0)
+    assert len(seen) == 1 and not seen[0].requires_grad
+
+
+def test_kto_at_initialisation_is_half_and_pushes_the_right_way():
+    e = torch.rand(6, requires_grad=True)
+    label = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 0.0])
+    out = kto_loss(e, None, e.detach().clone(), None, beta=1000.0, label=label)
+    torch.testing.assert_close(out.loss, torch.full((6,), 0.5))
+    out.loss.sum().backward()
+    assert torch.all(e.grad[label == 1] > 0) and torch.all(e.grad[label == 0] < 0)  # lower the good, raise the bad
+    spec = get_loss("kto")
+    assert spec.unpaired and spec.needs_reference and not spec.pairwise
+
+
+# ---------------------------------------------------------------- formats
+
+def _pair_rows(pairs_dir):
+    rows = []
+    for f in sorted(pairs_dir.glob("*.parquet")):
+        t = pq.read_table(f, columns=["caption", "jpg_0", "jpg_1", "label_0"]).to_pylist()
+        rows += t
+    return rows
+
+
+@pytest.fixture(scope="module")
+def unpaired_files(tmp_path_factory, tiny_data):
+    """The tiny pairs' images as native unpaired data: parquet, JSONL and CSV (images as files beside them)."""
+    root = tmp_path_factory.mktemp("unpaired")
+    (root / "img").mkdir()
+    records = []
+    for i, row in enumerate(_pair_rows(tiny_data)):
+        for k in (0, 1):
+            name = f"img/{i}-{k}.png"
+            (root / name).write_bytes(row[f"jpg_{k}"])
+            records.append({"prompt": row["caption"], "image": name, "bytes": row[f"jpg_{k}"],
+                            "label": int(i % 3 != 0) if k == 0 else int(i % 2 == 0)})
+    pq.write_table(pa.table({"prompt": [r["prompt"] for r in records], "image": [r["bytes"] for r in records],
+                             "label": [bool(r["label"]) for r in records]}), root / "items.parquet")
+    with (root / "items.jsonl").open("w") as f:
+        for r in records:
+            f.write(json.dumps({"prompt": r["prompt"], "image": r["image"], "label": r["label"]}) + "\n")
+    with (root / "items.csv").open("w") as f:
+        f.write("prompt,image,label\n" + "".join(f"\"{r['prompt']}\",{r['image']},{'true' if r['label'] else 'false'}\n"
+                                                 for r in records))
+    return root, [float(r["label"]) for r in records]
+
+
+@pytest.mark.parametrize("name", ["items.parquet", "items.jsonl", "items.csv"])
+def test_native_unpaired_formats_load_alike(unpaired_files, name):
+    root, labels = unpaired_files
+    items = load_feedback(DataConfig(path=str(root / name), num_workers=0))
+    assert items.images_per_item == 1 and len(items) == len(labels)
+    assert items.labels.tolist() == labels
+    caption, (src,), label = items.images(3)
+    assert label == labels[3] and isinstance(caption, str)
+    assert "unpaired items used" in items.summary()
+
+
+def test_pairs_split_into_winners_and_losers(tiny_data):
+    pairs = load_feedback(DataConfig(path=str(tiny_data), num_workers=0))
+    items = load_feedback(DataConfig(path=str(tiny_data), num_workers=0, unpaired=True))
+    assert len(items) == 2 * len(pairs) and items.labels.tolist() == [1.0, 0.0] * len(pairs)
+    for i in range(len(pairs)):
+        caption, win, lose, _ = pairs.get(i)
+        assert items.images(2 * i)[:2] == (caption, (win,)) and items.images(2 * i + 1)[:2] == (caption, (lose,))
+    assert f"{pairs.num_ties_dropped} ties dropped" in items.summary()
+
+
+def test_bad_unpaired_input_is_one_line(tmp_path, unpaired_files, tiny_data, tiny_sd):
+    root, _ = unpaired_files
+    lines = (root / "items.jsonl").read_text().splitlines()
+    cases = {
+        "label.jsonl": (lines[0] + "\n" + lines[1].replace('"label": 1', '"label": 2').replace('"label": 0', '"label": 2'),
+                        "line 2: label must be 1 or 0"),
+        "noimage.jsonl": ('{"prompt": "a", "label": 1}\n', r"line 1: missing key\(s\) image"),
+        "missing.jsonl": ('{"prompt": "a", "image": "nope.png", "label": 1}\n', "line 1: image file 'nope.png' not found"),
+    }
+    for name, (text, message) in cases.items():
+        (root / name).write_text(text)
+        with pytest.raises(UserError, match=message):
+            load_feedback(DataConfig(path=str(root / name), num_workers=0))
+    table = pq.read_table(root / "items.parquet")
+    pq.write_table(table.set_column(2, "label", pa.array([0.5] + [1.0] * (table.num_rows - 1))), tmp_path / "x.parquet")
+    with pytest.raises(UserError, match=r"x.parquet row 0: label is 0.5, expected 1 or 0"):
+        load_feedback(DataConfig(path=str(tmp_path / "x.parquet"), num_workers=0))
+    with pytest.raises(UserError, match="already holds unpaired items"):
+        load_feedback(DataConfig(path=str(root / "items.jsonl"), num_workers=0, unpaired=True))
+    with pytest.raises(UserError, match="loss.name kto trains on unpaired items .* set data.unpaired=true"):
+        Trainer(make_cfg(tmp_path / "a", tiny_sd, tiny_data, loss__name="kto"))
+    with pytest.raises(UserError, match="loss.name dpo trains on pairs .* use loss.name kto"):
+        Trainer(make_cfg(tmp_path / "b", tiny_sd, root / "items.jsonl"))
+
+
+# ---------------------------------------------------------------- training
+
+@pytest.mark.parametrize("family,rank", [("tiny_sd", 0), ("tiny_sdxl", 4), ("tiny_sd3", 4), ("tiny_flux", 0)])
+def test_kto_trains_one_image_per_item(request, tmp_path, tiny_data, family, rank):
+    """Split pairs, every family, LoRA and full: the model (and reference) run on B images, not 2B; step 1 (θ = ref)
+    is exactly 1/2; the loser slots are null; the weights move."""
+    extra = {"model__max_sequence_length": 8} if family in ("tiny_sd3", "tiny_flux") else {}
+    trainer = Trainer(make_cfg(tmp_path, request.getfixturevalue(family), tiny_data, loss__name="kto",
+                               loss__beta=1000, data__unpaired="true", lora__rank=rank, optim__lr="1e-3", **extra))
+    assert trainer.num_pairs == 2 * len(load_feedback(DataConfig(path=str(tiny_data), num_workers=0)))
+    seen = []
+    model = trainer.accelerator.unwrap_model(trainer.denoiser)
+    model.register_forward_hook(lambda module, args, kwargs, out: seen.append(
+        (args[0] if args else kwargs["hidden_states"]).shape[0]), with_kwargs=True)
+    trainer.run()
+    assert seen and all(n == 2 for n in seen), seen  # data.batch_size 2 items: 2 images per forward
+    metrics = read_metrics(tmp_path)
+    assert metrics[0]["loss"] == pytest.approx(0.5, abs=1e-6)
+    assert metrics[0]["model_mse_l"] is None and metrics[0]["ref_mse_l"] is None
+    assert metrics[-1]["loss"] != pytest.approx(0.5, abs=1e-7)
+
+
+def test_kto_from_the_cache_with_a_precomputed_reference_equals_the_live_run(tmp_path, tiny_sd, unpaired_files):
+    root, _ = unpaired_files
+    common = dict(loss__name="kto", loss__beta=1000, optim__lr="0.1", optim__adam_epsilon="1.0",
+                  optim__weight_decay="0", train__max_steps=2, data__proportion_empty_prompts="0.5")
+    train(make_cfg(tmp_path / "live", tiny_sd, root / "items.csv", **common))
+    cached = dict(common, cache__dir=tmp_path / "cache", cache__auto="true",
+                  cache__reference_file=tmp_path / "ref.safetensors")
+    train(make_cfg(tmp_path / "pre", tiny_sd, root / "items.csv", cache__reference="precomputed", **cached))
+    live, pre = read_metrics(tmp_path / "live"), read_metrics(tmp_path / "pre")
+    for key in ("ref_mse_w", "model_mse_w", "loss"):
+        assert [m[key] for m in live] == pytest.approx([m[key] for m in pre], rel=1e-4), key
+    from safetensors.torch import load_file
+
+    assert load_file(tmp_path / "ref.safetensors")["ref_mse"].shape[1] == 1  # one error per item
+    with pytest.raises(UserError, match="trains on pairs"):  # the unpaired cache does not serve a pair loss
+        Trainer(make_cfg(tmp_path / "dpo", tiny_sd, root / "items.csv", **dict(cached, loss__name="dpo")))
+
+
+def test_kto_resumes_exactly(tmp_path, tiny_sd, tiny_data):
+    """Killed after step 3 (checkpoint at 2), resumed: bitwise the straight run (the batch-mean z0 included)."""
+    from test_training import straight_and_resumed, unet_weights
+
+    common = dict(loss__name="kto", data__unpaired="true", train__max_steps=5, train__checkpointing_steps=2,
+                  data__batch_size=3, data__proportion_empty_prompts=0.5)
+    straight, resumed = straight_and_resumed(tmp_path, tiny_sd, tiny_data, **common)
+    a, b = unet_weights(straight), unet_weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [m["loss"] for m in read_metrics(tmp_path / "a")] == [m["loss"] for m in read_metrics(tmp_path / "b")]
