@@ -22,11 +22,11 @@ def test_bench_times_each_mode_against_the_floor_on_the_same_inputs(tmp_path, ti
     out = tmp_path / "rows.json"
     code = main(["bench", "--config", str(ROOT / "configs" / "tiny.yaml"), "--model.pretrained", str(tiny_sd),
                  "--data.path", str(tiny_data), "--data.batch_size", "3", "--data.num_workers", "0",
-                 "--modes", "live", "lora+cache", "precomputed", "--steps", "2", "--warmup", "1",
+                 "--modes", "live", "lora+cache", "precomputed", "mapo+cache", "--steps", "2", "--warmup", "1",
                  "--floor-repeats", "2", "--lora-rank", "2", "--json", str(out), "--markdown", str(tmp_path / "t.md")])
     assert code == 0
     rows = json.loads(out.read_text())
-    assert [r["mode"] for r in rows] == ["live", "lora+cache", "precomputed"]
+    assert [r["mode"] for r in rows] == ["live", "lora+cache", "precomputed", "mapo+cache"]
     for r in rows:
         assert r["steps_timed"] == 2 and r["batch_pairs"] == 3
         # the floor ran on the policy's real inputs: 2B latents of the training resolution (32 px / 2 = 16)
@@ -34,17 +34,20 @@ def test_bench_times_each_mode_against_the_floor_on_the_same_inputs(tmp_path, ti
         assert r["step_s"] > 0 and r["floor_s"] > 0
         assert r["step_over_floor"] == pytest.approx(r["step_s"] / r["floor_s"])
         assert r["model_tflop_per_step"] > 0 and r["peak_memory_mib"] > 0 and r["load_peak_memory_mib"] > 0
-    live, lora, pre = rows
+    live, lora, pre, mapo = rows
     assert live["encoders_loaded"] and live["vae_text_s_per_step"] > 0  # images are encoded every step
-    for r in (lora, pre):  # from the cache: the VAE and text encoders are not even loaded
+    for r in (lora, pre, mapo):  # from the cache: the VAE and text encoders are not even loaded
         assert not r["encoders_loaded"] and r["vae_text_s_per_step"] == 0 and r["cached"]
     assert live["lora_rank"] == 0 and lora["lora_rank"] == 2 and pre["lora_rank"] == 0
     # the floor counts the reference forward only where a reference model runs: live's is a third larger
     # (forward + backward ~ 3 forwards, + 1 reference forward); precomputed has none
     assert pre["precomputed_reference"] and live["model_tflop_per_step"] == pytest.approx(
         pre["model_tflop_per_step"] * 4 / 3, rel=0.1)
+    # MaPO is reference-free: its floor, like precomputed's, is the policy's forward and backward alone
+    assert mapo["loss"] == "mapo" and live["loss"] == "dpo" and not mapo["precomputed_reference"]
+    assert mapo["model_tflop_per_step"] == pytest.approx(pre["model_tflop_per_step"], rel=0.01)
     table = (tmp_path / "t.md").read_text()
-    assert table.count("\n") == 5 and "| live |" in table and "| lora+cache |" in table
+    assert table.count("\n") == 6 and "| live |" in table and "| lora+cache |" in table
     assert table in capsys.readouterr().out
 
 

@@ -302,7 +302,7 @@ def run_mode(run_cfg: Config, mode: str, warmup: int, floor_repeats: int, peak: 
         "mode": mode, "cached": MODES[mode].cached, "precomputed_reference": MODES[mode].precomputed,
         "description": MODES[mode].description, "device": str(trainer.accelerator.device),
         "model": run_cfg.model.pretrained, "resolution": run_cfg.data.resolution, "batch_pairs": pairs,
-        "lora_rank": run_cfg.lora.rank, "mixed_precision": run_cfg.train.mixed_precision,
+        "loss": run_cfg.loss.name, "lora_rank": run_cfg.lora.rank, "mixed_precision": run_cfg.train.mixed_precision,
         "optimizer": run_cfg.optim.name, "gradient_checkpointing": run_cfg.train.gradient_checkpointing,
         "step_in_backward": run_cfg.optim.step_in_backward,
         "floor_latents": list(recorder.args[0].shape) if recorder.args else None,

@@ -120,8 +120,9 @@ def kto_loss(model: Tensor, model_l: None, ref: Tensor, ref_l: None, beta: float
         z0   = max(0, mean of g over the batch and processes), detached          the KL reference point
         loss = λ_y · (1 - σ(s_y · β · (g - z0))),        s_y = +1 desirable, -1 undesirable
 
-    as the authors' train_kto_sd_v1.5.py computes it with its defaults (--halo sigmoid, --bce_offset none:
-    g_term, kl = reduce(g_term.mean()).clamp(min=0), l_kto = w_y * (1 - sigmoid(label_sgn * beta * (g - kl)))).
+    as the authors' train_kto_sd_v1.5.py computes it with its defaults (jacklishufan/diffusion-kto @226bbd0,
+    lines 1453-1492: g_term = policy - reference log-likelihood proxy, kl = reduce(g_term.mean()).clamp(min=0)
+    at 1468-1471, l_kto = w_y * (1 - sigmoid(label_sgn * beta_dpo * (g - kl))) with --halo sigmoid).
     β is theirs unchanged (default 1000) on errors that are means over the latent elements; DPO's β puts 0.5·β on
     each image's error difference, so KTO's β ≈ β_DPO / 2 is the same scale. `batch_mean` averages over processes
     (the trainer passes accelerate's; None: this batch alone). At θ = ref every loss is λ_y / 2. Reported inside =
@@ -141,15 +142,16 @@ def mapo_loss(model_w: Tensor, model_l: Tensor, ref_w: Optional[Tensor], ref_l: 
               label: Optional[Tensor] = None, num_train_timesteps: int = 1000) -> LossOutput:
     """MaPO (Hong et al. 2024, "Margin-aware Preference Optimization ... without Reference"): no reference model.
 
-    With e = mse and the authors' log-likelihood proxy f(e) = (e/2) / (exp(e/2) - 1) (decreasing in e; their
-    train_with_mapo.py, "snr = 0.5"), the per-pair margin is m = f(e_w) - f(e_l), and
+    With e = mse and the authors' log-likelihood proxy f(e) = (s·e) / (exp(s·e) - 1), s = 0.5 (decreasing in e;
+    mapo-t2i/mapo @374b3d3, utils.py compute_loss lines 286-301, args.py --snr_value 0.5), the per-pair margin
+    is m = f(e_w) - f(e_l), and
 
         loss = p·e_w + (1-p)·e_l - β·[p log σ(T·m) + (1-p) log σ(-T·m)]
 
     where T is the schedule's num_train_timesteps (1000; the authors scale the margin by it "to maximise it
     throughout the denoising process"). A decided pair (p = 1) gives exactly the authors' e_w - β log σ(T·m);
     a tie weighs both images and pulls the margin to 0. β is the authors' `beta_mapo` unchanged (their
-    default 0.1); it does not play DPO's KL role (there is no reference). Reported inside = T·m.
+    default 0.1, args.py line 158); it does not play DPO's KL role (there is no reference). Reported inside = T·m.
     """
     p = _label(label, model_w)
 
