@@ -139,5 +139,5 @@ def test_the_peak_restarts_where_training_begins():
     transient = torch.ones(64 * 2**20 // 4)  # 64 MiB touched, then returned to the system
     del transient
     before = bench._peak_rss_bytes()
-    bench._reset_peak_memory()
+    bench.reset_peak_memory()
     assert bench._peak_rss_bytes() < before - 48 * 2**20

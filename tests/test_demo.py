@@ -200,9 +200,10 @@ def test_tiny_demo_end_to_end_writes_every_output(tmp_path, family, base_class):
     md = (out / "report.md").read_text()
     assert "the pipeline's own defaults" in md and "per image" in md
 
-    again = run_demo(out, size="tiny", cache_dir=cache, family=family)  # an earlier demo's directory: started over
-    assert not again["base_built_now"]
-    assert again["win_rates_vs_base"] == saved["win_rates_vs_base"]  # deterministic given the seeds
+    if family == "sd":  # the stages are family-blind: one family's rerun checks them (40 s of suite each)
+        again = run_demo(out, size="tiny", cache_dir=cache, family=family)  # an earlier demo's directory: started over
+        assert not again["base_built_now"]
+        assert again["win_rates_vs_base"] == saved["win_rates_vs_base"]  # deterministic given the seeds
 
 
 def test_a_failed_build_leaves_no_cache_entry(tmp_path, monkeypatch):

@@ -76,7 +76,7 @@ def _proc_status_bytes(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def _rss_bytes() -> int:
+def rss_bytes() -> int:
     """Current resident set size of this process."""
     return _proc_status_bytes("VmRSS")
 
@@ -87,7 +87,7 @@ def _peak_rss_bytes() -> int:
     return _proc_status_bytes("VmHWM")
 
 
-def _reset_peak_memory() -> None:
+def reset_peak_memory() -> None:
     """Start a new peak from what is allocated now (CUDA), or resident now (CPU: VmHWM, reset by writing 5 to
     /proc/self/clear_refs, Linux >= 4.0; where that is refused, the peak keeps counting from the start)."""
     if torch.cuda.is_available():
@@ -100,7 +100,7 @@ def _reset_peak_memory() -> None:
         pass
 
 
-def _peak_bytes(baseline: int) -> int:
+def peak_bytes(baseline: int) -> int:
     """The peak since the last reset: CUDA's max_memory_allocated, or the CPU's peak RSS above `baseline`."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated()
@@ -275,21 +275,21 @@ def run_mode(run_cfg: Config, mode: str, warmup: int, floor_repeats: int, peak: 
     with tempfile.TemporaryDirectory(prefix="dpo-bench-") as tmp:
         run_cfg = copy.deepcopy(run_cfg)
         run_cfg.output_dir = str(Path(tmp) / "run")
-        rss_before = _rss_bytes()  # the CPU's baseline (CUDA's peak needs none)
-        _reset_peak_memory()
+        rss_before = rss_bytes()  # the CPU's baseline (CUDA's peak needs none)
+        reset_peak_memory()
         trainer = Trainer(run_cfg)
         trainer._save_final = lambda: trainer.output_dir  # a benchmark keeps no weights
-        load_peak_bytes = _peak_bytes(rss_before)
+        load_peak_bytes = peak_bytes(rss_before)
         # Training's own peak: loading can pass through a transient (a file's pages and the tensors built from
         # them) that a long run never sees again; what stays resident (weights, reference copy) still counts.
-        _reset_peak_memory()
+        reset_peak_memory()
         comp = trainer.components
         encoders = ModuleTimer(_encoder_modules(comp))
         recorder = InputRecorder(trainer.accelerator.unwrap_model(trainer.denoiser))
         trainer.run()
         encoders.close()
         recorder.close()
-        peak_bytes = _peak_bytes(rss_before)
+        train_peak_bytes = peak_bytes(rss_before)
         lines = [json.loads(ln) for ln in trainer.metrics_path.read_text().splitlines()]
         step_s = statistics.median(trainer.pairs_per_step / r["pairs_per_s"] for r in lines[warmup:])
         if trainer.in_backward is not None:
@@ -307,7 +307,7 @@ def run_mode(run_cfg: Config, mode: str, warmup: int, floor_repeats: int, peak: 
         "step_in_backward": run_cfg.optim.step_in_backward,
         "floor_latents": list(recorder.args[0].shape) if recorder.args else None,
         "steps_timed": len(lines) - warmup, "step_s": step_s, "pairs_per_s": pairs / step_s, "floor_s": floor_s,
-        "step_over_floor": step_s / floor_s, "peak_memory_mib": peak_bytes / 2**20,
+        "step_over_floor": step_s / floor_s, "peak_memory_mib": train_peak_bytes / 2**20,
         "load_peak_memory_mib": load_peak_bytes / 2**20,
         "vae_text_s_per_step": encoders.seconds / len(lines), "encoders_loaded": bool(encoders.modules),
         "model_tflop_per_step": flops / 1e12, "achieved_tflops": flops / step_s / 1e12,

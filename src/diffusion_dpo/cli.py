@@ -223,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--cache-dir", metavar="DIR", help="where the base model is cached "
                       "[default: $XDG_CACHE_HOME/diffusion-dpo/demo or ~/.cache/diffusion-dpo/demo]")
     demo.add_argument("--rebuild", action="store_true", help="build the base model again even if it is cached")
+    demo.add_argument("--losses", metavar="LIST", help="instead of the default demo: train each of these registry "
+                      "losses (comma-separated, e.g. dpo,ipo,kto,mapo) on the same crowd pairs and report them side by "
+                      "side against the base (win rate per image with intervals, mean gain, diversity, step time, "
+                      "peak memory): DIR/losses.md, losses.json, loss_win_rates.png")
     push = sub.add_parser(
         "push", help="publish a run's final/ (pipeline or LoRA weights, with its model card) to the Hugging Face hub",
         description="Upload RUN_DIR/final to --repo-id in one commit (the repository is created if needed). Checks the "
@@ -386,6 +390,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from diffusion_dpo.demo.run import run_demo
 
     quiet_progress_bars()
+    if args.losses is not None:
+        return _demo_losses(args)
     report = run_demo(args.output_dir, size=args.size, cache_dir=Path(args.cache_dir) if args.cache_dir else None,
                       rebuild=args.rebuild, family=args.family)
     for setting, per_judge in report["win_rates_vs_base"].items():
@@ -393,6 +399,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             print(f"{setting} sampling: {model} vs base (held-out judge, {r['n_images']} images): win rate per image "
                   f"{r['image_win_rate']:.3f} [{r['image_ci_low']:.3f}, {r['image_ci_high']:.3f}]")
     print(f"done in {report['wall_time_s']['total']:.0f} s: {Path(args.output_dir) / 'report.md'}")
+    return 0
+
+
+def _demo_losses(args: argparse.Namespace) -> int:
+    from diffusion_dpo.demo.losses import parse_losses, run_loss_demo
+
+    losses = parse_losses(args.losses)
+    report = run_loss_demo(args.output_dir, losses, size=args.size,
+                           cache_dir=Path(args.cache_dir) if args.cache_dir else None, rebuild=args.rebuild,
+                           family=args.family, log=lambda line: print(line, flush=True))
+    for setting, per_judge in report["win_rates_vs_base"].items():
+        for loss, r in per_judge["judge"].items():
+            print(f"{setting} sampling: {loss} vs base (held-out judge, {r['n_images']} images): win rate per image "
+                  f"{r['image_win_rate']:.3f} [{r['image_ci_low']:.3f}, {r['image_ci_high']:.3f}], mean diff "
+                  f"{r['mean_diff']:+.3f}")
+    print(f"done in {report['wall_time_s']['total']:.0f} s: {Path(args.output_dir) / 'losses.md'}")
     return 0
 
 

@@ -72,13 +72,15 @@ def _targets(judged: dict, head: dict, div: dict, failures: dict) -> dict:
     return targets
 
 
-def _result(cmp: dict, reward: str) -> dict:
+def result(cmp: dict, reward: str) -> dict:
+    """One comparison's figures under one reward (compare's output, trimmed to what the reports show)."""
     r = cmp["rewards"][reward]
     return {"win_rate": r["win_rate"], "ci_low": r["ci_low"], "ci_high": r["ci_high"], "n": r["n_prompts"],
             "p_value": r["p_value"], "wins": r["wins"], "ties": r["ties"], "losses": r["losses"],
             "image_win_rate": r["image_win_rate"], "image_ci_low": r["image_ci_low"],
             "image_ci_high": r["image_ci_high"], "n_images": r["n_images"], "effect_size": r["effect_size"],
-            "mean_model": r["mean_a"], "mean_other": r["mean_b"]}
+            "mean_model": r["mean_a"], "mean_other": r["mean_b"], "mean_diff": r["mean_diff"],
+            "mean_diff_ci_low": r["mean_diff_ci_low"], "mean_diff_ci_high": r["mean_diff_ci_high"]}
 
 
 def write_report(out: Path, facts: dict, comparisons: dict[str, dict[str, dict]], gens: dict[str, dict[str, Path]],
@@ -89,9 +91,9 @@ def write_report(out: Path, facts: dict, comparisons: dict[str, dict[str, dict]]
 
     with timer("report"):
         models = [m for m in LABELS if m != "base"]
-        judged = {st: {j: {m: _result(cmp[f"{m}_vs_base"], judges[j]) for m in models} for j in judges}
+        judged = {st: {j: {m: result(cmp[f"{m}_vs_base"], judges[j]) for m in models} for j in judges}
                   for st, cmp in comparisons.items()}
-        head = {st: {k: {j: _result(cmp[k], judges[j]) for j in judges} for k in cmp if not k.endswith("_vs_base")}
+        head = {st: {k: {j: result(cmp[k], judges[j]) for j in judges} for k in cmp if not k.endswith("_vs_base")}
                 for st, cmp in comparisons.items()}
         scores = {st: {name: score_run(g[name], list(judges.values())) for name in LABELS}  # cached by compare
                   for st, g in gens.items()}
@@ -104,7 +106,7 @@ def write_report(out: Path, facts: dict, comparisons: dict[str, dict[str, dict]]
             d = {name: diversity(g[name]) for name in LABELS}
             div[st] = {**d, "ratio_to_base": {m: d[m] / d["base"] for m in models}}
         training = {name: training_summary(read_metrics(path)) for name, path in runs.items()}
-        _plot_win_rates(out / "win_rates.png", judged)
+        plot_win_rates(out / "win_rates.png", judged)
         _plot_curves(out / "training_curves.png", {name: read_metrics(path) for name, path in runs.items()})
         _plot_scores(out / "score_distributions.png", {name: scores["demo"][name][judges["judge"]] for name in LABELS})
         _grid(gens["demo"]).save(out / "grid.png")
@@ -187,8 +189,9 @@ def markdown(report: dict) -> str:
 
 # ---------------------------------------------------------------- pictures (matplotlib, no display: plots.py)
 
-def _plot_win_rates(path: Path, judged: dict) -> None:
-    """Per-image win rate over the base with its 95% interval: one row per sampling setting, one column per judge."""
+def plot_win_rates(path: Path, judged: dict, labels: dict[str, str] = LABELS) -> None:
+    """Per-image win rate over the base with its 95% interval: one row per sampling setting, one column per judge;
+    `labels` names the models' bars."""
     plt = pyplot()
     n_judges = len(next(iter(judged.values())))
     fig, axes = plt.subplots(len(judged), n_judges, figsize=(4 * n_judges, 3.0 * len(judged)), sharey=True,
@@ -199,8 +202,8 @@ def _plot_win_rates(path: Path, judged: dict) -> None:
             rates = np.array([per_model[m]["image_win_rate"] for m in names])
             err = np.array([[r - per_model[m]["image_ci_low"], per_model[m]["image_ci_high"] - r]
                             for m, r in zip(names, rates)]).T
-            ax.bar([LABELS[m] for m in names], rates, yerr=err, capsize=4,
-                   color=["#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd"][:len(names)])
+            ax.bar([labels[m] for m in names], rates, yerr=err, capsize=4,
+                   color=[f"C{k}" for k in range(len(names))])
             ax.axhline(0.5, color="grey", lw=0.8, ls="--")
             ax.set_ylim(0, 1)
             ax.set_title(f"{judge}, {setting} sampling: per image vs base", fontsize=9)

@@ -292,22 +292,56 @@ class StageTimer:
             self.seconds[name] = round(time.perf_counter() - start, 2)
 
 
-def _prepare_output(out: Path) -> None:
-    """Refuse a directory that holds anything but an earlier demo; clear an earlier demo's outputs."""
+def prepare_output(out: Path, outputs: tuple[str, ...] = OUTPUTS) -> None:
+    """Refuse a directory that holds anything but an earlier demo's `outputs`; clear those."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--output-dir '{out}' is a file")
     if out.is_dir():
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in OUTPUTS)
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in outputs)
         if foreign:
             raise UserError(f"--output-dir '{out}' holds files that are not the demo's ({', '.join(foreign[:3])}); "
                             "choose an empty or new directory")
-        for name in OUTPUTS:
+        for name in outputs:
             path = out / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"--output-dir '{out}': {exc.strerror or exc}") from None
+
+
+def eval_items(size: DemoSize) -> list[dict]:
+    """The held-out evaluation prompts (the evaluation templates' phrasings of every digit), as generate's items."""
+    return [{"prompt": p, "digit": d} for d in range(10)
+            for p in world.phrasings(d, world.EVAL_TEMPLATES[:size.eval_templates])]
+
+
+def eval_seeds(size: DemoSize) -> list[int]:
+    """The evaluation seeds (far from the pair, online and tuning seeds)."""
+    return [world.EVAL_SEED_START + k for k in range(size.eval_seeds)]
+
+
+def resolve_size(size: str | DemoSize, family: str) -> tuple[str, DemoSize]:
+    """(its name, the DemoSize) for a size name of `family`, or a DemoSize given as is ("custom")."""
+    if not isinstance(size, str):
+        return "custom", size
+    if family not in SIZES:
+        raise UserError(f"unknown demo family '{family}'; choose one of {', '.join(FAMILIES)}")
+    if size not in SIZES[family]:
+        raise UserError(f"unknown demo size '{size}'; choose one of {', '.join(SIZES[family])}")
+    return size, SIZES[family][size]
+
+
+def base_stage(size: DemoSize, out: Path, cache_dir: Optional[Path], rebuild: bool) -> tuple[Path, Path, bool]:
+    """The base stage: the cached base (built if missing) copied to out/base; (out/base, the cache entry, built now)."""
+    from diffusion_dpo.demo.cache import cached_base
+
+    with _tqdm(size.base.total_steps(), "base model") as bar:
+        cached, built = cached_base(size.base, cache_dir, rebuild, bar.update)
+        bar.update(bar.total - bar.n)  # a cached base skips the bar to its end
+    base = out / "base"
+    shutil.copytree(cached, base)
+    return base, cached, built
 
 
 def _tqdm(total: int, desc: str):
@@ -322,33 +356,21 @@ def run_demo(output_dir: str | Path, size: str | DemoSize = "full", cache_dir: O
              rebuild: bool = False, family: str = "sd") -> dict:
     """Run every stage into `output_dir` for the base model `family` ("sd": UNet, "sd3": flow matching; a
     DemoSize given as `size` carries its own); return the report (also written as report.json)."""
-    from diffusion_dpo.demo.cache import cached_base
     from diffusion_dpo.demo.report import write_report
     from diffusion_dpo.evaluate import compare
     from diffusion_dpo.generate import generate
     from diffusion_dpo.iterate import iterate
     from diffusion_dpo.training import train
 
-    if isinstance(size, str):
-        if family not in SIZES:
-            raise UserError(f"unknown demo family '{family}'; choose one of {', '.join(FAMILIES)}")
-        if size not in SIZES[family]:
-            raise UserError(f"unknown demo size '{size}'; choose one of {', '.join(SIZES[family])}")
-        size_name, size = size, SIZES[family][size]
-    else:
-        size_name = "custom"
+    size_name, size = resolve_size(size, family)
     out = Path(output_dir)
-    _prepare_output(out)
+    prepare_output(out)
     timer = StageTimer()
     started = time.perf_counter()
     sample = sampling(size)
 
     with timer("base"):
-        with _tqdm(size.base.total_steps(), "base model") as bar:
-            cached, built = cached_base(size.base, cache_dir, rebuild, bar.update)
-            bar.update(bar.total - bar.n)  # a cached base skips the bar to its end
-        base = out / "base"
-        shutil.copytree(cached, base)
+        base, cached, built = base_stage(size, out, cache_dir, rebuild)
 
     with timer("pairs"):
         crowd = make_pairs(base, size, out / "data")
@@ -365,19 +387,18 @@ def run_demo(output_dir: str | Path, size: str | DemoSize = "full", cache_dir: O
             final.rename(out / name)  # a full pipeline directory: from_pretrained(DIR/<name>)
             runs[name] = run_dir
 
-    eval_items = [{"prompt": p, "digit": d} for d in range(10)
-                  for p in world.phrasings(d, world.EVAL_TEMPLATES[:size.eval_templates])]
+    items = eval_items(size)
     with timer("online"):
         prompts_file, dev_file = out / "data" / "online_prompts.txt", out / "data" / "online_dev_prompts.txt"
         prompts_file.write_text("".join(p["prompt"] + "\n" for p in world.pair_prompts(size.pair_templates)))
-        dev_file.write_text("".join(p["prompt"] + "\n" for p in eval_items))
+        dev_file.write_text("".join(p["prompt"] + "\n" for p in items))
         online = iterate(online_config(base, out / "dpo_ai", prompts_file, dev_file, out / "online", size),
                          log=lambda line: None)
         shutil.copytree(online["final"], out / "dpo_online")  # the last round's pipeline directory
         round_1 = Path(online["rounds"][0]["final"])
         runs["dpo_online"] = Path(online["final"]).parent
-    eval_seeds = [world.EVAL_SEED_START + k for k in range(size.eval_seeds)]
-    (out / "eval_prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in eval_items))
+    seeds = eval_seeds(size)
+    (out / "eval_prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in items))
     settings = {"demo": ("gen", "compare", sample), "defaults": ("gen_defaults", "compare_defaults",
                                                                   default_sampling(size))}
     gens: dict[str, dict[str, Path]] = {}
@@ -386,7 +407,7 @@ def run_demo(output_dir: str | Path, size: str | DemoSize = "full", cache_dir: O
             gens[setting] = {name: out / "eval" / gen_dir / name for name in ("base", *MODELS, "online_round_1")}
             for name, path in gens[setting].items():
                 model = round_1 if name == "online_round_1" else out / name
-                generate(str(model), eval_items, eval_seeds, path, **kwargs)
+                generate(str(model), items, seeds, path, **kwargs)
 
     comparisons: dict[str, dict[str, dict]] = {}
     with timer("compare"):
@@ -402,6 +423,6 @@ def run_demo(output_dir: str | Path, size: str | DemoSize = "full", cache_dir: O
              "sampling": {setting: _resolved(gens[setting]["base"]) for setting in settings},
              "base_built_now": built, "base_cache": str(cached),
              "pair_prompts": len(world.pair_prompts(size.pair_templates)), "pairs_per_prompt": size.pairs_per_prompt,
-             "crowd_pairs": {**asdict(crowd), "path": str(crowd.path)}, "ai_relabel": ai, "eval_seeds": eval_seeds,
+             "crowd_pairs": {**asdict(crowd), "path": str(crowd.path)}, "ai_relabel": ai, "eval_seeds": seeds,
              "online": {"rounds": online["rounds"], "stopped": online["stopped"], "final": online["final"]}}
     return write_report(out, facts, comparisons, gens, runs, timer, JUDGES, started)
