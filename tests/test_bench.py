@@ -56,7 +56,7 @@ def test_an_unknown_mode_is_one_line(capsys, tiny_sd, tiny_data):
                  "--data.path", str(tiny_data), "--modes", "warp"])
     assert code == 2
     assert capsys.readouterr().err.strip() == ("diffusion-dpo: error: bench: unknown mode 'warp' (choose from "
-                                               "live, live+cache, lora, lora+cache, precomputed)")
+                                               "live, live+cache, lora, lora+cache, precomputed, mapo, mapo+cache)")
 
 
 def test_the_sd15_shaped_model_has_sd15s_architecture(tmp_path):

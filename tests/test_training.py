@@ -382,6 +382,45 @@ def test_the_winner_safeguard_scales_only_the_losers_gradient(request, tmp_path,
     assert any(not torch.equal(w_plain[k], w_guarded[k]) for k in w_plain)
 
 
+@pytest.mark.parametrize("family,rank", [("tiny_sdxl", 4), ("tiny_sd3", 4), ("tiny_flux", 0)])
+def test_mapo_trains_every_family_without_a_reference_forward(request, tmp_path, tiny_data, family, rank):
+    """MaPO on SDXL/SD3 with LoRA and full FLUX: no reference forward and no second model, and each step's loss
+    is the authors' formula of that step's logged errors (one pair per step; the SD case: test_other_losses_train)."""
+    from diffusion_dpo.losses import mapo_loss
+
+    extra = {"model__max_sequence_length": 8} if family in ("tiny_sd3", "tiny_flux") else {}
+    trainer = Trainer(make_cfg(tmp_path, request.getfixturevalue(family), tiny_data, loss__name="mapo",
+                               loss__beta=0.1, lora__rank=rank, optim__lr="1e-3", data__batch_size=1, **extra))
+    # no second model: a full fine-tune builds no reference, LoRA keeps its adapters-off view for the sample grids
+    assert (trainer.reference is None) == (rank == 0)
+    assert trainer.reference is None or trainer.reference.copy is None
+    trainer.run()
+    for m in read_metrics(tmp_path):
+        # reference-free: the logged reference errors are the model's own (the trainer's convention, as for sft)
+        assert m["ref_mse_w"] == m["model_mse_w"] and m["ref_mse_l"] == m["model_mse_l"]
+        by_hand = mapo_loss(torch.tensor([m["model_mse_w"]], dtype=torch.float64),
+                            torch.tensor([m["model_mse_l"]], dtype=torch.float64), None, None, beta=0.1).loss
+        assert m["loss"] == pytest.approx(by_hand.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("opts", [dict(loss__name="mapo", loss__beta=0.1), dict(loss__safeguard="true", lora__rank=4)],
+                         ids=["mapo", "safeguard-lora"])
+def test_mapo_and_the_safeguard_resume_exactly(tmp_path, tiny_sd, tiny_data, opts):
+    """Killed after step 3 (checkpoint at 2), resumed: the straight run's losses and weights, bit for bit."""
+    common = dict(train__max_steps=5, train__checkpointing_steps=2, data__batch_size=3,
+                  data__proportion_empty_prompts=0.5, **opts)
+    straight, resumed = straight_and_resumed(tmp_path, tiny_sd, tiny_data, **common)
+    if "lora__rank" in opts:
+        a, b = (load_file(p / "pytorch_lora_weights.safetensors") for p in (straight, resumed))
+    else:
+        a, b = unet_weights(straight), unet_weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [m["loss"] for m in read_metrics(tmp_path / "a")] == [m["loss"] for m in read_metrics(tmp_path / "b")]
+    if "loss__safeguard" in opts:
+        assert [m["loser_scale"] for m in read_metrics(tmp_path / "a")] == \
+            [m["loser_scale"] for m in read_metrics(tmp_path / "b")]
+
+
 def test_the_safeguard_needs_a_pairwise_loss(tmp_path, tiny_sd, tiny_data):
     with pytest.raises(UserError, match="loss.safeguard applies to pairwise losses .* not sft"):
         make_cfg(tmp_path, tiny_sd, tiny_data, loss__name="sft", loss__safeguard="true")

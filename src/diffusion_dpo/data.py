@@ -65,6 +65,15 @@ class _RowNamer:
         return f"{self.names[k]} {self.unit} {row - self.starts[k]}"
 
 
+def row_captions(rows: Any, row_index: np.ndarray) -> list[str]:
+    """The captions of `rows` (in-memory (prompt, ...) tuples, or an Arrow table with a caption column) at
+    `row_index`, in that order, without touching the images (one Arrow column read)."""
+    if isinstance(rows, list):
+        return [rows[int(r)][0] for r in row_index]
+    column = rows.data.column("caption").take(pa.array(row_index))
+    return [c if c is not None else "" for c in column.to_pylist()]
+
+
 @dataclass(eq=False)
 class PreferencePairs:
     """Validated pairs, winner first; the rows stay lazily in `rows`.
@@ -109,10 +118,7 @@ class PreferencePairs:
 
     def captions(self) -> list[str]:
         """Every pair's caption, in pair order, without touching the images (one Arrow column read)."""
-        if isinstance(self.rows, list):
-            return [self.rows[int(r)][0] for r in self.row_index]
-        column = self.rows.data.column("caption").take(pa.array(self.row_index))
-        return [c if c is not None else "" for c in column.to_pylist()]
+        return row_captions(self.rows, self.row_index)
 
     def where(self, i: int) -> str:
         """"<file> row N" of pair `i`, for error messages."""

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from diffusion_dpo.config import DataConfig
 from diffusion_dpo.data import (LOCAL_SUFFIXES, PreferencePairs, _empty_images, _is_binary, _local_records, _RowNamer,
-                                _select, load_preference_pairs, parquet_files)
+                                _select, load_preference_pairs, parquet_files, row_captions)
 from diffusion_dpo.errors import UserError
 from diffusion_dpo.images import FileImages, ImageSource, TableImages, image_source, short_reason
 
@@ -72,10 +72,7 @@ class UnpairedItems:
 
     def captions(self) -> list[str]:
         """Every item's caption, in item order, without touching the images."""
-        if isinstance(self.rows, list):
-            return [self.rows[int(r)][0] for r in self.row_index]
-        column = self.rows.data.column("caption").take(pa.array(self.row_index))
-        return [c if c is not None else "" for c in column.to_pylist()]
+        return row_captions(self.rows, self.row_index)
 
     def where(self, i: int) -> str:
         return self.where_row(int(self.row_index[i]))
