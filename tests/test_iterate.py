@@ -262,3 +262,27 @@ def test_kto_rounds_train_on_each_rounds_best_and_worst_as_thumbs(tmp_path, tiny
     config = (out / "round-1" / "train" / "config.yaml").read_text()
     assert "unpaired: true" in config and pairs == 3
     assert json.loads((out / "report.json").read_text())["rounds"][0]["round"] == 1
+
+
+@pytest.mark.parametrize("loss", [dict(loss__name="mapo", loss__beta=0.1, iterate__reference="base"),
+                                  dict(loss__safeguard="true")], ids=["mapo", "safeguard"])
+def test_mapo_and_safeguard_rounds_continue_the_policy(tmp_path, tiny_sd, prompt_files, loss):
+    """MaPO and the winner safeguard in LoRA rounds: round 2 starts from round 1's adapters; MaPO loads no reference
+    even when iterate.reference is base, and each step's loss is its formula of the logged errors; the safeguard's
+    scale is logged every step."""
+    from diffusion_dpo.losses import mapo_loss
+
+    out = tmp_path / "run"
+    iterate(make_cfg(out, tiny_sd, prompt_files, lora__rank=4, data__batch_size=1, **loss))  # a step's loss: one pair's
+    r2 = out / "round-2" / "train"
+    config = (r2 / "config.yaml").read_text()
+    assert f"init_from: {out / 'round-1' / 'train' / 'final'}" in config
+    for m in read_metrics(r2):
+        if "loss__safeguard" in loss:
+            assert 0.0 <= m["loser_scale"] <= 1.0
+            continue
+        by_hand = mapo_loss(torch.tensor([m["model_mse_w"]], dtype=torch.float64),
+                            torch.tensor([m["model_mse_l"]], dtype=torch.float64), None, None, beta=0.1).loss
+        assert m["loss"] == pytest.approx(by_hand.item(), rel=1e-5)
+    if "loss__safeguard" not in loss:
+        assert "reference: null" in config  # the base is not loaded as a reference MaPO would not use

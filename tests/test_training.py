@@ -424,3 +424,8 @@ def test_mapo_and_the_safeguard_resume_exactly(tmp_path, tiny_sd, tiny_data, opt
 def test_the_safeguard_needs_a_pairwise_loss(tmp_path, tiny_sd, tiny_data):
     with pytest.raises(UserError, match="loss.safeguard applies to pairwise losses .* not sft"):
         make_cfg(tmp_path, tiny_sd, tiny_data, loss__name="sft", loss__safeguard="true")
+
+
+def test_a_reference_free_loss_refuses_a_reference_model(tmp_path, tiny_sd, tiny_data):
+    with pytest.raises(UserError, match=r"model.reference is not used by loss mapo \(it trains without a reference"):
+        make_cfg(tmp_path, tiny_sd, tiny_data, loss__name="mapo", model__reference=str(tiny_sd))

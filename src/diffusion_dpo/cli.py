@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """Library chatter (progress bars while saving, deprecation notes, optional-backend notices) hides our output."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
@@ -256,6 +256,9 @@ def _quiet_libraries() -> None:
     # bitsandbytes (imported by peft whenever installed) warns on every CPU with AVX512-bf16 that an optional
     # 4-bit kernel package is missing; 8-bit AdamW does not use it
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # ...and, where the `kernels` package is installed, tries to fetch that kernel from the hub, which offline
+    # logs "Skipping publisher trust check ..." on stderr, before our own one-line errors
+    logging.getLogger("kernels").setLevel(logging.ERROR)
 
 
 def quiet_progress_bars() -> None:
@@ -430,7 +433,7 @@ def _one_line(exc: UserError) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of `diffusion-dpo` and `python -m diffusion_dpo`."""
-    _quiet_libraries()
+    quiet_libraries()
     try:
         parser = build_parser()
         args, unknown = parser.parse_known_args(argv)

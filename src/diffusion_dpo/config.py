@@ -426,6 +426,8 @@ def validate(cfg: Config, data_in_memory: bool = False, iterate: bool = False) -
     need(not cfg.loss.safeguard or cfg.loss.name not in LOSSES or LOSSES[cfg.loss.name].pairwise, "loss.safeguard",
          f"applies to pairwise losses ({', '.join(sorted(n for n, s in LOSSES.items() if s.pairwise))}), "
          f"not {cfg.loss.name}")
+    need(not cfg.model.reference or cfg.loss.name not in LOSSES or LOSSES[cfg.loss.name].needs_reference,
+         "model.reference", f"is not used by loss {cfg.loss.name} (it trains without a reference model); unset it")
     need(cfg.lora.rank >= 0, "lora.rank", f"must be >= 0 (got {cfg.lora.rank})")
     need(cfg.lora.alpha is None or cfg.lora.alpha > 0, "lora.alpha", "must be > 0")
     need(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")

@@ -249,7 +249,9 @@ class Rounds:
             cfg.model.pretrained, cfg.lora.init_from = self.base, start.lora
         else:
             cfg.model.pretrained = start.model
-        cfg.model.reference = self.base if self.it.reference == "base" else None
+        # iterate.reference only matters to a loss with a reference (mapo and sft have none)
+        needs_reference = get_loss(cfg.loss.name).needs_reference
+        cfg.model.reference = self.base if self.it.reference == "base" and needs_reference else None
         if self.cfg.cache.dir:  # a cache per round: each round has new pairs
             cfg.cache.dir, cfg.cache.auto, cfg.cache.reference_file = str(rd / "cache"), True, None
         return cfg

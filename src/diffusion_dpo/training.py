@@ -45,7 +45,7 @@ from diffusion_dpo.losses import (LossSpec, get_loss, implicit_accuracy, scale_g
                                  winner_safeguard_scale)
 from diffusion_dpo.models import Family, add_lora, cast, describe, load_components, weight_dtype_of
 from diffusion_dpo.models.lora import continue_adapters
-from diffusion_dpo.models.reference import build_reference
+from diffusion_dpo.models.reference import Reference, build_reference
 from diffusion_dpo.optim import StepInBackward, make_lr_scheduler, make_optimizer
 from diffusion_dpo.randomness import pair_noise, seed_for
 from diffusion_dpo.reference import ReferenceTable, WithReference, precompute_reference, reference_path
@@ -189,9 +189,13 @@ class Trainer:
         # The reference (models/reference.py): the starting weights, adapters off, or model.reference; for a full
         # fine-tune only if the loss needs one and its errors are not precomputed. With precomputed errors LoRA
         # keeps it for the sample grids only.
+        # A reference-free loss (mapo, sft) never loads one: LoRA's adapters-off view serves the grids at no cost.
         live = self.loss_spec.needs_reference and self.ref_table is None
-        self.reference = build_reference(model, cfg.model, cfg.lora, self.components, self.weight_dtype, acc.device,
-                                         init_state) if (self.lora or live) else None
+        if self.loss_spec.needs_reference and (self.lora or live):
+            self.reference = build_reference(model, cfg.model, cfg.lora, self.components, self.weight_dtype,
+                                             acc.device, init_state)
+        else:
+            self.reference = Reference(model, lora=True, dtype=self.weight_dtype) if self.lora else None
         if cfg.train.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         model.train()

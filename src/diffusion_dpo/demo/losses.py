@@ -129,9 +129,10 @@ def _worker(argv: Sequence[str]) -> None:
     """Child entry: config_file result_file."""
     import os
 
-    from diffusion_dpo.cli import quiet_progress_bars
+    from diffusion_dpo.cli import quiet_libraries, quiet_progress_bars
 
     config_file, result_file = argv
+    quiet_libraries()
     quiet_progress_bars()
     os.environ.setdefault("TQDM_DISABLE", "1")
     Path(result_file).write_text(json.dumps(train_measured(load_config(config_file))))
