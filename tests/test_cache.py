@@ -129,6 +129,28 @@ def test_precomputed_reference_equals_live_reference(request, tmp_path, tiny_dat
     assert live[-1]["loss"] != pytest.approx(math.log(2), abs=1e-3)
 
 
+@pytest.mark.parametrize("opts", [dict(loss__name="mapo", loss__beta=0.1),
+                                  dict(loss__safeguard="true", cache__reference="precomputed")],
+                         ids=["mapo-cache", "safeguard-precomputed"])
+def test_mapo_and_the_safeguard_from_the_cache_equal_the_live_run(tmp_path, tiny_sd, tiny_data, sd_cache, opts):
+    """MaPO from the cache (no reference file is made: it has no reference), and the safeguard from the cache with
+    the precomputed reference: the same errors, losses and loser scales as on the fly."""
+    common = dict(COMMON, train__max_steps=2, optim__lr="0.1", optim__adam_epsilon="1.0", optim__weight_decay="0",
+                  **{k: v for k, v in opts.items() if k != "cache__reference"})
+    train(make_cfg(tmp_path / "live", tiny_sd, tiny_data, **common))
+    ref_file = tmp_path / "ref.safetensors"
+    cached = dict(common, cache__dir=sd_cache, cache__reference_file=ref_file, cache__auto="true")
+    train(make_cfg(tmp_path / "cached", tiny_sd, tiny_data, cache__reference=opts.get("cache__reference", "live"),
+                   **cached))
+    assert ref_file.is_file() == ("cache__reference" in opts)
+    live, cached = read_metrics(tmp_path / "live"), read_metrics(tmp_path / "cached")
+    keys = ("model_mse_w", "model_mse_l", "ref_mse_w", "ref_mse_l") + (("loser_scale",) if "loss__safeguard" in opts
+                                                                       else ())
+    for key in keys:
+        assert [m[key] for m in live] == pytest.approx([m[key] for m in cached], rel=1e-5), key
+    assert [m["loss"] for m in live] == pytest.approx([m["loss"] for m in cached], abs=1e-3)
+
+
 def cli_args(command: str, out: Path, model: Path, data: Path, *extra: str) -> list[str]:
     return [command, "--output_dir", str(out), "--model.pretrained", str(model), "--data.path", str(data),
             "--data.resolution", "32", "--data.batch_size", "3", "--data.num_workers", "0",
