@@ -33,6 +33,9 @@ def test_the_judge_is_fit_on_its_split_only_and_nothing_else_reads_that_split():
     for name in ("crowd", "ai"):  # the labellers never saw a judge digit
         c = scorers.classifier(name)
         assert c.split == "scorers" and not set(c.train_index.tolist()) & set(parts["judge"].tolist())
+    # the dev scorer (held-out reward of the online stage) sees neither the judge's digits nor the AI reward's
+    dev = scorers.classifier("dev")
+    assert dev.split == "base" and np.array_equal(dev.train_index, parts["base"])
     # the base model trains on the base split: its training pixels are exactly those digits
     from diffusion_dpo.demo.base import BaseRecipe, _pixels
 

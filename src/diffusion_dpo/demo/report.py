@@ -176,7 +176,7 @@ def markdown(report: dict) -> str:
               "| run | beta | steps | loss | implicit acc | reward margin | pairs/s |", "|---|---|---|---|---|---|---|"]
     settings = report["settings"]
     betas = {"dpo": f"{settings['beta']:g}", "dpo_ai": f"{settings['beta_ai']:g}",  # SFT has no beta
-             "dpo_online": f"{settings['beta_ai']:g}"}
+             "dpo_online": f"{settings.get('online_beta') or settings['beta_ai']:g}"}  # None: DPO-AI's
     for name, t in report["training"].items():
         lines.append(f"| {LABELS[name]} | {betas.get(name, '-')} | {t['steps']} | {t['final_loss']:.4f} | "
                      f"{t['final_implicit_acc']:.3f} | {t['final_reward_margin']:.3f} | {t['pairs_per_s']:.1f} |")

@@ -8,8 +8,12 @@
             another model of the same people, as a reward model is.
     judge   the evaluation judge: an MLP with other settings fit on the judge split only, which
             nothing else ever reads; j(x, d) = log p(d | x).
+    dev     a development scorer for choosing settings without the judge: an MLP fit on the base split
+            (the digits the base model learnt from), v(x, d) = log p(d | x). It labels nothing; unlike the
+            crowd's utility it shares no split with the AI reward, so a model that games the AI reward's
+            classifier does not fool it.
 
-`crowd_reward`, `ai_reward` and `judge_reward` follow the reward contract `fn(images, prompts) -> N floats`, so
+`crowd_reward`, `ai_reward`, `judge_reward` and `dev_reward` follow the reward contract `fn(images, prompts) -> N floats`, so
 `relabel` and `compare` use them through the registry as `diffusion_dpo.demo.scorers:ai_reward`
 and `diffusion_dpo.demo.scorers:judge_reward`. Each classifier is fit once per process (a second
 at most) and is a fixed function of the world: same data, same seed, same model.
@@ -33,6 +37,7 @@ LOG_FLOOR = 1e-6  # log p is floored here: one hopeless image must not outweigh 
 CROWD_REWARD = "diffusion_dpo.demo.scorers:crowd_reward"
 AI_REWARD = "diffusion_dpo.demo.scorers:ai_reward"
 JUDGE_REWARD = "diffusion_dpo.demo.scorers:judge_reward"
+DEV_REWARD = "diffusion_dpo.demo.scorers:dev_reward"
 
 
 @dataclass(frozen=True)
@@ -63,7 +68,7 @@ def _fit(name: str, split: str, model: Any) -> Classifier:
 
 @lru_cache(maxsize=None)
 def classifier(name: str) -> Classifier:
-    """The fitted 'crowd', 'ai' or 'judge' classifier (fit once per process, deterministic)."""
+    """The fitted 'crowd', 'ai', 'judge' or 'dev' classifier (fit once per process, deterministic)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.neural_network import MLPClassifier
 
@@ -76,7 +81,9 @@ def classifier(name: str) -> Classifier:
     if name == "judge":
         return _fit(name, "judge", MLPClassifier(hidden_layer_sizes=(128, 64), alpha=1e-1, max_iter=600,
                                                  random_state=2))
-    raise ValueError(f"unknown classifier {name!r} (crowd, ai or judge)")
+    if name == "dev":
+        return _fit(name, "base", MLPClassifier(hidden_layer_sizes=(64,), alpha=1e-1, max_iter=600, random_state=3))
+    raise ValueError(f"unknown classifier {name!r} (crowd, ai, judge or dev)")
 
 
 def _log_p(proba: np.ndarray, digits: np.ndarray) -> np.ndarray:
@@ -102,6 +109,11 @@ def crowd_reward(images: Sequence[Image.Image], prompts: Sequence[str]) -> list[
 def ai_reward(images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
     """AI-feedback reward: log p_ai(prompted digit | image)."""
     return _log_p(classifier("ai").proba(images), _digits(prompts)).tolist()
+
+
+def dev_reward(images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
+    """Development scorer (base split): log p_dev(prompted digit | image)."""
+    return _log_p(classifier("dev").proba(images), _digits(prompts)).tolist()
 
 
 def judge_reward(images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:

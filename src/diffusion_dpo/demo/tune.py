@@ -13,6 +13,15 @@ more people and a reward model but has no held-out judge while tuning.
 
 Pairs and the base's dev samples are made once per work directory and pairs-per-prompt, then reused.
 One JSON line per trial is appended to WORK_DIR/results.jsonl (and printed).
+
+The online stage is tuned the same way, from a finished demo's base and DPO-AI:
+
+    python -m diffusion_dpo.demo.tune --family sd3 --work-dir /tmp/tune-online --online DEMO_DIR \
+        --set online_rounds=3 online_beta=1000 online_pairing=all
+
+runs the demo's `iterate` (run.online_config; its own evaluation on the pair prompts too) and scores the last round
+against the base, against round 1 and against its start, and round 1 against the base, per image on the pair
+prompts at `ONLINE_DEV_SEEDS`, under the crowd's utility, the AI reward and the dev classifier, at both settings.
 """
 
 from __future__ import annotations
@@ -25,10 +34,11 @@ from pathlib import Path
 
 from diffusion_dpo.demo import world
 from diffusion_dpo.demo.run import SIZES, DemoSize, make_pairs, relabel_ai, sampling, train_config
-from diffusion_dpo.demo.scorers import AI_REWARD, CROWD_REWARD
+from diffusion_dpo.demo.scorers import AI_REWARD, CROWD_REWARD, DEV_REWARD
 
 DEV_SEED_START = 500_000  # far above pair seeds (0..2K-1), far below evaluation seeds (1,000,000+)
 DEV_SEEDS = 4
+ONLINE_DEV_SEEDS = [DEV_SEED_START + 100 + k for k in range(2)]  # the online trials' own, apart from DEV_SEEDS
 
 
 def dev_prompts() -> list[dict]:
@@ -101,6 +111,45 @@ def trial(work: Path, overrides: dict, labels: str, loss: str, name: str, family
     return result
 
 
+def online_trial(work: Path, demo_dir: Path, overrides: dict, name: str, family: str = "sd") -> dict:
+    """Run the `family` demo's online stage from `demo_dir`'s base and DPO-AI with `DemoSize` fields overridden,
+    and score it on the dev metric (module docstring)."""
+    from diffusion_dpo.diversity import diversity
+    from diffusion_dpo.demo.run import default_sampling, online_config
+    from diffusion_dpo.evaluate import compare
+    from diffusion_dpo.generate import generate
+    from diffusion_dpo.iterate import iterate
+
+    size = dataclasses.replace(SIZES[family]["full"], **overrides)
+    prompts = work / "online_prompts.txt"
+    prompts.write_text("".join(p["prompt"] + "\n" for p in dev_prompts()))
+    run_dir = work / "runs" / name
+    started = time.perf_counter()
+    online = iterate(online_config(demo_dir / "base", demo_dir / "dpo_ai", prompts, prompts, run_dir / "online",
+                                   size), log=lambda line: None)
+    result: dict = {"name": name, "family": family, "online": True, **overrides,
+                    "iterate_s": round(time.perf_counter() - started, 1)}
+    models = {"base": demo_dir / "base", "start": demo_dir / "dpo_ai", "r1": Path(online["rounds"][0]["final"]),
+              "last": Path(online["final"])}
+    rewards = {"crowd": CROWD_REWARD, "ai": AI_REWARD, "dev": DEV_REWARD}
+    for setting, kwargs in (("demo", sampling(size)), ("defaults", default_sampling(size))):
+        gens = {}
+        for model, path in models.items():
+            shared = model in ("base", "start")  # the same for every trial of this demo
+            gens[model] = (work / f"online-{model}-{family}-{setting}") if shared else run_dir / "dev" / setting / model
+            generate(str(path), dev_prompts(), ONLINE_DEV_SEEDS, gens[model], **kwargs)
+        for a, b in (("last", "base"), ("last", "r1"), ("last", "start"), ("r1", "base")):
+            got = compare(gens[a], gens[b], list(rewards.values()), run_dir / "compare" / setting / f"{a}_vs_{b}",
+                          batch_size=512)
+            result |= {f"{setting}_{a}_vs_{b}_{key}": round(got["rewards"][reward]["image_win_rate"], 3)
+                       for key, reward in rewards.items()}
+        result[f"{setting}_diversity"] = round(diversity(gens["last"]) / diversity(gens["base"]), 3)
+    with open(work / "results.jsonl", "a") as fh:
+        fh.write(json.dumps(result) + "\n")
+    print(json.dumps(result))
+    return result
+
+
 def _value(text: str):
     for kind in (int, float):
         try:
@@ -118,6 +167,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--labels", choices=("crowd", "ai"), default="crowd")
     parser.add_argument("--loss", default="dpo")
     parser.add_argument("--name", help="trial name (default: from the overrides)")
+    parser.add_argument("--online", type=Path, metavar="DEMO_DIR",
+                        help="tune the online stage, from this finished demo's base and DPO-AI")
     args = parser.parse_args(argv)
     overrides = {k: _value(v) for k, v in (item.split("=", 1) for item in args.set)}
     fields = {f.name for f in dataclasses.fields(DemoSize)}
@@ -126,7 +177,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown DemoSize field(s): {', '.join(unknown)}")
     name = args.name or "-".join([args.labels, args.loss] + [f"{k}{v}" for k, v in overrides.items()])
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    trial(args.work_dir, overrides, args.labels, args.loss, name, args.family)
+    if args.online:
+        online_trial(args.work_dir, args.online, overrides, args.name or "-".join(
+            ["online"] + [f"{k}{v}" for k, v in overrides.items()]), args.family)
+    else:
+        trial(args.work_dir, overrides, args.labels, args.loss, name, args.family)
 
 
 if __name__ == "__main__":
