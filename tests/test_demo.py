@@ -223,6 +223,45 @@ def test_a_failed_build_leaves_no_cache_entry(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_cache_entry_comes_first_then_the_shipped_base_then_a_build(tmp_path, monkeypatch):
+    from diffusion_dpo.demo import cache
+    from diffusion_dpo.demo.base import recipe_key
+    from diffusion_dpo.demo.run import SIZES
+
+    recipe = SIZES["sd"]["tiny"].base
+    built = []
+
+    def build(recipe, out_dir, progress=None):
+        built.append(out_dir)
+        (out_dir / "model_index.json").write_text("{}")
+
+    monkeypatch.setattr(type(recipe), "build", build)
+    shipped = tmp_path / "bases" / f"base-{recipe_key(recipe, versions=False)}"
+    shipped.mkdir(parents=True)
+    (shipped / "model_index.json").write_text("{}")
+    monkeypatch.setattr(cache, "SHIPPED", tmp_path / "bases")
+    assert cache.cached_base(recipe, tmp_path / "c") == (shipped, False) and not built  # nothing written
+    assert not (tmp_path / "c").exists()
+    path, now = cache.cached_base(recipe, tmp_path / "c", rebuild=True)  # --rebuild builds into the cache
+    assert now and path == tmp_path / "c" / f"base-{recipe.key()}" and len(built) == 1
+    assert cache.cached_base(recipe, tmp_path / "c") == (path, False)  # the user's own build wins from then on
+
+
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+def test_each_full_recipe_has_its_shipped_base(family):
+    """A recipe change without re-shipping would silently make every fresh clone build (and measure) another base."""
+    from dataclasses import asdict
+
+    from diffusion_dpo.demo.cache import shipped_base
+    from diffusion_dpo.demo.run import SIZES
+
+    recipe = SIZES[family]["full"].base
+    path = shipped_base(recipe)
+    assert path is not None, f"no shipped base for the {family} recipe: see demo/cache.py"
+    written = json.loads((path / "recipe.json").read_text())
+    assert {k: v for k, v in written.items() if k != "key"} == json.loads(json.dumps(asdict(recipe)))
+
+
 def test_demo_refuses_a_directory_with_other_files(tmp_path, capsys):
     from diffusion_dpo.cli import main
 
@@ -242,5 +281,12 @@ def test_tuning_loop_never_touches_the_evaluation_prompts_or_seeds():
     dev_seeds = range(tune.DEV_SEED_START, tune.DEV_SEED_START + tune.DEV_SEEDS)
     assert max(pair_seeds(SIZES["sd"]["full"].pairs_per_prompt)) < min(dev_seeds)
     assert max(dev_seeds) < world.EVAL_SEED_START
+    # the online trials: their own dev seeds, apart from the offline trials', the online rounds' and the evaluation's
+    from diffusion_dpo.demo.run import ONLINE_SEED
+
+    online = SIZES["sd3"]["full"]
+    round_seeds = range(ONLINE_SEED, ONLINE_SEED + online.online_rounds * online.online_samples)
+    assert not set(tune.ONLINE_DEV_SEEDS) & (set(dev_seeds) | set(round_seeds))
+    assert max(round_seeds) < min(tune.ONLINE_DEV_SEEDS) and max(tune.ONLINE_DEV_SEEDS) < world.EVAL_SEED_START
     with pytest.raises(SystemExit):  # a misspelt setting is refused before anything runs
         tune.main(["--work-dir", "/nonexistent/never-made", "--set", "betta=1000"])

@@ -66,17 +66,19 @@ class BaseRecipe:
         return self.vae_steps + self.text_steps + self.unet_steps
 
 
-def recipe_key(recipe: Any) -> str:
-    """A short stable hash of a base recipe (a dataclass), the split and the package versions: its cache key."""
+def recipe_key(recipe: Any, versions: bool = True) -> str:
+    """A short stable hash of a base recipe (a dataclass), the split and the package versions: its cache key.
+    `versions=False`: without the versions, the key of a shipped base (its weights load under any version)."""
     import hashlib
 
     import diffusers
     import transformers
 
-    text = json.dumps({**asdict(recipe), "split_seed": world.SPLIT_SEED, "torch": torch.__version__,
-                       "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-                       "templates": world.PAIR_TEMPLATES + world.EVAL_TEMPLATES}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    facts = {**asdict(recipe), "split_seed": world.SPLIT_SEED, "templates": world.PAIR_TEMPLATES + world.EVAL_TEMPLATES}
+    if versions:
+        facts |= {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                  "transformers": transformers.__version__}
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def make_tokenizer(out_dir: Path) -> None:
