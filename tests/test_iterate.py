@@ -33,6 +33,32 @@ def test_pairs_by_hand():
     assert got == [(1, 0, 0.3), (2, 0, 0.25)]  # (1, 2) differ by 0.05 <= 0.1
 
 
+def test_the_report_shows_every_heldout_reward_under_its_short_name(tmp_path):
+    from diffusion_dpo.iterate_report import _markdown, short_name
+
+    assert short_name("pkg.mod:crowd_reward") == "crowd_reward" and short_name("aesthetic") == "aesthetic"
+    labels = ("pkg.rewards:ai", "pkg.rewards:crowd", "pkg.dev:dev")  # the training reward, two held-out ones
+
+    def result(win: float, diff: float) -> dict:
+        return {"image_win_rate": win, "image_ci_low": win - 0.1, "image_ci_high": win + 0.1, "mean_diff": diff,
+                "mean_diff_ci_low": diff - 0.5, "mean_diff_ci_high": diff + 0.5}
+
+    rounds = [{"round": k, "pairs": 10, "train_reward_of_samples": -1.0, "overoptimisation_gap": 0.1,
+               "diversity_ratio": 0.9, "vs_base": {lab: result(0.6 + 0.1 * k + 0.01 * i, 1.0 * k) for i, lab in
+                                                   enumerate(labels)},
+               "vs_previous": {lab: result(0.55, 0.2) for lab in labels}} for k in (1, 2)]
+    report = {"train_reward": labels[0], "heldout_reward": labels[1], "rounds": rounds, "stopped": None,
+              "final": "f", "base": {"means": {lab: -2.0 for lab in labels}}}
+    text = _markdown(report)
+    assert "| round | pairs | ai of its samples | win vs base (crowd) |" in text  # headers: the function's name
+    assert "`pkg.rewards:crowd`" in text  # the full name once, in the legend line
+    assert "| 2 | dev | 0.820 [0.720, 0.920] | 0.550 [0.450, 0.650] | +2 [+1.5, +2.5] |" in text  # the second one
+    assert "Base: ai mean -2, crowd mean -2, dev mean -2." in text
+    one = _markdown({**report, "rounds": [{**r, "vs_base": {k: v for k, v in r["vs_base"].items() if k != labels[2]}}
+                                          for r in rounds]})
+    assert "Every reward scored" not in one  # a single held-out reward: the main table says it all
+
+
 @pytest.fixture(scope="module")
 def prompt_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("prompts")

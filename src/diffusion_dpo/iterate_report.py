@@ -106,10 +106,16 @@ def _num(x: Optional[float], fmt: str = ".3f") -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
 
+def short_name(label: str) -> str:
+    """A reward's name for a table header or a legend: an import path's function (`pkg.module:fn` -> `fn`)."""
+    return label.rsplit(":", 1)[-1]
+
+
 def _markdown(report: dict) -> str:
-    t, h = report["train_reward"], report["heldout_reward"]
+    t_full, h_full = report["train_reward"], report["heldout_reward"]
+    t, h = short_name(t_full), short_name(h_full)
     lines = [f"# iterate: {len(report['rounds'])} round(s)", "",
-             f"Training reward (labels the pairs): `{t}`; held-out reward (labels nothing): `{h}`. Per-image win rates "
+             f"Training reward (labels the pairs): `{t_full}`; held-out reward (labels nothing): `{h_full}`. Per-image win rates "
              "over (prompt, seed) on the held-out prompts, from the same initial noise as the model compared with; "
              "95% intervals resample prompts. Gains are mean score differences over the base with their paired "
              "bootstrap intervals. Gap: the training reward's gain minus the held-out reward's, each in units of the "
@@ -118,11 +124,20 @@ def _markdown(report: dict) -> str:
              f"gain {h} | gap | diversity / base |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in report["rounds"]:
-        lines.append(f"| {r['round']} | {r['pairs']} | {r['train_reward_of_samples']:.4g} | {_ci(r['vs_base'][h])} | "
-                     f"{_ci(r['vs_previous'][h])} | {_diff(r['vs_base'][t])} | {_diff(r['vs_base'][h])} | "
-                     f"{_num(r['overoptimisation_gap'], '+.3f')} | {_num(r['diversity_ratio'])} |")
+        lines.append(f"| {r['round']} | {r['pairs']} | {r['train_reward_of_samples']:.4g} | "
+                     f"{_ci(r['vs_base'][h_full])} | {_ci(r['vs_previous'][h_full])} | {_diff(r['vs_base'][t_full])} | "
+                     f"{_diff(r['vs_base'][h_full])} | {_num(r['overoptimisation_gap'], '+.3f')} | "
+                     f"{_num(r['diversity_ratio'])} |")
+    labels = list(report["rounds"][0]["vs_base"]) if report["rounds"] else []
+    if set(labels) - {t_full, h_full}:  # more held-out rewards than the first: each one's numbers too
+        lines += ["", "Every reward scored (the training reward and each held-out one), per round:", "",
+                  "| round | reward | win vs base | win vs previous | gain over the base |", "|---|---|---|---|---|"]
+        for r in report["rounds"]:
+            lines += [f"| {r['round']} | {short_name(label)} | {_ci(r['vs_base'][label])} | "
+                      f"{_ci(r['vs_previous'][label])} | {_diff(r['vs_base'][label])} |" for label in labels]
     base = report["base"]
-    lines += ["", f"Base: {t} mean {base['means'][t]:.4g}, {h} mean {base['means'][h]:.4g}.", ""]
+    means = ", ".join(f"{short_name(label)} mean {m:.4g}" for label, m in base["means"].items())
+    lines += ["", f"Base: {means}.", ""]
     if report["stopped"]:
         lines.append(f"Stopped early: {report['stopped']}.")
     if report["final"]:
@@ -148,7 +163,7 @@ def plot(report: dict):
                [r[key][h]["image_ci_high"] - v for v, r in zip(y, rounds)]]
         ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=name)
     ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)
-    ax.set(title=f"per-image win rate ({h})", xlabel="round", ylim=(0, 1))
+    ax.set(title=f"per-image win rate ({short_name(h)})", xlabel="round", ylim=(0, 1))
     ax.legend(fontsize=8, frameon=False)
     ax = axes[1]
     for label, name in ((t, "training reward"), (h, "held-out reward")) if t != h else ((t, "training reward"),):
@@ -156,7 +171,7 @@ def plot(report: dict):
         y = [r["vs_base"][label]["mean_diff"] / sd for r in rounds]
         err = [[(r["vs_base"][label]["mean_diff"] - r["vs_base"][label]["mean_diff_ci_low"]) / sd for r in rounds],
                [(r["vs_base"][label]["mean_diff_ci_high"] - r["vs_base"][label]["mean_diff"]) / sd for r in rounds]]
-        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"{name}: {label}"[:48])
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"{name}: {short_name(label)}"[:48])
     ax.axhline(0.0, color="grey", linestyle=":", linewidth=1)
     ax.set(title="gain over the base (base sd units)", xlabel="round")
     ax.legend(fontsize=8, frameon=False)
