@@ -288,5 +288,6 @@ def test_tuning_loop_never_touches_the_evaluation_prompts_or_seeds():
     round_seeds = range(ONLINE_SEED, ONLINE_SEED + online.online_rounds * online.online_samples)
     assert not set(tune.ONLINE_DEV_SEEDS) & (set(dev_seeds) | set(round_seeds))
     assert max(round_seeds) < min(tune.ONLINE_DEV_SEEDS) and max(tune.ONLINE_DEV_SEEDS) < world.EVAL_SEED_START
+    assert tune._value("false") is False and tune._value("1000") == 1000 and tune._value("all") == "all"
     with pytest.raises(SystemExit):  # a misspelt setting is refused before anything runs
         tune.main(["--work-dir", "/nonexistent/never-made", "--set", "betta=1000"])

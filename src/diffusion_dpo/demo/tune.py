@@ -151,6 +151,8 @@ def online_trial(work: Path, demo_dir: Path, overrides: dict, name: str, family:
 
 
 def _value(text: str):
+    if text.lower() in ("true", "false"):  # a flag such as online_at_defaults=false (a string would be truthy)
+        return text.lower() == "true"
     for kind in (int, float):
         try:
             return kind(text)
