@@ -177,11 +177,11 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(overrides) - fields)
     if unknown:
         parser.error(f"unknown DemoSize field(s): {', '.join(unknown)}")
-    name = args.name or "-".join([args.labels, args.loss] + [f"{k}{v}" for k, v in overrides.items()])
+    kind = ["online"] if args.online else [args.labels, args.loss]
+    name = args.name or "-".join(kind + [f"{k}{v}" for k, v in overrides.items()])
     args.work_dir.mkdir(parents=True, exist_ok=True)
     if args.online:
-        online_trial(args.work_dir, args.online, overrides, args.name or "-".join(
-            ["online"] + [f"{k}{v}" for k, v in overrides.items()]), args.family)
+        online_trial(args.work_dir, args.online, overrides, name, args.family)
     else:
         trial(args.work_dir, overrides, args.labels, args.loss, name, args.family)
 
