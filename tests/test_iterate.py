@@ -1,5 +1,6 @@
-"""`iterate`: pair rules by hand, rounds end to end (full and LoRA, both references), a kill at any stage resumed
-to the same bits as an uninterrupted run, the report, and bad input in one line before any work."""
+"""`iterate`: pair rules by hand, rounds end to end (full and LoRA, both references, SD and the flow families), a kill
+at any stage (in process at chosen points, and kill -9 of the real command at random moments) resumed to the same bits
+as an uninterrupted run, the report, and bad input in one line before any work."""
 
 import json
 import math
@@ -171,6 +172,100 @@ def test_a_killed_run_resumes_to_the_same_bits(tmp_path, tiny_sd, prompt_files, 
     a, b = _final_weights(straight, lora=True), _final_weights(out, lora=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["rounds"][-1]["vs_base"] == json.loads((straight / "report.json").read_text())["rounds"][-1]["vs_base"]
+
+
+# The child runs the real CLI; it announces itself once its imports are done, so the parent's kill lands in the run.
+CHILD = """
+import pathlib, sys
+import torch, peft, transformers, diffusion_dpo.iterate, diffusion_dpo.training, diffusion_dpo.generate
+from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel  # diffusers imports them lazily
+from diffusion_dpo.cli import main
+pathlib.Path(sys.argv[1]).write_text("ready")
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _cli_args(out: Path, model: Path, prompts: Path, **overrides) -> list[str]:
+    """make_cfg's settings as `diffusion-dpo iterate` flags."""
+    cfg = make_cfg(out, model, prompts, **overrides)
+    flat = {"output_dir": cfg.output_dir, "model.pretrained": cfg.model.pretrained, "data.resolution": "32",
+            "data.batch_size": "2", "data.num_workers": "0", "optim.lr": "1e-3", "optim.scale_lr": "false",
+            "optim.lr_warmup_steps": "0", "train.max_steps": "3", "train.report_to": "none",
+            "validation.every_steps": "-1", "iterate.rounds": "2", "iterate.prompts": str(prompts / "train.txt"),
+            "iterate.eval_prompts": str(prompts / "eval.txt"), "iterate.samples_per_prompt": "2",
+            "iterate.reward": REWARD, "iterate.heldout_rewards": f"[{HELDOUT}]", "iterate.steps": "2",
+            "iterate.guidance_scale": "3.0", "train.checkpointing_steps": "0"}
+    flat.update({k.replace("__", "."): str(v) for k, v in overrides.items()})
+    return ["iterate", *(x for k, v in flat.items() for x in (f"--{k}", v))]
+
+
+def test_sigkill_at_random_times_then_rerun_ends_with_the_same_bits(tmp_path, tiny_sd, prompt_files):
+    """kill -9 of the real command at random moments (three kills, each rerun continuing what the last one left),
+    then the same command to the end: the last round's weights and its comparison equal an uninterrupted run's.
+    ITERATE_KILL_SEED picks other moments."""
+    import os
+    import random
+    import signal
+    import time
+
+    from diffusion_dpo.cli import main
+
+    seed = int(os.environ.get("ITERATE_KILL_SEED", "0"))
+    straight, run = tmp_path / "straight", tmp_path / "killed"
+    began = time.perf_counter()
+    assert main(_cli_args(straight, tiny_sd, prompt_files, **KILL_KW)) == 0
+    span = time.perf_counter() - began  # how long the run itself takes once imported
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    # three random points of the run; each rerun continues where the last kill left it, so killing it the gap
+    # after the previous point lands (about) at the next one: the points spread over all the stages of both rounds
+    rng = random.Random(seed)
+    points = sorted(rng.uniform(0.0, span) for _ in range(3))
+    history = []
+    for kill, delay in enumerate(b - a for a, b in zip([0.0, *points], points)):
+        ready = tmp_path / f"ready-{kill}"
+        proc = subprocess.Popen([sys.executable, "-c", CHILD, str(ready), *_cli_args(run, tiny_sd, prompt_files,
+                                                                                        **KILL_KW)],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while not ready.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        time.sleep(delay)
+        if proc.poll() is not None:  # it finished (or failed) before the kill
+            assert proc.returncode == 0, f"seed {seed}, after kills {history}: {proc.stderr.read()[-3000:]}"
+            history.append((round(delay, 2), "finished"))
+            break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        left = sorted(str(p.relative_to(run)) for p in run.glob("round-*/*")) if run.exists() else []
+        history.append((round(delay, 2), left[-3:]))
+    assert main(_cli_args(run, tiny_sd, prompt_files, **KILL_KW)) == 0, f"seed {seed}, kills {history}"
+    a, b = _final_weights(straight, lora=True), _final_weights(run, lora=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"seed {seed}, kills {history}"
+    want, got = (json.loads((d / "report.json").read_text())["rounds"] for d in (straight, run))
+    assert [r["vs_base"] for r in got] == [r["vs_base"] for r in want], f"seed {seed}, kills {history}"
+    assert not list(run.rglob("*.tmp")), f"seed {seed}: a temporary file was left behind"
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_full_flow_rounds_continue_the_policy_and_load_as_pipelines(request, tmp_path, prompt_files, family):
+    """A full fine-tune of a flow transformer in rounds: round 2 samples with and trains from round 1's pipeline,
+    against it (log 2 at its first step), and the last round's final/ is a pipeline the family's diffusers class
+    loads, whose transformer moved away from the base's."""
+    import diffusers
+
+    model = request.getfixturevalue(f"tiny_{family}")
+    out = tmp_path / "run"
+    report = iterate(make_cfg(out, model, prompt_files, model__max_sequence_length=8))
+    r1, r2 = out / "round-1" / "train", out / "round-2" / "train"
+    assert json.loads((out / "round-2" / "samples" / "run.json").read_text())["model"] == str(r1 / "final")
+    assert f"pretrained: {r1 / 'final'}" in (r2 / "config.yaml").read_text()
+    assert read_metrics(r2)[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert report["final"] == str(r2 / "final")
+    cls = {"sd3": diffusers.StableDiffusion3Pipeline, "flux": diffusers.FluxPipeline}[family]
+    tuned, base = cls.from_pretrained(report["final"]), cls.from_pretrained(model)
+    moved = [not torch.equal(p, q) for p, q in zip(tuned.transformer.parameters(), base.transformer.parameters())]
+    assert any(moved) and type(tuned.transformer) is type(base.transformer)
 
 
 @pytest.mark.parametrize("family", ["sd3"])  # FLUX's LoRA continuation: test_continue.py
