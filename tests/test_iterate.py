@@ -103,6 +103,8 @@ def test_full_rounds_continue_the_policy_against_the_previous_round(tmp_path, ti
                                                            for i in range(3))
     # the report: every round, both comparisons, both rewards, diversity, the last round's model
     assert [r["round"] for r in report["rounds"]] == [1, 2] and report["final"] == str(r2 / "train" / "final")
+    means = [r["means"][HELDOUT] for r in report["rounds"]]
+    assert report["best"]["round"] == 1 + int(means[1] > means[0])
     for r in report["rounds"]:
         for key in ("vs_base", "vs_previous"):
             assert set(r[key]) == {REWARD, HELDOUT} and 0.0 <= r[key][HELDOUT]["image_win_rate"] <= 1.0
@@ -300,6 +302,22 @@ def test_stop_rule(tmp_path):
     assert "best 1.5 at round 1" in stop_reason(base, rounds, "h", 2, 0.0)  # two rounds without one
     assert stop_reason(base, rounds, "h", 0, 0.0) is None  # patience 0: never
     assert "round 0" in stop_reason(base, rounds[:1], "h", 1, 0.6)  # +0.5 is not more than 0.6
+
+
+def test_best_round_is_the_highest_heldout_mean_and_the_report_names_it():
+    from diffusion_dpo.iterate_report import _markdown, best_round
+
+    base = {"means": {"h": 1.0}}
+    rounds = [{"round": k, "final": f"r{k}", "eval": {"means": {"h": v}}} for k, v in ((1, 1.5), (2, 1.6), (3, 1.6),
+                                                                                          (4, 1.2))]
+    assert best_round(base, rounds, "h") == {"round": 2, "heldout_mean": 1.6, "beats_base": True, "final": "r2"}
+    assert best_round(base, [], "h") is None
+    worse = best_round({"means": {"h": 2.0}}, rounds, "h")
+    assert worse["round"] == 2 and not worse["beats_base"]  # still the best round, said to lose to the base
+    report = {"train_reward": "t", "heldout_reward": "h", "rounds": [], "stopped": None, "final": "r4",
+              "base": {"means": {"h": 1.0}}, "best": best_round(base, rounds, "h")}
+    assert "Best round by the held-out h mean: round 2 (1.6): `r2`." in _markdown(report)
+    assert "Best round" not in _markdown({**report, "final": "r2"})  # the last round is the best: said once
 
 
 def test_bad_input_fails_in_one_line_before_any_work(tmp_path, tiny_sd, prompt_files):

@@ -18,7 +18,8 @@ Round r = 1..R, each in OUT/round-<r>/, each stage built from the library's own 
 OUT/eval/base (and OUT/eval/start when iterate.start is set) hold those models' evaluation images, made once.
 OUT/iterate.json holds the settings; report.json, report.md and report.png (iterate_report.py) are rewritten after
 every round: per-round win rates against the base and the round before with 95% intervals, the training reward
-beside the held-out rewards (their gap is the over-optimisation), and diversity against the base's.
+beside the held-out rewards (their gap is the over-optimisation), diversity against the base's, and the best round
+by the held-out mean ("best": the stop rule ends the rounds, but the best model need not be the last).
 
 Resume. Every output appears under its final name only once complete (generate's per-image renames, temporary
 files renamed, train's checkpoints and final/), so rerunning the same command skips what is done and continues the

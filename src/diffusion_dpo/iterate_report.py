@@ -8,7 +8,8 @@ training reward of the round's own samples, and diversity as a ratio to the base
 
 (each gain in units of the base's per-image spread, so two rewards of different scales compare): a gap that grows
 round after round means the policy is learning the training reward's quirks rather than what the held-out reward
-also sees. The stop rule (`iterate.stop_patience`) watches the held-out mean.
+also sees. The stop rule (`iterate.stop_patience`) watches the held-out mean; report.json's "best" names the round
+whose model scored the highest held-out mean (and its final/), which need not be the last.
 """
 
 from __future__ import annotations
@@ -55,6 +56,18 @@ def stop_reason(base: dict, rounds: Sequence[dict], label: str, patience: int, m
     return None
 
 
+def best_round(base: dict, rounds: Sequence[dict], label: str) -> Optional[dict]:
+    """The round whose model scores the highest held-out mean (the earlier of equals), as
+    {"round", "heldout_mean", "beats_base", "final"}; None before the first round. The stop rule keeps running
+    rounds past it and `final` stays the last round's: this is where to take the model from instead."""
+    if not rounds:
+        return None
+    means = heldout_means(base, rounds, label)
+    k = max(range(1, len(means)), key=lambda i: (means[i], -i))
+    return {"round": rounds[k - 1]["round"], "heldout_mean": means[k], "beats_base": means[k] > means[0],
+            "final": rounds[k - 1]["final"]}
+
+
 def _gap(base: dict, r: dict, train_label: str, heldout_label: str) -> Optional[float]:
     if train_label == heldout_label:
         return None
@@ -79,6 +92,7 @@ def write_report(out: Path, base: dict, rounds: Sequence[dict], train_label: str
                      "train": r["train"], "final": r["final"]})
     report = {"train_reward": train_label, "heldout_reward": heldout_label, "base": base, "rounds": rows,
               "stopped": stopped, "final": rows[-1]["final"] if rows else None,
+              "best": best_round(base, rounds, heldout_label),
               "unit": "per-image win rates over (prompt, seed), the same initial noise for both models; 95% "
                       "intervals resample prompts (see evaluate.py)"}
     write_text_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
@@ -142,6 +156,12 @@ def _markdown(report: dict) -> str:
         lines.append(f"Stopped early: {report['stopped']}.")
     if report["final"]:
         lines.append(f"Last round's model: `{report['final']}`.")
+    best = report.get("best")
+    if best and best["final"] != report["final"]:
+        lines.append(f"Best round by the held-out {h} mean: round {best['round']} ({best['heldout_mean']:.4g}"
+                     f"{'' if best['beats_base'] else ', no better than the base'}): `{best['final']}`.")
+    elif best and not best["beats_base"]:
+        lines.append(f"No round beat the base's held-out {h} mean.")
     lines += ["", "report.png: win rates, gains and diversity against the round."]
     return "\n".join(lines) + "\n"
 
