@@ -6,10 +6,10 @@
 
 Each trial trains one model exactly as `diffusion-dpo demo` would (`run.train_config` with the given
 `DemoSize` fields overridden), then samples it on the *pair* prompts (the phrasings the labels were
-collected on) at `DEV_SEEDS`, a seed range that neither pair sampling nor the
-evaluation uses, and compares it with the base under the crowd's utility and the AI reward. The held-out
-judge, its split and the evaluation prompts are never read here: this is the user's view, who can ask
-more people and a reward model but has no held-out judge while tuning.
+collected on) at `DEV_SEEDS`, a seed range that neither pair sampling nor the evaluation uses, and compares it
+with the base under the crowd's utility, the AI reward and the dev classifier (scorers.py). The held-out judge,
+its split and the evaluation prompts are never read here: this is the user's view, who can ask more people and
+a reward model but has no held-out judge while tuning.
 
 Pairs and the base's dev samples are made once per work directory and pairs-per-prompt, then reused.
 One JSON line per trial is appended to WORK_DIR/results.jsonl (and printed).
@@ -62,8 +62,10 @@ def prepare_pairs(work: Path, size: DemoSize, base: Path) -> dict[str, Path]:
 
 def dev_score(work: Path, size: DemoSize, base: Path, model: Path, name: str) -> dict:
     """Win rates (per prompt and per image) and mean score gain of `model` over the base on the dev prompts and
-    seeds, under the crowd and the AI reward, at the demo's sampling settings and at the pipeline's defaults
-    (keys suffixed "_defaults"); diversity relative to the base at the demo's settings."""
+    seeds, under the crowd's utility, the AI reward and the dev classifier, at the demo's sampling settings and at
+    the pipeline's defaults (keys suffixed "_defaults"); diversity relative to the base at the demo's settings.
+    The crowd's utility made the crowd's labels and shares its split with the AI reward: only the dev classifier
+    (the base split) can tell a model that learnt the digits from one that learnt those scorers' quirks."""
     from diffusion_dpo.diversity import diversity
     from diffusion_dpo.demo.run import default_sampling
     from diffusion_dpo.evaluate import compare
@@ -76,9 +78,9 @@ def dev_score(work: Path, size: DemoSize, base: Path, model: Path, name: str) ->
         generate(str(base), dev_prompts(), seeds, base_gen, **kwargs)  # resumes: a no-op once done
         gen = work / "runs" / name / f"dev{suffix}"
         generate(str(model), dev_prompts(), seeds, gen, **kwargs)
-        result = compare(gen, base_gen, [CROWD_REWARD, AI_REWARD], work / "runs" / name / f"compare{suffix}",
-                         batch_size=512)
-        for key, reward in (("crowd", CROWD_REWARD), ("ai", AI_REWARD)):
+        result = compare(gen, base_gen, [CROWD_REWARD, AI_REWARD, DEV_REWARD],
+                         work / "runs" / name / f"compare{suffix}", batch_size=512)
+        for key, reward in (("crowd", CROWD_REWARD), ("ai", AI_REWARD), ("dev", DEV_REWARD)):
             r = result["rewards"][reward]
             # The win rate saturates once a model improves nearly every prompt a little; the mean gain does not.
             scores |= {f"{key}{suffix}": round(r["win_rate"], 3), f"{key}_image{suffix}": round(r["image_win_rate"], 3),
