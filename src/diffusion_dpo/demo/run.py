@@ -102,7 +102,7 @@ SIZES = {
     },
     "sd3": {
         # Flow-DPO settings chosen on the same judge-free dev metric as the UNet's (see train_config)
-        "full": DemoSize(base=SD3Recipe(), beta=100.0, beta_ai=100.0, lr=3e-5, online_beta=1000.0,
+        "full": DemoSize(base=SD3Recipe(), beta=100.0, beta_ai=100.0, lr=3e-5, caption_dropout=0.1, online_beta=1000.0,
                           online_at_defaults=True),
         "tiny": DemoSize(base=SD3Recipe(vae_steps=2, text_steps=2, transformer_steps=2, vae_batch=8,
                                         transformer_batch=8), online_at_defaults=True, **_TINY),
@@ -181,6 +181,27 @@ def train_config(base: Path, data: Path, out: Path, size: DemoSize, loss: str, l
     beta 100 at lr 3e-5 (flow_grpo's beta for SD3.5-M, whose loss has the same per-element mean); at lr 1e-5 the
     earlier base moved about half as far. A smaller beta trades per-image wins for larger mean gains: it moves
     more images further but breaks more of those already right.
+
+    Then the dev classifier (scorers.dev_reward, fit on the base split) joined the dev metric. The crowd's utility
+    made the crowd's labels, so it flatters a model trained on them; on the chosen setting it said 0.883 / 0.767
+    per image (demo / defaults) where the dev classifier said 0.800 / 0.661 and the judge, in the demo run before
+    this table, 0.812 / 0.606. The dev classifier, per image, demo / defaults (crowd labels, beta 100, lr 3e-5):
+
+        train seed   as chosen above   caption dropout 0.1   other (seed 0)
+        0            0.800 / 0.661     0.784 / 0.700         beta 40: 0.787 / 0.672; 600 steps: 0.756 / 0.613;
+        1            0.855 / 0.711     0.869 / 0.727         lr 1e-4: 0.700 / 0.586; dropout 0.2: 0.766 / 0.713;
+        2            0.933 / 0.772     0.934 / 0.783         dropout 0.1 + 36 pairs per prompt: 0.883 / 0.656
+
+    The training seed moves the result more than any setting (0.78 to 0.93 at the demo's sampling): one demo run
+    says little about a setting, and a seed is not a setting, so the demo keeps seed 0 rather than the best seed
+    (a best-of-three on dev would ship the luckiest run and call it the method). Caption dropout 0.1 gained at the
+    pipeline's defaults on all three seeds (+0.039, +0.016, +0.011) and tied at the demo's sampling (-0.016,
+    +0.014, +0.001), so the flow demo takes it. A guess at why: guidance 7 extrapolates along the conditional minus
+    unconditional direction, and dropout trains the unconditional branch on the same labels. With the AI's labels it
+    changed nothing (seed 0: 0.777 / 0.681 without, 0.783 / 0.680 with). The judge, run only after the choice, does
+    not confirm it on seed 0 (demo runs of 2026-12-04, DPO per image: 0.812 / 0.606 without, 0.773 / 0.588 with);
+    it stays, because settings are not chosen on the judge, and the gap is inside the seed-to-seed spread above.
+    The UNet demo keeps its earlier choice (no dropout): not re-tuned on the dev classifier.
 
     SFT (`loss="sft"`) runs with exactly these settings, the comparison with one thing changed (the
     objective). Tuned on its own, SFT does better than this: at lr 1e-4 it reached 0.90 (crowd) and 0.95
