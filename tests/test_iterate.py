@@ -73,7 +73,8 @@ def _rewards_importable(monkeypatch):
     monkeypatch.syspath_prepend(str(TESTS))
 
 
-def make_cfg(out: Path, model: Path, prompts: Path, **overrides):
+def settings(out: Path, model: Path, prompts: Path, **overrides) -> dict[str, str]:
+    """The tests' iterate settings by dotted name, `section__key=value` overrides applied."""
     base = {"output_dir": str(out), "model.pretrained": str(model), "data.resolution": "32", "data.batch_size": "2",
             "data.num_workers": "0", "optim.lr": "1e-3", "optim.scale_lr": "false", "optim.lr_warmup_steps": "0",
             "train.max_steps": "3", "train.checkpointing_steps": "0", "train.report_to": "none",
@@ -82,7 +83,11 @@ def make_cfg(out: Path, model: Path, prompts: Path, **overrides):
             "iterate.reward": REWARD, "iterate.heldout_rewards": f"[{HELDOUT}]", "iterate.steps": "2",
             "iterate.guidance_scale": "3.0"}
     base.update({k.replace("__", "."): str(v) for k, v in overrides.items()})
-    return load_config(None, base, iterate=True)
+    return base
+
+
+def make_cfg(out: Path, model: Path, prompts: Path, **overrides):
+    return load_config(None, settings(out, model, prompts, **overrides), iterate=True)
 
 
 def test_full_rounds_continue_the_policy_against_the_previous_round(tmp_path, tiny_sd, prompt_files):
@@ -189,15 +194,7 @@ sys.exit(main(sys.argv[2:]))
 
 def _cli_args(out: Path, model: Path, prompts: Path, **overrides) -> list[str]:
     """make_cfg's settings as `diffusion-dpo iterate` flags."""
-    cfg = make_cfg(out, model, prompts, **overrides)
-    flat = {"output_dir": cfg.output_dir, "model.pretrained": cfg.model.pretrained, "data.resolution": "32",
-            "data.batch_size": "2", "data.num_workers": "0", "optim.lr": "1e-3", "optim.scale_lr": "false",
-            "optim.lr_warmup_steps": "0", "train.max_steps": "3", "train.report_to": "none",
-            "validation.every_steps": "-1", "iterate.rounds": "2", "iterate.prompts": str(prompts / "train.txt"),
-            "iterate.eval_prompts": str(prompts / "eval.txt"), "iterate.samples_per_prompt": "2",
-            "iterate.reward": REWARD, "iterate.heldout_rewards": f"[{HELDOUT}]", "iterate.steps": "2",
-            "iterate.guidance_scale": "3.0", "train.checkpointing_steps": "0"}
-    flat.update({k.replace("__", "."): str(v) for k, v in overrides.items()})
+    flat = settings(out, model, prompts, **overrides)
     return ["iterate", *(x for k, v in flat.items() for x in (f"--{k}", v))]
 
 
