@@ -39,6 +39,8 @@ from diffusion_dpo.demo.scorers import AI_REWARD, CROWD_REWARD, DEV_REWARD
 DEV_SEED_START = 500_000  # far above pair seeds (0..2K-1), far below evaluation seeds (1,000,000+)
 DEV_SEEDS = 4
 ONLINE_DEV_SEEDS = [DEV_SEED_START + 100 + k for k in range(2)]  # the online trials' own, apart from DEV_SEEDS
+# the dev metric's scorers by their key in a trial's result (none of them is the judge)
+DEV_REWARDS = {"crowd": CROWD_REWARD, "ai": AI_REWARD, "dev": DEV_REWARD}
 
 
 def dev_prompts() -> list[dict]:
@@ -78,9 +80,9 @@ def dev_score(work: Path, size: DemoSize, base: Path, model: Path, name: str) ->
         generate(str(base), dev_prompts(), seeds, base_gen, **kwargs)  # resumes: a no-op once done
         gen = work / "runs" / name / f"dev{suffix}"
         generate(str(model), dev_prompts(), seeds, gen, **kwargs)
-        result = compare(gen, base_gen, [CROWD_REWARD, AI_REWARD, DEV_REWARD],
-                         work / "runs" / name / f"compare{suffix}", batch_size=512)
-        for key, reward in (("crowd", CROWD_REWARD), ("ai", AI_REWARD), ("dev", DEV_REWARD)):
+        result = compare(gen, base_gen, list(DEV_REWARDS.values()), work / "runs" / name / f"compare{suffix}",
+                         batch_size=512)
+        for key, reward in DEV_REWARDS.items():
             r = result["rewards"][reward]
             # The win rate saturates once a model improves nearly every prompt a little; the mean gain does not.
             scores |= {f"{key}{suffix}": round(r["win_rate"], 3), f"{key}_image{suffix}": round(r["image_win_rate"], 3),
@@ -107,6 +109,11 @@ def trial(work: Path, overrides: dict, labels: str, loss: str, name: str, family
               "train_s": round(time.perf_counter() - started, 1),
               "final_loss": round(summary["final_loss"], 3), "final_acc": round(summary["final_implicit_acc"], 3),
               **dev_score(work, size, base, final, name)}
+    return _record(work, result)
+
+
+def _record(work: Path, result: dict) -> dict:
+    """Append a trial's result to WORK_DIR/results.jsonl and print it."""
     with open(work / "results.jsonl", "a") as fh:
         fh.write(json.dumps(result) + "\n")
     print(json.dumps(result))
@@ -133,7 +140,6 @@ def online_trial(work: Path, demo_dir: Path, overrides: dict, name: str, family:
                     "iterate_s": round(time.perf_counter() - started, 1)}
     models = {"base": demo_dir / "base", "start": demo_dir / "dpo_ai", "r1": Path(online["rounds"][0]["final"]),
               "last": Path(online["final"])}
-    rewards = {"crowd": CROWD_REWARD, "ai": AI_REWARD, "dev": DEV_REWARD}
     for setting, kwargs in (("demo", sampling(size)), ("defaults", default_sampling(size))):
         gens = {}
         for model, path in models.items():
@@ -141,15 +147,12 @@ def online_trial(work: Path, demo_dir: Path, overrides: dict, name: str, family:
             gens[model] = (work / f"online-{model}-{family}-{setting}") if shared else run_dir / "dev" / setting / model
             generate(str(path), dev_prompts(), ONLINE_DEV_SEEDS, gens[model], **kwargs)
         for a, b in (("last", "base"), ("last", "r1"), ("last", "start"), ("r1", "base")):
-            got = compare(gens[a], gens[b], list(rewards.values()), run_dir / "compare" / setting / f"{a}_vs_{b}",
-                          batch_size=512)
+            got = compare(gens[a], gens[b], list(DEV_REWARDS.values()),
+                          run_dir / "compare" / setting / f"{a}_vs_{b}", batch_size=512)
             result |= {f"{setting}_{a}_vs_{b}_{key}": round(got["rewards"][reward]["image_win_rate"], 3)
-                       for key, reward in rewards.items()}
+                       for key, reward in DEV_REWARDS.items()}
         result[f"{setting}_diversity"] = round(diversity(gens["last"]) / diversity(gens["base"]), 3)
-    with open(work / "results.jsonl", "a") as fh:
-        fh.write(json.dumps(result) + "\n")
-    print(json.dumps(result))
-    return result
+    return _record(work, result)
 
 
 def _value(text: str):
