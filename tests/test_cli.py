@@ -144,14 +144,16 @@ def test_config_and_path_mistakes_are_one_line(tmp_path, tiny_sd, tiny_data, cap
 def test_two_cpu_processes_match_one_process_with_twice_the_batch(request, tmp_path, tiny_data, family, role):
     """DDP over gloo through `accelerate launch`: 2 processes x batch 2 reach the weights of 1 process x batch 4
     and of 1 process x batch 2 x 2 accumulation steps; metrics are averaged over processes and files are
-    written once. For a UNet and for a flow-matching transformer."""
+    written once. For a UNet and for a flow-matching transformer, with a weight average (train.ema_decay)."""
     import torch
     from safetensors.torch import load_file
 
     tiny_sd = request.getfixturevalue(f"tiny_{family}")
     # eps = 1: Adam ~ SGD with momentum, so fp32 reduction-order noise is not amplified (see test_training)
     sgd_like = ["--optim.lr", "0.1", "--optim.adam_epsilon", "1.0", "--optim.weight_decay", "0",
-                "--train.checkpointing_steps", "1", "--model.max_sequence_length", "8"]
+                "--train.checkpointing_steps", "1", "--model.max_sequence_length", "8",
+                # final/ holds the weight average, which each DDP process keeps of its identical weights
+                "--train.ema_decay", "0.5"]
     out = tmp_path / "ddp"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     # --multi_gpu is accelerate's name for its torch.distributed launcher; without GPUs it runs gloo on the CPU

@@ -41,6 +41,8 @@ def test_contract_fields_exist():
     ("model: {pretrained: m}\ndata: {path: d}\n", {"loss.beta": "0"}, "loss.beta must be > 0"),
     ("model: {pretrained: m}\ndata: {path: d}\n", {"loss.beta": "-5"}, "loss.beta must be > 0"),
     ("model: {pretrained: m}\ndata: {path: d}\n", {"loss.label_smoothing": "0.5"}, "loss.label_smoothing must be in"),
+    ("model: {pretrained: m}\ndata: {path: d}\n", {"train.ema_decay": "1"}, r"train.ema_decay must be in \[0, 1\)"),
+    ("model: {pretrained: m}\ndata: {path: d}\n", {"train.ema_decay": "-0.1"}, r"train.ema_decay must be in \[0, 1\)"),
     ("model: {pretrained: m}\ndata: {path: d}\n", {"optim.step_in_backward": "true"},
      "optim.step_in_backward cannot clip by the global gradient norm"),
     ("model: {pretrained: m}\ndata: {path: d}\n", {"optim.step_in_backward": "true", "optim.max_grad_norm": "0",

@@ -182,6 +182,10 @@ class TrainConfig:
     allow_tf32: bool = _f(True, "Allow TF32 matmuls on Ampere+ GPUs.")
     skip_nonfinite: bool = _f(False, "Skip (and count) optimizer steps whose loss or gradient is NaN/inf instead "
                                      "of stopping the run; the weights are never updated with them.")
+    ema_decay: float = _f(0.0, "Keep an exponential moving average of the trainable weights with this decay "
+                               "(e.g. 0.999; 0 = off): final/ and the validation grids hold the average, "
+                               "checkpoints both. The decay is capped at n/(n+9) after n updates. One more fp32 "
+                               "copy of the trainable weights; not under FSDP/DeepSpeed.")
     channels_last: bool = _f(False, "Keep the UNet's weights and inputs in channels-last memory format (faster "
                                     "convolutions on recent GPUs with bf16/fp16; no gain on CPU).")
     compile: bool = _f(False, "torch.compile the UNet (the first steps are slow while it compiles; pays off on "
@@ -472,6 +476,7 @@ def validate(cfg: Config, data_in_memory: bool = False, iterate: bool = False) -
     need(cfg.train.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision",
          f"must be no, fp16 or bf16 (got '{cfg.train.mixed_precision}')")
     need(cfg.train.checkpointing_steps >= 0, "train.checkpointing_steps", "must be >= 0")
+    need(0.0 <= cfg.train.ema_decay < 1.0, "train.ema_decay", f"must be in [0, 1) (got {cfg.train.ema_decay})")
     need(cfg.train.checkpoints_total_limit is None or cfg.train.checkpoints_total_limit >= 1,
          "train.checkpoints_total_limit", "must be >= 1")
     from diffusion_dpo.trackers import TRACKER_PACKAGES

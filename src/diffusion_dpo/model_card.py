@@ -74,6 +74,8 @@ def card_text(cfg: Config, facts: RunFacts, repo_id: Optional[str] = None) -> st
         ("precision", cfg.train.mixed_precision),
         ("seed", f"{cfg.train.seed}"),
     ]
+    if cfg.train.ema_decay > 0:
+        rows.append(("weights", f"the exponential moving average of the trained weights (decay {cfg.train.ema_decay:g})"))
     table = "\n".join(["| | |", "| --- | --- |", *(f"| {k} | {v} |" for k, v in rows)])
     if lora:
         usage = (f"pipe = {facts.pipeline_class}.from_pretrained(\"{cfg.model.pretrained}\")\n"

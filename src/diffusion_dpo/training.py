@@ -23,6 +23,7 @@ Run: `diffusion-dpo train --config configs/sd15_pickapic.yaml --data.path DIR --
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -38,6 +39,7 @@ from torch import Tensor
 from diffusion_dpo import checkpoint as ckpt
 from diffusion_dpo.cache import Cache, CachedPairs, build_cache, cached_inputs, read_manifest
 from diffusion_dpo.config import Config, check_config, to_yaml
+from diffusion_dpo.ema import WeightAverage
 from diffusion_dpo.data import (PairSampler, PreferenceDataset, collate_packed, keys_per_epoch, pairs_from_memory,
                                unpack_batch)
 from diffusion_dpo.errors import UserError, is_local_path
@@ -225,6 +227,12 @@ class Trainer:
                             f" but train.gradient_accumulation_steps is {cfg.train.gradient_accumulation_steps}; remove "
                             "it from the accelerate/DeepSpeed config (configs/accelerate/ leave it out)")
         self.params = params
+        self.average: Optional[WeightAverage] = None
+        if cfg.train.ema_decay > 0:
+            if self.sharded:  # each process holds only shards of the weights to average
+                raise UserError("train.ema_decay under FSDP/DeepSpeed: the weight average needs unsharded weights; "
+                                "launch with DDP (plain `accelerate launch`) or set train.ema_decay 0")
+            self.average = WeightAverage(params, cfg.train.ema_decay)
 
         if self.cache is not None:
             self.dataset = CachedPairs(self.cache, cfg.data.random_flip, cfg.data.proportion_empty_prompts)
@@ -412,6 +420,8 @@ class Trainer:
             record["lr"] = self.lr_scheduler.get_last_lr()[0]  # the rate this update uses
             if not apply_update(self.optimizer, self.lr_scheduler, acc.scaler, finite):
                 self.state.skipped_steps += 1
+            elif self.average is not None:
+                self.average.update()
             self.optimizer.zero_grad(set_to_none=True)
             self.state.step += 1
             record = self._write_metrics(record, time.perf_counter() - t0)
@@ -503,6 +513,8 @@ class Trainer:
             save_file(state, directory / "lora_peft.safetensors")
         else:
             model.save_pretrained(directory / self.components.denoiser_role, safe_serialization=True)
+        if self.average is not None:
+            self.average.save(directory)
 
     def _read_weights(self, directory: Path) -> None:
         from safetensors.torch import load_file
@@ -529,6 +541,8 @@ class Trainer:
             except RuntimeError as exc:  # other shapes or names: another model's checkpoint
                 raise UserError(f"train.resume: {path} does not fit {self.cfg.model.pretrained} "
                                 f"({str(exc).splitlines()[0][:200]})") from None
+        if self.average is not None:
+            self.average.load(directory)
 
     def _maybe_checkpoint(self) -> None:
         every = self.cfg.train.checkpointing_steps
@@ -585,9 +599,10 @@ class Trainer:
                 # Training from a cache holds no VAE or text encoders; a grid needs them, for the grid only.
                 components = load_components(self.cfg.model, self.weight_dtype, self.accelerator.device,
                                              denoiser=False, flow=self.cfg.flow)
-            write_validation_grid(path, components, self.accelerator.unwrap_model(self.denoiser), self.reference,
-                                  v.prompts, v.seeds, self.cfg.data.resolution, v.num_inference_steps,
-                                  v.guidance_scale, autocast=self.accelerator.autocast)
+            with self._averaged():  # the grid shows what final/ will hold
+                write_validation_grid(path, components, self.accelerator.unwrap_model(self.denoiser),
+                                      self.reference, v.prompts, v.seeds, self.cfg.data.resolution,
+                                      v.num_inference_steps, v.guidance_scale, autocast=self.accelerator.autocast)
             log_image(self.accelerator.trackers, "validation/reference_vs_policy", path, self.state.step)
         self.accelerator.wait_for_everyone()
 
@@ -610,6 +625,18 @@ class Trainer:
         # sharded parameters (full fine-tunes only: LoRA is refused under FSDP/DeepSpeed) are gathered into
         # one full state dict on the main process (a collective)
         full_state = acc.get_state_dict(self.denoiser) if self.sharded else None
+        with self._averaged():
+            self._write_final(final, full_state)
+        acc.wait_for_everyone()
+        return final
+
+    def _averaged(self):
+        """A block in which the denoiser holds the weight average (train.ema_decay), or a no-op without one."""
+        return self.average.swapped_in() if self.average is not None else contextlib.nullcontext()
+
+    def _write_final(self, final: Path, full_state: Optional[dict]) -> None:
+        """Write final/ atomically (main process): final.tmp/, then a rename."""
+        acc = self.accelerator
         if acc.is_main_process:
             tmp = self.output_dir / "final.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
@@ -630,8 +657,6 @@ class Trainer:
                                 "--train.resume latest once there is space") from None
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
-        acc.wait_for_everyone()
-        return final
 
 
 def apply_update(optimizer: torch.optim.Optimizer, lr_scheduler: Any, scaler: Optional[Any], finite: bool) -> bool:
