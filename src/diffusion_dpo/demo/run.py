@@ -61,6 +61,9 @@ class DemoSize:
     eval_seeds: int = 4  # seeds per evaluation prompt (averaged per prompt by compare)
     sample_steps: int = 15  # DPM-Solver++ steps; the base's samples stop changing beyond ~12
     guidance_scale: float = 3.0  # moderate CFG: stronger guidance would hide the base's mistakes DPO fixes
+    # guidance scales the pair images are drawn at, pair k at pair_guidance[k % n] (both of its images); None in
+    # it is the pipeline's default scale; () is the demo's guidance_scale alone
+    pair_guidance: tuple = ()
     train_steps: int = 300
     batch_size: int = 32  # pairs per optimizer step
     beta: float = 250.0  # DPO on the crowd's labels; see train_config
@@ -69,6 +72,7 @@ class DemoSize:
     caption_dropout: float = 0.0
     label_smoothing: float = 0.0  # conservative DPO's eps (loss.label_smoothing)
     train_seed: int = 0  # train.seed of every tuned model (the tuning loop varies it to see the spread)
+    ema_decay: float = 0.0  # train.ema_decay of every tuned model (0: final/ holds the last weights)
     # steps of the "pipeline defaults" evaluation: None = the pipeline's own (the README's run); the tiny smoke
     # run takes 2 so that its 50-step SD default does not dominate the test suite (its guidance stays the default)
     default_steps: Optional[int] = None
@@ -230,6 +234,7 @@ def train_config(base: Path, data: Path, out: Path, size: DemoSize, loss: str, l
     cfg.optim.lr_warmup_steps = min(20, size.train_steps // 10)
     cfg.train.max_steps = size.train_steps
     cfg.train.seed = size.train_seed
+    cfg.train.ema_decay = size.ema_decay
     cfg.train.checkpointing_steps = 0
     cfg.train.report_to = "none"
     cfg.validation.every_steps = -1  # the demo's own grid (base | DPO | DPO-AI | SFT) replaces it
@@ -319,9 +324,17 @@ def make_pairs(base: Path, size: DemoSize, data_dir: Path) -> PairSet:
     from diffusion_dpo.generate import generate
 
     gen_dir = data_dir / "base_samples"
-    generate(str(base), world.pair_prompts(size.pair_templates), pair_seeds(size.pairs_per_prompt), gen_dir,
-             **sampling(size))
-    return label_pairs(gen_dir, load_run(gen_dir), data_dir / "crowd", seed=size.base.seed)
+    scales = size.pair_guidance or (size.guidance_scale,)
+    seeds = pair_seeds(size.pairs_per_prompt)
+    rows = []
+    for j, scale in enumerate(scales):
+        # pair k (seeds 2k, 2k+1) at scales[k % n]; one generate run per scale (a run has one guidance scale)
+        mine = [s for s in seeds if (s // 2) % len(scales) == j]
+        run = gen_dir if len(scales) == 1 else gen_dir / f"guidance-{j}"
+        generate(str(base), world.pair_prompts(size.pair_templates), mine, run,
+                 **{**sampling(size), "guidance_scale": scale})
+        rows += [r | {"file": str(run.relative_to(gen_dir) / r["file"])} for r in load_run(run)]
+    return label_pairs(gen_dir, rows, data_dir / "crowd", seed=size.base.seed)
 
 
 def relabel_ai(crowd_dir: Path, data_dir: Path) -> dict:

@@ -51,7 +51,8 @@ def dev_prompts() -> list[dict]:
 def prepare_pairs(work: Path, size: DemoSize, base: Path) -> dict[str, Path]:
     """Crowd- and AI-labelled pairs for `size.pairs_per_prompt`, made by the demo's own stages once per
     work directory."""
-    root = work / f"pairs-{size.family}-{size.pairs_per_prompt}"
+    guidance = "" if not size.pair_guidance else "-g" + "_".join(str(g) for g in size.pair_guidance)
+    root = work / f"pairs-{size.family}-{size.pairs_per_prompt}{guidance}"
     done = root / "done"
     if not done.exists():
         pairs = make_pairs(base, size, root)
@@ -156,6 +157,10 @@ def online_trial(work: Path, demo_dir: Path, overrides: dict, name: str, family:
 
 
 def _value(text: str):
+    if "," in text:  # a tuple field such as pair_guidance=3,none
+        return tuple(_value(t) for t in text.split(",") if t)
+    if text.lower() == "none":
+        return None
     if text.lower() in ("true", "false"):  # a flag such as online_at_defaults=false (a string would be truthy)
         return text.lower() == "true"
     for kind in (int, float):
