@@ -149,6 +149,23 @@ def test_pairs_are_written_in_the_pickapic_schema_and_load_for_training(tmp_path
     assert len(loaded) == 6
 
 
+def test_workers_return_results_in_order_and_a_user_error_as_raised():
+    from diffusion_dpo.demo.parallel import Workers
+    from diffusion_dpo.errors import UserError
+    from diffusion_dpo.generate import generate
+
+    finished = []
+    with Workers(2) as workers:
+        assert workers.workers == 2 and workers.threads >= 1
+        jobs = [(7, 2), (9, 4), (1, 1)]
+        assert workers.map(divmod, jobs, done=lambda: finished.append(1)) == [(3, 1), (2, 1), (1, 0)]
+        assert len(finished) == 3
+        with pytest.raises(UserError, match="^no prompts to generate$"):  # the worker's exception, as it was
+            workers.map(generate, [("model", [], [0], "out")])
+        assert workers.map(divmod, [(5, 3)]) == [(1, 2)]  # the pool outlives a failed job
+    assert Workers(1).map(divmod, [(7, 2)]) == [(3, 1)]  # one worker: in this process, no pool
+
+
 @pytest.mark.parametrize("family, base_class", [("sd", "StableDiffusionPipeline"),
                                                 ("sd3", "StableDiffusion3Pipeline")])
 def test_tiny_demo_end_to_end_writes_every_output(tmp_path, family, base_class):
@@ -194,8 +211,7 @@ def test_tiny_demo_end_to_end_writes_every_output(tmp_path, family, base_class):
     online = saved["online"]
     assert len(online["rounds"]) == 2 and online["final"] == str(out / "online" / "round-2" / "train" / "final")
     assert json.loads((out / "online" / "round-1" / "samples" / "run.json").read_text())["model"] == str(out / "dpo_ai")
-    for stage in ("base", "pairs", "relabel", "train_dpo", "train_dpo_ai", "train_sft", "online", "generate", "compare",
-                  "report", "total"):
+    for stage in ("base", "pairs", "relabel", "train", "online", "generate", "compare", "report", "total"):
         assert saved["wall_time_s"][stage] >= 0
     lines = [json.loads(line) for line in (out / "eval_prompts.jsonl").read_text().splitlines()]
     assert len(lines) == 20 and all(world.digit_of(p["prompt"]) == p["digit"] for p in lines)

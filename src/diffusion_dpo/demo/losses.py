@@ -30,7 +30,9 @@ import numpy as np
 
 from diffusion_dpo.config import Config, load_config, to_yaml, validate
 from diffusion_dpo.demo.run import (DemoSize, StageTimer, base_stage, default_sampling, eval_items, eval_seeds,
-                                    make_pairs, prepare_output, resolve_size, sampling, train_config)
+                                    generate_job, make_pairs, prepare_output, resolve_size, run_jobs, sampling,
+                                    train_config)
+from diffusion_dpo.demo.parallel import Workers
 from diffusion_dpo.demo.scorers import AI_REWARD, CROWD_REWARD, JUDGE_REWARD
 from diffusion_dpo.errors import UserError
 from diffusion_dpo.losses import LOSSES, get_loss
@@ -109,16 +111,17 @@ def train_measured(cfg: Config) -> dict[str, Any]:
             "peak_memory_mib": max(peaks) / 2**20 if peaks else None, "load_peak_memory_mib": load_peak / 2**20}
 
 
-def train_in_child(cfg: Config, run_dir: Path) -> dict[str, Any]:
-    """`train_measured` in a fresh `python -m diffusion_dpo.demo.losses` process (its own peak memory); its
-    output goes to run_dir/train.log. A failure is one line: the child's last."""
+def train_in_child(cfg: Config, run_dir: Path, threads: int) -> dict[str, Any]:
+    """`train_measured` in a fresh `python -m diffusion_dpo.demo.losses` process (its own peak memory) of
+    `threads` torch threads (the demo's workers', so that its DPO is the demo's); its output goes to
+    run_dir/train.log. A failure is one line: the child's last."""
     run_dir.mkdir(parents=True, exist_ok=True)
     config_file, result_file, log_file = run_dir / "demo_config.yaml", run_dir / "measured.json", run_dir / "train.log"
     config_file.write_text(to_yaml(cfg))
     result_file.unlink(missing_ok=True)
     with open(log_file, "w") as log:
-        proc = subprocess.run([sys.executable, "-m", "diffusion_dpo.demo.losses", str(config_file), str(result_file)],
-                              stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.run([sys.executable, "-m", "diffusion_dpo.demo.losses", str(config_file), str(result_file),
+                               str(threads)], stdout=log, stderr=subprocess.STDOUT)
     if proc.returncode != 0 or not result_file.is_file():
         lines = log_file.read_text().strip().splitlines() or ["no output"]
         raise UserError(f"demo --losses: training {cfg.loss.name} failed ({log_file}): {lines[-1]}")
@@ -126,12 +129,15 @@ def train_in_child(cfg: Config, run_dir: Path) -> dict[str, Any]:
 
 
 def _worker(argv: Sequence[str]) -> None:
-    """Child entry: config_file result_file."""
+    """Child entry: config_file result_file threads."""
     import os
+
+    import torch
 
     from diffusion_dpo.cli import quiet_libraries, quiet_progress_bars
 
-    config_file, result_file = argv
+    config_file, result_file, threads = argv
+    torch.set_num_threads(int(threads))
     quiet_libraries()
     quiet_progress_bars()
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -146,38 +152,22 @@ def run_loss_demo(output_dir: str | Path, losses: Sequence[str], size: str | Dem
     """Train each of `losses` on the demo's crowd pairs and compare each with the base; return the report (also
     DIR/losses.json, losses.md and loss_win_rates.png)."""
     from diffusion_dpo.evaluate import compare
-    from diffusion_dpo.generate import generate
 
     size_name, size = resolve_size(size, family)
     out = Path(output_dir)
     prepare_output(out, OUTPUTS)
     timer, started = StageTimer(), time.perf_counter()
-    with timer("base"):
-        base, cached, built = base_stage(size, out, cache_dir, rebuild)
-    with timer("pairs"):
-        crowd = make_pairs(base, size, out / "data")
-
-    measured: dict[str, dict] = {}
-    for loss in losses:
-        with timer(f"train_{loss}"):
-            log(f"demo --losses: training {loss} ({get_loss(loss).title})")
-            run_dir = out / "train" / loss
-            measured[loss] = train_in_child(loss_config(base, crowd.path, run_dir, size, loss), run_dir)
-            Path(measured[loss]["final"]).rename(out / loss)  # a full pipeline: from_pretrained(DIR/<loss>)
+    with Workers() as workers:  # the default demo's, so that the pairs and DPO are its own
+        with timer("base"):
+            base, cached, built = base_stage(size, out, cache_dir, rebuild)
+        with timer("pairs"):
+            crowd = make_pairs(base, size, out / "data", workers)
+        measured, gens = _train_and_sample(out, base, crowd.path, size, losses, workers, timer, log)
 
     items, seeds = eval_items(size), eval_seeds(size)
-    (out / "eval_prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in items))
-    settings = {"demo": ("gen", "compare", sampling(size)), "defaults": ("gen_defaults", "compare_defaults",
-                                                                           default_sampling(size))}
-    gens: dict[str, dict[str, Path]] = {}
-    with timer("generate"):
-        for setting, (gen_dir, _, kwargs) in settings.items():
-            gens[setting] = {name: out / "eval" / gen_dir / name for name in ("base", *losses)}
-            for name, path in gens[setting].items():
-                generate(str(out / name), items, seeds, path, **kwargs)
     comparisons: dict[str, dict[str, dict]] = {}
     with timer("compare"):
-        for setting, (_, cmp_dir, _) in settings.items():
+        for setting, cmp_dir in (("demo", "compare"), ("defaults", "compare_defaults")):
             g = gens[setting]
             comparisons[setting] = {loss: compare(g[loss], g["base"], list(JUDGES.values()),
                                                   out / "eval" / cmp_dir / f"{loss}_vs_base", batch_size=512)
@@ -186,6 +176,30 @@ def run_loss_demo(output_dir: str | Path, losses: Sequence[str], size: str | Dem
              "base_cache": str(cached), "crowd_pairs": crowd.pairs, "eval_prompts": len(items), "eval_seeds": seeds,
              "settings": {loss: _settings_of(out / "train" / loss) for loss in losses}}
     return write_loss_report(out, facts, comparisons, gens, measured, timer, started)
+
+
+def _train_and_sample(out: Path, base: Path, pairs: Path, size: DemoSize, losses: Sequence[str], workers: Workers,
+                      timer: StageTimer, log) -> tuple[dict[str, dict], dict[str, dict[str, Path]]]:
+    """Train each loss in its own process, in turn (its step time and memory its own), then sample the base and
+    every loss on the evaluation prompts at both settings on the workers: (measured, gens)."""
+    measured: dict[str, dict] = {}
+    for loss in losses:
+        with timer(f"train_{loss}"):
+            log(f"demo --losses: training {loss} ({get_loss(loss).title})")
+            run_dir = out / "train" / loss
+            measured[loss] = train_in_child(loss_config(base, pairs, run_dir, size, loss), run_dir, workers.threads)
+            Path(measured[loss]["final"]).rename(out / loss)  # a full pipeline: from_pretrained(DIR/<loss>)
+
+    items, seeds = eval_items(size), eval_seeds(size)
+    (out / "eval_prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in items))
+    settings = {"demo": ("gen", sampling(size)), "defaults": ("gen_defaults", default_sampling(size))}
+    gens = {setting: {name: out / "eval" / gen_dir / name for name in ("base", *losses)}
+            for setting, (gen_dir, _) in settings.items()}
+    with timer("generate"):
+        run_jobs(workers, generate_job, [(str(out / name), items, seeds, path, settings[setting][1])
+                                         for setting in settings for name, path in gens[setting].items()],
+                 "evaluation samples")
+    return measured, gens
 
 
 def _settings_of(run_dir: Path) -> dict:

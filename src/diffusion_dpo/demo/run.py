@@ -40,6 +40,7 @@ from diffusion_dpo.config import Config, validate
 from diffusion_dpo.demo import world
 from diffusion_dpo.demo.base import BaseRecipe
 from diffusion_dpo.demo.base_sd3 import SD3Recipe
+from diffusion_dpo.demo.parallel import Workers
 from diffusion_dpo.demo.scorers import AI_REWARD, CROWD_REWARD, DEV_REWARD, JUDGE_REWARD
 from diffusion_dpo.errors import UserError
 
@@ -61,9 +62,6 @@ class DemoSize:
     eval_seeds: int = 4  # seeds per evaluation prompt (averaged per prompt by compare)
     sample_steps: int = 15  # DPM-Solver++ steps; the base's samples stop changing beyond ~12
     guidance_scale: float = 3.0  # moderate CFG: stronger guidance would hide the base's mistakes DPO fixes
-    # guidance scales the pair images are drawn at, pair k at pair_guidance[k % n] (both of its images); None in
-    # it is the pipeline's default scale; () is the demo's guidance_scale alone
-    pair_guidance: tuple = ()
     train_steps: int = 300
     batch_size: int = 32  # pairs per optimizer step
     beta: float = 250.0  # DPO on the crowd's labels; see train_config
@@ -207,6 +205,14 @@ def train_config(base: Path, data: Path, out: Path, size: DemoSize, loss: str, l
     it stays, because settings are not chosen on the judge, and the gap is inside the seed-to-seed spread above.
     The UNet demo keeps its earlier choice (no dropout): not re-tuned on the dev classifier.
 
+    Two more ideas on that setting, neither taken (dev classifier per image, demo / defaults, seeds 0, 1, 2; the
+    setting itself 0.784 / 0.700, 0.869 / 0.727, 0.934 / 0.783): a weight average of the trained weights
+    (`ema_decay=0.99`, capped at n/(n+9), so ~0.97 by step 300) 0.797 / 0.666, 0.878 / 0.722, 0.902 / 0.778, no gain
+    and no narrower spread at the defaults; every second pair drawn at the pipeline's guidance 7 instead of 3
+    (commit 41c2a0f, `--set pair_guidance=3,none`; the knob was then removed) 0.805 / 0.681, 0.903 / 0.739 on seeds 0
+    and 1, +0.02 and +0.03 at the demo's sampling, -0.02 and +0.01 at the defaults. These rows were measured before
+    the demo ran its jobs on worker processes (one thread each, `parallel.py`); the table above too.
+
     SFT (`loss="sft"`) runs with exactly these settings, the comparison with one thing changed (the
     objective). Tuned on its own, SFT does better than this: at lr 1e-4 it reached 0.90 (crowd) and 0.95
     (AI) on the same dev metric with the earlier, uncalibrated crowd, at a diversity of 0.84 of the base's;
@@ -316,25 +322,53 @@ def default_sampling(size: DemoSize) -> dict:
     return {**sampling(size), "steps": size.default_steps, "guidance_scale": None}
 
 
-def make_pairs(base: Path, size: DemoSize, data_dir: Path) -> PairSet:
+def make_pairs(base: Path, size: DemoSize, data_dir: Path, workers: Optional[Workers] = None) -> PairSet:
     """The pairs stage: sample 2K images per pair prompt from `base` into data_dir/base_samples and let the
-    crowd label them into data_dir/crowd."""
+    crowd label them into data_dir/crowd. With `workers`, the pairs are split over them (pair k, seeds 2k and
+    2k+1, into base_samples/part-<k mod n>)."""
     from diffusion_dpo.demo.pairs import label_pairs, pair_seeds
     from diffusion_dpo.evaluate import load_run
-    from diffusion_dpo.generate import generate
 
     gen_dir = data_dir / "base_samples"
-    scales = size.pair_guidance or (size.guidance_scale,)
+    parts = min(workers.workers if workers is not None else 1, size.pairs_per_prompt)
     seeds = pair_seeds(size.pairs_per_prompt)
-    rows = []
-    for j, scale in enumerate(scales):
-        # pair k (seeds 2k, 2k+1) at scales[k % n]; one generate run per scale (a run has one guidance scale)
-        mine = [s for s in seeds if (s // 2) % len(scales) == j]
-        run = gen_dir if len(scales) == 1 else gen_dir / f"guidance-{j}"
-        generate(str(base), world.pair_prompts(size.pair_templates), mine, run,
-                 **{**sampling(size), "guidance_scale": scale})
-        rows += [r | {"file": str(run.relative_to(gen_dir) / r["file"])} for r in load_run(run)]
+    runs = [gen_dir if parts == 1 else gen_dir / f"part-{j}" for j in range(parts)]
+    prompts = world.pair_prompts(size.pair_templates)
+    jobs = [(str(base), prompts, [s for s in seeds if (s // 2) % parts == j], run, sampling(size))
+            for j, run in enumerate(runs)]
+    run_jobs(workers or Workers(1), generate_job, jobs, "pair samples")
+    rows = [r | {"file": str(run.relative_to(gen_dir) / r["file"])} for run in runs for r in load_run(run)]
     return label_pairs(gen_dir, rows, data_dir / "crowd", seed=size.base.seed)
+
+
+def run_jobs(workers: Workers, fn: Any, jobs: list[tuple], desc: str) -> list:
+    """`workers.map(fn, jobs)` under one progress bar over the jobs (the workers draw none)."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(jobs), desc=desc, unit="job") as bar:
+        return workers.map(fn, jobs, done=lambda: bar.update(1))
+
+
+def generate_job(model: str, prompts: list, seeds: list, out: Path, kwargs: dict) -> Path:
+    """`generate` as a job for `Workers.map`."""
+    from diffusion_dpo.generate import generate
+
+    return generate(model, prompts, seeds, out, **kwargs)
+
+
+def train_job(cfg: Config) -> Path:
+    """`train` as a job for `Workers.map`; returns final/."""
+    from diffusion_dpo.training import train
+
+    return train(cfg)
+
+
+def cache_job(cfg: Config) -> None:
+    """The pre-encoding cache a `train` config names, as a job for `Workers.map` (built once, before the
+    trainings that share it start)."""
+    from diffusion_dpo.cache import build_cache
+
+    build_cache(cfg)
 
 
 def relabel_ai(crowd_dir: Path, data_dir: Path) -> dict:
@@ -433,9 +467,7 @@ def run_demo(output_dir: str | Path, size: str | DemoSize = "full", cache_dir: O
     DemoSize given as `size` carries its own); return the report (also written as report.json)."""
     from diffusion_dpo.demo.report import write_report
     from diffusion_dpo.evaluate import compare
-    from diffusion_dpo.generate import generate
     from diffusion_dpo.iterate import iterate
-    from diffusion_dpo.training import train
 
     size_name, size = resolve_size(size, family)
     out = Path(output_dir)
@@ -443,46 +475,51 @@ def run_demo(output_dir: str | Path, size: str | DemoSize = "full", cache_dir: O
     timer = StageTimer()
     started = time.perf_counter()
     sample = sampling(size)
+    with Workers() as workers:  # spawned now: their imports overlap the base stage
+        with timer("base"):
+            base, cached, built = base_stage(size, out, cache_dir, rebuild)
 
-    with timer("base"):
-        base, cached, built = base_stage(size, out, cache_dir, rebuild)
+        with timer("pairs"):
+            crowd = make_pairs(base, size, out / "data", workers)
 
-    with timer("pairs"):
-        crowd = make_pairs(base, size, out / "data")
+        with timer("relabel"):
+            ai = relabel_ai(crowd.path, out / "data")
 
-    with timer("relabel"):
-        ai = relabel_ai(crowd.path, out / "data")
-
-    runs = {}
-    for name, data, loss, labels in (("dpo", crowd.path, "dpo", "crowd"), ("dpo_ai", out / "data" / "ai", "dpo", "ai"),
-                                     ("sft", crowd.path, "sft", "crowd")):
-        with timer(f"train_{name}"):
-            run_dir = out / "train" / name
-            final = train(train_config(base, data, run_dir, size, loss, labels))
+        trainings = {"dpo": (crowd.path, "dpo", "crowd"), "dpo_ai": (out / "data" / "ai", "dpo", "ai"),
+                     "sft": (crowd.path, "sft", "crowd")}
+        configs = {name: train_config(base, data, out / "train" / name, size, loss, labels)
+                   for name, (data, loss, labels) in trainings.items()}
+        with timer("train"):
+            # each data set's cache first (DPO and SFT share the crowd's), then the trainings side by side
+            run_jobs(workers, cache_job, [(configs["dpo"],), (configs["dpo_ai"],)], "pre-encoding caches")
+            finals = run_jobs(workers, train_job, [(cfg,) for cfg in configs.values()], "trainings")
+        runs = {}
+        for name, final in zip(configs, finals):
             final.rename(out / name)  # a full pipeline directory: from_pretrained(DIR/<name>)
-            runs[name] = run_dir
+            runs[name] = out / "train" / name
 
-    items = eval_items(size)
-    with timer("online"):
-        prompts_file, dev_file = out / "data" / "online_prompts.txt", out / "data" / "online_dev_prompts.txt"
-        prompts_file.write_text("".join(p["prompt"] + "\n" for p in world.pair_prompts(size.pair_templates)))
-        dev_file.write_text("".join(p["prompt"] + "\n" for p in items))
-        online = iterate(online_config(base, out / "dpo_ai", prompts_file, dev_file, out / "online", size),
-                         log=lambda line: None)
-        shutil.copytree(online["final"], out / "dpo_online")  # the last round's pipeline directory
-        round_1 = Path(online["rounds"][0]["final"])
-        runs["dpo_online"] = Path(online["final"]).parent
-    seeds = eval_seeds(size)
-    (out / "eval_prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in items))
-    settings = {"demo": ("gen", "compare", sample), "defaults": ("gen_defaults", "compare_defaults",
-                                                                  default_sampling(size))}
-    gens: dict[str, dict[str, Path]] = {}
-    with timer("generate"):
-        for setting, (gen_dir, _, kwargs) in settings.items():
-            gens[setting] = {name: out / "eval" / gen_dir / name for name in ("base", *MODELS, "online_round_1")}
-            for name, path in gens[setting].items():
-                model = round_1 if name == "online_round_1" else out / name
-                generate(str(model), items, seeds, path, **kwargs)
+        items = eval_items(size)
+        with timer("online"):  # rounds in turn, in this process (all its cores)
+            prompts_file, dev_file = out / "data" / "online_prompts.txt", out / "data" / "online_dev_prompts.txt"
+            prompts_file.write_text("".join(p["prompt"] + "\n" for p in world.pair_prompts(size.pair_templates)))
+            dev_file.write_text("".join(p["prompt"] + "\n" for p in items))
+            online = iterate(online_config(base, out / "dpo_ai", prompts_file, dev_file, out / "online", size),
+                             log=lambda line: None)
+            shutil.copytree(online["final"], out / "dpo_online")  # the last round's pipeline directory
+            round_1 = Path(online["rounds"][0]["final"])
+            runs["dpo_online"] = Path(online["final"]).parent
+        seeds = eval_seeds(size)
+        (out / "eval_prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in items))
+        settings = {"demo": ("gen", "compare", sample), "defaults": ("gen_defaults", "compare_defaults",
+                                                                      default_sampling(size))}
+        gens: dict[str, dict[str, Path]] = {
+            setting: {name: out / "eval" / gen_dir / name for name in ("base", *MODELS, "online_round_1")}
+            for setting, (gen_dir, _, _) in settings.items()}
+        with timer("generate"):
+            run_jobs(workers, generate_job, [(str(round_1 if name == "online_round_1" else out / name), items, seeds,
+                                              path, settings[setting][2])
+                                             for setting in settings for name, path in gens[setting].items()],
+                     "evaluation samples")
 
     comparisons: dict[str, dict[str, dict]] = {}
     with timer("compare"):

@@ -33,7 +33,8 @@ import time
 from pathlib import Path
 
 from diffusion_dpo.demo import world
-from diffusion_dpo.demo.run import SIZES, DemoSize, make_pairs, relabel_ai, sampling, train_config
+from diffusion_dpo.demo.parallel import Workers
+from diffusion_dpo.demo.run import SIZES, DemoSize, make_pairs, relabel_ai, sampling, train_config, train_job
 from diffusion_dpo.demo.scorers import AI_REWARD, CROWD_REWARD, DEV_REWARD
 
 DEV_SEED_START = 500_000  # far above pair seeds (0..2K-1), far below evaluation seeds (1,000,000+)
@@ -49,13 +50,13 @@ def dev_prompts() -> list[dict]:
 
 
 def prepare_pairs(work: Path, size: DemoSize, base: Path) -> dict[str, Path]:
-    """Crowd- and AI-labelled pairs for `size.pairs_per_prompt`, made by the demo's own stages once per
-    work directory."""
-    guidance = "" if not size.pair_guidance else "-g" + "_".join(str(g) for g in size.pair_guidance)
-    root = work / f"pairs-{size.family}-{size.pairs_per_prompt}{guidance}"
+    """Crowd- and AI-labelled pairs for `size.pairs_per_prompt`, made by the demo's own stages (on the demo's
+    workers, so that they are its pairs) once per work directory."""
+    root = work / f"pairs-{size.family}-{size.pairs_per_prompt}"
     done = root / "done"
     if not done.exists():
-        pairs = make_pairs(base, size, root)
+        with Workers() as workers:
+            pairs = make_pairs(base, size, root, workers)
         relabel_ai(pairs.path, root)
         summary = json.dumps(dataclasses.asdict(pairs) | {"path": str(pairs.path)})
         print(summary)
@@ -97,14 +98,14 @@ def trial(work: Path, overrides: dict, labels: str, loss: str, name: str, family
     """Train one model of the `family` demo with `DemoSize` fields overridden and score it on the dev metric."""
     from diffusion_dpo.demo.cache import cached_base
     from diffusion_dpo.metrics import read_metrics, training_summary
-    from diffusion_dpo.training import train
 
     size = dataclasses.replace(SIZES[family]["full"], **overrides)
     base, _ = cached_base(size.base)
     data = prepare_pairs(work, size, base)[labels]
     started = time.perf_counter()
     run_dir = work / "runs" / name / "train"
-    final = train(train_config(base, data, run_dir, size, loss, labels))
+    with Workers() as workers:  # trained as the demo trains it (a worker's threads), so it is the demo's model
+        final = workers.map(train_job, [(train_config(base, data, run_dir, size, loss, labels),)])[0]
     summary = training_summary(read_metrics(run_dir))
     result = {"name": name, "family": family, "labels": labels, "loss": loss, **overrides,
               "train_s": round(time.perf_counter() - started, 1),
@@ -157,10 +158,6 @@ def online_trial(work: Path, demo_dir: Path, overrides: dict, name: str, family:
 
 
 def _value(text: str):
-    if "," in text:  # a tuple field such as pair_guidance=3,none
-        return tuple(_value(t) for t in text.split(",") if t)
-    if text.lower() == "none":
-        return None
     if text.lower() in ("true", "false"):  # a flag such as online_at_defaults=false (a string would be truthy)
         return text.lower() == "true"
     for kind in (int, float):
