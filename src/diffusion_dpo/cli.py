@@ -204,8 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "and N single-stream) instead of the real count")
     demo = sub.add_parser(
         "demo", help="the whole method offline on a CPU: base model, preference data, training, a measured win",
-        description="Build (or reuse from the cache) a small StableDiffusionPipeline (--family sd3: a "
-                    "StableDiffusion3Pipeline, trained by flow matching) on sklearn's handwritten "
+        description="Build (or reuse from the cache) a small StableDiffusion3Pipeline trained by flow matching "
+                    "(--family sd: a StableDiffusionPipeline with a UNet) on sklearn's handwritten "
                     "digits, sample preference pairs from it, label them by a hidden crowd and by an AI reward, "
                     "train Diffusion-DPO on each labelling and an SFT baseline, run on-policy rounds (iterate) from DPO-AI, and "
                     "evaluate all against the base on "
@@ -216,8 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "DIR/report.md and PNGs. Minutes on 2 CPU cores (the README gives measured times); the base is cached.")
     demo.add_argument("--output-dir", required=True, metavar="DIR", help="where everything is written (new, empty, "
                       "or an earlier demo's directory, which is started over)")
-    demo.add_argument("--family", default="sd", choices=("sd", "sd3"),
-                      help="the base model: sd (UNet, Diffusion-DPO) or sd3 (SD3 architecture, Flow-DPO) [default: sd]")
+    demo.add_argument("--family", default="sd3", choices=("sd3", "sd"),
+                      help="the base model: sd3 (SD3 architecture, Flow-DPO) or sd (UNet, Diffusion-DPO) "
+                           "[default: sd3]")
     demo.add_argument("--size", default="full", choices=("full", "tiny"),
                       help="full: the README's run; tiny: a seconds-long run of the same code [default: full]")
     demo.add_argument("--cache-dir", metavar="DIR", help="where the base model is cached "

@@ -147,7 +147,7 @@ def _worker(argv: Sequence[str]) -> None:
 # ---------------------------------------------------------------- the run
 
 def run_loss_demo(output_dir: str | Path, losses: Sequence[str], size: str | DemoSize = "full",
-                  cache_dir: Optional[Path] = None, rebuild: bool = False, family: str = "sd",
+                  cache_dir: Optional[Path] = None, rebuild: bool = False, family: str = "sd3",
                   log=print) -> dict:
     """Train each of `losses` on the demo's crowd pairs and compare each with the base; return the report (also
     DIR/losses.json, losses.md and loss_win_rates.png)."""

@@ -5,8 +5,8 @@ processes of one thread each get through two jobs sooner than one process of two
 Measured on the 2-core machine (320 images at the demo's sampling): the flow base 2.94 s on two threads, 3.87 s
 on one; two one-thread processes at once 3.9-4.0 s each, 1.47 times the throughput (the UNet base: 1.39 times).
 
-`Workers(n)` keeps n spawned processes for the whole demo run, each with cpus // n threads (its progress bars
-off: the caller draws one bar per stage over the jobs done). A job is a module-level function and its
+`Workers(n)` keeps n spawned processes for the whole demo run, each with cpus // n threads and its output
+discarded (the caller draws one bar per stage over the jobs done). A job is a module-level function and its
 arguments; its result, or its exception (a UserError stays one line), comes back to the caller. With one worker
 (a one-core machine) the jobs run in this process, one after the other. Each job seeds itself and every worker
 has the same thread count, so a job computes the same on whichever worker it lands.
@@ -33,9 +33,16 @@ def available_cpus() -> int:
 
 
 def _start_worker(threads: int) -> None:
+    import sys
+
     import torch
 
-    os.environ["TQDM_DISABLE"] = "1"  # two workers' bars would overwrite each other
+    # The workers' progress bars and library notices would overwrite each other and the caller's bar: they go
+    # nowhere. What a job raises still comes back to the caller, with its traceback.
+    quiet = open(os.devnull, "w")
+    for fd in (1, 2):
+        os.dup2(quiet.fileno(), fd)
+    sys.stdout = sys.stderr = quiet
     torch.set_num_threads(threads)
 
 

@@ -1,15 +1,16 @@
 """`diffusion-dpo demo`: the whole method, offline, on a CPU, in minutes.
 
-    diffusion-dpo demo --output-dir demo                  # UNet: StableDiffusionPipeline
-    diffusion-dpo demo --family sd3 --output-dir demo-sd3  # flow matching: StableDiffusion3Pipeline (Flow-DPO)
+    diffusion-dpo demo --output-dir demo                  # flow matching: StableDiffusion3Pipeline (Flow-DPO)
+    diffusion-dpo demo --family sd --output-dir demo-sd   # UNet: StableDiffusionPipeline
 
-Stages (one progress bar each, wall time of each in report.json):
+Stages (one progress bar each, wall time of each in report.json; the pairs', the trainings' and the evaluation's
+independent jobs run side by side on two worker processes, demo/parallel.py):
 
     base       build (or take from the cache) the base pipeline (demo/base.py, base_sd3.py) -> DIR/base/
     pairs      `generate` 2K images per pair prompt from the base; the hidden crowd labels each
                pair by Bradley-Terry with ties                                       -> DIR/data/crowd/
     relabel    `relabel` the same pairs with the AI reward (AI feedback)             -> DIR/data/ai/
-    train_*    `train`: Diffusion-DPO on crowd labels, on AI labels, and the SFT baseline
+    train      `train`: Diffusion-DPO on crowd labels, on AI labels, and the SFT baseline
                                                                                     -> DIR/dpo, dpo_ai, sft
     online     `iterate`: on-policy rounds from DPO-AI, the AI reward labelling the model's own samples
                (every pair of K per pair prompt), the reference refreshed every round; the crowd's
@@ -462,7 +463,7 @@ def _tqdm(total: int, desc: str):
 
 
 def run_demo(output_dir: str | Path, size: str | DemoSize = "full", cache_dir: Optional[Path] = None,
-             rebuild: bool = False, family: str = "sd") -> dict:
+             rebuild: bool = False, family: str = "sd3") -> dict:
     """Run every stage into `output_dir` for the base model `family` ("sd": UNet, "sd3": flow matching; a
     DemoSize given as `size` carries its own); return the report (also written as report.json)."""
     from diffusion_dpo.demo.report import write_report

@@ -1,8 +1,8 @@
 """The demo's development loop: try training settings on a dev metric that never involves the judge.
 
-    python -m diffusion_dpo.demo.tune --work-dir /tmp/tune --set beta=500 lr=1e-5 --labels crowd
-    python -m diffusion_dpo.demo.tune --work-dir /tmp/tune --set beta_ai=500 --labels ai
-    python -m diffusion_dpo.demo.tune --family sd3 --work-dir /tmp/tune-sd3 --set beta=500
+    python -m diffusion_dpo.demo.tune --work-dir /tmp/tune-sd3 --set beta=500          # the flow demo (default)
+    python -m diffusion_dpo.demo.tune --family sd --work-dir /tmp/tune --set beta=500 lr=1e-5 --labels crowd
+    python -m diffusion_dpo.demo.tune --family sd --work-dir /tmp/tune --set beta_ai=500 --labels ai
 
 Each trial trains one model exactly as `diffusion-dpo demo` would (`run.train_config` with the given
 `DemoSize` fields overridden), then samples it on the *pair* prompts (the phrasings the labels were
@@ -94,7 +94,7 @@ def dev_score(work: Path, size: DemoSize, base: Path, model: Path, name: str) ->
     return scores
 
 
-def trial(work: Path, overrides: dict, labels: str, loss: str, name: str, family: str = "sd") -> dict:
+def trial(work: Path, overrides: dict, labels: str, loss: str, name: str, family: str = "sd3") -> dict:
     """Train one model of the `family` demo with `DemoSize` fields overridden and score it on the dev metric."""
     from diffusion_dpo.demo.cache import cached_base
     from diffusion_dpo.metrics import read_metrics, training_summary
@@ -122,7 +122,7 @@ def _record(work: Path, result: dict) -> dict:
     return result
 
 
-def online_trial(work: Path, demo_dir: Path, overrides: dict, name: str, family: str = "sd") -> dict:
+def online_trial(work: Path, demo_dir: Path, overrides: dict, name: str, family: str = "sd3") -> dict:
     """Run the `family` demo's online stage from `demo_dir`'s base and DPO-AI with `DemoSize` fields overridden,
     and score it on the dev metric (module docstring)."""
     from diffusion_dpo.diversity import diversity
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--work-dir", type=Path, required=True)
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="DemoSize fields to override")
-    parser.add_argument("--family", choices=tuple(SIZES), default="sd")
+    parser.add_argument("--family", choices=tuple(SIZES), default="sd3")
     parser.add_argument("--labels", choices=("crowd", "ai"), default="crowd")
     parser.add_argument("--loss", default="dpo")
     parser.add_argument("--name", help="trial name (default: from the overrides)")
