@@ -166,6 +166,21 @@ def test_workers_return_results_in_order_and_a_user_error_as_raised():
     assert Workers(1).map(divmod, [(7, 2)]) == [(3, 1)]  # one worker: in this process, no pool
 
 
+def test_leaving_the_workers_on_an_error_stops_their_running_jobs():
+    """Ctrl-C (or a failure) inside `with Workers()` does not wait for a running job to end."""
+    import time
+
+    from diffusion_dpo.demo.parallel import Workers
+
+    workers = Workers(2)
+    job = workers._pool.submit(time.sleep, 120)
+    while not job.running():
+        time.sleep(0.05)
+    started = time.monotonic()
+    workers.__exit__(KeyboardInterrupt, KeyboardInterrupt(), None)
+    assert time.monotonic() - started < 30 and workers._pool is None
+
+
 @pytest.mark.parametrize("family, base_class", [("sd", "StableDiffusionPipeline"),
                                                 ("sd3", "StableDiffusion3Pipeline")])
 def test_tiny_demo_end_to_end_writes_every_output(tmp_path, family, base_class):

@@ -39,9 +39,9 @@ from torch import Tensor
 from diffusion_dpo import checkpoint as ckpt
 from diffusion_dpo.cache import Cache, CachedPairs, build_cache, cached_inputs, read_manifest
 from diffusion_dpo.config import Config, check_config, to_yaml
-from diffusion_dpo.ema import WeightAverage
 from diffusion_dpo.data import (PairSampler, PreferenceDataset, collate_packed, keys_per_epoch, pairs_from_memory,
                                unpack_batch)
+from diffusion_dpo.ema import WeightAverage
 from diffusion_dpo.errors import UserError, is_local_path
 from diffusion_dpo.losses import (LossSpec, get_loss, implicit_accuracy, scale_gradient, smooth_labels,
                                  winner_safeguard_scale)

@@ -80,13 +80,20 @@ class Workers:
             raise
         return [future.result() for future in futures]
 
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+    def close(self, stop_running: bool = False) -> None:
+        """Shut the pool down after its running jobs, or (`stop_running`: Ctrl-C, a failure) kill them now; a
+        killed job leaves no half-written output (generate and train write under temporary names)."""
+        if self._pool is None:
+            return
+        pool, self._pool = self._pool, None
+        if stop_running:
+            # ProcessPoolExecutor has no public way to stop a running job before Python 3.14's terminate_workers
+            for process in list(getattr(pool, "_processes", {}).values()):
+                process.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> "Workers":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, kind: Any, *exc: Any) -> None:
+        self.close(stop_running=kind is not None)
