@@ -157,17 +157,34 @@ def run_loss_demo(output_dir: str | Path, losses: Sequence[str], size: str | Dem
     out = Path(output_dir)
     prepare_output(out, OUTPUTS)
     timer, started = StageTimer(), time.perf_counter()
+    items, seeds = eval_items(size), eval_seeds(size)
+    settings = {"demo": ("gen", "compare", sampling(size)), "defaults": ("gen_defaults", "compare_defaults",
+                                                                           default_sampling(size))}
     with Workers() as workers:  # the default demo's, so that the pairs and DPO are its own
         with timer("base"):
             base, cached, built = base_stage(size, out, cache_dir, rebuild)
         with timer("pairs"):
             crowd = make_pairs(base, size, out / "data", workers)
-        measured, gens = _train_and_sample(out, base, crowd.path, size, losses, workers, timer, log)
+        measured: dict[str, dict] = {}
+        for loss in losses:  # each in its own process, in turn: its step time and memory its own
+            with timer(f"train_{loss}"):
+                log(f"demo --losses: training {loss} ({get_loss(loss).title})")
+                run_dir = out / "train" / loss
+                measured[loss] = train_in_child(loss_config(base, crowd.path, run_dir, size, loss), run_dir,
+                                                workers.threads)
+                Path(measured[loss]["final"]).rename(out / loss)  # a full pipeline: from_pretrained(DIR/<loss>)
 
-    items, seeds = eval_items(size), eval_seeds(size)
+        (out / "eval_prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in items))
+        gens = {setting: {name: out / "eval" / gen_dir / name for name in ("base", *losses)}
+                for setting, (gen_dir, _, _) in settings.items()}
+        with timer("generate"):
+            run_jobs(workers, generate_job, [(str(out / name), items, seeds, path, kwargs)
+                                             for setting, (_, _, kwargs) in settings.items()
+                                             for name, path in gens[setting].items()], "evaluation samples")
+
     comparisons: dict[str, dict[str, dict]] = {}
     with timer("compare"):
-        for setting, cmp_dir in (("demo", "compare"), ("defaults", "compare_defaults")):
+        for setting, (_, cmp_dir, _) in settings.items():
             g = gens[setting]
             comparisons[setting] = {loss: compare(g[loss], g["base"], list(JUDGES.values()),
                                                   out / "eval" / cmp_dir / f"{loss}_vs_base", batch_size=512)
@@ -176,30 +193,6 @@ def run_loss_demo(output_dir: str | Path, losses: Sequence[str], size: str | Dem
              "base_cache": str(cached), "crowd_pairs": crowd.pairs, "eval_prompts": len(items), "eval_seeds": seeds,
              "settings": {loss: _settings_of(out / "train" / loss) for loss in losses}}
     return write_loss_report(out, facts, comparisons, gens, measured, timer, started)
-
-
-def _train_and_sample(out: Path, base: Path, pairs: Path, size: DemoSize, losses: Sequence[str], workers: Workers,
-                      timer: StageTimer, log) -> tuple[dict[str, dict], dict[str, dict[str, Path]]]:
-    """Train each loss in its own process, in turn (its step time and memory its own), then sample the base and
-    every loss on the evaluation prompts at both settings on the workers: (measured, gens)."""
-    measured: dict[str, dict] = {}
-    for loss in losses:
-        with timer(f"train_{loss}"):
-            log(f"demo --losses: training {loss} ({get_loss(loss).title})")
-            run_dir = out / "train" / loss
-            measured[loss] = train_in_child(loss_config(base, pairs, run_dir, size, loss), run_dir, workers.threads)
-            Path(measured[loss]["final"]).rename(out / loss)  # a full pipeline: from_pretrained(DIR/<loss>)
-
-    items, seeds = eval_items(size), eval_seeds(size)
-    (out / "eval_prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in items))
-    settings = {"demo": ("gen", sampling(size)), "defaults": ("gen_defaults", default_sampling(size))}
-    gens = {setting: {name: out / "eval" / gen_dir / name for name in ("base", *losses)}
-            for setting, (gen_dir, _) in settings.items()}
-    with timer("generate"):
-        run_jobs(workers, generate_job, [(str(out / name), items, seeds, path, settings[setting][1])
-                                         for setting in settings for name, path in gens[setting].items()],
-                 "evaluation samples")
-    return measured, gens
 
 
 def _settings_of(run_dir: Path) -> dict:
