@@ -183,6 +183,31 @@ def test_two_cpu_processes_match_one_process_with_twice_the_batch(request, tmp_p
     assert (out / "checkpoint-1").is_dir() and not list(out.glob("*.tmp"))
 
 
+def test_two_cpu_processes_generate_the_images_of_one(tmp_path, tiny_sd):
+    """`accelerate launch -m diffusion_dpo generate` (gloo on the CPU): the two processes share the batches and
+    the run is the one-process run, byte for byte, each image listed once (both processes writing every image would
+    list each twice), the summary printed once."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\na blue dog\na green tree\n")
+    gen = ["generate", "--model", str(tiny_sd), "--prompts", str(prompts), "--seeds", "0", "1", "--steps", "2",
+           "--batch-size", "2", "--device", "auto"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    two = tmp_path / "two"
+    res = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m",
+                          "diffusion_dpo", *gen, "--output-dir", str(two)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("6 images in") == 1
+    one = tmp_path / "one"
+    assert main([*gen, "--output-dir", str(one)]) == 0
+    lines = (two / "manifest.jsonl").read_text().splitlines()
+    assert sorted(lines) == sorted((one / "manifest.jsonl").read_text().splitlines()) and len(lines) == 6
+    assert {p.name: p.read_bytes() for p in (two / "images").iterdir()} == \
+        {p.name: p.read_bytes() for p in (one / "images").iterdir()}
+    assert not list(two.glob("manifest.shard-*")) and not list(two.glob(".*.tmp"))
+
+
 def test_pipeline_missing_a_component_folder_is_named(tmp_path, tiny_sd, tiny_data, capsys):
     import shutil
 

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from diffusion_dpo.errors import UserError
-from diffusion_dpo.generate import generate, image_name, initial_latents
+from diffusion_dpo.generate import generate, image_name, initial_latents, merge_shards
 from diffusion_dpo.prompts import load_prompts
 
 PROMPTS = ["a red cat", "a blue dog", "a green tree"]
@@ -98,6 +98,45 @@ def test_resume_regenerates_only_missing_images(tiny_sd, tmp_path):
         generate(str(tiny_sd), PROMPTS, [0], run, steps=3, guidance_scale=5.0)
     with pytest.raises(UserError, match="prompt 0 was 'a red cat'"):
         generate(str(tiny_sd), ["another"], [0], run, **FAST)
+
+
+def _rows(run: Path) -> list[tuple]:
+    return sorted((r["prompt_index"], r["seed"], r["file"]) for r in _manifest(run))
+
+
+def test_shards_make_the_same_images_as_one_process(tiny_sd, tmp_path):
+    """Process p of n makes batches p, p + n, ... of what is left (each batch as one process cuts it), into its
+    own shard manifest; merged, the run is the one-process run: same rows, same bytes."""
+    one = generate(str(tiny_sd), PROMPTS, [0, 1, 2], tmp_path / "one", batch_size=2, **FAST).parent
+    run = tmp_path / "sharded"
+    generate(str(tiny_sd), PROMPTS, [0, 1, 2], run, batch_size=2, shard=(1, 3), **FAST)
+    # batch 1 of [(0,0),(0,1)] [(0,2),(1,0)] [(1,1),(1,2)] [(2,0),(2,1)] [(2,2)]: shard 1 of 3 makes batches 1 and 4
+    assert sorted(p.name for p in (run / "images").glob("*.png")) == ["00000_2.png", "00001_0.png", "00002_2.png"]
+    assert not (run / "manifest.jsonl").exists() or not _manifest(run)
+    assert len((run / "manifest.shard-1.jsonl").read_text().splitlines()) == 3
+    for p in (0, 2):
+        generate(str(tiny_sd), PROMPTS, [0, 1, 2], run, batch_size=2, shard=(p, 3), **FAST)
+    assert merge_shards(run) == 9 and not list(run.glob("manifest.shard-*"))
+    assert _rows(run) == _rows(one) and _images(run) == _images(one)
+    assert merge_shards(run) == 0 and len(_manifest(run)) == 9
+    with pytest.raises(ValueError, match="shard"):
+        generate(str(tiny_sd), PROMPTS, [0], run, shard=(2, 2), **FAST)
+
+
+def test_a_killed_sharded_run_is_finished_by_one_process(tiny_sd, tmp_path):
+    """Shard lines a killed run of several processes left (one of them torn) join the manifest when one
+    process resumes; it makes only what no shard finished, and nothing is listed twice."""
+    one = generate(str(tiny_sd), PROMPTS, [0, 1], tmp_path / "one", batch_size=2, **FAST).parent
+    run = tmp_path / "killed"
+    generate(str(tiny_sd), PROMPTS, [0, 1], run, batch_size=2, shard=(0, 2), **FAST)  # shard 1 never ran
+    with open(run / "manifest.shard-0.jsonl", "a") as f:
+        f.write('{"prompt": "torn')
+    made = {p.name: p.stat().st_mtime_ns for p in (run / "images").glob("*.png")}
+    assert sorted(made) == ["00000_0.png", "00000_1.png", "00002_0.png", "00002_1.png"]
+    generate(str(tiny_sd), PROMPTS, [0, 1], run, batch_size=2, **FAST)
+    assert _rows(run) == _rows(one) and _images(run) == _images(one)
+    assert all((run / "images" / n).stat().st_mtime_ns == t for n, t in made.items())  # not made again
+    assert not list(run.glob("manifest.shard-*"))
 
 
 def test_lora_weights_load_and_change_images(tiny_sd, tmp_path):

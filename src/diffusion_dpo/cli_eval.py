@@ -2,6 +2,7 @@
 
     diffusion-dpo generate --model sd15/ --lora runs/lora/final --prompts PartiPrompts.tsv --limit 200 \\
         --seeds 0 1 --output-dir gen/lora --steps 30 --guidance-scale 7.5 --device cuda --dtype float16
+    accelerate launch --num_processes 8 -m diffusion_dpo generate ...   # the same images, 8 GPUs sharing the batches
     diffusion-dpo score --run gen/lora --reward pickscore --reward aesthetic
     diffusion-dpo compare --a gen/lora --b gen/base --reward pickscore --reward hpsv2 \\
         --reward-path hpsv2=weights/HPS_v2.1_compressed.pt --output-dir cmp/lora_vs_base
@@ -64,7 +65,8 @@ def register(subparsers: argparse._SubParsersAction, parser_class: type[argparse
     gen.add_argument("--batch-size", type=int, default=4, help="images per forward pass [default: 4]")
     gen.add_argument("--scheduler", help=f"sampler: {', '.join(SCHEDULERS)} or a diffusers scheduler class "
                                          "[default: the model's own]")
-    gen.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... [default: cuda if available]")
+    gen.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... [default: cuda if available; under "
+                                                      "`accelerate launch`, each process its own GPU]")
     gen.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                      help="model weights dtype (float16 on a GPU halves memory) [default: float32]")
 
@@ -146,18 +148,36 @@ def _quiet() -> None:
     quiet_progress_bars()
 
 
+def _launched_processes() -> int:
+    """How many processes `accelerate launch` (or torchrun) started this one among (1 when run directly)."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from diffusion_dpo.generate import generate
+    from diffusion_dpo.generate import generate, generate_on_all
     from diffusion_dpo.prompts import load_prompts
 
     _quiet()
     prompts = load_prompts(args.prompts, args.prompt_kind, args.limit, args.prompt_split)
-    manifest = generate(args.model, prompts, args.seeds, args.output_dir, lora=args.lora, scheduler=args.scheduler,
-                        steps=args.steps, guidance_scale=args.guidance_scale, height=args.height, width=args.width,
-                        max_sequence_length=args.max_sequence_length,
-                        batch_size=args.batch_size, device=_device(args.device), dtype=args.dtype)
-    print(f"{len(prompts)} prompts x {len(args.seeds)} seeds: {len(prompts) * len(args.seeds)} images in "
-          f"{Path(args.output_dir)} (manifest: {manifest})")
+    kwargs = dict(lora=args.lora, scheduler=args.scheduler, steps=args.steps, guidance_scale=args.guidance_scale,
+                  height=args.height, width=args.width, max_sequence_length=args.max_sequence_length,
+                  batch_size=args.batch_size, dtype=args.dtype)
+    main = True
+    if _launched_processes() > 1:  # `accelerate launch -m diffusion_dpo generate`: each process its share
+        import torch
+        from accelerate import PartialState
+
+        state = PartialState(cpu=not torch.cuda.is_available())  # without CUDA: several processes over gloo
+        device = str(state.device) if args.device == "auto" else args.device  # auto: each process its own GPU
+        manifest = generate_on_all(state, args.model, prompts, args.seeds, args.output_dir, device=device, **kwargs)
+        main = state.is_main_process
+    else:
+        manifest = generate(args.model, prompts, args.seeds, args.output_dir, device=_device(args.device), **kwargs)
+    if main:
+        print(f"{len(prompts)} prompts x {len(args.seeds)} seeds: {len(prompts) * len(args.seeds)} images in "
+              f"{Path(args.output_dir)} (manifest: {manifest})")
     return 0
 
 

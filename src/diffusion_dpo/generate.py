@@ -28,6 +28,11 @@ Resumable: an image whose file exists and has a manifest line is not generated a
 is written to a temporary name and renamed, and then its manifest line is appended in one write,
 so a run killed at any moment leaves only complete images and complete lines (a torn last line
 is cut off on the next start). Re-running into a directory made with other settings is refused.
+
+Several processes (`accelerate launch -m diffusion_dpo generate ...`, or `generate_on_all`): the images still
+to make are cut into batches exactly as one process would cut them, and process p of n makes batches p, p + n,
+..., each writing its lines to manifest.shard-<p>.jsonl; the main process then merges those into manifest.jsonl.
+So every image is made in the same batch as by one process, and the files are the same bytes (same machine).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from tqdm.auto import tqdm
 from diffusion_dpo.errors import UserError, is_local_path
 
 MANIFEST = "manifest.jsonl"
+SHARD_MANIFEST = "manifest.shard-{}.jsonl"  # one process's lines while several generate (merged by merge_shards)
 RUN_FILE = "run.json"
 IMAGE_DIR = "images"
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -188,7 +194,50 @@ def _check_resume(out_dir: Path, settings: dict) -> None:
             if old.get(key) != settings[key]:
                 raise UserError(f"{out_dir} holds a run with {key}={old.get(key)!r}, not {settings[key]!r}; "
                                 "use another --output-dir")
-    run_file.write_text(json.dumps(settings, indent=2) + "\n")
+    # atomically, under a name of this process's own: several processes of one run write it at once
+    tmp = out_dir / f".{RUN_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(settings, indent=2) + "\n")
+    os.replace(tmp, run_file)
+
+
+def merge_shards(out_dir: str | Path) -> int:
+    """Append the lines of every manifest.shard-<p>.jsonl in `out_dir` that manifest.jsonl lacks to it (in
+    (prompt_index, seed) order, one write), then delete the shard files; return how many lines were added.
+    Run by one process while no other writes there. Killed half-way, it is simply run again: lines already
+    merged are not added twice."""
+    out_dir = Path(out_dir)
+    shards = sorted(out_dir.glob(SHARD_MANIFEST.format("*")))
+    if not shards:
+        return 0
+    manifest = out_dir / MANIFEST
+    done = _read_manifest(manifest)
+    new: dict[tuple[int, int], dict] = {}
+    for shard in shards:
+        new |= {key: row for key, row in _read_manifest(shard).items() if key not in done}
+    if new:
+        with open(manifest, "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(new[key]) + "\n" for key in sorted(new)))
+    for shard in shards:
+        shard.unlink()
+    return len(new)
+
+
+def generate_on_all(state: Any, model: str, prompts: Sequence[dict | str], seeds: Sequence[int],
+                    out_dir: str | Path, **kwargs: Any) -> Path:
+    """`generate` on every process of `state` (an accelerate `PartialState`), each making its share of the
+    batches (`shard`), merged into one run by the main process; every process returns when the run is complete.
+    Every process must call it (it waits for the others three times)."""
+    if state.num_processes == 1:
+        return generate(model, prompts, seeds, out_dir, **kwargs)
+    if state.is_main_process:
+        merge_shards(out_dir)  # a killed earlier run's lines, so that every process sees the same work left
+    state.wait_for_everyone()
+    generate(model, prompts, seeds, out_dir, shard=(state.process_index, state.num_processes), **kwargs)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        merge_shards(out_dir)
+    state.wait_for_everyone()
+    return Path(out_dir) / MANIFEST
 
 
 def pipeline_defaults(pipe: Any) -> dict[str, Any]:
@@ -207,13 +256,19 @@ def generate(model: str, prompts: Sequence[dict | str], seeds: Sequence[int], ou
              lora: Optional[str] = None, scheduler: Optional[str] = None, steps: Optional[int] = 30,
              guidance_scale: Optional[float] = 7.5, height: Optional[int] = None, width: Optional[int] = None,
              batch_size: int = 4, device: str = "cpu", dtype: str = "float32",
-             max_sequence_length: Optional[int] = None) -> Path:
+             max_sequence_length: Optional[int] = None, shard: tuple[int, int] = (0, 1)) -> Path:
     """Generate image (i, s) for every prompt i and seed s that is not already done; return manifest.jsonl.
 
     height/width default to the model's native size (its pipeline's default); steps or guidance_scale None take
     the pipeline's own default (`pipeline_defaults`). max_sequence_length (T5 tokens; SD3 and FLUX only) defaults
     to the pipeline's: sample at the length the model was trained at (`model.max_sequence_length`).
+    shard (p, n): make only batches p, p + n, ... of the images left, into manifest.shard-<p>.jsonl (module
+    docstring; `generate_on_all` runs the n shards and merges them). One process (n = 1) first merges the shard
+    lines a killed run of several left.
     """
+    rank, world = shard
+    if not 0 <= rank < world:
+        raise ValueError(f"shard {shard}: need 0 <= p < n")
     prompts = [{"prompt": p} if isinstance(p, str) else dict(p) for p in prompts]
     seeds = [int(s) for s in seeds]
     if not prompts:
@@ -247,24 +302,27 @@ def generate(model: str, prompts: Sequence[dict | str], seeds: Sequence[int], ou
     (out_dir / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
     _check_resume(out_dir, settings)
     manifest = out_dir / MANIFEST
-    done = _read_manifest(manifest)
+    if world == 1:
+        merge_shards(out_dir)
+    done = _read_manifest(manifest)  # while shards run, nobody writes it: every process sees the same work left
     for (i, _seed), row in done.items():
         if i < len(prompts) and row["prompt"] != prompts[i]["prompt"]:
             raise UserError(f"{manifest}: prompt {i} was {row['prompt']!r}, now {prompts[i]['prompt']!r}; "
                             "use another --output-dir for another prompt set")
     todo = [(i, s) for i in range(len(prompts)) for s in seeds
             if not ((i, s) in done and (out_dir / image_name(i, s)).is_file())]
+    batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)][rank::world]
+    lines = manifest if world == 1 else out_dir / SHARD_MANIFEST.format(rank)
     shape = (family.latent_channels(pipe), height // factor, width // factor)
-    with tqdm(total=len(todo), desc=f"generating {out_dir.name}", unit="img") as bar:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
+    with tqdm(total=sum(map(len, batches)), desc=f"generating {out_dir.name}", unit="img") as bar:
+        for batch in batches:
             noise, generators = zip(*(initial_latents(s, shape) for _, s in batch))
             latents = family.pipeline_latents(torch.stack(noise)).to(device, DTYPES[dtype])  # (B, C, h, w) or packed
             with torch.no_grad():
                 images = pipe(prompt=[prompts[i]["prompt"] for i, _ in batch], height=height, width=width,
                               num_inference_steps=steps, guidance_scale=guidance_scale, latents=latents,
                               generator=list(generators), output_type="pil", **text_kwargs).images
-            with open(manifest, "a", encoding="utf-8") as f:
+            with open(lines, "a", encoding="utf-8") as f:
                 for (i, s), image in zip(batch, images):
                     file = image_name(i, s)
                     tmp = out_dir / (file + ".tmp")

@@ -28,8 +28,10 @@ that round's training over. Each stage is deterministic on one machine, so the l
 an uninterrupted run, bit for bit. Raising iterate.rounds continues a finished run; any other change of settings
 in an existing OUT is refused (`overwrite: true` starts over).
 
-Several processes (`accelerate launch -m diffusion_dpo iterate ...`): training runs on all of them; sampling,
-labelling, pairing and evaluation on the main process while the others wait.
+Several processes (`accelerate launch -m diffusion_dpo iterate ...`): sampling (the round's samples and the
+evaluation images) and training run on all of them, the samples split by batch as `generate` splits them
+(generate.generate_on_all: the same images as one process makes); labelling, pairing and the comparisons run on
+the main process while the others wait.
 """
 
 from __future__ import annotations
@@ -166,9 +168,10 @@ class Rounds:
         return self.start or Policy(self.base)
 
     def _generate(self, policy: Policy, prompts: list[dict], seeds: list[int], out: Path) -> None:
-        """`generate` into `out`, unless it is complete already (a resumed run need not load the model for it)."""
+        """`generate` into `out` on every process, unless it is complete already (a resumed run need not load the
+        model for it). Every process calls it."""
         from diffusion_dpo.evaluate import load_run
-        from diffusion_dpo.generate import MANIFEST, generate
+        from diffusion_dpo.generate import MANIFEST, generate_on_all
 
         if (out / MANIFEST).is_file():
             try:
@@ -177,11 +180,11 @@ class Rounds:
             except UserError:  # e.g. an image deleted by hand: generate redoes it
                 pass
         it = self.it
-        generate(policy.model, prompts, seeds, out, lora=policy.lora, scheduler=it.scheduler, steps=it.steps,
-                 guidance_scale=it.guidance_scale, height=self.cfg.data.resolution, width=self.cfg.data.resolution,
-                 batch_size=it.batch_size, device=str(self.state.device),
-                 dtype=GEN_DTYPES[self.cfg.train.mixed_precision],
-                 max_sequence_length=self.cfg.model.max_sequence_length)
+        generate_on_all(self.state, policy.model, prompts, seeds, out, lora=policy.lora, scheduler=it.scheduler,
+                        steps=it.steps, guidance_scale=it.guidance_scale, height=self.cfg.data.resolution,
+                        width=self.cfg.data.resolution, batch_size=it.batch_size, device=str(self.state.device),
+                        dtype=GEN_DTYPES[self.cfg.train.mixed_precision],
+                        max_sequence_length=self.cfg.model.max_sequence_length)
 
     def sample_seeds(self, r: int) -> list[int]:
         k = self.it.samples_per_prompt
@@ -189,6 +192,7 @@ class Rounds:
 
     # ------------------------------------------------------------------ stages
     def sample(self, r: int) -> Path:
+        """The round's samples (every process)."""
         gen = round_dir(self.out, r) / "samples"
         if not (round_dir(self.out, r) / "pairs.json").is_file():  # the samples are read only to make the pairs
             self._generate(self.policy_before(r), self.prompts, self.sample_seeds(r), gen)
@@ -266,7 +270,7 @@ class Rounds:
         return train(self.train_config(r))
 
     def base_eval(self) -> dict[str, Path]:
-        """The evaluation images of the base (and of the start), made once."""
+        """The evaluation images of the base (and of the start), made once (every process)."""
         gens = {"base": self.out / "eval" / "base"}
         self._generate(Policy(self.base), self.eval_prompts, self.it.eval_seeds, gens["base"])
         if self.start is not None:
@@ -274,13 +278,20 @@ class Rounds:
             self._generate(self.start, self.eval_prompts, self.it.eval_seeds, gens["start"])
         return gens
 
+    def eval_images(self, r: int) -> Path:
+        """Round r's evaluation images: its trained policy on the held-out prompts and seeds (every process)."""
+        gen = round_dir(self.out, r) / "eval" / "gen"
+        self._generate(self.policy_before(r + 1), self.eval_prompts, self.it.eval_seeds, gen)
+        return gen
+
     def evaluate(self, r: int, gens: dict[str, Path]) -> dict:
+        """Round r's comparisons with the base and with round r-1, and its diversity (the main process, once every
+        process has made `eval_images`)."""
         from diffusion_dpo.diversity import diversity
         from diffusion_dpo.evaluate import compare
 
         rd = round_dir(self.out, r)
         gen = rd / "eval" / "gen"
-        self._generate(self.policy_before(r + 1), self.eval_prompts, self.it.eval_seeds, gen)
         previous = round_dir(self.out, r - 1) / "eval" / "gen" if r > 1 else gens.get("start", gens["base"])
         labels = [s.label for s in self.specs]
         result = {}
@@ -297,20 +308,22 @@ class Rounds:
         from diffusion_dpo.metrics import read_metrics, training_summary
 
         summaries: list[dict] = []
-        base, gens, report = None, {}, {}
+        base, report = None, {}
+        gens = self.base_eval()  # every process
         if self.main:
-            gens = self.base_eval()
             base = base_summary(gens, self.specs, self.scorer)
         for r in range(1, self.it.rounds + 1):
             done = round_dir(self.out, r) / ROUND_FILE
             if not done.is_file():
                 if self.main:
                     self.log(f"iterate: round {r}/{self.it.rounds}")
-                    samples = self.sample(r)
+                samples = self.sample(r)  # every process
+                if self.main:
                     pairs = self.pair(r, samples, self.label(r, samples))
                 self.state.wait_for_everyone()
                 final = self.train(r)  # every process
                 self.state.wait_for_everyone()
+                self.eval_images(r)  # every process
                 if self.main:
                     _write_json(done, {"round": r, "start": vars(self.policy_before(r)), "seeds": self.sample_seeds(r),
                                        **pairs, "train": training_summary(read_metrics(final.parent)), "final": str(final),
