@@ -320,5 +320,22 @@ def test_tuning_loop_never_touches_the_evaluation_prompts_or_seeds():
     assert not set(tune.ONLINE_DEV_SEEDS) & (set(dev_seeds) | set(round_seeds))
     assert max(round_seeds) < min(tune.ONLINE_DEV_SEEDS) and max(tune.ONLINE_DEV_SEEDS) < world.EVAL_SEED_START
     assert tune._value("false") is False and tune._value("1000") == 1000 and tune._value("all") == "all"
-    with pytest.raises(SystemExit):  # a misspelt setting is refused before anything runs
-        tune.main(["--work-dir", "/nonexistent/never-made", "--set", "betta=1000"])
+    for bad in (["--set", "betta=1000"], ["--base", "transformer_stepz=300"],
+                ["--base", "transformer_steps=300", "--online", "/nonexistent/demo"]):
+        with pytest.raises(SystemExit):  # a misspelt setting is refused before anything runs
+            tune.main(["--work-dir", "/nonexistent/never-made", *bad])
+
+
+def test_the_tuning_loops_failing_share_is_the_dev_classifiers_reading(tmp_path):
+    """A base's headroom in `tune`: the share of its images whose prompted digit the dev classifier doubts."""
+    from diffusion_dpo.demo import tune
+
+    digits = world.split("base")
+    three = world.to_image(digits.ink[list(digits.labels).index(3)])
+    (tmp_path / "images").mkdir()
+    rows = []
+    for i, prompt in enumerate(["a handwritten digit 3", "digit seven", "the number three written by hand"]):
+        three.save(tmp_path / "images" / f"{i}.png")
+        rows.append({"prompt": prompt, "prompt_index": i, "seed": 0, "file": f"images/{i}.png"})
+    (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert tune.failing_share(tmp_path) == pytest.approx(1 / 3)

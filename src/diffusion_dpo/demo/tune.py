@@ -3,6 +3,7 @@
     python -m diffusion_dpo.demo.tune --work-dir /tmp/tune-sd3 --set beta=500          # the flow demo (default)
     python -m diffusion_dpo.demo.tune --family sd --work-dir /tmp/tune --set beta=500 lr=1e-5 --labels crowd
     python -m diffusion_dpo.demo.tune --family sd --work-dir /tmp/tune --set beta_ai=500 --labels ai
+    python -m diffusion_dpo.demo.tune --work-dir /tmp/tune-sd3 --base transformer_steps=300 --set train_seed=1
 
 Each trial trains one model exactly as `diffusion-dpo demo` would (`run.train_config` with the given
 `DemoSize` fields overridden), then samples it on the *pair* prompts (the phrasings the labels were
@@ -11,7 +12,11 @@ with the base under the crowd's utility, the AI reward and the dev classifier (s
 its split and the evaluation prompts are never read here: this is the user's view, who can ask more people and
 a reward model but has no held-out judge while tuning.
 
-Pairs and the base's dev samples are made once per work directory and pairs-per-prompt, then reused.
+`--base FIELD=VALUE` changes the base's recipe (base.BaseRecipe, base_sd3.SD3Recipe): a base of its own is built
+(minutes) into the cache, and the trial reports how often that base fails on the dev samples ("base_fails", the dev
+classifier's p(digit) < 0.5), its headroom.
+
+Pairs and the base's dev samples are made once per work directory, base and pairs-per-prompt, then reused.
 One JSON line per trial is appended to WORK_DIR/results.jsonl (and printed).
 
 The online stage is tuned the same way, from a finished demo's base and DPO-AI:
@@ -49,10 +54,24 @@ def dev_prompts() -> list[dict]:
     return world.pair_prompts()
 
 
+def failing_share(gen: Path) -> float:
+    """The share of a generation run's images that do not show the prompted digit under the dev classifier
+    (p_dev(digit) < 0.5, the report's failure rule with the dev classifier in the judge's place)."""
+    import math
+
+    from diffusion_dpo.demo.scorers import dev_reward
+    from diffusion_dpo.evaluate import load_run
+    from PIL import Image
+
+    rows = load_run(gen)
+    scores = dev_reward([Image.open(gen / r["file"]) for r in rows], [r["prompt"] for r in rows])
+    return sum(score < math.log(0.5) for score in scores) / len(scores)
+
+
 def prepare_pairs(work: Path, size: DemoSize, base: Path) -> dict[str, Path]:
     """Crowd- and AI-labelled pairs for `size.pairs_per_prompt`, made by the demo's own stages (on the demo's
     workers, so that they are its pairs) once per work directory."""
-    root = work / f"pairs-{size.family}-{size.pairs_per_prompt}"
+    root = work / f"pairs-{size.family}-{size.pairs_per_prompt}-{size.base.key()}"
     done = root / "done"
     if not done.exists():
         with Workers() as workers:
@@ -78,8 +97,9 @@ def dev_score(work: Path, size: DemoSize, base: Path, model: Path, name: str) ->
     seeds = [DEV_SEED_START + k for k in range(DEV_SEEDS)]
     scores: dict = {}
     for suffix, kwargs in (("", sampling(size)), ("_defaults", default_sampling(size))):
-        base_gen = work / f"dev-base-{size.family}{suffix}"
+        base_gen = work / f"dev-base-{size.family}-{size.base.key()}{suffix}"
         generate(str(base), dev_prompts(), seeds, base_gen, **kwargs)  # resumes: a no-op once done
+        scores[f"base_fails{suffix}"] = round(failing_share(base_gen), 3)
         gen = work / "runs" / name / f"dev{suffix}"
         generate(str(model), dev_prompts(), seeds, gen, **kwargs)
         result = compare(gen, base_gen, list(DEV_REWARDS.values()), work / "runs" / name / f"compare{suffix}",
@@ -94,12 +114,16 @@ def dev_score(work: Path, size: DemoSize, base: Path, model: Path, name: str) ->
     return scores
 
 
-def trial(work: Path, overrides: dict, labels: str, loss: str, name: str, family: str = "sd3") -> dict:
-    """Train one model of the `family` demo with `DemoSize` fields overridden and score it on the dev metric."""
+def trial(work: Path, overrides: dict, labels: str, loss: str, name: str, family: str = "sd3",
+          base_overrides: dict | None = None) -> dict:
+    """Train one model of the `family` demo with `DemoSize` fields (and its base recipe's `base_overrides`)
+    overridden and score it on the dev metric."""
     from diffusion_dpo.demo.cache import cached_base
     from diffusion_dpo.metrics import read_metrics, training_summary
 
     size = dataclasses.replace(SIZES[family]["full"], **overrides)
+    if base_overrides:
+        size = dataclasses.replace(size, base=dataclasses.replace(size.base, **base_overrides))
     base, _ = cached_base(size.base)
     data = prepare_pairs(work, size, base)[labels]
     started = time.perf_counter()
@@ -107,7 +131,8 @@ def trial(work: Path, overrides: dict, labels: str, loss: str, name: str, family
     with Workers() as workers:  # trained as the demo trains it (a worker's threads), so it is the demo's model
         final = workers.map(train_job, [(train_config(base, data, run_dir, size, loss, labels),)])[0]
     summary = training_summary(read_metrics(run_dir))
-    result = {"name": name, "family": family, "labels": labels, "loss": loss, **overrides,
+    result = {"name": name, "family": family, "labels": labels, "loss": loss,
+              **{f"base.{k}": v for k, v in (base_overrides or {}).items()}, **overrides,
               "train_s": round(time.perf_counter() - started, 1),
               "final_loss": round(summary["final_loss"], 3), "final_acc": round(summary["final_implicit_acc"], 3),
               **dev_score(work, size, base, final, name)}
@@ -172,6 +197,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--work-dir", type=Path, required=True)
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="DemoSize fields to override")
+    parser.add_argument("--base", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="base recipe fields to override (a base of its own is built)")
     parser.add_argument("--family", choices=tuple(SIZES), default="sd3")
     parser.add_argument("--labels", choices=("crowd", "ai"), default="crowd")
     parser.add_argument("--loss", default="dpo")
@@ -180,17 +207,25 @@ def main(argv: list[str] | None = None) -> None:
                         help="tune the online stage, from this finished demo's base and DPO-AI")
     args = parser.parse_args(argv)
     overrides = {k: _value(v) for k, v in (item.split("=", 1) for item in args.set)}
+    base_overrides = {k: _value(v) for k, v in (item.split("=", 1) for item in args.base)}
     fields = {f.name for f in dataclasses.fields(DemoSize)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
         parser.error(f"unknown DemoSize field(s): {', '.join(unknown)}")
+    recipe_fields = {f.name for f in dataclasses.fields(SIZES[args.family]["full"].base)}
+    unknown = sorted(set(base_overrides) - recipe_fields)
+    if unknown:
+        parser.error(f"unknown base recipe field(s): {', '.join(unknown)}")
+    if base_overrides and args.online:
+        parser.error("--base applies to training trials; --online takes the base of its DEMO_DIR")
     kind = ["online"] if args.online else [args.labels, args.loss]
-    name = args.name or "-".join(kind + [f"{k}{v}" for k, v in overrides.items()])
+    name = args.name or "-".join(kind + [f"base.{k}{v}" for k, v in base_overrides.items()]
+                                 + [f"{k}{v}" for k, v in overrides.items()])
     args.work_dir.mkdir(parents=True, exist_ok=True)
     if args.online:
         online_trial(args.work_dir, args.online, overrides, name, args.family)
     else:
-        trial(args.work_dir, overrides, args.labels, args.loss, name, args.family)
+        trial(args.work_dir, overrides, args.labels, args.loss, name, args.family, base_overrides)
 
 
 if __name__ == "__main__":
