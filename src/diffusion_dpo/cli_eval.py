@@ -148,34 +148,20 @@ def _quiet() -> None:
     quiet_progress_bars()
 
 
-def _launched_processes() -> int:
-    """How many processes `accelerate launch` (or torchrun) started this one among (1 when run directly)."""
-    import os
-
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from diffusion_dpo.generate import generate, generate_on_all
+    from diffusion_dpo.generate import generate_on_all, process_state
     from diffusion_dpo.prompts import load_prompts
 
     _quiet()
     prompts = load_prompts(args.prompts, args.prompt_kind, args.limit, args.prompt_split)
-    kwargs = dict(lora=args.lora, scheduler=args.scheduler, steps=args.steps, guidance_scale=args.guidance_scale,
-                  height=args.height, width=args.width, max_sequence_length=args.max_sequence_length,
-                  batch_size=args.batch_size, dtype=args.dtype)
-    main = True
-    if _launched_processes() > 1:  # `accelerate launch -m diffusion_dpo generate`: each process its share
-        import torch
-        from accelerate import PartialState
-
-        state = PartialState(cpu=not torch.cuda.is_available())  # without CUDA: several processes over gloo
-        device = str(state.device) if args.device == "auto" else args.device  # auto: each process its own GPU
-        manifest = generate_on_all(state, args.model, prompts, args.seeds, args.output_dir, device=device, **kwargs)
-        main = state.is_main_process
-    else:
-        manifest = generate(args.model, prompts, args.seeds, args.output_dir, device=_device(args.device), **kwargs)
-    if main:
+    # under `accelerate launch -m diffusion_dpo generate` each process makes its share; auto: each its own GPU
+    state = process_state()
+    device = str(state.device) if args.device == "auto" else args.device
+    manifest = generate_on_all(state, args.model, prompts, args.seeds, args.output_dir, lora=args.lora,
+                               scheduler=args.scheduler, steps=args.steps, guidance_scale=args.guidance_scale,
+                               height=args.height, width=args.width, max_sequence_length=args.max_sequence_length,
+                               batch_size=args.batch_size, device=device, dtype=args.dtype)
+    if state.is_main_process:
         print(f"{len(prompts)} prompts x {len(args.seeds)} seeds: {len(prompts) * len(args.seeds)} images in "
               f"{Path(args.output_dir)} (manifest: {manifest})")
     return 0

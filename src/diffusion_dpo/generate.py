@@ -222,6 +222,14 @@ def merge_shards(out_dir: str | Path) -> int:
     return len(new)
 
 
+def process_state() -> Any:
+    """accelerate's `PartialState` of this process (one process unless started by `accelerate launch`). As the
+    Trainer's Accelerator: without CUDA, only cpu=True runs several processes (over gloo)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def generate_on_all(state: Any, model: str, prompts: Sequence[dict | str], seeds: Sequence[int],
                     out_dir: str | Path, **kwargs: Any) -> Path:
     """`generate` on every process of `state` (an accelerate `PartialState`), each making its share of the

@@ -116,19 +116,15 @@ class Rounds:
     """One `iterate` run: the settings, the loaded rewards, the prompts, and a method per stage."""
 
     def __init__(self, cfg: Config, log: Callable[[str], None] = print):
-        from accelerate import PartialState
-
         from diffusion_dpo.evaluate import Scorer, parse_rewards
+        from diffusion_dpo.generate import process_state
         from diffusion_dpo.models import describe
         from diffusion_dpo.prompts import load_prompts
 
         cfg = check_config(cfg, iterate=True)  # a Config built in code is checked as a YAML one is
         self.cfg, self.it, self.log = cfg, cfg.iterate, log
         self.out = Path(cfg.output_dir)
-        import torch
-
-        # as the Trainer's Accelerator: without CUDA, only cpu=True runs several processes (over gloo)
-        self.state = PartialState(cpu=not torch.cuda.is_available())
+        self.state = process_state()
         self.main = self.state.is_main_process
         self.lora = cfg.lora.rank > 0
         # Everything a round needs is checked before the first image: the model, the start, both prompt sets, the

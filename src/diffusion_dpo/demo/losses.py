@@ -39,7 +39,6 @@ from diffusion_dpo.losses import LOSSES, get_loss
 
 JUDGES = {"judge": JUDGE_REWARD, "ai": AI_REWARD, "crowd": CROWD_REWARD}
 SETTINGS = {"demo": "the demo's sampling settings", "defaults": "the pipeline's own defaults"}
-FAIL_P = 0.5  # as the demo's report: an image fails when the judge gives its prompted digit p < 0.5
 OUTPUTS = ("base", "data", "train", "eval", "eval_prompts.jsonl", "losses.json", "losses.md", "loss_win_rates.png",
            *LOSSES)
 
@@ -207,7 +206,7 @@ def _settings_of(run_dir: Path) -> dict:
 def write_loss_report(out: Path, facts: dict, comparisons: dict[str, dict[str, dict]], gens: dict[str, dict[str, Path]],
                       measured: dict[str, dict], timer: StageTimer, started: float) -> dict:
     """losses.json, losses.md and loss_win_rates.png from the comparisons and the measured trainings."""
-    from diffusion_dpo.demo.report import plot_win_rates, result
+    from diffusion_dpo.demo.report import FAIL_P, plot_win_rates, result
     from diffusion_dpo.diversity import diversity
     from diffusion_dpo.evaluate import score_run
     from diffusion_dpo.metrics import read_metrics, training_summary

