@@ -6,6 +6,7 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -334,3 +335,120 @@ def test_an_interrupted_build_resumes_after_its_finished_shards(tmp_path, tiny_s
         for k in a:  # other VAE batch compositions: equal up to float noise
             torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6,
                                        msg=f"{f['file']} {k}: max diff {(a[k] - b[k]).abs().max():.3g}")
+
+
+def _shared_image_pairs(out: Path) -> Path:
+    """10 pairs: every two of 5 PNG files, two of which hold the same bytes (4 distinct images), as the local
+    JSONL format (a path per image)."""
+    import itertools
+
+    from PIL import Image
+
+    from diffusion_dpo.tiny_data import draw_shape
+
+    out.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for j, (colour, shape) in enumerate([((200, 0, 0), "circle"), ((0, 0, 200), "square"), ((0, 150, 0), "circle"),
+                                         ((120, 0, 120), "square")]):
+        draw_shape((32, 32), colour, shape, rng).save(out / f"{j}.png")
+    shutil.copyfile(out / "0.png", out / "copy-of-0.png")
+    files = ["0.png", "1.png", "2.png", "3.png", "copy-of-0.png"]
+    rows = [{"prompt": f"a shape {a} {b}", "chosen": a, "rejected": b} for a, b in itertools.combinations(files, 2)]
+    (out / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert Image.open(out / "copy-of-0.png").tobytes() == Image.open(out / "0.png").tobytes()
+    return out / "pairs.jsonl"
+
+
+def test_an_image_in_several_pairs_is_encoded_and_stored_once(tmp_path, tiny_sd3, monkeypatch):
+    """Images are keyed by their bytes: 10 pairs over 5 files (two of them equal) store 4 images; every cached pair
+    still gives the posteriors the on-the-fly path computes for its own two images. A build killed after its
+    first pairs shard resumes with the same image table (rows already written are looked up, not re-encoded)."""
+    from safetensors.torch import load_file
+
+    from diffusion_dpo import cache as cache_module
+    from diffusion_dpo.cache import Cache, CachedPairs
+    from diffusion_dpo.data import PreferenceDataset, collate_pairs, load_preference_pairs
+    from diffusion_dpo.models import load_components
+
+    data = _shared_image_pairs(tmp_path / "data")
+    opts = dict(COMMON, model__max_sequence_length=8, data__resolution=32, cache__shard_pairs=4, cache__batch_size=3)
+    cfg = make_cfg(tmp_path / "run", tiny_sd3, data, cache__dir=tmp_path / "cache", **opts)
+    encoded = []
+    original_posterior = cache_module.Family.posterior
+
+    def counting(self, pixels):
+        encoded.append(len(pixels))
+        return original_posterior(self, pixels)
+
+    monkeypatch.setattr(cache_module.Family, "posterior", counting)
+    build_cache(cfg)
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert manifest["format"] == 3 and manifest["num_pairs"] == 10 and manifest["num_images"] == 4
+    assert sum(encoded) == 4 * 2  # 4 images x 2 orientations (random_flip), each encoded once
+    table = [load_file(tmp_path / "cache" / f["file"]) for f in manifest["image_files"]]
+    assert sum(len(t["mean"]) for t in table) == 4 and table[0]["mean"].shape[1] == 2  # (m, V, C, h, w)
+
+    comp = load_components(cfg.model)
+    plain = PreferenceDataset(load_preference_pairs(cfg.data), cfg.data, comp.tokenizer)
+    cached = CachedPairs(Cache.open(cfg), True, 0.5)
+    keys = [(i, 1000 + i) for i in range(10)]
+    a, b = collate_pairs([plain[k] for k in keys]), collate_pairs([cached[k] for k in keys])
+    for g in range(2):  # the winner's and the loser's posterior, each as the VAE gives it for that pair's pixels
+        mean, std = original_posterior(comp, a["pixel_values"][:, g])
+        torch.testing.assert_close(b["latent_mean"][:, g], mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b["latent_std"][:, g], std, rtol=1e-5, atol=1e-5)
+    assert torch.equal(a["original_sizes"], b["original_sizes"]) and torch.equal(a["crop_top_lefts"], b["crop_top_lefts"])
+
+    # killed while encoding pair 6: shard 0 (pairs 0-3, which show all 4 images) is written
+    original = cache_module._ImagesToEncode.__getitem__
+
+    def killed_at_6(self, i):
+        if i == 6:
+            raise KeyboardInterrupt
+        return original(self, i)
+
+    resumed_cfg = make_cfg(tmp_path / "run", tiny_sd3, data, cache__dir=tmp_path / "resumed", **opts)
+    with monkeypatch.context() as m:
+        m.setattr(cache_module._ImagesToEncode, "__getitem__", killed_at_6)
+        with pytest.raises(KeyboardInterrupt):
+            build_cache(resumed_cfg)
+    assert (tmp_path / "resumed.tmp" / "pairs-00000.safetensors").is_file()
+    encoded.clear()
+    build_cache(resumed_cfg)
+    again = json.loads((tmp_path / "resumed" / "manifest.json").read_text())
+    assert again["num_images"] == 4 and encoded == []  # pairs 0-3 hold every image: none is encoded again
+    for f in manifest["pair_files"]:
+        assert torch.equal(load_file(tmp_path / "cache" / f["file"])["image"],
+                           load_file(tmp_path / "resumed" / f["file"])["image"])
+
+
+def test_a_format_2_cache_is_still_read(tmp_path, sd_cache, tiny_sd, tiny_data):
+    """A cache made before the image table (each pair storing its own posteriors, format 2) gives the same items."""
+    from safetensors.torch import load_file, save_file
+
+    from diffusion_dpo.cache import Cache, CachedPairs
+
+    old = tmp_path / "old"
+    shutil.copytree(sd_cache, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    table = {k: torch.cat([load_file(old / f["file"])[k] for f in manifest["image_files"]])
+             for k in ("mean", "std", "crop_top_lefts", "original_sizes")}
+    for f in manifest.pop("image_files"):
+        (old / f["file"]).unlink()
+    for f in manifest["pair_files"]:  # each pair's two images copied in, as format 2 laid them out
+        pairs = load_file(old / f["file"])
+        rows = pairs.pop("image")  # (n, 2)
+        save_file({"mean": table["mean"][rows].transpose(1, 2).contiguous(),  # (n, V, 2, C, h, w)
+                   "std": table["std"][rows].transpose(1, 2).contiguous(),
+                   "crop_top_lefts": table["crop_top_lefts"][rows].transpose(1, 2).contiguous(),  # (n, V, 2, 2)
+                   "original_sizes": table["original_sizes"][rows].contiguous(), **pairs}, old / f["file"])
+    manifest["format"] = 2
+    del manifest["num_images"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    open_at = lambda d: Cache.open(make_cfg(tmp_path / "run", tiny_sd, tiny_data, cache__dir=d, **COMMON))  # noqa: E731
+    new_items, old_items = CachedPairs(open_at(sd_cache), True, 0.5), CachedPairs(open_at(old), True, 0.5)
+    for i in range(len(new_items)):
+        a, b = new_items[(i, 7 + i)], old_items[(i, 7 + i)]
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), (i, key)

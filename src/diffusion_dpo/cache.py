@@ -8,16 +8,23 @@ Layout of `cache.dir` (safetensors shards, opened lazily with `safe_open`, so on
 needs are paged in):
 
     manifest.json            what it was made with (see `cache_identity`) and its shapes
+    images-00000.safetensors every distinct image once (same bytes, same image), in order of first use:
+        mean, std            (m, V, C, h, w)     VAE posterior; V orientations ([as is] or [as is, flipped]
+                                                 with data.random_flip)
+        crop_top_lefts       (m, V, 2)           SDXL crop offsets as seen after the flip
+        original_sizes       (m, 2)              the image's (h, w) before resizing
+        key                  (m, 16)             blake2b digest of the encoded image (a resumed build's lookup)
     pairs-00000.safetensors  `cache.shard_pairs` pairs each, in pair order:
-        mean, std            (n, V, 2, C, h, w)  VAE posterior; V orientations ([as is] or [as is, flipped]
-                                                 with data.random_flip), winner first
-        crop_top_lefts       (n, V, 2, 2)        SDXL crop offsets as seen after the flip
-        original_sizes       (n, 2, 2)           each image's (h, w) before resizing
+        image                (n, 2)              rows of the image table, winner first (1 per unpaired item)
         caption              (n,)                row of the caption table
         label                (n,)                1 for a decided pair, 0.5 for a kept tie
     text-00000.safetensors   unique captions (row 0 is the empty prompt): the model family's per-prompt encodings
                              (`Family.encode_prompt`): SD hidden (m, 77, D); SDXL hidden, pooled; SD3 clip
                              (m, 77, 2048), pooled, t5 (m, L, 4096) unless model.t5 false; FLUX pooled, t5
+
+Why an image table: an image is often in several pairs (`iterate`'s every-two-of-K pairing puts each sample in
+K - 1 of them, 7 at K = 8; Pick-a-Pic repeats images too), and each is encoded and stored once. Caches of format
+2 (each pair holding its two posteriors) are still read.
 
 Why posterior parameters and not latents: the posterior sample is drawn per pair and epoch from the
 pair's sample seed (`randomness.pair_noise`) with the same formula as on the fly (`models.sample_latents`),
@@ -33,6 +40,8 @@ that looks usable; the next build with the same settings continues after the las
 
 from __future__ import annotations
 
+import bisect
+import hashlib
 import json
 import os
 import shutil
@@ -52,7 +61,8 @@ from diffusion_dpo.unpaired import load_feedback
 from diffusion_dpo.models import Family, describe, load_components, sample_latents
 from diffusion_dpo.randomness import item_draws
 
-CACHE_FORMAT = 2  # 2: encodings named by the model family (1 held SD/SDXL's hidden/pooled only)
+CACHE_FORMAT = 3  # 3: an image table (2 stored each pair's posteriors; 1 held SD/SDXL's hidden/pooled only)
+READABLE_FORMATS = (2, CACHE_FORMAT)
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"  # in <dir>.tmp/ while building: the finished shards, so a killed build resumes
 EMPTY_PROMPT_ROW = 0
@@ -98,9 +108,9 @@ def _refuse_random_crop(cfg: Config) -> None:
 def check_manifest(manifest: dict, cfg: Config, directory: Path) -> None:
     """Refuse, in one line naming the setting, a cache made with other weights, data, resolution or dtype."""
     where = f"cache.dir '{directory}'"
-    if manifest.get("format") != CACHE_FORMAT:
-        raise UserError(f"{where} has cache format {manifest.get('format')} (this version reads {CACHE_FORMAT}); "
-                        "rebuild it with `diffusion-dpo cache`")
+    if manifest.get("format") not in READABLE_FORMATS:
+        raise UserError(f"{where} has cache format {manifest.get('format')} (this version reads "
+                        f"{', '.join(map(str, READABLE_FORMATS))}); rebuild it with `diffusion-dpo cache`")
     _refuse_random_crop(cfg)
     made = manifest["identity"]
     for key, value in cache_identity(cfg).items():
@@ -126,8 +136,16 @@ def read_manifest(directory: Path) -> Optional[dict]:
 # ---------------------------------------------------------------- building
 
 
+def image_key(src: Any) -> tuple[bytes, Any]:
+    """(blake2b digest of the encoded image, a source to decode it from): the same bytes are the same image,
+    whether they came from a parquet cell or a file, so a repeated image is encoded once."""
+    data = bytes(src) if isinstance(src, (bytes, bytearray, memoryview)) else Path(src).read_bytes()
+    return hashlib.blake2b(data, digest_size=16).digest(), data
+
+
 class _ImagesToEncode(torch.utils.data.Dataset):
-    """Pair i -> its two images as training pixels, in every stored orientation (DataLoader workers decode)."""
+    """Pair i -> its two images as training pixels, in every stored orientation, with their keys (`image_key`)
+    (DataLoader workers decode)."""
 
     def __init__(self, pairs: Any, resolution: int, orientations: int):
         self.pairs, self.resolution, self.orientations = pairs, resolution, orientations
@@ -141,13 +159,19 @@ class _ImagesToEncode(torch.utils.data.Dataset):
         pixels = np.zeros((v, g, 3, r, r), np.float32)
         crops = np.zeros((v, g, 2), np.int64)
         sizes = np.zeros((g, 2), np.int64)
+        keys = np.zeros((g, 16), np.uint8)
         for k, src in enumerate(sources):
-            img = decode_pair_image(self.pairs, i, src)
+            try:
+                digest, data = image_key(src)
+            except OSError as exc:  # a path that cannot be read: as a broken image
+                raise UserError(f"{self.pairs.where(i)}: image cannot be read ({exc.strerror or exc})") from None
+            keys[k] = np.frombuffer(digest, np.uint8)
+            img = decode_pair_image(self.pairs, i, data)
             sizes[k] = (img.height, img.width)
             for o in range(v):  # the same function as the uncached loader, with the flip off and on
                 pixels[o, k], crops[o, k] = prepare_image(img, r, flip=o == 1, crop_fractions=(None, None))
         return {"pixels": torch.from_numpy(pixels), "crop_top_lefts": torch.from_numpy(crops),
-                "original_sizes": torch.from_numpy(sizes), "label": float(label)}
+                "original_sizes": torch.from_numpy(sizes), "keys": torch.from_numpy(keys), "label": float(label)}
 
 
 class _ShardWriter:
@@ -254,8 +278,13 @@ def build_cache(cfg: Config, device: torch.device | str = "cpu", log: Any = prin
             progress["text_files"] = writer.files
             _save_progress(tmp, progress)
 
+        # Images shards may end early: each pairs shard is written after every image it names (see below).
+        image_writer = _ShardWriter(tmp, "images", cfg.cache.shard_pairs, progress.get("image_files"))
+        seen = _written_keys(tmp, image_writer.files)  # key -> image row, of a resumed build's finished shards
+
         def shard_written(files: list[dict]) -> None:
-            progress["pair_files"] = files
+            image_writer.flush()  # the images this pairs shard names are on disk before the progress says so
+            progress["pair_files"], progress["image_files"] = files, image_writer.files
             _save_progress(tmp, progress)
 
         writer = _ShardWriter(tmp, "pairs", cfg.cache.shard_pairs, progress.get("pair_files"), shard_written)
@@ -265,14 +294,29 @@ def build_cache(cfg: Config, device: torch.device | str = "cpu", log: Any = prin
                                              batch_size=cfg.cache.batch_size, num_workers=cfg.data.num_workers)
         for batch in tqdm(loader, desc="encode images", unit="batch"):
             pixels = batch["pixels"]  # (b, V, G, 3, R, R): G = 2 images per pair, 1 per unpaired item
-            mean, std = comp.posterior(pixels.flatten(0, 2))  # (b*V*G, C, h, w)
-            shape = pixels.shape[:3] + mean.shape[1:]
-            b = pixels.shape[0]
-            writer.add(mean=mean.reshape(shape).to("cpu", dtype), std=std.reshape(shape).to("cpu", dtype),
-                       crop_top_lefts=batch["crop_top_lefts"], original_sizes=batch["original_sizes"],
-                       caption=caption_rows[done:done + b], label=batch["label"].float())
+            b, g = pixels.shape[0], pixels.shape[2]
+            rows = torch.empty(b, g, dtype=torch.int64)
+            new: list[tuple[int, int]] = []  # (pair in batch, image in pair) of images not seen before
+            for i in range(b):
+                for k in range(g):
+                    key = batch["keys"][i, k].numpy().tobytes()
+                    if key not in seen:
+                        seen[key] = len(seen)
+                        new.append((i, k))
+                    rows[i, k] = seen[key]
+            if new:
+                at = (torch.tensor([i for i, _ in new]), slice(None), torch.tensor([k for _, k in new]))
+                fresh = pixels[at]  # (m, V, 3, R, R)
+                mean, std = comp.posterior(fresh.flatten(0, 1))  # (m*V, C, h, w)
+                shape = fresh.shape[:2] + mean.shape[1:]
+                image_writer.add(mean=mean.reshape(shape).to("cpu", dtype), std=std.reshape(shape).to("cpu", dtype),
+                                 crop_top_lefts=batch["crop_top_lefts"][at],
+                                 original_sizes=batch["original_sizes"][at[0], at[2]],
+                                 key=batch["keys"][at[0], at[2]])
+            writer.add(image=rows, caption=caption_rows[done:done + b], label=batch["label"].float())
             done += b
-        writer.flush()
+        writer.flush()  # (an empty data set writes nothing: shard_written is not called)
+        image_writer.flush()
         manifest = {
             "format": CACHE_FORMAT, "package_version": __version__, "identity": identity,
             "model.pretrained": cfg.model.pretrained, "model.vae": cfg.model.vae,
@@ -281,6 +325,7 @@ def build_cache(cfg: Config, device: torch.device | str = "cpu", log: Any = prin
             "images_per_item": pairs.images_per_item,
             "latent_shape": list(comp.latent_shape(cfg.data.resolution)), "latent_scale": vars(comp.latent_scale),
             "shard_pairs": cfg.cache.shard_pairs, "pair_files": writer.files, "text_files": progress["text_files"],
+            "num_images": len(seen), "image_files": image_writer.files,
         }
         (tmp / PROGRESS).unlink()
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -290,8 +335,20 @@ def build_cache(cfg: Config, device: torch.device | str = "cpu", log: Any = prin
     except OSError as exc:  # disk full, permissions: the finished shards stay in tmp for the next build
         raise UserError(f"cannot write cache.dir '{directory}': {exc.strerror or exc}; finished shards are kept in "
                         f"{tmp} and reused by the next `diffusion-dpo cache`") from None
-    log(f"cache {directory}: {len(pairs)} pairs, {len(texts)} unique captions")
+    log(f"cache {directory}: {len(pairs)} pairs, {len(seen)} distinct images, {len(texts)} unique captions")
     return directory
+
+
+def _written_keys(tmp: Path, files: list[dict]) -> dict[bytes, int]:
+    """key -> image row of the images in the finished shards `files` (a resumed build continues the table)."""
+    from safetensors import safe_open
+
+    seen: dict[bytes, int] = {}
+    for f in files:
+        with safe_open(str(tmp / f["file"]), framework="pt") as shard:
+            for key in shard.get_tensor("key"):
+                seen[key.numpy().tobytes()] = len(seen)
+    return seen
 
 
 # ---------------------------------------------------------------- reading
@@ -308,6 +365,8 @@ class Cache:
         self.orientations = 2 if manifest["random_flip"] else 1
         self.family: str = manifest["family"]
         self.images_per_item: int = manifest.get("images_per_item", 2)  # caches before unpaired items held pairs
+        # format 3: the first image row of each image shard (they may end early), for `_image`; format 2: none
+        self._image_starts = list(np.cumsum([0] + [f["rows"] for f in manifest.get("image_files", [])])[:-1])
         self._handles: dict[str, Any] = {}
 
     @classmethod
@@ -319,7 +378,7 @@ class Cache:
             raise UserError(f"cache.dir '{directory}' holds no cache (no {MANIFEST}); build it with "
                             "`diffusion-dpo cache --config ...` or set cache.auto=true")
         check_manifest(manifest, cfg, directory)
-        missing = [f["file"] for f in manifest["pair_files"] + manifest["text_files"]
+        missing = [f["file"] for f in manifest["pair_files"] + manifest["text_files"] + manifest.get("image_files", [])
                    if not (directory / f["file"]).is_file()]
         if missing:
             raise UserError(f"cache.dir '{directory}' is incomplete: {missing[0]} is missing; rebuild it with "
@@ -342,10 +401,23 @@ class Cache:
         f = self._file(files[shard]["file"])
         return {k: f.get_slice(k)[offset:offset + 1][0] for k in (keys or f.keys()) if k in f.keys()}
 
+    def _image(self, row: int) -> dict[str, Tensor]:
+        """Row `row` of the image table (format 3)."""
+        shard = bisect.bisect_right(self._image_starts, row) - 1
+        f = self._file(self.manifest["image_files"][shard]["file"])
+        offset = row - int(self._image_starts[shard])
+        return {k: f.get_slice(k)[offset:offset + 1][0] for k in ("mean", "std", "crop_top_lefts", "original_sizes")}
+
     def pair(self, index: int, flipped: bool, empty_prompt: bool) -> dict[str, Tensor]:
         """Pair `index` as one training item's tensors (the orientation and caption already chosen)."""
         row = self._row(self.manifest["pair_files"], index,
-                        ("mean", "std", "crop_top_lefts", "original_sizes", "caption", "label"))
+                        ("mean", "std", "crop_top_lefts", "original_sizes", "image", "caption", "label"))
+        if "image" in row:  # format 3: the pair names its images; stack them as format 2 stores them
+            images = [self._image(int(r)) for r in row.pop("image")]
+            row.update(mean=torch.stack([im["mean"] for im in images], 1),  # (V, G, C, h, w)
+                       std=torch.stack([im["std"] for im in images], 1),
+                       crop_top_lefts=torch.stack([im["crop_top_lefts"] for im in images], 1),  # (V, G, 2)
+                       original_sizes=torch.stack([im["original_sizes"] for im in images]))  # (G, 2)
         o = 1 if flipped else 0
         text = self._row(self.manifest["text_files"], EMPTY_PROMPT_ROW if empty_prompt else int(row["caption"]))
         item = {"latent_mean": row["mean"][o], "latent_std": row["std"][o],  # (2, C, h, w) winner first
