@@ -180,6 +180,8 @@ def online_trial(work: Path, demo_dir: Path, overrides: dict, name: str, family:
             result |= {f"{setting}_{a}_vs_{b}_{key}": round(got["rewards"][reward]["image_win_rate"], 3)
                        for key, reward in DEV_REWARDS.items()}
         result[f"{setting}_diversity"] = round(diversity(gens["last"]) / diversity(gens["base"]), 3)
+        # the dev classifier's failing share of the base and of the last round (the halving target's dev twin)
+        result |= {f"{setting}_fails_{m}": round(failing_share(gens[m]), 3) for m in ("base", "last")}
     return _record(work, result)
 
 
