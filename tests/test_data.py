@@ -509,10 +509,12 @@ def test_in_memory_dataset_in_both_schemas(tmp_path):
                                                                       "rejected": datasets.Image()}))
     by_bytes = datasets.Dataset.from_dict({"prompt": ["p"], "chosen": [solid(RED)], "rejected": [solid(BLUE)]})
     by_path = datasets.Dataset.from_dict({"prompt": ["p"], "chosen": [str(red_png)], "rejected": [str(red_png)]})
-    for ds in (by_image, by_bytes, by_path):
-        pairs = pairs_from_memory(ds, dcfg(""))
+    for ds in (by_image, by_bytes, by_path):  # paths must lie in the working directory or data.image_root
+        pairs = pairs_from_memory(ds, dcfg("", image_root=str(tmp_path) if ds is by_path else None))
         caption, win, lose, label = pairs.get(0)
         assert caption == "p" and label == 1.0 and win is not None and lose is not None
+    with pytest.raises(UserError, match=r"^in-memory dataset row 0: image '.*red.png' lies outside "):
+        pairs_from_memory(by_path, dcfg(""))
     item = PreferenceDataset(pairs_from_memory(by_bytes, dcfg("")), dcfg(""), make_tokenizer())[(0, 0)]
     assert is_colour(item["pixel_values"][0], RED) and is_colour(item["pixel_values"][1], BLUE)
     # a bad row is named like a file's
@@ -526,3 +528,164 @@ def test_in_memory_dataset_in_both_schemas(tmp_path):
         pairs_from_memory(datasets.DatasetDict({"test": picka}), dcfg(""))
     with pytest.raises(UserError, match="expected a datasets.Dataset, got list"):
         pairs_from_memory([1, 2], dcfg(""))
+
+
+# ---------------------------------------------------------------- untrusted data stays inert (DESIGN.md §7)
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto 10 10 lineto stroke\nshowpage\n"
+
+
+def forged_png(width: int, height: int) -> bytes:
+    """A small PNG whose header claims width x height (CRC fixed): only the header says it is big."""
+    import struct
+    import zlib
+
+    data = bytearray(solid(RED, size=(4, 4)))
+    ihdr = 8  # after the signature: length (4), b"IHDR" (4), width, height, ...
+    assert data[ihdr + 4:ihdr + 8] == b"IHDR"
+    data[ihdr + 8:ihdr + 16] = struct.pack(">II", width, height)
+    data[ihdr + 21:ihdr + 25] = struct.pack(">I", zlib.crc32(bytes(data[ihdr + 4:ihdr + 21])))
+    return bytes(data)
+
+
+def table_with_path_cells(path: Path, rows: list[dict]) -> Path:
+    """Pick-a-Pic rows whose jpg_0 column holds datasets' {bytes, path} image structs."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from diffusion_dpo.tiny_data import SCHEMA
+
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    schema = pa.schema([pa.field("jpg_0", image) if f.name == "jpg_0" else f for f in SCHEMA])
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    return path
+
+
+def test_a_table_image_cell_holding_only_a_path_is_a_bad_row(tmp_path):
+    secret = tmp_path / "elsewhere" / "secret.png"
+    secret.parent.mkdir()
+    secret.write_bytes(solid(GREEN))
+    f = table_with_path_cells(tmp_path / "p.parquet", [
+        row("bytes and a path", jpg_0={"bytes": solid(RED), "path": "red.png"}),
+        row("only a path", jpg_0={"bytes": None, "path": str(secret)}),
+        row("bytes", jpg_0={"bytes": solid(RED), "path": None}),
+    ])
+    assert load_error(dcfg(f)) == (f"{f} row 1: jpg_0 holds a file path, not image bytes (table data must carry "
+                                   "the encoded image)")
+    pairs = load_preference_pairs(dcfg(f, skip_bad_rows=True))
+    assert [pairs.get(i)[0] for i in range(len(pairs))] == ["bytes and a path", "bytes"]
+    assert pairs.num_bad_skipped == 1 and pairs.get(0)[1] == solid(RED)
+
+
+@pytest.fixture
+def outside(tmp_path, monkeypatch):
+    """data/ (data.jsonl's folder, with imgs/red.png, imgs/blue.png) and a valid image outside it, also as ~/x.png
+    and behind the symlink data/imgs/link.png."""
+    (tmp_path / "data" / "imgs").mkdir(parents=True)
+    (tmp_path / "data" / "imgs" / "red.png").write_bytes(solid(RED))
+    (tmp_path / "data" / "imgs" / "blue.png").write_bytes(solid(BLUE))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "x.png").write_bytes(solid(GREEN))
+    (tmp_path / "data" / "imgs" / "link.png").symlink_to(tmp_path / "home" / "x.png")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    return tmp_path
+
+
+@pytest.mark.parametrize("value", ["ABS", "../home/x.png", "imgs/link.png", "imgs/../../home/x.png"],
+                         ids=["absolute", "dotdot", "symlink", "inner_dotdot"])
+def test_local_image_paths_must_stay_in_the_data_folder(outside, value):
+    value = str(outside / "home" / "x.png") if value == "ABS" else value
+    f = outside / "data" / "d.jsonl"
+    good = '{"prompt": "ok", "chosen": "imgs/red.png", "rejected": "imgs/blue.png"}'
+    f.write_text(good + "\n" + json.dumps({"prompt": "p", "chosen": "imgs/red.png", "rejected": value}) + "\n")
+    root = (outside / "data").resolve()
+    assert load_error(dcfg(f)) == (f"{f} line 2: image '{value}' lies outside {root} "
+                                   "(set data.image_root to allow another folder)")
+    skipped = load_preference_pairs(dcfg(f, skip_bad_rows=True))
+    assert len(skipped) == 1 and skipped.num_bad_skipped == 1
+    pairs = load_preference_pairs(dcfg(f, image_root=str(outside)))  # a root that holds both folders
+    assert len(pairs) == 2 and Path(pairs.get(1)[2]) == (outside / "home" / "x.png").resolve()
+
+
+def test_tilde_is_not_expanded_and_image_root_must_be_a_folder(outside):
+    f = outside / "data" / "d.csv"
+    f.write_text("prompt,chosen,rejected\nok,imgs/red.png,imgs/blue.png\np,~/x.png,imgs/red.png\n")
+    assert load_error(dcfg(f)) == f"{f} line 3: image file '~/x.png' not found"  # not $HOME/x.png
+    assert load_error(dcfg(f, image_root=str(outside / "nowhere"))) == \
+        f"data.image_root '{outside / 'nowhere'}' is not a directory"
+
+
+def test_only_common_image_formats_are_opened(tmp_path):
+    from PIL import UnidentifiedImageError
+
+    from diffusion_dpo.images import open_image, verify_image
+
+    with pytest.raises(UnidentifiedImageError):
+        open_image(EPS)  # PIL alone would open it (and hand it to Ghostscript to decode)
+    assert verify_image(EPS) == "cannot identify image file"
+    for fmt in ("JPEG", "PNG", "WEBP", "GIF", "BMP"):
+        assert verify_image(solid(RED, fmt=fmt)) is None, fmt
+    _images(tmp_path)
+    for name in ("ps.eps", "ps.png"):
+        (tmp_path / "imgs" / name).write_bytes(EPS)
+        (tmp_path / "d.jsonl").write_text(json.dumps({"prompt": "p", "chosen": f"imgs/{name}",
+                                                      "rejected": "imgs/red.png"}) + "\n")
+        assert load_error(dcfg(tmp_path / "d.jsonl")) == (f"{tmp_path / 'd.jsonl'} line 1: chosen image "
+                                                          f"'imgs/{name}' cannot be decoded as an image "
+                                                          "(cannot identify image file)")
+    f = write_pickapic(tmp_path / "eps.parquet", [row(), row(jpg_1=EPS)])
+    assert load_error(dcfg(f)) == f"{f} row 1: jpg_1 cannot be decoded as an image (cannot identify image file)"
+
+
+def test_images_above_the_pixel_limit_are_refused_from_their_header(tmp_path, tok, monkeypatch):
+    from diffusion_dpo import images
+    from diffusion_dpo.images import ImageTooLarge, load_rgb
+
+    big = forged_png(9000, 9000)  # 81 M pixels: under PIL's own limit, over ours; never decoded
+    f = write_pickapic(tmp_path / "big.parquet", [row(), row(jpg_0=big)])
+    assert load_error(dcfg(f)) == (f"{f} row 1: jpg_0 cannot be decoded as an image (image is 9000 x 9000 = "
+                                   f"81000000 pixels, more than the {64 * 2**20} allowed)")
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(ImageTooLarge, match=r"^image is 40 x 32 = 1280 pixels, more than the 1000 allowed$"):
+        load_rgb(solid(RED))  # solid() is 40 x 32
+    assert load_rgb(solid(RED, size=(25, 40))).size == (25, 40)  # 1000 pixels: allowed
+    normal = write_pickapic(tmp_path / "normal.parquet", [row(), row(jpg_1=solid(BLUE, size=(40, 32)))])
+    assert load_error(dcfg(normal)) == (f"{normal} row 0: jpg_0 cannot be decoded as an image (image is 40 x 32 = "
+                                        "1280 pixels, more than the 1000 allowed)")
+    cfg = dcfg(normal, validate_images=False)  # found when the item is read
+    ds = PreferenceDataset(load_preference_pairs(cfg), cfg, ids(tok))
+    with pytest.raises(UserError, match=r"normal.parquet row 0: image cannot be decoded \(image is 40 x 32 = 1280"):
+        ds[(0, 0)]
+
+
+def test_high_depth_grayscale_converts_as_before_without_float64_copies():
+    import tracemalloc
+
+    from diffusion_dpo.images import _high_depth_to_uint8, load_rgb
+
+    def before(arr: np.ndarray, mode: str) -> np.ndarray:  # the float64 conversion this replaced
+        arr = arr.astype(np.float64)
+        scale = (255.0 if arr.size and np.nanmax(arr) <= 1.0 else 1.0) if mode == "F" else 255.0 / 65535.0
+        return np.clip(np.nan_to_num(arr * scale), 0, 255).round().astype(np.uint8)
+
+    every = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    assert np.array_equal(_high_depth_to_uint8(every, "I;16"), before(every, "I;16"))
+    assert np.array_equal(_high_depth_to_uint8(every.astype(">u2"), "I;16B"), before(every, "I;16B"))
+    wide = np.array([[-70000, -1, 0, 128, 129, 385, 32896, 65406, 65407, 65535, 65536, 2**31 - 1]], np.int32)
+    assert np.array_equal(_high_depth_to_uint8(wide, "I"), before(wide, "I"))
+    for floats in (np.linspace(0, 1, 1001, dtype=np.float32), np.linspace(-10, 300, 3101, dtype=np.float32),
+                   np.array([0.0, np.nan, np.inf, -np.inf, 0.5, 1.0], np.float32)):
+        # float32 arithmetic may round an exact .5 (0.3 * 255 = 76.5) the other way: at most 1 level, rarely
+        diff = _high_depth_to_uint8(floats[None], "F").astype(int) - before(floats[None], "F")
+        assert np.abs(diff).max() <= 1 and np.mean(diff != 0) < 0.01
+    # a decoded 16-bit PNG: the same 8-bit values as before
+    png = load_rgb(i16_png())
+    assert np.asarray(png)[:, :12].min() == 255 and np.asarray(png)[:, 12:].max() == 0
+    # peak memory: a few bytes per pixel (the float64 version held several 8-byte copies)
+    big = np.random.default_rng(0).integers(0, 65536, (1024, 1024), dtype=np.uint16)
+    for arr, mode in ((big, "I;16"), (big.astype(np.int32), "I"), (big.astype(np.float32) / 65535, "F")):
+        tracemalloc.start()
+        _high_depth_to_uint8(arr, mode)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak <= 6 * arr.size, (mode, peak / arr.size)

@@ -189,6 +189,52 @@ def test_scores_are_cached_per_image(tmp_path, bright_reward):
     assert score_run(run, [BRIGHT], cache=False)[BRIGHT].tolist() == [10, 30] and bright_reward.CALLS == [2, 1, 2]
 
 
+def test_forged_or_old_score_cache_lines_are_not_used(tmp_path, bright_reward):
+    """The cache is keyed by the sha256 of the image's bytes: a file name and mtime prove nothing (tar keeps them)."""
+    import hashlib
+    import os
+
+    run = fake_run(tmp_path / "r", {(0, 0): 10, (1, 0): 20}, ["x", "y"])
+    cache = run / "scores_dpo_eval_bright_brightness.jsonl"
+    mtime = (run / image_name(0, 0)).stat().st_mtime_ns
+    wrong = hashlib.sha256(b"other bytes").hexdigest()
+    cache.write_text(json.dumps({"file": image_name(0, 0), "mtime_ns": mtime, "score": 999.0}) + "\n"  # old form
+                     + json.dumps({"file": image_name(1, 0), "sha256": wrong, "score": 999.0}) + "\n")
+    assert score_run(run, [BRIGHT])[BRIGHT].tolist() == [10, 20] and bright_reward.CALLS == [2]  # both rescored
+    assert score_run(run, [BRIGHT])[BRIGHT].tolist() == [10, 20] and bright_reward.CALLS == [2]  # now cached
+    # other bytes under the same name and mtime (an image swapped in a shipped run): scored again
+    stat = (run / image_name(1, 0)).stat()
+    Image.new("RGB", (8, 8), (40,) * 3).save(run / image_name(1, 0))
+    os.utime(run / image_name(1, 0), ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert score_run(run, [BRIGHT])[BRIGHT].tolist() == [10, 40] and bright_reward.CALLS == [2, 1]
+
+
+def test_manifest_files_must_stay_in_the_runs_images(tmp_path, bright_reward):
+    run = fake_run(tmp_path / "a" / "r", {(0, 0): 10, (1, 0): 20}, ["x", "y"])
+    Image.new("RGB", (8, 8), (255,) * 3).save(tmp_path / "secret.png")  # exists: refused for where it is
+    (run / "images" / "link.png").symlink_to(tmp_path / "secret.png")
+    lines = (run / MANIFEST).read_text().splitlines()
+    for file in ("../../secret.png", str(tmp_path / "secret.png"), "images/link.png", "images/../../../secret.png"):
+        row = json.loads(lines[1]) | {"file": file}
+        (run / MANIFEST).write_text("\n".join([lines[0], json.dumps(row)]) + "\n")
+        message = rf"run '{run}': manifest.jsonl line 2: image '{file}' is not inside the run's images/ folder"
+        _one_line(lambda: load_run(run), message)
+        _one_line(lambda: score_run(run, [BRIGHT], cache=False), message)
+    assert bright_reward.CALLS == []  # nothing outside the run was read
+    # images/ itself a link out of the run
+    (run / MANIFEST).write_text("\n".join(lines) + "\n")
+    (run / "images").rename(tmp_path / "elsewhere")
+    (run / "images").symlink_to(tmp_path / "elsewhere")
+    _one_line(lambda: load_run(run), r"line 1: image 'images/00000_0.png' is not inside the run's images/")
+    # a link inside images/ to another of its images is fine
+    (run / "images").unlink()
+    (tmp_path / "elsewhere").rename(run / "images")
+    (run / "images" / "link.png").unlink()
+    (run / "images" / "link.png").symlink_to(run / image_name(1, 0))
+    (run / MANIFEST).write_text("\n".join([lines[0], json.dumps(json.loads(lines[1]) | {"file": "images/link.png"})]))
+    assert [r["file"] for r in load_run(run)] == [image_name(0, 0), "images/link.png"]
+
+
 # ---------------------------------------------------------------- bad input: one line each
 
 def _one_line(call, match: str) -> None:

@@ -54,7 +54,8 @@ def test_same_seeds_same_bytes_and_batch_size_invariance(tiny_sd, tmp_path):
     rows = _manifest(a)
     assert [(r["prompt_index"], r["seed"]) for r in rows] == [(i, s) for i in range(3) for s in (0, 1)]
     assert rows[0] == {"prompt": "a red cat", "prompt_index": 0, "seed": 0, "file": "images/00000_0.png",
-                       "model": str(tiny_sd), "lora": None, "scheduler": "PNDMScheduler", "steps": 2,
+                       "model": str(tiny_sd), "model_revision": None, "requested_revision": None, "lora": None,
+                       "scheduler": "PNDMScheduler", "steps": 2,
                        "guidance_scale": 5.0, "height": 32, "width": 32, "dtype": "float32",
                        "max_sequence_length": None}
     assert json.loads((a / "run.json").read_text())["steps"] == 2

@@ -93,9 +93,38 @@ def test_local_jsonl(tmp_path):
         '{"prompt": "r", "chosen": "imgs/red.png", "rejected": "imgs/red.png"}\n')
     report = relabel(tmp_path / "d.jsonl", REWARD, tmp_path / "out")
     lines = [json.loads(x) for x in (tmp_path / "out" / "pairs.jsonl").read_text().splitlines()]
-    assert [Path(x["chosen"]).name for x in lines] == ["red.png", "red.png"]
+    # self-contained: the images are hard links under out/images/, named relative to out/
+    red = (tmp_path / "imgs" / "red.png").read_bytes()
+    assert [(tmp_path / "out" / x["chosen"]).read_bytes() for x in lines] == [red, red]
+    assert all(x[k].startswith("images/") for x in lines for k in ("chosen", "rejected"))
+    assert (tmp_path / "out" / lines[0]["chosen"]).stat().st_ino == (tmp_path / "imgs" / "red.png").stat().st_ino
     assert report["dropped"] == 1 and report["agreement"] == 0.5
-    assert len(load_preference_pairs(DataConfig(path=str(tmp_path / "out" / "pairs.jsonl"), num_workers=0))) == 2
+    out = str(tmp_path / "out" / "pairs.jsonl")  # trains as it is, with no data.image_root
+    assert len(load_preference_pairs(DataConfig(path=out, num_workers=0))) == 2
+
+
+def test_relabel_reads_images_under_the_data_rules(tmp_path):
+    import pyarrow as pa
+
+    from pickapic_fixtures import GREEN
+    from diffusion_dpo.tiny_data import SCHEMA
+
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(solid(GREEN))
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    schema = pa.schema([pa.field("jpg_1", image) if f.name == "jpg_1" else f for f in SCHEMA])
+    rows = [row("a", jpg_1={"bytes": solid(BLUE), "path": None}), row("b", jpg_1={"bytes": None, "path": str(secret)})]
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp_path / "in" / "cells.parquet")
+    with pytest.raises(UserError, match=r"cells.parquet row 1: jpg_1 holds a file path, not image bytes"):
+        relabel(tmp_path / "in", REWARD, tmp_path / "out")
+    (tmp_path / "d" / "imgs").mkdir(parents=True)
+    (tmp_path / "d" / "imgs" / "red.png").write_bytes(solid(RED))
+    (tmp_path / "d" / "d.jsonl").write_text(json.dumps({"prompt": "p", "chosen": "imgs/red.png",
+                                                        "rejected": str(secret)}) + "\n")
+    with pytest.raises(UserError, match=r"d.jsonl line 1: image '.*secret.png' lies outside"):
+        relabel(tmp_path / "d" / "d.jsonl", REWARD, tmp_path / "out2")
+    assert relabel(tmp_path / "d" / "d.jsonl", REWARD, tmp_path / "out3", image_root=str(tmp_path))["rows"] == 1
 
 
 def test_relabel_cli_and_its_errors(tmp_path, capsys):

@@ -8,6 +8,7 @@ import math
 import re
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -239,6 +240,69 @@ def test_imagereward_without_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "ImageReward", None)
     with pytest.raises(UserError, match="imagereward needs the image-reward package"):
         load_reward("imagereward")
+
+
+FAKE_IMAGEREWARD = """
+import json
+import torch
+
+
+class ImageReward(torch.nn.Module):
+    def __init__(self, med_config, device="cpu"):
+        super().__init__()
+        self.config = json.load(open(med_config))
+        self.mlp = torch.nn.Linear(3, 1)
+
+    def score(self, prompt, image):
+        mean = torch.tensor(image.resize((4, 4)).getdata(), dtype=torch.float32).mean(0) / 255.0
+        return float(self.mlp(mean)) + len(prompt)
+"""
+
+
+class _RunsCode:
+    """A pickle that calls a function when loaded: what a malicious checkpoint carries."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_imagereward_weights_are_read_without_unpickling_code(monkeypatch, tmp_path, images):
+    """Issue 34 (2): the package's own `load` unpickles its checkpoint without weights_only; ours reads the weights
+    through the safe loader and builds the package's model class."""
+    package = tmp_path / "pkgs" / "ImageReward"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("def load(*args, **kwargs):\n    raise AssertionError('unsafe loader')\n")
+    (package / "ImageReward.py").write_text(FAKE_IMAGEREWARD)
+    monkeypatch.syspath_prepend(str(tmp_path / "pkgs"))
+    for name in ("ImageReward", "ImageReward.ImageReward"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    from ImageReward.ImageReward import ImageReward as Model
+
+    ckpt = tmp_path / "ir"
+    ckpt.mkdir()
+    (ckpt / "med_config.json").write_text('{"hidden_size": 8}')
+    torch.manual_seed(0)
+    trained = Model(str(ckpt / "med_config.json"))
+    torch.save(trained.state_dict(), ckpt / "ImageReward.pt")
+    reward = load_reward("imagereward", path=str(ckpt))
+    with torch.no_grad():
+        expected = [trained.score(p, im) for im, p in zip(images, PROMPTS)]
+    np.testing.assert_allclose(reward(images, PROMPTS).numpy(), expected, rtol=1e-6)
+
+    marker = tmp_path / "code-ran"
+    torch.save({"mlp.weight": torch.zeros(1, 3), "payload": _RunsCode(marker)}, ckpt / "ImageReward.pt")
+    with pytest.raises(UserError, match="reward 'imagereward': cannot read weights file .*ImageReward.pt"):
+        load_reward("imagereward", path=str(ckpt / "ImageReward.pt"))
+    assert not marker.exists()
+    torch.save({"other.weight": torch.zeros(1, 3)}, ckpt / "ImageReward.pt")
+    with pytest.raises(UserError, match="does not fit the ImageReward model"):
+        load_reward("imagereward", path=str(ckpt))
+    (ckpt / "ImageReward.pt").unlink()
+    with pytest.raises(UserError, match="has no ImageReward.pt"):
+        load_reward("imagereward", path=str(ckpt))
 
 
 # --- the user's own reward -----------------------------------------------------------------------

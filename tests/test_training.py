@@ -79,7 +79,8 @@ def test_full_fine_tune_outputs(tmp_path, tiny_sd, tiny_data):
     from huggingface_hub import ModelCard
 
     card = ModelCard.load(final / "README.md")
-    assert card.data.base_model == str(tiny_sd) and card.data.library_name == "diffusers"
+    assert card.data.base_model is None and card.data.library_name == "diffusers"  # a local base is no hub id
+    assert str(tiny_sd) not in card.content and f"`{tiny_sd.name}`" in card.text  # published: basenames only
     assert {"text-to-image", "diffusers-training", "stable-diffusion", "diffusion-dpo"} <= set(card.data.tags)
     assert "lora" not in card.data.tags
     for fact in ("| steps | 3 |", "| effective batch | 2 pairs per step |", "| beta | 5000, in the official DiffusionDPO",

@@ -188,3 +188,42 @@ def test_kto_resumes_exactly(tmp_path, tiny_sd, tiny_data):
     a, b = unet_weights(straight), unet_weights(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [m["loss"] for m in read_metrics(tmp_path / "a")] == [m["loss"] for m in read_metrics(tmp_path / "b")]
+
+
+# ---------------------------------------------------------------- untrusted data stays inert (DESIGN.md §7)
+
+def test_unpaired_image_paths_stay_in_the_data_folder(tmp_path, monkeypatch):
+    from pickapic_fixtures import BLUE, GREEN, RED, solid
+
+    (tmp_path / "data" / "img").mkdir(parents=True)
+    (tmp_path / "data" / "img" / "red.png").write_bytes(solid(RED))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "x.png").write_bytes(solid(GREEN))
+    (tmp_path / "data" / "img" / "link.png").symlink_to(tmp_path / "home" / "x.png")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    f, root = tmp_path / "data" / "items.jsonl", (tmp_path / "data").resolve()
+    good = json.dumps({"prompt": "ok", "image": "img/red.png", "label": 1})
+    for value in (str(tmp_path / "home" / "x.png"), "../home/x.png", "img/link.png"):
+        f.write_text(good + "\n" + json.dumps({"prompt": "p", "image": value, "label": 0}) + "\n")
+        with pytest.raises(UserError) as info:
+            load_feedback(DataConfig(path=str(f), num_workers=0))
+        assert str(info.value) == (f"{f} line 2: image '{value}' lies outside {root} (set data.image_root to allow "
+                                   "another folder)")
+        items = load_feedback(DataConfig(path=str(f), num_workers=0, skip_bad_rows=True))
+        assert len(items) == 1 and items.num_bad_skipped == 1
+        items = load_feedback(DataConfig(path=str(f), num_workers=0, image_root=str(tmp_path)))
+        assert len(items) == 2 and items.images(1)[1] == (str((tmp_path / "home" / "x.png").resolve()),)
+    f.write_text(good + "\n" + json.dumps({"prompt": "p", "image": "~/x.png", "label": 0}) + "\n")
+    with pytest.raises(UserError, match=r"^\S*items.jsonl line 2: image file '~/x.png' not found$"):
+        load_feedback(DataConfig(path=str(f), num_workers=0))
+    # table data: a cell holding only a path is a bad row, whatever the path
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    cells = [{"bytes": solid(BLUE), "path": None}, {"bytes": None, "path": str(tmp_path / "home" / "x.png")}]
+    pq.write_table(pa.table({"prompt": ["a", "b"], "image": pa.array(cells, image), "label": [1, 0]}),
+                   tmp_path / "cells.parquet")
+    with pytest.raises(UserError) as info:
+        load_feedback(DataConfig(path=str(tmp_path / "cells.parquet"), num_workers=0))
+    assert str(info.value) == (f"{tmp_path / 'cells.parquet'} row 1: image holds a file path, not image bytes "
+                               "(table data must carry the encoded image)")
+    items = load_feedback(DataConfig(path=str(tmp_path / "cells.parquet"), num_workers=0, skip_bad_rows=True))
+    assert len(items) == 1 and items.images(0)[1] == (solid(BLUE),)

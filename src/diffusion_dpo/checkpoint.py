@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from diffusion_dpo.errors import UserError
+from diffusion_dpo.pinning import PINS_FILE
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "train_state.json"
@@ -51,8 +52,12 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def resolve_resume(resume: Optional[str], output_dir: Path) -> Optional[Path]:
-    """`None` -> start fresh; 'latest' -> newest complete checkpoint (or fresh if none); a path -> that one."""
+def resolve_resume(resume: Optional[str], output_dir: Path, trust_sharded: bool = False) -> Optional[Path]:
+    """`None` -> start fresh; 'latest' -> newest complete checkpoint (or fresh if none); a path -> that one.
+
+    A sharded checkpoint (`engine/`, accelerate's FSDP/DeepSpeed state) is restored by unpickling: torch's
+    distributed-checkpoint `.metadata` under FSDP, `weights_only=False` under DeepSpeed. One from outside this
+    run's own output_dir could run code, so it is refused unless `trust_sharded` (train.trust_sharded_resume)."""
     if not resume:
         return None
     if resume == "latest":
@@ -61,10 +66,32 @@ def resolve_resume(resume: Optional[str], output_dir: Path) -> Optional[Path]:
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
         raise UserError(f"train.resume: '{resume}' is not a checkpoint directory (no {STATE_FILE})")
+    if (path / ENGINE_DIR).is_dir() and not trust_sharded and \
+            not path.resolve().is_relative_to(output_dir.resolve()):
+        raise UserError(f"train.resume: '{resume}' is a sharded (FSDP/DeepSpeed) checkpoint from outside output_dir "
+                        f"'{output_dir}'; restoring it unpickles files that can run code: set "
+                        "train.trust_sharded_resume true if you trust who wrote it")
     return path
 
 
-RUN_ARTIFACTS = ("final", "final.tmp", "metrics.jsonl", "samples", "logs", "config.yaml")
+ENGINE_DIR = "engine"  # accelerate's save_state of a sharded (FSDP/DeepSpeed) run, inside a checkpoint
+RUN_MARKER = "diffusion_dpo_run.json"  # written by train into its output_dir: what --overwrite may clear
+RUN_ARTIFACTS = ("final", "final.tmp", "metrics.jsonl", "samples", "logs", "config.yaml", PINS_FILE)
+_STAGING = re.compile(r"^checkpoint-(\d+)\.tmp$")
+
+
+def run_files(output_dir: Path) -> list[Path]:
+    """What a train run writes into its output_dir (and --overwrite removes): checkpoint-<step>/ (and their .tmp
+    staging folders), final/, metrics, samples, logs, config.yaml, the marker. Nothing else is ever touched."""
+    if not output_dir.is_dir():
+        return []
+    return sorted(p for p in output_dir.iterdir() if _NAME.match(p.name) or _STAGING.match(p.name)
+                  or p.name in RUN_ARTIFACTS or p.name == RUN_MARKER)
+
+
+def mark_run(output_dir: Path) -> None:
+    """Write the marker that says output_dir holds a diffusion-dpo train run."""
+    (output_dir / RUN_MARKER).write_text(json.dumps({"written_by": "diffusion-dpo train"}) + "\n")
 
 
 def check_output_dir(output_dir: Path, resuming: bool, overwrite: bool, resume_asked: bool = False) -> None:
@@ -72,6 +99,12 @@ def check_output_dir(output_dir: Path, resuming: bool, overwrite: bool, resume_a
     that cannot be written. Creates nothing: a run that fails validation leaves no trace."""
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"output_dir '{output_dir}' exists and is not a directory")
+    if overwrite and not resuming:
+        found = run_files(output_dir)
+        if found and not (output_dir / RUN_MARKER).is_file():
+            raise UserError(f"--overwrite: output_dir '{output_dir}' holds {', '.join(p.name for p in found[:3])} but "
+                            f"no {RUN_MARKER} (it was not written by diffusion-dpo train, or by a version before the "
+                            "marker); nothing was deleted: remove those files yourself or choose another output_dir")
     if not resuming and not overwrite:
         earlier = [p.name for p in [*list_checkpoints(output_dir), output_dir / "final"] if p.exists()]
         if earlier and resume_asked:  # e.g. a finished run whose final step was never checkpointed
@@ -89,11 +122,17 @@ def check_output_dir(output_dir: Path, resuming: bool, overwrite: bool, resume_a
 
 
 def clear_run(output_dir: Path) -> None:
-    """Remove what an earlier run wrote (checkpoints, final/, metrics, samples, logs): --overwrite."""
-    for path in [*output_dir.glob("checkpoint-*"), *(output_dir / name for name in RUN_ARTIFACTS)]:
-        if path.is_dir():
+    """Remove what an earlier run wrote (`run_files`): --overwrite. Only in a folder that carries the run marker:
+    a folder that never held a run loses nothing (check_output_dir refused it already; this is the last guard)."""
+    found = run_files(output_dir)
+    if found and not (output_dir / RUN_MARKER).is_file():
+        raise UserError(f"--overwrite: output_dir '{output_dir}' has no {RUN_MARKER}; nothing was deleted")
+    for path in found:
+        if path.name == RUN_MARKER:
+            continue
+        if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
-        elif path.exists():
+        else:
             path.unlink()
 
 

@@ -232,10 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
         "push", help="publish a run's final/ (pipeline or LoRA weights, with its model card) to the Hugging Face hub",
         description="Upload RUN_DIR/final to --repo-id in one commit (the repository is created if needed). Checks the "
                     "run, the repo id, that the hub is not switched off (HF_HUB_OFFLINE) and that a token is there "
-                    "before any upload.")
+                    "before any upload. A new repository is private unless --public.")
     push.add_argument("run", metavar="RUN_DIR", help="a training output_dir (or its final/)")
     push.add_argument("--repo-id", required=True, metavar="ID", help="hub repository, e.g. user/sdxl-dpo")
-    push.add_argument("--private", action="store_true", help="create the repository as private")
+    push.add_argument("--public", action="store_true", help="create the repository as public [default: private; an "
+                      "existing repository keeps its visibility]")
     push.add_argument("--token", help="Hugging Face token [default: the logged-in one, or HF_TOKEN]")
     from diffusion_dpo import cli_eval
 
@@ -382,7 +383,7 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
 def _cmd_push(args: argparse.Namespace) -> int:
     from diffusion_dpo.push import push_run
 
-    print(f"pushed: {push_run(args.run, args.repo_id, private=args.private, token=args.token)}")
+    print(f"pushed: {push_run(args.run, args.repo_id, private=not args.public, token=args.token)}")
     return 0
 
 

@@ -55,6 +55,8 @@ def register(subparsers: argparse._SubParsersAction, parser_class: type[argparse
     gen.add_argument("--limit", type=int, help="use the first N prompts")
     gen.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds, one image each [default: 0]")
     gen.add_argument("--output-dir", required=True, help="run directory (images/, manifest.jsonl, run.json)")
+    gen.add_argument("--revision", help="hub revision of --model (branch, tag or commit), pinned to its commit in "
+                                        "run.json for the whole run, resumes included [default: main]")
     gen.add_argument("--steps", type=int, default=30, help="sampling steps [default: 30]")
     gen.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance [default: 7.5]")
     gen.add_argument("--max-sequence-length", type=int, metavar="N",
@@ -160,7 +162,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     manifest = generate_on_all(state, args.model, prompts, args.seeds, args.output_dir, lora=args.lora,
                                scheduler=args.scheduler, steps=args.steps, guidance_scale=args.guidance_scale,
                                height=args.height, width=args.width, max_sequence_length=args.max_sequence_length,
-                               batch_size=args.batch_size, device=device, dtype=args.dtype)
+                               batch_size=args.batch_size, device=device, dtype=args.dtype, revision=args.revision)
     if state.is_main_process:
         print(f"{len(prompts)} prompts x {len(args.seeds)} seeds: {len(prompts) * len(args.seeds)} images in "
               f"{Path(args.output_dir)} (manifest: {manifest})")

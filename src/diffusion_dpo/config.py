@@ -32,7 +32,9 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 class ModelConfig:
     pretrained: str = _f("", "Base model: a hub id (online) or a local diffusers pipeline directory "
                              "(SD 1.x/2.x, SDXL, SD3/SD3.5 or FLUX.1). Required.")
-    revision: Optional[str] = _f(None, "Hub revision (branch, tag or commit) of `pretrained`.")
+    revision: Optional[str] = _f(None, "Hub revision (branch, tag or commit) of `pretrained`. A run resolves it "
+                                       "once to a commit (pins.json in output_dir) and reads that commit from then "
+                                       "on, resumes included.")
     variant: Optional[str] = _f(None, "Weight variant to load, e.g. 'fp16'.")
     vae: Optional[str] = _f(None, "A separate VAE (hub id or local dir), e.g. an fp16-safe SDXL VAE. "
                                   "Default: the pipeline's own.")
@@ -53,6 +55,9 @@ class ModelConfig:
                                         "pipeline dir or hub id of the same family and architecture: its denoiser is "
                                         "the reference (e.g. the base model while model.pretrained is a model tuned "
                                         "from it); with LoRA, model.pretrained itself means adapters off.")
+    vae_revision: Optional[str] = _f(None, "Hub revision of model.vae (pinned to a commit as model.revision).")
+    reference_revision: Optional[str] = _f(None, "Hub revision of model.reference (pinned to a commit as "
+                                                 "model.revision).")
     guidance: Optional[float] = _f(None, "FLUX.1-dev (guidance-distilled): the value fed to its guidance "
                                          "embedding during training; default 3.5, as diffusers' FLUX scripts and "
                                          "Flow-Factory train with. Only for models with a guidance embedding.")
@@ -77,7 +82,14 @@ class LoraConfig:
 class DataConfig:
     path: str = _f("", "Preference data: Pick-a-Pic parquet file/dir, a datasets.save_to_disk dir, "
                        "a JSONL/CSV file (prompt, chosen, rejected), or a hub dataset id (online). Required.")
+    image_root: Optional[str] = _f(None, "The folder that the image paths of JSONL/CSV data (and of an in-memory "
+                                         "dataset's path columns) must lie in, symlinks followed; a path outside it "
+                                         "is a bad row. Default: the data file's folder (the working directory for "
+                                         "an in-memory dataset). Table data (parquet, save_to_disk, hub) must carry "
+                                         "image bytes: a cell holding only a path is a bad row.")
     split: str = _f("train", "Split to use for hub datasets and DatasetDict directories.")
+    revision: Optional[str] = _f(None, "Hub revision of a hub dataset data.path (pinned to a commit as "
+                                       "model.revision).")
     batch_size: int = _f(1, "Pairs per device per micro-step.")
     resolution: int = _f(512, "Training resolution (square); images are resized on the short side, then cropped.")
     random_crop: bool = _f(False, "Random crop (shared by both images of a pair) instead of a center crop.")
@@ -169,6 +181,10 @@ class TrainConfig:
     checkpointing_steps: int = _f(500, "Save checkpoint-<step>/ every N optimizer steps (0 = never).")
     checkpoints_total_limit: Optional[int] = _f(None, "Keep at most this many checkpoints (oldest removed).")
     resume: Optional[str] = _f(None, "'latest' or a checkpoint directory to continue from.")
+    trust_sharded_resume: bool = _f(False, "Allow train.resume from an FSDP/DeepSpeed checkpoint (engine/) outside "
+                                           "this run's output_dir. Restoring one unpickles files, which can run "
+                                           "code: set it only for checkpoints you or someone you trust wrote. Plain "
+                                           "checkpoints are safetensors and weights_only files and need no trust.")
     report_to: str = _f("tensorboard", "Trackers, any accelerate supports: tensorboard, wandb, trackio, comet_ml, "
                                        "mlflow, clearml, dvclive, swanlab, aim; several comma-separated (wandb,mlflow), "
                                        "all (those installed) or none. Metrics every step, validation grids as "
@@ -176,6 +192,8 @@ class TrainConfig:
     push_to_hub: Optional[str] = _f(None, "A hub repo id (user/name): push final/ there when training ends (checked "
                                           "before training starts: repo id, HF_HUB_OFFLINE, token). Or later: "
                                           "`diffusion-dpo push OUTPUT_DIR --repo-id ID`.")
+    hub_private: bool = _f(True, "train.push_to_hub creates the repository as private (an existing repository keeps "
+                                 "its visibility); false makes a new one public.")
     tracker_project: str = _f("diffusion-dpo", "The trackers' project name (TensorBoard: the folder under logs/).")
     run_name: Optional[str] = _f(None, "The run's name in trackers that have one (wandb, trackio, mlflow, swanlab, "
                                        "aim); default: the output directory's name.")
@@ -455,6 +473,8 @@ def validate(cfg: Config, data_in_memory: bool = False, iterate: bool = False) -
     need(0.0 <= cfg.data.proportion_empty_prompts <= 1.0, "data.proportion_empty_prompts", "must be in [0, 1]")
     need(cfg.data.max_pairs is None or cfg.data.max_pairs >= 1, "data.max_pairs", "must be >= 1")
     need(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    need(cfg.data.image_root is None or bool(cfg.data.image_root.strip()), "data.image_root",
+         "must not be empty (leave it unset for the data file's folder)")
     need(cfg.optim.name in ("adamw", "adamw8bit", "adafactor"), "optim.name",
          f"must be adamw, adamw8bit or adafactor (got '{cfg.optim.name}')")
     need(cfg.optim.lr > 0, "optim.lr", f"must be > 0 (got {cfg.optim.lr})")

@@ -7,6 +7,11 @@ Sources (`data.path`):
   * the local format: JSONL/JSON or CSV with `prompt`, `chosen`, `rejected` image paths
     (relative to the data file), optional `chosen_score` / `rejected_score`.
 
+Data is untrusted (DESIGN.md §7), so it cannot make us read an arbitrary file: table image cells must carry
+the image bytes (a cell holding only a path is a bad row), and a local image path must resolve, symlinks
+followed, inside the data file's folder or `data.image_root` (`~` is not expanded). Images are opened only
+as JPEG, PNG, WebP, GIF or BMP, and at most `images.MAX_IMAGE_PIXELS` pixels.
+
 Everything is validated in `load_preference_pairs`, before any model is loaded: first the cheap
 checks (schema, captions, labels, empty images) vectorised over whole Arrow columns, then every
 image of every used pair is decoded once in a process pool. A problem stops the run with one
@@ -39,7 +44,7 @@ from PIL import Image
 
 from diffusion_dpo.config import DataConfig
 from diffusion_dpo.errors import UserError, is_local_path
-from diffusion_dpo.images import (FileImages, ImageSource, TableImages, crop_offsets, find_bad_images,
+from diffusion_dpo.images import (PATH_CELL, FileImages, ImageSource, TableImages, crop_offsets, find_bad_images,
                                   image_source, load_rgb, resize_short_side, short_reason, to_unit_range)
 from diffusion_dpo.randomness import item_draws
 
@@ -173,8 +178,9 @@ def pairs_from_memory(dataset: Any, cfg: DataConfig) -> PreferencePairs:
     """Validated pairs from a `datasets.Dataset` held in memory (`train(cfg, dataset=...)`), checked like a file.
 
     Schemas: Pick-a-Pic's (caption, jpg_0, jpg_1, label_0[, label_1]), or prompt/chosen/rejected where each image
-    is a `datasets.Image` column (PIL images, bytes or paths) or a string path (relative to the working directory);
-    the chosen image is the winner. A DatasetDict gives its `data.split`. Errors name "in-memory dataset row N"."""
+    is a `datasets.Image` column (PIL images, bytes or paths) or a string path (relative to the working directory,
+    and inside it or `data.image_root`, like a data file's paths); the chosen image is the winner. A DatasetDict gives
+    its `data.split`. Errors name "in-memory dataset row N"."""
     import datasets
 
     if isinstance(dataset, datasets.DatasetDict):
@@ -186,7 +192,11 @@ def pairs_from_memory(dataset: Any, cfg: DataConfig) -> PreferencePairs:
         raise UserError(f"{IN_MEMORY}: expected a datasets.Dataset, got {type(dataset).__name__}")
     columns = dataset.column_names
     if "caption" not in columns and all(k in columns for k in LOCAL_KEYS):
-        for key in ("chosen", "rejected"):  # paths, PIL images or bytes -> undecoded image cells
+        records = _memory_records(dataset)
+        if records is not None:  # file paths: checked like a data file's, relative to the working directory
+            numbered = [(i, rec, None) for i, rec in enumerate(records)]
+            return _local_pairs("row", numbered, IN_MEMORY, Path.cwd(), cfg)
+        for key in ("chosen", "rejected"):  # PIL images or bytes -> undecoded image cells
             if not isinstance(dataset.features[key], datasets.Image) or dataset.features[key].decode:
                 try:
                     dataset = dataset.cast_column(key, datasets.Image(decode=False))
@@ -208,6 +218,31 @@ def pairs_from_memory(dataset: Any, cfg: DataConfig) -> PreferencePairs:
             pairs.first_bad = own_names(pairs.first_bad)
         return pairs
     return _pairs_from_dataset(dataset, _RowNamer([IN_MEMORY]), IN_MEMORY, cfg)
+
+
+def _memory_records(dataset: Any) -> Optional[list[dict]]:
+    """The rows of an in-memory prompt/chosen/rejected dataset as local records ({prompt, chosen, rejected}, each
+    image a path string or bytes) when an image column holds file paths (strings, or image cells with a path and no
+    bytes); None when it holds none (the table is then checked as it is, without a copy)."""
+    ds = dataset.select_columns(list(LOCAL_KEYS))
+    if getattr(ds, "_indices", None) is not None:
+        ds = ds.flatten_indices()
+    table = ds.data
+
+    def holds_paths(col: pa.ChunkedArray) -> bool:
+        t = col.type
+        if pa.types.is_string(t) or pa.types.is_large_string(t):
+            return True
+        return pa.types.is_struct(t) and t.get_field_index("bytes") >= 0 and bool(_path_cells(col).any())
+
+    if not any(holds_paths(table.column(k)) for k in ("chosen", "rejected")):
+        return None
+    records = table.to_pylist()
+    for rec in records:
+        for key in ("chosen", "rejected"):
+            if isinstance(rec[key], dict):
+                rec[key] = rec[key].get("bytes") or rec[key].get("path")
+    return records
 
 
 def parquet_files(root: Path, split: str) -> list[Path]:
@@ -296,7 +331,7 @@ def _load_hub(spec: str, cfg: DataConfig) -> PreferencePairs:
     import datasets
 
     try:
-        ds = datasets.load_dataset(spec, split=cfg.split)
+        ds = datasets.load_dataset(spec, split=cfg.split, revision=cfg.revision)
     except Exception as exc:  # noqa: BLE001 - offline, unknown id, no such split, ...
         reason = (str(exc).splitlines() or [""])[0][:200] or type(exc).__name__
         raise UserError(f"data.path '{spec}' is not a local file or directory and could not be loaded "
@@ -336,7 +371,7 @@ def _pairs_from_dataset(ds: Any, where: _RowNamer, source: str, cfg: DataConfig)
         checks.append((l1_bad, lambda r: f"label_1 is {l1[r]:g} but label_0 is {l0[r]:g} "
                                          f"(label_1 must be 1 - label_0)"))
     for name in ("jpg_0", "jpg_1"):
-        checks.append((_empty_images(table.column(name)), lambda r, name=name: f"{name} is null or empty"))
+        checks += image_cell_checks(table.column(name), name)
 
     bad = np.logical_or.reduce([mask for mask, _ in checks])
 
@@ -361,6 +396,21 @@ def _empty_images(col: pa.ChunkedArray) -> np.ndarray:
     if col.type.get_field_index("path") >= 0:
         out &= empty(pc.struct_field(col, "path")) | col.is_null().to_numpy(zero_copy_only=False)
     return out
+
+
+def _path_cells(col: pa.ChunkedArray) -> np.ndarray:
+    """(rows,) bool: the image cell has a path but no bytes. Such a path is never opened: it could name any file."""
+    if _is_binary(col.type) or col.type.get_field_index("path") < 0:
+        return np.zeros(len(col), bool)
+    no_bytes = pc.fill_null(pc.equal(pc.binary_length(pc.struct_field(col, "bytes")), 0), True)
+    has_path = pc.fill_null(pc.greater(pc.binary_length(pc.struct_field(col, "path")), 0), False)
+    return pc.and_(no_bytes, has_path).to_numpy(zero_copy_only=False) & ~col.is_null().to_numpy(zero_copy_only=False)
+
+
+def image_cell_checks(col: pa.ChunkedArray, name: str) -> list[tuple[np.ndarray, Callable[[int], str]]]:
+    """The bad-row checks of table image column `name`: (mask, problem) for empty cells and for path-only cells."""
+    return [(_empty_images(col), lambda r: f"{name} is null or empty"),
+            (_path_cells(col), lambda r: f"{name} {PATH_CELL}")]
 
 
 def _select(n: int, bad: np.ndarray, tie: np.ndarray, problem: Any, images: Any, where: _RowNamer,
@@ -462,8 +512,37 @@ def _is_number(value: Any) -> bool:
         return False
 
 
-def _check_local(rec: dict, base: Path) -> tuple[Optional[tuple[str, str, str]], Optional[str]]:
-    """A local record -> ((prompt, chosen path, rejected path), None) or (None, problem)."""
+def image_root(cfg: DataConfig, folder: Path) -> Path:
+    """The resolved folder that local image paths must lie in: data.image_root, else `folder` (the data file's)."""
+    if cfg.image_root is None:
+        return folder.resolve()
+    root = Path(cfg.image_root).expanduser()  # the user's own setting: ~ is theirs (data paths get no expansion)
+    if not root.is_dir():
+        raise UserError(f"data.image_root '{cfg.image_root}' is not a directory")
+    return root.resolve()
+
+
+def local_image(value: Any, key: str, base: Path, root: Path) -> tuple[Optional[str], Optional[str]]:
+    """A data file's image path -> (resolved path, None) or (None, problem).
+
+    Relative to `base` (the data file's folder), `~` not expanded; the file it resolves to, symlinks followed, must
+    lie inside `root` (see `image_root`), checked before the file is looked at, so data cannot probe other files."""
+    if not isinstance(value, str) or not value.strip():
+        return None, f"{key} must be an image path (a non-empty string), got {value!r}"
+    try:
+        path = (base / value).resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, a NUL byte
+        return None, f"image path {value!r} cannot be resolved ({short_reason(exc)})"
+    if not path.is_relative_to(root):
+        return None, f"image {value!r} lies outside {root} (set data.image_root to allow another folder)"
+    if not path.is_file():
+        return None, f"image file {value!r} not found"
+    return str(path), None
+
+
+def _check_local(rec: dict, base: Path, root: Path) -> tuple[Optional[tuple[str, Any, Any]], Optional[str]]:
+    """A local record -> ((prompt, chosen, rejected), None) or (None, problem). Images are paths, checked with
+    `local_image`, or bytes (an in-memory dataset's image cells)."""
     missing = [k for k in LOCAL_KEYS if rec.get(k) is None]
     if missing:
         return None, f"missing key(s) {', '.join(missing)}"
@@ -472,31 +551,38 @@ def _check_local(rec: dict, base: Path) -> tuple[Optional[tuple[str, str, str]],
     for key in ("chosen_score", "rejected_score"):
         if rec.get(key) is not None and not _is_number(rec[key]):
             return None, f"{key} must be a number, got {rec[key]!r}"
-    paths = []
+    images = []
     for key in ("chosen", "rejected"):
         value = rec[key]
-        if not isinstance(value, str) or not value.strip():
-            return None, f"{key} must be an image path (a non-empty string), got {value!r}"
-        p = Path(value).expanduser()
-        p = p if p.is_absolute() else base / p
-        if not p.is_file():
-            return None, f"image file '{value}' not found"
-        paths.append(str(p))
-    return (rec["prompt"], paths[0], paths[1]), None
+        if isinstance(value, bytes) and value:
+            images.append(value)
+            continue
+        path, problem = local_image(value, key, base, root)
+        if problem is not None:
+            return None, problem
+        images.append(path)
+    return (rec["prompt"], images[0], images[1]), None
 
 
 def _load_local(path: Path, name: str, cfg: DataConfig) -> PreferencePairs:
     unit, records = _local_records(path, name)
+    return _local_pairs(unit, records, name, path.parent, cfg)
+
+
+def _local_pairs(unit: str, records: list, name: str, base: Path, cfg: DataConfig) -> PreferencePairs:
+    """Pairs from local records [(number, record or None, problem or None)], image paths relative to `base`."""
+    root = image_root(cfg, base)
     rows, numbers, problems, images = [], [], [], []
     for number, rec, problem in records:
         record = None
         if rec is not None:
-            record, problem = _check_local(rec, path.parent)
+            record, problem = _check_local(rec, base, root)
         rows.append(record)
         numbers.append(number)
         problems.append(problem)
-        images.append(None if record is None else [(f"chosen image '{rec['chosen']}'", record[1]),
-                                                   (f"rejected image '{rec['rejected']}'", record[2])])
+        images.append(None if record is None else
+                      [(f"{key} image '{rec[key]}'" if isinstance(rec[key], str) else key, src)
+                       for key, src in (("chosen", record[1]), ("rejected", record[2]))])
     n = len(rows)
     if n == 0:
         raise UserError(f"{name} has no usable pairs: 0 rows")

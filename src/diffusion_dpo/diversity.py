@@ -13,18 +13,17 @@ from itertools import combinations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 
 def diversity(run_dir: str | Path) -> float:
     """The run's diversity (above); NaN when no prompt has two seeds."""
-    from diffusion_dpo.evaluate import load_run
+    from diffusion_dpo.evaluate import load_run, run_image
 
     run_dir = Path(run_dir)
     by_prompt: dict[int, list[np.ndarray]] = {}
     for row in load_run(run_dir):
-        with Image.open(run_dir / row["file"]) as im:
-            by_prompt.setdefault(row["prompt_index"], []).append(np.asarray(im.convert("L"), np.float64) / 255.0)
+        grey = run_image(run_dir, row["file"]).convert("L")  # the safe decoder, a one-line error on a bad image
+        by_prompt.setdefault(row["prompt_index"], []).append(np.asarray(grey, np.float64) / 255.0)
     per_prompt = [np.mean([np.sqrt(np.mean((a - b) ** 2)) for a, b in combinations(images, 2)])
                   for images in by_prompt.values() if len(images) > 1]
     return float(np.mean(per_prompt)) if per_prompt else float("nan")

@@ -64,7 +64,7 @@ def component_fingerprint(cfg: ModelConfig, roles: tuple[str, ...]) -> str:
     folders: dict[str, Optional[Path]] = {}
     for role in roles:
         if role == "vae" and cfg.vae is not None:
-            vae_root = model_root(cfg.vae)
+            vae_root = model_root(cfg.vae, cfg.vae_revision)
             nested = vae_root / "vae" if vae_root is not None else None
             folders[role] = nested if nested is not None and (nested / "config.json").is_file() else vae_root
         else:

@@ -66,7 +66,8 @@ SCHEDULERS = {
     "unipc": "UniPCMultistepScheduler",
 }
 # Settings that must agree for images in one directory to belong to one run.
-RUN_KEYS = ("model", "lora", "scheduler", "steps", "guidance_scale", "height", "width", "dtype", "max_sequence_length")
+RUN_KEYS = ("model", "model_revision", "lora", "scheduler", "steps", "guidance_scale", "height", "width", "dtype",
+            "max_sequence_length")
 
 
 def image_name(prompt_index: int, seed: int) -> str:
@@ -81,13 +82,13 @@ def initial_latents(seed: int, shape: Sequence[int]) -> tuple[torch.Tensor, torc
     return torch.randn(tuple(shape), generator=generator, dtype=torch.float32), generator
 
 
-def _check_model(model: str) -> tuple[dict, type]:
+def _check_model(model: str, revision: Optional[str] = None) -> tuple[dict, type]:
     """The checked model_index.json of `model` (local pipeline dir or hub id) and its model family; an
     unsupported family is a one-line error before anything loads."""
     from diffusion_dpo.config import ModelConfig
     from diffusion_dpo.models import family_class, read_model_index
 
-    index = read_model_index(ModelConfig(pretrained=model), setting="model")
+    index = read_model_index(ModelConfig(pretrained=model, revision=revision), setting="model")
     return index, family_class(index, f"model '{model}'")
 
 
@@ -137,8 +138,9 @@ def _dtype_keyword() -> str:
 
 
 def load_pipeline(model: str, lora: Optional[str] = None, scheduler: Optional[str] = None,
-                  device: str = "cpu", dtype: str = "float32") -> Any:
-    """The model's own pipeline class (from model_index.json), + LoRA, + another sampler; on `device`."""
+                  device: str = "cpu", dtype: str = "float32", revision: Optional[str] = None) -> Any:
+    """The model's own pipeline class (from model_index.json, at hub `revision`), + LoRA, + another sampler; on
+    `device`."""
     from diffusers import DiffusionPipeline
 
     if dtype not in DTYPES:
@@ -147,9 +149,10 @@ def load_pipeline(model: str, lora: Optional[str] = None, scheduler: Optional[st
         path = Path(lora).expanduser()
         if not path.exists() and is_local_path(lora, (".safetensors",)):
             raise UserError(f"lora weights '{lora}' do not exist")  # before the minutes-long model load
-    index, family = _check_model(model)
+    index, family = _check_model(model, revision)
     sampler = _scheduler_class(scheduler) if scheduler else None
-    kwargs: dict[str, Any] = {_dtype_keyword(): DTYPES[dtype]}
+    # no code from the checkpoint: model_index.json was checked (diffusers/transformers classes, no Auto*)
+    kwargs: dict[str, Any] = {_dtype_keyword(): DTYPES[dtype], "trust_remote_code": False, "revision": revision}
     if "safety_checker" in index:
         # Evaluation scores what the model draws; a blacked-out image would score as the model's fault.
         kwargs.update(safety_checker=None, requires_safety_checker=False)
@@ -230,6 +233,22 @@ def process_state() -> Any:
     return PartialState(cpu=not torch.cuda.is_available())
 
 
+def pinned_revision(out_dir: Path, model: str, revision: Optional[str]) -> Optional[str]:
+    """The commit a generation run of hub model `model` reads: the one its run.json recorded (a resume, same model
+    and revision asked for), else what `revision` (default main) resolves to now (pinning). Local models: None."""
+    from diffusion_dpo.pinning import is_hub_id, resolve_commit
+
+    if not is_hub_id(model):
+        return revision
+    try:
+        old = json.loads((Path(out_dir) / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        old = {}
+    if old.get("model") == model and old.get("requested_revision") == revision and old.get("model_revision"):
+        return old["model_revision"]
+    return resolve_commit(model, revision) or revision
+
+
 def generate_on_all(state: Any, model: str, prompts: Sequence[dict | str], seeds: Sequence[int],
                     out_dir: str | Path, **kwargs: Any) -> Path:
     """`generate` on every process of `state` (an accelerate `PartialState`), each making its share of the
@@ -237,8 +256,14 @@ def generate_on_all(state: Any, model: str, prompts: Sequence[dict | str], seeds
     Every process must call it (it waits for the others three times)."""
     if state.num_processes == 1:
         return generate(model, prompts, seeds, out_dir, **kwargs)
+    from accelerate.utils import broadcast_object_list
+
     if state.is_main_process:
         merge_shards(out_dir)  # a killed earlier run's lines, so that every process sees the same work left
+    # one process pins a hub model's commit for all (each resolving "main" could see another commit)
+    shared = [pinned_revision(Path(out_dir), model, kwargs.get("revision")) if state.is_main_process else None]
+    broadcast_object_list(shared)
+    kwargs["commit"] = shared[0]
     state.wait_for_everyone()
     generate(model, prompts, seeds, out_dir, shard=(state.process_index, state.num_processes), **kwargs)
     state.wait_for_everyone()
@@ -264,7 +289,8 @@ def generate(model: str, prompts: Sequence[dict | str], seeds: Sequence[int], ou
              lora: Optional[str] = None, scheduler: Optional[str] = None, steps: Optional[int] = 30,
              guidance_scale: Optional[float] = 7.5, height: Optional[int] = None, width: Optional[int] = None,
              batch_size: int = 4, device: str = "cpu", dtype: str = "float32",
-             max_sequence_length: Optional[int] = None, shard: tuple[int, int] = (0, 1)) -> Path:
+             max_sequence_length: Optional[int] = None, shard: tuple[int, int] = (0, 1),
+             revision: Optional[str] = None, commit: Optional[str] = None) -> Path:
     """Generate image (i, s) for every prompt i and seed s that is not already done; return manifest.jsonl.
 
     height/width default to the model's native size (its pipeline's default); steps or guidance_scale None take
@@ -273,6 +299,8 @@ def generate(model: str, prompts: Sequence[dict | str], seeds: Sequence[int], ou
     shard (p, n): make only batches p, p + n, ... of the images left, into manifest.shard-<p>.jsonl (module
     docstring; `generate_on_all` runs the n shards and merges them). One process (n = 1) first merges the shard
     lines a killed run of several left.
+    revision: a hub model's revision (default main), pinned to its commit in run.json (`pinned_revision`), or
+    `commit` when the caller pinned it already (`generate_on_all`).
     """
     rank, world = shard
     if not 0 <= rank < world:
@@ -288,7 +316,8 @@ def generate(model: str, prompts: Sequence[dict | str], seeds: Sequence[int], ou
     if max_sequence_length is not None and max_sequence_length < 1:
         raise UserError(f"max sequence length must be positive, got {max_sequence_length}")
     out_dir = Path(out_dir)
-    pipe, family = load_pipeline(model, lora, scheduler, device, dtype)
+    commit = commit or pinned_revision(out_dir, model, revision)
+    pipe, family = load_pipeline(model, lora, scheduler, device, dtype, commit)
     defaults = pipeline_defaults(pipe)
     steps = defaults["steps"] if steps is None else steps
     guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
@@ -303,7 +332,8 @@ def generate(model: str, prompts: Sequence[dict | str], seeds: Sequence[int], ou
     height, width = height or default, width or default
     if height % multiple or width % multiple:
         raise UserError(f"height and width must be multiples of {multiple} for {family.title}, got {height}x{width}")
-    settings = dict(model=model, lora=lora, scheduler=type(pipe.scheduler).__name__, steps=steps,
+    settings = dict(model=model, model_revision=commit, requested_revision=revision, lora=lora,
+                    scheduler=type(pipe.scheduler).__name__, steps=steps,
                     guidance_scale=float(guidance_scale), height=height, width=width, dtype=dtype,
                     max_sequence_length=defaults.get("max_sequence_length") if max_sequence_length is None
                     else max_sequence_length)

@@ -22,11 +22,33 @@ from tqdm.auto import tqdm
 ImageSource = Union[bytes, str, Path]
 
 
+# The formats data may hold. Image.open would otherwise try every plugin PIL has, EPS among them (handed to
+# Ghostscript where it is installed): untrusted data must only meet the decoders a data set needs (DESIGN.md §7).
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
+
+# The most pixels an image may have, checked from its header before anything is decoded. Pick-a-Pic images are
+# ~1 MP (768-1024 px a side); 64 MiP (8192 x 8192) leaves room for any real training image while a forged header
+# cannot make a worker allocate gigabytes (PIL's own guard only refuses above ~179 MP).
+MAX_IMAGE_PIXELS = 64 * 2**20
+
+
+class ImageTooLarge(ValueError):
+    """An image whose header declares more than MAX_IMAGE_PIXELS pixels."""
+
+
 def open_image(src: ImageSource) -> Image.Image:
-    """Open an encoded image (bytes or path) lazily; nothing is decoded yet."""
+    """Open an encoded image (bytes or path) lazily, only as one of IMAGE_FORMATS and at most MAX_IMAGE_PIXELS
+    pixels; nothing is decoded yet. Raises PIL's UnidentifiedImageError for another format, ImageTooLarge."""
     if isinstance(src, (bytes, bytearray, memoryview)):
-        return Image.open(io.BytesIO(bytes(src)))
-    return Image.open(src)
+        img = Image.open(io.BytesIO(bytes(src)), formats=IMAGE_FORMATS)
+    else:
+        img = Image.open(src, formats=IMAGE_FORMATS)
+    width, height = img.size
+    if width * height > MAX_IMAGE_PIXELS:
+        img.close()
+        raise ImageTooLarge(f"image is {width} x {height} = {width * height} pixels, more than the "
+                            f"{MAX_IMAGE_PIXELS} allowed")
+    return img
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -49,14 +71,24 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def _high_depth_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
-    """16/32-bit integer or float grayscale -> uint8 (PIL's own convert would clip, not scale)."""
-    arr = arr.astype(np.float64)
+    """16/32-bit integer or float grayscale -> uint8 (PIL's own convert would clip, not scale).
+
+    No float64 copies: integers scale exactly in 32-bit integers (round(v * 255 / 65535) == (v + 128) // 257, as 65535 =
+    255 * 257 and v / 257 never ends in .5), floats in one float32 copy changed in place."""
     if mode == "F":
+        out = np.array(arr, dtype=np.float32)  # a writable copy
         # Float images are either in [0, 1] (linear exports) or already in [0, 255].
-        scale = 255.0 if arr.size and np.nanmax(arr) <= 1.0 else 1.0
-    else:
-        scale = 255.0 / 65535.0  # 16-bit PNGs (and the "I" mode PIL sometimes gives them) span 0..65535
-    return np.clip(np.nan_to_num(arr * scale), 0, 255).round().astype(np.uint8)
+        if out.size and np.nanmax(out) <= 1.0:
+            out *= 255.0
+        np.clip(out, 0, 255, out=out)  # +-inf -> 255 / 0; NaN stays, then 0 (nan_to_num would allocate 3 masks)
+        np.copyto(out, 0, where=np.isnan(out))
+        return np.rint(out, out=out).astype(np.uint8)
+    # 16-bit PNGs (and the "I" mode PIL sometimes gives them) span 0..65535; "I" (int32) may hold more or less:
+    # clipped, in one int32 copy.
+    out = np.clip(arr, 0, 65535) if mode == "I" else arr.astype(np.uint32)
+    out += 128
+    out //= 257
+    return out.astype(np.uint8)
 
 
 def load_rgb(src: ImageSource) -> Image.Image:
@@ -126,13 +158,27 @@ def short_reason(exc: BaseException) -> str:
     return _NOISE.sub("", text).strip() or type(exc).__name__
 
 
-def image_source(value: object) -> Optional[ImageSource]:
-    """A stored image cell -> bytes or path: raw bytes, or a datasets Image dict {"bytes", "path"}."""
+PATH_CELL = "holds a file path, not image bytes (table data must carry the encoded image)"
+
+
+def image_source(value: object) -> Optional[bytes]:
+    """A stored table image cell -> its encoded bytes: raw bytes, or the bytes of a datasets Image dict
+    {"bytes", "path"}. A cell with only a path gives None: a path in a data table is never opened, as it could name
+    any file on this machine (DESIGN.md §7); `cell_problem` says why."""
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value) or None
-    if isinstance(value, dict):
-        return value.get("bytes") or value.get("path") or None
+    if isinstance(value, dict) and isinstance(value.get("bytes"), (bytes, bytearray, memoryview)):
+        return bytes(value["bytes"]) or None
     return None
+
+
+def cell_problem(value: object) -> Optional[str]:
+    """None when the table image cell `value` holds image bytes, else why not (to follow the column's name)."""
+    if image_source(value) is not None:
+        return None
+    if isinstance(value, dict) and value.get("path"):
+        return PATH_CELL
+    return "is null or empty"
 
 
 # ---------------------------------------------------------------- parallel validation

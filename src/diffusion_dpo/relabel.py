@@ -12,7 +12,9 @@ Agreement with the original labels is measured on pairs that both the people and
 Pick-a-Pic parquet is processed shard by shard; each output shard is written atomically with its
 statistics beside it, so an interrupted run resumes at the first unfinished shard. Local JSONL/CSV data
 is written as JSONL (chosen = the reward's winner, with both scores; ties dropped, as that format has no
-tie label).
+tie label). Images are read under the data rules (`data.py`): table cells must carry image bytes, local paths
+must lie in the data file's folder or `image_root`. The output JSONL is self-contained: its images are hard links
+(copies across filesystems) under the output's `images/`, named relative to it, so it trains as it is.
 
     diffusion-dpo relabel --data pickapic/ --reward pickscore=1,aesthetic=0.5 --output-dir pickapic_ai/
 """
@@ -29,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from diffusion_dpo.errors import UserError, is_local_path
-from diffusion_dpo.images import image_source, load_rgb, short_reason
+from diffusion_dpo.images import cell_problem, image_source, load_rgb, short_reason
 
 SETTINGS_FILE = "relabel.json"
 REPORT_FILE = "relabel_report.json"
@@ -91,6 +93,9 @@ class PairScorer:
 def _decode(cells: Sequence, where: str, column: str, first_row: int) -> list:
     out = []
     for k, cell in enumerate(cells):
+        problem = cell_problem(cell)  # bytes only: a path in the data is never opened (DESIGN.md §7)
+        if problem is not None:
+            raise UserError(f"{where} row {first_row + k}: {column} {problem}")
         try:
             out.append(load_rgb(image_source(cell)))
         except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad image in the data
@@ -160,9 +165,9 @@ def _write_settings(out_dir: Path, settings: dict) -> None:
 
 def relabel(data: str | Path, reward: str, out_dir: str | Path, paths: Optional[dict[str, str]] = None,
             device: str = "cpu", batch_size: int = 16, margin: float = 0.0, drop_ties: bool = False,
-            split: str = "train") -> dict:
+            split: str = "train", image_root: Optional[str] = None) -> dict:
     """Relabel a Pick-a-Pic-schema data set (parquet file or directory, save_to_disk directory, hub id) or a
-    local JSONL/CSV set; return the report."""
+    local JSONL/CSV set; return the report. `image_root`: as data.image_root, for a local set's image paths."""
     from tqdm.auto import tqdm
 
     data, out_dir = Path(data), Path(out_dir)
@@ -171,7 +176,7 @@ def relabel(data: str | Path, reward: str, out_dir: str | Path, paths: Optional[
     if not data.exists() and (is_local_path(str(data)) or data.suffix):
         raise UserError(f"data '{data}' not found")
     if data.suffix.lower() in (".jsonl", ".json", ".csv"):
-        return _relabel_local(data, reward, out_dir, paths, device, batch_size, margin, drop_ties)
+        return _relabel_local(data, reward, out_dir, paths, device, batch_size, margin, drop_ties, image_root)
     settings = {"data": str(data.resolve()) if data.exists() else str(data), "reward": reward,
                 "paths": paths or {}, "margin": margin, "drop_ties": drop_ties}
     shards = _shards(data, split)
@@ -246,12 +251,13 @@ def _parquet_reader(path: Path) -> Callable[[], pa.Table]:
     return read
 
 
-def _relabel_local(data: Path, reward: str, out_dir: Path, paths, device, batch_size, margin, drop_ties) -> dict:
+def _relabel_local(data: Path, reward: str, out_dir: Path, paths, device, batch_size, margin, drop_ties,
+                   image_root: Optional[str] = None) -> dict:
     """JSONL/CSV (prompt, chosen, rejected) -> out_dir/pairs.jsonl with the reward's choice first and scores."""
     from diffusion_dpo.config import DataConfig
     from diffusion_dpo.data import load_preference_pairs
 
-    pairs = load_preference_pairs(DataConfig(path=str(data), num_workers=0))
+    pairs = load_preference_pairs(DataConfig(path=str(data), image_root=image_root, num_workers=0))
     settings = {"data": str(data.resolve()), "reward": reward, "paths": paths or {}, "margin": margin,
                 "drop_ties": drop_ties}
     _check_settings(out_dir, settings)
@@ -269,8 +275,8 @@ def _relabel_local(data: Path, reward: str, out_dir: Path, paths, device, batch_
                 stats.dropped += 1
                 continue
             first, second, fs, ss = (win, lose, sc, sr) if lab != 0.0 else (lose, win, sr, sc)
-            lines.append({"prompt": caption, "chosen": str(Path(first).resolve()),
-                          "rejected": str(Path(second).resolve()), "chosen_score": float(fs),
+            lines.append({"prompt": caption, "chosen": _local_copy(first, out_dir),
+                          "rejected": _local_copy(second, out_dir), "chosen_score": float(fs),
                           "rejected_score": float(ss)})
         stats.decided += int((labels != 0.5).sum())
         stats.ties += int((labels == 0.5).sum())
@@ -280,6 +286,28 @@ def _relabel_local(data: Path, reward: str, out_dir: Path, paths, device, batch_
     tmp.write_text("".join(json.dumps(line) + "\n" for line in lines))
     tmp.rename(out_dir / "pairs.jsonl")
     return _report(out_dir, stats, settings)
+
+
+def _local_copy(image: str, out_dir: Path) -> str:
+    """`image` placed under out_dir/images/ (a hard link: no second copy of the bytes; a copy where the two lie on
+    different filesystems), named by a hash of its resolved path; returns the name relative to out_dir."""
+    import hashlib
+    import os
+    import shutil
+
+    source = Path(image).resolve()
+    name = f"images/{hashlib.sha256(str(source).encode()).hexdigest()[:20]}{source.suffix.lower()}"
+    target = out_dir / name
+    if not target.is_file():
+        target.parent.mkdir(exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    return name
 
 
 def _report(out_dir: Path, total: RelabelStats, settings: dict) -> dict:

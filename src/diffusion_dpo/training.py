@@ -49,13 +49,14 @@ from diffusion_dpo.models import Family, add_lora, cast, describe, load_componen
 from diffusion_dpo.models.lora import continue_adapters
 from diffusion_dpo.models.reference import Reference, build_reference
 from diffusion_dpo.optim import StepInBackward, make_lr_scheduler, make_optimizer
+from diffusion_dpo.pinning import pin_once, read_pins, write_pins
 from diffusion_dpo.randomness import pair_noise, seed_for
 from diffusion_dpo.reference import ReferenceTable, WithReference, precompute_reference, reference_path
 from diffusion_dpo.unpaired import Feedback, load_feedback, split_pairs
 from diffusion_dpo.model_card import RunFacts, write_card
 from diffusion_dpo.trackers import init_kwargs, log_image, parse_report_to
 
-ENGINE_DIR = "engine"  # accelerate's save_state of a sharded (FSDP/DeepSpeed) run, inside a checkpoint
+ENGINE_DIR = ckpt.ENGINE_DIR
 METRIC_KEYS = ("loss", "implicit_acc", "reward_margin", "model_mse_w", "model_mse_l", "ref_mse_w", "ref_mse_l")
 NOT_ALWAYS_RUN = ("model_mse_l", "ref_mse_l")  # SFT on decided pairs never runs the model on the losers
 
@@ -146,11 +147,14 @@ class Trainer:
         self.lora = cfg.lora.rank > 0
 
         # Data first: a bad data set fails in seconds, before any model is loaded.
-        self.resume_from = ckpt.resolve_resume(cfg.train.resume, self.output_dir)  # a bad path fails now
+        self.resume_from = ckpt.resolve_resume(cfg.train.resume, self.output_dir,  # a bad path fails now
+                                               cfg.train.trust_sharded_resume)
         if cfg.train.resume == "latest" and self.resume_from is None:
             acc.print(f"train.resume latest: no checkpoint in {self.output_dir}, starting a new run")
         ckpt.check_output_dir(self.output_dir, resuming=self.resume_from is not None, overwrite=cfg.overwrite,
                               resume_asked=bool(cfg.train.resume))
+        # hub sources resolved to commits once (a resume reuses the run's own): every download reads those
+        self.pins = pin_once(cfg, read_pins(self.output_dir) if self.resume_from is not None else None)
         if Path(cfg.model.pretrained).expanduser().exists() or is_local_path(cfg.model.pretrained):
             describe(cfg.model)  # a local model path mistake or an unsupported family fails before the data scan
         self.world = acc.num_processes
@@ -439,7 +443,7 @@ class Trainer:
         if cfg.train.push_to_hub and acc.is_main_process:
             from diffusion_dpo.push import push_run
 
-            acc.print(f"pushed: {push_run(self.output_dir, cfg.train.push_to_hub)}")
+            acc.print(f"pushed: {push_run(self.output_dir, cfg.train.push_to_hub, private=cfg.train.hub_private)}")
         return final
 
     def _advance_position(self, epoch: int) -> None:
@@ -454,6 +458,8 @@ class Trainer:
                 if self.cfg.overwrite and self.resume_from is None:
                     ckpt.clear_run(self.output_dir)
                 self.output_dir.mkdir(parents=True, exist_ok=True)
+                ckpt.mark_run(self.output_dir)
+                write_pins(self.output_dir, self.pins)
                 (self.output_dir / "config.yaml").write_text(to_yaml(self.cfg))
             except OSError as exc:
                 raise UserError(f"output_dir '{self.output_dir}': {exc.strerror or exc}") from None

@@ -1,10 +1,11 @@
 """Unpaired feedback (thumbs up / thumbs down): single images with a binary label, for losses such as KTO.
 
 Sources (`data.path`), told from pairs by their columns:
-  * JSONL/JSON/CSV with `prompt`, `image` (a path relative to the data file) and `label` (1/0, true/false; in CSV
-    also "1"/"0"/"true"/"false"): 1 is desirable, 0 undesirable;
+  * JSONL/JSON/CSV with `prompt`, `image` (a path relative to the data file, inside its folder or
+    `data.image_root`, as for pairs) and `label` (1/0, true/false; in CSV also "1"/"0"/"true"/"false"): 1 is
+    desirable, 0 undesirable;
   * a .parquet file or a directory of shards with `prompt` (strings), `image` (bytes, or {bytes, path} structs as
-    `datasets` writes them) and `label` (numbers 0/1 or booleans);
+    `datasets` writes them, with the bytes: a path alone is never opened) and `label` (numbers 0/1 or booleans);
   * any pair source with `data.unpaired true`: each decided pair gives two items, its winner (label 1) and its
     loser (label 0); ties carry no thumbs and are dropped (counted).
 
@@ -28,8 +29,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from diffusion_dpo.config import DataConfig
-from diffusion_dpo.data import (LOCAL_SUFFIXES, PreferencePairs, _empty_images, _is_binary, _local_records, _RowNamer,
-                                _select, load_preference_pairs, parquet_files, row_captions)
+from diffusion_dpo.data import (LOCAL_SUFFIXES, PreferencePairs, _is_binary, _local_records, _RowNamer, _select,
+                                image_cell_checks, image_root, load_preference_pairs, local_image, parquet_files,
+                                row_captions)
 from diffusion_dpo.errors import UserError
 from diffusion_dpo.images import FileImages, ImageSource, TableImages, image_source, short_reason
 
@@ -224,7 +226,7 @@ def _load_unpaired_parquet(path: Path, cfg: DataConfig) -> UnpairedItems:
         (table.column("caption").is_null().to_numpy(zero_copy_only=False), lambda r: "prompt is null"),
         (np.isnan(label), lambda r: "label is null or NaN"),
         (~np.isnan(label) & ~np.isin(label, (0.0, 1.0)), lambda r: f"label is {label[r]:g}, expected 1 or 0"),
-        (_empty_images(table.column("image")), lambda r: "image is null or empty"),
+        *image_cell_checks(table.column("image"), "image"),  # bytes only: a path-only cell is a bad row
     ]
     bad = np.logical_or.reduce([mask for mask, _ in checks])
     kept, info = _select(n, bad, np.zeros(n, bool), lambda r: next(m(r) for mask, m in checks if mask[r]),
@@ -246,7 +248,7 @@ def _label_value(value: Any) -> Optional[float]:
     return None
 
 
-def _check_unpaired_record(rec: dict, base: Path) -> tuple[Optional[tuple[str, str, float]], Optional[str]]:
+def _check_unpaired_record(rec: dict, base: Path, root: Path) -> tuple[Optional[tuple[str, str, float]], Optional[str]]:
     missing = [k for k in UNPAIRED_KEYS if rec.get(k) is None]
     if missing:
         return None, f"missing key(s) {', '.join(missing)}"
@@ -255,23 +257,20 @@ def _check_unpaired_record(rec: dict, base: Path) -> tuple[Optional[tuple[str, s
     label = _label_value(rec["label"])
     if label is None:
         return None, f"label must be 1 or 0 (true or false), got {rec['label']!r}"
-    value = rec["image"]
-    if not isinstance(value, str) or not value.strip():
-        return None, f"image must be an image path (a non-empty string), got {value!r}"
-    p = Path(value).expanduser()
-    p = p if p.is_absolute() else base / p
-    if not p.is_file():
-        return None, f"image file '{value}' not found"
-    return (rec["prompt"], str(p), label), None
+    path, problem = local_image(rec["image"], "image", base, root)  # the pair format's rule: inside root
+    if problem is not None:
+        return None, problem
+    return (rec["prompt"], path, label), None
 
 
 def _load_unpaired_local(path: Path, name: str, cfg: DataConfig) -> UnpairedItems:
     unit, records = _local_records(path, name, UNPAIRED_KEYS)
+    root = image_root(cfg, path.parent)
     rows, numbers, problems, images = [], [], [], []
     for number, rec, problem in records:
         record = None
         if rec is not None:
-            record, problem = _check_unpaired_record(rec, path.parent)
+            record, problem = _check_unpaired_record(rec, path.parent, root)
         rows.append(record)
         numbers.append(number)
         problems.append(problem)

@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from diffusion_dpo.demo import scorers
+from diffusion_dpo.images import load_rgb
 from diffusion_dpo.tiny_data import SCHEMA, pickapic_row
 
 INTER_RATER_AGREEMENT = 0.680  # Pick-a-Pic's human-human agreement on decided pairs (Kirstain et al. 2023, 68.0%)
@@ -121,5 +122,5 @@ def label_pairs(run_dir: Path, rows: Sequence[dict], out_dir: Path, seed: int) -
 
 
 def _load(path: Path) -> Image.Image:
-    with Image.open(path) as im:
-        return im.convert("RGB")
+    """A run's image (a row of evaluate.load_run, so inside the run's images/) by the project's safe decoder."""
+    return load_rgb(path)

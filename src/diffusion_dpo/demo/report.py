@@ -255,7 +255,7 @@ def _plot_scores(path: Path, scores: dict[str, np.ndarray]) -> None:
 
 def _grid(gens: dict[str, Path]) -> Image.Image:
     """base | DPO | DPO-AI | SFT for one evaluation prompt per digit, at the first GRID_SEEDS seeds."""
-    from diffusion_dpo.evaluate import load_run
+    from diffusion_dpo.evaluate import load_run, run_image
     from diffusion_dpo.sampling import compose_grid
 
     rows = {name: {(r["prompt_index"], r["seed"]): r for r in load_run(gens[name])} for name in LABELS}
@@ -267,6 +267,6 @@ def _grid(gens: dict[str, Path]) -> Image.Image:
     prompts = list(by_digit.values())
     columns = {}
     for name in LABELS:
-        columns[LABELS[name]] = [[Image.open(gens[name] / rows[name][(i, s)]["file"]).convert("RGB") for s in seeds]
+        columns[LABELS[name]] = [[run_image(gens[name], rows[name][(i, s)]["file"]) for s in seeds]
                                  for i in prompts]
     return compose_grid(columns, [rows["base"][(i, seeds[0])]["prompt"] for i in prompts], seeds)

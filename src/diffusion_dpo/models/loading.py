@@ -52,10 +52,28 @@ def read_model_index(cfg: ModelConfig, setting: str = "model.pretrained") -> dic
     # A checkpoint names the classes to build; only the two libraries' own may be named (no code enters).
     for key, entry in index.items():
         if not key.startswith("_") and isinstance(entry, list) and entry and \
-                entry[0] not in (None, "diffusers", "transformers"):
-            raise UserError(f"{name}: component {key} comes from '{entry[0]}'; only diffusers and transformers "
-                            "components are loaded")
+                entry[0] not in (None, "diffusers", "transformers") and not _diffusers_pipeline_module(entry[0]):
+            raise UserError(f"{name}: component {key} comes from '{entry[0]}'; only diffusers (its pipelines' "
+                            "own modules included) and transformers components are loaded")
+        if not key.startswith("_") and isinstance(entry, list) and len(entry) == 2 and entry[0] == "transformers" \
+                and str(entry[1]).startswith("Auto"):
+            # an Auto class builds whatever the folder's config names (with an auto_map: code from the checkpoint)
+            raise UserError(f"{name}: component {key} is transformers.{entry[1]}; name its concrete class (e.g. "
+                            "CLIPTextModel): Auto classes are not loaded from a checkpoint")
     return index
+
+
+def _diffusers_pipeline_module(library: object) -> bool:
+    """Whether a model_index library name is one of diffusers' own pipeline submodules, which diffusers resolves
+    inside `diffusers.pipelines` (SD 1.x's `["stable_diffusion", "StableDiffusionSafetyChecker"]`): code that ships
+    with diffusers, never a module the checkpoint brings. We never load such a component; we only must not refuse
+    the official checkpoints that name one."""
+    import diffusers.pipelines
+
+    if not isinstance(library, str) or not library.isidentifier():
+        return False
+    module = getattr(diffusers.pipelines, library, None)
+    return getattr(module, "__name__", "") == f"diffusers.pipelines.{library}"
 
 
 def family_class(index: dict, name: str) -> type[Family]:
@@ -120,10 +138,13 @@ def load_components(cfg: ModelConfig, weight_dtype: torch.dtype = torch.float32,
     common = dict(revision=cfg.revision)
     try:
         scheduler = family.load_scheduler(cfg)
-        tokenizers = [_library_class(index[t], t).from_pretrained(cfg.pretrained, subfolder=t, **common)
+        # trust_remote_code=False: no auto_map in a checkpoint's config may bring code, nor ask on the terminal
+        tokenizers = [_library_class(index[t], t).from_pretrained(cfg.pretrained, subfolder=t, trust_remote_code=False,
+                                                                  **common)
                       for _, t in roles]
         text_encoders = [_library_class(index[e], e).from_pretrained(cfg.pretrained, subfolder=e, variant=cfg.variant,
-                                                                      torch_dtype=weight_dtype, **common)
+                                                                      torch_dtype=weight_dtype, trust_remote_code=False,
+                                                                      **common)
                          for e, _ in roles] if encoders else []
         denoiser_class = _library_class(index[role], role)
         model = denoiser_class.from_pretrained(cfg.pretrained, subfolder=role, variant=cfg.variant,
@@ -165,7 +186,7 @@ def load_reference_denoiser(cfg: ModelConfig, family: type[Family], device: torc
     `cfg.pretrained`, else a one-line error before it is trained against."""
     from dataclasses import replace
 
-    ref_cfg = replace(cfg, pretrained=cfg.reference, vae=None)
+    ref_cfg = replace(cfg, pretrained=cfg.reference, revision=cfg.reference_revision, vae=None)
     index = read_model_index(ref_cfg, setting)
     ref_family = family_class(index, f"{setting} '{cfg.reference}'")
     if ref_family is not family:
@@ -178,7 +199,7 @@ def load_reference_denoiser(cfg: ModelConfig, family: type[Family], device: torc
     try:
         config = denoiser_class.load_config(cfg.pretrained, subfolder=role, revision=cfg.revision)
         model = denoiser_class.from_pretrained(cfg.reference, subfolder=role, variant=cfg.variant,
-                                               torch_dtype=torch.float32)
+                                               torch_dtype=torch.float32, revision=cfg.reference_revision)
     except (OSError, ValueError, EnvironmentError) as exc:
         raise UserError(f"{setting} '{cfg.reference}': {str(exc).strip().splitlines()[0]}") from None
     differ = sorted(k for k in set(config) | set(model.config) if not k.startswith("_")

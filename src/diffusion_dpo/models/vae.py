@@ -56,7 +56,7 @@ def vae_location(cfg: ModelConfig) -> tuple[str | Path, dict]:
         raise UserError(f"model.vae '{cfg.vae}' holds no VAE (no config.json, no vae/config.json)")
     if is_local_path(cfg.vae):
         raise UserError(f"model.vae '{cfg.vae}' does not exist")
-    return cfg.vae, {}
+    return cfg.vae, dict(revision=cfg.vae_revision)
 
 
 def _vae_call(cfg: ModelConfig, fn: Any) -> Any:

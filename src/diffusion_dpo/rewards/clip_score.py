@@ -104,12 +104,12 @@ def load_clip_embedder(reward: str, model_source: str, processor_source: str | N
     processor_source = resolve_source(reward, processor_source or model_source, "processor")
     torch_type = torch_dtype(reward, dtype)
     try:
-        model = CLIPModel.from_pretrained(model_source)
+        model = CLIPModel.from_pretrained(model_source, trust_remote_code=False)  # a hub repo never brings code
     except (OSError, ValueError) as err:  # missing files / not cached offline / not a CLIP checkpoint
         raise hub_error(reward, model_source, err) from err
     try:
-        image_processor = _image_processor_class().from_pretrained(processor_source)
-        tokenizer = AutoTokenizer.from_pretrained(processor_source) if with_text else None
+        image_processor = _image_processor_class().from_pretrained(processor_source, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(processor_source, trust_remote_code=False) if with_text else None
     except (OSError, ValueError) as err:
         raise hub_error(reward, processor_source, err) from err
     device = torch.device(device)
