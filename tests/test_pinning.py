@@ -9,9 +9,12 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 
 from diffusion_dpo import pinning
 from diffusion_dpo.config import load_config
+from diffusion_dpo.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 SHA_A, SHA_B = "a" * 40, "b" * 40
@@ -120,3 +123,42 @@ def test_generate_pins_a_hub_model_in_run_json(tmp_path, tiny_sd, monkeypatch):
                                               "model_revision": SHA_B}))
     assert pinned_revision(out, "org/tiny-sd", None) == SHA_B  # a resume keeps the commit it started on
     assert pinned_revision(out, "org/tiny-sd", "v2") == SHA_A  # another revision asked: resolved anew
+
+
+def test_reward_weights_are_read_at_one_commit_and_resumes_keep_it(tmp_path, monkeypatch):
+    """A hub reward is read at the commit its main pointed at when first loaded; a compare records it and keys its
+    score cache by it; a relabelling resumed after main moved reads the commit it began with."""
+    from huggingface_hub import constants
+
+    from diffusion_dpo.evaluate import _cache_file
+    from diffusion_dpo.relabel import SETTINGS_FILE, relabel
+    from diffusion_dpo.rewards import common, load_reward
+    from reward_fixtures import build_tiny_clip, solid
+
+    clip = build_tiny_clip(tmp_path / "clip")
+    broken = tmp_path / "broken"
+    broken.mkdir()  # a commit holding nothing loadable
+    cache = tmp_path / "hub"
+    _fake_cache(cache, "org/tiny-clip", {SHA_A: clip, SHA_B: broken}, main=SHA_A)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(common, "_PINNED", {})  # a fresh process
+    reward = load_reward("clip", path="org/tiny-clip")
+    assert reward.commits == {"org/tiny-clip": SHA_A}
+    assert _cache_file(tmp_path, "clip", None, {"org/tiny-clip": SHA_A}) != \
+        _cache_file(tmp_path, "clip", None, {"org/tiny-clip": SHA_B})  # another commit, another score cache
+
+    # a relabelling of local pairs: its settings record the commit
+    (tmp_path / "imgs").mkdir()
+    solid((255, 0, 0)).save(tmp_path / "imgs" / "a.png")
+    solid((0, 0, 255)).save(tmp_path / "imgs" / "b.png")
+    (tmp_path / "d.jsonl").write_text('{"prompt": "red", "chosen": "imgs/a.png", "rejected": "imgs/b.png"}\n')
+    relabel(tmp_path / "d.jsonl", "clip", tmp_path / "out", paths={"clip": "org/tiny-clip"})
+    settings = json.loads((tmp_path / "out" / SETTINGS_FILE).read_text())
+    assert settings["reward_commits"] == {"org/tiny-clip": SHA_A}
+    # main moves to the broken commit; a new process resuming the relabelling still reads SHA_A
+    (cache / "models--org--tiny-clip" / "refs" / "main").write_text(SHA_B)
+    monkeypatch.setattr(common, "_PINNED", {})
+    relabel(tmp_path / "d.jsonl", "clip", tmp_path / "out", paths={"clip": "org/tiny-clip"})
+    monkeypatch.setattr(common, "_PINNED", {})
+    with pytest.raises(UserError, match="reward 'clip': cannot load 'org/tiny-clip'"):
+        load_reward("clip", path="org/tiny-clip")  # what a fresh, unpinned load reads now

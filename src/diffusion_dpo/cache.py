@@ -93,6 +93,9 @@ def cache_identity(cfg: Config) -> dict[str, Any]:
         "data.split": d.split, "data.keep_ties": d.keep_ties, "data.skip_bad_rows": d.skip_bad_rows,
         "data.max_pairs": d.max_pairs,
         **({"data.unpaired": True} if d.unpaired else {}),  # only when set: caches made before it stay valid
+        # the folder local image paths must lie in decides which rows are bad (and skipped); a hub set's commit
+        **({"data.image_root": str(Path(d.image_root).resolve())} if d.image_root else {}),
+        **({"data.revision": d.revision} if d.revision else {}),
         "data.resolution": d.resolution,
         "cache.dtype": cfg.cache.dtype,
     }

@@ -179,11 +179,14 @@ def _function_name(fn: Callable) -> str:
     return getattr(fn, "__name__", type(fn).__name__)
 
 
-def _cache_file(run_dir: Path, name: str, path: Optional[str]) -> Path:
-    """scores_<name>[_<hash of the weights path>].jsonl: another checkpoint of a reward gets its own cache."""
+def _cache_file(run_dir: Path, name: str, path: Optional[str], commits: Optional[dict[str, str]] = None) -> Path:
+    """scores_<name>[_<hash>].jsonl, the hash of the weights path and the hub commits the reward was read at:
+    another checkpoint of a reward, or another commit of its hub repo, gets its own cache."""
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
-    if path is not None:
-        slug += "_" + hashlib.sha1(str(Path(path).expanduser().resolve()).encode()).hexdigest()[:8]
+    identity = ([str(Path(path).expanduser().resolve())] if path is not None else []) + \
+        [f"{k}@{v}" for k, v in sorted((commits or {}).items())]
+    if identity:
+        slug += "_" + hashlib.sha1("\n".join(identity).encode()).hexdigest()[:8]
     return run_dir / f"scores_{slug}.jsonl"
 
 
@@ -271,8 +274,8 @@ class Scorer:
         rows = load_run(run_dir) if rows is None else rows
         specs = [s for s in self.specs if only is None or s.label in only]
         names = {n for s in specs for n, _ in s.terms}
-        per_name = {n: score_images(run_dir, rows, r, _cache_file(run_dir, n, self.paths.get(n)) if n in self.cached
-                                    else None) for n, r in self.rewards.items() if n in names}
+        per_name = {n: score_images(run_dir, rows, r, _cache_file(run_dir, n, self.paths.get(n), r.commits)
+                                    if n in self.cached else None) for n, r in self.rewards.items() if n in names}
         # score = sum_k w_k * r_k, per image
         return {s.label: sum(w * per_name[n] for n, w in s.terms) for s in specs}
 
@@ -406,6 +409,7 @@ def compare(run_a: str | Path, run_b: str | Path, rewards: Sequence[str | Callab
         "seeds": sorted({r["seed"] for r in rows_a}), "bootstrap": {"n": n_boot, "seed": seed, "level": 0.95},
         "grid_reward": specs[0].label,
         "protocol": PROTOCOL,
+        "reward_commits": {n: r.commits for n, r in scorer.rewards.items() if r.commits},  # hub weights' commits
         "rewards": {label: {**asdict(r), "std_a": summarize(scores_a[label])["std"],
                             "std_b": summarize(scores_b[label])["std"]} for label, r in results.items()},
     }

@@ -51,8 +51,10 @@ from diffusion_dpo.config import Config, check_config
 from diffusion_dpo.losses import get_loss
 from diffusion_dpo.errors import UserError
 from diffusion_dpo.iterate_report import write_text_atomic
+from diffusion_dpo.pinning import pin_once, read_pins, write_pins
 
 SETTINGS_FILE = "iterate.json"
+REWARD_PINS_FILE = "reward_pins.json"  # {hub id: commit} the rewards' weights are read at
 ROUND_FILE = "round.json"
 # Settings that may change between invocations of one run: how many rounds, when to stop, how it is logged.
 VOLATILE = ("output_dir", "overwrite", "iterate.rounds", "iterate.stop_patience", "iterate.stop_min_delta",
@@ -67,6 +69,14 @@ def round_dir(out: Path, r: int) -> Path:
 
 def _write_json(path: Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def _read_json(path: Path) -> Any:
+    """The JSON object in `path`, or {} when it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _flat(cfg: Config) -> dict[str, Any]:
@@ -120,6 +130,7 @@ class Rounds:
         from diffusion_dpo.generate import process_state
         from diffusion_dpo.models import describe
         from diffusion_dpo.prompts import load_prompts
+        from diffusion_dpo.rewards.common import preset_pins
 
         cfg = check_config(cfg, iterate=True)  # a Config built in code is checked as a YAML one is
         self.cfg, self.it, self.log = cfg, cfg.iterate, log
@@ -137,9 +148,18 @@ class Rounds:
         self.specs = parse_rewards([self.it.reward, *self.it.heldout_rewards])
         self.train_label = self.specs[0].label
         self.heldout_label = self.specs[1].label if len(self.specs) > 1 else self.train_label
+        if self.main and not cfg.overwrite:  # a resumed run reads the reward weights at the commits it began with
+            preset_pins(_read_json(self.out / REWARD_PINS_FILE))
         self.scorer = Scorer(self.specs, device=str(self.state.device)) if self.main else None
         if self.main:
             _check_settings(self.out, cfg)
+            _write_json(self.out / REWARD_PINS_FILE, {k: v for r in self.scorer.rewards.values()
+                                                      for k, v in sorted(r.commits.items())})
+        self.state.wait_for_everyone()
+        # the base model (and a hub reference) read at one commit for every round, resumes included
+        self.pins = pin_once(cfg, read_pins(self.out))
+        if self.main:
+            write_pins(self.out, self.pins)
         self.state.wait_for_everyone()
 
     # ------------------------------------------------------------------ models
@@ -176,7 +196,9 @@ class Rounds:
             except UserError:  # e.g. an image deleted by hand: generate redoes it
                 pass
         it = self.it
-        generate_on_all(self.state, policy.model, prompts, seeds, out, lora=policy.lora, scheduler=it.scheduler,
+        revision = self.cfg.model.revision if policy.model == self.base else None  # the base's pinned commit
+        generate_on_all(self.state, policy.model, prompts, seeds, out, lora=policy.lora, revision=revision,
+                        scheduler=it.scheduler,
                         steps=it.steps, guidance_scale=it.guidance_scale, height=self.cfg.data.resolution,
                         width=self.cfg.data.resolution, batch_size=it.batch_size, device=str(self.state.device),
                         dtype=GEN_DTYPES[self.cfg.train.mixed_precision],
@@ -250,9 +272,12 @@ class Rounds:
             cfg.model.pretrained, cfg.lora.init_from = self.base, start.lora
         else:
             cfg.model.pretrained = start.model
+        # the base is read at the commit pinned when the run began (a round's model is a local folder: no commit)
+        cfg.model.revision = self.cfg.model.revision if cfg.model.pretrained == self.base else None
         # iterate.reference only matters to a loss with a reference (mapo and sft have none)
         needs_reference = get_loss(cfg.loss.name).needs_reference
         cfg.model.reference = self.base if self.it.reference == "base" and needs_reference else None
+        cfg.model.reference_revision = self.cfg.model.revision if cfg.model.reference else None
         if self.cfg.cache.dir:  # a cache per round: each round has new pairs
             cfg.cache.dir, cfg.cache.auto, cfg.cache.reference_file = str(rd / "cache"), True, None
         return cfg

@@ -79,6 +79,7 @@ class PairScorer:
         (self.spec,) = parse_rewards([spec], paths)
         self.models = {n: load_reward(n, (paths or {}).get(n), device=device, batch_size=batch_size)
                        for n, _ in self.spec.terms}
+        self.commits = {k: v for m in self.models.values() for k, v in sorted(m.commits.items())}
 
     def __call__(self, images: Sequence, captions: Sequence[str]) -> np.ndarray:
         from diffusion_dpo.rewards import weighted_score
@@ -146,12 +147,27 @@ def _set(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
     return table.append_column(name, values)
 
 
+def _previous_settings(out_dir: Path, settings: dict) -> dict:
+    """The settings of the relabelling `out_dir` holds ({} if none), with its pins applied to this one: the reward
+    weights' hub commits preset (a resume reads the same weights), a hub data set's commit reused, else pinned."""
+    from diffusion_dpo.pinning import is_hub_id, resolve_commit
+    from diffusion_dpo.rewards.common import preset_pins
+
+    file = out_dir / SETTINGS_FILE
+    previous = json.loads(file.read_text()) if file.exists() else {}
+    preset_pins(previous.get("reward_commits", {}))
+    if is_hub_id(settings["data"]):
+        settings["data_commit"] = previous.get("data_commit") if previous.get("data") == settings["data"] else \
+            resolve_commit(settings["data"], None, "dataset")
+    return previous
+
+
 def _check_settings(out_dir: Path, settings: dict) -> None:
     """A resumed run must use the same data, rewards and thresholds as the one it continues (checks only:
-    nothing is written before the rewards have loaded)."""
+    nothing is written before the rewards have loaded; their commits, known once loaded, were preset)."""
     file = out_dir / SETTINGS_FILE
     if file.exists():
-        previous = json.loads(file.read_text())
+        previous = {k: v for k, v in json.loads(file.read_text()).items() if k != "reward_commits"}
         if previous != settings:
             changed = sorted(k for k in settings if previous.get(k) != settings[k])
             raise UserError(f"{out_dir} holds a relabelling with other settings ({', '.join(changed)}); "
@@ -179,10 +195,11 @@ def relabel(data: str | Path, reward: str, out_dir: str | Path, paths: Optional[
         return _relabel_local(data, reward, out_dir, paths, device, batch_size, margin, drop_ties, image_root)
     settings = {"data": str(data.resolve()) if data.exists() else str(data), "reward": reward,
                 "paths": paths or {}, "margin": margin, "drop_ties": drop_ties}
-    shards = _shards(data, split)
+    _previous_settings(out_dir, settings)
+    shards = _shards(data, split, settings.get("data_commit"))
     _check_settings(out_dir, settings)
     scorer = PairScorer(reward, paths, device, batch_size)
-    _write_settings(out_dir, settings)
+    _write_settings(out_dir, {**settings, "reward_commits": scorer.commits})
     total = RelabelStats()
     todo = []
     for name, target, read in shards:
@@ -208,8 +225,9 @@ def relabel(data: str | Path, reward: str, out_dir: str | Path, paths: Optional[
 ROWS_PER_SHARD = 10_000  # output shard size for save_to_disk / hub inputs
 
 
-def _shards(data: Path, split: str) -> list[tuple[str, str, Callable[[], pa.Table]]]:
-    """(name for messages, output file relative to out_dir, reader) for each unit of work."""
+def _shards(data: Path, split: str, revision: Optional[str] = None) -> list[tuple[str, str, Callable[[], pa.Table]]]:
+    """(name for messages, output file relative to out_dir, reader) for each unit of work; `revision`: a hub data
+    set's pinned commit."""
     if data.is_file() and data.suffix.lower() == ".parquet":
         return [(str(data), data.name, _parquet_reader(data))]
     if data.is_dir() and not ((data / "state.json").exists() or (data / "dataset_dict.json").exists()):
@@ -227,7 +245,7 @@ def _shards(data: Path, split: str) -> list[tuple[str, str, Callable[[], pa.Tabl
                     raise UserError(f"{data}: split '{split}' not found; available: {', '.join(ds)}")
                 ds = ds[split]
         else:
-            ds = datasets.load_dataset(str(data), split=split)
+            ds = datasets.load_dataset(str(data), split=split, revision=revision)
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - offline, unknown id, unreadable directory
@@ -260,9 +278,10 @@ def _relabel_local(data: Path, reward: str, out_dir: Path, paths, device, batch_
     pairs = load_preference_pairs(DataConfig(path=str(data), image_root=image_root, num_workers=0))
     settings = {"data": str(data.resolve()), "reward": reward, "paths": paths or {}, "margin": margin,
                 "drop_ties": drop_ties}
+    _previous_settings(out_dir, settings)
     _check_settings(out_dir, settings)
     scorer = PairScorer(reward, paths, device, batch_size)
-    _write_settings(out_dir, settings)
+    _write_settings(out_dir, {**settings, "reward_commits": scorer.commits})
     stats, lines = RelabelStats(rows=len(pairs)), []
     for start in range(0, len(pairs), batch_size):
         items = [pairs.get(i) for i in range(start, min(start + batch_size, len(pairs)))]

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -38,7 +38,7 @@ from PIL import Image
 from diffusion_dpo.errors import UserError
 from diffusion_dpo.rewards.aesthetic import load_aesthetic
 from diffusion_dpo.rewards.clip_score import load_clip, load_pickscore
-from diffusion_dpo.rewards.common import RewardFn
+from diffusion_dpo.rewards.common import RewardFn, take_read
 from diffusion_dpo.rewards.custom import is_import_path, load_custom
 from diffusion_dpo.rewards.hpsv2 import load_hpsv2
 from diffusion_dpo.rewards.imagereward import load_imagereward
@@ -62,6 +62,7 @@ class Reward:
     name: str
     score_batch: RewardFn  # scores one batch of at most batch_size pairs
     batch_size: int = 16
+    commits: dict[str, str] = field(default_factory=dict)  # hub id -> the commit its weights were read at
 
     def __call__(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> torch.Tensor:
         """scores[i] = reward(images[i], prompts[i]); shape (N,)."""
@@ -108,7 +109,9 @@ def load_reward(name: str, path: str | None = None, device: str | torch.device =
     if unknown:
         allowed = ", ".join(_options_of(factory)) or "none"
         raise UserError(f"reward '{name}': unknown option {', '.join(unknown)} (options: {allowed})")
-    return Reward(name, factory(path=path, device=device, **options), batch_size)
+    take_read()  # what an earlier load read is not this reward's
+    score_batch = factory(path=path, device=device, **options)
+    return Reward(name, score_batch, batch_size, take_read())
 
 
 def parse_weighted(spec: str) -> list[tuple[str, float]]:

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from diffusion_dpo.rewards.common import RewardFn, hub_error, resolve_source, to_rgb, torch_dtype
+from diffusion_dpo.rewards.common import (RewardFn, hub_error, hub_revision, looks_local, resolve_source, to_rgb,
+                                          torch_dtype)
 
 CLIP_MODEL = "openai/clip-vit-large-patch14"
 PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
@@ -103,13 +104,17 @@ def load_clip_embedder(reward: str, model_source: str, processor_source: str | N
     model_source = resolve_source(reward, model_source, "model")
     processor_source = resolve_source(reward, processor_source or model_source, "processor")
     torch_type = torch_dtype(reward, dtype)
+    model_rev, processor_rev = (None if looks_local(s) else hub_revision(s) for s in (model_source, processor_source))
     try:
-        model = CLIPModel.from_pretrained(model_source, trust_remote_code=False)  # a hub repo never brings code
+        model = CLIPModel.from_pretrained(model_source, revision=model_rev,
+                                          trust_remote_code=False)  # a hub repo never brings code
     except (OSError, ValueError) as err:  # missing files / not cached offline / not a CLIP checkpoint
         raise hub_error(reward, model_source, err) from err
     try:
-        image_processor = _image_processor_class().from_pretrained(processor_source, trust_remote_code=False)
-        tokenizer = AutoTokenizer.from_pretrained(processor_source, trust_remote_code=False) if with_text else None
+        image_processor = _image_processor_class().from_pretrained(processor_source, revision=processor_rev,
+                                                                   trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(processor_source, revision=processor_rev,
+                                                  trust_remote_code=False) if with_text else None
     except (OSError, ValueError) as err:
         raise hub_error(reward, processor_source, err) from err
     device = torch.device(device)

@@ -7,12 +7,16 @@ it is already in the Hugging Face cache.
 
 Weights are untrusted data (DESIGN section 7): safetensors when the format allows it, otherwise
 `torch.load(weights_only=True)`, which refuses to run pickled code.
+
+A hub id is read at one commit per process (`hub_revision`: resolved once, as `pinning` does for models), so a
+comparison or a relabelling never mixes two versions of a reward; runs that resume record the commits and preset
+them (`preset_pins`), and the score caches are keyed by them.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from PIL import Image
@@ -41,6 +45,33 @@ def resolve_source(reward: str, source: str, what: str = "path") -> str:
             raise UserError(f"reward '{reward}': {what} '{source}' does not exist")
         return str(path.resolve())
     return source
+
+
+_PINNED: dict[str, Optional[str]] = {}  # hub id -> the commit this process reads it at (None: not resolvable)
+_READ: list[str] = []  # hub ids read since the last `take_read` (the reward being loaded)
+
+
+def hub_revision(source: str) -> Optional[str]:
+    """The commit hub repo `source` is read at in this process: resolved on first use (or preset), then the same
+    for every later load. None when it cannot be resolved (offline and not cached): the load then reads main."""
+    from diffusion_dpo.pinning import resolve_commit
+
+    if source not in _PINNED:
+        _PINNED[source] = resolve_commit(source)
+    _READ.append(source)
+    return _PINNED[source]
+
+
+def preset_pins(pins: dict[str, str]) -> None:
+    """Read these hub ids at these commits (a resumed run's record) instead of resolving them again."""
+    _PINNED.update({k: v for k, v in pins.items() if v})
+
+
+def take_read() -> dict[str, str]:
+    """{hub id: commit} of the pinned hub ids read since the last call (and forget them)."""
+    read = {s: _PINNED[s] for s in dict.fromkeys(_READ) if _PINNED.get(s)}
+    _READ.clear()
+    return read
 
 
 def hub_error(reward: str, source: str, err: Exception) -> UserError:

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from diffusion_dpo.errors import UserError
-from diffusion_dpo.rewards.common import RewardFn, hub_error, load_state_dict, resolve_source, to_rgb, torch_dtype
+from diffusion_dpo.rewards.common import (RewardFn, hub_error, hub_revision, load_state_dict, resolve_source, to_rgb,
+                                          torch_dtype)
 
 HUB_REPO = "xswu/HPSv2"
 CHECKPOINTS = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
@@ -85,7 +86,7 @@ def _checkpoint(path: str | None, version: str) -> Path:
     try:
         from huggingface_hub import hf_hub_download
 
-        return Path(hf_hub_download(HUB_REPO, filename))
+        return Path(hf_hub_download(HUB_REPO, filename, revision=hub_revision(HUB_REPO)))
     except Exception as err:  # offline and not cached, or no network
         raise hub_error("hpsv2", f"{HUB_REPO}/{filename}", err) from err
 

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from diffusion_dpo.errors import UserError
-from diffusion_dpo.rewards.common import RewardFn, hub_error, load_state_dict, resolve_source, to_rgb
+from diffusion_dpo.rewards.common import RewardFn, hub_error, hub_revision, load_state_dict, resolve_source, to_rgb
 
 DEFAULT = "ImageReward-v1.0"
 HUB_REPO = "THUDM/ImageReward"
@@ -32,7 +32,7 @@ def _hub_file(filename: str) -> Path:
     try:
         from huggingface_hub import hf_hub_download
 
-        return Path(hf_hub_download(HUB_REPO, filename))
+        return Path(hf_hub_download(HUB_REPO, filename, revision=hub_revision(HUB_REPO)))
     except Exception as err:  # offline and not cached, or no network
         raise hub_error("imagereward", f"{HUB_REPO}/{filename}", err) from err
 
