@@ -132,12 +132,12 @@ def test_the_peak_restarts_where_training_begins():
     """Training's peak excludes loading's transient: the peak is reset (to what is resident now) after loading."""
     import torch
 
-    from diffusion_dpo import bench
+    from diffusion_dpo import metrics
 
     if torch.cuda.is_available():
         pytest.skip("on CUDA the reset is torch.cuda.reset_peak_memory_stats")
     transient = torch.ones(64 * 2**20 // 4)  # 64 MiB touched, then returned to the system
     del transient
-    before = bench._peak_rss_bytes()
-    bench.reset_peak_memory()
-    assert bench._peak_rss_bytes() < before - 48 * 2**20
+    before = metrics._peak_rss_bytes()
+    metrics.reset_peak_memory()
+    assert metrics._peak_rss_bytes() < before - 48 * 2**20

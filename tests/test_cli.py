@@ -129,6 +129,7 @@ def test_skip_bad_rows_reports_the_count(tmp_path, tiny_sd, capsys):
     (["--model.pretrained", "/no/such/model"], "model.pretrained '/no/such/model' does not exist"),
     (["--data.path", "/no/such/data.parquet"], "data.path '/no/such/data.parquet' not found"),
     (["--config", "/no/such.yaml"], "config file not found: /no/such.yaml"),
+    (["--config", "/"], "config file / is a directory; give a YAML file"),
     (["--optim.name", "sgd"], "optim.name must be adamw, adamw8bit or adafactor"),
     (["--train.resume", "/no/ckpt"], "train.resume: '/no/ckpt' is not a checkpoint directory"),
     (["--model.pretrained", "someone/no_such_model"], "model.pretrained 'someone/no_such_model' is not a local"),

@@ -79,8 +79,32 @@ def test_resolved_config_round_trips(tmp_path):
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
-def test_every_shipped_config_loads(name):
-    load_config(CONFIGS / name, iterate=name.startswith("iterate_"))
+def test_every_shipped_config_loads(tmp_path, name):
+    import yaml
+
+    iterate = name.startswith("iterate_")
+    cfg = load_config(CONFIGS / name, iterate=iterate)
+    assert isinstance(cfg, Config)
+    # what loads is the file: each value it sets, every other field at its default
+    in_file, todo = {}, [("", yaml.safe_load((CONFIGS / name).read_text()))]
+    while todo:
+        prefix, node = todo.pop()
+        for key, value in node.items():
+            if isinstance(value, dict):
+                todo.append((f"{prefix}{key}.", value))
+            else:
+                in_file[f"{prefix}{key}"] = value
+    names = [n for n, _ in iter_fields()]
+    assert in_file and set(in_file) <= set(names), set(in_file) - set(names)
+
+    def value(c, dotted):
+        for part in dotted.split("."):
+            c = getattr(c, part)
+        return c
+    default = Config()
+    for dotted in names:
+        assert value(cfg, dotted) == in_file.get(dotted, value(default, dotted)), dotted
+    assert load_config(_write(tmp_path, to_yaml(cfg)), iterate=iterate) == cfg  # and it is saved as it loads
 
 
 def test_paper_recipes():

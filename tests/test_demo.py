@@ -2,11 +2,14 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from diffusion_dpo.demo import pairs, scorers, world
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_splits_are_disjoint_cover_everything_and_are_fixed():
@@ -215,7 +218,7 @@ def test_tiny_demo_end_to_end_writes_every_output(tmp_path, family, base_class):
     # the tiny run samples its "defaults" evaluation at 2 steps (the README's run: the pipeline's own 50 / 28);
     # the guidance is the pipeline's default in both
     assert (defaults["steps"], defaults["guidance_scale"]) == (2, 7.5 if family == "sd" else 7.0)
-    from diffusion_dpo.demo.run import SIZES, default_sampling
+    from diffusion_dpo.demo.settings import SIZES, default_sampling
     from diffusion_dpo.generate import load_pipeline, pipeline_defaults
 
     assert default_sampling(SIZES[family]["full"])["steps"] is None  # None: generate takes the pipeline's own
@@ -232,7 +235,7 @@ def test_tiny_demo_end_to_end_writes_every_output(tmp_path, family, base_class):
     assert len(lines) == 20 and all(world.digit_of(p["prompt"]) == p["digit"] for p in lines)
     assert saved["base_built_now"] and len(list(cache.iterdir())) == 1  # one finished build, no leftovers
     md = (out / "report.md").read_text()
-    assert "the pipeline's own defaults" in md and "per image" in md
+    assert "the pipeline's default steps and guidance" in md and "per image" in md
 
     if family == "sd":  # the stages are family-blind: one family's rerun checks them (40 s of suite each)
         again = run_demo(out, size="tiny", cache_dir=cache, family=family)  # an earlier demo's directory: started over
@@ -242,7 +245,7 @@ def test_tiny_demo_end_to_end_writes_every_output(tmp_path, family, base_class):
 
 def test_a_failed_build_leaves_no_cache_entry(tmp_path, monkeypatch):
     from diffusion_dpo.demo import cache
-    from diffusion_dpo.demo.run import SIZES
+    from diffusion_dpo.demo.settings import SIZES
 
     def boom(recipe, out_dir, progress=None):
         (out_dir / "model_index.json").write_text("{}")  # half-written, then killed
@@ -257,7 +260,7 @@ def test_a_failed_build_leaves_no_cache_entry(tmp_path, monkeypatch):
 def test_the_cache_entry_comes_first_then_the_shipped_base_then_a_build(tmp_path, monkeypatch):
     from diffusion_dpo.demo import cache
     from diffusion_dpo.demo.base import recipe_key
-    from diffusion_dpo.demo.run import SIZES
+    from diffusion_dpo.demo.settings import SIZES
 
     recipe = SIZES["sd"]["tiny"].base
     built = []
@@ -284,7 +287,7 @@ def test_each_full_recipe_has_its_shipped_base(family):
     from dataclasses import asdict
 
     from diffusion_dpo.demo.cache import shipped_base
-    from diffusion_dpo.demo.run import SIZES
+    from diffusion_dpo.demo.settings import SIZES
 
     recipe = SIZES[family]["full"].base
     path = shipped_base(recipe)
@@ -302,10 +305,20 @@ def test_demo_refuses_a_directory_with_other_files(tmp_path, capsys):
     assert (tmp_path / "thesis.tex").read_text() == "keep me"
 
 
+def _tuning_script():
+    """scripts/demo_tune.py, the demo's tuning harness (outside the installed package), as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_tune", ROOT / "scripts" / "demo_tune.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_tuning_loop_never_touches_the_evaluation_prompts_or_seeds():
-    from diffusion_dpo.demo import tune
+    tune = _tuning_script()
     from diffusion_dpo.demo.pairs import pair_seeds
-    from diffusion_dpo.demo.run import SIZES
+    from diffusion_dpo.demo.settings import SIZES
 
     dev = {p["prompt"] for p in tune.dev_prompts()}
     assert dev and not dev & {p["prompt"] for p in world.eval_prompts()}
@@ -313,7 +326,7 @@ def test_tuning_loop_never_touches_the_evaluation_prompts_or_seeds():
     assert max(pair_seeds(SIZES["sd"]["full"].pairs_per_prompt)) < min(dev_seeds)
     assert max(dev_seeds) < world.EVAL_SEED_START
     # the online trials: their own dev seeds, apart from the offline trials', the online rounds' and the evaluation's
-    from diffusion_dpo.demo.run import ONLINE_SEED
+    from diffusion_dpo.demo.settings import ONLINE_SEED
 
     online = SIZES["sd3"]["full"]
     round_seeds = range(ONLINE_SEED, ONLINE_SEED + online.online_rounds * online.online_samples)
@@ -328,7 +341,7 @@ def test_tuning_loop_never_touches_the_evaluation_prompts_or_seeds():
 
 def test_the_tuning_loops_failing_share_is_the_dev_classifiers_reading(tmp_path):
     """A base's headroom in `tune`: the share of its images whose prompted digit the dev classifier doubts."""
-    from diffusion_dpo.demo import tune
+    tune = _tuning_script()
 
     digits = world.split("base")
     three = world.to_image(digits.ink[list(digits.labels).index(3)])

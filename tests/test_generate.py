@@ -189,6 +189,20 @@ def test_text_prompts(tmp_path):
     assert load_prompts(f, limit=1) == [{"prompt": "a cat"}]
 
 
+def test_jsonl_prompts_as_the_project_writes_them(tmp_path):
+    """Issue 35 (5): the demo's eval_prompts.jsonl and a generate manifest are prompt files too."""
+    f = tmp_path / "eval_prompts.jsonl"
+    f.write_text('{"prompt": "a 3", "digit": 3, "category": "digits"}\n\n'
+                 '{"prompt": " a 7 ", "file": "images/00001_0.png", "seed": 0, "prompt_index": 1, "ok": true}\n')
+    assert load_prompts(f) == [{"prompt": "a 3", "digit": 3, "category": "digits"}, {"prompt": "a 7"}]
+    f.write_text('{"prompt": "a 3"}\n["a 7"]\n')
+    with pytest.raises(UserError, match="eval_prompts.jsonl' line 2: expected an object with a non-empty"):
+        load_prompts(f)
+    f.write_text('{"prompt": "a 3"\n')
+    with pytest.raises(UserError, match="line 1: not valid JSON"):
+        load_prompts(f)
+
+
 def test_parti_tsv(tmp_path):
     f = tmp_path / "PartiPrompts.tsv"
     f.write_text('Prompt\tCategory\tChallenge\tNote\n'

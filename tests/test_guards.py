@@ -47,10 +47,19 @@ def weights_hash(final: Path) -> str:
 # ---------------------------------------------------------------- kill -9 and resume
 
 # The child runs the real CLI. With KILL_SAVE_AT=N it pauses inside the save of checkpoint-N (after the
-# weights are written, before the rename) and announces it, so the parent can kill it mid-save.
+# weights are written, before the rename) and announces it, so the parent can kill it mid-save. With STEPS_LOG it
+# appends there, one line each, the optimizer step (1-based) of every loss it computes.
 CHILD = """
 import os, sys, time, pathlib, torch
 import diffusion_dpo.checkpoint as c
+import diffusion_dpo.training as t
+if os.environ.get("STEPS_LOG"):
+    real_step = t.Trainer.step
+    def step(self, batch, micro_step):
+        with open(os.environ["STEPS_LOG"], "a") as f:
+            f.write(f"{self.state.step + 1}\\n")
+        return real_step(self, batch, micro_step)
+    t.Trainer.step = step
 at = int(os.environ.get("KILL_SAVE_AT", "0"))
 real_save = torch.save
 def slow_save(obj, path, *a, **k):
@@ -87,7 +96,8 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> None:
 
 
 @pytest.mark.parametrize("lora", ["0", "4"])
-def test_sigkill_at_several_points_then_resume_gives_identical_weights(tmp_path, tiny_sd, tiny_data, lora):
+def test_sigkill_at_several_points_then_resume_gives_identical_weights(tmp_path, tiny_sd, tiny_data, lora,
+                                                                       monkeypatch):
     straight = tmp_path / "straight"
     # the uninterrupted run goes through the same CLI in this process (a subprocess costs an import of torch)
     assert main(_args(straight, tiny_sd, tiny_data, "--lora.rank", lora)) == 0
@@ -100,17 +110,28 @@ def test_sigkill_at_several_points_then_resume_gives_identical_weights(tmp_path,
     _wait_for(lambda: (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 2,
               proc)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert proc.wait() == -signal.SIGKILL  # the kill landed in the run (it had not ended by itself)
+    assert not (run / "final").exists()
     # 2) resume, and kill -9 inside the save of checkpoint-4 (weights written, not yet renamed)
-    marker = tmp_path / "marker"
-    proc = _spawn(args + ["--train.resume", "latest"], {"KILL_SAVE_AT": "4", "MARKER": str(marker)})
+    marker, steps_log = tmp_path / "marker", tmp_path / "steps-2"
+    start = int(ckpt.resolve_resume("latest", run).name.split("-")[1])  # the checkpoint the resume must continue
+    proc = _spawn(args + ["--train.resume", "latest"], {"KILL_SAVE_AT": "4", "MARKER": str(marker),
+                                                        "STEPS_LOG": str(steps_log)})
     _wait_for(marker.exists, proc)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert proc.wait() == -signal.SIGKILL
     assert (run / "checkpoint-4.tmp").is_dir() and not (run / "checkpoint-4").exists()
     assert ckpt.resolve_resume("latest", run).name == "checkpoint-3"  # the half-written save is never picked
+    # training is deterministic and a resume rewrites metrics.jsonl, so equal weights and losses alone cannot tell
+    # a resume from a silent restart at step 0: each resumed process must compute only the steps left to it
+    assert [int(n) for n in steps_log.read_text().split()] == list(range(start + 1, 5)), start
     # 3) resume to the end (in this process: what is on disk is all a resume reads)
+    ran = []
+    real_step = Trainer.step
+    monkeypatch.setattr(Trainer, "step", lambda self, batch, micro_step: ran.append(self.state.step + 1)
+                        or real_step(self, batch, micro_step))
     assert main(args + ["--train.resume", "latest"]) == 0
+    assert ran == [4, 5, 6]
     assert weights_hash(run / "final") == expected
     assert [m["step"] for m in read_metrics(run)] == [1, 2, 3, 4, 5, 6]
     assert [m["loss"] for m in read_metrics(run)] == [m["loss"] for m in read_metrics(straight)]

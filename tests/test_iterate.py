@@ -134,6 +134,49 @@ class Killed(BaseException):
     """Stands for a kill -9: nothing after it runs (a BaseException, so no handler of ours catches it)."""
 
 
+def _finished_outputs(out: Path) -> dict[Path, tuple[int, int]]:
+    """(inode, mtime) of every file of a finished stage, which a rerun must leave as it is: a round with its
+    round.json; its samples and pairs once pairs.json is written; labels.jsonl; a training with its final/; the
+    base's evaluation images once a round began; and every image a generate manifest lists."""
+    keep: set[Path] = set()
+    rounds = sorted(out.glob("round-*"))
+    for rd in rounds:
+        if (rd / "round.json").is_file():
+            keep |= set(rd.rglob("*"))
+            continue
+        if (rd / "pairs.json").is_file():
+            keep |= {rd / "pairs.json", *(rd / "samples").rglob("*"), *(rd / "pairs").rglob("*")}
+        if (rd / "train" / "final").is_dir():
+            keep |= set((rd / "train").rglob("*"))
+        keep.add(rd / "labels.jsonl")
+    if rounds:
+        keep |= set((out / "eval" / "base").rglob("*"))
+    for manifest in out.rglob("manifest.jsonl"):
+        for line in manifest.read_text().splitlines():
+            try:
+                keep.add(manifest.parent / json.loads(line)["file"])
+            except json.JSONDecodeError:  # a line cut by the kill: its image is not finished
+                pass
+    return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(keep) if p.is_file()}
+
+
+def _unchanged(before: dict[Path, tuple[int, int]]) -> list[str]:
+    """The files of `before` a rerun removed, replaced or rewrote."""
+    return [str(p) for p, st in before.items() if not p.is_file() or (p.stat().st_ino, p.stat().st_mtime_ns) != st]
+
+
+def _counting_steps(m, ran: list[tuple[str, int]]) -> None:
+    """Record in `ran` (round, optimizer step) of every loss a Trainer computes (one micro-step per step here)."""
+    from diffusion_dpo import training
+
+    real_step = training.Trainer.step
+
+    def step(self, batch, micro_step):
+        ran.append((self.output_dir.parent.name, self.state.step + 1))
+        return real_step(self, batch, micro_step)
+    m.setattr(training.Trainer, "step", step)
+
+
 KILL_KW = dict(train__checkpointing_steps=1, lora__rank=4)
 
 
@@ -175,7 +218,17 @@ def test_a_killed_run_resumes_to_the_same_bits(tmp_path, tiny_sd, prompt_files, 
             iterate(make_cfg(out, tiny_sd, prompt_files, **kw))
     if stage == "train":
         assert (out / "round-2" / "train" / "checkpoint-1").is_dir()
-    resumed = iterate(make_cfg(out, tiny_sd, prompt_files, **kw))
+    assert not (out / "round-2" / "round.json").exists()  # the kill landed mid-run
+    finished = _finished_outputs(out)
+    assert finished  # at least the base's evaluation images and round 1's samples
+    ran = []
+    with monkeypatch.context() as m:
+        _counting_steps(m, ran)
+        resumed = iterate(make_cfg(out, tiny_sd, prompt_files, **kw))
+    # every stage is deterministic, so equal bits alone cannot tell a resume from a redo: the rerun leaves each
+    # finished stage's files alone, and trains only what was left (round 2, from its checkpoint of step 1)
+    assert _unchanged(finished) == []
+    assert ran == [("round-2", s) for s in ([2, 3] if stage == "train" else [1, 2, 3])]
     a, b = _final_weights(straight, lora=True), _final_weights(out, lora=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["rounds"][-1]["vs_base"] == json.loads((straight / "report.json").read_text())["rounds"][-1]["vs_base"]
@@ -232,13 +285,34 @@ def test_sigkill_at_random_times_then_rerun_ends_with_the_same_bits(tmp_path, ti
         time.sleep(delay)
         if proc.poll() is not None:  # it finished (or failed) before the kill
             assert proc.returncode == 0, f"seed {seed}, after kills {history}: {proc.stderr.read()[-3000:]}"
+            assert kill, f"seed {seed}: the run ended before the first kill, so no kill landed in it"
             history.append((round(delay, 2), "finished"))
             break
         proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        if proc.wait() == 0 and kill:  # a later rerun may end by itself between the poll and the signal
+            history.append((round(delay, 2), "finished"))
+            break
+        assert proc.returncode == -signal.SIGKILL, f"seed {seed}, after kills {history}: {proc.stderr.read()[-3000:]}"
+        if kill == 0:  # the first kill (within the straight run's span of the child being ready) lands in the run
+            assert not (run / "round-2" / "round.json").exists(), f"seed {seed}: the first kill came after the run"
         left = sorted(str(p.relative_to(run)) for p in run.glob("round-*/*")) if run.exists() else []
         history.append((round(delay, 2), left[-3:]))
-    assert main(_cli_args(run, tiny_sd, prompt_files, **KILL_KW)) == 0, f"seed {seed}, kills {history}"
+    finished = _finished_outputs(run)
+    left_to_train = []  # (round, step) the rerun must train: the steps after each unfinished round's last checkpoint
+    for r in (1, 2):
+        train_dir = run / f"round-{r}" / "train"
+        if not (train_dir / "final").is_dir():
+            done = max((int(c.name.split("-")[1]) for c in train_dir.glob("checkpoint-*") if c.suffix != ".tmp"),
+                       default=0)
+            left_to_train += [(f"round-{r}", s) for s in range(done + 1, 4)]
+    ran = []
+    with pytest.MonkeyPatch.context() as m:
+        _counting_steps(m, ran)
+        assert main(_cli_args(run, tiny_sd, prompt_files, **KILL_KW)) == 0, f"seed {seed}, kills {history}"
+    # equal bits alone cannot tell a resume from a redo: the rerun left every finished stage's files alone and
+    # trained only what the kills left
+    assert _unchanged(finished) == [], f"seed {seed}, kills {history}"
+    assert ran == left_to_train, f"seed {seed}, kills {history}"
     a, b = _final_weights(straight, lora=True), _final_weights(run, lora=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"seed {seed}, kills {history}"
     want, got = (json.loads((d / "report.json").read_text())["rounds"] for d in (straight, run))

@@ -32,21 +32,28 @@ def test_dpo_matches_diffusers_convention_with_half_beta():
 
 def test_dpo_is_log2_when_policy_equals_reference():
     mw, ml = torch.rand(16), torch.rand(16)
+    ran = []
     for name, spec in LOSSES.items():
         if name in ("dpo",):
             out = spec.fn(mw, ml, mw.clone(), ml.clone(), beta=5000.0)
             torch.testing.assert_close(out.loss, torch.full((16,), math.log(2.0)))
             assert torch.all(out.inside == 0)
+            ran.append(name)
+    assert ran == ["dpo"]
 
 
 def test_swap_negates_inside_for_every_margin_loss():
     mw, ml, rw, rl = (torch.rand(8) for _ in range(4))
+    ran = []
     for name, spec in LOSSES.items():
         if not (spec.needs_reference and spec.pairwise):
             continue
         a = spec.fn(mw, ml, rw, rl, beta=100.0).inside
         b = spec.fn(ml, mw, rl, rw, beta=100.0).inside
         torch.testing.assert_close(a, -b, msg=name)
+        ran.append(name)
+    assert sorted(ran) == ["dpo", "hinge", "ipo"]  # every pairwise loss on the reference margin (not mapo, sft, kto)
+    assert sorted(LOSSES) == ["dpo", "hinge", "ipo", "kto", "mapo", "sft"]  # a new loss: decide whether it belongs
 
 
 def test_tie_label_is_symmetric_and_log2_at_init():
@@ -116,6 +123,17 @@ def test_label_smoothing_is_conservative_dpo():
     by_hand = -(0.8 * torch.log(torch.sigmoid(x)) + 0.2 * torch.log(torch.sigmoid(-x)))
     assert torch.allclose(out.loss, by_hand)
     assert abs(x[out.loss.argmin()].item() - math.log(0.8 / 0.2)) < 0.01  # a finite optimum, not +inf
+    # by hand: -logσ(-x) = x - logσ(x), so the loss is -logσ(x) + 0.2x = log(1 + e^-x) + 0.2x
+    #   x = 0:      log 2                                                          = 0.6931471806
+    #   x = log 4:  σ = 4/5, so -(0.8 log 0.8 + 0.2 log 0.2) = 0.8·0.2231435513 + 0.2·1.6094379124
+    #                                                        = 0.1785148411 + 0.3218875825 = 0.5004024235
+    #   x = 2:      log(1 + e^-2) + 0.4 = 0.1269280110 + 0.4                   = 0.5269280110
+    #   x = -2:     log(1 + e^2) - 0.4 = 2.1269280110 - 0.4                    = 1.7269280110
+    pts = torch.tensor([0.0, math.log(4.0), 2.0, -2.0], dtype=torch.float64)
+    zero = torch.zeros_like(pts)
+    got = dpo_loss(-2 * pts, zero, zero, zero, beta=1.0, label=smooth_labels(torch.ones_like(pts), eps)).loss
+    assert got.tolist() == pytest.approx([0.6931471806, 0.5004024235, 0.5269280110, 1.7269280110], rel=1e-9)
+    assert out.loss.min().item() == pytest.approx(0.5004024235, abs=1e-5)  # the grid's least loss: the optimum's
 
 
 # ---------------------------------------------------------------- MaPO
@@ -129,11 +147,25 @@ def _mapo_by_hand(e_w: float, e_l: float, beta: float, T: float = 1000.0) -> flo
 def test_mapo_hand_computed():
     from diffusion_dpo.losses import mapo_loss
 
+    # by hand, with f(e) = x/(e^x - 1) at x = e/2 = 1 - e/4 + e²/48 - e⁴/11520 + ...:
+    #   T·m = 1000·(f(e_w) - f(e_l)) = 1000·[(e_l - e_w)/4 - (e_l² - e_w²)/48 + (e_l⁴ - e_w⁴)/11520]
+    #   (0.2, 0.2002):  1000·[5e-5 - 0.00008004/48 + 5.6e-10]   = 1000·[5e-5 - 1.6675e-6]     = 0.0483331
+    #                   loss = 0.2 + 0.1·log(1 + e^-0.0483331) = 0.2 + 0.1·log 1.952817 = 0.2 + 0.0669273
+    #   (0.5, 0.499):   1000·[-2.5e-4 + 0.000999/48 - 4.33e-8] = 1000·[-2.5e-4 + 2.08125e-5 - 4.33e-8] = -0.2292307
+    #                   loss = 0.5 + 0.1·log(1 + e^0.2292307) = 0.5 + 0.1·log 2.257623 = 0.5 + 0.0814317
+    #   (0.05, 0.0501): 1000·[2.5e-5 - 0.00001001/48]             = 1000·[2.5e-5 - 2.0854e-7]   = 0.0247915
+    #                   loss = 0.05 + 0.1·log(1 + e^-0.0247915) = 0.05 + 0.1·log 1.975513 = 0.05 + 0.0680828
+    # (the digits past the 7th from a calculator, the same arithmetic)
+    literal = {(0.2, 0.2002): (0.04833305620, 0.2669272635), (0.5, 0.499): (-0.2292306765, 0.5814316526),
+               (0.05, 0.0501): (0.02479146270, 0.1180828274)}
     for e_w, e_l in ((0.2, 0.2002), (0.5, 0.499), (0.05, 0.0501)):
         out = mapo_loss(torch.tensor([e_w], dtype=torch.float64), torch.tensor([e_l], dtype=torch.float64),
                         None, None, beta=0.1)
         assert out.loss.item() == pytest.approx(_mapo_by_hand(e_w, e_l, 0.1), rel=1e-9)
         assert (out.inside.item() > 0) == (e_w < e_l)  # the proxy is decreasing: a smaller winner error is a win
+        inside, loss = literal[(e_w, e_l)]
+        assert out.inside.item() == pytest.approx(inside, rel=1e-8)
+        assert out.loss.item() == pytest.approx(loss, rel=1e-9)
 
 
 def test_mapo_invariants():

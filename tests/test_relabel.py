@@ -131,6 +131,10 @@ def test_relabel_cli_and_its_errors(tmp_path, capsys):
     data = _data(tmp_path)
     assert main(["relabel", "--data", str(data), "--reward", REWARD, "--output-dir", str(tmp_path / "o")]) == 0
     assert "agreement with the original labels: 0.500 of 4" in capsys.readouterr().out
+    # train's spelling of the same flags (issue 35: one grammar): --data.path, --data.split
+    assert main(["relabel", "--data.path", str(data), "--data.split", "train", "--reward", REWARD,
+                 "--output-dir", str(tmp_path / "o")]) == 0
+    assert "agreement with the original labels: 0.500 of 4" in capsys.readouterr().out
     for args, expected in [
         (["--reward", "nosuch"], "unknown reward 'nosuch'"),
         (["--data", str(tmp_path / "missing")], "not found"),

@@ -139,14 +139,36 @@ def test_overfit_a_fixed_batch(tmp_path, tiny_sd, tiny_data, rank):
 
 @pytest.mark.parametrize("loss", ["hinge", "ipo", "sft", "mapo"])
 def test_other_losses_train(tmp_path, tiny_sd, tiny_data, loss):
-    trainer = Trainer(make_cfg(tmp_path, tiny_sd, tiny_data, loss__name=loss, loss__beta=100))
+    # MaPO's batch loss is no function of the batch's mean errors: one pair per step makes it one of the logged ones
+    batch = {"data__batch_size": 1} if loss == "mapo" else {}
+    trainer = Trainer(make_cfg(tmp_path, tiny_sd, tiny_data, loss__name=loss, loss__beta=100, **batch))
     if loss in ("sft", "mapo"):
         assert trainer.reference is None  # the SFT baseline and MaPO never run a reference model
     trainer.run()
     metrics = read_metrics(tmp_path)
     assert len(metrics) == 2 and all(math.isfinite(m["loss"]) for m in metrics)
+    first = metrics[0]  # step 1: θ = ref, every pair decided (p = 1)
     if loss == "hinge":
         assert metrics[0]["loss"] == pytest.approx(1.0, abs=1e-6)  # relu(1 - 0) at θ = ref
+    if loss == "ipo":
+        # h = 0 at θ = ref: (h - (2p - 1)/(2β))² = (0 - 1/200)² = 0.005² = 2.5e-5 for every pair
+        assert first["loss"] == pytest.approx(2.5e-5, rel=1e-3)
+    if loss in ("hinge", "ipo"):
+        assert first["implicit_acc"] == 0.5 and first["reward_margin"] == pytest.approx(0.0, abs=1e-6)
+    if loss in ("sft", "mapo"):  # reference-free: the logged reference errors are the model's own
+        assert first["ref_mse_w"] == first["model_mse_w"] and first["ref_mse_l"] == first["model_mse_l"]
+    if loss == "sft":
+        # p·mse_w + (1 - p)·mse_l with p = 1: the winners' mean error (the losers are never run: null)
+        assert first["loss"] == pytest.approx(first["model_mse_w"], rel=1e-6) and first["model_mse_l"] is None
+        assert first["reward_margin"] == 0.0 and first["implicit_acc"] == 0.5  # no margin: inside is 0
+    if loss == "mapo":
+        # the logged margin is T·(f(e_w) - f(e_l)), f(e) = (e/2)/(exp(e/2) - 1), T = 1000; the loss with p = 1 is
+        # e_w - β log σ(T·m) = e_w + 100·log(1 + exp(-T·m))
+        e_w, e_l = first["model_mse_w"], first["model_mse_l"]
+        f = lambda e: (e / 2) / math.expm1(e / 2)  # noqa: E731
+        assert first["reward_margin"] == pytest.approx(1000 * (f(e_w) - f(e_l)), abs=1e-3)
+        assert first["loss"] == pytest.approx(e_w + 100 * math.log1p(math.exp(-first["reward_margin"])), rel=1e-5)
+        assert first["implicit_acc"] == (1.0 if first["reward_margin"] > 0 else 0.0)
 
 
 def test_v_prediction_bf16_and_accumulation(tmp_path, tiny_sd_vpred, tiny_data):
@@ -184,7 +206,15 @@ def straight_and_resumed(tmp_path: Path, model: Path, data: Path, **common) -> t
     with pytest.raises(_Killed):
         _KilledAfter(make_cfg(tmp_path / "b", model, data, **common)).run()
     assert (tmp_path / "b" / "checkpoint-2").is_dir() and not (tmp_path / "b" / "final").exists()
-    resumed = train(make_cfg(tmp_path / "b", model, data, train__resume="latest", **common))
+    resuming = Trainer(make_cfg(tmp_path / "b", model, data, train__resume="latest", **common))
+    ran = []  # the optimizer step (1-based) each loss computation of the resumed run belongs to
+    real_step = resuming.step
+    resuming.step = lambda batch, micro_step: ran.append(resuming.state.step + 1) or real_step(batch, micro_step)
+    resumed = resuming.run()
+    # training is deterministic, so equal weights alone cannot tell an exact resume from a silent restart at step
+    # 0: the resumed run must compute steps 3.. only (once per accumulation micro-step)
+    accum = int(common.get("train__gradient_accumulation_steps", 1))
+    assert ran == [s for s in range(3, int(common["train__max_steps"]) + 1) for _ in range(accum)], ran
     return straight, resumed
 
 
@@ -370,17 +400,30 @@ def test_the_winner_safeguard_scales_only_the_losers_gradient(request, tmp_path,
     mu = 1 leaves the loser no gradient wherever the two gradients agree."""
     extra = {"model__max_sequence_length": 8} if family == "tiny_flux" else {}
     model = request.getfixturevalue(family)
-    runs = {}
+    runs, grads = {}, {}
     for name, opts in {"plain": {}, "guarded": {"loss__safeguard": "true"},
                        "mu1": {"loss__safeguard": "true", "loss__safeguard_mu": "1"}}.items():
         out = tmp_path / name
-        train(make_cfg(out, model, tiny_data, train__max_steps=1, optim__lr="1e-3", **extra, **opts))
+        trainer = Trainer(make_cfg(out, model, tiny_data, train__max_steps=1, optim__lr="1e-3", **extra, **opts))
+        grads[name] = {}  # each parameter's gradient of the one step, before clipping
+        for i, p in enumerate(trainer.params):
+            p.register_post_accumulate_grad_hook(lambda p, i=i, g=grads[name]: g.update({i: p.grad.detach().clone()}))
+        trainer.run()
         denoiser = "unet" if family == "tiny_sd" else "transformer"
         runs[name] = (read_metrics(out)[0], load_file(next((out / "final" / denoiser).glob("*.safetensors"))))
     (plain, w_plain), (guarded, w_guarded), (mu1, _) = runs["plain"], runs["guarded"], runs["mu1"]
     assert guarded["loss"] == pytest.approx(plain["loss"], rel=1e-6) and "loser_scale" not in plain
     assert 0.0 < guarded["loser_scale"] < 1.0 and mu1["loser_scale"] == 0.0  # a pair's residuals share the noise
     assert any(not torch.equal(w_plain[k], w_guarded[k]) for k in w_plain)
+    # the effect, numerically: the same forward, so the plain gradient is g_w + g_l (the winners' and the losers'
+    # parts); mu = 1 gives lambda 0, i.e. g_w alone; the guarded step must be exactly g_w + lambda g_l
+    lam = guarded["loser_scale"]
+    g_plain, g_guarded, g_w = grads["plain"], grads["guarded"], grads["mu1"]
+    assert g_plain.keys() == g_guarded.keys() == g_w.keys() and g_plain
+    scale = max(g.abs().max().item() for g in g_plain.values())
+    assert any((g_plain[i] - g_w[i]).abs().max() > 1e-3 * scale for i in g_plain)  # the losers' part is not nil
+    for i in g_plain:
+        torch.testing.assert_close(g_guarded[i], g_w[i] + lam * (g_plain[i] - g_w[i]), rtol=1e-4, atol=1e-5 * scale)
 
 
 @pytest.mark.parametrize("family,rank", [("tiny_sdxl", 4), ("tiny_sd3", 4), ("tiny_flux", 0)])
@@ -395,7 +438,19 @@ def test_mapo_trains_every_family_without_a_reference_forward(request, tmp_path,
     # no second model: a full fine-tune builds no reference, LoRA keeps its adapters-off view for the sample grids
     assert (trainer.reference is None) == (rank == 0)
     assert trainer.reference is None or trainer.reference.copy is None
+    # and no reference forward: one forward of the policy (both images of the step's pair) per step, none of them
+    # with the adapters off (LoRA's reference view of the same denoiser)
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    model = trainer.accelerator.unwrap_model(trainer.denoiser)
+    tuners = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    assert bool(tuners) == bool(rank)
+    forwards = []  # (images, adapters off) of every denoiser forward
+    model.register_forward_hook(lambda module, args, kwargs, out: forwards.append(
+        ((args[0] if args else kwargs["hidden_states"]).shape[0], any(t.disable_adapters for t in tuners))),
+        with_kwargs=True)
     trainer.run()
+    assert forwards == [(2, False)] * 2, forwards  # train.max_steps 2
     for m in read_metrics(tmp_path):
         # reference-free: the logged reference errors are the model's own (the trainer's convention, as for sft)
         assert m["ref_mse_w"] == m["model_mse_w"] and m["ref_mse_l"] == m["model_mse_l"]

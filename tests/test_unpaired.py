@@ -35,6 +35,11 @@ def test_kto_hand_computed():
     want = [1 - 1 / (1 + math.exp(-s * beta * (gi - z0))) for s, gi in zip((1, 1, -1, -1), g)]
     out = kto_loss(model, None, ref, None, beta=beta, label=label)
     torch.testing.assert_close(out.loss, torch.tensor(want, dtype=torch.float64))
+    # by hand: inside = s·β·(g - z0) = 10·0.1, 10·(-0.1), -10·0, -10·(-0.05) = 1, -1, 0, 0.5, and 1 - σ(x) = σ(-x):
+    #   σ(-1) = 1/(1 + e) = 1/3.7182818285 = 0.2689414214;  σ(1) = 1 - 0.2689414214 = 0.7310585786;  σ(0) = 0.5;
+    #   σ(-0.5) = 1/(1 + e^0.5) = 1/2.6487212707 = 0.3775406688
+    assert out.loss.tolist() == pytest.approx([0.2689414214, 0.7310585786, 0.5, 0.3775406688], rel=1e-9)
+    assert out.inside.tolist() == pytest.approx([1.0, -1.0, 0.0, 0.5], abs=1e-12)
     # a positive mean reward becomes the reference point; the weights scale each side
     model2 = model - 0.1  # every g grows by 0.1: z0 = 0.0875
     out2 = kto_loss(model2, None, ref, None, beta=beta, label=label, weight_desirable=2.0, weight_undesirable=0.5)
@@ -42,6 +47,11 @@ def test_kto_hand_computed():
     want2 = [w * (1 - 1 / (1 + math.exp(-s * beta * (gi - z2))))
              for w, s, gi in zip((2, 2, 0.5, 0.5), (1, 1, -1, -1), g2)]
     torch.testing.assert_close(out2.loss, torch.tensor(want2, dtype=torch.float64))
+    # by hand: g = 0.2, 0, 0.1, 0.05, z0 = 0.35/4 = 0.0875; inside = 10·0.1125, 10·(-0.0875), -10·0.0125, -10·(-0.0375)
+    #   = 1.125, -0.875, -0.125, 0.375; loss = λ_y·σ(-inside):
+    #   2·1/(1 + e^1.125) = 2/4.0802168489 = 0.4901700263;  2·1/(1 + e^-0.875) = 2/1.4168620197 = 1.4115700557;
+    #   0.5·1/(1 + e^-0.125) = 0.5/1.8824969026 = 0.2656046867; 0.5·1/(1 + e^0.375) = 0.5/2.4549914146 = 0.2036667000
+    assert out2.loss.tolist() == pytest.approx([0.4901700263, 1.4115700557, 0.2656046867, 0.2036667000], rel=1e-9)
     # z0 is averaged across processes by the given mean, and carries no gradient
     seen = []
     kto_loss(model, None, ref, None, beta=beta, label=label, batch_mean=lambda t: seen.append(t) or t * 0 + 1.0)

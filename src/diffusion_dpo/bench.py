@@ -36,6 +36,7 @@ import torch
 
 from diffusion_dpo.config import Config, load_config, to_yaml, validate
 from diffusion_dpo.errors import UserError
+from diffusion_dpo.metrics import peak_bytes, reset_peak_memory, rss_bytes
 
 
 @dataclass(frozen=True)
@@ -67,46 +68,6 @@ GPU_PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362
 
 
 # ------------------------------------------------------------------ measurement helpers
-def _proc_status_bytes(field: str) -> int:
-    """A size field of /proc/self/status (VmRSS: now, VmHWM: the peak), in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024  # kB
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def rss_bytes() -> int:
-    """Current resident set size of this process."""
-    return _proc_status_bytes("VmRSS")
-
-
-def _peak_rss_bytes() -> int:
-    # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across fork+exec, so a worker would report
-    # its parent's peak (the parent built the cache with the VAE and text encoders loaded)
-    return _proc_status_bytes("VmHWM")
-
-
-def reset_peak_memory() -> None:
-    """Start a new peak from what is allocated now (CUDA), or resident now (CPU: VmHWM, reset by writing 5 to
-    /proc/self/clear_refs, Linux >= 4.0; where that is refused, the peak keeps counting from the start)."""
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-        return
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def peak_bytes(baseline: int) -> int:
-    """The peak since the last reset: CUDA's max_memory_allocated, or the CPU's peak RSS above `baseline`."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated()
-    return _peak_rss_bytes() - baseline
-
-
 class ModuleTimer:
     """Wall time spent inside some modules' forward passes (CUDA-synchronised), by forward hooks."""
 
@@ -388,7 +349,7 @@ def _import_libraries() -> None:
 
 def _worker(argv: Sequence[str]) -> None:
     """Subprocess entry: config_file mode warmup floor_repeats peak result_file."""
-    from diffusion_dpo.cli import quiet_progress_bars
+    from diffusion_dpo.console import quiet_progress_bars
 
     config_file, mode, warmup, repeats, peak, result = argv
     quiet_progress_bars()

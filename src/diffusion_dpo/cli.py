@@ -10,13 +10,12 @@ import argparse
 import copy
 import dataclasses
 import difflib
-import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
+from diffusion_dpo.console import quiet_libraries, quiet_progress_bars
 from diffusion_dpo.errors import UserError
 
 if TYPE_CHECKING:  # imported where used, like the rest of this module's dependencies
@@ -125,6 +124,30 @@ def _add_config_flags(parser: argparse.ArgumentParser, iterate: bool = False) ->
             help=f"{f.metadata.get('help', '')} [default: {default}]".replace("%", "%%"))
 
 
+def cli_reference() -> str:
+    """Every command with its own flags as Markdown (docs/cli.md embeds it; a test keeps them equal). The config
+    flags (`--section.key`) of train, cache, bench and iterate are the config reference's, listed there once."""
+    parser = build_parser()
+    lines = []
+    for name, command in parser.command_parsers.items():  # type: ignore[attr-defined]
+        config_flags = any(a.dest.count(".") and a.dest.split(".")[0] in ("train", "model") for a in command._actions)
+        lines += [f"### `{PROG} {name}`", "", (command.description or "").replace("\n", " ").strip(), ""]
+        rows = []
+        for action in command._actions:
+            if isinstance(action, argparse._HelpAction) or (config_flags and "." in action.dest
+                                                            and action.option_strings[0].count(".") == 1
+                                                            and action.dest == action.option_strings[0][2:]):
+                continue
+            flags = ", ".join(f"`{o}`" for o in action.option_strings) or f"`{action.metavar or action.dest}`"
+            text = (action.help or "").replace("%%", "%").replace("|", "\\|").replace("\n", " ")
+            rows.append(f"| {flags} | {text} |")
+        if rows:
+            lines += ["| flag | meaning |", "| --- | --- |", *rows, ""]
+        if config_flags:
+            lines += ["Plus every config key as `--section.key VALUE` ([config reference](config.md)).", ""]
+    return "\n".join(lines).strip() + "\n"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Diffusion-DPO: align SD 1.x/2.x, SDXL, SD3/SD3.5 and FLUX.1 with "
                                              "preference pairs.")
@@ -213,14 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "settings and at the pipeline's own defaults. Writes DIR/base, DIR/dpo, "
                     "DIR/dpo_ai, DIR/sft, DIR/dpo_online (pipeline directories), DIR/online (the rounds), DIR/eval_prompts.jsonl, "
                     "DIR/report.json, "
-                    "DIR/report.md and PNGs. Minutes on 2 CPU cores (the README gives measured times); the base is cached.")
+                    "DIR/report.md and PNGs. Minutes on 2 CPU cores (docs/demo.md gives measured times); the base is cached.")
     demo.add_argument("--output-dir", required=True, metavar="DIR", help="where everything is written (new, empty, "
                       "or an earlier demo's directory, which is started over)")
     demo.add_argument("--family", default="sd3", choices=("sd3", "sd"),
                       help="the base model: sd3 (SD3 architecture, Flow-DPO) or sd (UNet, Diffusion-DPO) "
                            "[default: sd3]")
     demo.add_argument("--size", default="full", choices=("full", "tiny"),
-                      help="full: the README's run; tiny: a seconds-long run of the same code [default: full]")
+                      help="full: the documented run (docs/demo.md); tiny: a seconds-long run of the same code [default: full]")
     demo.add_argument("--cache-dir", metavar="DIR", help="where the base model is cached "
                       "[default: $XDG_CACHE_HOME/diffusion-dpo/demo or ~/.cache/diffusion-dpo/demo]")
     demo.add_argument("--rebuild", action="store_true", help="build the base model again even if it is cached")
@@ -243,36 +266,6 @@ def build_parser() -> argparse.ArgumentParser:
     cli_eval.register(sub, _Parser)  # generate, score, compare
     parser.command_parsers = dict(sub.choices)  # type: ignore[attr-defined]
     return parser
-
-
-def quiet_libraries() -> None:
-    """Library chatter (progress bars while saving, deprecation notes, optional-backend notices) hides our output."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    # hub download bars stay (real checkpoints take minutes); datasets' cache-building bar does not
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", message=".*torchvision.*")
-    warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")  # diffusers -> huggingface_hub
-    # bitsandbytes (imported by peft whenever installed) warns on every CPU with AVX512-bf16 that an optional
-    # 4-bit kernel package is missing; 8-bit AdamW does not use it
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    # ...and, where the `kernels` package is installed, tries to fetch that kernel from the hub, which offline
-    # logs "Skipping publisher trust check ..." on stderr, before our own one-line errors
-    logging.getLogger("kernels").setLevel(logging.ERROR)
-
-
-def quiet_progress_bars() -> None:
-    """diffusers', transformers' and datasets' per-save/per-load bars ("Writing model shards", "Loading
-    weights", "Generating train split") say nothing useful here; hub download bars are kept."""
-    import datasets
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
-    datasets.disable_progress_bars()  # "Generating train split" (the env var only works before the import)
 
 
 def _load_config(args: argparse.Namespace, iterate: bool = False) -> Config:

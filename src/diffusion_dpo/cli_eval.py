@@ -98,10 +98,14 @@ def register(subparsers: argparse._SubParsersAction, parser_class: type[argparse
                     "again with the reward's labels: Pick-a-Pic parquet -> parquet shards of the same schema "
                     "(+ ai_score_0/ai_score_1), JSONL/CSV -> pairs.jsonl. Resumable shard by shard; reports "
                     "how often the reward agrees with the original labels.")
-    rel.add_argument("--data", required=True, help="Pick-a-Pic parquet file or directory, a datasets.save_to_disk "
-                     "directory, a hub dataset id (online), or a JSONL/CSV file")
-    rel.add_argument("--split", default="train", help="split of a save_to_disk DatasetDict or hub data set "
-                     "[default: train]")
+    # the same flags as train's data section (--data.path, --data.split, --data.image_root); --data is kept
+    rel.add_argument("--data.path", "--data", dest="data", required=True, metavar="PATH",
+                     help="Pick-a-Pic parquet file or directory, a datasets.save_to_disk directory, a hub dataset id "
+                          "(online), or a JSONL/CSV file")
+    rel.add_argument("--data.split", "--split", dest="split", default="train",
+                     help="split of a save_to_disk DatasetDict or hub data set [default: train]")
+    rel.add_argument("--data.image_root", dest="image_root", metavar="DIR",
+                     help="the folder a JSONL/CSV set's image paths must lie in [default: the data file's folder]")
     rel.add_argument("--output-dir", required=True, help="where the relabelled data set is written")
     rel.add_argument("--margin", type=float, default=0.0,
                      help="score differences up to this are ties (0.5/0.5) [default: 0]")
@@ -145,7 +149,7 @@ def _device(name: str) -> str:
 
 
 def _quiet() -> None:
-    from diffusion_dpo.cli import quiet_progress_bars  # imported late: cli imports this module
+    from diffusion_dpo.console import quiet_progress_bars
 
     quiet_progress_bars()
 
@@ -212,7 +216,7 @@ def _cmd_relabel(args: argparse.Namespace) -> int:
     _quiet()
     report = relabel(args.data, args.reward, args.output_dir, paths=_reward_paths(args.reward_path),
                      device=_device(args.device), batch_size=args.reward_batch_size, margin=args.margin,
-                     drop_ties=args.drop_ties, split=args.split)
+                     drop_ties=args.drop_ties, split=args.split, image_root=args.image_root)
     agreement = "n/a" if report["agreement"] is None else f"{report['agreement']:.3f} of {report['compared']}"
     print(f"relabelled {report['rows']} pairs: {report['decided']} decided, {report['ties']} ties "
           f"({report['dropped']} dropped); agreement with the original labels: {agreement}; "

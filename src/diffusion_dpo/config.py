@@ -365,6 +365,8 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[dict[str,
     cfg = OmegaConf.structured(Config)
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise UserError(f"config file {path} is a directory; give a YAML file (see configs/)")
         if not path.is_file():
             raise UserError(f"config file not found: {path}")
         try:
@@ -545,7 +547,7 @@ def to_yaml(cfg: Config) -> str:
 
 
 def markdown_reference() -> str:
-    """The config reference as a Markdown table (the README embeds it; a test keeps them equal)."""
+    """The config reference as a Markdown table (docs/config.md embeds it; a test keeps them equal)."""
     rows = ["| key | default | meaning |", "| --- | --- | --- |"]
     defaults = OmegaConf.to_container(OmegaConf.structured(Config))
     for name, f in iter_fields():
@@ -566,5 +568,5 @@ def json_like(value: Any) -> str:
     return '""' if value == "" else str(value)
 
 
-if __name__ == "__main__":  # python -m diffusion_dpo.config  -> the README's config table
+if __name__ == "__main__":  # python -m diffusion_dpo.config  -> docs/config.md's config table
     print(markdown_reference())

@@ -3,6 +3,8 @@
 Kinds (`kind="auto"` picks by suffix):
 
     text      .txt      one prompt per line; blank lines are skipped
+    jsonl     .jsonl    one JSON object per line with a `prompt` string (its other string/number fields kept,
+                        e.g. `category`), as `generate` manifests and the demo's eval_prompts.jsonl hold them
     parti     .tsv      PartiPrompts: tab-separated with a `Prompt` column (`Category`, `Challenge` kept)
     hpsv2     .json     HPSv2 benchmark: a JSON list of strings (category = file stem), a JSON object
                         {category: [prompts]}, or a directory of such .json files (sorted by name)
@@ -24,7 +26,7 @@ from diffusion_dpo.errors import UserError
 
 Prompt = dict  # {"prompt": str, optional "category": str, ...}
 
-KINDS = ("text", "parti", "hpsv2", "pickapic")
+KINDS = ("text", "jsonl", "parti", "hpsv2", "pickapic")
 
 
 def load_prompts(path: str | Path, kind: str = "auto", limit: Optional[int] = None,
@@ -41,7 +43,7 @@ def load_prompts(path: str | Path, kind: str = "auto", limit: Optional[int] = No
     if kind == "auto":
         kind = _detect(path)
     readers: dict[str, Callable[[Path], list[Prompt]]] = {
-        "text": _read_text, "parti": _read_parti, "hpsv2": _read_hpsv2,
+        "text": _read_text, "jsonl": _read_jsonl, "parti": _read_parti, "hpsv2": _read_hpsv2,
         "pickapic": lambda p: _read_pickapic(p, split)}
     if kind not in readers:
         raise UserError(f"unknown prompt kind '{kind}'; choose one of auto, {', '.join(KINDS)}")
@@ -58,11 +60,11 @@ def _detect(path: Path) -> str:
                 and not (path / "state.json").exists():
             return "hpsv2"
         return "pickapic"
-    by_suffix = {".txt": "text", ".tsv": "parti", ".json": "hpsv2", ".parquet": "pickapic"}
+    by_suffix = {".txt": "text", ".jsonl": "jsonl", ".tsv": "parti", ".json": "hpsv2", ".parquet": "pickapic"}
     kind = by_suffix.get(path.suffix.lower())
     if kind is None:
         raise UserError(f"prompt file '{path}': cannot tell its kind from the suffix '{path.suffix}' "
-                        f"(.txt, .tsv, .json, .parquet or a directory); pass the kind ({', '.join(KINDS)})")
+                        f"(.txt, .jsonl, .tsv, .json, .parquet or a directory); pass the kind ({', '.join(KINDS)})")
     return kind
 
 
@@ -75,6 +77,27 @@ def _read_utf8(path: Path) -> str:
 
 def _read_text(path: Path) -> list[Prompt]:
     return [{"prompt": line.strip()} for line in _read_utf8(path).splitlines() if line.strip()]
+
+
+def _read_jsonl(path: Path) -> list[Prompt]:
+    """One JSON object per line with a non-empty `prompt` string; other scalar fields are kept (a manifest's
+    file, seed and settings are not prompt fields and are dropped)."""
+    out = []
+    dropped = {"file", "seed", "prompt_index"}
+    for line_no, line in enumerate(_read_utf8(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"prompt file '{path}' line {line_no}: not valid JSON ({exc.msg})") from None
+        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or not item["prompt"].strip():
+            raise UserError(f"prompt file '{path}' line {line_no}: expected an object with a non-empty \"prompt\" "
+                            "string")
+        out.append({"prompt": item["prompt"].strip(),
+                    **{k: v for k, v in item.items() if k != "prompt" and k not in dropped
+                       and isinstance(v, (str, int, float)) and not isinstance(v, bool)}})
+    return out
 
 
 def _read_parti(path: Path) -> list[Prompt]:

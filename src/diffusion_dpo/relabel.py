@@ -16,7 +16,7 @@ tie label). Images are read under the data rules (`data.py`): table cells must c
 must lie in the data file's folder or `image_root`. The output JSONL is self-contained: its images are hard links
 (copies across filesystems) under the output's `images/`, named relative to it, so it trains as it is.
 
-    diffusion-dpo relabel --data pickapic/ --reward pickscore=1,aesthetic=0.5 --output-dir pickapic_ai/
+    diffusion-dpo relabel --data.path pickapic/ --reward pickscore=1,aesthetic=0.5 --output-dir pickapic_ai/
 """
 
 from __future__ import annotations

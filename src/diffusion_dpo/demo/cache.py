@@ -6,9 +6,9 @@ A build goes to a temporary sibling directory and is renamed into place only whe
 interrupted build never leaves a directory that a later run would take for a finished one. The
 hash covers the recipe, the data split and the library versions (base.recipe_key).
 
-The package ships the bases of the README's demos, built by this same recipe code (`SHIPPED`/base-<key
+The package ships the bases of the documented demos (docs/demo.md), built by this same recipe code (`SHIPPED`/base-<key
 without versions>, a few MB each): a run takes its own cache entry first, then the shipped base, and builds only
-when neither exists or with `--rebuild`. So a fresh clone starts from the very weights the README's numbers were
+when neither exists or with `--rebuild`. So a fresh clone starts from the very weights the documented numbers were
 measured on (a base trained on another CPU differs at float precision, and the demo's numbers with it), and skips
 the build. After a recipe change, `diffusion-dpo demo --rebuild [--family F]` builds the new base into the
 cache; copying that entry to `SHIPPED/base-<recipe_key(recipe, versions=False)>` ships it (a test checks that

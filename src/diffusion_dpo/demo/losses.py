@@ -29,16 +29,16 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from diffusion_dpo.config import Config, load_config, to_yaml, validate
-from diffusion_dpo.demo.run import (DemoSize, StageTimer, base_stage, default_sampling, eval_items, eval_seeds,
-                                    generate_job, make_pairs, prepare_output, resolve_size, run_jobs, sampling,
-                                    train_config)
+from diffusion_dpo.demo.run import (StageTimer, base_stage, eval_items, eval_seeds, generate_job, make_pairs,
+                                    prepare_output, resolve_size, run_jobs)
+from diffusion_dpo.demo.report import SETTINGS
+from diffusion_dpo.demo.settings import DemoSize, default_sampling, sampling, train_config
 from diffusion_dpo.demo.parallel import Workers
 from diffusion_dpo.demo.scorers import AI_REWARD, CROWD_REWARD, JUDGE_REWARD
 from diffusion_dpo.errors import UserError
 from diffusion_dpo.losses import LOSSES, get_loss
 
 JUDGES = {"judge": JUDGE_REWARD, "ai": AI_REWARD, "crowd": CROWD_REWARD}
-SETTINGS = {"demo": "the demo's sampling settings", "defaults": "the pipeline's own defaults"}
 OUTPUTS = ("base", "data", "train", "eval", "eval_prompts.jsonl", "losses.json", "losses.md", "loss_win_rates.png",
            *LOSSES)
 
@@ -89,7 +89,7 @@ def train_measured(cfg: Config) -> dict[str, Any]:
     """Train `cfg` here and measure it: median step time after 3 warm-up steps, training's peak memory (CUDA's
     max_memory_allocated, or on the CPU the rise of the peak resident set over its size once the model is
     loaded, bench's measure), measured at the last optimizer step so that saving the pipeline does not count."""
-    from diffusion_dpo.bench import peak_bytes, reset_peak_memory, rss_bytes
+    from diffusion_dpo.metrics import peak_bytes, reset_peak_memory, rss_bytes
     from diffusion_dpo.metrics import read_metrics
     from diffusion_dpo.training import Trainer
 
@@ -133,7 +133,7 @@ def _worker(argv: Sequence[str]) -> None:
 
     import torch
 
-    from diffusion_dpo.cli import quiet_libraries, quiet_progress_bars
+    from diffusion_dpo.console import quiet_libraries, quiet_progress_bars
 
     config_file, result_file, threads = argv
     torch.set_num_threads(int(threads))

@@ -32,7 +32,9 @@ NAMES = {**LABELS, "online_round_1": "online round 1"}  # also the models that a
 GRID_SEEDS = 3
 
 
-SETTINGS = {"demo": "the demo's sampling settings", "defaults": "the pipeline's own defaults"}
+# "defaults": the pipeline's own steps and guidance, at the T5 length the flow model was trained at (12 tokens, not
+# the pipeline's 256: a plain `pipe(prompt)` pads to 256; docs/demo.md gives that row too)
+SETTINGS = {"demo": "the demo's sampling settings", "defaults": "the pipeline's default steps and guidance"}
 FAIL_P = 0.5  # an image "fails to show the prompted digit" when the judge gives that digit p < 0.5
 
 

@@ -1,11 +1,11 @@
 """The demo's development loop: try training settings on a dev metric that never involves the judge.
 
-    python -m diffusion_dpo.demo.tune --work-dir /tmp/tune-sd3 --set beta=500          # the flow demo (default)
-    python -m diffusion_dpo.demo.tune --family sd --work-dir /tmp/tune --set beta=500 lr=1e-5 --labels crowd
-    python -m diffusion_dpo.demo.tune --family sd --work-dir /tmp/tune --set beta_ai=500 --labels ai
-    python -m diffusion_dpo.demo.tune --work-dir /tmp/tune-sd3 --base transformer_steps=300 --set train_seed=1
+    python scripts/demo_tune.py --work-dir /tmp/tune-sd3 --set beta=500          # the flow demo (default)
+    python scripts/demo_tune.py --family sd --work-dir /tmp/tune --set beta=500 lr=1e-5 --labels crowd
+    python scripts/demo_tune.py --family sd --work-dir /tmp/tune --set beta_ai=500 --labels ai
+    python scripts/demo_tune.py --work-dir /tmp/tune-sd3 --base transformer_steps=300 --set train_seed=1
 
-Each trial trains one model exactly as `diffusion-dpo demo` would (`run.train_config` with the given
+Each trial trains one model exactly as `diffusion-dpo demo` would (`settings.train_config` with the given
 `DemoSize` fields overridden), then samples it on the *pair* prompts (the phrasings the labels were
 collected on) at `DEV_SEEDS`, a seed range that neither pair sampling nor the evaluation uses, and compares it
 with the base under the crowd's utility, the AI reward and the dev classifier (scorers.py). The held-out judge,
@@ -21,10 +21,10 @@ One JSON line per trial is appended to WORK_DIR/results.jsonl (and printed).
 
 The online stage is tuned the same way, from a finished demo's base and DPO-AI:
 
-    python -m diffusion_dpo.demo.tune --family sd3 --work-dir /tmp/tune-online --online DEMO_DIR \
+    python scripts/demo_tune.py --family sd3 --work-dir /tmp/tune-online --online DEMO_DIR \
         --set online_rounds=3 online_beta=1000 online_pairing=all
 
-runs the demo's `iterate` (run.online_config; its own evaluation on the pair prompts too) and scores the last round
+runs the demo's `iterate` (settings.online_config; its own evaluation on the pair prompts too) and scores the last round
 against the base, against round 1 and against its start, and round 1 against the base, per image on the pair
 prompts at `ONLINE_DEV_SEEDS`, under the crowd's utility, the AI reward and the dev classifier, at both settings.
 """
@@ -39,12 +39,10 @@ from pathlib import Path
 
 from diffusion_dpo.demo import world
 from diffusion_dpo.demo.parallel import Workers
-from diffusion_dpo.demo.run import SIZES, DemoSize, make_pairs, relabel_ai, sampling, train_config, train_job
+from diffusion_dpo.demo.run import make_pairs, relabel_ai, train_job
 from diffusion_dpo.demo.scorers import AI_REWARD, CROWD_REWARD, DEV_REWARD
-
-DEV_SEED_START = 500_000  # far above pair seeds (0..2K-1), far below evaluation seeds (1,000,000+)
-DEV_SEEDS = 4
-ONLINE_DEV_SEEDS = [DEV_SEED_START + 100 + k for k in range(2)]  # the online trials' own, apart from DEV_SEEDS
+from diffusion_dpo.demo.settings import (DEV_SEED_START, DEV_SEEDS, ONLINE_DEV_SEEDS, SIZES, DemoSize, sampling,
+                                         train_config)
 # the dev metric's scorers by their key in a trial's result (none of them is the judge)
 DEV_REWARDS = {"crowd": CROWD_REWARD, "ai": AI_REWARD, "dev": DEV_REWARD}
 
@@ -91,7 +89,7 @@ def dev_score(work: Path, size: DemoSize, base: Path, model: Path, name: str) ->
     The crowd's utility made the crowd's labels and shares its split with the AI reward: only the dev classifier
     (the base split) can tell a model that learnt the digits from one that learnt those scorers' quirks."""
     from diffusion_dpo.diversity import diversity
-    from diffusion_dpo.demo.run import default_sampling
+    from diffusion_dpo.demo.settings import default_sampling
     from diffusion_dpo.evaluate import compare
     from diffusion_dpo.generate import generate
 
@@ -152,7 +150,7 @@ def online_trial(work: Path, demo_dir: Path, overrides: dict, name: str, family:
     """Run the `family` demo's online stage from `demo_dir`'s base and DPO-AI with `DemoSize` fields overridden,
     and score it on the dev metric (module docstring)."""
     from diffusion_dpo.diversity import diversity
-    from diffusion_dpo.demo.run import default_sampling, online_config
+    from diffusion_dpo.demo.settings import default_sampling, online_config
     from diffusion_dpo.evaluate import compare
     from diffusion_dpo.generate import generate
     from diffusion_dpo.iterate import iterate
