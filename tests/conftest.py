@@ -12,7 +12,7 @@ warnings.filterwarnings("ignore", message=".*torchvision.*")
 
 
 def _tiny(tmp_path_factory, name: str, **kwargs):
-    from diffusion_dpo.tiny import build_tiny_pipeline
+    from diffusion_dpo.testing.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline(tmp_path_factory.mktemp("models") / name, **kwargs)
 

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from diffusion_dpo.tiny_data import SCHEMA
+from diffusion_dpo.testing.tiny_data import SCHEMA
 
 RED, BLUE, GREEN = (255, 0, 0), (0, 0, 255), (0, 255, 0)
 

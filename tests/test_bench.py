@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    from diffusion_dpo.tiny_data import build_tiny_pickapic
+    from diffusion_dpo.testing.tiny_data import build_tiny_pickapic
 
     return build_tiny_pickapic(tmp_path_factory.mktemp("data") / "pickapic", num_pairs=16)
 
@@ -62,7 +62,7 @@ def test_an_unknown_mode_is_one_line(capsys, tiny_sd, tiny_data):
 def test_the_sd15_shaped_model_has_sd15s_architecture(tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from diffusion_dpo.tiny import build_sd15_shaped_pipeline
+    from diffusion_dpo.testing.tiny import build_sd15_shaped_pipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(build_sd15_shaped_pipeline(tmp_path / "sd15", width=32,
                                                                               resolution=64))
@@ -80,7 +80,7 @@ def test_the_flow_shaped_transformers_have_the_published_sizes():
     import torch
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
-    from diffusion_dpo.tiny import SHAPED
+    from diffusion_dpo.testing.tiny import SHAPED
 
     with torch.device("meta"):
         sd35 = SD3Transformer2DModel(**SHAPED["sd35-medium"])

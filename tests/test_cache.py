@@ -23,7 +23,7 @@ COMMON = dict(data__random_flip="true", data__proportion_empty_prompts="0.5", da
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    from diffusion_dpo.tiny_data import build_tiny_pickapic
+    from diffusion_dpo.testing.tiny_data import build_tiny_pickapic
 
     return build_tiny_pickapic(tmp_path_factory.mktemp("data") / "pickapic", num_pairs=14, seed=3)
 
@@ -45,7 +45,8 @@ def test_cached_items_equal_encoding_on_the_fly(request, tmp_path, tiny_data, fi
     import dataclasses
 
     from diffusion_dpo.cache import Cache, CachedPairs, cached_inputs
-    from diffusion_dpo.data import PreferenceDataset, collate_pairs, load_preference_pairs
+    from diffusion_dpo.data.items import PreferenceDataset, collate_pairs
+    from diffusion_dpo.data.pairs import load_preference_pairs
     from diffusion_dpo.models import load_components
     from diffusion_dpo.randomness import item_draws, pair_noise
 
@@ -344,7 +345,7 @@ def _shared_image_pairs(out: Path) -> Path:
 
     from PIL import Image
 
-    from diffusion_dpo.tiny_data import draw_shape
+    from diffusion_dpo.testing.tiny_data import draw_shape
 
     out.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -367,7 +368,8 @@ def test_an_image_in_several_pairs_is_encoded_and_stored_once(tmp_path, tiny_sd3
 
     from diffusion_dpo import cache as cache_module
     from diffusion_dpo.cache import Cache, CachedPairs
-    from diffusion_dpo.data import PreferenceDataset, collate_pairs, load_preference_pairs
+    from diffusion_dpo.data.items import PreferenceDataset, collate_pairs
+    from diffusion_dpo.data.pairs import load_preference_pairs
     from diffusion_dpo.models import load_components
 
     data = _shared_image_pairs(tmp_path / "data")

@@ -30,7 +30,7 @@ def fast(out: Path, model: Path, data: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    from diffusion_dpo.tiny_data import build_tiny_pickapic
+    from diffusion_dpo.testing.tiny_data import build_tiny_pickapic
 
     return build_tiny_pickapic(tmp_path_factory.mktemp("data") / "pickapic", num_pairs=16)
 

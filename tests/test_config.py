@@ -145,7 +145,7 @@ def test_flow_recipes_train_their_familys_architecture(request, tmp_path, recipe
     import json
     import math
 
-    from diffusion_dpo.tiny_data import build_tiny_pickapic
+    from diffusion_dpo.testing.tiny_data import build_tiny_pickapic
     from diffusion_dpo.training import train
 
     data = build_tiny_pickapic(tmp_path / "data", num_pairs=8, seed=2)

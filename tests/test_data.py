@@ -1,4 +1,4 @@
-"""Tests for diffusion_dpo.data: sources, validation errors, winner-first order, augmentation, order."""
+"""Tests for diffusion_dpo.data.pairs: sources, validation errors, winner-first order, augmentation, order."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from diffusion_dpo.config import DataConfig
-from diffusion_dpo.data import PairSampler, PreferenceDataset, collate_pairs, load_preference_pairs
+from diffusion_dpo.data.items import PairSampler, PreferenceDataset, collate_pairs
+from diffusion_dpo.data.pairs import load_preference_pairs
 from diffusion_dpo.models import PromptTokenizer
 from diffusion_dpo.errors import UserError
-from diffusion_dpo.tiny_data import build_tiny_pickapic
+from diffusion_dpo.testing.tiny_data import build_tiny_pickapic
 from pickapic_fixtures import (BLUE, GARBAGE, GREEN, RED, cmyk_jpeg, exif_rotated_jpeg, gradient, gray_png, i16_png,
                                make_tokenizer, palette_png, rgba_png, row, solid, truncated_jpeg, write_pickapic)
 
@@ -468,7 +469,7 @@ def test_without_image_validation_a_broken_image_fails_when_read(tmp_path, tok):
 def test_a_packed_batch_unpacks_to_the_plain_batch():
     """Workers hand a batch over as one buffer (one file descriptor instead of one per tensor); the views it
     unpacks to are the plain batch's tensors, whatever their dtypes, shapes and byte alignments."""
-    from diffusion_dpo.data import collate_packed, unpack_batch
+    from diffusion_dpo.data.items import collate_packed, unpack_batch
 
     g = torch.Generator().manual_seed(0)
     examples = [{"a": torch.randn(3, 5, generator=g), "b": torch.randint(0, 9, (7,), generator=g),
@@ -492,7 +493,7 @@ def test_in_memory_dataset_in_both_schemas(tmp_path):
     import datasets
     from PIL import Image
 
-    from diffusion_dpo.data import pairs_from_memory
+    from diffusion_dpo.data.pairs import pairs_from_memory
 
     picka = datasets.Dataset.from_list([row("a", label_0=0.0), row("b", label_0=1.0), row("t", label_0=0.5,
                                                                                            label_1=0.5)])
@@ -553,7 +554,7 @@ def table_with_path_cells(path: Path, rows: list[dict]) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from diffusion_dpo.tiny_data import SCHEMA
+    from diffusion_dpo.testing.tiny_data import SCHEMA
 
     image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     schema = pa.schema([pa.field("jpg_0", image) if f.name == "jpg_0" else f for f in SCHEMA])
@@ -618,7 +619,7 @@ def test_tilde_is_not_expanded_and_image_root_must_be_a_folder(outside):
 def test_only_common_image_formats_are_opened(tmp_path):
     from PIL import UnidentifiedImageError
 
-    from diffusion_dpo.images import open_image, verify_image
+    from diffusion_dpo.data.images import open_image, verify_image
 
     with pytest.raises(UnidentifiedImageError):
         open_image(EPS)  # PIL alone would open it (and hand it to Ghostscript to decode)
@@ -638,8 +639,8 @@ def test_only_common_image_formats_are_opened(tmp_path):
 
 
 def test_images_above_the_pixel_limit_are_refused_from_their_header(tmp_path, tok, monkeypatch):
-    from diffusion_dpo import images
-    from diffusion_dpo.images import ImageTooLarge, load_rgb
+    from diffusion_dpo.data import images
+    from diffusion_dpo.data.images import ImageTooLarge, load_rgb
 
     big = forged_png(9000, 9000)  # 81 M pixels: under PIL's own limit, over ours; never decoded
     f = write_pickapic(tmp_path / "big.parquet", [row(), row(jpg_0=big)])
@@ -661,7 +662,7 @@ def test_images_above_the_pixel_limit_are_refused_from_their_header(tmp_path, to
 def test_high_depth_grayscale_converts_as_before_without_float64_copies():
     import tracemalloc
 
-    from diffusion_dpo.images import _high_depth_to_uint8, load_rgb
+    from diffusion_dpo.data.images import _high_depth_to_uint8, load_rgb
 
     def before(arr: np.ndarray, mode: str) -> np.ndarray:  # the float64 conversion this replaced
         arr = arr.astype(np.float64)

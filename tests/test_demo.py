@@ -138,9 +138,9 @@ def test_pairs_are_written_in_the_pickapic_schema_and_load_for_training(tmp_path
     import pyarrow.parquet as pq
 
     from diffusion_dpo.config import DataConfig
-    from diffusion_dpo.data import load_preference_pairs
+    from diffusion_dpo.data.pairs import load_preference_pairs
     from diffusion_dpo.evaluate import load_run
-    from diffusion_dpo.tiny_data import SCHEMA
+    from diffusion_dpo.testing.tiny_data import SCHEMA
 
     run = _fake_run(tmp_path)
     result = pairs.label_pairs(run, load_run(run), tmp_path / "pairs", seed=0)

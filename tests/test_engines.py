@@ -21,7 +21,7 @@ ACCELERATE = ROOT / "configs" / "accelerate"
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    from diffusion_dpo.tiny_data import build_tiny_pickapic
+    from diffusion_dpo.testing.tiny_data import build_tiny_pickapic
 
     return build_tiny_pickapic(tmp_path_factory.mktemp("data") / "pickapic", num_pairs=12, seed=3)
 

@@ -18,7 +18,7 @@ FAST = dict(model__max_sequence_length=8)  # the tiny T5 at 8 tokens: the same c
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    from diffusion_dpo.tiny_data import build_tiny_pickapic
+    from diffusion_dpo.testing.tiny_data import build_tiny_pickapic
 
     return build_tiny_pickapic(tmp_path_factory.mktemp("data") / "pickapic", num_pairs=24, seed=1)
 

@@ -79,3 +79,11 @@ def test_no_import_circles():
     assert len(graph) > 40 and "diffusion_dpo.training" in graph["diffusion_dpo.cli"] | {
         t for m in graph["diffusion_dpo.cli"] for t in graph[m]}  # the graph is read, not empty
     assert cycles(graph) == []
+
+
+def test_production_code_never_imports_a_fixture():
+    """The tiny builders live in `testing/`; only the `make-tiny` command (cli) reaches them."""
+    graph = import_graph()
+    users = {m for m, targets in graph.items() if not m.startswith("diffusion_dpo.testing")
+             and any(t.startswith("diffusion_dpo.testing") for t in targets)}
+    assert users == {"diffusion_dpo.cli"}

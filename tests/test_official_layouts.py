@@ -105,7 +105,7 @@ def test_official_layouts_load_for_training_and_sampling(official, tmp_path):
 
 def test_the_official_sd15_layout_trains(tmp_path, tiny_sd):
     """The paper's first recipe on the real SD 1.5 layout (its safety checker entry): one training step."""
-    from diffusion_dpo.tiny_data import build_tiny_pickapic
+    from diffusion_dpo.testing.tiny_data import build_tiny_pickapic
     from diffusion_dpo.training import train
     from test_training import make_cfg
 

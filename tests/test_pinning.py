@@ -70,7 +70,7 @@ def test_pins_are_reused_only_for_the_same_source_and_revision(monkeypatch, tmp_
 def test_a_run_reads_the_commit_it_started_on_after_main_moves(tmp_path, tiny_sd):
     """train from a hub id (offline, from a cache): the commit main pointed at is pinned in pins.json, config.yaml
     and the model card; main then moves to a broken commit, and the resume still loads the pinned one."""
-    from diffusion_dpo.tiny_data import build_tiny_pickapic
+    from diffusion_dpo.testing.tiny_data import build_tiny_pickapic
 
     cache = tmp_path / "hub"
     broken = tmp_path / "broken"

@@ -160,7 +160,7 @@ def test_train_time_push_uses_hub_private(tmp_path, tiny_sd, monkeypatch):
 
     from diffusion_dpo import push
     from diffusion_dpo.config import TrainConfig
-    from diffusion_dpo.tiny_data import build_tiny_pickapic
+    from diffusion_dpo.testing.tiny_data import build_tiny_pickapic
     from diffusion_dpo.training import Trainer
     from test_training import make_cfg
 

@@ -10,7 +10,7 @@ import pytest
 
 from diffusion_dpo.cli import main
 from diffusion_dpo.config import DataConfig
-from diffusion_dpo.data import load_preference_pairs
+from diffusion_dpo.data.pairs import load_preference_pairs
 from diffusion_dpo.errors import UserError
 from diffusion_dpo.relabel import new_labels, relabel
 from pickapic_fixtures import BLUE, RED, row, solid, write_pickapic
@@ -107,7 +107,7 @@ def test_relabel_reads_images_under_the_data_rules(tmp_path):
     import pyarrow as pa
 
     from pickapic_fixtures import GREEN
-    from diffusion_dpo.tiny_data import SCHEMA
+    from diffusion_dpo.testing.tiny_data import SCHEMA
 
     secret = tmp_path / "secret.png"
     secret.write_bytes(solid(GREEN))

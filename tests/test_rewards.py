@@ -244,6 +244,8 @@ def test_imagereward_without_package(monkeypatch):
 
 FAKE_IMAGEREWARD = """
 import json
+
+import numpy
 import torch
 
 
@@ -254,7 +256,8 @@ class ImageReward(torch.nn.Module):
         self.mlp = torch.nn.Linear(3, 1)
 
     def score(self, prompt, image):
-        mean = torch.tensor(image.resize((4, 4)).getdata(), dtype=torch.float32).mean(0) / 255.0
+        pixels = numpy.asarray(image.resize((4, 4)), dtype=numpy.float32).reshape(-1, 3)
+        mean = torch.from_numpy(pixels).mean(0) / 255.0
         return float(self.mlp(mean)) + len(prompt)
 """
 

@@ -12,13 +12,13 @@ from diffusion_dpo.config import DataConfig
 from diffusion_dpo.errors import UserError
 from diffusion_dpo.losses import get_loss, kto_loss
 from diffusion_dpo.training import Trainer, train
-from diffusion_dpo.unpaired import load_feedback
+from diffusion_dpo.data.unpaired import load_feedback
 from test_training import make_cfg, read_metrics
 
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    from diffusion_dpo.tiny_data import build_tiny_pickapic
+    from diffusion_dpo.testing.tiny_data import build_tiny_pickapic
 
     return build_tiny_pickapic(tmp_path_factory.mktemp("data") / "pickapic", num_pairs=12, seed=5)
 

@@ -56,8 +56,8 @@ from diffusion_dpo import __version__
 from diffusion_dpo.config import Config
 from diffusion_dpo.errors import UserError
 from diffusion_dpo.fingerprint import component_fingerprint, data_fingerprint
-from diffusion_dpo.data import decode_pair_image, prepare_image
-from diffusion_dpo.unpaired import load_feedback
+from diffusion_dpo.data.items import decode_pair_image, prepare_image
+from diffusion_dpo.data.unpaired import load_feedback
 from diffusion_dpo.models import Family, describe, load_components, sample_latents
 from diffusion_dpo.randomness import item_draws
 

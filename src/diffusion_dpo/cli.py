@@ -347,8 +347,8 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
 
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
-    from diffusion_dpo.tiny import build_sd15_shaped_pipeline, build_shaped_pipeline, build_tiny_pipeline
-    from diffusion_dpo.tiny_data import build_tiny_pickapic
+    from diffusion_dpo.testing.tiny import build_sd15_shaped_pipeline, build_shaped_pipeline, build_tiny_pipeline
+    from diffusion_dpo.testing.tiny_data import build_tiny_pickapic
 
     quiet_progress_bars()
     out = Path(args.output_dir)

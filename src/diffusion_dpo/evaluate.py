@@ -60,7 +60,7 @@ from PIL import Image
 
 from diffusion_dpo.errors import UserError
 from diffusion_dpo.generate import IMAGE_DIR, MANIFEST, RUN_FILE
-from diffusion_dpo.images import load_rgb
+from diffusion_dpo.data.images import load_rgb
 
 PROTOCOL = ("The paper's protocol (one image per prompt and model, judged pairwise) is the per-image win rate at "
             "one seed; over several seeds, image_win_rate averages it. win_rate counts prompts (seeds averaged), which "

@@ -75,7 +75,7 @@ def card_text(cfg: Config, facts: RunFacts, repo_id: Optional[str] = None) -> st
     """The whole README.md (metadata + body) as a string."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    from diffusion_dpo.data import LOCAL_SUFFIXES
+    from diffusion_dpo.data.pairs import LOCAL_SUFFIXES
 
     lora = cfg.lora.rank > 0
     what = f"LoRA (rank {cfg.lora.rank}, alpha {cfg.lora.alpha or cfg.lora.rank:g})" if lora else "full fine-tune"

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from diffusion_dpo.errors import UserError
-from diffusion_dpo.tiny_data import SCHEMA, pickapic_row
+from diffusion_dpo.data.schema import SCHEMA, pickapic_row
 
 PAIRS_FILE = "train-00000-of-00001.parquet"
 

@@ -181,7 +181,7 @@ def _pickapic_captions(path: Path, split: Optional[str]) -> list[Optional[str]]:
             raise UserError(f"prompt data '{path}' has no 'caption' column ({', '.join(ds.column_names)})")
         return list(ds.select_columns(["caption"])["caption"])
     if path.is_dir():
-        from diffusion_dpo.data import parquet_files  # the same shard/split selection as training data
+        from diffusion_dpo.data.pairs import parquet_files  # the same shard/split selection as training data
 
         files = parquet_files(path, split or "")
         if not files:

@@ -30,7 +30,7 @@ import torch
 
 from diffusion_dpo.cache import Cache, CachedPairs, cached_inputs
 from diffusion_dpo.config import Config
-from diffusion_dpo.data import PairSampler, collate_packed, keys_per_epoch, unpack_batch
+from diffusion_dpo.data.items import PairSampler, collate_packed, keys_per_epoch, unpack_batch
 from diffusion_dpo.errors import UserError
 from diffusion_dpo.fingerprint import component_fingerprint, fingerprint
 from diffusion_dpo.models import add_lora, cast, describe, load_components, weight_dtype_of

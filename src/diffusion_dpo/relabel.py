@@ -12,7 +12,7 @@ Agreement with the original labels is measured on pairs that both the people and
 Pick-a-Pic parquet is processed shard by shard; each output shard is written atomically with its
 statistics beside it, so an interrupted run resumes at the first unfinished shard. Local JSONL/CSV data
 is written as JSONL (chosen = the reward's winner, with both scores; ties dropped, as that format has no
-tie label). Images are read under the data rules (`data.py`): table cells must carry image bytes, local paths
+tie label). Images are read under the data rules (`data/pairs.py`): table cells must carry image bytes, local paths
 must lie in the data file's folder or `image_root`. The output JSONL is self-contained: its images are hard links
 (copies across filesystems) under the output's `images/`, named relative to it, so it trains as it is.
 
@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from diffusion_dpo.errors import UserError, is_local_path
-from diffusion_dpo.images import cell_problem, image_source, load_rgb, short_reason
+from diffusion_dpo.data.images import cell_problem, image_source, load_rgb, short_reason
 
 SETTINGS_FILE = "relabel.json"
 REPORT_FILE = "relabel_report.json"
@@ -273,7 +273,7 @@ def _relabel_local(data: Path, reward: str, out_dir: Path, paths, device, batch_
                    image_root: Optional[str] = None) -> dict:
     """JSONL/CSV (prompt, chosen, rejected) -> out_dir/pairs.jsonl with the reward's choice first and scores."""
     from diffusion_dpo.config import DataConfig
-    from diffusion_dpo.data import load_preference_pairs
+    from diffusion_dpo.data.pairs import load_preference_pairs
 
     pairs = load_preference_pairs(DataConfig(path=str(data), image_root=image_root, num_workers=0))
     settings = {"data": str(data.resolve()), "reward": reward, "paths": paths or {}, "margin": margin,

@@ -9,7 +9,7 @@ Per optimizer step, for each micro-batch of B pairs (winner first):
      (or, with `cache.reference=precomputed`, they come with the batch: no reference model at all);
   4. the trainable denoiser predicts on the same 2B in one forward: model_w, model_l;
   5. the registry loss (dpo by default) turns the four MSEs into a per-pair loss; backward.
-Unpaired feedback (loss kto; `unpaired.py`) runs the same recipe on B single images: B latents, one timestep and
+Unpaired feedback (loss kto; `data/unpaired.py`) runs the same recipe on B single images: B latents, one timestep and
 noise each, errors (B,) for the model and the reference.
 Everything model-specific (prompt encoding, latents, the schedule and target, the denoiser call, what is saved)
 is the model family's (models/: SD/SDXL, SD3, FLUX); this loop never asks which family it trains.
@@ -39,8 +39,8 @@ from torch import Tensor
 from diffusion_dpo import checkpoint as ckpt
 from diffusion_dpo.cache import Cache, CachedPairs, build_cache, cached_inputs, read_manifest
 from diffusion_dpo.config import Config, check_config, to_yaml
-from diffusion_dpo.data import (PairSampler, PreferenceDataset, collate_packed, keys_per_epoch, pairs_from_memory,
-                               unpack_batch)
+from diffusion_dpo.data.items import PairSampler, PreferenceDataset, collate_packed, keys_per_epoch, unpack_batch
+from diffusion_dpo.data.pairs import pairs_from_memory
 from diffusion_dpo.ema import WeightAverage
 from diffusion_dpo.errors import UserError, is_local_path
 from diffusion_dpo.losses import (LossSpec, get_loss, implicit_accuracy, scale_gradient, smooth_labels,
@@ -52,7 +52,7 @@ from diffusion_dpo.optim import StepInBackward, make_lr_scheduler, make_optimize
 from diffusion_dpo.pinning import pin_once, read_pins, write_pins
 from diffusion_dpo.randomness import pair_noise, seed_for
 from diffusion_dpo.reference import ReferenceTable, WithReference, precompute_reference, reference_path
-from diffusion_dpo.unpaired import Feedback, load_feedback, split_pairs
+from diffusion_dpo.data.unpaired import Feedback, load_feedback, split_pairs
 from diffusion_dpo.model_card import RunFacts, write_card
 from diffusion_dpo.trackers import init_kwargs, log_image, parse_report_to
 

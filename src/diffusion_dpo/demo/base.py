@@ -152,7 +152,7 @@ def _modules(recipe: BaseRecipe, vocab_size: int):
 
 def _pixels(recipe: BaseRecipe) -> tuple[torch.Tensor, np.ndarray]:
     """The base split as pixels (N, 3, R, R) in [-1, 1] and labels (N,)."""
-    from diffusion_dpo.images import to_unit_range
+    from diffusion_dpo.data.images import to_unit_range
 
     digits = world.split("base")
     pixels = np.stack([to_unit_range(world.to_image(ink, recipe.resolution)) for ink in digits.ink])

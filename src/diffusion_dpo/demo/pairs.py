@@ -16,7 +16,7 @@ How consistent the crowd is, T, is set from Pick-a-Pic itself rather than picked
 pairs. T is solved so that two independent draws of our crowd, on the pairs at hand, agree on
 `INTER_RATER_AGREEMENT` of the pairs both decide (`calibrate_temperature`); on the demo's base
 that is T ~ 0.35 nats, and each label then follows the higher utility ~74% of the time. The result is written
-in the Pick-a-Pic v2 schema (tiny_data.SCHEMA: every column, PNG bytes), so training, `relabel`
+in the Pick-a-Pic v2 schema (data.schema.SCHEMA: every column, PNG bytes), so training, `relabel`
 and the data checks read it exactly as they read Pick-a-Pic.
 """
 
@@ -33,8 +33,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from diffusion_dpo.demo import scorers
-from diffusion_dpo.images import load_rgb
-from diffusion_dpo.tiny_data import SCHEMA, pickapic_row
+from diffusion_dpo.data.images import load_rgb
+from diffusion_dpo.data.schema import SCHEMA, pickapic_row
 
 INTER_RATER_AGREEMENT = 0.680  # Pick-a-Pic's human-human agreement on decided pairs (Kirstain et al. 2023, 68.0%)
 TIE = 0.3  # Rao-Kupper threshold: equal images are called a tie 15% of the time

@@ -29,11 +29,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from diffusion_dpo.config import DataConfig
-from diffusion_dpo.data import (LOCAL_SUFFIXES, PreferencePairs, _is_binary, _local_records, _RowNamer, _select,
-                                image_cell_checks, image_root, load_preference_pairs, local_image, parquet_files,
-                                row_captions)
+from diffusion_dpo.data.pairs import (LOCAL_SUFFIXES, PreferencePairs, image_cell_checks, load_preference_pairs,
+                                      parquet_files, row_captions)
+from diffusion_dpo.data.records import RowNamer, image_root, is_binary, local_image, read_local_records, select_rows
 from diffusion_dpo.errors import UserError
-from diffusion_dpo.images import FileImages, ImageSource, TableImages, image_source, short_reason
+from diffusion_dpo.data.images import FileImages, ImageSource, TableImages, image_source, short_reason
 
 UNPAIRED_KEYS = ("prompt", "image", "label")
 _TRUE, _FALSE = ("1", "1.0", "true", "True"), ("0", "0.0", "false", "False")
@@ -51,7 +51,7 @@ class UnpairedItems:
     row_index: np.ndarray  # (N,) int64
     column: np.ndarray  # (N,) int8: the position of the item's image among the row's images
     labels: np.ndarray  # (N,) float32: 1 desirable, 0 undesirable
-    where_row: _RowNamer
+    where_row: RowNamer
     image_columns: tuple[str, ...] = ("image",)
     num_rows: int = 0
     num_ties_dropped: int = 0
@@ -191,7 +191,7 @@ def _check_unpaired_schema(schema: pa.Schema, where: str) -> None:
     if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_null(t)):
         raise UserError(f"{where}: column label has type {t}, expected 1/0 or true/false")
     t = schema.field("image").type
-    if not (_is_binary(t) or (pa.types.is_struct(t) and t.get_field_index("bytes") >= 0)):
+    if not (is_binary(t) or (pa.types.is_struct(t) and t.get_field_index("bytes") >= 0)):
         raise UserError(f"{where}: column image has type {t}, expected image bytes")
 
 
@@ -220,7 +220,7 @@ def _load_unpaired_parquet(path: Path, cfg: DataConfig) -> UnpairedItems:
         ds = ds.cast_column("image", datasets.Image(decode=False))
     ds = ds.rename_column("prompt", "caption")
     table, n = ds.data, ds.num_rows
-    where = _RowNamer(names, starts)
+    where = RowNamer(names, starts)
     label = table.column("label").cast(pa.float64()).to_numpy(zero_copy_only=False)
     checks = [
         (table.column("caption").is_null().to_numpy(zero_copy_only=False), lambda r: "prompt is null"),
@@ -229,7 +229,7 @@ def _load_unpaired_parquet(path: Path, cfg: DataConfig) -> UnpairedItems:
         *image_cell_checks(table.column("image"), "image"),  # bytes only: a path-only cell is a bad row
     ]
     bad = np.logical_or.reduce([mask for mask, _ in checks])
-    kept, info = _select(n, bad, np.zeros(n, bool), lambda r: next(m(r) for mask, m in checks if mask[r]),
+    kept, info = select_rows(n, bad, np.zeros(n, bool), lambda r: next(m(r) for mask, m in checks if mask[r]),
                          TableImages(ds, columns=("image",)), where, spec, cfg)
     return UnpairedItems(source=spec, rows=ds, row_index=kept, column=np.zeros(len(kept), np.int8),
                          labels=label[kept].astype(np.float32), where_row=where, num_rows=n, **info)
@@ -264,7 +264,7 @@ def _check_unpaired_record(rec: dict, base: Path, root: Path) -> tuple[Optional[
 
 
 def _load_unpaired_local(path: Path, name: str, cfg: DataConfig) -> UnpairedItems:
-    unit, records = _local_records(path, name, UNPAIRED_KEYS)
+    unit, records = read_local_records(path, name, UNPAIRED_KEYS)
     root = image_root(cfg, path.parent)
     rows, numbers, problems, images = [], [], [], []
     for number, rec, problem in records:
@@ -278,9 +278,9 @@ def _load_unpaired_local(path: Path, name: str, cfg: DataConfig) -> UnpairedItem
     n = len(rows)
     if n == 0:
         raise UserError(f"{name} has no usable items: 0 rows")
-    where = _RowNamer([name], unit=unit, numbers=np.asarray(numbers, dtype=np.int64))
+    where = RowNamer([name], unit=unit, numbers=np.asarray(numbers, dtype=np.int64))
     bad = np.array([p is not None for p in problems])
-    kept, info = _select(n, bad, np.zeros(n, bool), problems.__getitem__, FileImages(images), where, name, cfg)
+    kept, info = select_rows(n, bad, np.zeros(n, bool), problems.__getitem__, FileImages(images), where, name, cfg)
     labels = np.array([rows[int(r)][2] for r in kept], np.float32)
     return UnpairedItems(source=name, rows=rows, row_index=kept, column=np.zeros(len(kept), np.int8),
                          labels=labels, where_row=where, num_rows=n, **info)

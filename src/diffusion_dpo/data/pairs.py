@@ -26,48 +26,25 @@ worker and after a resume; `PairSampler` supplies `(pair_index, sample_seed)` ke
 
 from __future__ import annotations
 
-import bisect
-import csv
-import io
-import json
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import torch
-from PIL import Image
 
 from diffusion_dpo.config import DataConfig
+from diffusion_dpo.data.images import PATH_CELL, FileImages, ImageSource, TableImages, image_source, short_reason
+from diffusion_dpo.data.records import (RowNamer, image_root, is_binary, is_number, local_image, read_local_records,
+                                        select_rows)
 from diffusion_dpo.errors import UserError, is_local_path
-from diffusion_dpo.images import (PATH_CELL, FileImages, ImageSource, TableImages, crop_offsets, find_bad_images,
-                                  image_source, load_rgb, resize_short_side, short_reason, to_unit_range)
-from diffusion_dpo.randomness import item_draws
 
 REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 LOCAL_KEYS = ("prompt", "chosen", "rejected")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv")
 _TOL = 1e-6  # labels are floats; 0.5 may arrive as 0.49999999
-
-
-@dataclass
-class _RowNamer:
-    """Global row -> "<file> row N" (row within its parquet shard) or "<file> line N"."""
-
-    names: list[str]
-    starts: list[int] = field(default_factory=lambda: [0])
-    unit: str = "row"
-    numbers: Optional[np.ndarray] = None  # local files: the line (or item) of each row
-
-    def __call__(self, row: int) -> str:
-        if self.numbers is not None:
-            return f"{self.names[0]} {self.unit} {int(self.numbers[row])}"
-        k = bisect.bisect_right(self.starts, row) - 1
-        return f"{self.names[k]} {self.unit} {row - self.starts[k]}"
 
 
 def row_captions(rows: Any, row_index: np.ndarray) -> list[str]:
@@ -92,7 +69,7 @@ class PreferencePairs:
     row_index: np.ndarray  # (N,) int64: the data row of each pair
     winner_is_1: np.ndarray  # (N,) bool: jpg_1 won, so it is swapped to the front
     labels: np.ndarray  # (N,) float32: 1.0 decided pair, 0.5 kept tie
-    where_row: _RowNamer
+    where_row: RowNamer
     num_rows: int = 0
     num_ties_dropped: int = 0
     num_bad_skipped: int = 0
@@ -211,13 +188,13 @@ def pairs_from_memory(dataset: Any, cfg: DataConfig) -> PreferencePairs:
             return text.replace("jpg_0", "chosen").replace("jpg_1", "rejected").replace("caption is", "prompt is")
 
         try:
-            pairs = _pairs_from_dataset(dataset, _RowNamer([IN_MEMORY]), IN_MEMORY, cfg)
+            pairs = _pairs_from_dataset(dataset, RowNamer([IN_MEMORY]), IN_MEMORY, cfg)
         except UserError as exc:
             raise UserError(own_names(str(exc))) from None
         if pairs.first_bad is not None:
             pairs.first_bad = own_names(pairs.first_bad)
         return pairs
-    return _pairs_from_dataset(dataset, _RowNamer([IN_MEMORY]), IN_MEMORY, cfg)
+    return _pairs_from_dataset(dataset, RowNamer([IN_MEMORY]), IN_MEMORY, cfg)
 
 
 def _memory_records(dataset: Any) -> Optional[list[dict]]:
@@ -278,13 +255,8 @@ def _check_schema(schema: pa.Schema, where: str) -> None:
         raise UserError(f"{where}: column caption has type {t}, expected strings")
     for name in ("jpg_0", "jpg_1"):
         t = schema.field(name).type
-        if not (_is_binary(t) or (pa.types.is_struct(t) and t.get_field_index("bytes") >= 0)):
+        if not (is_binary(t) or (pa.types.is_struct(t) and t.get_field_index("bytes") >= 0)):
             raise UserError(f"{where}: column {name} has type {t}, expected image bytes")
-
-
-def _is_binary(t: pa.DataType) -> bool:
-    return pa.types.is_binary(t) or pa.types.is_large_binary(t) or \
-        getattr(pa.types, "is_binary_view", lambda _: False)(t)
 
 
 def _load_parquet(files: list[Path], names: list[str], source: str, cfg: DataConfig) -> PreferencePairs:
@@ -309,7 +281,7 @@ def _load_parquet(files: list[Path], names: list[str], source: str, cfg: DataCon
         ds = datasets.Dataset.from_parquet([str(f) for f in files], columns=columns)
     except Exception as exc:  # noqa: BLE001 - e.g. shards with different column types
         raise UserError(f"{source}: could not read the parquet files ({short_reason(exc)})") from None
-    return _pairs_from_dataset(ds, _RowNamer(names, starts), source, cfg)
+    return _pairs_from_dataset(ds, RowNamer(names, starts), source, cfg)
 
 
 def _load_saved(path: Path, source: str, cfg: DataConfig) -> PreferencePairs:
@@ -324,7 +296,7 @@ def _load_saved(path: Path, source: str, cfg: DataConfig) -> PreferencePairs:
             raise UserError(f"{source}: split '{cfg.split}' not found (data.split); available splits: "
                             f"{', '.join(ds.keys())}")
         ds = ds[cfg.split]
-    return _pairs_from_dataset(ds, _RowNamer([source]), source, cfg)
+    return _pairs_from_dataset(ds, RowNamer([source]), source, cfg)
 
 
 def _load_hub(spec: str, cfg: DataConfig) -> PreferencePairs:
@@ -336,10 +308,10 @@ def _load_hub(spec: str, cfg: DataConfig) -> PreferencePairs:
         reason = (str(exc).splitlines() or [""])[0][:200] or type(exc).__name__
         raise UserError(f"data.path '{spec}' is not a local file or directory and could not be loaded "
                         f"from the hub: {reason}") from None
-    return _pairs_from_dataset(ds, _RowNamer([spec]), spec, cfg)
+    return _pairs_from_dataset(ds, RowNamer([spec]), spec, cfg)
 
 
-def _pairs_from_dataset(ds: Any, where: _RowNamer, source: str, cfg: DataConfig) -> PreferencePairs:
+def _pairs_from_dataset(ds: Any, where: RowNamer, source: str, cfg: DataConfig) -> PreferencePairs:
     """Vectorised checks over the Arrow columns, then image decoding of the used pairs."""
     import datasets
 
@@ -379,7 +351,7 @@ def _pairs_from_dataset(ds: Any, where: _RowNamer, source: str, cfg: DataConfig)
         return next(msg(row) for mask, msg in checks if mask[row])
 
     tie = near(0.5) & ~bad
-    kept, info = _select(n, bad, tie, problem, TableImages(ds), where, source, cfg)
+    kept, info = select_rows(n, bad, tie, problem, TableImages(ds), where, source, cfg)
     return PreferencePairs(source=source, rows=ds, row_index=kept, winner_is_1=near(0.0)[kept],
                            labels=np.where(tie[kept], 0.5, 1.0).astype(np.float32), where_row=where,
                            num_rows=n, **info)
@@ -390,7 +362,7 @@ def _empty_images(col: pa.ChunkedArray) -> np.ndarray:
     def empty(arr: Any) -> np.ndarray:
         return pc.fill_null(pc.equal(pc.binary_length(arr), 0), True).to_numpy(zero_copy_only=False)
 
-    if _is_binary(col.type):
+    if is_binary(col.type):
         return empty(col)
     out = col.is_null().to_numpy(zero_copy_only=False) | empty(pc.struct_field(col, "bytes"))
     if col.type.get_field_index("path") >= 0:
@@ -400,7 +372,7 @@ def _empty_images(col: pa.ChunkedArray) -> np.ndarray:
 
 def _path_cells(col: pa.ChunkedArray) -> np.ndarray:
     """(rows,) bool: the image cell has a path but no bytes. Such a path is never opened: it could name any file."""
-    if _is_binary(col.type) or col.type.get_field_index("path") < 0:
+    if is_binary(col.type) or col.type.get_field_index("path") < 0:
         return np.zeros(len(col), bool)
     no_bytes = pc.fill_null(pc.equal(pc.binary_length(pc.struct_field(col, "bytes")), 0), True)
     has_path = pc.fill_null(pc.greater(pc.binary_length(pc.struct_field(col, "path")), 0), False)
@@ -413,131 +385,7 @@ def image_cell_checks(col: pa.ChunkedArray, name: str) -> list[tuple[np.ndarray,
             (_path_cells(col), lambda r: f"{name} {PATH_CELL}")]
 
 
-def _select(n: int, bad: np.ndarray, tie: np.ndarray, problem: Any, images: Any, where: _RowNamer,
-            source: str, cfg: DataConfig) -> tuple[np.ndarray, dict]:
-    """Choose the used rows (in row order): drop ties, check images, apply max_pairs, count.
-
-    Returns (kept rows, counters for PreferencePairs). Raises on the first bad row unless
-    skip_bad_rows; only rows up to the last kept pair are examined when max_pairs cuts early.
-    """
-    candidates = np.flatnonzero(~bad & (~tie | cfg.keep_ties))
-    limit = cfg.max_pairs
-    if not cfg.skip_bad_rows:
-        end = candidates[limit - 1] + 1 if limit and len(candidates) >= limit else n
-        first = np.flatnonzero(bad[:end])
-        if first.size:  # cheap checks fail fast, before any image is decoded
-            raise UserError(f"{where(int(first[0]))}: {problem(int(first[0]))}")
-    kept_parts, failures, pos, count = [], [], 0, 0
-    while pos < len(candidates) and (limit is None or count < limit):
-        chunk = candidates[pos:pos + (len(candidates) - pos if limit is None else limit - count)]
-        pos += len(chunk)
-        found = find_bad_images(images, chunk, cfg.num_workers, not cfg.skip_bad_rows) \
-            if cfg.validate_images else []
-        if found and not cfg.skip_bad_rows:
-            raise UserError(f"{where(found[0][0])}: {found[0][1]}")
-        failures.extend(found)
-        chunk = chunk[~np.isin(chunk, [r for r, _ in found])]
-        kept_parts.append(chunk)
-        count += len(chunk)
-    kept = np.concatenate(kept_parts) if kept_parts else np.zeros(0, np.int64)
-    cut = limit is not None and len(kept) == limit and kept[-1] + 1 < n
-    end = int(kept[-1]) + 1 if cut else n
-    num_ties = 0 if cfg.keep_ties else int(tie[:end].sum())
-    bad_rows = [(int(r), problem(int(r))) for r in np.flatnonzero(bad[:end])[:1]] + failures
-    first_bad = min(bad_rows) if bad_rows else None
-    info = dict(num_ties_dropped=num_ties, num_bad_skipped=int(bad[:end].sum()) + len(failures),
-                first_bad=f"{where(first_bad[0])}: {first_bad[1]}" if first_bad else None,
-                stopped_at_row=end if cut else None)
-    if len(kept) == 0:
-        if num_ties and not info["num_bad_skipped"]:
-            raise UserError(f"{source}: all {num_ties} pairs are ties (label 0.5); set data.keep_ties=true to use them")
-        text = f"{source} has no usable pairs: {n} rows, {num_ties} ties dropped, {info['num_bad_skipped']} bad rows"
-        raise UserError(text + (f" skipped (first: {info['first_bad']})" if info["first_bad"] else ""))
-    return kept.astype(np.int64), info
-
-
 # ---------------------------------------------------------------- local JSONL / CSV
-
-
-def _local_records(path: Path, name: str, keys: tuple[str, ...] = LOCAL_KEYS
-                   ) -> tuple[str, list[tuple[int, Optional[dict], Optional[str]]]]:
-    """("line" or "item", [(number, record or None, problem or None)]) for each non-blank record; a CSV header
-    without the columns `keys` is a one-line error."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{name}: cannot read ({short_reason(exc)})") from None
-    out: list[tuple[int, Optional[dict], Optional[str]]] = []
-    if path.suffix.lower() == ".csv":
-        reader = csv.DictReader(io.StringIO(text, newline=""))  # newline="": quoted fields may span lines
-        missing = [k for k in keys if k not in (reader.fieldnames or [])]
-        if missing:
-            raise UserError(f"{name}: missing column(s) {', '.join(missing)}; columns present: "
-                            f"{', '.join(reader.fieldnames or []) or '(none)'}")
-        for rec in reader:
-            # An empty cell means "absent" (like a missing JSON key), except for the prompt: "" is valid.
-            out.append((reader.line_num, {k: v for k, v in rec.items()
-                                          if k is not None and (v not in (None, "") or k == "prompt")}, None))
-        return "line", out
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):  # a JSON array, not JSON lines
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{name} line {exc.lineno}: invalid JSON ({exc.msg})") from None
-        for i, item in enumerate(items):
-            out.append((i, item, None) if isinstance(item, dict) else
-                       (i, None, f"expected a JSON object, got {type(item).__name__}"))
-        return "item", out
-    # split("\n"), not splitlines(): JSON strings may legally hold U+2028 and other line separators.
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            out.append((number, None, f"invalid JSON ({exc.msg} at column {exc.colno})"))
-            continue
-        out.append((number, item, None) if isinstance(item, dict) else
-                   (number, None, f"expected a JSON object, got {type(item).__name__}"))
-    return "line", out
-
-
-def _is_number(value: Any) -> bool:
-    """A finite int/float, or a string holding one (CSV cells are strings)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        return False
-    try:
-        return math.isfinite(float(value))
-    except ValueError:
-        return False
-
-
-def image_root(cfg: DataConfig, folder: Path) -> Path:
-    """The resolved folder that local image paths must lie in: data.image_root, else `folder` (the data file's)."""
-    if cfg.image_root is None:
-        return folder.resolve()
-    root = Path(cfg.image_root).expanduser()  # the user's own setting: ~ is theirs (data paths get no expansion)
-    if not root.is_dir():
-        raise UserError(f"data.image_root '{cfg.image_root}' is not a directory")
-    return root.resolve()
-
-
-def local_image(value: Any, key: str, base: Path, root: Path) -> tuple[Optional[str], Optional[str]]:
-    """A data file's image path -> (resolved path, None) or (None, problem).
-
-    Relative to `base` (the data file's folder), `~` not expanded; the file it resolves to, symlinks followed, must
-    lie inside `root` (see `image_root`), checked before the file is looked at, so data cannot probe other files."""
-    if not isinstance(value, str) or not value.strip():
-        return None, f"{key} must be an image path (a non-empty string), got {value!r}"
-    try:
-        path = (base / value).resolve()
-    except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, a NUL byte
-        return None, f"image path {value!r} cannot be resolved ({short_reason(exc)})"
-    if not path.is_relative_to(root):
-        return None, f"image {value!r} lies outside {root} (set data.image_root to allow another folder)"
-    if not path.is_file():
-        return None, f"image file {value!r} not found"
-    return str(path), None
 
 
 def _check_local(rec: dict, base: Path, root: Path) -> tuple[Optional[tuple[str, Any, Any]], Optional[str]]:
@@ -549,7 +397,7 @@ def _check_local(rec: dict, base: Path, root: Path) -> tuple[Optional[tuple[str,
     if not isinstance(rec["prompt"], str):
         return None, f"prompt must be a string, got {type(rec['prompt']).__name__}"
     for key in ("chosen_score", "rejected_score"):
-        if rec.get(key) is not None and not _is_number(rec[key]):
+        if rec.get(key) is not None and not is_number(rec[key]):
             return None, f"{key} must be a number, got {rec[key]!r}"
     images = []
     for key in ("chosen", "rejected"):
@@ -565,7 +413,7 @@ def _check_local(rec: dict, base: Path, root: Path) -> tuple[Optional[tuple[str,
 
 
 def _load_local(path: Path, name: str, cfg: DataConfig) -> PreferencePairs:
-    unit, records = _local_records(path, name)
+    unit, records = read_local_records(path, name, LOCAL_KEYS)
     return _local_pairs(unit, records, name, path.parent, cfg)
 
 
@@ -586,169 +434,8 @@ def _local_pairs(unit: str, records: list, name: str, base: Path, cfg: DataConfi
     n = len(rows)
     if n == 0:
         raise UserError(f"{name} has no usable pairs: 0 rows")
-    where = _RowNamer([name], unit=unit, numbers=np.asarray(numbers, dtype=np.int64))
+    where = RowNamer([name], unit=unit, numbers=np.asarray(numbers, dtype=np.int64))
     bad = np.array([p is not None for p in problems])
-    kept, info = _select(n, bad, np.zeros(n, bool), problems.__getitem__, FileImages(images), where, name, cfg)
+    kept, info = select_rows(n, bad, np.zeros(n, bool), problems.__getitem__, FileImages(images), where, name, cfg)
     return PreferencePairs(source=name, rows=rows, row_index=kept, winner_is_1=np.zeros(len(kept), bool),
                            labels=np.ones(len(kept), np.float32), where_row=where, num_rows=n, **info)
-
-
-# ---------------------------------------------------------------- training items
-
-
-class PreferenceDataset(torch.utils.data.Dataset):
-    """Decoded, augmented, tokenized pairs; items are keyed by (pair_index, sample_seed).
-
-    `tokenize` is the model family's prompt tokenizer (`models.PromptTokenizer`): prompts -> {"input_ids": (N, L),
-    "input_ids_2": ..., ...}; it is pickled into the DataLoader workers."""
-
-    def __init__(self, pairs: PreferencePairs, cfg: DataConfig,
-                 tokenize: Callable[[list[str]], dict[str, torch.Tensor]]):
-        self.pairs, self.cfg, self.tokenize = pairs, cfg, tokenize
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, key: tuple[int, int] | int) -> dict:
-        """Pair `key[0]` augmented with the draws of sample seed `key[1]` (`randomness.item_draws`).
-
-        A plain int key `i` means `(i, i)` (handy outside `PairSampler`).
-        """
-        index, seed = key if isinstance(key, tuple) else (key, key)
-        caption, sources, label = self.pairs.images(index)
-        draws = item_draws(seed, self.cfg.random_flip, self.cfg.random_crop, self.cfg.proportion_empty_prompts)
-        pixels, original_sizes, crop_top_lefts = [], [], []
-        for src in sources:
-            img = decode_pair_image(self.pairs, index, src)
-            original_sizes.append((img.height, img.width))
-            array, top_left = prepare_image(img, self.cfg.resolution, draws.flip, draws.crop_fractions)
-            pixels.append(array)  # (3, R, R)
-            crop_top_lefts.append(top_left)
-        prompt = "" if draws.empty_prompt else caption
-        item = {
-            "pixel_values": torch.from_numpy(np.stack(pixels)),  # (G, 3, R, R), winner first (G = 1: unpaired)
-            "original_sizes": torch.tensor(original_sizes, dtype=torch.long),  # (G, 2) (h, w)
-            "crop_top_lefts": torch.tensor(crop_top_lefts, dtype=torch.long),  # (G, 2) (top, left)
-            "label": float(label),
-            "prompt": prompt,
-            "sample_seed": int(seed) & 0x7FFFFFFFFFFFFFFF,  # fits int64; the trainer draws the pair's noise from it
-        }
-        for key, ids in self.tokenize([prompt]).items():
-            item[key] = ids[0]  # (L,) per tokenizer
-        return item
-
-
-def decode_pair_image(pairs: PreferencePairs, index: int, src: ImageSource) -> Image.Image:
-    """Decode one image of pair `index` to RGB; a broken file is a one-line `UserError` naming the row."""
-    try:
-        return load_rgb(src)
-    except Exception as exc:  # noqa: BLE001 - only reachable with data.validate_images=false
-        raise UserError(f"{pairs.where(index)}: image cannot be decoded ({short_reason(exc)})") from None
-
-
-def prepare_image(img: Image.Image, size: int, flip: bool,
-                  crop_fractions: tuple[Optional[float], Optional[float]]) -> tuple[np.ndarray, tuple[int, int]]:
-    """Resize (short side = size), crop (center, or at the given fractions), flip: (3, R, R) in [-1, 1] and
-    the crop's (top, left) as SDXL sees it. The one place images become training pixels (uncached and cache)."""
-    img = resize_short_side(img, size)
-    top, left = crop_offsets(img.width, img.height, size, *crop_fractions)
-    resized_width = img.width
-    img = img.crop((left, top, left + size, top + size))
-    if flip:
-        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        left = resized_width - left - size  # SDXL conditions on the crop as seen after the flip
-    return to_unit_range(img), (top, left)
-
-
-def collate_pairs(examples: list[dict]) -> dict:
-    """Stack items into a batch: every tensor field gets a leading batch dimension (pixel_values
-    (B, 2, 3, R, R), input_ids (B, L), or the cache's latent parameters), label (B,), sample_seed (B,), prompts."""
-    batch = {key: torch.stack([e[key] for e in examples]) for key, value in examples[0].items()
-             if isinstance(value, torch.Tensor)}
-    batch["label"] = torch.tensor([e["label"] for e in examples], dtype=torch.float32)  # (B,)
-    batch["sample_seed"] = torch.tensor([e["sample_seed"] for e in examples], dtype=torch.int64)  # (B,)
-    if "prompt" in examples[0]:
-        batch["prompt"] = [e["prompt"] for e in examples]
-    return batch
-
-
-_ALIGN = 16  # bytes: every tensor of a packed batch starts aligned, so its bytes view back as its dtype
-
-
-def collate_packed(examples: list[dict]) -> dict:
-    """`collate_pairs`, with every tensor of the batch packed into ONE byte buffer (a DataLoader worker runs it).
-
-    A worker hands each tensor to the main process as its own shared-memory file descriptor, one socket round
-    trip per tensor: ~0.7 ms each on this CPU, 7-10 ms per step for a cached flow-model batch of ten tensors,
-    paid in the training loop's thread. One buffer is one round trip; `unpack_batch` views it back, no copy."""
-    batch = collate_pairs(examples)
-    layout, parts, offset = [], [], 0
-    for key in [k for k, v in batch.items() if isinstance(v, torch.Tensor)]:
-        t = batch.pop(key).contiguous()
-        raw = t.reshape(-1).view(torch.uint8) if t.numel() else torch.zeros(0, dtype=torch.uint8)
-        pad = -raw.numel() % _ALIGN
-        parts += [raw, torch.zeros(pad, dtype=torch.uint8)]
-        layout.append((key, t.dtype, tuple(t.shape), offset, raw.numel()))
-        offset += raw.numel() + pad
-    batch["_packed"] = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8)
-    batch["_layout"] = layout
-    return batch
-
-
-def unpack_batch(batch: dict) -> dict:
-    """The batch `collate_packed` packed, its tensors as views of the one buffer (a plain batch is returned as is)."""
-    if "_packed" not in batch:
-        return batch
-    buffer, layout = batch.pop("_packed"), batch.pop("_layout")
-    for key, dtype, shape, offset, size in layout:
-        batch[key] = buffer[offset:offset + size].view(dtype).view(shape)
-    return batch
-
-
-def keys_per_epoch(num_pairs: int, batch_size: int, num_processes: int) -> int:
-    """Pairs one epoch visits over all processes: whole global batches (batch_size x processes); an
-    incomplete last global batch is dropped. Training (`ShardedPairSampler`) and the precomputed
-    reference (`reference.run_coverage`) both count with this."""
-    global_batch = batch_size * num_processes
-    return (num_pairs // global_batch) * global_batch
-
-
-class PairSampler(torch.utils.data.Sampler[tuple[int, int]]):
-    """Deterministic order: epoch e is a permutation of range(n) seeded by (seed, e).
-
-    Yields (pair_index, sample_seed) with sample_seed derived from (seed, e, position), so an
-    item's augmentation depends only on where it sits in the run. `set_epoch(e, start=k)`
-    makes the next iteration skip the first k positions without touching their pairs (resume);
-    `len()` is then the number of keys still to come, n - k.
-    """
-
-    def __init__(self, num_pairs: int, seed: int, shuffle: bool = True):
-        if num_pairs < 1:
-            raise ValueError("PairSampler needs at least one pair")
-        self.num_pairs, self.seed, self.shuffle = num_pairs, seed % 2**64, shuffle
-        self.epoch, self.start = 0, 0
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Select the epoch to iterate and the first position to yield."""
-        if not 0 <= start <= self.num_pairs:
-            raise ValueError(f"start must be in [0, {self.num_pairs}], got {start}")
-        self.epoch, self.start = epoch, start
-
-    def order(self, epoch: int) -> np.ndarray:
-        """(n,) pair indices of `epoch` in the order they are visited."""
-        if not self.shuffle:
-            return np.arange(self.num_pairs)
-        # The trailing 0 / 1 tags keep the permutation and the sample-seed streams independent.
-        return np.random.default_rng([self.seed, epoch, 0]).permutation(self.num_pairs)
-
-    def sample_seed(self, epoch: int, position: int) -> int:
-        """The augmentation seed of the item at `position` of `epoch`."""
-        return int(np.random.SeedSequence([self.seed, epoch, 1, position]).generate_state(1, np.uint64)[0])
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        order = self.order(self.epoch)
-        for position in range(self.start, self.num_pairs):
-            yield int(order[position]), self.sample_seed(self.epoch, position)
-
-    def __len__(self) -> int:
-        return self.num_pairs - self.start
