@@ -59,7 +59,7 @@ def failing_share(gen: Path) -> float:
 
     from diffusion_dpo.demo.report import FAIL_P
     from diffusion_dpo.demo.scorers import dev_reward
-    from diffusion_dpo.evaluate import load_run
+    from diffusion_dpo.evaluation.compare import load_run
     from PIL import Image
 
     rows = load_run(gen)
@@ -88,10 +88,10 @@ def dev_score(work: Path, size: DemoSize, base: Path, model: Path, name: str) ->
     the pipeline's defaults (keys suffixed "_defaults"); diversity relative to the base at the demo's settings.
     The crowd's utility made the crowd's labels and shares its split with the AI reward: only the dev classifier
     (the base split) can tell a model that learnt the digits from one that learnt those scorers' quirks."""
-    from diffusion_dpo.diversity import diversity
+    from diffusion_dpo.evaluation.diversity import diversity
     from diffusion_dpo.demo.settings import default_sampling
-    from diffusion_dpo.evaluate import compare
-    from diffusion_dpo.generate import generate
+    from diffusion_dpo.evaluation.compare import compare
+    from diffusion_dpo.evaluation.generate import generate
 
     seeds = [DEV_SEED_START + k for k in range(DEV_SEEDS)]
     scores: dict = {}
@@ -149,10 +149,10 @@ def _record(work: Path, result: dict) -> dict:
 def online_trial(work: Path, demo_dir: Path, overrides: dict, name: str, family: str = "sd3") -> dict:
     """Run the `family` demo's online stage from `demo_dir`'s base and DPO-AI with `DemoSize` fields overridden,
     and score it on the dev metric (module docstring)."""
-    from diffusion_dpo.diversity import diversity
+    from diffusion_dpo.evaluation.diversity import diversity
     from diffusion_dpo.demo.settings import default_sampling, online_config
-    from diffusion_dpo.evaluate import compare
-    from diffusion_dpo.generate import generate
+    from diffusion_dpo.evaluation.compare import compare
+    from diffusion_dpo.evaluation.generate import generate
     from diffusion_dpo.iterate import iterate
 
     size = dataclasses.replace(SIZES[family]["full"], **overrides)

@@ -107,7 +107,7 @@ def test_crowd_is_calibrated_to_pick_a_pic_agreement():
 
 
 def test_rewards_load_through_the_registry_and_read_digits():
-    from diffusion_dpo.rewards import load_reward
+    from diffusion_dpo.evaluation.rewards import load_reward
 
     digits = world.split("judge")
     images = [world.to_image(ink) for ink in digits.ink[:20]]
@@ -139,7 +139,7 @@ def test_pairs_are_written_in_the_pickapic_schema_and_load_for_training(tmp_path
 
     from diffusion_dpo.config import DataConfig
     from diffusion_dpo.data.pairs import load_preference_pairs
-    from diffusion_dpo.evaluate import load_run
+    from diffusion_dpo.evaluation.compare import load_run
     from diffusion_dpo.testing.tiny_data import SCHEMA
 
     run = _fake_run(tmp_path)
@@ -155,7 +155,7 @@ def test_pairs_are_written_in_the_pickapic_schema_and_load_for_training(tmp_path
 def test_workers_return_results_in_order_and_a_user_error_as_raised():
     from diffusion_dpo.demo.parallel import Workers
     from diffusion_dpo.errors import UserError
-    from diffusion_dpo.generate import generate
+    from diffusion_dpo.evaluation.generate import generate
 
     finished = []
     with Workers(2) as workers:
@@ -219,7 +219,7 @@ def test_tiny_demo_end_to_end_writes_every_output(tmp_path, family, base_class):
     # the guidance is the pipeline's default in both
     assert (defaults["steps"], defaults["guidance_scale"]) == (2, 7.5 if family == "sd" else 7.0)
     from diffusion_dpo.demo.settings import SIZES, default_sampling
-    from diffusion_dpo.generate import load_pipeline, pipeline_defaults
+    from diffusion_dpo.evaluation.generate import load_pipeline, pipeline_defaults
 
     assert default_sampling(SIZES[family]["full"])["steps"] is None  # None: generate takes the pipeline's own
     own = pipeline_defaults(load_pipeline(str(out / "base"))[0])

@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 from diffusion_dpo.errors import UserError
-from diffusion_dpo.evaluate import (bootstrap_ci, compare, load_run, paired_win_rate, per_prompt_means,
+from diffusion_dpo.evaluation.compare import (bootstrap_ci, compare, load_run, paired_win_rate, per_prompt_means,
                                     score_run, sign_test)
-from diffusion_dpo.generate import MANIFEST, generate, image_name
+from diffusion_dpo.evaluation.generate import MANIFEST, generate, image_name
 
 BRIGHT = "dpo_eval_bright:brightness"  # the test reward module written by the `bright_reward` fixture
 REWARD_MODULE = '''

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from diffusion_dpo.errors import UserError
-from diffusion_dpo.generate import generate, image_name, initial_latents, merge_shards
-from diffusion_dpo.prompts import load_prompts
+from diffusion_dpo.evaluation.generate import generate, image_name, initial_latents, merge_shards
+from diffusion_dpo.evaluation.prompts import load_prompts
 
 PROMPTS = ["a red cat", "a blue dog", "a green tree"]
 FAST = dict(steps=2, guidance_scale=5.0)

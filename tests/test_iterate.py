@@ -237,7 +237,7 @@ def test_a_killed_run_resumes_to_the_same_bits(tmp_path, tiny_sd, prompt_files, 
 # The child runs the real CLI; it announces itself once its imports are done, so the parent's kill lands in the run.
 CHILD = """
 import pathlib, sys
-import torch, peft, transformers, diffusion_dpo.iterate, diffusion_dpo.training, diffusion_dpo.generate
+import torch, peft, transformers, diffusion_dpo.iterate, diffusion_dpo.training, diffusion_dpo.evaluation.generate
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel  # diffusers imports them lazily
 from diffusion_dpo.cli import main
 pathlib.Path(sys.argv[1]).write_text("ready")
@@ -343,7 +343,7 @@ def test_full_flow_rounds_continue_the_policy_and_load_as_pipelines(request, tmp
 
 @pytest.mark.parametrize("family", ["sd3"])  # FLUX's LoRA continuation: test_continue.py
 def test_lora_rounds_against_the_base_load_into_the_base_pipeline(request, tmp_path, prompt_files, family):
-    from diffusion_dpo.generate import generate
+    from diffusion_dpo.evaluation.generate import generate
 
     model = request.getfixturevalue(f"tiny_{family}")
     out = tmp_path / "run"

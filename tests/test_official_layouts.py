@@ -91,7 +91,7 @@ def official(request, tmp_path):
 
 
 def test_official_layouts_load_for_training_and_sampling(official, tmp_path):
-    from diffusion_dpo.generate import generate
+    from diffusion_dpo.evaluation.generate import generate
     from diffusion_dpo.models import describe, load_components
 
     name, root = official

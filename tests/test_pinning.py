@@ -105,7 +105,7 @@ def test_a_run_reads_the_commit_it_started_on_after_main_moves(tmp_path, tiny_sd
 def test_generate_pins_a_hub_model_in_run_json(tmp_path, tiny_sd, monkeypatch):
     from huggingface_hub import constants
 
-    from diffusion_dpo.generate import generate
+    from diffusion_dpo.evaluation.generate import generate
 
     cache = tmp_path / "hub"
     _fake_cache(cache, "org/tiny-sd", {SHA_A: tiny_sd}, main=SHA_A)
@@ -116,7 +116,7 @@ def test_generate_pins_a_hub_model_in_run_json(tmp_path, tiny_sd, monkeypatch):
     assert json.loads((out / "run.json").read_text())["model_revision"] is None
     pinned = pinning.is_hub_id("org/tiny-sd")
     assert pinned
-    from diffusion_dpo.generate import pinned_revision
+    from diffusion_dpo.evaluation.generate import pinned_revision
 
     assert pinned_revision(out, "org/tiny-sd", None) == SHA_A
     (out / "run.json").write_text(json.dumps({"model": "org/tiny-sd", "requested_revision": None,
@@ -130,9 +130,9 @@ def test_reward_weights_are_read_at_one_commit_and_resumes_keep_it(tmp_path, mon
     score cache by it; a relabelling resumed after main moved reads the commit it began with."""
     from huggingface_hub import constants
 
-    from diffusion_dpo.evaluate import _cache_file
-    from diffusion_dpo.relabel import SETTINGS_FILE, relabel
-    from diffusion_dpo.rewards import common, load_reward
+    from diffusion_dpo.evaluation.compare import _cache_file
+    from diffusion_dpo.evaluation.relabel import SETTINGS_FILE, relabel
+    from diffusion_dpo.evaluation.rewards import common, load_reward
     from reward_fixtures import build_tiny_clip, solid
 
     clip = build_tiny_clip(tmp_path / "clip")

@@ -12,7 +12,7 @@ from diffusion_dpo.cli import main
 from diffusion_dpo.config import DataConfig
 from diffusion_dpo.data.pairs import load_preference_pairs
 from diffusion_dpo.errors import UserError
-from diffusion_dpo.relabel import new_labels, relabel
+from diffusion_dpo.evaluation.relabel import new_labels, relabel
 from pickapic_fixtures import BLUE, RED, row, solid, write_pickapic
 
 REWARD = "redness_reward:score"

@@ -19,10 +19,10 @@ from reward_fixtures import (FAKE_OPEN_CLIP, IMAGE_SIZE, MEAN, STD, aesthetic_st
 from safetensors.torch import save_file
 
 from diffusion_dpo.errors import UserError
-from diffusion_dpo.rewards import REWARDS, Reward, load_reward, parse_weighted, weighted_score
-from diffusion_dpo.rewards.aesthetic import WEIGHTS_STEM
-from diffusion_dpo.rewards.clip_score import clip_score, pickscore
-from diffusion_dpo.rewards.hpsv2 import CHECKPOINTS, CLIP_MEAN, CLIP_STD, hps_preprocess, hps_score
+from diffusion_dpo.evaluation.rewards import REWARDS, Reward, load_reward, parse_weighted, weighted_score
+from diffusion_dpo.evaluation.rewards.aesthetic import WEIGHTS_STEM
+from diffusion_dpo.evaluation.rewards.clip_score import clip_score, pickscore
+from diffusion_dpo.evaluation.rewards.hpsv2 import CHECKPOINTS, CLIP_MEAN, CLIP_STD, hps_preprocess, hps_score
 
 RED, BLUE, GREEN = (255, 0, 0), (0, 0, 255), (0, 255, 0)
 PROMPTS = ["a red cat", "blue sky", "green grass on a hill", "x", "stripes, stripes and more stripes!"]

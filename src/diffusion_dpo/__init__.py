@@ -28,10 +28,10 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Config": "diffusion_dpo.config", "load_config": "diffusion_dpo.config", "check_config": "diffusion_dpo.config",
     "Trainer": "diffusion_dpo.training", "train": "diffusion_dpo.training",
-    "generate": "diffusion_dpo.generate",
-    "compare": "diffusion_dpo.evaluate", "score_run": "diffusion_dpo.evaluate",
-    "relabel": "diffusion_dpo.relabel",
-    "load_reward": "diffusion_dpo.rewards",
+    "generate": "diffusion_dpo.evaluation.generate",
+    "compare": "diffusion_dpo.evaluation.compare", "score_run": "diffusion_dpo.evaluation.compare",
+    "relabel": "diffusion_dpo.evaluation.relabel",
+    "load_reward": "diffusion_dpo.evaluation.rewards",
     "LOSSES": "diffusion_dpo.losses", "LossSpec": "diffusion_dpo.losses", "LossOutput": "diffusion_dpo.losses",
     "get_loss": "diffusion_dpo.losses",
     "UserError": "diffusion_dpo.errors",
@@ -42,11 +42,11 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time each name loads on first access
     from diffusion_dpo.config import Config, check_config, load_config
     from diffusion_dpo.errors import UserError
-    from diffusion_dpo.evaluate import compare, score_run
-    from diffusion_dpo.generate import generate
+    from diffusion_dpo.evaluation.compare import compare, score_run
+    from diffusion_dpo.evaluation.generate import generate
     from diffusion_dpo.losses import LOSSES, LossOutput, LossSpec, get_loss
-    from diffusion_dpo.relabel import relabel
-    from diffusion_dpo.rewards import load_reward
+    from diffusion_dpo.evaluation.relabel import relabel
+    from diffusion_dpo.evaluation.rewards import load_reward
     from diffusion_dpo.training import Trainer, train
 
 

@@ -36,8 +36,8 @@ def register(subparsers: argparse._SubParsersAction, parser_class: type[argparse
     """
     if getattr(subparsers, "_parser_class", parser_class) is not parser_class:
         raise TypeError("create the subparsers with add_subparsers(parser_class=...) of the same class")
-    from diffusion_dpo.generate import SCHEDULERS
-    from diffusion_dpo.prompts import KINDS
+    from diffusion_dpo.evaluation.generate import SCHEDULERS
+    from diffusion_dpo.evaluation.prompts import KINDS
 
     gen = subparsers.add_parser(
         "generate", help="images for a prompt set x seeds from one model (+ LoRA), with a manifest",
@@ -155,8 +155,8 @@ def _quiet() -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from diffusion_dpo.generate import generate_on_all, process_state
-    from diffusion_dpo.prompts import load_prompts
+    from diffusion_dpo.evaluation.generate import generate_on_all, process_state
+    from diffusion_dpo.evaluation.prompts import load_prompts
 
     _quiet()
     prompts = load_prompts(args.prompts, args.prompt_kind, args.limit, args.prompt_split)
@@ -176,7 +176,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_score(args: argparse.Namespace) -> int:
     import json
 
-    from diffusion_dpo.evaluate import score_run, summarize
+    from diffusion_dpo.evaluation.compare import score_run, summarize
 
     _quiet()
     scores = score_run(args.run, args.reward, _reward_paths(args.reward_path), _device(args.device),
@@ -191,7 +191,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from diffusion_dpo.evaluate import compare
+    from diffusion_dpo.evaluation.compare import compare
 
     _quiet()
     if args.bootstrap < 1 or args.grid_prompts < 1:
@@ -211,7 +211,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_relabel(args: argparse.Namespace) -> int:
-    from diffusion_dpo.relabel import relabel
+    from diffusion_dpo.evaluation.relabel import relabel
 
     _quiet()
     report = relabel(args.data, args.reward, args.output_dir, paths=_reward_paths(args.reward_path),

@@ -126,11 +126,11 @@ class Rounds:
     """One `iterate` run: the settings, the loaded rewards, the prompts, and a method per stage."""
 
     def __init__(self, cfg: Config, log: Callable[[str], None] = print):
-        from diffusion_dpo.evaluate import Scorer, parse_rewards
-        from diffusion_dpo.generate import process_state
+        from diffusion_dpo.evaluation.compare import Scorer, parse_rewards
+        from diffusion_dpo.evaluation.generate import process_state
         from diffusion_dpo.models import describe
-        from diffusion_dpo.prompts import load_prompts
-        from diffusion_dpo.rewards.common import preset_pins
+        from diffusion_dpo.evaluation.prompts import load_prompts
+        from diffusion_dpo.evaluation.rewards.common import preset_pins
 
         cfg = check_config(cfg, iterate=True)  # a Config built in code is checked as a YAML one is
         self.cfg, self.it, self.log = cfg, cfg.iterate, log
@@ -186,8 +186,8 @@ class Rounds:
     def _generate(self, policy: Policy, prompts: list[dict], seeds: list[int], out: Path) -> None:
         """`generate` into `out` on every process, unless it is complete already (a resumed run need not load the
         model for it). Every process calls it."""
-        from diffusion_dpo.evaluate import load_run
-        from diffusion_dpo.generate import MANIFEST, generate_on_all
+        from diffusion_dpo.evaluation.compare import load_run
+        from diffusion_dpo.evaluation.generate import MANIFEST, generate_on_all
 
         if (out / MANIFEST).is_file():
             try:
@@ -218,7 +218,7 @@ class Rounds:
 
     def label(self, r: int, samples: Path) -> Path:
         """labels.jsonl: every sample's training reward (file, prompt_index, seed, score)."""
-        from diffusion_dpo.evaluate import load_run
+        from diffusion_dpo.evaluation.compare import load_run
 
         file = round_dir(self.out, r) / "labels.jsonl"
         if not file.is_file():
@@ -230,7 +230,7 @@ class Rounds:
         return file
 
     def pair(self, r: int, samples: Path, labels: Path) -> dict:
-        from diffusion_dpo.evaluate import load_run
+        from diffusion_dpo.evaluation.compare import load_run
         from diffusion_dpo.pairing import make_pairs, write_pairs
 
         rd = round_dir(self.out, r)
@@ -308,8 +308,8 @@ class Rounds:
     def evaluate(self, r: int, gens: dict[str, Path]) -> dict:
         """Round r's comparisons with the base and with round r-1, and its diversity (the main process, once every
         process has made `eval_images`)."""
-        from diffusion_dpo.diversity import diversity
-        from diffusion_dpo.evaluate import compare
+        from diffusion_dpo.evaluation.diversity import diversity
+        from diffusion_dpo.evaluation.compare import compare
 
         rd = round_dir(self.out, r)
         gen = rd / "eval" / "gen"

@@ -21,12 +21,12 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from diffusion_dpo.plots import pyplot
+from diffusion_dpo.evaluation.plots import pyplot
 
 
 def base_summary(gens: dict[str, Path], specs: Sequence, scorer) -> dict:
     """The base's evaluation: mean and per-image sd of each reward, and its diversity."""
-    from diffusion_dpo.diversity import diversity
+    from diffusion_dpo.evaluation.diversity import diversity
 
     scores = scorer(gens["base"])
     return {"means": {s.label: float(np.mean(scores[s.label])) for s in specs},
@@ -94,7 +94,7 @@ def write_report(out: Path, base: dict, rounds: Sequence[dict], train_label: str
               "stopped": stopped, "final": rows[-1]["final"] if rows else None,
               "best": best_round(base, rounds, heldout_label),
               "unit": "per-image win rates over (prompt, seed), the same initial noise for both models; 95% "
-                      "intervals resample prompts (see evaluate.py)"}
+                      "intervals resample prompts (see evaluation/compare.py)"}
     write_text_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
     write_text_atomic(out / "report.md", _markdown(report))
     plot(report).save(out / "report.png")
@@ -169,7 +169,7 @@ def _markdown(report: dict) -> str:
 def plot(report: dict):
     """Three panels against the round: win rates (vs base, vs previous) with intervals; gains of the training and
     held-out rewards in base-sd units; diversity relative to the base."""
-    from diffusion_dpo.plots import figure_image
+    from diffusion_dpo.evaluation.plots import figure_image
 
     plt = pyplot()
     t, h = report["train_reward"], report["heldout_reward"]

@@ -54,7 +54,7 @@ def pairs_of_prompt(scores: Sequence[float], rule: str, margin: float) -> list[P
 
 
 def make_pairs(rows: Sequence[dict], scores: Sequence[float], rule: str, margin: float) -> list[tuple[Pair, dict, dict]]:
-    """(pair, winner row, loser row) for every prompt of a `generate` run (rows from evaluate.load_run, scores
+    """(pair, winner row, loser row) for every prompt of a `generate` run (rows from compare.load_run, scores
     aligned with them), prompts in order."""
     by_prompt: dict[int, list[int]] = {}
     for k, row in enumerate(rows):

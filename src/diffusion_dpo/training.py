@@ -596,7 +596,7 @@ class Trainer:
         if not final and (every == 0 or self.state.step % every != 0 or self.state.step == self.cfg.train.max_steps):
             return
         if self.accelerator.is_main_process:
-            from diffusion_dpo.sampling import write_validation_grid
+            from diffusion_dpo.evaluation.grids import write_validation_grid
 
             v = self.cfg.validation
             path = self.output_dir / "samples" / f"step-{self.state.step:06d}.png"

@@ -150,7 +150,7 @@ def run_loss_demo(output_dir: str | Path, losses: Sequence[str], size: str | Dem
                   log=print) -> dict:
     """Train each of `losses` on the demo's crowd pairs and compare each with the base; return the report (also
     DIR/losses.json, losses.md and loss_win_rates.png)."""
-    from diffusion_dpo.evaluate import compare
+    from diffusion_dpo.evaluation.compare import compare
 
     size_name, size = resolve_size(size, family)
     out = Path(output_dir)
@@ -207,8 +207,8 @@ def write_loss_report(out: Path, facts: dict, comparisons: dict[str, dict[str, d
                       measured: dict[str, dict], timer: StageTimer, started: float) -> dict:
     """losses.json, losses.md and loss_win_rates.png from the comparisons and the measured trainings."""
     from diffusion_dpo.demo.report import FAIL_P, plot_win_rates, result
-    from diffusion_dpo.diversity import diversity
-    from diffusion_dpo.evaluate import score_run
+    from diffusion_dpo.evaluation.diversity import diversity
+    from diffusion_dpo.evaluation.compare import score_run
     from diffusion_dpo.metrics import read_metrics, training_summary
 
     losses = facts["losses"]

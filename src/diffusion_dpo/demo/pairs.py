@@ -93,7 +93,7 @@ def pair_seeds(pairs_per_prompt: int) -> list[int]:
 
 
 def label_pairs(run_dir: Path, rows: Sequence[dict], out_dir: Path, seed: int) -> PairSet:
-    """Pair up a `generate` run's images (rows from evaluate.load_run), label them, write one parquet file."""
+    """Pair up a `generate` run's images (rows from compare.load_run), label them, write one parquet file."""
     by_key = {(r["prompt_index"], r["seed"]): r for r in rows}
     firsts = sorted(k for k in by_key if k[1] % 2 == 0 and (k[0], k[1] + 1) in by_key)
     img0 = [_load(run_dir / by_key[k]["file"]) for k in firsts]
@@ -122,5 +122,5 @@ def label_pairs(run_dir: Path, rows: Sequence[dict], out_dir: Path, seed: int) -
 
 
 def _load(path: Path) -> Image.Image:
-    """A run's image (a row of evaluate.load_run, so inside the run's images/) by the project's safe decoder."""
+    """A run's image (a row of compare.load_run, so inside the run's images/) by the project's safe decoder."""
     return load_rgb(path)

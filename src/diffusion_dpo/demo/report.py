@@ -9,7 +9,7 @@
     score_distributions.png  histograms of the held-out judge's scores per model
     grid.png                 base | DPO | DPO-AI | SFT on the same prompts and seeds
 
-Win rates come from `evaluate.compare` (prompts are the unit, seeds averaged, paired bootstrap);
+Win rates come from `evaluation.compare` (prompts are the unit, seeds averaged, paired bootstrap);
 nothing is recomputed here except diversity, which `compare` does not measure.
 """
 
@@ -23,9 +23,9 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from diffusion_dpo.diversity import diversity
+from diffusion_dpo.evaluation.diversity import diversity
 from diffusion_dpo.metrics import read_metrics, training_summary
-from diffusion_dpo.plots import pyplot
+from diffusion_dpo.evaluation.plots import pyplot
 
 LABELS = {"base": "base", "dpo": "DPO", "dpo_ai": "DPO-AI", "sft": "SFT", "dpo_online": "DPO-online"}
 NAMES = {**LABELS, "online_round_1": "online round 1"}  # also the models that appear only head to head
@@ -89,7 +89,7 @@ def write_report(out: Path, facts: dict, comparisons: dict[str, dict[str, dict]]
                  runs: dict[str, Path], timer: Callable, judges: dict[str, str], started: float) -> dict:
     """Write report.json, report.md and the PNGs into `out` (timed as the 'report' stage); return the report.
     `comparisons` and `gens` hold one entry per sampling setting ("demo", "defaults")."""
-    from diffusion_dpo.evaluate import score_run
+    from diffusion_dpo.evaluation.compare import score_run
 
     with timer("report"):
         models = [m for m in LABELS if m != "base"]
@@ -189,7 +189,7 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-# ---------------------------------------------------------------- pictures (matplotlib, no display: plots.py)
+# ---------------------------------------------------------------- pictures (matplotlib, no display: evaluation/plots.py)
 
 def plot_win_rates(path: Path, judged: dict, labels: dict[str, str] = LABELS) -> None:
     """Per-image win rate over the base with its 95% interval: one row per sampling setting, one column per judge;
@@ -257,8 +257,8 @@ def _plot_scores(path: Path, scores: dict[str, np.ndarray]) -> None:
 
 def _grid(gens: dict[str, Path]) -> Image.Image:
     """base | DPO | DPO-AI | SFT for one evaluation prompt per digit, at the first GRID_SEEDS seeds."""
-    from diffusion_dpo.evaluate import load_run, run_image
-    from diffusion_dpo.sampling import compose_grid
+    from diffusion_dpo.evaluation.compare import load_run, run_image
+    from diffusion_dpo.evaluation.grids import compose_grid
 
     rows = {name: {(r["prompt_index"], r["seed"]): r for r in load_run(gens[name])} for name in LABELS}
     keys = sorted(rows["base"])

@@ -56,7 +56,7 @@ def make_pairs(base: Path, size: DemoSize, data_dir: Path, workers: Optional[Wor
     crowd label them into data_dir/crowd. With `workers`, the pairs are split over them (pair k, seeds 2k and
     2k+1, into base_samples/part-<k mod n>)."""
     from diffusion_dpo.demo.pairs import label_pairs, pair_seeds
-    from diffusion_dpo.evaluate import load_run
+    from diffusion_dpo.evaluation.compare import load_run
 
     gen_dir = data_dir / "base_samples"
     parts = min(workers.workers if workers is not None else 1, size.pairs_per_prompt)
@@ -80,7 +80,7 @@ def run_jobs(workers: Workers, fn: Any, jobs: list[tuple], desc: str) -> list:
 
 def generate_job(model: str, prompts: list, seeds: list, out: Path, kwargs: dict) -> Path:
     """`generate` as a job for `Workers.map`."""
-    from diffusion_dpo.generate import generate
+    from diffusion_dpo.evaluation.generate import generate
 
     return generate(model, prompts, seeds, out, **kwargs)
 
@@ -102,7 +102,7 @@ def cache_job(cfg: Config) -> None:
 
 def relabel_ai(crowd_dir: Path, data_dir: Path) -> dict:
     """The relabel stage: the same pairs labelled by the AI reward into data_dir/ai; returns relabel's report."""
-    from diffusion_dpo.relabel import relabel
+    from diffusion_dpo.evaluation.relabel import relabel
 
     # margin 0: the higher-scoring image wins, as in the paper's AI feedback. The AI reward is confident on
     # most digits, so a margin as small as 0.05 nats already called 70% of the pairs ties.
@@ -195,7 +195,7 @@ def run_demo(output_dir: str | Path, size: str | DemoSize = "full", cache_dir: O
     """Run every stage into `output_dir` for the base model `family` ("sd": UNet, "sd3": flow matching; a
     DemoSize given as `size` carries its own); return the report (also written as report.json)."""
     from diffusion_dpo.demo.report import write_report
-    from diffusion_dpo.evaluate import compare
+    from diffusion_dpo.evaluation.compare import compare
     from diffusion_dpo.iterate import iterate
 
     size_name, size = resolve_size(size, family)

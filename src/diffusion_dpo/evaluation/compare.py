@@ -59,7 +59,7 @@ import numpy as np
 from PIL import Image
 
 from diffusion_dpo.errors import UserError
-from diffusion_dpo.generate import IMAGE_DIR, MANIFEST, RUN_FILE
+from diffusion_dpo.evaluation.generate import IMAGE_DIR, MANIFEST, RUN_FILE
 from diffusion_dpo.data.images import load_rgb
 
 PROTOCOL = ("The paper's protocol (one image per prompt and model, judged pairwise) is the per-image win rate at "
@@ -151,8 +151,8 @@ class RewardSpec:
 
 def parse_rewards(specs: Sequence[str | Callable], paths: Optional[dict[str, str]] = None) -> list[RewardSpec]:
     """Validate reward specs and `paths` ({reward name: weights path}) before any model loads."""
-    from diffusion_dpo.rewards import REWARDS, parse_weighted
-    from diffusion_dpo.rewards.custom import is_import_path
+    from diffusion_dpo.evaluation.rewards import REWARDS, parse_weighted
+    from diffusion_dpo.evaluation.rewards.custom import is_import_path
 
     if not specs:
         raise UserError("name at least one reward (e.g. --reward pickscore)")
@@ -256,7 +256,7 @@ class Scorer:
 
     def __init__(self, specs: Sequence[RewardSpec], paths: Optional[dict[str, str]] = None, device: str = "cpu",
                  batch_size: int = 16, cache: bool = True):
-        from diffusion_dpo.rewards import Reward, load_reward
+        from diffusion_dpo.evaluation.rewards import Reward, load_reward
 
         self.specs = list(specs)
         self.paths = dict(paths or {})
@@ -470,7 +470,7 @@ _A_COLOUR, _B_COLOUR = "#1f77b4", "#ff7f0e"  # matplotlib's first two colours
 def plot_scores(scores: dict[str, tuple[np.ndarray, np.ndarray]], results: dict[str, WinRate],
                 bins: int = 20) -> Image.Image:
     """One panel per reward: overlaid histograms of A's and B's per-image scores, dashed lines at the means."""
-    from diffusion_dpo.plots import figure_image, pyplot
+    from diffusion_dpo.evaluation.plots import figure_image, pyplot
 
     plt = pyplot()
     fig, axes = plt.subplots(len(scores), 1, figsize=(6.0, 2.6 * len(scores)), squeeze=False)
@@ -495,7 +495,7 @@ def sample_grid(run_a: Path, run_b: Path, rows_a: list[dict], rows_b: list[dict]
                 scores_b: np.ndarray, n: int = GRID_PROMPTS) -> Image.Image:
     """A | B at each prompt's first seed for up to `n` prompts spread evenly over the prompt set
     (not the biggest differences: an even spread shows typical pairs); captions 'score A vs score B: prompt'."""
-    from diffusion_dpo.sampling import compose_grid
+    from diffusion_dpo.evaluation.grids import compose_grid
 
     first_seed = {}
     for i, row in enumerate(rows_a):

@@ -29,8 +29,8 @@ from PIL import Image
 from torch import nn
 
 from diffusion_dpo.errors import UserError
-from diffusion_dpo.rewards.clip_score import CLIP_MODEL, load_clip_embedder
-from diffusion_dpo.rewards.common import RewardFn, load_state_dict, resolve_source
+from diffusion_dpo.evaluation.rewards.clip_score import CLIP_MODEL, load_clip_embedder
+from diffusion_dpo.evaluation.rewards.common import RewardFn, load_state_dict, resolve_source
 
 WEIGHTS_STEM = "sac+logos+ava1-l14-linearMSE"
 LINEAR_KEYS = ("layers.0", "layers.2", "layers.4", "layers.6", "layers.7")  # indices 1, 3, 5 are Dropouts

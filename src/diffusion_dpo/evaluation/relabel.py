@@ -73,8 +73,8 @@ class PairScorer:
     """Scores (image, caption) lists with a weighted sum of rewards, each model loaded once."""
 
     def __init__(self, spec: str, paths: Optional[dict[str, str]], device: str, batch_size: int):
-        from diffusion_dpo.evaluate import parse_rewards
-        from diffusion_dpo.rewards import load_reward
+        from diffusion_dpo.evaluation.compare import parse_rewards
+        from diffusion_dpo.evaluation.rewards import load_reward
 
         (self.spec,) = parse_rewards([spec], paths)
         self.models = {n: load_reward(n, (paths or {}).get(n), device=device, batch_size=batch_size)
@@ -82,7 +82,7 @@ class PairScorer:
         self.commits = {k: v for m in self.models.values() for k, v in sorted(m.commits.items())}
 
     def __call__(self, images: Sequence, captions: Sequence[str]) -> np.ndarray:
-        from diffusion_dpo.rewards import weighted_score
+        from diffusion_dpo.evaluation.rewards import weighted_score
 
         names, weights = zip(*self.spec.terms)
         total = weighted_score([self.models[n] for n in names], weights, images, captions).double().numpy()  # (N,)
@@ -151,7 +151,7 @@ def _previous_settings(out_dir: Path, settings: dict) -> dict:
     """The settings of the relabelling `out_dir` holds ({} if none), with its pins applied to this one: the reward
     weights' hub commits preset (a resume reads the same weights), a hub data set's commit reused, else pinned."""
     from diffusion_dpo.pinning import is_hub_id, resolve_commit
-    from diffusion_dpo.rewards.common import preset_pins
+    from diffusion_dpo.evaluation.rewards.common import preset_pins
 
     file = out_dir / SETTINGS_FILE
     previous = json.loads(file.read_text()) if file.exists() else {}

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from diffusion_dpo.errors import UserError
-from diffusion_dpo.rewards.common import (RewardFn, hub_error, hub_revision, load_state_dict, resolve_source, to_rgb,
+from diffusion_dpo.evaluation.rewards.common import (RewardFn, hub_error, hub_revision, load_state_dict, resolve_source, to_rgb,
                                           torch_dtype)
 
 HUB_REPO = "xswu/HPSv2"

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from diffusion_dpo.rewards.common import (RewardFn, hub_error, hub_revision, looks_local, resolve_source, to_rgb,
+from diffusion_dpo.evaluation.rewards.common import (RewardFn, hub_error, hub_revision, looks_local, resolve_source, to_rgb,
                                           torch_dtype)
 
 CLIP_MODEL = "openai/clip-vit-large-patch14"

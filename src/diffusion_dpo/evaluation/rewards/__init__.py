@@ -36,12 +36,12 @@ import torch
 from PIL import Image
 
 from diffusion_dpo.errors import UserError
-from diffusion_dpo.rewards.aesthetic import load_aesthetic
-from diffusion_dpo.rewards.clip_score import load_clip, load_pickscore
-from diffusion_dpo.rewards.common import RewardFn, take_read
-from diffusion_dpo.rewards.custom import is_import_path, load_custom
-from diffusion_dpo.rewards.hpsv2 import load_hpsv2
-from diffusion_dpo.rewards.imagereward import load_imagereward
+from diffusion_dpo.evaluation.rewards.aesthetic import load_aesthetic
+from diffusion_dpo.evaluation.rewards.clip_score import load_clip, load_pickscore
+from diffusion_dpo.evaluation.rewards.common import RewardFn, take_read
+from diffusion_dpo.evaluation.rewards.custom import is_import_path, load_custom
+from diffusion_dpo.evaluation.rewards.hpsv2 import load_hpsv2
+from diffusion_dpo.evaluation.rewards.imagereward import load_imagereward
 
 __all__ = ["REWARDS", "Reward", "RewardFn", "load_reward", "parse_weighted", "weighted_score"]
 

@@ -17,7 +17,7 @@ import numpy as np
 
 def diversity(run_dir: str | Path) -> float:
     """The run's diversity (above); NaN when no prompt has two seeds."""
-    from diffusion_dpo.evaluate import load_run, run_image
+    from diffusion_dpo.evaluation.compare import load_run, run_image
 
     run_dir = Path(run_dir)
     by_prompt: dict[int, list[np.ndarray]] = {}

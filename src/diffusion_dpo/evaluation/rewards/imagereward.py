@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from diffusion_dpo.errors import UserError
-from diffusion_dpo.rewards.common import RewardFn, hub_error, hub_revision, load_state_dict, resolve_source, to_rgb
+from diffusion_dpo.evaluation.rewards.common import RewardFn, hub_error, hub_revision, load_state_dict, resolve_source, to_rgb
 
 DEFAULT = "ImageReward-v1.0"
 HUB_REPO = "THUDM/ImageReward"
