@@ -267,8 +267,8 @@ def test_bad_compare_input(tmp_path, bright_reward):
 
 def _cli(argv: list[str]) -> tuple[int, str]:
     """Parse and dispatch like `diffusion-dpo` does: (exit code, the one error line)."""
-    from diffusion_dpo import cli_eval
-    from diffusion_dpo.cli import _Parser
+    from diffusion_dpo.cli import eval_commands as cli_eval
+    from diffusion_dpo.cli.app import _Parser
 
     parser = _Parser(prog="diffusion-dpo")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)

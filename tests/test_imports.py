@@ -86,4 +86,4 @@ def test_production_code_never_imports_a_fixture():
     graph = import_graph()
     users = {m for m, targets in graph.items() if not m.startswith("diffusion_dpo.testing")
              and any(t.startswith("diffusion_dpo.testing") for t in targets)}
-    assert users == {"diffusion_dpo.cli"}
+    assert users == {"diffusion_dpo.cli.app"}

@@ -261,9 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--public", action="store_true", help="create the repository as public [default: private; an "
                       "existing repository keeps its visibility]")
     push.add_argument("--token", help="Hugging Face token [default: the logged-in one, or HF_TOKEN]")
-    from diffusion_dpo import cli_eval
+    from diffusion_dpo.cli.eval_commands import register as register_eval_commands
 
-    cli_eval.register(sub, _Parser)  # generate, score, compare
+    register_eval_commands(sub, _Parser)  # generate, score, compare, relabel
     parser.command_parsers = dict(sub.choices)  # type: ignore[attr-defined]
     return parser
 
@@ -434,7 +434,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args, unknown = parser.parse_known_args(argv)
         if unknown:  # reported by the command's own parser, which knows its options and can suggest one
             parser.command_parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
-        from diffusion_dpo.cli_eval import COMMANDS as EVAL_COMMANDS
+        from diffusion_dpo.cli.eval_commands import COMMANDS as EVAL_COMMANDS
 
         return {"train": _cmd_train, "cache": _cmd_cache, "bench": _cmd_bench, "make-tiny": _cmd_make_tiny,
                 "demo": _cmd_demo, "push": _cmd_push, "iterate": _cmd_iterate, **EVAL_COMMANDS}[args.command](args)

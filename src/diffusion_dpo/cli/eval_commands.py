@@ -12,7 +12,7 @@ built-in name (pickscore, clip, aesthetic, hpsv2, imagereward), your own `packag
 or a weighted sum `pickscore=1,aesthetic=0.5`. Where a reward's weights live is said separately,
 `--reward-path NAME=PATH` (repeatable), because paths may contain ':' and ',' themselves.
 
-`cli.py` wires this in with `register(sub, _Parser)` and by merging `COMMANDS` into its dispatch.
+`cli/app.py` wires this in with `register(sub, _Parser)` and by merging `COMMANDS` into its dispatch.
 """
 
 from __future__ import annotations
