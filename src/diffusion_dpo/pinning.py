@@ -93,6 +93,15 @@ def read_pins(run_dir: Path) -> dict[str, Pin]:
         return {}
 
 
+def pin(setting: str, source: str, requested: Optional[str], repo_type: str = "model",
+        previous: Optional[Pin] = None) -> Pin:
+    """Hub `source` at `requested` pinned to a commit: `previous` when it pinned the same source at the same requested
+    revision to a commit (a resume reads what it began with), else what `requested` resolves to now."""
+    if previous is not None and previous.source == source and previous.requested == requested and previous.commit:
+        return previous
+    return Pin(setting, source, requested, resolve_commit(source, requested, repo_type))
+
+
 def pin_sources(cfg: Any, previous: Optional[dict[str, Pin]] = None) -> list[Pin]:
     """Resolve every hub source of `cfg` (model, VAE, reference, data set) to a commit, reusing `previous` pins
     whose source and requested revision are unchanged. Changes nothing; see `apply_pins`."""
@@ -102,12 +111,7 @@ def pin_sources(cfg: Any, previous: Optional[dict[str, Pin]] = None) -> list[Pin
         source = _get(cfg, setting)
         if not is_hub_id(source):
             continue
-        requested = _get(cfg, revision_field)
-        old = previous.get(setting)
-        if old is not None and old.source == source and old.requested == requested and old.commit:
-            pins.append(old)
-            continue
-        pins.append(Pin(setting, source, requested, resolve_commit(source, requested, repo_type)))
+        pins.append(pin(setting, source, _get(cfg, revision_field), repo_type, previous.get(setting)))
     return pins
 
 

@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "train Diffusion-DPO on each labelling and an SFT baseline, run on-policy rounds (iterate) from DPO-AI, and "
                     "evaluate all against the base on "
                     "held-out prompts and seeds with a judge fit on data nothing else saw, at the demo's sampling "
-                    "settings and at the pipeline's own defaults. Writes DIR/base, DIR/dpo, "
+                    "settings and at the pipeline's default steps and guidance. Writes DIR/base, DIR/dpo, "
                     "DIR/dpo_ai, DIR/sft, DIR/dpo_online (pipeline directories), DIR/online (the rounds), DIR/eval_prompts.jsonl, "
                     "DIR/report.json, "
                     "DIR/report.md and PNGs. Minutes on 2 CPU cores (docs/demo.md gives measured times); the base is cached.")

@@ -236,7 +236,7 @@ def process_state() -> Any:
 def pinned_revision(out_dir: Path, model: str, revision: Optional[str]) -> Optional[str]:
     """The commit a generation run of hub model `model` reads: the one its run.json recorded (a resume, same model
     and revision asked for), else what `revision` (default main) resolves to now (pinning). Local models: None."""
-    from diffusion_dpo.pinning import is_hub_id, resolve_commit
+    from diffusion_dpo.pinning import Pin, is_hub_id, pin
 
     if not is_hub_id(model):
         return revision
@@ -244,9 +244,8 @@ def pinned_revision(out_dir: Path, model: str, revision: Optional[str]) -> Optio
         old = json.loads((Path(out_dir) / RUN_FILE).read_text())
     except (OSError, ValueError):
         old = {}
-    if old.get("model") == model and old.get("requested_revision") == revision and old.get("model_revision"):
-        return old["model_revision"]
-    return resolve_commit(model, revision) or revision
+    recorded = Pin("model", old.get("model"), old.get("requested_revision"), old.get("model_revision"))
+    return pin("model", model, revision, previous=recorded).commit or revision
 
 
 def generate_on_all(state: Any, model: str, prompts: Sequence[dict | str], seeds: Sequence[int],
