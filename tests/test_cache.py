@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion_dpo.cache import build_cache
+from diffusion_dpo.cache.build import build_cache as build_cache_from
+from diffusion_dpo.cache.store import Cache
 from diffusion_dpo.cli import main
 from diffusion_dpo.errors import UserError
 from diffusion_dpo.training import Trainer, train
@@ -20,6 +21,15 @@ from test_training import make_cfg, read_metrics, straight_and_resumed
 COMMON = dict(data__random_flip="true", data__proportion_empty_prompts="0.5", data__batch_size=3,
               train__max_steps=3, cache__shard_pairs=5, cache__batch_size=4)
 
+
+
+def build_cache(cfg):
+    """The cache a run's config names (the function takes the config sections it reads)."""
+    return build_cache_from(cfg.model, cfg.data, cfg.cache, cfg.flow)
+
+
+def open_cache(cfg) -> Cache:
+    return Cache.open(cfg.model, cfg.data, cfg.cache)
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
@@ -44,7 +54,7 @@ def test_cached_items_equal_encoding_on_the_fly(request, tmp_path, tiny_data, fi
     those the uncached path computes, in both orientations, for every family's conditioning."""
     import dataclasses
 
-    from diffusion_dpo.cache import Cache, CachedPairs, cached_inputs
+    from diffusion_dpo.cache.store import CachedPairs, cached_inputs
     from diffusion_dpo.data.items import PreferenceDataset, collate_pairs
     from diffusion_dpo.data.pairs import load_preference_pairs
     from diffusion_dpo.models import load_components
@@ -55,7 +65,7 @@ def test_cached_items_equal_encoding_on_the_fly(request, tmp_path, tiny_data, fi
     build_cache(cfg)
     comp = load_components(cfg.model)
     plain = PreferenceDataset(load_preference_pairs(cfg.data), cfg.data, comp.tokenizer)
-    cached = CachedPairs(Cache.open(cfg), cfg.data.random_flip, cfg.data.proportion_empty_prompts)
+    cached = CachedPairs(open_cache(cfg), cfg.data.random_flip, cfg.data.proportion_empty_prompts)
     keys = [(i, 1000 + i) for i in range(len(cached))]
     draws = [item_draws(s, True, False, 0.5) for _, s in keys]
     assert {d.flip for d in draws} == {True, False} and {d.empty_prompt for d in draws} == {True, False}
@@ -217,14 +227,14 @@ def test_mismatches_are_refused_in_one_line(tmp_path, tiny_sd, tiny_sdxl, tiny_d
 
 
 def test_a_seed_missing_from_the_file_fails_never_falls_back(tiny_sd, tiny_data, sd_cache, tmp_path):
-    from diffusion_dpo.cache import Cache
-    from diffusion_dpo.reference import ReferenceTable, precompute_reference
+    from diffusion_dpo.cache.reference import ReferenceTable, precompute_reference
 
     cfg = make_cfg(tmp_path / "run", tiny_sd, tiny_data, cache__dir=sd_cache, train__max_steps=1,
                    cache__reference_file=tmp_path / "ref.safetensors", **{k: v for k, v in COMMON.items()
                                                                           if k != "train__max_steps"})
-    precompute_reference(cfg)
-    table = ReferenceTable.open(cfg, Cache.open(cfg), 1, "cpu")
+    sections = (cfg.model, cfg.lora, cfg.flow, cfg.data, cfg.train, cfg.cache)
+    precompute_reference(*sections)
+    table = ReferenceTable.open(*sections, open_cache(cfg), 1, "cpu")
     assert len(table.seeds) == 3
     table.lookup(int(table.seeds[0]))
     with pytest.raises(UserError, match="no reference errors for the pair with sample seed 12345"):
@@ -307,7 +317,7 @@ def test_an_interrupted_build_resumes_after_its_finished_shards(tmp_path, tiny_s
     encodes only pairs 5.. and the result equals an uninterrupted build."""
     from safetensors.torch import load_file
 
-    from diffusion_dpo import cache as cache_module
+    from diffusion_dpo.cache import build as cache_module
 
     original = cache_module._ImagesToEncode.__getitem__
     seen = []
@@ -366,23 +376,23 @@ def test_an_image_in_several_pairs_is_encoded_and_stored_once(tmp_path, tiny_sd3
     first pairs shard resumes with the same image table (rows already written are looked up, not re-encoded)."""
     from safetensors.torch import load_file
 
-    from diffusion_dpo import cache as cache_module
-    from diffusion_dpo.cache import Cache, CachedPairs
+    from diffusion_dpo.cache import build as cache_module
+    from diffusion_dpo.cache.store import CachedPairs
     from diffusion_dpo.data.items import PreferenceDataset, collate_pairs
     from diffusion_dpo.data.pairs import load_preference_pairs
-    from diffusion_dpo.models import load_components
+    from diffusion_dpo.models import Family, load_components
 
     data = _shared_image_pairs(tmp_path / "data")
     opts = dict(COMMON, model__max_sequence_length=8, data__resolution=32, cache__shard_pairs=4, cache__batch_size=3)
     cfg = make_cfg(tmp_path / "run", tiny_sd3, data, cache__dir=tmp_path / "cache", **opts)
     encoded = []
-    original_posterior = cache_module.Family.posterior
+    original_posterior = Family.posterior
 
     def counting(self, pixels):
         encoded.append(len(pixels))
         return original_posterior(self, pixels)
 
-    monkeypatch.setattr(cache_module.Family, "posterior", counting)
+    monkeypatch.setattr(Family, "posterior", counting)
     build_cache(cfg)
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
     assert manifest["format"] == 3 and manifest["num_pairs"] == 10 and manifest["num_images"] == 4
@@ -392,7 +402,7 @@ def test_an_image_in_several_pairs_is_encoded_and_stored_once(tmp_path, tiny_sd3
 
     comp = load_components(cfg.model)
     plain = PreferenceDataset(load_preference_pairs(cfg.data), cfg.data, comp.tokenizer)
-    cached = CachedPairs(Cache.open(cfg), True, 0.5)
+    cached = CachedPairs(open_cache(cfg), True, 0.5)
     keys = [(i, 1000 + i) for i in range(10)]
     a, b = collate_pairs([plain[k] for k in keys]), collate_pairs([cached[k] for k in keys])
     for g in range(2):  # the winner's and the loser's posterior, each as the VAE gives it for that pair's pixels
@@ -428,7 +438,7 @@ def test_a_format_2_cache_is_still_read(tmp_path, sd_cache, tiny_sd, tiny_data):
     """A cache made before the image table (each pair storing its own posteriors, format 2) gives the same items."""
     from safetensors.torch import load_file, save_file
 
-    from diffusion_dpo.cache import Cache, CachedPairs
+    from diffusion_dpo.cache.store import CachedPairs
 
     old = tmp_path / "old"
     shutil.copytree(sd_cache, old)
@@ -447,7 +457,7 @@ def test_a_format_2_cache_is_still_read(tmp_path, sd_cache, tiny_sd, tiny_data):
     manifest["format"] = 2
     del manifest["num_images"]
     (old / "manifest.json").write_text(json.dumps(manifest))
-    open_at = lambda d: Cache.open(make_cfg(tmp_path / "run", tiny_sd, tiny_data, cache__dir=d, **COMMON))  # noqa: E731
+    open_at = lambda d: open_cache(make_cfg(tmp_path / "run", tiny_sd, tiny_data, cache__dir=d, **COMMON))  # noqa: E731
     new_items, old_items = CachedPairs(open_at(sd_cache), True, 0.5), CachedPairs(open_at(old), True, 0.5)
     for i in range(len(new_items)):
         a, b = new_items[(i, 7 + i)], old_items[(i, 7 + i)]

@@ -210,7 +210,7 @@ def test_the_package_exports_its_api_lazily():
 
 
 def test_report_to_names_any_accelerate_tracker():
-    from diffusion_dpo.trackers import init_kwargs, parse_report_to
+    from diffusion_dpo.training.trackers import init_kwargs, parse_report_to
 
     assert load_config(None, {**REQUIRED, "train.report_to": "tensorboard,mlflow"}).train.report_to == \
         "tensorboard,mlflow"
@@ -230,7 +230,7 @@ def test_report_to_names_any_accelerate_tracker():
 def test_validation_grids_go_to_every_tracker_that_takes_images(tmp_path):
     from PIL import Image
 
-    from diffusion_dpo.trackers import log_image
+    from diffusion_dpo.training.trackers import log_image
 
     Image.new("RGB", (6, 4), "red").save(tmp_path / "grid.png")
 

@@ -48,24 +48,25 @@ def test_shipped_accelerate_configs_parse_as_accelerate_configs():
 
 def test_deepspeed_gets_the_values_accelerate_cannot_infer(tmp_path, tiny_sd, tiny_data):
     from diffusion_dpo.config import load_config
-    from diffusion_dpo.training import _configure_deepspeed
+    from diffusion_dpo.training.setup import configure_deepspeed
 
     cfg = load_config(None, {"model.pretrained": str(tiny_sd), "data.path": str(tiny_data),
                              "data.batch_size": "3", "optim.max_grad_norm": "0.5"})
     ds = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto", "gradient_clipping": "auto",
           "zero_optimization": {"stage": 2}}
-    _configure_deepspeed(ds, cfg)
+    configure_deepspeed(ds, cfg.data, cfg.optim)
     assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_clipping"] == 0.5
     assert "train_batch_size" not in ds and ds["zero_allow_untested_optimizer"] is True
     given = {"train_micro_batch_size_per_gpu": 7, "gradient_clipping": 2.0}
-    _configure_deepspeed(given, cfg)  # values the user wrote in a DeepSpeed file are kept
+    configure_deepspeed(given, cfg.data, cfg.optim)  # values the user wrote in a DeepSpeed file are kept
     assert given["train_micro_batch_size_per_gpu"] == 7 and given["gradient_clipping"] == 2.0
 
 
 def test_a_sharded_checkpoint_is_not_resumed_by_a_plain_run(tmp_path, tiny_sd, tiny_data):
     from test_training import make_cfg
 
-    from diffusion_dpo.training import ENGINE_DIR, Trainer
+    from diffusion_dpo.training import Trainer
+    from diffusion_dpo.training.checkpoint import ENGINE_DIR
 
     out = tmp_path / "run"
     Trainer(make_cfg(out, tiny_sd, tiny_data, train__max_steps=2, train__checkpointing_steps=1)).run()

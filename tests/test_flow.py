@@ -10,7 +10,7 @@ import torch
 
 from diffusion_dpo.config import FlowConfig, ModelConfig
 from diffusion_dpo.errors import UserError
-from diffusion_dpo.losses import dpo_loss
+from diffusion_dpo.training.losses import dpo_loss
 from diffusion_dpo.models import load_components
 from diffusion_dpo.models.flow import draw_u, loss_weight, shift_sigma
 from diffusion_dpo.models.flux import image_ids, pack, unpack

@@ -97,7 +97,7 @@ def test_a_flow_model_learns_a_preference(request, tmp_path, tiny_data, family, 
     trainer = Trainer(make_cfg(tmp_path, model, tiny_data, data__batch_size=4, data__max_pairs=4,
                                data__random_flip="false", data__proportion_empty_prompts=0, lora__rank=rank,
                                optim__lr="1e-4" if rank == 0 else "1e-3", **FAST))
-    _, batch = next(trainer._batches())
+    _, batch = next(trainer.batches())
     history = []
     for _ in range(25):
         out = trainer.step(batch, micro_step=0)

@@ -1,4 +1,4 @@
-"""generate.py and prompts.py: same seeds -> same bytes, batch-size invariance, resume, LoRA, prompt sets."""
+"""evaluation.generate and evaluation.prompts: same seeds -> same bytes, batch-size invariance, resume, LoRA, prompt sets."""
 
 from __future__ import annotations
 

@@ -17,10 +17,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffusion_dpo import checkpoint as ckpt
+import diffusion_dpo.training.checkpoint as ckpt
 from diffusion_dpo.cli import main
 from diffusion_dpo.errors import UserError
-from diffusion_dpo.losses import LossOutput, LossSpec, dpo_loss
+from diffusion_dpo.training.losses import LossOutput, LossSpec, dpo_loss
 from diffusion_dpo.training import Trainer, train
 from test_training import make_cfg, read_metrics
 
@@ -51,7 +51,7 @@ def weights_hash(final: Path) -> str:
 # appends there, one line each, the optimizer step (1-based) of every loss it computes.
 CHILD = """
 import os, sys, time, pathlib, torch
-import diffusion_dpo.checkpoint as c
+import diffusion_dpo.training.checkpoint as c
 import diffusion_dpo.training as t
 if os.environ.get("STEPS_LOG"):
     real_step = t.Trainer.step
@@ -171,7 +171,7 @@ def _nan_at(step: int) -> LossSpec:
 
 def test_nan_stops_the_run_naming_the_step_without_touching_weights(tmp_path, tiny_sd, tiny_data):
     trainer = Trainer(make_cfg(tmp_path, tiny_sd, tiny_data, train__max_steps=4, train__checkpointing_steps=1))
-    trainer.loss_spec = _nan_at(3)
+    trainer.method.loss_spec = _nan_at(3)
     with pytest.raises(UserError, match=r"non-finite loss or gradient at step 3 .*weights were not updated"):
         trainer.run()
     saved = load_file(tmp_path / "checkpoint-2" / "unet" / "diffusion_pytorch_model.safetensors")
@@ -181,7 +181,7 @@ def test_nan_stops_the_run_naming_the_step_without_touching_weights(tmp_path, ti
 
 def test_skip_nonfinite_counts_and_continues(tmp_path, tiny_sd, tiny_data):
     trainer = Trainer(make_cfg(tmp_path, tiny_sd, tiny_data, train__max_steps=4, train__skip_nonfinite="true"))
-    trainer.loss_spec = _nan_at(2)
+    trainer.method.loss_spec = _nan_at(2)
     final = trainer.run()
     metrics = read_metrics(tmp_path)
     assert [m["skipped_steps"] for m in metrics] == [0, 1, 1, 1]
@@ -324,7 +324,7 @@ def test_fp16_skipped_step_leaves_the_scaler_usable_and_the_schedule_still(monke
     from accelerate.state import AcceleratorState
     from transformers import get_scheduler
 
-    from diffusion_dpo.training import apply_update
+    from diffusion_dpo.training.loop import apply_update
 
     AcceleratorState._reset_state(reset_partial_state=False)
     Accelerator(cpu=True)
@@ -355,7 +355,7 @@ def test_fp16_skipped_step_leaves_the_scaler_usable_and_the_schedule_still(monke
 def test_skipped_step_does_not_advance_the_lr_schedule(tmp_path, tiny_sd, tiny_data):
     trainer = Trainer(make_cfg(tmp_path, tiny_sd, tiny_data, train__max_steps=4, train__skip_nonfinite="true",
                                optim__lr_warmup_steps=10))
-    trainer.loss_spec = _nan_at(2)
+    trainer.method.loss_spec = _nan_at(2)
     trainer.run()
     lrs = [m["lr"] for m in read_metrics(tmp_path)]
     assert lrs[1] == lrs[2] and lrs[0] < lrs[1] < lrs[3]  # step 2 was skipped: step 3 uses its rate

@@ -192,20 +192,20 @@ def straight(tmp_path_factory, tiny_sd, prompt_files):
 
 @pytest.mark.parametrize("where", ["label-2", "train-2-step-2", "evaluate-1"])
 def test_a_killed_run_resumes_to_the_same_bits(tmp_path, tiny_sd, prompt_files, monkeypatch, straight, where):
-    from diffusion_dpo import training
+    from diffusion_dpo.training.loop import MetricsLog
 
     kw = KILL_KW
     out = tmp_path / "killed"
     stage, r, *rest = where.split("-")
     with monkeypatch.context() as m:
         if stage == "train":  # mid-training: after the checkpoint of step 1, during step 2
-            original = training.Trainer._write_metrics
+            original = MetricsLog.write
 
-            def write_metrics(self, record, seconds):
-                if self.output_dir.parent.name == f"round-{r}" and self.state.step == int(rest[-1]):
+            def write_metrics(self, record):  # self.path: <round-r>/<run>/metrics.jsonl
+                if self.path.parent.parent.name == f"round-{r}" and record["step"] == int(rest[-1]):
                     raise Killed
-                return original(self, record, seconds)
-            m.setattr(training.Trainer, "_write_metrics", write_metrics)
+                return original(self, record)
+            m.setattr(MetricsLog, "write", write_metrics)
         else:
             original = getattr(Rounds, stage)
 
@@ -237,7 +237,7 @@ def test_a_killed_run_resumes_to_the_same_bits(tmp_path, tiny_sd, prompt_files, 
 # The child runs the real CLI; it announces itself once its imports are done, so the parent's kill lands in the run.
 CHILD = """
 import pathlib, sys
-import torch, peft, transformers, diffusion_dpo.iterate, diffusion_dpo.training, diffusion_dpo.evaluation.generate
+import torch, peft, transformers, diffusion_dpo.iterate, diffusion_dpo.training.trainer, diffusion_dpo.evaluation.generate
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel  # diffusers imports them lazily
 from diffusion_dpo.cli import main
 pathlib.Path(sys.argv[1]).write_text("ready")
@@ -480,7 +480,7 @@ def test_mapo_and_safeguard_rounds_continue_the_policy(tmp_path, tiny_sd, prompt
     """MaPO and the winner safeguard in LoRA rounds: round 2 starts from round 1's adapters; MaPO loads no reference
     even when iterate.reference is base, and each step's loss is its formula of the logged errors; the safeguard's
     scale is logged every step."""
-    from diffusion_dpo.losses import mapo_loss
+    from diffusion_dpo.training.losses import mapo_loss
 
     out = tmp_path / "run"
     iterate(make_cfg(out, tiny_sd, prompt_files, lora__rank=4, data__batch_size=1, **loss))  # a step's loss: one pair's

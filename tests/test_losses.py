@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffusion_dpo.errors import UserError
-from diffusion_dpo.losses import (LOSSES, dpo_loss, get_loss, hinge_loss, implicit_accuracy, ipo_loss, sft_loss,
+from diffusion_dpo.training.losses import (LOSSES, dpo_loss, get_loss, hinge_loss, implicit_accuracy, ipo_loss, sft_loss,
                                   smooth_labels)
 
 # One pair, numbers chosen so the hand computation is easy:
@@ -145,7 +145,7 @@ def _mapo_by_hand(e_w: float, e_l: float, beta: float, T: float = 1000.0) -> flo
 
 
 def test_mapo_hand_computed():
-    from diffusion_dpo.losses import mapo_loss
+    from diffusion_dpo.training.losses import mapo_loss
 
     # by hand, with f(e) = x/(e^x - 1) at x = e/2 = 1 - e/4 + e²/48 - e⁴/11520 + ...:
     #   T·m = 1000·(f(e_w) - f(e_l)) = 1000·[(e_l - e_w)/4 - (e_l² - e_w²)/48 + (e_l⁴ - e_w⁴)/11520]
@@ -169,7 +169,7 @@ def test_mapo_hand_computed():
 
 
 def test_mapo_invariants():
-    from diffusion_dpo.losses import mapo_loss
+    from diffusion_dpo.training.losses import mapo_loss
 
     e = torch.rand(8, dtype=torch.float64) + 0.01
     out = mapo_loss(e, e.clone(), None, None, beta=0.3)  # equal errors: margin 0, log σ(0) = -log 2
@@ -186,7 +186,7 @@ def test_mapo_invariants():
 # ---------------------------------------------------------------- the winner safeguard (Diffusion-SDPO)
 
 def test_safeguard_scale_hand_computed_and_keeps_the_winner_from_growing():
-    from diffusion_dpo.losses import scale_gradient, winner_safeguard_scale
+    from diffusion_dpo.training.losses import scale_gradient, winner_safeguard_scale
 
     r_w = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # residuals of two pairs' winners, flattened
     r_l = torch.tensor([[2.0, 1.0], [0.0, 3.0]])  # <r_l, r_w> = 2 + 3 = 5, |r_w|² = 2

@@ -108,7 +108,7 @@ def test_push_is_private_unless_public(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("rank", [0, 4])
 def test_pushed_card_names_no_local_path(tmp_path, monkeypatch, rank):
     from diffusion_dpo.config import load_config, to_yaml
-    from diffusion_dpo.model_card import RunFacts, write_card
+    from diffusion_dpo.training.model_card import RunFacts, write_card
 
     seen = _fake_hub(monkeypatch)
     model, data = tmp_path / "models" / "tiny-sd", tmp_path / "pairs" / "train.parquet"

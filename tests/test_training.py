@@ -120,7 +120,7 @@ def test_overfit_a_fixed_batch(tmp_path, tiny_sd, tiny_data, rank):
     trainer = Trainer(make_cfg(tmp_path, tiny_sd, tiny_data, data__batch_size=4, data__max_pairs=4,
                                data__random_flip="false", data__proportion_empty_prompts=0,
                                lora__rank=rank, optim__lr=lr))
-    _, batch = next(trainer._batches())
+    _, batch = next(trainer.batches())
     history = []
     for _ in range(25):
         out = trainer.step(batch, micro_step=0)  # the batch's sample seeds fix timesteps and noise
@@ -430,7 +430,7 @@ def test_the_winner_safeguard_scales_only_the_losers_gradient(request, tmp_path,
 def test_mapo_trains_every_family_without_a_reference_forward(request, tmp_path, tiny_data, family, rank):
     """MaPO on SDXL/SD3 with LoRA and full FLUX: no reference forward and no second model, and each step's loss
     is the authors' formula of that step's logged errors (one pair per step; the SD case: test_other_losses_train)."""
-    from diffusion_dpo.losses import mapo_loss
+    from diffusion_dpo.training.losses import mapo_loss
 
     extra = {"model__max_sequence_length": 8} if family in ("tiny_sd3", "tiny_flux") else {}
     trainer = Trainer(make_cfg(tmp_path, request.getfixturevalue(family), tiny_data, loss__name="mapo",

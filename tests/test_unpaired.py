@@ -10,7 +10,7 @@ import torch
 
 from diffusion_dpo.config import DataConfig
 from diffusion_dpo.errors import UserError
-from diffusion_dpo.losses import get_loss, kto_loss
+from diffusion_dpo.training.losses import get_loss, kto_loss
 from diffusion_dpo.training import Trainer, train
 from diffusion_dpo.data.unpaired import load_feedback
 from test_training import make_cfg, read_metrics

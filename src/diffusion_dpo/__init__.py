@@ -27,13 +27,13 @@ __version__ = "0.1.0"
 # public name -> the module that defines it (one home each)
 _EXPORTS = {
     "Config": "diffusion_dpo.config", "load_config": "diffusion_dpo.config", "check_config": "diffusion_dpo.config",
-    "Trainer": "diffusion_dpo.training", "train": "diffusion_dpo.training",
+    "Trainer": "diffusion_dpo.training.trainer", "train": "diffusion_dpo.training.trainer",
     "generate": "diffusion_dpo.evaluation.generate",
     "compare": "diffusion_dpo.evaluation.compare", "score_run": "diffusion_dpo.evaluation.compare",
     "relabel": "diffusion_dpo.evaluation.relabel",
     "load_reward": "diffusion_dpo.evaluation.rewards",
-    "LOSSES": "diffusion_dpo.losses", "LossSpec": "diffusion_dpo.losses", "LossOutput": "diffusion_dpo.losses",
-    "get_loss": "diffusion_dpo.losses",
+    "LOSSES": "diffusion_dpo.training.losses", "LossSpec": "diffusion_dpo.training.losses", "LossOutput": "diffusion_dpo.training.losses",
+    "get_loss": "diffusion_dpo.training.losses",
     "UserError": "diffusion_dpo.errors",
 }
 
@@ -44,10 +44,10 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time each name loads on 
     from diffusion_dpo.errors import UserError
     from diffusion_dpo.evaluation.compare import compare, score_run
     from diffusion_dpo.evaluation.generate import generate
-    from diffusion_dpo.losses import LOSSES, LossOutput, LossSpec, get_loss
+    from diffusion_dpo.training.losses import LOSSES, LossOutput, LossSpec, get_loss
     from diffusion_dpo.evaluation.relabel import relabel
     from diffusion_dpo.evaluation.rewards import load_reward
-    from diffusion_dpo.training import Trainer, train
+    from diffusion_dpo.training.trainer import Trainer, train
 
 
 def __getattr__(name: str) -> Any:

@@ -231,7 +231,7 @@ def run_mode(run_cfg: Config, mode: str, warmup: int, floor_repeats: int, peak: 
     """Train `run_cfg` (a `bench_config`), then time the floor on the same model: one result row.
 
     `peak`: the device's TFLOP/s for MFU (--peak-tflops); None looks the GPU up by name."""
-    from diffusion_dpo.training import Trainer
+    from diffusion_dpo.training.trainer import Trainer
 
     with tempfile.TemporaryDirectory(prefix="dpo-bench-") as tmp:
         run_cfg = copy.deepcopy(run_cfg)
@@ -285,8 +285,9 @@ def run_bench(cfg: Config, modes: Sequence[str], lora_rank: int = 8, steps: int 
 
     The pre-encoding cache (`cache.dir`, or a temporary one) and the precomputed reference errors are made
     here first, untimed and outside the workers, as a user makes them once with `diffusion-dpo cache`."""
-    from diffusion_dpo.cache import build_cache, read_manifest
-    from diffusion_dpo.reference import precompute_reference
+    from diffusion_dpo.cache.build import build_cache
+    from diffusion_dpo.cache.store import read_manifest
+    from diffusion_dpo.cache.reference import precompute_reference
 
     unknown = [m for m in modes if m not in MODES]
     if unknown:
@@ -300,11 +301,13 @@ def run_bench(cfg: Config, modes: Sequence[str], lora_rank: int = 8, steps: int 
         cached = [m for m in modes if MODES[m].cached]
         if cached and read_manifest(cache_dir) is None:
             progress(f"bench: building the pre-encoding cache in {cache_dir} (untimed)")
-            build_cache(configs[cached[0]], device, log=progress)
+            c = configs[cached[0]]
+            build_cache(c.model, c.data, c.cache, c.flow, device, log=progress)
         for m in modes:
             if MODES[m].precomputed:
                 progress("bench: precomputing the reference errors (untimed)")
-                precompute_reference(configs[m], device)
+                c = configs[m]
+                precompute_reference(c.model, c.lora, c.flow, c.data, c.train, c.cache, device)
         for mode in modes:
             progress(f"bench: {mode} ({MODES[mode].description})")
             result = Path(tmp) / f"{mode}.json"
@@ -344,7 +347,7 @@ def _import_libraries() -> None:
     from transformers import (CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel,  # noqa: F401
                               T5TokenizerFast)
 
-    import diffusion_dpo.training  # noqa: F401
+    import diffusion_dpo.training.trainer  # noqa: F401
 
 
 def _worker(argv: Sequence[str]) -> None:

@@ -421,7 +421,7 @@ def check_config(cfg: Config, data_in_memory: bool = False, iterate: bool = Fals
 def validate(cfg: Config, data_in_memory: bool = False, iterate: bool = False) -> None:
     """Check ranges and choices that types alone cannot express; raise `UserError` on the first problem.
     `iterate`: the config of `diffusion-dpo iterate`, whose rounds make the data."""
-    from diffusion_dpo.losses import LOSSES  # the registry is the single list of loss names
+    from diffusion_dpo.training.losses import LOSSES  # the registry is the single list of loss names
 
     def need(ok: bool, key: str, msg: str) -> None:
         if not ok:
@@ -501,7 +501,7 @@ def validate(cfg: Config, data_in_memory: bool = False, iterate: bool = False) -
     need(0.0 <= cfg.train.ema_decay < 1.0, "train.ema_decay", f"must be in [0, 1) (got {cfg.train.ema_decay})")
     need(cfg.train.checkpoints_total_limit is None or cfg.train.checkpoints_total_limit >= 1,
          "train.checkpoints_total_limit", "must be >= 1")
-    from diffusion_dpo.trackers import TRACKER_PACKAGES
+    from diffusion_dpo.training.trackers import TRACKER_PACKAGES
 
     trackers = [n.strip() for n in cfg.train.report_to.split(",") if n.strip()]
     need(trackers in (["all"], ["none"]) or (bool(trackers) and all(t in TRACKER_PACKAGES for t in trackers)),
@@ -570,3 +570,14 @@ def json_like(value: Any) -> str:
 
 if __name__ == "__main__":  # python -m diffusion_dpo.config  -> docs/config.md's config table
     print(markdown_reference())
+
+
+def flat_config(cfg: Config) -> dict[str, Any]:
+    """The config flattened to scalars (TensorBoard's hparams accept no lists or None)."""
+    out = {}
+    for section, values in dataclasses.asdict(cfg).items():
+        items = values.items() if isinstance(values, dict) else [("", values)]
+        for k, v in items:
+            key = f"{section}.{k}" if k else section
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out

@@ -46,9 +46,9 @@ from typing import Any, Callable, Optional
 import numpy as np
 from omegaconf import OmegaConf
 
-from diffusion_dpo.checkpoint import list_checkpoints
+from diffusion_dpo.training.checkpoint import list_checkpoints
 from diffusion_dpo.config import Config, check_config
-from diffusion_dpo.losses import get_loss
+from diffusion_dpo.training.losses import get_loss
 from diffusion_dpo.errors import UserError
 from diffusion_dpo.iterate_report import write_text_atomic
 from diffusion_dpo.pinning import pin_once, read_pins, write_pins
@@ -283,7 +283,7 @@ class Rounds:
         return cfg
 
     def train(self, r: int) -> Path:
-        from diffusion_dpo.training import train
+        from diffusion_dpo.training.trainer import train
 
         final = round_dir(self.out, r) / "train" / "final"
         if final.is_dir():

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from diffusion_dpo.errors import UserError
-from diffusion_dpo.model_card import basename, is_local
+from diffusion_dpo.training.model_card import basename, is_local
 
 PATH_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow", ".safetensors")  # never at the end of a hub id
 

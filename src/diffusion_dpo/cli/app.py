@@ -296,7 +296,7 @@ def _cmd_iterate(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     quiet_progress_bars()
     cfg = _load_config(args)
-    from diffusion_dpo.training import train
+    from diffusion_dpo.training.trainer import train
 
     final = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:  # one line per run, not per process
@@ -328,7 +328,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_cache(args: argparse.Namespace) -> int:
     import torch
 
-    from diffusion_dpo.cache import build_cache
+    from diffusion_dpo.cache.build import build_cache
 
     quiet_progress_bars()
     cfg = _load_config(args)
@@ -337,11 +337,12 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     if args.num_processes < 1:
         raise UserError("cache: --num-processes must be >= 1")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    build_cache(cfg, device)
+    build_cache(cfg.model, cfg.data, cfg.cache, cfg.flow, device)
     if args.reference:
-        from diffusion_dpo.reference import precompute_reference
+        from diffusion_dpo.cache.reference import precompute_reference
 
-        path = precompute_reference(cfg, device, num_processes=args.num_processes)
+        path = precompute_reference(cfg.model, cfg.lora, cfg.flow, cfg.data, cfg.train, cfg.cache, device,
+                                    num_processes=args.num_processes)
         print(f"reference errors: {path}")
     return 0
 

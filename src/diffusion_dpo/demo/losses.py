@@ -36,7 +36,7 @@ from diffusion_dpo.demo.settings import DemoSize, default_sampling, sampling, tr
 from diffusion_dpo.demo.parallel import Workers
 from diffusion_dpo.demo.scorers import AI_REWARD, CROWD_REWARD, JUDGE_REWARD
 from diffusion_dpo.errors import UserError
-from diffusion_dpo.losses import LOSSES, get_loss
+from diffusion_dpo.training.losses import LOSSES, get_loss
 
 JUDGES = {"judge": JUDGE_REWARD, "ai": AI_REWARD, "crowd": CROWD_REWARD}
 OUTPUTS = ("base", "data", "train", "eval", "eval_prompts.jsonl", "losses.json", "losses.md", "loss_win_rates.png",
@@ -91,7 +91,7 @@ def train_measured(cfg: Config) -> dict[str, Any]:
     loaded, bench's measure), measured at the last optimizer step so that saving the pipeline does not count."""
     from diffusion_dpo.metrics import peak_bytes, reset_peak_memory, rss_bytes
     from diffusion_dpo.metrics import read_metrics
-    from diffusion_dpo.training import Trainer
+    from diffusion_dpo.training.trainer import Trainer
 
     rss_before = rss_bytes()
     reset_peak_memory()

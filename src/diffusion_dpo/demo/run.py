@@ -87,7 +87,7 @@ def generate_job(model: str, prompts: list, seeds: list, out: Path, kwargs: dict
 
 def train_job(cfg: Config) -> Path:
     """`train` as a job for `Workers.map`; returns final/."""
-    from diffusion_dpo.training import train
+    from diffusion_dpo.training.trainer import train
 
     return train(cfg)
 
@@ -95,9 +95,9 @@ def train_job(cfg: Config) -> Path:
 def cache_job(cfg: Config) -> None:
     """The pre-encoding cache a `train` config names, as a job for `Workers.map` (built once, before the
     trainings that share it start)."""
-    from diffusion_dpo.cache import build_cache
+    from diffusion_dpo.cache.build import build_cache
 
-    build_cache(cfg)
+    build_cache(cfg.model, cfg.data, cfg.cache, cfg.flow)
 
 
 def relabel_ai(crowd_dir: Path, data_dir: Path) -> dict:

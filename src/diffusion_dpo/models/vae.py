@@ -2,7 +2,7 @@
 posterior becomes the denoiser's latents.
 
 `sample_latents` is the one formula for encoding on the fly and for reading the pre-encoded cache, which stores
-posterior parameters, not latents (see cache.py): (mean + std * eps - shift) * scaling, with the VAE config's
+posterior parameters, not latents (see diffusion_dpo.cache): (mean + std * eps - shift) * scaling, with the VAE config's
 `scaling_factor` and `shift_factor` (SD/SDXL have no shift; SD3's and FLUX's VAEs do).
 """
 

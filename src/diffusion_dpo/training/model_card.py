@@ -84,7 +84,7 @@ def card_text(cfg: Config, facts: RunFacts, repo_id: Optional[str] = None) -> st
     pairs_from = public_name(cfg.data.path, LOCAL_SUFFIXES + (".parquet", ".arrow")) or "an in-memory dataset"
     data = ModelCardData(base_model=None if is_local(cfg.model.pretrained) else cfg.model.pretrained,
                          library_name="diffusers", tags=tags(cfg, facts), inference=True)
-    from diffusion_dpo.losses import LOSSES
+    from diffusion_dpo.training.losses import LOSSES
 
     spec = LOSSES[cfg.loss.name]
     rows = [

@@ -1,4 +1,4 @@
-"""evaluate.py and cli_eval.py: win rate / CI / sign test against hand computations, compare reports,
+"""evaluation.compare and cli.eval_commands: win rate / CI / sign test against hand computations, compare reports,
 score caching, the evaluation subcommands, and bad input as one line."""
 
 from __future__ import annotations

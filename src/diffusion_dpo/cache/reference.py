@@ -18,7 +18,6 @@ is refused with one line, never silently given another reference.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import replace
@@ -28,13 +27,12 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from diffusion_dpo.cache import Cache, CachedPairs, cached_inputs
-from diffusion_dpo.config import Config
+from diffusion_dpo.cache.identity import reference_identity
+from diffusion_dpo.cache.store import Cache, CachedPairs, cached_inputs
+from diffusion_dpo.config import CacheConfig, DataConfig, FlowConfig, LoraConfig, ModelConfig, TrainConfig
 from diffusion_dpo.data.items import PairSampler, collate_packed, keys_per_epoch, unpack_batch
 from diffusion_dpo.errors import UserError
-from diffusion_dpo.fingerprint import component_fingerprint, fingerprint
-from diffusion_dpo.models import add_lora, cast, describe, load_components, weight_dtype_of
-from diffusion_dpo.models.lora import lora_file
+from diffusion_dpo.models import add_lora, cast, load_components, weight_dtype_of
 from diffusion_dpo.models.reference import reference_kind
 from diffusion_dpo.randomness import pair_noise
 
@@ -42,57 +40,33 @@ REFERENCE_FORMAT = 1
 DEFAULT_NAME = "reference.safetensors"
 
 
-def reference_path(cfg: Config) -> Path:
+def reference_path(cache: CacheConfig) -> Path:
     """`cache.reference_file`, or reference.safetensors in cache.dir."""
-    if cfg.cache.reference_file:
-        return Path(cfg.cache.reference_file).expanduser()
-    return Path(cfg.cache.dir).expanduser() / DEFAULT_NAME
+    if cache.reference_file:
+        return Path(cache.reference_file).expanduser()
+    return Path(cache.dir).expanduser() / DEFAULT_NAME
 
 
-def reference_identity(cfg: Config, cache: Cache, device_type: str) -> dict[str, Any]:
-    """What the reference errors depend on (besides which pairs the run visits), keyed by the setting to change."""
-    made = json.dumps(cache.manifest["identity"], sort_keys=True)
-    _, family = describe(cfg.model)
-    return {
-        f"model ({family.denoiser_role}, scheduler)": component_fingerprint(cfg.model, (family.denoiser_role,
-                                                                                       "scheduler")),
-        "model.variant": cfg.model.variant,
-        **family.schedule_identity(cfg.model, cfg.flow),
-        "cache.dir contents": hashlib.sha256(made.encode()).hexdigest()[:16],
-        "train.seed": cfg.train.seed,
-        "data.random_flip": cfg.data.random_flip,
-        "data.proportion_empty_prompts": cfg.data.proportion_empty_prompts,
-        "train.mixed_precision": cfg.train.mixed_precision,
-        # each pair's noise is drawn by a generator on the training device; CPU and CUDA streams differ
-        "device type": device_type,
-        # what else the reference is made of, when set (models/reference.py); absent keys keep old files valid
-        **({"model.reference": component_fingerprint(replace(cfg.model, pretrained=cfg.model.reference, vae=None),
-                                                     (family.denoiser_role,))} if cfg.model.reference else {}),
-        **({"lora.init_from": fingerprint({"lora": lora_file(cfg.lora.init_from)})}
-           if reference_kind(cfg.model, cfg.lora) == "start_adapters" else {}),
-    }
-
-
-def _reference_denoiser(cfg: Config, comp: Any, device: torch.device) -> torch.nn.Module:
+def _reference_denoiser(model: ModelConfig, lora: LoraConfig, comp: Any, device: torch.device) -> torch.nn.Module:
     """The reference model as training holds it (models.reference.build_reference): model.reference's denoiser,
     or the base with lora.init_from's adapters (without dropout), or the base itself."""
     from diffusion_dpo.models.loading import load_reference_denoiser
     from diffusion_dpo.models.lora import continue_adapters
 
-    kind = reference_kind(cfg.model, cfg.lora)
+    kind = reference_kind(model, lora)
     if kind == "elsewhere":
-        return load_reference_denoiser(cfg.model, type(comp), device)
+        return load_reference_denoiser(model, type(comp), device)
     if kind == "start_adapters":
-        add_lora(comp.denoiser, replace(cfg.lora, dropout=0.0), comp.default_lora_targets)
-        continue_adapters(comp.denoiser, cfg.lora, comp.denoiser_role, comp.lora_diffusers_naming)
+        add_lora(comp.denoiser, replace(lora, dropout=0.0), comp.default_lora_targets)
+        continue_adapters(comp.denoiser, lora, comp.denoiser_role, comp.lora_diffusers_naming)
     return comp.denoiser
 
 
-def run_coverage(cfg: Config, num_pairs: int, num_processes: int) -> tuple[int, int]:
+def run_coverage(data: DataConfig, train: TrainConfig, num_pairs: int, num_processes: int) -> tuple[int, int]:
     """(keys per epoch, keys in the run) of a training run: every process takes data.batch_size pairs of each
     global batch, an incomplete last global batch of an epoch is dropped (`ShardedPairSampler`)."""
-    per_step = cfg.data.batch_size * num_processes * cfg.train.gradient_accumulation_steps
-    return keys_per_epoch(num_pairs, cfg.data.batch_size, num_processes), cfg.train.max_steps * per_step
+    per_step = data.batch_size * num_processes * train.gradient_accumulation_steps
+    return keys_per_epoch(num_pairs, data.batch_size, num_processes), train.max_steps * per_step
 
 
 def _epochs(keys_per_epoch: int, num_keys: int) -> list[int]:
@@ -115,29 +89,30 @@ def _autocast(device: torch.device, dtype: torch.dtype) -> Any:
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
-def precompute_reference(cfg: Config, device: torch.device | str = "cpu", num_processes: int = 1,
+def precompute_reference(model: ModelConfig, lora: LoraConfig, flow: FlowConfig, data: DataConfig, train: TrainConfig,
+                         cache: CacheConfig, device: torch.device | str = "cpu", num_processes: int = 1,
                          log: Any = print) -> Path:
-    """Compute the reference errors of every pair the training run `cfg` (on `num_processes` processes) visits
-    and write them to `reference_path(cfg)` (temp name, then rename)."""
+    """Compute the reference errors of every pair a training run with these settings on `num_processes` processes
+    visits and write them to `reference_path(cache)` (temp name, then rename)."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     device = torch.device(device)
-    if cfg.train.mixed_precision == "fp16" and device.type != "cuda":
+    if train.mixed_precision == "fp16" and device.type != "cuda":
         raise UserError(f"train.mixed_precision=fp16 needs a CUDA GPU (this is {device.type}); use bf16 or no")
-    cache = Cache.open(cfg)
-    dtype = weight_dtype_of(cfg.train.mixed_precision)
-    comp = load_components(cfg.model, dtype, device, encoders=False, flow=cfg.flow)
+    store = Cache.open(model, data, cache)
+    dtype = weight_dtype_of(train.mixed_precision)
+    comp = load_components(model, dtype, device, encoders=False, flow=flow)
     # The reference as training holds it: the base denoiser in the compute dtype, in train mode (see
     # models.Reference: some diffusers blocks compute differently in eval mode).
-    model = cast(_reference_denoiser(cfg, comp, device), dtype).requires_grad_(False).train()
-    if cfg.train.channels_last:
-        model.to(memory_format=torch.channels_last)
-    keys_per_epoch, num_keys = run_coverage(cfg, cache.num_pairs, num_processes)
-    keys = list(run_keys(cache.num_pairs, cfg.train.seed, keys_per_epoch, num_keys))
-    dataset = CachedPairs(cache, cfg.data.random_flip, cfg.data.proportion_empty_prompts)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.cache.batch_size, sampler=keys,
-                                         collate_fn=collate_packed, num_workers=cfg.data.num_workers,
+    denoiser = cast(_reference_denoiser(model, lora, comp, device), dtype).requires_grad_(False).train()
+    if train.channels_last:
+        denoiser.to(memory_format=torch.channels_last)
+    keys_per_epoch, num_keys = run_coverage(data, train, store.num_pairs, num_processes)
+    keys = list(run_keys(store.num_pairs, train.seed, keys_per_epoch, num_keys))
+    dataset = CachedPairs(store, data.random_flip, data.proportion_empty_prompts)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cache.batch_size, sampler=keys,
+                                         collate_fn=collate_packed, num_workers=data.num_workers,
                                          pin_memory=device.type == "cuda")
     seeds, errors = [], []
     with torch.no_grad():
@@ -145,19 +120,20 @@ def precompute_reference(cfg: Config, device: torch.device | str = "cpu", num_pr
             batch = unpack_batch(batch)
             b = batch["label"].shape[0]
             draws = pair_noise(batch["sample_seed"].tolist(), comp.draw_timestep,
-                               comp.latent_shape(cfg.data.resolution), device, images=cache.images_per_item)
-            latents, cond = cached_inputs(batch, draws.posterior, comp, cfg.data.resolution, device, dtype)
+                               comp.latent_shape(data.resolution), device, images=store.images_per_item)
+            latents, cond = cached_inputs(batch, draws.posterior, comp, data.resolution, device, dtype)
             noisy, target = comp.noisy_and_target(latents, draws.noise, draws.timesteps)
-            if cfg.train.channels_last:
+            if train.channels_last:
                 noisy = noisy.contiguous(memory_format=torch.channels_last)
             with _autocast(device, dtype):
-                err = comp.mse(model, noisy, draws.timesteps, cond, target)  # (GB,) [winners; losers]
+                err = comp.mse(denoiser, noisy, draws.timesteps, cond, target)  # (GB,) [winners; losers]
             seeds.append(batch["sample_seed"])
             errors.append(err.float().cpu().view(-1, b).T)  # (B, G): (ref_w, ref_l), or one unpaired image's
-    info = {"format": REFERENCE_FORMAT, "identity": reference_identity(cfg, cache, device.type),
+    identity = reference_identity(model, lora, flow, data, train, store.manifest, device.type)
+    info = {"format": REFERENCE_FORMAT, "identity": identity,
             "keys_per_epoch": keys_per_epoch, "num_keys": num_keys, "num_processes": num_processes,
-            "max_steps": cfg.train.max_steps}
-    path = reference_path(cfg)
+            "max_steps": train.max_steps}
+    path = reference_path(cache)
     tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -167,7 +143,7 @@ def precompute_reference(cfg: Config, device: torch.device | str = "cpu", num_pr
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
-    log(f"reference errors: {num_keys} pairs ({cfg.train.max_steps} steps) -> {path}")
+    log(f"reference errors: {num_keys} pairs ({train.max_steps} steps) -> {path}")
     return path
 
 
@@ -179,11 +155,12 @@ class ReferenceTable:
         self.path, self.seeds, self.errors = path, seeds[order], errors[torch.from_numpy(order)]
 
     @classmethod
-    def open(cls, cfg: Config, cache: Cache, num_processes: int, device_type: str) -> "ReferenceTable":
-        """Load `reference_path(cfg)`, refusing (one line) one made for other settings or too short for this run."""
+    def open(cls, model: ModelConfig, lora: LoraConfig, flow: FlowConfig, data: DataConfig, train: TrainConfig,
+             cache: CacheConfig, store: Cache, num_processes: int, device_type: str) -> "ReferenceTable":
+        """Load `reference_path(cache)`, refusing (one line) one made for other settings or too short for this run."""
         from safetensors import safe_open
 
-        path = reference_path(cfg)
+        path = reference_path(cache)
         redo = "recompute it with `diffusion-dpo cache --reference` and this run's config"
         if not path.is_file():
             raise UserError(f"cache.reference precomputed: {path} not found; compute it with "
@@ -196,19 +173,19 @@ class ReferenceTable:
             raise UserError(f"{path} is not a precomputed reference file ({type(exc).__name__}); {redo}") from None
         if info.get("format") != REFERENCE_FORMAT:
             raise UserError(f"{path} has format {info.get('format')} (this version reads {REFERENCE_FORMAT}); {redo}")
-        identity = reference_identity(cfg, cache, device_type)
+        identity = reference_identity(model, lora, flow, data, train, store.manifest, device_type)
         for key in [*identity, *(k for k in info["identity"] if k not in identity)]:  # a key only the file has too
             value = identity.get(key)
             if info["identity"].get(key) != value:
                 raise UserError(f"{path} was computed with {key} = {info['identity'].get(key)!r}, this run has "
                                 f"{value!r}; {redo}")
-        keys_per_epoch, num_keys = run_coverage(cfg, cache.num_pairs, num_processes)
+        keys_per_epoch, num_keys = run_coverage(data, train, store.num_pairs, num_processes)
         have = _epochs(info["keys_per_epoch"], info["num_keys"])
         need = _epochs(keys_per_epoch, num_keys)
         if len(need) > len(have) or any(n > h for n, h in zip(need, have)):
             raise UserError(f"{path} holds reference errors for {info['num_keys']} pairs ({info['max_steps']} steps on "
                             f"{info['num_processes']} process(es)), this run needs {num_keys} (train.max_steps "
-                            f"{cfg.train.max_steps} x data.batch_size x accumulation x {num_processes} processes); "
+                            f"{train.max_steps} x data.batch_size x accumulation x {num_processes} processes); "
                             f"{redo} (--num-processes {num_processes})")
         return cls(path, seeds, errors)
 

@@ -1,0 +1,148 @@
+"""The cache's format and its reading side (the layout: `diffusion_dpo.cache`): the manifest, `Cache` (shards
+opened lazily and memory-mapped per process), `CachedPairs` (training items) and `cached_inputs` (a cached batch
+turned into the latents and conditioning the on-the-fly path computes)."""
+
+from __future__ import annotations
+
+import bisect
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from diffusion_dpo.cache.identity import check_manifest
+from diffusion_dpo.config import CacheConfig, DataConfig, ModelConfig
+from diffusion_dpo.errors import UserError
+from diffusion_dpo.models import Family, sample_latents
+from diffusion_dpo.randomness import item_draws
+
+CACHE_FORMAT = 3  # 3: an image table (2 stored each pair's posteriors; 1 held SD/SDXL's hidden/pooled only)
+READABLE_FORMATS = (2, CACHE_FORMAT)
+MANIFEST = "manifest.json"
+PROGRESS = "progress.json"  # in <dir>.tmp/ while building: the finished shards, so a killed build resumes
+EMPTY_PROMPT_ROW = 0
+TEXT_PREFIX = "text_"  # an item's caption encodings: text_<name> for each of the family's encodings
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+def read_manifest(directory: Path) -> Optional[dict]:
+    """The manifest of a complete cache in `directory`, or None when there is none; a cache of a format this
+    version cannot read is refused in one line."""
+    path = directory / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+    if manifest.get("format") not in READABLE_FORMATS:
+        raise UserError(f"cache.dir '{directory}' has cache format {manifest.get('format')} (this version reads "
+                        f"{', '.join(map(str, READABLE_FORMATS))}); rebuild it with `diffusion-dpo cache`")
+    return manifest
+
+
+class Cache:
+    """A complete cache opened for reading; shard files are opened lazily (per process: DataLoader workers
+    open their own memory maps)."""
+
+    def __init__(self, directory: Path, manifest: dict):
+        self.directory, self.manifest = directory, manifest
+        self.num_pairs: int = manifest["num_pairs"]
+        self.shard_pairs: int = manifest["shard_pairs"]
+        self.orientations = 2 if manifest["random_flip"] else 1
+        self.family: str = manifest["family"]
+        self.images_per_item: int = manifest.get("images_per_item", 2)  # caches before unpaired items held pairs
+        # format 3: the first image row of each image shard (they may end early), for `_image`; format 2: none
+        self._image_starts = list(np.cumsum([0] + [f["rows"] for f in manifest.get("image_files", [])])[:-1])
+        self._handles: dict[str, Any] = {}
+
+    @classmethod
+    def open(cls, model: ModelConfig, data: DataConfig, cache: CacheConfig) -> "Cache":
+        """Open `cache.dir`, refusing (one line) a missing cache or one made with other settings."""
+        directory = Path(cache.dir).expanduser()
+        manifest = read_manifest(directory)
+        if manifest is None:
+            raise UserError(f"cache.dir '{directory}' holds no cache (no {MANIFEST}); build it with "
+                            "`diffusion-dpo cache --config ...` or set cache.auto=true")
+        check_manifest(manifest, model, data, cache, directory)
+        missing = [f["file"] for f in manifest["pair_files"] + manifest["text_files"] + manifest.get("image_files", [])
+                   if not (directory / f["file"]).is_file()]
+        if missing:
+            raise UserError(f"cache.dir '{directory}' is incomplete: {missing[0]} is missing; rebuild it with "
+                            "`diffusion-dpo cache` (after removing the folder)")
+        return cls(directory, manifest)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_handles": {}}  # memory maps do not travel to worker processes
+
+    def _file(self, name: str) -> Any:
+        from safetensors import safe_open
+
+        if name not in self._handles:
+            self._handles[name] = safe_open(str(self.directory / name), framework="pt")
+        return self._handles[name]
+
+    def _row(self, files: list[dict], row: int, keys: Optional[tuple[str, ...]] = None) -> dict[str, Tensor]:
+        """Row `row` of the tensors `keys` (None: all the shard holds)."""
+        shard, offset = divmod(row, self.shard_pairs)
+        f = self._file(files[shard]["file"])
+        return {k: f.get_slice(k)[offset:offset + 1][0] for k in (keys or f.keys()) if k in f.keys()}
+
+    def _image(self, row: int) -> dict[str, Tensor]:
+        """Row `row` of the image table (format 3)."""
+        shard = bisect.bisect_right(self._image_starts, row) - 1
+        f = self._file(self.manifest["image_files"][shard]["file"])
+        offset = row - int(self._image_starts[shard])
+        return {k: f.get_slice(k)[offset:offset + 1][0] for k in ("mean", "std", "crop_top_lefts", "original_sizes")}
+
+    def pair(self, index: int, flipped: bool, empty_prompt: bool) -> dict[str, Tensor]:
+        """Pair `index` as one training item's tensors (the orientation and caption already chosen)."""
+        row = self._row(self.manifest["pair_files"], index,
+                        ("mean", "std", "crop_top_lefts", "original_sizes", "image", "caption", "label"))
+        if "image" in row:  # format 3: the pair names its images; stack them as format 2 stores them
+            images = [self._image(int(r)) for r in row.pop("image")]
+            row.update(mean=torch.stack([im["mean"] for im in images], 1),  # (V, G, C, h, w)
+                       std=torch.stack([im["std"] for im in images], 1),
+                       crop_top_lefts=torch.stack([im["crop_top_lefts"] for im in images], 1),  # (V, G, 2)
+                       original_sizes=torch.stack([im["original_sizes"] for im in images]))  # (G, 2)
+        o = 1 if flipped else 0
+        text = self._row(self.manifest["text_files"], EMPTY_PROMPT_ROW if empty_prompt else int(row["caption"]))
+        item = {"latent_mean": row["mean"][o], "latent_std": row["std"][o],  # (2, C, h, w) winner first
+                "crop_top_lefts": row["crop_top_lefts"][o], "original_sizes": row["original_sizes"],
+                "label": float(row["label"])}
+        item.update({TEXT_PREFIX + name: t for name, t in text.items()})
+        return item
+
+
+class CachedPairs(torch.utils.data.Dataset):
+    """The cached counterpart of `data.PreferenceDataset`: items keyed by (pair_index, sample_seed), with the
+    flip and the empty-prompt swap drawn by the same `randomness.item_draws`."""
+
+    def __init__(self, cache: Cache, random_flip: bool, proportion_empty_prompts: float):
+        self.cache, self.random_flip, self.proportion_empty_prompts = cache, random_flip, proportion_empty_prompts
+
+    def __len__(self) -> int:
+        return self.cache.num_pairs
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        index, seed = key
+        draws = item_draws(seed, self.random_flip, False, self.proportion_empty_prompts)
+        item = self.cache.pair(index, draws.flip, draws.empty_prompt)
+        item["sample_seed"] = int(seed) & 0x7FFFFFFFFFFFFFFF  # as PreferenceDataset: the key of the pair's noise
+        return item
+
+
+def cached_inputs(batch: dict[str, Any], posterior_eps: Tensor, family: Family, resolution: int,
+                  device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Any]:
+    """Latents (2B, C, h, w) as [winners; losers] and their conditioning from a cached batch: the same
+    `sample_latents` and `Family.conditioning` as the on-the-fly path."""
+    def both(t: Tensor) -> Tensor:  # (B, G, ...) -> (GB, ...) winners first (G = 1: unpaired items)
+        return torch.cat(t.unbind(1)).to(device, non_blocking=True)
+
+    latents = sample_latents(both(batch["latent_mean"]).float(), both(batch["latent_std"]).float(), posterior_eps,
+                             family.latent_scale)
+    encodings = {key[len(TEXT_PREFIX):]: t.to(device, dtype, non_blocking=True) for key, t in batch.items()
+                 if key.startswith(TEXT_PREFIX)}
+    return latents, family.conditioning(encodings, batch["original_sizes"], batch["crop_top_lefts"], resolution)
