@@ -31,8 +31,11 @@ def test_shipped_accelerate_configs_parse_as_accelerate_configs():
     from accelerate.utils import DistributedType
 
     configs = {p.stem: load_config_from_file(str(p)) for p in sorted(ACCELERATE.glob("*.yaml"))}
-    assert set(configs) == {"multi_gpu", "fsdp", "deepspeed_zero2", "deepspeed_zero3"}
+    assert set(configs) == {"multi_gpu", "multi_node", "fsdp", "deepspeed_zero2", "deepspeed_zero3"}
     assert configs["multi_gpu"].distributed_type == DistributedType.MULTI_GPU
+    nodes = configs["multi_node"]
+    assert nodes.distributed_type == DistributedType.MULTI_GPU and nodes.num_machines == 2
+    assert nodes.num_processes == 16 and nodes.main_process_ip and nodes.main_process_port
     fsdp = configs["fsdp"]
     assert fsdp.distributed_type == DistributedType.FSDP and fsdp.fsdp_config["fsdp_version"] == 2
     for name, stage in (("deepspeed_zero2", 2), ("deepspeed_zero3", 3)):

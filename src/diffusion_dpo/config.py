@@ -208,6 +208,11 @@ class TrainConfig:
                                     "convolutions on recent GPUs with bf16/fp16; no gain on CPU).")
     compile: bool = _f(False, "torch.compile the UNet (the first steps are slow while it compiles; pays off on "
                               "long GPU runs).")
+    process_group_timeout_minutes: float = _f(120.0, "How long a process waits at a barrier or collective for the "
+                                                     "others before the job fails (torch's default under NCCL is "
+                                                     "10). It guards the stages one process still does while the "
+                                                     "others wait: writing a full fine-tune's final/ pipeline and "
+                                                     "checkpoints, the merge after a shared stage.")
 
 
 @dataclass
@@ -452,6 +457,8 @@ def validate(cfg: Config, data_in_memory: bool = False, iterate: bool = False) -
          f"not {cfg.loss.name}")
     need(not cfg.model.reference or cfg.loss.name not in LOSSES or LOSSES[cfg.loss.name].needs_reference,
          "model.reference", f"is not used by loss {cfg.loss.name} (it trains without a reference model); unset it")
+    need(cfg.train.process_group_timeout_minutes > 0, "train.process_group_timeout_minutes",
+         f"must be > 0 (got {cfg.train.process_group_timeout_minutes})")
     need(cfg.lora.rank >= 0, "lora.rank", f"must be >= 0 (got {cfg.lora.rank})")
     need(cfg.lora.alpha is None or cfg.lora.alpha > 0, "lora.alpha", "must be > 0")
     need(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")

@@ -127,7 +127,7 @@ class Rounds:
 
     def __init__(self, cfg: Config, log: Callable[[str], None] = print):
         from diffusion_dpo.evaluation.compare import Scorer, parse_rewards
-        from diffusion_dpo.evaluation.generate import process_state
+        from diffusion_dpo.processes import process_state
         from diffusion_dpo.models import describe
         from diffusion_dpo.evaluation.prompts import load_prompts
         from diffusion_dpo.evaluation.rewards.common import preset_pins
@@ -135,7 +135,7 @@ class Rounds:
         cfg = check_config(cfg, iterate=True)  # a Config built in code is checked as a YAML one is
         self.cfg, self.it, self.log = cfg, cfg.iterate, log
         self.out = Path(cfg.output_dir)
-        self.state = process_state()
+        self.state = process_state(cfg.train.process_group_timeout_minutes)
         self.main = self.state.is_main_process
         self.lora = cfg.lora.rank > 0
         # Everything a round needs is checked before the first image: the model, the start, both prompt sets, the
@@ -157,7 +157,7 @@ class Rounds:
                                                       for k, v in sorted(r.commits.items())})
         self.state.wait_for_everyone()
         # the base model (and a hub reference) read at one commit for every round, resumes included
-        self.pins = pin_once(cfg, read_pins(self.out))
+        self.pins = pin_once(cfg, self.out)
         if self.main:
             write_pins(self.out, self.pins)
         self.state.wait_for_everyone()

@@ -130,17 +130,13 @@ def write_pins(run_dir: Path, pins: list[Pin]) -> None:
     os.replace(tmp, run_dir / PINS_FILE)
 
 
-def pin_once(cfg: Any, previous: Optional[dict[str, Pin]] = None) -> list[Pin]:
-    """`pin_sources` decided by the main process and shared with every other (so that all load the same commit),
-    then applied to `cfg`. Every process must call it."""
+def pin_once(cfg: Any, run_dir: Optional[Path] = None) -> list[Pin]:
+    """`pin_sources` decided by the main process (reusing the pins `run_dir` recorded, when given) and shared with
+    every other, so that all load the same commit; then applied to `cfg`. Every process must call it."""
     from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list
 
-    state = PartialState()
-    pins = pin_sources(cfg, previous) if state.is_main_process else None
-    if state.num_processes > 1:
-        shared = [pins]
-        broadcast_object_list(shared)
-        pins = shared[0]
+    from diffusion_dpo.processes import decide_once
+
+    pins = decide_once(PartialState(), lambda: pin_sources(cfg, read_pins(run_dir) if run_dir is not None else None))
     apply_pins(cfg, pins)
     return pins

@@ -155,7 +155,8 @@ def _quiet() -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from diffusion_dpo.evaluation.generate import generate_on_all, process_state
+    from diffusion_dpo.evaluation.generate import generate_on_all
+    from diffusion_dpo.processes import process_state
     from diffusion_dpo.evaluation.prompts import load_prompts
 
     _quiet()

@@ -225,14 +225,6 @@ def merge_shards(out_dir: str | Path) -> int:
     return len(new)
 
 
-def process_state() -> Any:
-    """accelerate's `PartialState` of this process (one process unless started by `accelerate launch`). As the
-    Trainer's Accelerator: without CUDA, only cpu=True runs several processes (over gloo)."""
-    from accelerate import PartialState
-
-    return PartialState(cpu=not torch.cuda.is_available())
-
-
 def pinned_revision(out_dir: Path, model: str, revision: Optional[str]) -> Optional[str]:
     """The commit a generation run of hub model `model` reads: the one its run.json recorded (a resume, same model
     and revision asked for), else what `revision` (default main) resolves to now (pinning). Local models: None."""

@@ -35,12 +35,14 @@ STATE_FILE = "train_state.json"
 
 @dataclass
 class TrainState:
-    """Where the run is: optimizer steps done, current epoch, and micro-batches consumed in that epoch."""
+    """Where the run is: optimizer steps done, current epoch, the pairs of that epoch's order already consumed (by
+    all processes), and the layout that consumed them."""
 
     step: int = 0
     epoch: int = 0
-    position: int = 0  # global (all processes) micro-batches already consumed in `epoch`
+    position: int = 0  # pairs of `epoch`'s order already consumed (all processes); micro-batches before layouts
     skipped_steps: int = 0  # steps that did not update: a non-finite loss/gradient (train.skip_nonfinite), or fp16 inf gradients
+    layout: Optional[dict] = None  # {"processes", "batch_size", "accumulation"} of the run that wrote it
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -183,6 +185,15 @@ def save_checkpoint(output_dir: Path, state: TrainState, write_weights: Optional
     return final
 
 
+def read_state(path: Path) -> TrainState:
+    """The `TrainState` checkpoint `path` recorded; one line if it cannot be read."""
+    try:
+        return TrainState(**json.loads((path / STATE_FILE).read_text()))
+    except (OSError, ValueError, TypeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"train.resume: {path} is not a usable checkpoint ({reason[:200]})") from None
+
+
 def load_checkpoint(path: Path, read_weights: Optional[Callable[[Path], None]],
                     optimizer: Optional[torch.optim.Optimizer], lr_scheduler: Any, scaler: Any = None) -> TrainState:
     """Restore weights (through `read_weights`), optimizer, scheduler and fp16 scaler; return the `TrainState`.
@@ -197,7 +208,7 @@ def load_checkpoint(path: Path, read_weights: Optional[Callable[[Path], None]],
         if scaler is not None and (path / "scaler.pt").is_file():
             scaler.load_state_dict(torch.load(path / "scaler.pt", map_location="cpu", weights_only=True))
         lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
-        return TrainState(**json.loads((path / STATE_FILE).read_text()))
+        return read_state(path)
     except (OSError, pickle.UnpicklingError, RuntimeError, ValueError, TypeError, KeyError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"train.resume: {path} is not a usable checkpoint ({reason[:200]})") from None

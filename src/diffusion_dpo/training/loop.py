@@ -58,17 +58,44 @@ def micro_batches(dataset: torch.utils.data.Dataset, sampler: PairSampler, data:
         num_workers=data.num_workers, persistent_workers=data.num_workers > 0, drop_last=True, pin_memory=pin_memory)
     epoch, start = state.epoch, state.position
     while True:
-        sampler.set_epoch(epoch, start=start * data.batch_size * world)
+        sampler.set_epoch(epoch, start=start)
         for batch in loader:
             yield epoch, unpack_batch(batch)
         epoch, start = epoch + 1, 0
 
 
-def advance_position(state: TrainState, epoch: int) -> None:
-    """Count one global micro-batch consumed in `epoch` (a new epoch starts at position 0)."""
+def advance_position(state: TrainState, epoch: int, pairs: int) -> None:
+    """Count one global micro-batch of `pairs` pairs (all processes) consumed in `epoch` (a new epoch starts at 0)."""
     if epoch != state.epoch:
         state.epoch, state.position = epoch, 0
-    state.position += 1
+    state.position += pairs
+
+
+def layout_of(processes: int, batch_size: int, accumulation: int) -> dict[str, int]:
+    """How a run consumes the order: per optimizer step, `accumulation` micro-batches of `batch_size` pairs on each
+    of `processes` processes."""
+    return {"processes": processes, "batch_size": batch_size, "accumulation": accumulation}
+
+
+def continue_layout(state: TrainState, layout: dict[str, int], log: Callable[[str], None]) -> None:
+    """Make a resumed `state` continue under this run's `layout`: at the same pair of the same global order.
+
+    The order and each pair's seeds depend only on (train.seed, epoch, position), never on the layout, so another
+    number of processes, batch size or accumulation continues at the same pair; an epoch then ends at the last
+    whole global batch of the new layout. (Sharded engine states are refused on another number of processes
+    before they are read: `outputs.Checkpoints.load`.) A checkpoint written before layouts were recorded counted
+    global micro-batches of this layout (the only one it could resume on)."""
+    if state.layout is None:
+        state.position *= layout["batch_size"] * layout["processes"]
+    elif state.layout != layout:
+        log(f"train.resume: written by {_says(state.layout)}, continued by {_says(layout)}: at pair {state.position} "
+            f"of epoch {state.epoch} in the same order")
+    state.layout = dict(layout)
+
+
+def _says(layout: dict[str, int]) -> str:
+    return (f"{layout['processes']} process(es) x batch {layout['batch_size']} x accumulation "
+            f"{layout['accumulation']}")
 
 
 def apply_update(optimizer: torch.optim.Optimizer, lr_scheduler: Any, scaler: Optional[Any], finite: bool) -> bool:

@@ -150,6 +150,12 @@ class Checkpoints:
                    else "a DDP or one-process run; resume it without FSDP/DeepSpeed")
             raise UserError(f"train.resume: {path} was written by {how} (sharded and plain states do not mix)")
         if self.sharded:
+            written = ckpt.read_state(path).layout or {}
+            processes = self.accelerator.num_processes
+            if written.get("processes", processes) != processes:
+                raise UserError(f"train.resume: {path} holds FSDP/DeepSpeed states sharded over "
+                                f"{written['processes']} processes and this run has {processes}; resume it on "
+                                f"{written['processes']} processes")
             self.accelerator.load_state(str(engine))  # every process reads its shards
             return ckpt.load_checkpoint(path, None, None, self.lr_scheduler)
         return ckpt.load_checkpoint(path, self.weights.read, self.optimizer, self.lr_scheduler,

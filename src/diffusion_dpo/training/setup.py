@@ -22,6 +22,7 @@ from diffusion_dpo.errors import UserError
 from diffusion_dpo.models import Family, add_lora, cast
 from diffusion_dpo.models.lora import continue_adapters
 from diffusion_dpo.models.reference import Reference, build_reference
+from diffusion_dpo.processes import agree, attempt, init_kwargs
 from diffusion_dpo.training.losses import LossSpec
 
 
@@ -29,7 +30,7 @@ def make_accelerator(train: TrainConfig, output_dir: Path, trackers: Optional[li
     """accelerate's Accelerator for this run: its precision, accumulation and trackers."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
     # accelerate keeps one state per process; a second run in the same process (a notebook, the
     # tests) with another precision would be refused. The process group itself is left alone.
@@ -42,7 +43,9 @@ def make_accelerator(train: TrainConfig, output_dir: Path, trackers: Optional[li
         # accelerate's own accumulation: DDP's no_sync, FSDP, and DeepSpeed's engine (which owns the
         # micro-step boundary and the update) all follow it; the loss is divided by it in backward()
         gradient_accumulation_steps=train.gradient_accumulation_steps,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")))
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        # applies where this Accelerator starts the process group (not when iterate's rounds already did)
+        kwargs_handlers=[InitProcessGroupKwargs(**init_kwargs(train.process_group_timeout_minutes))])
     if train.mixed_precision == "fp16" and acc.device.type != "cuda":
         raise UserError(f"train.mixed_precision=fp16 needs a CUDA GPU (this run is on {acc.device.type}); "
                         "use bf16 or no")
@@ -126,32 +129,46 @@ class TrainingData:
 
 def open_data(accelerator: Any, cfg: Config, in_memory: Optional[Any], loss: LossSpec) -> TrainingData:
     """The validated pairs (on the fly), or the cache and, if asked, the precomputed reference errors; all
-    checked before any model loads, so a stale cache or a short reference file fails in seconds."""
+    checked before any model loads, so a stale cache or a short reference file fails in seconds. A one-line error on
+    any process stops every process (`processes.agree`)."""
     acc = accelerator
     if not cfg.cache.dir:
+        def pairs() -> Feedback:
+            if in_memory is None:
+                return load_feedback(cfg.data)
+            found = pairs_from_memory(in_memory, cfg.data)
+            return split_pairs(found) if cfg.data.unpaired else found
+
         # The main process validates (and builds the Arrow cache) first; the others then reuse the cache.
         with acc.main_process_first():
-            if in_memory is None:
-                pairs = load_feedback(cfg.data)
-            else:
-                pairs = pairs_from_memory(in_memory, cfg.data)
-                pairs = split_pairs(pairs) if cfg.data.unpaired else pairs
-        acc.print(pairs.summary())
-        return TrainingData(pairs=pairs)
-    # The main process builds what is missing (cache.auto) first; the others then open it.
-    with acc.main_process_first():
+            outcome = attempt(pairs)
+        found = agree(acc, outcome)
+        acc.print(found.summary())
+        return TrainingData(pairs=found)
+
+    def cache() -> Cache:
+        # the main process builds what is missing (cache.auto) first; the others then open it
         if acc.is_main_process and cfg.cache.auto and read_manifest(Path(cfg.cache.dir).expanduser()) is None:
             build_cache(cfg.model, cfg.data, cfg.cache, cfg.flow, acc.device, acc.print)
-        cache = Cache.open(cfg.model, cfg.data, cfg.cache)  # refuses a cache made with other settings
-    acc.print(f"cache {cfg.cache.dir}: {cache.manifest['summary']}")
+        return Cache.open(cfg.model, cfg.data, cfg.cache)  # refuses a cache made with other settings
+
+    with acc.main_process_first():
+        outcome = attempt(cache)
+    store = agree(acc, outcome)
+    acc.print(f"cache {cfg.cache.dir}: {store.manifest['summary']}")
     table = None
     if cfg.cache.reference == "precomputed" and loss.needs_reference:
         sections = (cfg.model, cfg.lora, cfg.flow, cfg.data, cfg.train, cfg.cache)
-        with acc.main_process_first():
+
+        def reference() -> ReferenceTable:
             if acc.is_main_process and cfg.cache.auto and not reference_path(cfg.cache).is_file():
                 precompute_reference(*sections, acc.device, acc.num_processes, acc.print)
-            table = ReferenceTable.open(*sections, cache, acc.num_processes, acc.device.type)
-    return TrainingData(cache=cache, reference_table=table)
+            return ReferenceTable.open(*sections, store, acc.num_processes, acc.device.type)
+
+        with acc.main_process_first():
+            outcome = attempt(reference)
+        table = agree(acc, outcome)
+    return TrainingData(cache=store, reference_table=table)
 
 
 def check_items(data: TrainingData, loss_name: str, loss: LossSpec, cfg_data: DataConfig, processes: int) -> None:

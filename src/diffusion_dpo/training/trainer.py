@@ -18,12 +18,14 @@ from diffusion_dpo.config import Config, check_config, flat_config
 from diffusion_dpo.data.items import PairSampler
 from diffusion_dpo.errors import UserError, is_local_path
 from diffusion_dpo.models import Family, describe, load_components, weight_dtype_of
-from diffusion_dpo.pinning import pin_once, read_pins
+from diffusion_dpo.pinning import pin_once
+from diffusion_dpo.processes import check_shared, decide_once
 import diffusion_dpo.training.checkpoint as ckpt
 import diffusion_dpo.training.setup as setup
 from diffusion_dpo.training.ema import WeightAverage
-from diffusion_dpo.training.loop import (MetricsCallback, MetricsLog, advance_position, apply_update, micro_batches,
-                                         progress_bar, reduce_metrics)
+from diffusion_dpo.training.loop import (MetricsCallback, MetricsLog, advance_position, apply_update,
+                                         continue_layout, layout_of, micro_batches, progress_bar,
+                                         reduce_metrics)
 from diffusion_dpo.training.losses import LossSpec, get_loss
 from diffusion_dpo.training.model_card import RunFacts
 from diffusion_dpo.training.optim import StepInBackward, make_lr_scheduler, make_optimizer
@@ -59,14 +61,10 @@ class Trainer:
         self.world = acc.num_processes
 
         # Data first: a bad data set fails in seconds, before any model is loaded.
-        self.resume_from = ckpt.resolve_resume(cfg.train.resume, self.output_dir,  # a bad path fails now
-                                               cfg.train.trust_sharded_resume)
-        if cfg.train.resume == "latest" and self.resume_from is None:
-            acc.print(f"train.resume latest: no checkpoint in {self.output_dir}, starting a new run")
-        ckpt.check_output_dir(self.output_dir, resuming=self.resume_from is not None, overwrite=cfg.overwrite,
-                              resume_asked=bool(cfg.train.resume))
+        # Decided once, by the main process, for all: a process that saw another output_dir would resume elsewhere.
+        self.resume_from = decide_once(acc, self._decide_resume)
         # hub sources resolved to commits once (a resume reuses the run's own): every download reads those
-        self.pins = pin_once(cfg, read_pins(self.output_dir) if self.resume_from is not None else None)
+        self.pins = pin_once(cfg, self.output_dir if self.resume_from is not None else None)
         if Path(cfg.model.pretrained).expanduser().exists() or is_local_path(cfg.model.pretrained):
             describe(cfg.model)  # a local model path mistake or an unsupported family fails before the data scan
         self.data = setup.open_data(acc, cfg, dataset, self.loss_spec)
@@ -104,7 +102,8 @@ class Trainer:
 
         self.dataset = self.data.dataset(cfg.data, self.components.tokenizer)
         self.sampler = PairSampler(self.num_pairs, seed=cfg.train.seed)
-        self.state = ckpt.TrainState()
+        self.layout = layout_of(self.world, cfg.data.batch_size, cfg.train.gradient_accumulation_steps)
+        self.state = ckpt.TrainState(layout=dict(self.layout))
         self.metrics_path = self.output_dir / "metrics.jsonl"
         self.metrics = MetricsLog(acc, self.metrics_path, callback)
         self.method = PreferenceStep(acc, self.components, self.loss_spec, cfg.loss, self.reference, precomputed,
@@ -115,6 +114,16 @@ class Trainer:
         self.weights = Weights(acc, self.denoiser, self.components, self.lora, cfg.model, self.average)
         self.checkpoints = Checkpoints(acc, self.output_dir, self.weights, self.optimizer, self.lr_scheduler,
                                        self.sharded, cfg.train.checkpoints_total_limit)
+
+    def _decide_resume(self) -> Optional[Path]:
+        """The checkpoint to continue from (None: a new run), after checking output_dir may be written."""
+        cfg = self.cfg
+        resume_from = ckpt.resolve_resume(cfg.train.resume, self.output_dir, cfg.train.trust_sharded_resume)
+        if cfg.train.resume == "latest" and resume_from is None:
+            print(f"train.resume latest: no checkpoint in {self.output_dir}, starting a new run")
+        ckpt.check_output_dir(self.output_dir, resuming=resume_from is not None, overwrite=cfg.overwrite,
+                              resume_asked=bool(cfg.train.resume))
+        return resume_from
 
     def step(self, batch: dict[str, Any], micro_step: int) -> StepOutput:
         """Loss and metrics for one micro-batch of B pairs (`training.step`)."""
@@ -130,8 +139,11 @@ class Trainer:
         """Train to `train.max_steps` (resuming if asked), writing metrics, checkpoints, grids and final/."""
         cfg, acc = self.cfg, self.accelerator
         prepare_output_dir(acc, cfg, self.output_dir, self.resume_from is not None, self.pins)
+        check_shared(acc, {"output_dir": self.output_dir, **({"cache.dir": Path(cfg.cache.dir).expanduser()}
+                                                             if cfg.cache.dir else {})})
         if self.resume_from is not None:
             self.state = self.checkpoints.load(self.resume_from)
+            continue_layout(self.state, self.layout, acc.print)
             acc.print(f"resumed from {self.resume_from} at step {self.state.step}")
         self.metrics.truncate(self.state.step)
         if acc.is_main_process:
@@ -152,7 +164,7 @@ class Trainer:
                     acc.backward(out.loss)  # divided by the accumulation steps inside
                 for key, v in out.metrics.items():
                     sums[key] = sums.get(key, 0) + v / accum
-                advance_position(self.state, epoch)
+                advance_position(self.state, epoch, cfg.data.batch_size * self.world)
             if self.in_backward is not None:
                 grad_norm = self.in_backward.grad_norm().to(acc.device)
             else:
