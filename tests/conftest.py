@@ -1,11 +1,14 @@
 """Shared fixtures: tiny SD, SDXL, SD3 and FLUX pipelines saved as real diffusers directories, built once."""
 
 import os
+import tempfile
 import warnings
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+# remembered image checks (data/image_checks.py) go to a folder of this session, not the user's ~/.cache
+os.environ["DIFFUSION_DPO_CACHE"] = tempfile.mkdtemp(prefix="dpo-tests-cache-")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 warnings.filterwarnings("ignore", message=".*torchvision.*")

@@ -455,14 +455,23 @@ def test_max_pairs_scans_only_what_it_needs(tmp_path):
     pairs = load_preference_pairs(dcfg(f, max_pairs=3, skip_bad_rows=True))
     assert [pairs.get(i)[0] for i in range(3)] == ["r0", "r2", "r3"] and pairs.num_bad_skipped == 1
     assert pairs.summary().endswith(f"(data.max_pairs reached at {f} row 3)")
-    assert len(load_preference_pairs(dcfg(f, max_pairs=5, validate_images=False))) == 5  # row 8 never reached
+    assert len(load_preference_pairs(dcfg(f, max_pairs=5, image_check="lazy"))) == 5  # row 8 never reached
 
 
-def test_without_image_validation_a_broken_image_fails_when_read(tmp_path, tok):
-    f = write_pickapic(tmp_path / "late.parquet", [row(), row(jpg_1=GARBAGE)])
-    cfg = dcfg(f, validate_images=False)
+def test_lazy_image_check_replaces_a_broken_pair_by_the_next_and_counts_it(tmp_path, tok):
+    """data.image_check lazy decodes nothing before training; the loader replaces a pair whose image does not decode
+    by the next pair (with the asked-for seed's draws) and counts it. With every pair broken, the asked-for pair's
+    error is raised (in one line)."""
+    f = write_pickapic(tmp_path / "late.parquet", [row("first"), row("second", jpg_1=GARBAGE), row("third")])
+    cfg = dcfg(f, image_check="lazy")
     ds = PreferenceDataset(load_preference_pairs(cfg), cfg, ids(tok))
-    with pytest.raises(UserError, match=r"late.parquet row 1: image cannot be decoded \(cannot identify image file\)"):
+    replaced, next_pair = ds[(1, 5)], ds[(2, 5)]
+    assert replaced["bad_pairs_skipped"] == 1 and ds[(0, 5)]["bad_pairs_skipped"] == 0
+    assert torch.equal(replaced["pixel_values"], next_pair["pixel_values"]) and replaced["prompt"] == "third"
+    broken = write_pickapic(tmp_path / "all.parquet", [row(jpg_0=GARBAGE), row(jpg_1=GARBAGE)])
+    ds = PreferenceDataset(load_preference_pairs(dcfg(broken, image_check="lazy")), dcfg(broken, image_check="lazy"),
+                           ids(tok))
+    with pytest.raises(UserError, match=r"all.parquet row 1: image cannot be decoded \(cannot identify image file\)"):
         ds[(1, 0)]
 
 
@@ -653,7 +662,7 @@ def test_images_above_the_pixel_limit_are_refused_from_their_header(tmp_path, to
     normal = write_pickapic(tmp_path / "normal.parquet", [row(), row(jpg_1=solid(BLUE, size=(40, 32)))])
     assert load_error(dcfg(normal)) == (f"{normal} row 0: jpg_0 cannot be decoded as an image (image is 40 x 32 = "
                                         "1280 pixels, more than the 1000 allowed)")
-    cfg = dcfg(normal, validate_images=False)  # found when the item is read
+    cfg = dcfg(normal, image_check="lazy")  # found when the item is read
     ds = PreferenceDataset(load_preference_pairs(cfg), cfg, ids(tok))
     with pytest.raises(UserError, match=r"normal.parquet row 0: image cannot be decoded \(image is 40 x 32 = 1280"):
         ds[(0, 0)]
@@ -690,3 +699,73 @@ def test_high_depth_grayscale_converts_as_before_without_float64_copies():
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         assert peak <= 6 * arr.size, (mode, peak / arr.size)
+
+
+# ---------------------------------------------------------------- the image check, remembered (issue 36)
+
+def _counting_decodes(monkeypatch) -> list[int]:
+    """Record the rows each image check decodes."""
+    from diffusion_dpo.data import images
+
+    decoded: list[int] = []
+    real = images._check_rows
+
+    def counting(rows, reader=None):
+        decoded.extend(int(r) for r in rows)
+        return real(rows, reader)
+    monkeypatch.setattr(images, "_check_rows", counting)
+    return decoded
+
+
+def test_a_repeated_start_decodes_nothing_and_a_changed_file_is_checked_again(tmp_path, monkeypatch):
+    import os
+
+    decoded = _counting_decodes(monkeypatch)
+    good = write_pickapic(tmp_path / "a" / "train-0.parquet", [row(f"a{i}") for i in range(4)])
+    bad = write_pickapic(tmp_path / "a" / "train-1.parquet", [row("b0"), row("b1", jpg_0=GARBAGE), row("b2")])
+    cfg = dcfg(tmp_path / "a", skip_bad_rows=True)
+    first = load_preference_pairs(cfg)
+    assert sorted(decoded) == [0, 1, 2, 3, 4, 5, 6] and first.num_bad_skipped == 1
+    decoded.clear()
+    again = load_preference_pairs(cfg)  # the same files: the verdicts, bad row included, are remembered
+    assert decoded == [] and list(again.row_index) == list(first.row_index) and again.num_bad_skipped == 1
+    assert again.first_bad == first.first_bad
+    with pytest.raises(UserError, match=r"train-1.parquet row 1: jpg_0 cannot be decoded"):
+        load_preference_pairs(dcfg(tmp_path / "a"))  # remembered bad row: still one line, nothing decoded
+    assert decoded == []
+    # a rewritten file (new size or modification time) is checked again, the unchanged one is not
+    write_pickapic(bad, [row("b0"), row("b1"), row("b2"), row("b3")])
+    os.utime(bad, ns=(os.stat(bad).st_atime_ns, os.stat(bad).st_mtime_ns + 1))
+    fixed = load_preference_pairs(dcfg(tmp_path / "a"))
+    assert sorted(decoded) == [4, 5, 6, 7] and len(fixed) == 8
+    # another pixel limit is another verdict: everything is checked again
+    from diffusion_dpo.data import images
+
+    decoded.clear()
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 10**9)
+    load_preference_pairs(dcfg(tmp_path / "a"))
+    assert sorted(decoded) == list(range(8))
+
+
+def test_remembered_checks_of_local_files_follow_each_image(tmp_path, monkeypatch):
+    import json as _json
+
+    from pickapic_fixtures import solid
+
+    decoded = _counting_decodes(monkeypatch)
+    (tmp_path / "img").mkdir()
+    for name, color in (("r", RED), ("b", BLUE), ("g", GREEN)):
+        (tmp_path / "img" / f"{name}.png").write_bytes(solid(color))
+    lines = [{"prompt": "p0", "chosen": "img/r.png", "rejected": "img/b.png"},
+             {"prompt": "p1", "chosen": "img/g.png", "rejected": "img/b.png"}]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(_json.dumps(x) + "\n" for x in lines))
+    load_preference_pairs(dcfg(data))
+    assert sorted(decoded) == [0, 1]
+    decoded.clear()
+    load_preference_pairs(dcfg(data))
+    assert decoded == []
+    (tmp_path / "img" / "g.png").write_bytes(GARBAGE)  # only the line that names it is checked again
+    with pytest.raises(UserError, match=r"pairs.jsonl line 2: .*cannot be decoded"):
+        load_preference_pairs(dcfg(data))
+    assert decoded == [1]

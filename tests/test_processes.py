@@ -8,7 +8,6 @@ import sys
 import traceback
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -24,77 +23,125 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM
 
 # ---------------------------------------------------------------- the helpers, on two real gloo processes
 
-def _two_processes(rank: int, port: int, out: str, case: str) -> None:
-    """One of two processes (torch.multiprocessing): runs `case` and writes what it saw to out/rank-<rank>.json."""
+CASES = ("shared", "decide", "agree", "timeout", "split_check")
+
+
+def _two_processes(rank: int, port: int, out: str) -> None:
+    """One of two processes (torch.multiprocessing): runs every case of CASES, each in its folder out/<case>/, and
+    writes what it saw to out/<case>/rank-<rank>.json. One process group for all: a spawn costs seconds here."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from diffusion_dpo.errors import UserError
     from diffusion_dpo.processes import agree, attempt, check_shared, decide_once, process_state
 
-    state = process_state(timeout_minutes=3 if case != "timeout" else None)
-    seen: dict = {}
-    try:
-        if case == "shared":
-            # process 1 is given another folder for output_dir: what a node-local path looks like from node 1
-            folder = Path(out) / ("shared" if rank == 0 else "node-local")
-            folder.mkdir(exist_ok=True)
-            check_shared(state, {"cache.dir": Path(out), "output_dir": folder})
-        elif case == "decide":
-            def decide():
-                raise UserError("train.resume: 'x' is not a checkpoint directory")
-            decide_once(state, decide)
-        elif case == "agree":
-            def work():
-                if state.process_index == 1:
-                    raise UserError("cache.dir 'c' holds no cache")
-                return "opened"
-            agree(state, attempt(work))
-        elif case == "timeout":
-            from torch.distributed.distributed_c10d import _get_default_group
+    state = process_state()  # the default timeout: train.process_group_timeout_minutes's
+    for case in CASES:
+        where = Path(out) / case
+        seen: dict = {}
+        try:
+            if case == "shared":
+                # process 1 is given another folder for output_dir: what a node-local path looks like from node 1
+                folder = where / ("shared" if rank == 0 else "node-local")
+                folder.mkdir(exist_ok=True)
+                check_shared(state, {"cache.dir": where, "output_dir": folder})
+            elif case == "decide":
+                def decide():
+                    raise UserError("train.resume: 'x' is not a checkpoint directory")
+                decide_once(state, decide)
+            elif case == "agree":
+                def work():
+                    if state.process_index == 1:
+                        raise UserError("cache.dir 'c' holds no cache")
+                    return "opened"
+                agree(state, attempt(work))
+            elif case == "timeout":
+                from torch.distributed.distributed_c10d import _get_default_group
 
-            seen["timeout_s"] = _get_default_group()._get_backend(torch.device("cpu")).options._timeout.total_seconds()
-        seen["error"] = None
-    except UserError as exc:
-        seen["error"] = str(exc)
-    except Exception:  # noqa: BLE001 - anything else is the test's failure, reported to it
-        seen["error"] = "crash: " + traceback.format_exc()
-    Path(out, f"rank-{rank}.json").write_text(json.dumps(seen))
+                backend = _get_default_group()._get_backend(torch.device("cpu"))
+                seen["timeout_s"] = backend.options._timeout.total_seconds()
+            elif case == "split_check":
+                from diffusion_dpo.config import DataConfig
+                from diffusion_dpo.data import images
+                from diffusion_dpo.data.image_checks import shared_by
+                from diffusion_dpo.data.pairs import load_preference_pairs
+
+                decoded, real = [], images._check_rows
+                images._check_rows = lambda rows, reader=None: decoded.extend(map(int, rows)) or real(rows, reader)
+                cfg = DataConfig(path=str(where / "data.parquet"), num_workers=0, skip_bad_rows=True)
+                with shared_by(state):
+                    pairs = load_preference_pairs(cfg)
+                seen.update(decoded=list(decoded), kept=pairs.row_index.tolist(), first_bad=pairs.first_bad)
+                decoded.clear()
+                with shared_by(state):  # a second start: remembered, nothing decoded
+                    load_preference_pairs(cfg)
+                seen["decoded_again"] = decoded
+                images._check_rows = real
+            seen["error"] = None
+        except UserError as exc:
+            seen["error"] = str(exc)
+        except Exception:  # noqa: BLE001 - anything else is the test's failure, reported to it
+            seen["error"] = "crash: " + traceback.format_exc()
+        (where / f"rank-{rank}.json").write_text(json.dumps(seen))
     torch.distributed.destroy_process_group()
 
 
-def run_two(tmp_path: Path, case: str) -> list[dict]:
+@pytest.fixture(scope="module")
+def two(tmp_path_factory) -> dict[str, list[dict]]:
+    """{case: [what process 0 saw, what process 1 saw]} of two real gloo processes."""
     import socket
 
+    from pickapic_fixtures import GARBAGE, row, write_pickapic
+
+    out = tmp_path_factory.mktemp("two")
+    for case in CASES:
+        (out / case).mkdir()
+    write_pickapic(out / "split_check" / "data.parquet",
+                   [row(f"r{i}", jpg_1=GARBAGE if i == 7 else None) for i in range(10)])
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_two_processes, args=(port, str(tmp_path), case), nprocs=2, join=True)
-    return [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    torch.multiprocessing.spawn(_two_processes, args=(port, str(out)), nprocs=2, join=True)
+    return {case: [json.loads((out / case / f"rank-{r}.json").read_text()) for r in (0, 1)] for case in CASES}
 
 
-def test_a_folder_one_process_does_not_see_is_named_on_every_process(tmp_path):
-    seen = run_two(tmp_path, "shared")
-    assert seen[0]["error"].startswith(f"output_dir '{tmp_path / 'shared'}' is not shared by all processes: "
-                                       "process(es) 1 (")
-    assert "is not shared by all processes: process(es) 1 (" in seen[1]["error"]  # (its own path: same on a cluster)
-    assert not list(tmp_path.rglob(".diffusion_dpo_shared_*"))  # the sentinels are removed
+def test_a_folder_one_process_does_not_see_is_named_on_every_process(two):
+    seen = two["shared"]
+    assert seen[0]["error"].startswith("output_dir '") and seen[0]["error"].split("'")[1].endswith("shared/shared")
+    for s in seen:  # (each names its own path: the same on a cluster)
+        assert "is not shared by all processes: process(es) 1 (" in s["error"]
 
 
-def test_a_decision_and_its_error_reach_every_process(tmp_path):
-    assert [s["error"] for s in run_two(tmp_path, "decide")] == ["train.resume: 'x' is not a checkpoint directory"] * 2
+def test_the_sentinels_are_removed(two, tmp_path_factory):
+    assert not list(tmp_path_factory.getbasetemp().rglob(".diffusion_dpo_shared_*"))
 
 
-def test_an_error_on_one_process_stops_all(tmp_path):
+def test_a_decision_and_its_error_reach_every_process(two):
+    assert [s["error"] for s in two["decide"]] == ["train.resume: 'x' is not a checkpoint directory"] * 2
+
+
+def test_an_error_on_one_process_stops_all(two):
     """Process 1 fails where process 0 succeeds: both raise it (process 0 would otherwise wait at the next barrier)."""
-    assert [s["error"] for s in run_two(tmp_path, "agree")] == ["process 1: cache.dir 'c' holds no cache"] * 2
+    assert [s["error"] for s in two["agree"]] == ["process 1: cache.dir 'c' holds no cache"] * 2
 
 
-def test_the_process_group_waits_as_long_as_asked(tmp_path):
+def test_the_process_group_waits_as_long_as_asked(two):
     """process_state's default: train.process_group_timeout_minutes's (120), not torch's (10 under NCCL)."""
     from diffusion_dpo.config import TrainConfig
 
     assert TrainConfig().process_group_timeout_minutes == 120
-    assert [s["timeout_s"] for s in run_two(tmp_path, "timeout")] == [120 * 60] * 2
+    assert [s["timeout_s"] for s in two["timeout"]] == [120 * 60] * 2
+
+
+def test_the_image_check_is_split_over_the_processes(two):
+    """Each of 2 processes decodes half of the rows; both end with every row's verdict (the bad row skipped by both)
+    and a second start decodes nothing."""
+    seen = two["split_check"]
+    assert [s["error"] for s in seen] == [None, None]
+    assert sorted(seen[0]["decoded"] + seen[1]["decoded"]) == list(range(10))
+    assert [len(s["decoded"]) for s in seen] == [5, 5]
+    assert seen[0]["kept"] == seen[1]["kept"] == [0, 1, 2, 3, 4, 5, 6, 8, 9]
+    assert seen[0]["first_bad"] == seen[1]["first_bad"] and "row 7: jpg_1 cannot be decoded" in seen[0]["first_bad"]
+    assert seen[0]["decoded_again"] == seen[1]["decoded_again"] == []
 
 
 # ---------------------------------------------------------------- the data order under another layout
@@ -164,25 +211,12 @@ def _weights(run: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_two_process_runs_resume_on_two_and_a_one_process_run_on_two(tmp_path, tiny_sd, tiny_data):
-    """A 2-process full fine-tune resumed from its checkpoint-1 on 2 processes ends with its uninterrupted weights,
-    bit for bit, having run only steps 2 and 3 (it crashed in _load_checkpoint before: safetensors refused the
-    device "cpu:0"). A 1-process run (batch 4) resumed on 2 processes (batch 2: the same 4 pairs per step) continues at
-    its pair 4: it ends with the 1-process run's weights (up to the reduction order's float noise) and says so."""
-    straight = tmp_path / "two"
-    res = _launch(*fast(straight, tiny_sd, tiny_data, "--data.batch_size", "2", *SGD_LIKE))
-    assert res.returncode == 0, res.stderr[-3000:]
-    state = json.loads((straight / "checkpoint-1" / "train_state.json").read_text())
-    assert state["position"] == 4 and state["layout"] == layout_of(2, 2, 1)
-
-    resumed = tmp_path / "two-resumed"
-    res = _launch(*fast(resumed, tiny_sd, tiny_data, "--data.batch_size", "2", *SGD_LIKE,
-                        "--train.resume", str(straight / "checkpoint-1")))
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert [json.loads(ln)["step"] for ln in (resumed / "metrics.jsonl").read_text().splitlines()] == [2, 3]
-    a, b = _weights(straight), _weights(resumed)
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
+def test_a_one_process_run_resumes_on_two_and_a_two_process_run_on_two(tmp_path, tiny_sd, tiny_data):
+    """A 1-process full fine-tune (batch 4) resumed from its checkpoint-1 on 2 processes (batch 2: the same 4 pairs
+    per step) continues at its pair 4: steps 2 and 3 draw its pairs, it ends with its weights (up to the reduction
+    order's float noise) and says so. That 2-process run, resumed from its own checkpoint-2 on 2 processes, ends with
+    its weights bit for bit, having run only step 3. (Multi-process resumes crashed in _load_checkpoint before:
+    safetensors refused the device "cpu:0".)"""
     one = tmp_path / "one"
     assert main(fast(one, tiny_sd, tiny_data, "--data.batch_size", "4", *SGD_LIKE)) == 0
     moved = tmp_path / "one-on-two"
@@ -198,6 +232,16 @@ def test_two_process_runs_resume_on_two_and_a_one_process_run_on_two(tmp_path, t
     one_m, moved_m = (_metrics(run)[-2:] for run in (one, moved))
     for key in ("model_mse_w", "model_mse_l", "ref_mse_w", "ref_mse_l"):
         assert [m[key] for m in moved_m] == pytest.approx([m[key] for m in one_m], rel=1e-4), key
+    state = json.loads((moved / "checkpoint-2" / "train_state.json").read_text())
+    assert state["position"] == 8 and state["layout"] == layout_of(2, 2, 1)
+
+    again = tmp_path / "two-on-two"
+    res = _launch(*fast(again, tiny_sd, tiny_data, "--data.batch_size", "2", *SGD_LIKE,
+                        "--train.resume", str(moved / "checkpoint-2")))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [m["step"] for m in _metrics(again)] == [3] and "train.resume: written by" not in res.stdout
+    a, b = _weights(moved), _weights(again)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _metrics(run: Path) -> list[dict]:

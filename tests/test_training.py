@@ -485,3 +485,19 @@ def test_the_safeguard_needs_a_pairwise_loss(tmp_path, tiny_sd, tiny_data):
 def test_a_reference_free_loss_refuses_a_reference_model(tmp_path, tiny_sd, tiny_data):
     with pytest.raises(UserError, match=r"model.reference is not used by loss mapo \(it trains without a reference"):
         make_cfg(tmp_path, tiny_sd, tiny_data, loss__name="mapo", model__reference=str(tiny_sd))
+
+
+def test_lazy_image_check_trains_past_a_broken_image_and_counts_it(tmp_path, tiny_sd, capsys):
+    """data.image_check lazy: nothing is decoded before training; the epoch's one broken pair is replaced by the next
+    pair when the loader meets it, the run finishes, and metrics.jsonl counts it (cumulative, over processes)."""
+    from pickapic_fixtures import GARBAGE, row, write_pickapic
+
+    data = write_pickapic(tmp_path / "data.parquet", [row(f"p{i}", jpg_0=GARBAGE if i == 5 else None)
+                                                       for i in range(8)])
+    out = tmp_path / "run"
+    train(make_cfg(out, tiny_sd, data, data__image_check="lazy", train__max_steps=4))  # 4 x 2 = the whole epoch
+    skipped = [m["bad_pairs_skipped"] for m in read_metrics(out)]
+    assert skipped[-1] == 1 and skipped == sorted(skipped)
+    assert "data.image_check lazy: 1 pairs with an image that does not decode were replaced" in capsys.readouterr().out
+    with pytest.raises(UserError, match=r"data.parquet row 5: jpg_0 cannot be decoded"):  # checked before: one line
+        train(make_cfg(tmp_path / "checked", tiny_sd, data, train__max_steps=4))

@@ -100,8 +100,12 @@ class DataConfig:
                                 "default drops and counts them, as the official code does.")
     skip_bad_rows: bool = _f(False, "Skip (and count) rows with bad captions, labels or images instead of "
                                     "stopping before training.")
-    validate_images: bool = _f(True, "Decode every image once before training so a broken file stops the run "
-                                     "up front (parallel over num_workers).")
+    image_check: str = _f("before", "before: decode every image once before training (split over processes and "
+                                    "num_workers, remembered per data file in $DIFFUSION_DPO_CACHE or "
+                                    "~/.cache/diffusion_dpo, so an unchanged file is not decoded again), so a broken "
+                                    "file stops the run up front (or is skipped with skip_bad_rows). lazy: decode "
+                                    "nothing before; a pair whose image does not decode is replaced by the next pair "
+                                    "when the loader meets it, and counted (metrics: bad_pairs_skipped).")
     unpaired: bool = _f(False, "Split each decided pair into two unpaired items, its winner desirable (label 1) and "
                                "its loser undesirable (label 0), for unpaired losses (kto); ties are dropped. Data "
                                "with prompt/image/label columns is unpaired already.")
@@ -301,6 +305,7 @@ class Config:
     iterate: IterateConfig = field(default_factory=IterateConfig)
 
 
+IMAGE_CHECKS = ("before", "lazy")
 CACHE_DTYPES = ("float32", "float16", "bfloat16")
 TIMESTEP_SAMPLING = ("logit_normal", "uniform", "mode")
 FLOW_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
@@ -457,6 +462,8 @@ def validate(cfg: Config, data_in_memory: bool = False, iterate: bool = False) -
          f"not {cfg.loss.name}")
     need(not cfg.model.reference or cfg.loss.name not in LOSSES or LOSSES[cfg.loss.name].needs_reference,
          "model.reference", f"is not used by loss {cfg.loss.name} (it trains without a reference model); unset it")
+    need(cfg.data.image_check in IMAGE_CHECKS, "data.image_check",
+         f"must be one of {', '.join(IMAGE_CHECKS)} (got '{cfg.data.image_check}')")
     need(cfg.train.process_group_timeout_minutes > 0, "train.process_group_timeout_minutes",
          f"must be > 0 (got {cfg.train.process_group_timeout_minutes})")
     need(cfg.lora.rank >= 0, "lora.rank", f"must be >= 0 (got {cfg.lora.rank})")

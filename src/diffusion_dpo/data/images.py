@@ -18,6 +18,8 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps
 from tqdm.auto import tqdm
 
+from diffusion_dpo.data.row_keys import digest64, file_unit, mix
+
 # An image source as stored in the data: encoded bytes (Pick-a-Pic) or a file path (local format).
 ImageSource = Union[bytes, str, Path]
 
@@ -187,11 +189,27 @@ def cell_problem(value: object) -> Optional[str]:
 # module, so worker processes start in well under a second.
 
 class TableImages:
-    """Image sources of rows of a datasets.Dataset whose image columns are not decoded."""
+    """Image sources of rows of a datasets.Dataset whose image columns are not decoded.
 
-    def __init__(self, dataset: object, columns: Sequence[str] = ("jpg_0", "jpg_1")):
+    `units`: [(identity, first row)] of the files the rows come from (ascending first rows), for `row_keys`; default:
+    one unit, the dataset's Arrow files (path, size, modification time), or its fingerprint when it has none."""
+
+    def __init__(self, dataset: object, columns: Sequence[str] = ("jpg_0", "jpg_1"),
+                 units: Optional[Sequence[tuple[int, int]]] = None):
         self.dataset = dataset.select_columns(list(columns))
         self.columns = tuple(columns)
+        if units is None:
+            files = [f["filename"] for f in getattr(dataset, "cache_files", None) or []]
+            text = "\0".join(str(file_unit(f)) for f in files) if files else f"fp:{dataset._fingerprint}"
+            units = [(digest64(text), 0)]
+        self.units = list(units)
+
+    def row_keys(self, rows: np.ndarray) -> np.ndarray:
+        """A 64-bit key per row that changes when the file holding it changes (`image_checks`)."""
+        starts = np.array([s for _, s in self.units], np.int64)
+        which = np.searchsorted(starts, rows, side="right") - 1
+        ids = np.array([u for u, _ in self.units], np.uint64)[which]
+        return mix(ids, rows - starts[which])
 
     def sources(self, rows: Sequence[int]) -> list[list[tuple[str, Optional[ImageSource]]]]:
         """For each row, [(column name, source), ...]."""
@@ -208,6 +226,22 @@ class FileImages:
     def sources(self, rows: Sequence[int]) -> list[list[tuple[str, Optional[ImageSource]]]]:
         """For each row, [(description, path), ...]."""
         return [list(self.pairs[int(r)]) for r in rows]
+
+    def row_keys(self, rows: np.ndarray) -> np.ndarray:
+        """A 64-bit key per row from its image files' paths, sizes and modification times (`image_checks`); a file
+        that cannot be read gets a key never seen again (it is checked each time)."""
+        import time
+
+        keys = []
+        for r in rows:
+            parts = []
+            for _, path in self.pairs[int(r)]:
+                try:
+                    parts.append(str(file_unit(path)))
+                except OSError:
+                    parts.append(f"unreadable {path} {time.time_ns()}")
+            keys.append(digest64("\0".join(parts)))
+        return np.array(keys, np.uint64)
 
 
 _READER = None  # set once per worker process by the pool initializer
@@ -232,8 +266,9 @@ def _check_rows(rows: np.ndarray, reader: object = None) -> list[tuple[int, str]
 
 
 def find_bad_images(reader: object, rows: np.ndarray, num_workers: int,
-                    stop_at_first: bool) -> list[tuple[int, str]]:
-    """Decode every image of `rows` (ascending) and return [(row, problem)] in row order.
+                    stop_at_first: bool) -> tuple[list[tuple[int, str]], int]:
+    """Decode every image of `rows` (ascending); return [(row, problem)] in row order and how many of the first rows
+    were checked (all, unless stopped).
 
     Uses `num_workers` processes (0: in this process). With `stop_at_first`, stops after the
     first chunk that has a bad row, so the first bad row in row order is always reported.
@@ -254,9 +289,11 @@ def find_bad_images(reader: object, rows: np.ndarray, num_workers: int,
     else:
         results = (_check_rows(c, reader) for c in chunks)
     bad: list[tuple[int, str]] = []
+    checked = 0
     try:
         for part, found in zip(chunks, results):
             bad.extend(found)
+            checked += len(part)
             bar.update(2 * len(part))
             if found and stop_at_first:
                 break
@@ -264,4 +301,4 @@ def find_bad_images(reader: object, rows: np.ndarray, num_workers: int,
         bar.close()
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-    return bad
+    return bad, checked

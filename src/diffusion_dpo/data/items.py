@@ -37,11 +37,22 @@ class PreferenceDataset(torch.utils.data.Dataset):
         A plain int key `i` means `(i, i)` (handy outside `PairSampler`).
         """
         index, seed = key if isinstance(key, tuple) else (key, key)
-        caption, sources, label = self.pairs.images(index)
+        skipped, first_error = 0, None
+        while True:
+            caption, sources, label = self.pairs.images(index)
+            try:
+                images = [decode_pair_image(self.pairs, index, src) for src in sources]
+                break
+            except UserError as exc:
+                # data.image_check lazy: nothing was decoded before training; the next pair takes this one's place
+                # (the same seed, so the same draws), never a crash mid-run. Checked data cannot get here.
+                first_error = first_error or exc
+                if self.cfg.image_check != "lazy" or skipped + 1 >= len(self.pairs):
+                    raise first_error from None
+                index, skipped = (index + 1) % len(self.pairs), skipped + 1
         draws = item_draws(seed, self.cfg.random_flip, self.cfg.random_crop, self.cfg.proportion_empty_prompts)
         pixels, original_sizes, crop_top_lefts = [], [], []
-        for src in sources:
-            img = decode_pair_image(self.pairs, index, src)
+        for img in images:
             original_sizes.append((img.height, img.width))
             array, top_left = prepare_image(img, self.cfg.resolution, draws.flip, draws.crop_fractions)
             pixels.append(array)  # (3, R, R)
@@ -54,6 +65,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
             "label": float(label),
             "prompt": prompt,
             "sample_seed": int(seed) & 0x7FFFFFFFFFFFFFFF,  # fits int64; the trainer draws the pair's noise from it
+            "bad_pairs_skipped": skipped,
         }
         for key, ids in self.tokenize([prompt]).items():
             item[key] = ids[0]  # (L,) per tokenizer
@@ -64,7 +76,7 @@ def decode_pair_image(pairs: PreferencePairs, index: int, src: ImageSource) -> I
     """Decode one image of pair `index` to RGB; a broken file is a one-line `UserError` naming the row."""
     try:
         return load_rgb(src)
-    except Exception as exc:  # noqa: BLE001 - only reachable with data.validate_images=false
+    except Exception as exc:  # noqa: BLE001 - only reachable with data.image_check lazy
         raise UserError(f"{pairs.where(index)}: image cannot be decoded ({short_reason(exc)})") from None
 
 
@@ -89,6 +101,8 @@ def collate_pairs(examples: list[dict]) -> dict:
              if isinstance(value, torch.Tensor)}
     batch["label"] = torch.tensor([e["label"] for e in examples], dtype=torch.float32)  # (B,)
     batch["sample_seed"] = torch.tensor([e["sample_seed"] for e in examples], dtype=torch.int64)  # (B,)
+    if "bad_pairs_skipped" in examples[0]:  # data.image_check lazy: pairs passed over for a broken image
+        batch["bad_pairs_skipped"] = torch.tensor([e["bad_pairs_skipped"] for e in examples], dtype=torch.int64)
     if "prompt" in examples[0]:
         batch["prompt"] = [e["prompt"] for e in examples]
     return batch

@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 
 from diffusion_dpo.config import DataConfig
 from diffusion_dpo.data.images import PATH_CELL, FileImages, ImageSource, TableImages, image_source, short_reason
+from diffusion_dpo.data.row_keys import file_unit
 from diffusion_dpo.data.records import (RowNamer, image_root, is_binary, is_number, local_image, read_local_records,
                                         select_rows)
 from diffusion_dpo.errors import UserError, is_local_path
@@ -281,7 +282,9 @@ def _load_parquet(files: list[Path], names: list[str], source: str, cfg: DataCon
         ds = datasets.Dataset.from_parquet([str(f) for f in files], columns=columns)
     except Exception as exc:  # noqa: BLE001 - e.g. shards with different column types
         raise UserError(f"{source}: could not read the parquet files ({short_reason(exc)})") from None
-    return _pairs_from_dataset(ds, RowNamer(names, starts), source, cfg)
+    # the image check remembers each file's rows by the file's path, size and modification time
+    units = [(file_unit(f), start) for f, start in zip(files, starts)]
+    return _pairs_from_dataset(ds, RowNamer(names, starts), source, cfg, units)
 
 
 def _load_saved(path: Path, source: str, cfg: DataConfig) -> PreferencePairs:
@@ -311,7 +314,8 @@ def _load_hub(spec: str, cfg: DataConfig) -> PreferencePairs:
     return _pairs_from_dataset(ds, RowNamer([spec]), spec, cfg)
 
 
-def _pairs_from_dataset(ds: Any, where: RowNamer, source: str, cfg: DataConfig) -> PreferencePairs:
+def _pairs_from_dataset(ds: Any, where: RowNamer, source: str, cfg: DataConfig,
+                        units: Optional[list[tuple[int, int]]] = None) -> PreferencePairs:
     """Vectorised checks over the Arrow columns, then image decoding of the used pairs."""
     import datasets
 
@@ -351,7 +355,7 @@ def _pairs_from_dataset(ds: Any, where: RowNamer, source: str, cfg: DataConfig) 
         return next(msg(row) for mask, msg in checks if mask[row])
 
     tie = near(0.5) & ~bad
-    kept, info = select_rows(n, bad, tie, problem, TableImages(ds), where, source, cfg)
+    kept, info = select_rows(n, bad, tie, problem, TableImages(ds, units=units), where, source, cfg)
     return PreferencePairs(source=source, rows=ds, row_index=kept, winner_is_1=near(0.0)[kept],
                            labels=np.where(tie[kept], 0.5, 1.0).astype(np.float32), where_row=where,
                            num_rows=n, **info)

@@ -19,7 +19,8 @@ import numpy as np
 import pyarrow as pa
 
 from diffusion_dpo.config import DataConfig
-from diffusion_dpo.data.images import find_bad_images, short_reason
+from diffusion_dpo.data.image_checks import check_images
+from diffusion_dpo.data.images import short_reason
 from diffusion_dpo.errors import UserError
 
 
@@ -62,8 +63,8 @@ def select_rows(n: int, bad: np.ndarray, tie: np.ndarray, problem: Any, images: 
     while pos < len(candidates) and (limit is None or count < limit):
         chunk = candidates[pos:pos + (len(candidates) - pos if limit is None else limit - count)]
         pos += len(chunk)
-        found = find_bad_images(images, chunk, cfg.num_workers, not cfg.skip_bad_rows) \
-            if cfg.validate_images else []
+        found = check_images(images, chunk, cfg.num_workers, not cfg.skip_bad_rows, source) \
+            if cfg.image_check == "before" else []
         if found and not cfg.skip_bad_rows:
             raise UserError(f"{where(found[0][0])}: {found[0][1]}")
         failures.extend(found)

@@ -43,6 +43,7 @@ class TrainState:
     position: int = 0  # pairs of `epoch`'s order already consumed (all processes); micro-batches before layouts
     skipped_steps: int = 0  # steps that did not update: a non-finite loss/gradient (train.skip_nonfinite), or fp16 inf gradients
     layout: Optional[dict] = None  # {"processes", "batch_size", "accumulation"} of the run that wrote it
+    bad_pairs_skipped: int = 0  # data.image_check lazy: pairs passed over for an image that does not decode
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:

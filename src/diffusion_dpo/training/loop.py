@@ -119,16 +119,21 @@ def apply_update(optimizer: torch.optim.Optimizer, lr_scheduler: Any, scaler: Op
     return updated
 
 
-def reduce_metrics(accelerator: Any, sums: dict[str, Tensor], grad_norm: Optional[Tensor],
-                   safeguard: bool) -> dict[str, float]:
-    """The step's metrics averaged over processes, as floats (one host sync per optimizer step)."""
+def reduce_metrics(accelerator: Any, sums: dict[str, Tensor], grad_norm: Optional[Tensor], safeguard: bool,
+                   totals: Optional[dict[str, Tensor]] = None) -> dict[str, float]:
+    """The step's metrics averaged over processes and its `totals` summed over them, as floats (one host sync per
+    optimizer step)."""
     if grad_norm is None:  # an engine that clips internally and does not report the norm
         grad_norm = float("nan")
     keys = METRIC_KEYS + (("loser_scale",) if safeguard else ())
-    stacked = torch.stack([sums[k].float() for k in keys]
-                          + [torch.as_tensor(grad_norm, device=accelerator.device).float()])
+    totals = totals or {}
+    device = accelerator.device
+    stacked = torch.stack([sums[k].float() for k in keys] + [torch.as_tensor(grad_norm, device=device).float()]
+                          + [torch.as_tensor(v, device=device).float() for v in totals.values()])
     values = accelerator.reduce(stacked, reduction="mean").tolist()
-    return {**dict(zip(keys, values[:-1])), "grad_norm": values[-1]}
+    n = len(keys)
+    return {**dict(zip(keys, values[:n])), "grad_norm": values[n],
+            **{k: v * accelerator.num_processes for k, v in zip(totals, values[n + 1:])}}
 
 
 class MetricsLog:

@@ -15,6 +15,7 @@ from diffusion_dpo.cache.build import build_cache
 from diffusion_dpo.cache.reference import ReferenceTable, WithReference, precompute_reference, reference_path
 from diffusion_dpo.cache.store import Cache, CachedPairs, read_manifest
 from diffusion_dpo.config import Config, DataConfig, LoraConfig, OptimConfig, TrainConfig
+from diffusion_dpo.data.image_checks import shared_by
 from diffusion_dpo.data.items import PreferenceDataset
 from diffusion_dpo.data.pairs import pairs_from_memory
 from diffusion_dpo.data.unpaired import Feedback, load_feedback, split_pairs
@@ -139,8 +140,8 @@ def open_data(accelerator: Any, cfg: Config, in_memory: Optional[Any], loss: Los
             found = pairs_from_memory(in_memory, cfg.data)
             return split_pairs(found) if cfg.data.unpaired else found
 
-        # The main process validates (and builds the Arrow cache) first; the others then reuse the cache.
-        with acc.main_process_first():
+        # Every process reads the data; the image check is split over them (`image_checks.shared_by`).
+        with shared_by(acc.state):
             outcome = attempt(pairs)
         found = agree(acc, outcome)
         acc.print(found.summary())

@@ -156,8 +156,10 @@ class Trainer:
         t0 = time.perf_counter()
         while self.state.step < cfg.train.max_steps:
             sums: dict[str, Tensor] = {}
+            skipped = 0  # data.image_check lazy: pairs this process passed over for a broken image
             for k in range(accum):
                 epoch, batch = next(batches)
+                skipped += int(batch.pop("bad_pairs_skipped").sum()) if "bad_pairs_skipped" in batch else 0
                 micro_step = self.state.step * accum + k
                 with acc.accumulate(self.denoiser):  # no gradient all-reduce before the last micro-step
                     out = self.step(batch, micro_step)
@@ -169,7 +171,11 @@ class Trainer:
                 grad_norm = self.in_backward.grad_norm().to(acc.device)
             else:
                 grad_norm = acc.clip_grad_norm_(self.params, cfg.optim.max_grad_norm or float("inf"))
-            record = reduce_metrics(acc, sums, grad_norm, cfg.loss.safeguard)  # the step's one host sync
+            lazy = cfg.data.image_check == "lazy" and self.data.cache is None
+            record = reduce_metrics(acc, sums, grad_norm, cfg.loss.safeguard,  # the step's one host sync
+                                    totals={"bad_pairs_skipped": skipped} if lazy else None)
+            if lazy:
+                self.state.bad_pairs_skipped += round(record.pop("bad_pairs_skipped"))
             finite = self._check_finite(record, grad_norm)
             record["lr"] = self.lr_scheduler.get_last_lr()[0]  # the rate this update uses
             if not apply_update(self.optimizer, self.lr_scheduler, acc.scaler, finite):
@@ -181,12 +187,16 @@ class Trainer:
             seconds, t0 = time.perf_counter() - t0, time.perf_counter()
             record = self.metrics.write({"step": self.state.step, "epoch": self.state.epoch, **record,
                                          "pairs_per_s": self.pairs_per_step / max(seconds, 1e-9),
-                                         "skipped_steps": self.state.skipped_steps})
+                                         "skipped_steps": self.state.skipped_steps,
+                                         **({"bad_pairs_skipped": self.state.bad_pairs_skipped} if lazy else {})})
             progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['implicit_acc']:.2f}", refresh=False)
             progress.update(1)
             self._maybe_checkpoint()
             self._maybe_validate()
         progress.close()
+        if self.state.bad_pairs_skipped:
+            acc.print(f"data.image_check lazy: {self.state.bad_pairs_skipped} pairs with an image that does not decode "
+                      "were replaced by the next pair (bad_pairs_skipped in metrics.jsonl)")
         final = self._save_final()
         # accelerate's end_training would also destroy the process group, which the caller may still need
         # (iterate trains round after round in one process group); it goes when the process exits
