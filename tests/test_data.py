@@ -769,3 +769,54 @@ def test_remembered_checks_of_local_files_follow_each_image(tmp_path, monkeypatc
     with pytest.raises(UserError, match=r"pairs.jsonl line 2: .*cannot be decoded"):
         load_preference_pairs(dcfg(data))
     assert decoded == [1]
+
+
+# ---------------------------------------------------------------- parquet read in place (issue 36)
+
+def test_local_parquet_is_read_in_place_without_a_datasets_cache(tmp_path, monkeypatch, tok):
+    """No Arrow copy of the shards anywhere (datasets' cache stays empty); a pair's images come from its row group."""
+    import datasets
+
+    cache = tmp_path / "hf-datasets"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
+    rows = [row(f"r{i}", jpg_0=solid(GREEN) if i == 3 else None) for i in range(6)]
+    f = write_pickapic(tmp_path / "d" / "train.parquet", rows)
+    pairs = load_preference_pairs(dcfg(tmp_path / "d"))
+    assert not cache.exists() or not any(cache.rglob("*"))
+    caption, win, lose, label = pairs.get(3)
+    assert caption == "r3" and win == solid(GREEN) and lose == solid(BLUE) and label == 1.0
+    ds = PreferenceDataset(pairs, dcfg(f), ids(tok))
+    assert ds[(3, 0)]["pixel_values"].shape == (2, 3, 16, 16)
+
+
+def _grouped_parquet(path, groups: int, per_group: int):
+    """A Pick-a-Pic parquet file of `groups` row groups of `per_group` rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from diffusion_dpo.data.schema import SCHEMA
+
+    rows = [row(f"r{i}") for i in range(groups * per_group)]
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), path, row_group_size=per_group)
+    return path
+
+
+def test_the_order_keeps_to_windows_of_row_groups_and_is_one_permutation_when_they_fit(tmp_path):
+    import numpy as np
+
+    from diffusion_dpo.data.items import PairSampler, locality_of
+
+    f = _grouped_parquet(tmp_path / "g.parquet", groups=6, per_group=4)
+    pairs = load_preference_pairs(dcfg(f))
+    table = pairs.rows
+    assert list(table.group_starts) == [0, 4, 8, 12, 16, 20]
+    fits = PairSampler(24, seed=3, locality=locality_of(pairs, 1024.0))
+    assert list(fits.order(0)) == list(np.random.default_rng([3, 0, 0]).permutation(24))  # as without locality
+    two_groups = 2 * int(table.group_bytes[0]) / 2**20  # a window holds two row groups
+    local = PairSampler(24, seed=3, locality=locality_of(pairs, two_groups * 1.01))
+    order = local.order(0)
+    assert sorted(order) == list(range(24)) and list(order) == list(local.order(0))
+    assert list(order) != list(local.order(1))
+    windows = [set(table.group_of(order[k:k + 8]).tolist()) for k in range(0, 24, 8)]
+    assert all(len(w) == 2 for w in windows) and set().union(*windows) == set(range(6))

@@ -110,6 +110,11 @@ class DataConfig:
                                "its loser undesirable (label 0), for unpaired losses (kto); ties are dropped. Data "
                                "with prompt/image/label columns is unpaired already.")
     max_pairs: Optional[int] = _f(None, "Use only the first N usable pairs (subsets, debugging).")
+    shuffle_window_mb: float = _f(1024.0, "Local parquet is read in place, a row group at a time: an epoch's order "
+                                          "permutes the row groups, cuts them into windows of about this many MB "
+                                          "of images and permutes the pairs within each window (data that fits in "
+                                          "one window: one permutation of all pairs). Each process and loader "
+                                          "worker holds up to twice this in memory.")
     num_workers: int = _f(2, "Data-loader worker processes (images are decoded in the workers).")
 
 
@@ -462,6 +467,7 @@ def validate(cfg: Config, data_in_memory: bool = False, iterate: bool = False) -
          f"not {cfg.loss.name}")
     need(not cfg.model.reference or cfg.loss.name not in LOSSES or LOSSES[cfg.loss.name].needs_reference,
          "model.reference", f"is not used by loss {cfg.loss.name} (it trains without a reference model); unset it")
+    need(cfg.data.shuffle_window_mb > 0, "data.shuffle_window_mb", f"must be > 0 (got {cfg.data.shuffle_window_mb})")
     need(cfg.data.image_check in IMAGE_CHECKS, "data.image_check",
          f"must be one of {', '.join(IMAGE_CHECKS)} (got '{cfg.data.image_check}')")
     need(cfg.train.process_group_timeout_minutes > 0, "train.process_group_timeout_minutes",

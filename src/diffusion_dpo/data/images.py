@@ -212,9 +212,10 @@ class TableImages:
         return mix(ids, rows - starts[which])
 
     def sources(self, rows: Sequence[int]) -> list[list[tuple[str, Optional[ImageSource]]]]:
-        """For each row, [(column name, source), ...]."""
+        """For each row, [(column name, source, None or why the cell holds no image bytes), ...]."""
         batch = self.dataset[[int(r) for r in rows]]  # dict of column -> list
-        return [[(c, image_source(batch[c][i])) for c in self.columns] for i in range(len(rows))]
+        return [[(c, image_source(batch[c][i]), cell_problem(batch[c][i])) for c in self.columns]
+                for i in range(len(rows))]
 
 
 class FileImages:
@@ -257,7 +258,10 @@ def _check_rows(rows: np.ndarray, reader: object = None) -> list[tuple[int, str]
     reader = reader if reader is not None else _READER
     bad = []
     for row, pair in zip(rows, reader.sources(rows)):
-        for what, src in pair:
+        for what, src, *cell in pair:
+            if cell and cell[0]:  # a table cell without image bytes (`cell_problem`)
+                bad.append((int(row), f"{what} {cell[0]}"))
+                break
             reason = "no image data" if src is None else verify_image(src)
             if reason is not None:
                 bad.append((int(row), f"{what} cannot be decoded as an image ({reason})"))

@@ -14,6 +14,7 @@ from diffusion_dpo.config import DataConfig
 from diffusion_dpo.data.images import (ImageSource, crop_offsets, load_rgb, resize_short_side, short_reason,
                                        to_unit_range)
 from diffusion_dpo.data.pairs import PreferencePairs
+from diffusion_dpo.data.parquet import Locality, ParquetTable
 from diffusion_dpo.errors import UserError
 from diffusion_dpo.randomness import item_draws
 
@@ -141,6 +142,14 @@ def unpack_batch(batch: dict) -> dict:
     return batch
 
 
+def locality_of(pairs: object, window_mb: float) -> Optional[Locality]:
+    """The order's locality for pairs read in place from parquet (None: any order reads fast)."""
+    rows = getattr(pairs, "rows", None)
+    if not isinstance(rows, ParquetTable) or not isinstance(pairs, PreferencePairs):
+        return None
+    return Locality(rows.group_of(pairs.row_index), rows.group_bytes, int(window_mb * 2**20))
+
+
 def keys_per_epoch(num_pairs: int, batch_size: int, num_processes: int) -> int:
     """Pairs one epoch visits over all processes: whole global batches (batch_size x processes); an
     incomplete last global batch is dropped. Training (`ShardedPairSampler`) and the precomputed
@@ -158,10 +167,10 @@ class PairSampler(torch.utils.data.Sampler[tuple[int, int]]):
     `len()` is then the number of keys still to come, n - k.
     """
 
-    def __init__(self, num_pairs: int, seed: int, shuffle: bool = True):
+    def __init__(self, num_pairs: int, seed: int, shuffle: bool = True, locality: Optional[Locality] = None):
         if num_pairs < 1:
             raise ValueError("PairSampler needs at least one pair")
-        self.num_pairs, self.seed, self.shuffle = num_pairs, seed % 2**64, shuffle
+        self.num_pairs, self.seed, self.shuffle, self.locality = num_pairs, seed % 2**64, shuffle, locality
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -175,7 +184,10 @@ class PairSampler(torch.utils.data.Sampler[tuple[int, int]]):
         if not self.shuffle:
             return np.arange(self.num_pairs)
         # The trailing 0 / 1 tags keep the permutation and the sample-seed streams independent.
-        return np.random.default_rng([self.seed, epoch, 0]).permutation(self.num_pairs)
+        rng = np.random.default_rng([self.seed, epoch, 0])
+        if self.locality is not None:  # pairs read in place from parquet row groups (data/parquet.py)
+            return self.locality.order(rng, self.num_pairs)
+        return rng.permutation(self.num_pairs)
 
     def sample_seed(self, epoch: int, position: int) -> int:
         """The augmentation seed of the item at `position` of `epoch`."""

@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 
 from diffusion_dpo.config import DataConfig
 from diffusion_dpo.data.images import PATH_CELL, FileImages, ImageSource, TableImages, image_source, short_reason
+from diffusion_dpo.data.parquet import ParquetTable
 from diffusion_dpo.data.row_keys import file_unit
 from diffusion_dpo.data.records import (RowNamer, image_root, is_binary, is_number, local_image, read_local_records,
                                         select_rows)
@@ -53,7 +54,8 @@ def row_captions(rows: Any, row_index: np.ndarray) -> list[str]:
     `row_index`, in that order, without touching the images (one Arrow column read)."""
     if isinstance(rows, list):
         return [rows[int(r)][0] for r in row_index]
-    column = rows.data.column("caption").take(pa.array(row_index))
+    table = rows.small if isinstance(rows, ParquetTable) else rows.data
+    column = table.column("caption").take(pa.array(row_index))
     return [c if c is not None else "" for c in column.to_pylist()]
 
 
@@ -261,8 +263,6 @@ def _check_schema(schema: pa.Schema, where: str) -> None:
 
 
 def _load_parquet(files: list[Path], names: list[str], source: str, cfg: DataConfig) -> PreferencePairs:
-    import datasets
-
     starts, total, all_have_label_1 = [], 0, True
     for f, name in zip(files, names):
         try:
@@ -276,15 +276,17 @@ def _load_parquet(files: list[Path], names: list[str], source: str, cfg: DataCon
         total += meta.num_rows
     if total == 0:
         raise UserError(f"{source} has no usable pairs: 0 rows")
-    columns = list(REQUIRED_COLUMNS) + (["label_1"] if all_have_label_1 else [])
+    small = ["caption", "label_0"] + (["label_1"] if all_have_label_1 else [])
     try:
-        # datasets converts the shards once into a memory-mapped Arrow cache (random access).
-        ds = datasets.Dataset.from_parquet([str(f) for f in files], columns=columns)
+        # read in place (data/parquet.py): the small columns now, image cells by row group when needed
+        table = ParquetTable(files, small, cache_bytes=int(2 * cfg.shuffle_window_mb * 2**20))
     except Exception as exc:  # noqa: BLE001 - e.g. shards with different column types
         raise UserError(f"{source}: could not read the parquet files ({short_reason(exc)})") from None
     # the image check remembers each file's rows by the file's path, size and modification time
     units = [(file_unit(f), start) for f, start in zip(files, starts)]
-    return _pairs_from_dataset(ds, RowNamer(names, starts), source, cfg, units)
+    # image cells are checked row by row with the images (reading them all now would read every image's bytes)
+    return _pairs_from_table(table.small, table, TableImages(table, units=units), RowNamer(names, starts), source,
+                             cfg, cell_columns=())
 
 
 def _load_saved(path: Path, source: str, cfg: DataConfig) -> PreferencePairs:
@@ -314,8 +316,7 @@ def _load_hub(spec: str, cfg: DataConfig) -> PreferencePairs:
     return _pairs_from_dataset(ds, RowNamer([spec]), spec, cfg)
 
 
-def _pairs_from_dataset(ds: Any, where: RowNamer, source: str, cfg: DataConfig,
-                        units: Optional[list[tuple[int, int]]] = None) -> PreferencePairs:
+def _pairs_from_dataset(ds: Any, where: RowNamer, source: str, cfg: DataConfig) -> PreferencePairs:
     """Vectorised checks over the Arrow columns, then image decoding of the used pairs."""
     import datasets
 
@@ -328,8 +329,14 @@ def _pairs_from_dataset(ds: Any, where: RowNamer, source: str, cfg: DataConfig,
     ds = ds.select_columns([c for c in (*REQUIRED_COLUMNS, "label_1") if c in ds.column_names])
     if getattr(ds, "_indices", None) is not None:  # a selected/shuffled view: ds.data would be the parent
         ds = ds.flatten_indices()
-    table = ds.data
-    n = ds.num_rows
+    return _pairs_from_table(ds.data, ds, TableImages(ds), where, source, cfg, cell_columns=("jpg_0", "jpg_1"))
+
+
+def _pairs_from_table(table: pa.Table, rows: Any, images: TableImages, where: RowNamer, source: str,
+                      cfg: DataConfig, cell_columns: tuple[str, ...]) -> PreferencePairs:
+    """The checks of whole Arrow columns (captions, labels, and the image cells of `cell_columns`, cheap in an Arrow
+    memory map), then the image check of the used rows; `rows` serves the pairs' rows to training."""
+    n = table.num_rows
 
     cap_null = table.column("caption").is_null().to_numpy(zero_copy_only=False)
     l0 = table.column("label_0").cast(pa.float64()).to_numpy(zero_copy_only=False)  # nulls -> NaN
@@ -341,12 +348,12 @@ def _pairs_from_dataset(ds: Any, where: RowNamer, source: str, cfg: DataConfig,
         (l0_nan, lambda r: "label_0 is null or NaN"),
         (l0_bad, lambda r: f"label_0 is {l0[r]:g}, expected 0, 0.5 or 1"),
     ]
-    if "label_1" in ds.column_names:
+    if "label_1" in table.column_names:
         l1 = table.column("label_1").cast(pa.float64()).to_numpy(zero_copy_only=False)
         l1_bad = ~l0_nan & ~l0_bad & ~(np.abs(l1 - (1.0 - l0)) <= _TOL)  # NaN compares False
         checks.append((l1_bad, lambda r: f"label_1 is {l1[r]:g} but label_0 is {l0[r]:g} "
                                          f"(label_1 must be 1 - label_0)"))
-    for name in ("jpg_0", "jpg_1"):
+    for name in cell_columns:
         checks += image_cell_checks(table.column(name), name)
 
     bad = np.logical_or.reduce([mask for mask, _ in checks])
@@ -355,8 +362,8 @@ def _pairs_from_dataset(ds: Any, where: RowNamer, source: str, cfg: DataConfig,
         return next(msg(row) for mask, msg in checks if mask[row])
 
     tie = near(0.5) & ~bad
-    kept, info = select_rows(n, bad, tie, problem, TableImages(ds, units=units), where, source, cfg)
-    return PreferencePairs(source=source, rows=ds, row_index=kept, winner_is_1=near(0.0)[kept],
+    kept, info = select_rows(n, bad, tie, problem, images, where, source, cfg)
+    return PreferencePairs(source=source, rows=rows, row_index=kept, winner_is_1=near(0.0)[kept],
                            labels=np.where(tie[kept], 0.5, 1.0).astype(np.float32), where_row=where,
                            num_rows=n, **info)
 

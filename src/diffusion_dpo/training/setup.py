@@ -16,7 +16,7 @@ from diffusion_dpo.cache.reference import ReferenceTable, WithReference, precomp
 from diffusion_dpo.cache.store import Cache, CachedPairs, read_manifest
 from diffusion_dpo.config import Config, DataConfig, LoraConfig, OptimConfig, TrainConfig
 from diffusion_dpo.data.image_checks import shared_by
-from diffusion_dpo.data.items import PreferenceDataset
+from diffusion_dpo.data.items import PairSampler, PreferenceDataset, locality_of
 from diffusion_dpo.data.pairs import pairs_from_memory
 from diffusion_dpo.data.unpaired import Feedback, load_feedback, split_pairs
 from diffusion_dpo.errors import UserError
@@ -119,6 +119,11 @@ class TrainingData:
     @property
     def images_per_item(self) -> int:
         return self.cache.images_per_item if self.cache is not None else self.pairs.images_per_item
+
+    def sampler(self, data: DataConfig, seed: int) -> PairSampler:
+        """The run's order: pairs read in place from parquet keep to windows of row groups (`data.parquet`)."""
+        locality = locality_of(self.pairs, data.shuffle_window_mb) if self.cache is None else None
+        return PairSampler(self.num_items, seed=seed, locality=locality)
 
     def dataset(self, data: DataConfig, tokenizer: Any) -> torch.utils.data.Dataset:
         """Items keyed by (pair index, sample seed), as the loop's sampler sends them."""

@@ -15,7 +15,6 @@ from typing import Any, Optional
 from torch import Tensor
 
 from diffusion_dpo.config import Config, check_config, flat_config
-from diffusion_dpo.data.items import PairSampler
 from diffusion_dpo.errors import UserError, is_local_path
 from diffusion_dpo.models import Family, describe, load_components, weight_dtype_of
 from diffusion_dpo.pinning import pin_once
@@ -101,7 +100,7 @@ class Trainer:
         self.average = WeightAverage(params, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
 
         self.dataset = self.data.dataset(cfg.data, self.components.tokenizer)
-        self.sampler = PairSampler(self.num_pairs, seed=cfg.train.seed)
+        self.sampler = self.data.sampler(cfg.data, cfg.train.seed)
         self.layout = layout_of(self.world, cfg.data.batch_size, cfg.train.gradient_accumulation_steps)
         self.state = ckpt.TrainState(layout=dict(self.layout))
         self.metrics_path = self.output_dir / "metrics.jsonl"
