@@ -51,7 +51,7 @@ from diffusion_dpo.config import Config, check_config
 from diffusion_dpo.training.losses import get_loss
 from diffusion_dpo.errors import UserError
 from diffusion_dpo.iterate_report import write_text_atomic
-from diffusion_dpo.pinning import pin_once, read_pins, write_pins
+from diffusion_dpo.pinning import pin_once, write_pins
 
 SETTINGS_FILE = "iterate.json"
 REWARD_PINS_FILE = "reward_pins.json"  # {hub id: commit} the rewards' weights are read at
