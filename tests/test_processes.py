@@ -74,7 +74,13 @@ def _two_processes(rank: int, port: int, out: str) -> None:
                 decoded.clear()
                 with shared_by(state):  # a second start: remembered, nothing decoded
                     load_preference_pairs(cfg)
-                seen["decoded_again"] = decoded
+                seen["decoded_again"] = list(decoded)
+                if rank == 1:  # a node whose cache folder holds no memory: the main process's is used
+                    os.environ["DIFFUSION_DPO_CACHE"] = str(where / "node-1-cache")
+                decoded.clear()
+                with shared_by(state):
+                    other = load_preference_pairs(cfg)
+                seen.update(decoded_node_local=list(decoded), kept_node_local=other.row_index.tolist())
                 images._check_rows = real
             seen["error"] = None
         except UserError as exc:
@@ -134,7 +140,7 @@ def test_the_process_group_waits_as_long_as_asked(two):
 
 def test_the_image_check_is_split_over_the_processes(two):
     """Each of 2 processes decodes half of the rows; both end with every row's verdict (the bad row skipped by both)
-    and a second start decodes nothing."""
+    and a second start decodes nothing, also where process 1's cache folder is empty (a node-local one)."""
     seen = two["split_check"]
     assert [s["error"] for s in seen] == [None, None]
     assert sorted(seen[0]["decoded"] + seen[1]["decoded"]) == list(range(10))
@@ -142,6 +148,9 @@ def test_the_image_check_is_split_over_the_processes(two):
     assert seen[0]["kept"] == seen[1]["kept"] == [0, 1, 2, 3, 4, 5, 6, 8, 9]
     assert seen[0]["first_bad"] == seen[1]["first_bad"] and "row 7: jpg_1 cannot be decoded" in seen[0]["first_bad"]
     assert seen[0]["decoded_again"] == seen[1]["decoded_again"] == []
+    # process 1 with an empty cache folder (another node's) still decodes nothing and keeps the same pairs
+    assert seen[0]["decoded_node_local"] == seen[1]["decoded_node_local"] == []
+    assert seen[0]["kept_node_local"] == seen[1]["kept_node_local"] == seen[0]["kept"]
 
 
 # ---------------------------------------------------------------- the data order under another layout

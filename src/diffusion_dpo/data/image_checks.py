@@ -28,6 +28,7 @@ import numpy as np
 
 from diffusion_dpo.data import images as image_module
 from diffusion_dpo.data.row_keys import digest64
+from diffusion_dpo.processes import decide_once
 
 CHECK_VERSION = 1  # bump when what makes an image bad changes in a way the name below does not capture
 _SHARED: contextvars.ContextVar[Any] = contextvars.ContextVar("image_check_processes", default=None)
@@ -113,9 +114,11 @@ def check_images(reader: Any, rows: np.ndarray, num_workers: int, stop_at_first:
     if not len(rows):
         return []
     state = _SHARED.get()
-    memory = Memory.of(source)
     keys = reader.row_keys(rows)
-    known = memory.lookup(keys)
+    # what is remembered is the main process's (another node's cache may hold another file or none): sent to all, so
+    # that every process splits the same rows and ends with the same verdicts
+    memory = Memory.of(source) if state is None or state.is_main_process else None
+    known = memory.lookup(keys) if state is None else decide_once(state, lambda: memory.lookup(keys))
     bad = [(int(r), p) for r, p in zip(rows, known) if p]
     todo = np.array([i for i, p in enumerate(known) if p is None], np.int64)
     if stop_at_first and bad:  # rows after the first remembered bad one need no decoding to report it
@@ -134,6 +137,6 @@ def check_images(reader: Any, rows: np.ndarray, num_workers: int, stop_at_first:
             new_keys.append(keys[i])
             new_problems.append(problems.get(int(rows[i]), ""))
         bad += found
-    if state is None or state.is_main_process:
+    if memory is not None:
         memory.add(np.array(new_keys, np.uint64), new_problems)
     return sorted(bad)
