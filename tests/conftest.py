@@ -12,6 +12,11 @@ os.environ["DIFFUSION_DPO_CACHE"] = tempfile.mkdtemp(prefix="dpo-tests-cache-")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 warnings.filterwarnings("ignore", message=".*torchvision.*")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two test workers on two cores: one thread each, or they thrash
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def _tiny(tmp_path_factory, name: str, **kwargs):

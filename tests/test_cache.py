@@ -76,7 +76,8 @@ def test_cached_items_equal_encoding_on_the_fly(request, tmp_path, tiny_data, fi
     ids = {k: v for k, v in a.items() if k.startswith("input_ids")}
     cond = comp.conditioning(comp.encode_prompt(ids), a["original_sizes"], a["crop_top_lefts"], 32)
     latents, cached_cond = cached_inputs(b, eps, comp, 32, torch.device("cpu"), torch.float32)
-    torch.testing.assert_close(latents, expected, rtol=1e-5, atol=1e-6)
+    # the cache's VAE batches hold other images than this one: equal up to float noise
+    torch.testing.assert_close(latents, expected, rtol=1e-5, atol=1e-5)
     fields = {f.name for f in dataclasses.fields(cond)}
     assert fields >= {"hidden_states"} and ({"added"} <= fields or {"pooled"} <= fields)
     for name in fields:  # every tensor the denoiser sees: hidden states, pooled, SDXL's time ids, FLUX's guidance
@@ -260,6 +261,7 @@ def test_resume_with_cache_and_precomputed_reference(tmp_path, tiny_sd, tiny_dat
     assert [m["loss"] for m in read_metrics(tmp_path / "a")] == [m["loss"] for m in read_metrics(tmp_path / "b")]
 
 
+@pytest.mark.xdist_group("processes")  # one port, and two cores: never beside another
 @pytest.mark.slow
 def test_two_processes_with_cache_and_precomputed_reference(tmp_path, tiny_sd, tiny_data, sd_cache):
     """torchrun, 2 processes x batch 2, each looking up its own pairs' precomputed errors (computed for

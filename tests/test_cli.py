@@ -141,6 +141,7 @@ def test_config_and_path_mistakes_are_one_line(tmp_path, tiny_sd, tiny_data, cap
     assert rc == 2 and len(err.splitlines()) == 1 and expected in err, err
 
 
+@pytest.mark.xdist_group("processes")  # one port, and two cores: never beside another
 @pytest.mark.parametrize("family,role", [("sd", "unet"), ("flux", "transformer")])
 def test_two_cpu_processes_match_one_process_with_twice_the_batch(request, tmp_path, tiny_data, family, role):
     """DDP over gloo through `accelerate launch`: 2 processes x batch 2 reach the weights of 1 process x batch 4
@@ -184,6 +185,7 @@ def test_two_cpu_processes_match_one_process_with_twice_the_batch(request, tmp_p
     assert (out / "checkpoint-1").is_dir() and not list(out.glob("*.tmp"))
 
 
+@pytest.mark.xdist_group("processes")  # one port, and two cores: never beside another
 def test_two_cpu_processes_generate_the_images_of_one(tmp_path, tiny_sd):
     """`accelerate launch -m diffusion_dpo generate` (gloo on the CPU): the two processes share the batches and
     the run is the one-process run, byte for byte, each image listed once (both processes writing every image would

@@ -15,6 +15,8 @@ import torch
 
 from diffusion_dpo.errors import UserError
 
+pytestmark = pytest.mark.xdist_group("processes")  # one port, and two cores: never beside another
+
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = ROOT / "configs" / "accelerate"
 

@@ -430,6 +430,7 @@ def test_cli(tmp_path, tiny_sd, prompt_files):
     assert "--iterate." not in helped.stdout  # the iterate section belongs to iterate only
 
 
+@pytest.mark.xdist_group("processes")  # one port, and two cores: never beside another
 def test_two_cpu_processes_train_what_one_process_trains(tmp_path, tiny_sd, prompt_files):
     """`accelerate launch` (gloo on the CPU): the main process samples, labels and evaluates once, both train; the
     round's weights match one process with twice the per-process batch."""

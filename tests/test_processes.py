@@ -17,6 +17,8 @@ from diffusion_dpo.training.checkpoint import TrainState
 from diffusion_dpo.training.loop import continue_layout, layout_of, micro_batches
 from test_cli import fast
 
+pytestmark = pytest.mark.xdist_group("processes")  # one port, and two cores: never beside another
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
 
