@@ -25,7 +25,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM
 
 # ---------------------------------------------------------------- the helpers, on two real gloo processes
 
-CASES = ("shared", "decide", "agree", "timeout", "split_check")
+CASES = ("shared", "decide", "agree", "timeout", "split_check", "cache")
 
 
 def _two_processes(rank: int, port: int, out: str) -> None:
@@ -84,6 +84,8 @@ def _two_processes(rank: int, port: int, out: str) -> None:
                     other = load_preference_pairs(cfg)
                 seen.update(decoded_node_local=list(decoded), kept_node_local=other.row_index.tolist())
                 images._check_rows = real
+            elif case == "cache":
+                seen.update(_cache_builds(state, where))
             seen["error"] = None
         except UserError as exc:
             seen["error"] = str(exc)
@@ -93,8 +95,77 @@ def _two_processes(rank: int, port: int, out: str) -> None:
     torch.distributed.destroy_process_group()
 
 
+def _cache_builds(state, where: Path) -> dict:
+    """The cache and the precomputed reference built by both processes, each interrupted in its second chunk, then
+    resumed by both ("two") or by process 0 alone ("one"); process 0 also builds both alone from the start
+    ("alone"). Returns what each process encoded on the resumes."""
+    from diffusion_dpo.cache import build
+    from diffusion_dpo.cache.reference import precompute_reference
+    from diffusion_dpo.cache.store import CachedPairs
+    from diffusion_dpo.config import load_config
+
+    paths = json.loads((where / "paths.json").read_text())
+    rank = state.process_index
+
+    def cfg(name: str):
+        return load_config(None, {
+            "output_dir": str(where / "run"), "model.pretrained": paths["model"], "data.path": paths["data"],
+            "data.resolution": "32", "data.batch_size": "2", "data.num_workers": "0", "data.random_flip": "true",
+            "data.proportion_empty_prompts": "0.5", "cache.dir": str(where / name), "cache.shard_pairs": "4",
+            "cache.batch_size": "2", "cache.reference_file": str(where / f"{name}.reference.safetensors"),
+            "train.max_steps": "8"})
+
+    def make_cache(c, state):
+        build.build_cache(c.model, c.data, c.cache, c.flow, "cpu", state=state)
+
+    def make_reference(c, state):
+        precompute_reference(c.model, c.lora, c.flow, c.data, c.train, c.cache, "cpu", state=state)
+
+    def interrupted(make, name, cls, first):
+        """`make` on both processes, each interrupted when it reaches an item past its first chunk."""
+        real, done = cls.__getitem__, []
+
+        def stop_after_first_chunk(self, key):
+            done.append(key)
+            if len(done) > first:
+                raise KeyboardInterrupt
+            return real(self, key)
+
+        cls.__getitem__ = stop_after_first_chunk
+        try:
+            make(cfg(name), state)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            cls.__getitem__ = real
+        state.wait_for_everyone()
+
+    def counted(make, c, cls, state):
+        real, done = cls.__getitem__, []
+        cls.__getitem__ = lambda self, key: done.append(key if isinstance(key, int) else list(key)) or real(self, key)
+        try:
+            make(c, state)
+        finally:
+            cls.__getitem__ = real
+        return done
+
+    seen = {}
+    for name in ("two", "one"):
+        interrupted(make_cache, name, build._ImagesToEncode, 4)  # images are encoded in chunks of 4
+        interrupted(lambda c, s: make_cache(c, s) or make_reference(c, s), name + "-ref", CachedPairs, 4)
+    seen["cache_two"] = counted(make_cache, cfg("two"), build._ImagesToEncode, state)
+    seen["reference_two"] = counted(make_reference, cfg("two-ref"), CachedPairs, state)
+    if rank == 0:
+        seen["cache_one"] = counted(make_cache, cfg("one"), build._ImagesToEncode, None)
+        seen["reference_one"] = counted(make_reference, cfg("one-ref"), CachedPairs, None)
+        make_cache(cfg("alone"), None)
+        make_reference(cfg("alone"), None)
+    state.wait_for_everyone()
+    return seen
+
+
 @pytest.fixture(scope="module")
-def two(tmp_path_factory) -> dict[str, list[dict]]:
+def two(tmp_path_factory, tiny_sd, tiny_data) -> dict[str, list[dict]]:
     """{case: [what process 0 saw, what process 1 saw]} of two real gloo processes."""
     import socket
 
@@ -103,13 +174,16 @@ def two(tmp_path_factory) -> dict[str, list[dict]]:
     out = tmp_path_factory.mktemp("two")
     for case in CASES:
         (out / case).mkdir()
+    (out / "cache" / "paths.json").write_text(json.dumps({"model": str(tiny_sd), "data": str(tiny_data)}))
     write_pickapic(out / "split_check" / "data.parquet",
                    [row(f"r{i}", jpg_1=GARBAGE if i == 7 else None) for i in range(10)])
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     torch.multiprocessing.spawn(_two_processes, args=(port, str(out)), nprocs=2, join=True)
-    return {case: [json.loads((out / case / f"rank-{r}.json").read_text()) for r in (0, 1)] for case in CASES}
+    seen = {case: [json.loads((out / case / f"rank-{r}.json").read_text()) for r in (0, 1)] for case in CASES}
+    seen["folder"] = out
+    return seen
 
 
 def test_a_folder_one_process_does_not_see_is_named_on_every_process(two):
@@ -153,6 +227,42 @@ def test_the_image_check_is_split_over_the_processes(two):
     # process 1 with an empty cache folder (another node's) still decodes nothing and keeps the same pairs
     assert seen[0]["decoded_node_local"] == seen[1]["decoded_node_local"] == []
     assert seen[0]["kept_node_local"] == seen[1]["kept_node_local"] == seen[0]["kept"]
+
+
+def test_a_cache_and_its_reference_built_by_two_processes_resume_after_a_kill_on_two_or_on_one(two):
+    """Each of two processes builds its share of the chunks; killed after one chunk each, the build (and then the
+    precomputed reference) resumes on two processes or on one, encodes only what is missing, and writes the files of
+    one process building alone from the start, bit for bit."""
+    from safetensors import safe_open
+
+    seen, folder = two["cache"], two["folder"] / "cache"
+    assert [s["error"] for s in seen] == [None, None]
+    alone = json.loads((folder / "alone" / "manifest.json").read_text())
+    n = alone["num_images"]
+    assert n > 8 and len(alone["image_files"]) > 2
+    resumed = seen[0]["cache_two"] + seen[1]["cache_two"]  # image rows: 2 chunks of 4 were written before the kill
+    assert len(set(resumed)) == len(resumed) == n - 8 and seen[0]["cache_two"] and seen[1]["cache_two"]
+    assert len(seen[0]["cache_one"]) == n - 8 and "cache_one" not in seen[1]
+    for name in ("two", "one"):
+        made = json.loads((folder / name / "manifest.json").read_text())
+        for key in ("identity", "num_pairs", "num_images", "pair_files", "text_files", "image_files"):
+            assert made[key] == alone[key], (name, key)
+        for f in alone["pair_files"] + alone["text_files"] + alone["image_files"]:
+            assert (folder / name / f["file"]).read_bytes() == (folder / "alone" / f["file"]).read_bytes(), f
+        assert not (folder / f"{name}.tmp").exists()
+    # the reference: 16 pairs (8 steps x batch 2) in chunks of 4, one chunk each before the kill
+    assert [len(s["reference_two"]) for s in seen] == [4, 4] and len(seen[0]["reference_one"]) == 8
+
+    def table(path):
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+
+    meta, tensors = table(folder / "alone.reference.safetensors")
+    assert tensors["ref_mse"].shape == (16, 2)
+    for name in ("two-ref", "one-ref"):
+        other_meta, other = table(folder / f"{name}.reference.safetensors")
+        assert other_meta == meta and all(torch.equal(other[k], tensors[k]) for k in tensors), name
+        assert not (folder / f"{name}.reference.safetensors.parts").exists()
 
 
 # ---------------------------------------------------------------- the data order under another layout

@@ -229,13 +229,13 @@ class CacheConfig:
     dir: Optional[str] = _f(None, "Pre-encoding cache directory (`diffusion-dpo cache` writes it): every pair's "
                                   "VAE posterior and caption encodings, read memory-mapped; training then never "
                                   "loads the VAE or the text encoders. null = encode on the fly.")
-    auto: bool = _f(False, "train: build the cache (and a precomputed reference) first when cache.dir holds none. "
-                           "With several processes, run `diffusion-dpo cache` first instead: the others wait at a "
-                           "barrier that may time out on a large data set.")
+    auto: bool = _f(False, "train: build the cache (and a precomputed reference) first when cache.dir holds none; "
+                           "with several processes each builds its share.")
     dtype: str = _f("float32", "Storage dtype of the cache: float32 (a cached run equals an uncached one up to "
                                "float noise), float16 or bfloat16 (half the disk).")
     batch_size: int = _f(16, "Pairs per batch while building the cache and while precomputing the reference.")
-    shard_pairs: int = _f(1024, "Pairs (and captions) per shard file.")
+    shard_pairs: int = _f(1024, "Pairs, images and captions per shard file: the chunk a build's process encodes "
+                                "and writes whole (a killed build loses at most one per process).")
     reference: str = _f("live", "The reference model's errors: live (a forward pass every step) or precomputed "
                                 "(computed once by `diffusion-dpo cache --reference` for this run's exact timesteps "
                                 "and noises; training then loads no reference model). precomputed needs cache.dir.")

@@ -9,6 +9,8 @@
   same one line, on every process instead of leaving the others waiting.
 - `attempt` and `agree`: work every process does (open the cache, validate its share of the data) whose one-line
   error on ANY process is raised on all, so that no process waits at the next barrier for one that has stopped.
+- `Share`: work cut into chunks and split over the processes (the cache build, the precomputed reference): this
+  process's share, work done by all with errors agreed, work done by the main process with its result sent.
 - `check_shared`: every process must see the run's folders (output_dir, cache.dir); a node-local folder would let
   node 0 resume while the others start from step 0. One sentinel file, written by the main process and looked
   for by every other, says which processes do not see it.
@@ -135,3 +137,33 @@ def _sees(path: Path, token: str) -> bool:
 
 def _host() -> str:
     return os.uname().nodename if hasattr(os, "uname") else "?"
+
+
+class Share:
+    """This process's place among the processes that split a piece of work (one process: `state` None): its share
+    of a list of chunks, work done by all with errors agreed, work done by the main process with its result sent."""
+
+    def __init__(self, state: Any = None):
+        self.state = state if state is not None and state.num_processes > 1 else None
+        self.rank = self.state.process_index if self.state else 0
+        self.count = self.state.num_processes if self.state else 1
+        self.is_main = self.rank == 0
+
+    def of_missing(self, items: list[T], done: Callable[[T], bool]) -> list[T]:
+        """This process's share of the `items` not `done`: every count-th from its rank (chunks of like cost, so shares
+        of like wall time). The main process lists them, before any process writes, and sends the list to all: a
+        process listing them itself could see another's first chunk already written and take a different share."""
+        return self.main_does(lambda: [item for item in items if not done(item)])[self.rank::self.count]
+
+    def all_do(self, work: Callable[[], T]) -> T:
+        """`work()` on every process; an error on any one is raised, as one line, on all."""
+        outcome = attempt(work)
+        if self.state is None:
+            if outcome.error is not None:
+                raise UserError(outcome.error)
+            return outcome.result
+        return agree(self.state, outcome)
+
+    def main_does(self, work: Callable[[], T]) -> T:
+        """`work()` on the main process, its result (or its one-line error) on every process."""
+        return decide_once(self.state, work) if self.state else work()

@@ -35,9 +35,12 @@ has ~15x fewer unique captions than pairs); the empty-prompt swap is drawn at tr
 (`randomness.item_draws`) and picks row 0.
 
 The cache is written as `<dir>.tmp/` and renamed when complete, so a killed build never leaves a cache
-that looks usable; the next build with the same settings continues after the last finished shard.
+that looks usable. The build is cut into chunks of `cache.shard_pairs` pairs, images and captions that do not depend
+on the number of processes (`build`): under `accelerate launch` every process encodes its share, and a killed build
+continues, on any number of processes, after the chunks already written, with the bytes of an uninterrupted one.
 
 Modules: `store` (the format: manifest, `Cache`, `CachedPairs`, a cached batch's inputs), `build`
 (writing a cache), `identity` (what a cache and a reference table depend on; the refusal of a mismatch),
-`fingerprint` (cheap fingerprints of model folders and data files), `reference` (the precomputed reference).
+`fingerprint` (cheap fingerprints of model folders and data files), `reference` (the precomputed reference),
+`chunks` (chunk files written whole, and the plan that decides whether an interrupted build's chunks are kept).
 """

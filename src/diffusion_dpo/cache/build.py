@@ -1,240 +1,274 @@
-"""Writing the pre-encoding cache (its layout: `diffusion_dpo.cache`): encoders in fp32, every distinct image and
-caption once, shards written as they fill and the progress saved after each, so a killed build continues."""
+"""Writing the pre-encoding cache (its layout: `diffusion_dpo.cache`), by one process or by every process of an
+`accelerate launch`, each its share.
+
+The work is cut into chunks that do not depend on the number of processes, so 1 or N processes write the same
+files and a killed build resumes on any number of them, losing at most the chunk each process was writing:
+
+1. keys: each chunk of `cache.shard_pairs` pairs gives its images' keys (blake2b of the encoded bytes: the same
+   bytes are the same image) and labels, `keys-NNNNN.npz` (reading and hashing, no decoding);
+2. every process reads all the keys and numbers the distinct images in order of first use (the image table);
+3. encode: chunks of `cache.shard_pairs` captions (`text-NNNNN`) and of `cache.shard_pairs` table rows
+   (`images-NNNNN`), encoders in fp32; each process takes its share of the chunks not yet on disk;
+4. the main process writes the pairs shards (table rows, caption rows, labels) and the manifest, then renames
+   `<dir>.tmp` to `<dir>`.
+
+Every file is written whole (temporary name, then rename), so what is on disk is finished. Errors on any process
+(a broken image, a full disk) are raised as one line on all of them (`processes.agree`).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from diffusion_dpo import __version__
+from diffusion_dpo.cache.chunks import PLAN, chunk, num_chunks, open_plan, save_arrays_whole, save_whole
 from diffusion_dpo.cache.identity import cache_identity, check_manifest, refuse_random_crop
-from diffusion_dpo.cache.store import CACHE_FORMAT, DTYPES, EMPTY_PROMPT_ROW, MANIFEST, PROGRESS, read_manifest
+from diffusion_dpo.cache.store import CACHE_FORMAT, DTYPES, EMPTY_PROMPT_ROW, MANIFEST, read_manifest
 from diffusion_dpo.config import CacheConfig, DataConfig, FlowConfig, ModelConfig
+from diffusion_dpo.data.image_checks import shared_by
 from diffusion_dpo.data.items import decode_pair_image, prepare_image
 from diffusion_dpo.data.unpaired import load_feedback
 from diffusion_dpo.errors import UserError
 from diffusion_dpo.models import load_components
+from diffusion_dpo.processes import Share
 
 
-def image_key(src: Any) -> tuple[bytes, Any]:
-    """(blake2b digest of the encoded image, a source to decode it from): the same bytes are the same image,
-    whether they came from a parquet cell or a file, so a repeated image is encoded once."""
+def image_key(src: Any) -> tuple[bytes, bytes]:
+    """(blake2b digest of the encoded image, its bytes): the same bytes are the same image, whether they came from
+    a parquet cell or a file, so a repeated image is encoded once."""
     data = bytes(src) if isinstance(src, (bytes, bytearray, memoryview)) else Path(src).read_bytes()
     return hashlib.blake2b(data, digest_size=16).digest(), data
 
 
-class _ImagesToEncode(torch.utils.data.Dataset):
-    """Pair i -> its two images as training pixels, in every stored orientation, with their keys (`image_key`)
-    (DataLoader workers decode)."""
-
-    def __init__(self, pairs: Any, resolution: int, orientations: int):
-        self.pairs, self.resolution, self.orientations = pairs, resolution, orientations
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        _, sources, label = self.pairs.images(i)
-        r, v, g = self.resolution, self.orientations, len(sources)
-        pixels = np.zeros((v, g, 3, r, r), np.float32)
-        crops = np.zeros((v, g, 2), np.int64)
-        sizes = np.zeros((g, 2), np.int64)
-        keys = np.zeros((g, 16), np.uint8)
+def _write_keys(pairs: Any, chunk: range, path: Path) -> None:
+    """The keys (n, G, 16) and labels (n,) of the pairs in `chunk`."""
+    keys = np.zeros((len(chunk), pairs.images_per_item, 16), np.uint8)
+    labels = np.zeros(len(chunk), np.float32)
+    for n, i in enumerate(chunk):
+        _, sources, labels[n] = pairs.images(i)
         for k, src in enumerate(sources):
             try:
-                digest, data = image_key(src)
+                keys[n, k] = np.frombuffer(image_key(src)[0], np.uint8)
             except OSError as exc:  # a path that cannot be read: as a broken image
-                raise UserError(f"{self.pairs.where(i)}: image cannot be read ({exc.strerror or exc})") from None
-            keys[k] = np.frombuffer(digest, np.uint8)
-            img = decode_pair_image(self.pairs, i, data)
-            sizes[k] = (img.height, img.width)
-            for o in range(v):  # the same function as the uncached loader, with the flip off and on
-                pixels[o, k], crops[o, k] = prepare_image(img, r, flip=o == 1, crop_fractions=(None, None))
+                raise UserError(f"{pairs.where(i)}: image cannot be read ({exc.strerror or exc})") from None
+    save_arrays_whole({"keys": keys, "labels": labels}, path)
+
+
+def image_table(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, firsts) for image keys (N, G, 16): rows (N, G) numbers the distinct keys in order of first use;
+    firsts (M,) is where (flat index i*G + g) each distinct image is first used."""
+    flat = np.ascontiguousarray(keys.reshape(-1, 16)).view(np.dtype((np.void, 16))).ravel()
+    if not len(flat):
+        return np.zeros(keys.shape[:2], np.int64), np.zeros(0, np.int64)
+    _, first, inverse = np.unique(flat, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")  # distinct keys by first use
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return rank[inverse.ravel()].reshape(keys.shape[:2]).astype(np.int64), first[order].astype(np.int64)
+
+
+def _read_keys(files: list[Path], images_per_item: int) -> tuple[np.ndarray, np.ndarray]:
+    """The keys (N, G, 16) and labels (N,) of every pair, from the chunk files in order."""
+    keys, labels = [np.zeros((0, images_per_item, 16), np.uint8)], [np.zeros(0, np.float32)]
+    for f in files:
+        with np.load(f) as saved:
+            keys.append(saved["keys"])
+            labels.append(saved["labels"])
+    return np.concatenate(keys), np.concatenate(labels)
+
+
+class _ImagesToEncode(torch.utils.data.Dataset):
+    """Image table row r -> its training pixels in every stored orientation, crops, size and key (DataLoader workers
+    decode). `firsts[r]` is where the image is first used (pair * G + image in the pair)."""
+
+    def __init__(self, pairs: Any, firsts: np.ndarray, resolution: int, orientations: int):
+        self.pairs, self.firsts, self.resolution, self.orientations = pairs, firsts, resolution, orientations
+
+    def __len__(self) -> int:
+        return len(self.firsts)
+
+    def __getitem__(self, row: int) -> dict[str, Any]:
+        i, k = divmod(int(self.firsts[row]), self.pairs.images_per_item)
+        src = self.pairs.images(i)[1][k]
+        try:
+            digest, data = image_key(src)
+        except OSError as exc:
+            raise UserError(f"{self.pairs.where(i)}: image cannot be read ({exc.strerror or exc})") from None
+        img = decode_pair_image(self.pairs, i, data)
+        r, v = self.resolution, self.orientations
+        pixels, crops = np.zeros((v, 3, r, r), np.float32), np.zeros((v, 2), np.int64)
+        for o in range(v):  # the same function as the uncached loader, with the flip off and on
+            pixels[o], crops[o] = prepare_image(img, r, flip=o == 1, crop_fractions=(None, None))
         return {"pixels": torch.from_numpy(pixels), "crop_top_lefts": torch.from_numpy(crops),
-                "original_sizes": torch.from_numpy(sizes), "keys": torch.from_numpy(keys), "label": float(label)}
-
-
-class _ShardWriter:
-    """Collects rows and writes `<prefix>-NNNNN.safetensors` every `rows` rows."""
-
-    def __init__(self, directory: Path, prefix: str, rows: int, files: Optional[list[dict]] = None,
-                 on_flush: Any = None):
-        self.directory, self.prefix, self.rows = directory, prefix, rows
-        self.parts: dict[str, list[Tensor]] = {}
-        self.pending = 0
-        self.files: list[dict] = list(files or [])  # shards already written (a resumed build)
-        self.on_flush = on_flush
-
-    def add(self, **tensors: Tensor) -> None:
-        """Append rows (the same number in every tensor); full shards are written as they fill."""
-        n, start = next(iter(tensors.values())).shape[0], 0
-        while start < n:  # a batch may straddle two shards
-            take = min(n - start, self.rows - self.pending)
-            for key, t in tensors.items():
-                self.parts.setdefault(key, []).append(t[start:start + take])
-            self.pending, start = self.pending + take, start + take
-            if self.pending == self.rows:
-                self.flush()
-
-    def flush(self) -> None:
-        from safetensors.torch import save_file
-
-        if not self.pending:
-            return
-        name = f"{self.prefix}-{len(self.files):05d}.safetensors"
-        save_file({k: torch.cat(v).contiguous() for k, v in self.parts.items()}, self.directory / name)
-        self.files.append({"file": name, "rows": self.pending})
-        self.parts, self.pending = {}, 0
-        if self.on_flush is not None:
-            self.on_flush(self.files)
-
-
-def _resume_or_start(tmp: Path, plan: dict, log: Any) -> dict:
-    """The progress of an interrupted build of the same plan in `tmp` (its finished shards are kept), or a
-    fresh `tmp` and empty progress."""
-    path = tmp / PROGRESS
-    try:
-        saved = json.loads(path.read_text()) if path.is_file() else None
-    except json.JSONDecodeError:
-        saved = None
-    if saved is not None and saved.get("plan") == plan:
-        done = sum(f["rows"] for f in saved.get("pair_files", []))
-        log(f"cache: resuming the interrupted build in {tmp} at pair {done}")
-        return saved
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return {"plan": plan}
-
-
-def _save_progress(tmp: Path, progress: dict) -> None:
-    (tmp / (PROGRESS + ".tmp")).write_text(json.dumps(progress))
-    os.replace(tmp / (PROGRESS + ".tmp"), tmp / PROGRESS)  # a kill leaves the old or the new, never half
+                "original_sizes": torch.tensor([img.height, img.width]),
+                "key": torch.from_numpy(np.frombuffer(digest, np.uint8).copy())}
 
 
 def build_cache(model: ModelConfig, data: DataConfig, cache: CacheConfig, flow: FlowConfig,
-                device: torch.device | str = "cpu", log: Any = print) -> Path:
-    """Encode every pair of `data` with `model`'s VAE and text encoders into `cache.dir`.
+                device: torch.device | str = "cpu", log: Any = print, state: Any = None) -> Path:
+    """Encode every pair of `data` with `model`'s VAE and text encoders into `cache.dir`; with `state` (accelerate's
+    process state under `accelerate launch`) every process encodes its share. Every process must call it.
 
-    Reuses a complete cache made with the same settings; refuses one made with other settings. The build
-    happens in `<dir>.tmp/`; an interrupted build (killed, disk full) keeps its finished shards there and the
-    next build with the same settings continues after them.
+    Reuses a complete cache made with the same settings; refuses one made with other settings. The build happens in
+    `<dir>.tmp/`; an interrupted build (killed, disk full) keeps its finished chunks there and the next build with
+    the same settings, on any number of processes, continues after them.
     """
-    from tqdm.auto import tqdm
-
     if not cache.dir:
         raise UserError("cache.dir is required (where to write the cache)")
     refuse_random_crop(data)
+    procs = Share(state)
+    log = log if procs.is_main else (lambda *a, **k: None)
     directory = Path(cache.dir).expanduser()
-    manifest = read_manifest(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    identity = cache_identity(model, data, cache)
+    size = cache.shard_pairs
+    plan = {"format": CACHE_FORMAT, "identity": identity, "random_flip": data.random_flip, "shard_pairs": size}
+
+    def prepare() -> Optional[dict]:
+        manifest = read_manifest(directory)
+        if manifest is not None:
+            check_manifest(manifest, model, data, cache, directory)
+            return manifest
+        if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+            raise UserError(f"cache.dir '{directory}' exists and holds no cache (no {MANIFEST}); remove it or choose "
+                            "another cache.dir")
+        _written(lambda: open_plan(tmp, plan, "cache", log), directory, tmp)
+        return None
+
+    manifest = procs.main_does(prepare)
     if manifest is not None:
-        check_manifest(manifest, model, data, cache, directory)
         log(f"cache {directory}: up to date ({manifest['num_pairs']} pairs)")
         return directory
-    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
-        raise UserError(f"cache.dir '{directory}' exists and holds no cache (no {MANIFEST}); remove it or choose "
-                        "another cache.dir")
-    identity = cache_identity(model, data, cache)
-    pairs = load_feedback(data)  # pairs, or unpaired items (one image each)
+
+    def load() -> Any:
+        with shared_by(procs.state):  # the image check, split over the processes
+            return load_feedback(data)  # pairs, or unpaired items (one image each)
+
+    pairs = procs.all_do(load)
     log(pairs.summary())
     # Captions: unique, row 0 the empty prompt (the caption-dropout replacement).
-    rows: dict[str, int] = {"": EMPTY_PROMPT_ROW}
-    caption_rows = torch.tensor([rows.setdefault(c, len(rows)) for c in pairs.captions()], dtype=torch.int64)
-    texts = list(rows)
-    orientations = 2 if data.random_flip else 1
-    plan = {"identity": identity, "random_flip": data.random_flip, "shard_pairs": cache.shard_pairs,
-            "num_pairs": len(pairs), "num_captions": len(texts)}
-    # Encoders in fp32 whatever the training precision: the cache is made once and serves every run.
-    comp = load_components(model, torch.float32, device, denoiser=False, flow=flow)
-    dtype = DTYPES[cache.dtype]
-    tmp = directory.with_name(directory.name + ".tmp")
-    try:
-        progress = _resume_or_start(tmp, plan, log)
-        if "text_files" not in progress:
-            writer = _ShardWriter(tmp, "text", cache.shard_pairs)
-            step = 4 * cache.batch_size
-            for start in tqdm(range(0, len(texts), step), desc="encode captions", unit="batch"):
-                encodings = comp.encode_prompt(comp.tokenizer(texts[start:start + step]))
-                writer.add(**{name: t.to("cpu", dtype) for name, t in encodings.items()})
-            writer.flush()
-            progress["text_files"] = writer.files
-            _save_progress(tmp, progress)
+    caption_row: dict[str, int] = {"": EMPTY_PROMPT_ROW}
+    caption_rows = np.array([caption_row.setdefault(c, len(caption_row)) for c in pairs.captions()], np.int64)
+    texts = list(caption_row)
+    pair_chunks = num_chunks(size, len(pairs))
 
-        # Images shards may end early: each pairs shard is written after every image it names (see below).
-        image_writer = _ShardWriter(tmp, "images", cache.shard_pairs, progress.get("image_files"))
-        seen = _written_keys(tmp, image_writer.files)  # key -> image row, of a resumed build's finished shards
+    # 1. keys
+    key_file = [tmp / f"keys-{c:05d}.npz" for c in range(pair_chunks)]
+    mine = procs.of_missing(list(range(pair_chunks)), lambda c: key_file[c].is_file())
+    procs.all_do(lambda: _written(lambda: [_write_keys(pairs, chunk(c, size, len(pairs)), key_file[c])
+                                            for c in mine], directory, tmp))
+    # 2. the image table, the same on every process
+    keys, labels = _read_keys(key_file, pairs.images_per_item)
+    rows, firsts = image_table(keys)
 
-        def shard_written(files: list[dict]) -> None:
-            image_writer.flush()  # the images this pairs shard names are on disk before the progress says so
-            progress["pair_files"], progress["image_files"] = files, image_writer.files
-            _save_progress(tmp, progress)
+    # 3. encode this process's share of the caption and image chunks not yet written
+    text_chunks, image_chunks = num_chunks(size, len(texts)), num_chunks(size, len(firsts))
+    mine = procs.of_missing([("text", j) for j in range(text_chunks)] + [("images", j) for j in range(image_chunks)],
+                            lambda task: (tmp / f"{task[0]}-{task[1]:05d}.safetensors").is_file())
+    loaded: list[Any] = []
 
-        writer = _ShardWriter(tmp, "pairs", cache.shard_pairs, progress.get("pair_files"), shard_written)
-        done = sum(f["rows"] for f in writer.files)
-        images = _ImagesToEncode(pairs, data.resolution, orientations)
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(images, range(done, len(pairs))),
-                                             batch_size=cache.batch_size, num_workers=data.num_workers)
-        for batch in tqdm(loader, desc="encode images", unit="batch"):
-            pixels = batch["pixels"]  # (b, V, G, 3, R, R): G = 2 images per pair, 1 per unpaired item
-            b, g = pixels.shape[0], pixels.shape[2]
-            rows = torch.empty(b, g, dtype=torch.int64)
-            new: list[tuple[int, int]] = []  # (pair in batch, image in pair) of images not seen before
-            for i in range(b):
-                for k in range(g):
-                    key = batch["keys"][i, k].numpy().tobytes()
-                    if key not in seen:
-                        seen[key] = len(seen)
-                        new.append((i, k))
-                    rows[i, k] = seen[key]
-            if new:
-                at = (torch.tensor([i for i, _ in new]), slice(None), torch.tensor([k for _, k in new]))
-                fresh = pixels[at]  # (m, V, 3, R, R)
-                mean, std = comp.posterior(fresh.flatten(0, 1))  # (m*V, C, h, w)
-                shape = fresh.shape[:2] + mean.shape[1:]
-                image_writer.add(mean=mean.reshape(shape).to("cpu", dtype), std=std.reshape(shape).to("cpu", dtype),
-                                 crop_top_lefts=batch["crop_top_lefts"][at],
-                                 original_sizes=batch["original_sizes"][at[0], at[2]],
-                                 key=batch["keys"][at[0], at[2]])
-            writer.add(image=rows, caption=caption_rows[done:done + b], label=batch["label"].float())
-            done += b
-        writer.flush()  # (an empty data set writes nothing: shard_written is not called)
-        image_writer.flush()
-        manifest = {
+    def components() -> Any:
+        if not loaded:  # encoders in fp32 whatever the training precision: the cache is made once, serves every run
+            loaded.append(load_components(model, torch.float32, device, denoiser=False, flow=flow))
+        return loaded[0]
+
+    def encode() -> None:
+        if not mine:
+            return
+        comp, dtype = components(), DTYPES[cache.dtype]
+        for kind, j in mine:
+            if kind == "text":
+                _encode_texts(comp, texts[j * size:(j + 1) * size], 4 * cache.batch_size, dtype,
+                              tmp / f"text-{j:05d}.safetensors")
+        images = [j for kind, j in mine if kind == "images"]
+        _encode_images(comp, _ImagesToEncode(pairs, firsts, data.resolution, 2 if data.random_flip else 1),
+                       [chunk(j, size, len(firsts)) for j in images],
+                       [tmp / f"images-{j:05d}.safetensors" for j in images], cache.batch_size, data.num_workers,
+                       dtype, show=procs.is_main)
+
+    procs.all_do(lambda: _written(encode, directory, tmp))
+
+    # 4. pairs shards, manifest, rename (the main process)
+    def finish() -> int:
+        comp, pair_files = components(), []
+        for c in range(pair_chunks):
+            span = chunk(c, size, len(pairs))
+            name = f"pairs-{c:05d}.safetensors"
+            save_whole({"image": torch.from_numpy(rows[span.start:span.stop]),
+                        "caption": torch.from_numpy(caption_rows[span.start:span.stop]),
+                        "label": torch.from_numpy(labels[span.start:span.stop])}, tmp / name)
+            pair_files.append({"file": name, "rows": len(span)})
+        files = lambda prefix, total: [{"file": f"{prefix}-{j:05d}.safetensors",  # noqa: E731
+                                        "rows": len(chunk(j, size, total))} for j in range(num_chunks(size, total))]
+        done = {
             "format": CACHE_FORMAT, "package_version": __version__, "identity": identity,
             "model.pretrained": model.pretrained, "model.vae": model.vae,
             "random_flip": data.random_flip, "random_crop": False, "family": comp.name,
             "num_pairs": len(pairs), "num_captions": len(texts), "summary": pairs.summary(),
             "images_per_item": pairs.images_per_item,
             "latent_shape": list(comp.latent_shape(data.resolution)), "latent_scale": vars(comp.latent_scale),
-            "shard_pairs": cache.shard_pairs, "pair_files": writer.files, "text_files": progress["text_files"],
-            "num_images": len(seen), "image_files": image_writer.files,
+            "shard_pairs": size, "pair_files": pair_files, "text_files": files("text", len(texts)),
+            "num_images": len(firsts), "image_files": files("images", len(firsts)),
         }
-        (tmp / PROGRESS).unlink()
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        for f in key_file:
+            f.unlink()
+        (tmp / PLAN).unlink()
+        (tmp / MANIFEST).write_text(json.dumps(done, indent=1))
         if directory.exists():
             directory.rmdir()  # an empty folder the user made
         tmp.rename(directory)  # complete: only now does cache.dir exist
-    except OSError as exc:  # disk full, permissions: the finished shards stay in tmp for the next build
-        raise UserError(f"cannot write cache.dir '{directory}': {exc.strerror or exc}; finished shards are kept in "
-                        f"{tmp} and reused by the next `diffusion-dpo cache`") from None
-    log(f"cache {directory}: {len(pairs)} pairs, {len(seen)} distinct images, {len(texts)} unique captions")
+        return len(firsts)
+
+    num_images = procs.main_does(lambda: _written(finish, directory, tmp))
+    log(f"cache {directory}: {len(pairs)} pairs, {num_images} distinct images, {len(texts)} unique captions")
     return directory
 
 
-def _written_keys(tmp: Path, files: list[dict]) -> dict[bytes, int]:
-    """key -> image row of the images in the finished shards `files` (a resumed build continues the table)."""
-    from safetensors import safe_open
+def _written(work: Callable[[], Any], directory: Path, tmp: Path) -> Any:
+    """`work()`, a failed write (disk full, permissions) as one line that says the finished chunks are kept."""
+    try:
+        return work()
+    except OSError as exc:
+        raise UserError(f"cannot write cache.dir '{directory}': {exc.strerror or exc}; finished chunks are kept in "
+                        f"{tmp} and reused by the next `diffusion-dpo cache`") from None
 
-    seen: dict[bytes, int] = {}
-    for f in files:
-        with safe_open(str(tmp / f["file"]), framework="pt") as shard:
-            for key in shard.get_tensor("key"):
-                seen[key.numpy().tobytes()] = len(seen)
-    return seen
+
+def _encode_texts(comp: Any, texts: list[str], batch: int, dtype: torch.dtype, path: Path) -> None:
+    """One chunk of captions through the family's text encoders, written whole."""
+    parts: dict[str, list[Tensor]] = {}
+    for start in range(0, len(texts), batch):
+        for name, t in comp.encode_prompt(comp.tokenizer(texts[start:start + batch])).items():
+            parts.setdefault(name, []).append(t.to("cpu", dtype))
+    save_whole({name: torch.cat(ts) for name, ts in parts.items()}, path)
+
+
+def _encode_images(comp: Any, images: _ImagesToEncode, chunks: list[range], paths: list[Path], batch_size: int,
+                   num_workers: int, dtype: torch.dtype, show: bool) -> None:
+    """Image table chunks through the VAE (DataLoader workers decode), each chunk written whole as it completes."""
+    from tqdm.auto import tqdm
+
+    batches = [list(chunk[s:s + batch_size]) for chunk in chunks for s in range(0, len(chunk), batch_size)]
+    if not batches:
+        return
+    loader = torch.utils.data.DataLoader(images, batch_sampler=batches, num_workers=num_workers)
+    parts: dict[str, list[Tensor]] = {}
+    held, at = 0, 0  # rows collected of chunks[at]
+    for batch in tqdm(loader, desc="encode images", unit="batch", disable=not show):
+        pixels = batch["pixels"]  # (b, V, 3, R, R)
+        mean, std = comp.posterior(pixels.flatten(0, 1))  # (b*V, C, h, w)
+        shape = pixels.shape[:2] + mean.shape[1:]
+        for name, t in (("mean", mean.reshape(shape).to("cpu", dtype)), ("std", std.reshape(shape).to("cpu", dtype)),
+                        ("crop_top_lefts", batch["crop_top_lefts"]), ("original_sizes", batch["original_sizes"]),
+                        ("key", batch["key"])):
+            parts.setdefault(name, []).append(t)
+        held += len(pixels)
+        if held == len(chunks[at]):  # batches never straddle chunks
+            save_whole({name: torch.cat(ts) for name, ts in parts.items()}, paths[at])
+            parts, held, at = {}, 0, at + 1

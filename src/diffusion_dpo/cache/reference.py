@@ -19,14 +19,15 @@ is refused with one line, never silently given another reference.
 from __future__ import annotations
 
 import json
-import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
+from diffusion_dpo.cache.chunks import chunk, num_chunks, open_plan, save_whole
 from diffusion_dpo.cache.identity import reference_identity
 from diffusion_dpo.cache.store import Cache, CachedPairs, cached_inputs
 from diffusion_dpo.config import CacheConfig, DataConfig, FlowConfig, LoraConfig, ModelConfig, TrainConfig
@@ -34,6 +35,7 @@ from diffusion_dpo.data.items import PairSampler, collate_packed, keys_per_epoch
 from diffusion_dpo.errors import UserError
 from diffusion_dpo.models import add_lora, cast, load_components, weight_dtype_of
 from diffusion_dpo.models.reference import reference_kind
+from diffusion_dpo.processes import Share
 from diffusion_dpo.randomness import pair_noise
 
 REFERENCE_FORMAT = 1
@@ -91,16 +93,60 @@ def _autocast(device: torch.device, dtype: torch.dtype) -> Any:
 
 def precompute_reference(model: ModelConfig, lora: LoraConfig, flow: FlowConfig, data: DataConfig, train: TrainConfig,
                          cache: CacheConfig, device: torch.device | str = "cpu", num_processes: int = 1,
-                         log: Any = print) -> Path:
+                         log: Any = print, state: Any = None) -> Path:
     """Compute the reference errors of every pair a training run with these settings on `num_processes` processes
-    visits and write them to `reference_path(cache)` (temp name, then rename)."""
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
-
+    visits and write them to `reference_path(cache)`. With `state` (accelerate's process state under `accelerate
+    launch`) every process computes its share of the chunks, and every process must call it. The chunks
+    (`<file>.parts/`, whole batches of `cache.batch_size`) do not depend on how many processes compute them, so the
+    errors are those of one pass and a killed run resumes, on any number of processes, after its finished chunks."""
     device = torch.device(device)
     if train.mixed_precision == "fp16" and device.type != "cuda":
         raise UserError(f"train.mixed_precision=fp16 needs a CUDA GPU (this is {device.type}); use bf16 or no")
-    store = Cache.open(model, data, cache)
+    procs = Share(state)
+    log = log if procs.is_main else (lambda *a, **k: None)
+    store = procs.all_do(lambda: Cache.open(model, data, cache))
+    keys_per_epoch, num_keys = run_coverage(data, train, store.num_pairs, num_processes)
+    info = {"format": REFERENCE_FORMAT,
+            "identity": reference_identity(model, lora, flow, data, train, store.manifest, device.type),
+            "keys_per_epoch": keys_per_epoch, "num_keys": num_keys, "num_processes": num_processes,
+            "max_steps": train.max_steps}
+    path = reference_path(cache)
+    parts = path.with_name(path.name + ".parts")
+    size = cache.batch_size * max(1, -(-cache.shard_pairs // cache.batch_size))
+    plan = {"reference": info, "chunk": size, "batch_size": cache.batch_size}
+    procs.main_does(lambda: _written(lambda: open_plan(parts, plan, "reference errors", log), path))
+    files = [parts / f"part-{j:05d}.safetensors" for j in range(num_chunks(size, num_keys))]
+    mine = procs.of_missing(list(range(len(files))), lambda j: files[j].is_file())
+
+    def compute() -> None:
+        if mine:
+            keys = list(run_keys(store.num_pairs, train.seed, keys_per_epoch, num_keys))
+            _compute_errors(model, lora, flow, data, train, cache, store, device,
+                            [[keys[k] for k in chunk(j, size, num_keys)] for j in mine],
+                            [files[j] for j in mine], show=procs.is_main)
+
+    procs.all_do(lambda: _written(compute, path))
+
+    def finish() -> None:
+        from safetensors.torch import load_file
+
+        done = [load_file(f) for f in files]
+        merged = {name: torch.cat([d[name] for d in done]) if done else torch.zeros(0) for name in ("sample_seed", "ref_mse")}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_whole(merged, path, metadata={"reference": json.dumps(info)})
+        shutil.rmtree(parts)
+
+    procs.main_does(lambda: _written(finish, path))
+    log(f"reference errors: {num_keys} pairs ({train.max_steps} steps) -> {path}")
+    return path
+
+
+def _compute_errors(model: ModelConfig, lora: LoraConfig, flow: FlowConfig, data: DataConfig, train: TrainConfig,
+                    cache: CacheConfig, store: Cache, device: torch.device, chunks: list[list[tuple[int, int]]],
+                    files: list[Path], show: bool) -> None:
+    """The reference errors of the keys (pair_index, sample_seed) of each chunk, each chunk written whole."""
+    from tqdm.auto import tqdm
+
     dtype = weight_dtype_of(train.mixed_precision)
     comp = load_components(model, dtype, device, encoders=False, flow=flow)
     # The reference as training holds it: the base denoiser in the compute dtype, in train mode (see
@@ -108,15 +154,15 @@ def precompute_reference(model: ModelConfig, lora: LoraConfig, flow: FlowConfig,
     denoiser = cast(_reference_denoiser(model, lora, comp, device), dtype).requires_grad_(False).train()
     if train.channels_last:
         denoiser.to(memory_format=torch.channels_last)
-    keys_per_epoch, num_keys = run_coverage(data, train, store.num_pairs, num_processes)
-    keys = list(run_keys(store.num_pairs, train.seed, keys_per_epoch, num_keys))
-    dataset = CachedPairs(store, data.random_flip, data.proportion_empty_prompts)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cache.batch_size, sampler=keys,
-                                         collate_fn=collate_packed, num_workers=data.num_workers,
-                                         pin_memory=device.type == "cuda")
-    seeds, errors = [], []
+    batches = [keys[s:s + cache.batch_size] for keys in chunks for s in range(0, len(keys), cache.batch_size)]
+    loader = torch.utils.data.DataLoader(CachedPairs(store, data.random_flip, data.proportion_empty_prompts),
+                                         batch_sampler=batches, collate_fn=collate_packed,
+                                         num_workers=data.num_workers, pin_memory=device.type == "cuda")
+    seeds: list[torch.Tensor] = []
+    errors: list[torch.Tensor] = []
+    held, at = 0, 0  # keys computed of chunks[at]
     with torch.no_grad():
-        for batch in tqdm(loader, desc="reference errors", unit="batch"):
+        for batch in tqdm(loader, desc="reference errors", unit="batch", disable=not show):
             batch = unpack_batch(batch)
             b = batch["label"].shape[0]
             draws = pair_noise(batch["sample_seed"].tolist(), comp.draw_timestep,
@@ -129,22 +175,19 @@ def precompute_reference(model: ModelConfig, lora: LoraConfig, flow: FlowConfig,
                 err = comp.mse(denoiser, noisy, draws.timesteps, cond, target)  # (GB,) [winners; losers]
             seeds.append(batch["sample_seed"])
             errors.append(err.float().cpu().view(-1, b).T)  # (B, G): (ref_w, ref_l), or one unpaired image's
-    identity = reference_identity(model, lora, flow, data, train, store.manifest, device.type)
-    info = {"format": REFERENCE_FORMAT, "identity": identity,
-            "keys_per_epoch": keys_per_epoch, "num_keys": num_keys, "num_processes": num_processes,
-            "max_steps": train.max_steps}
-    path = reference_path(cache)
-    tmp = path.with_name(path.name + ".tmp")
+            held += b
+            if held == len(chunks[at]):  # batches never straddle chunks
+                save_whole({"sample_seed": torch.cat(seeds), "ref_mse": torch.cat(errors)}, files[at])
+                seeds, errors, held, at = [], [], 0, at + 1
+
+
+def _written(work: Callable[[], Any], path: Path) -> Any:
+    """`work()`, a failed write (disk full, permissions) as one line."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"sample_seed": torch.cat(seeds), "ref_mse": torch.cat(errors)}, tmp,
-                  metadata={"reference": json.dumps(info)})
-        os.replace(tmp, path)
+        return work()
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
-    log(f"reference errors: {num_keys} pairs ({train.max_steps} steps) -> {path}")
-    return path
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}; finished chunks are kept in "
+                        f"{path.name}.parts beside it and reused by the next `diffusion-dpo cache --reference`") from None
 
 
 class ReferenceTable:

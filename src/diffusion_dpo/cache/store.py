@@ -22,7 +22,6 @@ from diffusion_dpo.randomness import item_draws
 CACHE_FORMAT = 3  # 3: an image table (2 stored each pair's posteriors; 1 held SD/SDXL's hidden/pooled only)
 READABLE_FORMATS = (2, CACHE_FORMAT)
 MANIFEST = "manifest.json"
-PROGRESS = "progress.json"  # in <dir>.tmp/ while building: the finished shards, so a killed build resumes
 EMPTY_PROMPT_ROW = 0
 TEXT_PREFIX = "text_"  # an item's caption encodings: text_<name> for each of the family's encodings
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

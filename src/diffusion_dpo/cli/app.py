@@ -197,14 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Encode every pair's images with the VAE and every caption with the text encoder(s) once, into "
                     "cache.dir; `train` with the same --cache.dir then never loads them. With --reference, also "
                     "compute the reference model's per-pair errors for exactly this training config (seed, steps, "
-                    "batch, precision), so `train --cache.reference precomputed` loads no reference model. Takes "
-                    "the same --config FILE and --section.key VALUE flags as train.")
+                    "batch, precision), so `train --cache.reference precomputed` loads no reference model. Under "
+                    "`accelerate launch` every process encodes its share; a killed build resumes (on any number of "
+                    "processes). Takes the same --config FILE and --section.key VALUE flags as train.")
     cache.add_argument("--config", metavar="FILE", help="YAML config (see configs/)")
     cache.add_argument("--reference", action="store_true",
                        help="also precompute the reference errors the training run with this config will need")
     cache.add_argument("--num-processes", type=int, default=1, metavar="N",
                        help="processes the training run will use (the reference errors cover data.batch_size x "
-                            "accumulation x N pairs per step) [default: 1]")
+                            "accumulation x N pairs per step; not the processes that compute them) [default: 1]")
     _add_config_flags(cache)
 
     tiny = sub.add_parser(
@@ -326,9 +327,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
-    import torch
-
     from diffusion_dpo.cache.build import build_cache
+    from diffusion_dpo.processes import process_state
 
     quiet_progress_bars()
     cfg = _load_config(args)
@@ -336,14 +336,15 @@ def _cmd_cache(args: argparse.Namespace) -> int:
         raise UserError("cache: --cache.dir is required (where to write the cache)")
     if args.num_processes < 1:
         raise UserError("cache: --num-processes must be >= 1")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    build_cache(cfg.model, cfg.data, cfg.cache, cfg.flow, device)
+    state = process_state(cfg.train.process_group_timeout_minutes)  # one process, or each of `accelerate launch`'s
+    build_cache(cfg.model, cfg.data, cfg.cache, cfg.flow, state.device, state=state)
     if args.reference:
         from diffusion_dpo.cache.reference import precompute_reference
 
-        path = precompute_reference(cfg.model, cfg.lora, cfg.flow, cfg.data, cfg.train, cfg.cache, device,
-                                    num_processes=args.num_processes)
-        print(f"reference errors: {path}")
+        path = precompute_reference(cfg.model, cfg.lora, cfg.flow, cfg.data, cfg.train, cfg.cache, state.device,
+                                    num_processes=args.num_processes, state=state)
+        if state.is_main_process:
+            print(f"reference errors: {path}")
     return 0
 
 

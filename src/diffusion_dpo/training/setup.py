@@ -13,7 +13,7 @@ import torch
 
 from diffusion_dpo.cache.build import build_cache
 from diffusion_dpo.cache.reference import ReferenceTable, WithReference, precompute_reference, reference_path
-from diffusion_dpo.cache.store import Cache, CachedPairs, read_manifest
+from diffusion_dpo.cache.store import Cache, CachedPairs
 from diffusion_dpo.config import Config, DataConfig, LoraConfig, OptimConfig, TrainConfig
 from diffusion_dpo.data.image_checks import shared_by
 from diffusion_dpo.data.items import PairSampler, PreferenceDataset, locality_of
@@ -23,7 +23,7 @@ from diffusion_dpo.errors import UserError
 from diffusion_dpo.models import Family, add_lora, cast
 from diffusion_dpo.models.lora import continue_adapters
 from diffusion_dpo.models.reference import Reference, build_reference
-from diffusion_dpo.processes import agree, attempt, init_kwargs
+from diffusion_dpo.processes import agree, attempt, decide_once, init_kwargs
 from diffusion_dpo.training.losses import LossSpec
 
 
@@ -152,28 +152,18 @@ def open_data(accelerator: Any, cfg: Config, in_memory: Optional[Any], loss: Los
         acc.print(found.summary())
         return TrainingData(pairs=found)
 
-    def cache() -> Cache:
-        # the main process builds what is missing (cache.auto) first; the others then open it
-        if acc.is_main_process and cfg.cache.auto and read_manifest(Path(cfg.cache.dir).expanduser()) is None:
-            build_cache(cfg.model, cfg.data, cfg.cache, cfg.flow, acc.device, acc.print)
-        return Cache.open(cfg.model, cfg.data, cfg.cache)  # refuses a cache made with other settings
-
-    with acc.main_process_first():
-        outcome = attempt(cache)
-    store = agree(acc, outcome)
+    if cfg.cache.auto:  # what is missing is built by every process, each its share (a complete cache: checked)
+        build_cache(cfg.model, cfg.data, cfg.cache, cfg.flow, acc.device, acc.print, state=acc.state)
+    # refuses a cache made with other settings, on every process
+    store = agree(acc, attempt(lambda: Cache.open(cfg.model, cfg.data, cfg.cache)))
     acc.print(f"cache {cfg.cache.dir}: {store.manifest['summary']}")
     table = None
     if cfg.cache.reference == "precomputed" and loss.needs_reference:
         sections = (cfg.model, cfg.lora, cfg.flow, cfg.data, cfg.train, cfg.cache)
-
-        def reference() -> ReferenceTable:
-            if acc.is_main_process and cfg.cache.auto and not reference_path(cfg.cache).is_file():
-                precompute_reference(*sections, acc.device, acc.num_processes, acc.print)
-            return ReferenceTable.open(*sections, store, acc.num_processes, acc.device.type)
-
-        with acc.main_process_first():
-            outcome = attempt(reference)
-        table = agree(acc, outcome)
+        if cfg.cache.auto and decide_once(acc.state, lambda: not reference_path(cfg.cache).is_file()):
+            precompute_reference(*sections, acc.device, acc.num_processes, acc.print, state=acc.state)
+        table = agree(acc, attempt(lambda: ReferenceTable.open(*sections, store, acc.num_processes,
+                                                               acc.device.type)))
     return TrainingData(cache=store, reference_table=table)
 
 
