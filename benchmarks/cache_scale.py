@@ -85,15 +85,78 @@ def timed(cmd: list[str], env: dict) -> float:
     return time.perf_counter() - began
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc): torchrun starts its workers in sessions of their own, so killing the
+    launcher's process group would leave them running."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def killed(cmd: list[str], env: dict, after: float) -> None:
-    """`cmd` in its own process group, SIGKILLed (all of it) after `after` seconds."""
+    """`cmd` SIGKILLed after `after` seconds, with every process it started (as a node that dies)."""
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         proc.wait(timeout=after)
         raise SystemExit(f"the build ended before the kill at {after:.1f} s: choose more pairs")
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in [proc.pid, *descendants(proc.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         proc.wait()
+        time.sleep(1)
+
+
+def train_command(model: Path, data: Path, cache: Path, out: Path, resolution: int, *extra: str) -> list[str]:
+    """40 steps of a 2-process full fine-tune from the cache and its precomputed reference, checkpoints every 10."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "diffusion_dpo",
+            "train", "--config", str(ROOT / "configs" / "tiny.yaml"), "--model.pretrained", str(model),
+            "--data.path", str(data), "--cache.dir", str(cache), "--cache.reference", "precomputed",
+            "--data.resolution", str(resolution), "--data.num_workers", "0", "--data.batch_size", "2",
+            "--cache.batch_size", "16", "--cache.shard_pairs", "256", "--train.max_steps", "40",
+            "--train.checkpointing_steps", "10", "--validation.every_steps", "-1", "--train.report_to", "none",
+            "--overwrite", "false", "--output_dir", str(out), *extra]
+
+
+def weights(run: Path) -> bytes:
+    return (run / "final" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+
+
+def train_kill(args: argparse.Namespace, model: Path, data: Path, cache: Path, env: dict) -> tuple:
+    """A 2-process training run from `cache`, and the same run killed at a random moment and resumed."""
+    # training: 2 processes from the cache, killed at a random moment after the first checkpoint, resumed
+    straight, resumed_run = args.out / "train-straight", args.out / "train-killed"
+    for run in (straight, resumed_run):
+        shutil.rmtree(run, ignore_errors=True)
+    # the reference the run needs: 40 steps x 2 pairs x 2 processes (the cache build's covered 1 process x 4)
+    reference = [sys.executable, "-m", "diffusion_dpo", "cache", "--config", str(ROOT / "configs" / "tiny.yaml"),
+                 "--model.pretrained", str(model), "--data.path", str(data), "--cache.dir", str(cache),
+                 "--data.resolution", str(args.resolution), "--data.num_workers", "0", "--data.batch_size", "2",
+                 "--cache.batch_size", "16", "--cache.shard_pairs", "256", "--train.max_steps", "40",
+                 "--reference", "--num-processes", "2"]
+    timed(reference, env)
+    train_s = timed(train_command(model, data, cache, straight, args.resolution), env)
+    train_at = random.Random(args.seed + 1).uniform(0.4, 0.9) * train_s
+    killed(train_command(model, data, cache, resumed_run, args.resolution), env, train_at)
+    kept = sorted(p.name for p in resumed_run.glob("checkpoint-*"))
+    timed(train_command(model, data, cache, resumed_run, args.resolution, "--train.resume", "latest"), env)
+    same_weights = weights(straight) == weights(resumed_run)
+    print(json.dumps({"train_s": round(train_s, 1), "train_killed_at_s": round(train_at, 1), "checkpoints_kept": kept,
+                      "same_final_weights": same_weights}), flush=True)
+    return train_s, train_at, kept, same_weights
 
 
 def files_of(cache: Path) -> dict[str, bytes]:
@@ -106,7 +169,13 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=8)
     parser.add_argument("--resolution", type=int, default=64, help="training resolution (the images are 512 px)")
     parser.add_argument("--seed", type=int, default=0, help="of the kill's moment")
+    parser.add_argument("--kill-at", type=float, help="the kill's moment as a fraction of the 2-process build's wall "
+                                                      "time [default: drawn from 0.3-0.8 with --seed]")
     parser.add_argument("--out", type=Path, default=Path("/tmp/dpo-cache-scale"))
+    parser.add_argument("--training-only", action="store_true", help="with --walls: only the training kill")
+    parser.add_argument("--walls", type=float, nargs=2, metavar=("ONE", "TWO"),
+                        help="the 1- and 2-process wall times of builds already in OUT (cache-1, cache-2): only the "
+                             "kill and the rerun are run")
     args = parser.parse_args()
     from diffusion_dpo.testing.tiny import build_tiny_pipeline
 
@@ -123,16 +192,22 @@ def main() -> None:
     wall, caches = {}, {}
     for n in (1, 2):
         caches[n] = args.out / f"cache-{n}"
+        if args.walls:
+            wall[n] = args.walls[n - 1]
+            continue
         shutil.rmtree(caches[n], ignore_errors=True)
         shutil.rmtree(caches[n].with_name(caches[n].name + ".tmp"), ignore_errors=True)
         wall[n] = timed(command(model, data, caches[n], n, args.resolution), env)
         print(json.dumps({"processes": n, "wall_s": round(wall[n], 1)}), flush=True)
     same = files_of(caches[1]) == files_of(caches[2])
+    if args.training_only:
+        train_kill(args, model, data, caches[1], env)
+        return
     # a kill -9 at a random moment of the 2-process build, then the build rerun on 2 processes
     resumed = args.out / "cache-killed"
     shutil.rmtree(resumed, ignore_errors=True)
     shutil.rmtree(resumed.with_name(resumed.name + ".tmp"), ignore_errors=True)
-    at = random.Random(args.seed).uniform(0.3, 0.8) * wall[2]
+    at = (args.kill_at if args.kill_at is not None else random.Random(args.seed).uniform(0.3, 0.8)) * wall[2]
     killed(command(model, data, resumed, 2, args.resolution), env, at)
     kept = [resumed.with_name(resumed.name + ".tmp"), resumed / "reference.safetensors.parts"]
     left = [p.name for folder in kept if folder.is_dir() for p in folder.iterdir() if p.name != "plan.json"]
@@ -140,12 +215,15 @@ def main() -> None:
     same_after_kill = files_of(resumed) == files_of(caches[1])
     print(json.dumps({"killed_at_s": round(at, 1), "files_left": len(left), "rerun_s": round(rerun, 1),
                       "same_bytes_1_vs_2": same, "same_bytes_after_kill": same_after_kill}), flush=True)
+    train_s, train_at, kept, same_weights = train_kill(args, model, data, caches[1], env)
     cache_bytes = sum(len(b) for b in files_of(caches[1]).values())
-    print(f"\n| pairs (distinct images) | 1 process | 2 processes | ratio | killed at, rerun | files equal |")
+    print("\n| pairs (distinct images) | 1 process | 2 processes | ratio | killed at, rerun | files equal |")
     print("| --- | --- | --- | --- | --- | --- |")
     print(f"| {args.pairs} ({2 * args.pairs}) | {wall[1]:.1f} s | {wall[2]:.1f} s | {wall[2] / wall[1]:.2f} | "
           f"{at:.1f} s ({len(left)} files kept), {rerun:.1f} s | 1 vs 2: {same}; killed + rerun vs 1: "
           f"{same_after_kill} ({cache_bytes / 2**20:.0f} MiB) |")
+    print(f"\ntraining (2 processes, 40 steps): {train_s:.1f} s; killed at {train_at:.1f} s (kept {', '.join(kept)}), "
+          f"resumed with --train.resume latest: final weights equal to the uninterrupted run's: {same_weights}")
 
 
 if __name__ == "__main__":

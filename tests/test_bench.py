@@ -75,16 +75,19 @@ def test_the_sd15_shaped_model_has_sd15s_architecture(tmp_path):
         build_sd15_shaped_pipeline(tmp_path / "bad", width=48)
 
 
-def test_the_flow_shaped_transformers_have_the_published_sizes():
-    """SD3.5-medium's MMDiT-X is ~2.2B parameters, FLUX.1-dev's transformer 11.9B (counted on the meta device)."""
+def test_the_shaped_denoisers_have_the_published_sizes():
+    """SDXL's UNet is 2.57B parameters, SD3.5-medium's MMDiT-X ~2.2B, FLUX.1-dev's transformer 11.9B (counted on the
+    meta device)."""
     import torch
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 
     from diffusion_dpo.testing.tiny import SHAPED
 
     with torch.device("meta"):
+        sdxl = UNet2DConditionModel(**SHAPED["sdxl"])
         sd35 = SD3Transformer2DModel(**SHAPED["sd35-medium"])
         flux = FluxTransformer2DModel(**SHAPED["flux-dev"])
+    assert sum(p.numel() for p in sdxl.parameters()) == 2_567_463_684  # stable-diffusion-xl-base-1.0's UNet
     assert 2.0e9 < sum(p.numel() for p in sd35.parameters()) < 2.6e9
     assert 11.5e9 < sum(p.numel() for p in flux.parameters()) < 12.3e9
     assert sd35.config.joint_attention_dim == flux.config.joint_attention_dim == 4096  # T5-XXL's width
@@ -141,3 +144,22 @@ def test_the_peak_restarts_where_training_begins():
     before = metrics._peak_rss_bytes()
     metrics.reset_peak_memory()
     assert metrics._peak_rss_bytes() < before - 48 * 2**20
+
+
+def test_the_gpu_check_script_parses_and_names_what_exists():
+    """benchmarks/gpu_check.sh (run where a GPU is lent) is valid bash, and every config, --shaped model and bench
+    mode it names exists here."""
+    import re
+    import subprocess
+
+    from diffusion_dpo.bench import MODES
+    from diffusion_dpo.testing.tiny import SHAPED
+
+    script = ROOT / "benchmarks" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    for config in re.findall(r"configs/[\w.]+\.yaml", text):
+        assert (ROOT / config).is_file(), config
+    assert set(re.findall(r"--shaped ([\w-]+)", text)) <= set(SHAPED)
+    for modes in re.findall(r"--modes ([\w+ ]+?) --", text):
+        assert set(modes.split()) <= set(MODES), modes

@@ -436,6 +436,74 @@ def test_an_image_in_several_pairs_is_encoded_and_stored_once(tmp_path, tiny_sd3
         assert (tmp_path / "cache" / f["file"]).read_bytes() == (tmp_path / "resumed" / f["file"]).read_bytes()
 
 
+def test_a_read_fetches_only_the_orientation_it_uses(tmp_path, sd_cache, tiny_sd, tiny_data):
+    """A cache with flips stores both orientations; an item reads the bytes of its own: half the posterior bytes of
+    reading whole rows, and the same item as the whole rows give."""
+    from diffusion_dpo.cache.store import CachedPairs
+
+    store = open_cache(make_cfg(tmp_path / "run", tiny_sd, tiny_data, cache__dir=sd_cache, **COMMON))
+    fetched = []
+
+    class Counted:  # a shard whose slices count the bytes they hand out
+        def __init__(self, f):
+            self.f = f
+
+        def keys(self):
+            return self.f.keys()
+
+        def get_slice(self, key):
+            sliced = self.f.get_slice(key)
+
+            class Slice:
+                def __getitem__(self, index):
+                    t = sliced[index]
+                    fetched.append((key, t.numel() * t.element_size()))
+                    return t
+
+            return Slice()
+
+    opened = store._file
+    store._file = lambda name: Counted(opened(name))
+    item = CachedPairs(store, True, 0.0)[(3, 11)]
+    mean_bytes = sum(n for key, n in fetched if key == "mean")
+    c, h, w = item["latent_mean"].shape[1:]
+    assert mean_bytes == 2 * c * h * w * 4  # winner and loser, one orientation, float32 (both would be twice)
+    from safetensors.torch import load_file
+
+    from diffusion_dpo.randomness import item_draws
+
+    table = {k: torch.cat([load_file(sd_cache / f["file"])[k] for f in store.manifest["image_files"]])
+             for k in ("mean", "std")}  # (m, V, C, h, w)
+    rows = load_file(sd_cache / store.manifest["pair_files"][0]["file"])["image"][3]  # pair 3: shard 0's 4th row
+    o = 1 if item_draws(11, True, False, 0.0).flip else 0
+    assert torch.equal(item["latent_mean"], table["mean"][rows, o]) and torch.equal(item["latent_std"], table["std"][rows, o])
+
+
+def test_cache_dtype_auto_stores_the_dtype_training_casts_to_and_takes_any_cache(tmp_path, tiny_sd, tiny_data,
+                                                                               sd_cache):
+    """cache.dtype auto (the default): a build for a bf16 run stores bfloat16 (a float32 run's: float32, as
+    sd_cache); an auto run opens a cache of either dtype; an explicit dtype refuses the other one in one line."""
+    from dataclasses import replace
+
+    from safetensors import safe_open
+
+    cfg = make_cfg(tmp_path / "run", tiny_sd, tiny_data, cache__dir=tmp_path / "bf16", train__mixed_precision="bf16",
+                   **COMMON)
+    assert cfg.cache.dtype == "auto"
+    build_cache_from(cfg.model, cfg.data, cfg.cache, cfg.flow, mixed_precision="bf16")
+    made = json.loads((tmp_path / "bf16" / "manifest.json").read_text())
+    assert made["identity"]["cache.dtype"] == "bfloat16"
+    with safe_open(str(tmp_path / "bf16" / made["image_files"][0]["file"]), framework="pt") as f:
+        assert f.get_slice("mean").get_dtype() == "BF16"
+    assert json.loads((sd_cache / "manifest.json").read_text())["identity"]["cache.dtype"] == "float32"
+    for directory in (tmp_path / "bf16", sd_cache):
+        Cache.open(cfg.model, cfg.data, replace(cfg.cache, dir=str(directory)))  # auto: either
+    with pytest.raises(UserError, match="was made with cache.dtype = 'bfloat16', this run has 'float32'"):
+        Cache.open(cfg.model, cfg.data, replace(cfg.cache, dtype="float32"))
+    # the bf16 run trains from it (its items cast to bf16 as they are read)
+    assert len(read_metrics(Path(train(cfg)).parent)) == 3
+
+
 def test_a_format_2_cache_is_still_read(tmp_path, sd_cache, tiny_sd, tiny_data):
     """A cache made before the image table (each pair storing its own posteriors, format 2) gives the same items."""
     from safetensors.torch import load_file, save_file

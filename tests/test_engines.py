@@ -105,6 +105,7 @@ def test_sharded_engines_train_checkpoint_resume_and_save_a_pipeline(tmp_path, t
     args = ("--train.max_steps", "4", "--train.checkpointing_steps", "2", "--train.gradient_accumulation_steps", "2")
     res = _launch(config, straight, tiny_sd, tiny_data, *args)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "the frozen reference is a whole copy on every GPU" in res.stdout  # and how to hold none
     assert (straight / "checkpoint-2" / "engine").is_dir()
     StableDiffusionPipeline.from_pretrained(straight / "final")  # gathered into a normal pipeline
     res = _launch(config, resumed, tiny_sd, tiny_data, "--train.max_steps", "3", "--train.checkpointing_steps", "2",

@@ -8,6 +8,7 @@ import sys
 import traceback
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -25,7 +26,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM
 
 # ---------------------------------------------------------------- the helpers, on two real gloo processes
 
-CASES = ("shared", "decide", "agree", "timeout", "split_check", "cache")
+CASES = ("shared", "decide", "agree", "timeout", "split_check", "cache", "relabel")
 
 
 def _two_processes(rank: int, port: int, out: str) -> None:
@@ -86,6 +87,8 @@ def _two_processes(rank: int, port: int, out: str) -> None:
                 images._check_rows = real
             elif case == "cache":
                 seen.update(_cache_builds(state, where))
+            elif case == "relabel":
+                seen.update(_relabels(state, where))
             seen["error"] = None
         except UserError as exc:
             seen["error"] = str(exc)
@@ -164,6 +167,27 @@ def _cache_builds(state, where: Path) -> dict:
     return seen
 
 
+def _relabels(state, where: Path) -> dict:
+    """The two-shard data set relabelled by both processes ("two"), then by process 0 alone ("one"): which shards
+    each process scored."""
+    import sys
+
+    from diffusion_dpo.evaluation import relabel as module
+
+    sys.path.insert(0, str(where))  # the reward module
+    real, scored = module._relabel_table, []
+    module._relabel_table = lambda table, name, *a: scored.append(Path(name).name) or real(table, name, *a)
+    try:
+        module.relabel(where / "in", "redness_reward:score", where / "two", state=state)
+        seen = {"scored": list(scored)}
+        if state.process_index == 0:
+            module.relabel(where / "in", "redness_reward:score", where / "one")
+    finally:
+        module._relabel_table = real
+    state.wait_for_everyone()
+    return seen
+
+
 @pytest.fixture(scope="module")
 def two(tmp_path_factory, tiny_sd, tiny_data) -> dict[str, list[dict]]:
     """{case: [what process 0 saw, what process 1 saw]} of two real gloo processes."""
@@ -175,6 +199,10 @@ def two(tmp_path_factory, tiny_sd, tiny_data) -> dict[str, list[dict]]:
     for case in CASES:
         (out / case).mkdir()
     (out / "cache" / "paths.json").write_text(json.dumps({"model": str(tiny_sd), "data": str(tiny_data)}))
+    from test_relabel import REDNESS, _data
+
+    (out / "relabel" / "redness_reward.py").write_text(REDNESS)
+    _data(out / "relabel")
     write_pickapic(out / "split_check" / "data.parquet",
                    [row(f"r{i}", jpg_1=GARBAGE if i == 7 else None) for i in range(10)])
     with socket.socket() as s:
@@ -263,6 +291,18 @@ def test_a_cache_and_its_reference_built_by_two_processes_resume_after_a_kill_on
         other_meta, other = table(folder / f"{name}.reference.safetensors")
         assert other_meta == meta and all(torch.equal(other[k], tensors[k]) for k in tensors), name
         assert not (folder / f"{name}.reference.safetensors.parts").exists()
+
+
+def test_relabel_splits_the_shards_over_the_processes(two):
+    """Each of two processes scores one of the two shards; the data set and report are those of one process."""
+    seen, folder = two["relabel"], two["folder"] / "relabel"
+    assert [s["error"] for s in seen] == [None, None]
+    assert sorted(seen[0]["scored"] + seen[1]["scored"]) == ["train-00000.parquet", "train-00001.parquet"]
+    assert len(seen[0]["scored"]) == len(seen[1]["scored"]) == 1
+    for shard in ("train-00000.parquet", "train-00001.parquet"):
+        assert pq.read_table(folder / "two" / shard).equals(pq.read_table(folder / "one" / shard)), shard
+    reports = [json.loads((folder / run / "relabel_report.json").read_text()) for run in ("two", "one")]
+    assert reports[0] == reports[1] and reports[0]["rows"] == 6
 
 
 # ---------------------------------------------------------------- the data order under another layout

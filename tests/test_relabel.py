@@ -2,7 +2,6 @@
 
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -16,16 +15,16 @@ from diffusion_dpo.evaluation.relabel import new_labels, relabel
 from pickapic_fixtures import BLUE, RED, row, solid, write_pickapic
 
 REWARD = "redness_reward:score"
+REDNESS = ("import numpy as np\n"
+           "def score(images, prompts):\n"
+           "    return [float(np.asarray(im, dtype=np.float32)[..., 0].mean()\n"
+           "                  - np.asarray(im, dtype=np.float32)[..., 2].mean()) for im in images]\n")
 
 
 @pytest.fixture(autouse=True)
 def redness_reward(tmp_path, monkeypatch):
     """A reward that prefers red: mean(R) - mean(B)."""
-    (tmp_path / "redness_reward.py").write_text(
-        "import numpy as np\n"
-        "def score(images, prompts):\n"
-        "    return [float(np.asarray(im, dtype=np.float32)[..., 0].mean()\n"
-        "                  - np.asarray(im, dtype=np.float32)[..., 2].mean()) for im in images]\n")
+    (tmp_path / "redness_reward.py").write_text(REDNESS)
     monkeypatch.syspath_prepend(str(tmp_path))
     yield
     sys.modules.pop("redness_reward", None)

@@ -302,7 +302,7 @@ def run_bench(cfg: Config, modes: Sequence[str], lora_rank: int = 8, steps: int 
         if cached and read_manifest(cache_dir) is None:
             progress(f"bench: building the pre-encoding cache in {cache_dir} (untimed)")
             c = configs[cached[0]]
-            build_cache(c.model, c.data, c.cache, c.flow, device, log=progress)
+            build_cache(c.model, c.data, c.cache, c.flow, device, log=progress, mixed_precision=c.train.mixed_precision)
         for m in modes:
             if MODES[m].precomputed:
                 progress("bench: precomputing the reference errors (untimed)")

@@ -231,8 +231,9 @@ class CacheConfig:
                                   "loads the VAE or the text encoders. null = encode on the fly.")
     auto: bool = _f(False, "train: build the cache (and a precomputed reference) first when cache.dir holds none; "
                            "with several processes each builds its share.")
-    dtype: str = _f("float32", "Storage dtype of the cache: float32 (a cached run equals an uncached one up to "
-                               "float noise), float16 or bfloat16 (half the disk).")
+    dtype: str = _f("auto", "Storage dtype of the cache: auto (built in the dtype training casts cached inputs to: "
+                            "bfloat16 under train.mixed_precision bf16, float16 under fp16, else float32; a cache of "
+                            "any dtype is then accepted), float32, float16 or bfloat16 (half the disk).")
     batch_size: int = _f(16, "Pairs per batch while building the cache and while precomputing the reference.")
     shard_pairs: int = _f(1024, "Pairs, images and captions per shard file: the chunk a build's process encodes "
                                 "and writes whole (a killed build loses at most one per process).")
@@ -311,7 +312,7 @@ class Config:
 
 
 IMAGE_CHECKS = ("before", "lazy")
-CACHE_DTYPES = ("float32", "float16", "bfloat16")
+CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 TIMESTEP_SAMPLING = ("logit_normal", "uniform", "mode")
 FLOW_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
 SDXL_TIME_IDS = ("image", "constant")

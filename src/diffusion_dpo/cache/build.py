@@ -30,7 +30,7 @@ from torch import Tensor
 from diffusion_dpo import __version__
 from diffusion_dpo.cache.chunks import PLAN, chunk, num_chunks, open_plan, save_arrays_whole, save_whole
 from diffusion_dpo.cache.identity import cache_identity, check_manifest, refuse_random_crop
-from diffusion_dpo.cache.store import CACHE_FORMAT, DTYPES, EMPTY_PROMPT_ROW, MANIFEST, read_manifest
+from diffusion_dpo.cache.store import CACHE_FORMAT, DTYPES, EMPTY_PROMPT_ROW, MANIFEST, read_manifest, storage_dtype
 from diffusion_dpo.config import CacheConfig, DataConfig, FlowConfig, ModelConfig
 from diffusion_dpo.data.image_checks import shared_by
 from diffusion_dpo.data.items import decode_pair_image, prepare_image
@@ -112,9 +112,11 @@ class _ImagesToEncode(torch.utils.data.Dataset):
 
 
 def build_cache(model: ModelConfig, data: DataConfig, cache: CacheConfig, flow: FlowConfig,
-                device: torch.device | str = "cpu", log: Any = print, state: Any = None) -> Path:
+                device: torch.device | str = "cpu", log: Any = print, state: Any = None,
+                mixed_precision: str = "no") -> Path:
     """Encode every pair of `data` with `model`'s VAE and text encoders into `cache.dir`; with `state` (accelerate's
     process state under `accelerate launch`) every process encodes its share. Every process must call it.
+    `mixed_precision`: the training's (train.mixed_precision), which cache.dtype auto follows.
 
     Reuses a complete cache made with the same settings; refuses one made with other settings. The build happens in
     `<dir>.tmp/`; an interrupted build (killed, disk full) keeps its finished chunks there and the next build with
@@ -127,6 +129,7 @@ def build_cache(model: ModelConfig, data: DataConfig, cache: CacheConfig, flow: 
     log = log if procs.is_main else (lambda *a, **k: None)
     directory = Path(cache.dir).expanduser()
     tmp = directory.with_name(directory.name + ".tmp")
+    wanted, cache = cache, storage_dtype(cache, mixed_precision)  # an existing cache is checked against `wanted`
     identity = cache_identity(model, data, cache)
     size = cache.shard_pairs
     plan = {"format": CACHE_FORMAT, "identity": identity, "random_flip": data.random_flip, "shard_pairs": size}
@@ -134,7 +137,7 @@ def build_cache(model: ModelConfig, data: DataConfig, cache: CacheConfig, flow: 
     def prepare() -> Optional[dict]:
         manifest = read_manifest(directory)
         if manifest is not None:
-            check_manifest(manifest, model, data, cache, directory)
+            check_manifest(manifest, model, data, wanted, directory)
             return manifest
         if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
             raise UserError(f"cache.dir '{directory}' exists and holds no cache (no {MANIFEST}); remove it or choose "

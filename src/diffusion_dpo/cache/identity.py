@@ -61,6 +61,8 @@ def check_manifest(manifest: dict, model: ModelConfig, data: DataConfig, cache: 
     refuse_random_crop(data)
     made = manifest["identity"]
     for key, value in cache_identity(model, data, cache).items():
+        if key == "cache.dtype" and value == "auto":
+            continue  # auto takes a cache of any storage dtype (what a new build stores: store.storage_dtype)
         if made.get(key) != value:
             raise UserError(f"{where} was made with {key} = {made.get(key)!r}, this run has {value!r}; rebuild it "
                             "with `diffusion-dpo cache` or point cache.dir elsewhere")

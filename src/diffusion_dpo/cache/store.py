@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import bisect
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,6 +26,18 @@ MANIFEST = "manifest.json"
 EMPTY_PROMPT_ROW = 0
 TEXT_PREFIX = "text_"  # an item's caption encodings: text_<name> for each of the family's encodings
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+AUTO_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "no": "float32"}  # cache.dtype auto, by mixed precision
+ORIENTED = ("mean", "std", "crop_top_lefts")  # stored (rows, V, ...): V orientations, as is then flipped
+
+
+def storage_dtype(cache: CacheConfig, mixed_precision: str) -> CacheConfig:
+    """`cache` with `dtype` auto made the dtype training under `mixed_precision` casts cached inputs to (text
+    encodings are cast to it as they are read; latents enter the denoiser's autocast in it): what a new build
+    stores. The measurement behind it: BENCHMARKS.md, "The cache's storage dtype"."""
+    if cache.dtype != "auto":
+        return cache
+    return replace(cache, dtype=AUTO_DTYPES[mixed_precision])
+
 
 def read_manifest(directory: Path) -> Optional[dict]:
     """The manifest of a complete cache in `directory`, or None when there is none; a cache of a format this
@@ -83,36 +96,44 @@ class Cache:
             self._handles[name] = safe_open(str(self.directory / name), framework="pt")
         return self._handles[name]
 
-    def _row(self, files: list[dict], row: int, keys: Optional[tuple[str, ...]] = None) -> dict[str, Tensor]:
-        """Row `row` of the tensors `keys` (None: all the shard holds)."""
+    def _row(self, files: list[dict], row: int, keys: Optional[tuple[str, ...]] = None,
+             orientation: int = 0) -> dict[str, Tensor]:
+        """Row `row` of the tensors `keys` (None: all the shard holds); of a tensor stored per orientation, only
+        `orientation`'s bytes are read."""
         shard, offset = divmod(row, self.shard_pairs)
         f = self._file(files[shard]["file"])
-        return {k: f.get_slice(k)[offset:offset + 1][0] for k in (keys or f.keys()) if k in f.keys()}
+        return {k: _read_row(f, k, offset, orientation) for k in (keys or f.keys()) if k in f.keys()}
 
-    def _image(self, row: int) -> dict[str, Tensor]:
-        """Row `row` of the image table (format 3)."""
+    def _image(self, row: int, orientation: int) -> dict[str, Tensor]:
+        """Row `row` of the image table (format 3) in one orientation."""
         shard = bisect.bisect_right(self._image_starts, row) - 1
         f = self._file(self.manifest["image_files"][shard]["file"])
         offset = row - int(self._image_starts[shard])
-        return {k: f.get_slice(k)[offset:offset + 1][0] for k in ("mean", "std", "crop_top_lefts", "original_sizes")}
+        return {k: _read_row(f, k, offset, orientation) for k in ("mean", "std", "crop_top_lefts", "original_sizes")}
 
     def pair(self, index: int, flipped: bool, empty_prompt: bool) -> dict[str, Tensor]:
-        """Pair `index` as one training item's tensors (the orientation and caption already chosen)."""
-        row = self._row(self.manifest["pair_files"], index,
-                        ("mean", "std", "crop_top_lefts", "original_sizes", "image", "caption", "label"))
-        if "image" in row:  # format 3: the pair names its images; stack them as format 2 stores them
-            images = [self._image(int(r)) for r in row.pop("image")]
-            row.update(mean=torch.stack([im["mean"] for im in images], 1),  # (V, G, C, h, w)
-                       std=torch.stack([im["std"] for im in images], 1),
-                       crop_top_lefts=torch.stack([im["crop_top_lefts"] for im in images], 1),  # (V, G, 2)
-                       original_sizes=torch.stack([im["original_sizes"] for im in images]))  # (G, 2)
+        """Pair `index` as one training item's tensors (the orientation and caption already chosen): only the
+        chosen orientation's posteriors are read."""
         o = 1 if flipped else 0
+        row = self._row(self.manifest["pair_files"], index,
+                        ("mean", "std", "crop_top_lefts", "original_sizes", "image", "caption", "label"), o)
+        if "image" in row:  # format 3: the pair names its images
+            images = [self._image(int(r), o) for r in row.pop("image")]
+            row.update({k: torch.stack([im[k] for im in images]) for k in images[0]})  # (G, ...) winner first
         text = self._row(self.manifest["text_files"], EMPTY_PROMPT_ROW if empty_prompt else int(row["caption"]))
-        item = {"latent_mean": row["mean"][o], "latent_std": row["std"][o],  # (2, C, h, w) winner first
-                "crop_top_lefts": row["crop_top_lefts"][o], "original_sizes": row["original_sizes"],
+        item = {"latent_mean": row["mean"], "latent_std": row["std"],  # (G, C, h, w) winner first
+                "crop_top_lefts": row["crop_top_lefts"], "original_sizes": row["original_sizes"],
                 "label": float(row["label"])}
         item.update({TEXT_PREFIX + name: t for name, t in text.items()})
         return item
+
+
+def _read_row(f: Any, key: str, offset: int, orientation: int) -> Tensor:
+    """Row `offset` of tensor `key` of an open shard. The posteriors and crops are stored (rows, V, ...), V the
+    orientations, so one orientation of one row is one contiguous run of bytes: only it is read."""
+    if key in ORIENTED:
+        return f.get_slice(key)[offset:offset + 1, orientation:orientation + 1][0, 0]
+    return f.get_slice(key)[offset:offset + 1][0]
 
 
 class CachedPairs(torch.utils.data.Dataset):

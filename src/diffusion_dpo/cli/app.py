@@ -220,12 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--sd15-width", type=int, metavar="W",
                       help="also write OUT/sd15: SD1.5's architecture with UNet width W (320 = the real size, random "
                            "weights), for `bench`; use with --resolution 256 or 512")
-    tiny.add_argument("--shaped", choices=("sd35-medium", "flux-dev"),
+    tiny.add_argument("--shaped", choices=("sdxl", "sd35-medium", "flux-dev"),
                       help="also write OUT/<name>: that model's published transformer architecture (random weights), "
                            "its VAE, and text encoders of the real widths (one layer each), for `bench` and for "
-                           "sizing the cache; use with --resolution 512")
+                           "sizing the cache; use with --resolution 512 (SDXL: 1024)")
     tiny.add_argument("--depth", type=int, metavar="N", help="with --shaped: N transformer blocks (FLUX: N double- "
-                                                             "and N single-stream) instead of the real count")
+                                                             "and N single-stream; SDXL: N layers in its deepest "
+                                                             "level) instead of the real count")
     demo = sub.add_parser(
         "demo", help="the whole method offline on a CPU: base model, preference data, training, a measured win",
         description="Build (or reuse from the cache) a small StableDiffusion3Pipeline trained by flow matching "
@@ -337,7 +338,8 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     if args.num_processes < 1:
         raise UserError("cache: --num-processes must be >= 1")
     state = process_state(cfg.train.process_group_timeout_minutes)  # one process, or each of `accelerate launch`'s
-    build_cache(cfg.model, cfg.data, cfg.cache, cfg.flow, state.device, state=state)
+    build_cache(cfg.model, cfg.data, cfg.cache, cfg.flow, state.device, state=state,
+                mixed_precision=cfg.train.mixed_precision)
     if args.reference:
         from diffusion_dpo.cache.reference import precompute_reference
 

@@ -97,7 +97,8 @@ def register(subparsers: argparse._SubParsersAction, parser_class: type[argparse
         description="Score both images of every pair with a reward (or a weighted sum) and write the data set "
                     "again with the reward's labels: Pick-a-Pic parquet -> parquet shards of the same schema "
                     "(+ ai_score_0/ai_score_1), JSONL/CSV -> pairs.jsonl. Resumable shard by shard; reports "
-                    "how often the reward agrees with the original labels.")
+                    "how often the reward agrees with the original labels. Under `accelerate launch` every "
+                    "process scores its share of the shards on its own GPU.")
     # the same flags as train's data section (--data.path, --data.split, --data.image_root); --data is kept
     rel.add_argument("--data.path", "--data", dest="data", required=True, metavar="PATH",
                      help="Pick-a-Pic parquet file or directory, a datasets.save_to_disk directory, a hub dataset id "
@@ -213,11 +214,16 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 def _cmd_relabel(args: argparse.Namespace) -> int:
     from diffusion_dpo.evaluation.relabel import relabel
+    from diffusion_dpo.processes import process_state
 
     _quiet()
+    state = process_state()  # one process, or each of `accelerate launch`'s: every one scores its share of shards
+    device = str(state.device) if args.device == "auto" else args.device
     report = relabel(args.data, args.reward, args.output_dir, paths=_reward_paths(args.reward_path),
-                     device=_device(args.device), batch_size=args.reward_batch_size, margin=args.margin,
-                     drop_ties=args.drop_ties, split=args.split, image_root=args.image_root)
+                     device=device, batch_size=args.reward_batch_size, margin=args.margin,
+                     drop_ties=args.drop_ties, split=args.split, image_root=args.image_root, state=state)
+    if not state.is_main_process:
+        return 0
     agreement = "n/a" if report["agreement"] is None else f"{report['agreement']:.3f} of {report['compared']}"
     print(f"relabelled {report['rows']} pairs: {report['decided']} decided, {report['ties']} ties "
           f"({report['dropped']} dropped); agreement with the original labels: {agreement}; "

@@ -24,13 +24,14 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from diffusion_dpo.errors import UserError, is_local_path
+from diffusion_dpo.processes import Share
 from diffusion_dpo.data.images import cell_problem, image_source, load_rgb, short_reason
 
 SETTINGS_FILE = "relabel.json"
@@ -181,45 +182,64 @@ def _write_settings(out_dir: Path, settings: dict) -> None:
 
 def relabel(data: str | Path, reward: str, out_dir: str | Path, paths: Optional[dict[str, str]] = None,
             device: str = "cpu", batch_size: int = 16, margin: float = 0.0, drop_ties: bool = False,
-            split: str = "train", image_root: Optional[str] = None) -> dict:
+            split: str = "train", image_root: Optional[str] = None, state: Any = None) -> dict:
     """Relabel a Pick-a-Pic-schema data set (parquet file or directory, save_to_disk directory, hub id) or a
-    local JSONL/CSV set; return the report. `image_root`: as data.image_root, for a local set's image paths."""
+    local JSONL/CSV set; return the report. `image_root`: as data.image_root, for a local set's image paths.
+    `state`: accelerate's process state under `accelerate launch`: every process scores its share of the shards
+    (each on its own `device`), and every process must call it; a local JSONL/CSV set is scored by the main one."""
     from tqdm.auto import tqdm
 
+    procs = Share(state)
     data, out_dir = Path(data), Path(out_dir)
     if margin < 0:
         raise UserError(f"--margin must be >= 0 (got {margin})")
     if not data.exists() and (is_local_path(str(data)) or data.suffix):
         raise UserError(f"data '{data}' not found")
     if data.suffix.lower() in (".jsonl", ".json", ".csv"):
-        return _relabel_local(data, reward, out_dir, paths, device, batch_size, margin, drop_ties, image_root)
+        return procs.main_does(lambda: _relabel_local(data, reward, out_dir, paths, device, batch_size, margin,
+                                                      drop_ties, image_root))
     settings = {"data": str(data.resolve()) if data.exists() else str(data), "reward": reward,
                 "paths": paths or {}, "margin": margin, "drop_ties": drop_ties}
-    _previous_settings(out_dir, settings)
-    shards = _shards(data, split, settings.get("data_commit"))
-    _check_settings(out_dir, settings)
-    scorer = PairScorer(reward, paths, device, batch_size)
-    _write_settings(out_dir, {**settings, "reward_commits": scorer.commits})
-    total = RelabelStats()
-    todo = []
-    for name, target, read in shards:
-        stats_file = (out_dir / target).with_suffix(".stats.json")
-        if stats_file.exists():  # finished in an earlier (interrupted) run
-            total.add(RelabelStats(**json.loads(stats_file.read_text())))
-        else:
-            todo.append((name, target, read))
-    with tqdm(total=len(todo), desc="relabel", unit="shard", disable=not todo) as progress:
-        for name, target, read in todo:
-            out, stats = _relabel_table(read(), name, scorer, margin, drop_ties, batch_size)
-            path = out_dir / target
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".parquet.tmp")
-            pq.write_table(out, tmp)
-            tmp.rename(path)  # a shard is either complete or absent
-            path.with_suffix(".stats.json").write_text(json.dumps(asdict(stats)))  # marks the shard done
-            total.add(stats)
-            progress.update(1)
-    return _report(out_dir, total, settings)
+
+    def settle() -> tuple[dict, dict]:  # the main process reads what out_dir holds and pins the hub data set
+        previous = _previous_settings(out_dir, settings)
+        _check_settings(out_dir, settings)
+        return settings, previous.get("reward_commits", {})
+
+    settings, pins = procs.main_does(settle)
+    if not procs.is_main:
+        from diffusion_dpo.evaluation.rewards.common import preset_pins
+
+        preset_pins(pins)  # the weights the main process's earlier run read
+    shards = procs.all_do(lambda: _shards(data, split, settings.get("data_commit")))
+    scorer = procs.all_do(lambda: PairScorer(reward, paths, device, batch_size))
+    procs.main_does(lambda: _write_settings(out_dir, {**settings, "reward_commits": scorer.commits}))
+    stats_file = [(out_dir / target).with_suffix(".stats.json") for _, target, _ in shards]
+    # a shard with its stats file was finished in an earlier (interrupted) run
+    mine = procs.of_missing(list(range(len(shards))), lambda k: stats_file[k].exists())
+
+    def score() -> None:
+        with tqdm(total=len(mine), desc="relabel", unit="shard", disable=not mine or not procs.is_main) as progress:
+            for k in mine:
+                name, target, read = shards[k]
+                out, stats = _relabel_table(read(), name, scorer, margin, drop_ties, batch_size)
+                path = out_dir / target
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".parquet.tmp")
+                pq.write_table(out, tmp)
+                tmp.rename(path)  # a shard is either complete or absent
+                stats_file[k].write_text(json.dumps(asdict(stats)))  # marks the shard done
+                progress.update(1)
+
+    procs.all_do(score)
+
+    def report() -> dict:
+        total = RelabelStats()
+        for f in stats_file:
+            total.add(RelabelStats(**json.loads(f.read_text())))
+        return _report(out_dir, total, settings)
+
+    return procs.main_does(report)
 
 
 ROWS_PER_SHARD = 10_000  # output shard size for save_to_disk / hub inputs

@@ -248,6 +248,13 @@ SHAPED = {
                         attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
                         caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
                         dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"),
+    # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (2.57B parameters)
+    "sdxl": dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+                 use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816, norm_num_groups=32),
     # black-forest-labs/FLUX.1-dev transformer/config.json (11.9B parameters)
     "flux-dev": dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                      num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
@@ -257,10 +264,11 @@ SHAPED = {
 
 def build_shaped_pipeline(out_dir: str | Path, name: str, resolution: int = 512, depth: int | None = None,
                           seed: int = 0) -> Path:
-    """Write a randomly initialised SD3.5-medium- or FLUX.1-dev-shaped pipeline (see SHAPED) to `out_dir`.
+    """Write a randomly initialised SDXL-, SD3.5-medium- or FLUX.1-dev-shaped pipeline (see SHAPED) to `out_dir`.
 
-    The transformer has the published config (with `depth` blocks instead when given: FLUX's double and single
-    stream blocks each become `depth`); the VAE is SD3's/FLUX's (4 levels, x8, 16 latent channels); the text
+    The UNet or transformer has the published config (with `depth` blocks instead when given: FLUX's double and
+    single stream blocks each become `depth`, SDXL's deepest level holds `depth` transformer layers instead of 10);
+    the VAE is the family's (4 levels, x8; 4 latent channels for SDXL, 16 for SD3/FLUX); the text
     encoders have the real widths and sequence lengths (CLIP-L 768, CLIP-G 1280, T5-XXL 4096 wide) with one layer
     each, so every encoding has its real shape (what the cache stores) at a fraction of the weights, and the
     tokenizers are the local character-level ones. For `bench` and for measuring the cache's disk per pair."""
@@ -273,6 +281,8 @@ def build_shaped_pipeline(out_dir: str | Path, name: str, resolution: int = 512,
         raise ValueError(f"name must be one of {', '.join(SHAPED)}, got {name!r}")
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
+    if name == "sdxl":
+        return _build_sdxl_shaped(out_dir, resolution, depth)
     flux = name.startswith("flux")
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
@@ -310,3 +320,35 @@ def build_shaped_pipeline(out_dir: str | Path, name: str, resolution: int = 512,
     pipe.save_pretrained(out_dir)
     return out_dir
 
+
+
+def _build_sdxl_shaped(out_dir: Path, resolution: int, depth: int | None) -> Path:
+    """SDXL base's UNet (SHAPED["sdxl"]) and VAE (4 levels, 4 latent channels), CLIP-L and OpenCLIP-G of their real
+    widths (768, 1280 with its 1280 projection: the pooled input of the time embedding) with one layer each."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    config = dict(SHAPED["sdxl"])
+    if depth is not None:
+        config["transformer_layers_per_block"] = (1, min(depth, 2), depth)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        layers_per_block=2, sample_size=resolution, scaling_factor=0.13025)
+
+    def clip(width: int, with_projection: bool) -> torch.nn.Module:
+        text = CLIPTextConfig(vocab_size=2 + 2 * 94, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=1,
+                              num_attention_heads=width // 64, max_position_embeddings=77, projection_dim=width,
+                              bos_token_id=0, eos_token_id=1, pad_token_id=1)
+        return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(text)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _write_tokenizer(Path(tmp), max_length=77)
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    scheduler = EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                       beta_schedule="scaled_linear", prediction_type="epsilon", steps_offset=1,
+                                       timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=clip(768, False), text_encoder_2=clip(1280, True),
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=UNet2DConditionModel(**config),
+                                     scheduler=scheduler)
+    pipe.save_pretrained(out_dir)
+    return out_dir

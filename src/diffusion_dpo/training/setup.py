@@ -153,7 +153,8 @@ def open_data(accelerator: Any, cfg: Config, in_memory: Optional[Any], loss: Los
         return TrainingData(pairs=found)
 
     if cfg.cache.auto:  # what is missing is built by every process, each its share (a complete cache: checked)
-        build_cache(cfg.model, cfg.data, cfg.cache, cfg.flow, acc.device, acc.print, state=acc.state)
+        build_cache(cfg.model, cfg.data, cfg.cache, cfg.flow, acc.device, acc.print, state=acc.state,
+                    mixed_precision=cfg.train.mixed_precision)
     # refuses a cache made with other settings, on every process
     store = agree(acc, attempt(lambda: Cache.open(cfg.model, cfg.data, cfg.cache)))
     acc.print(f"cache {cfg.cache.dir}: {store.manifest['summary']}")

@@ -83,6 +83,10 @@ class Trainer:
         self.reference = setup.make_reference(cfg, self.components, self.loss_spec, precomputed, self.weight_dtype,
                                               acc.device, init_state)
         setup.apply_speed_options(model, self.reference, cfg.train)
+        if self.sharded and self.reference is not None and self.reference.copy is not None:
+            size = sum(p.numel() * p.element_size() for p in self.reference.copy.parameters()) / 2**30
+            acc.print(f"the frozen reference is a whole copy on every GPU ({size:.1f} GiB, not sharded); "
+                      "cache.reference precomputed holds none (docs/multi-gpu.md)")
 
         self.pairs_per_step = cfg.data.batch_size * cfg.train.gradient_accumulation_steps * self.world
         self.lr = cfg.optim.lr * self.pairs_per_step if cfg.optim.scale_lr else cfg.optim.lr
