@@ -48,6 +48,22 @@ def test_lora_init_from_restores_the_adapters_and_trains_against_them(request, t
     assert abs(read_metrics(tmp_path / "c")[0]["loss"] - math.log(2)) > 1e-4
 
 
+def test_lora_init_from_continues_the_adapters_at_their_saved_alpha(tmp_path, tiny_sd, tiny_data):
+    """Adapters trained at alpha 8, rank 4 (scale 2): a continuation with lora.alpha unset applies them at scale 2,
+    as the saved model (and diffusers' load_lora_weights) does, in the policy and in its frozen reference; another
+    lora.alpha is refused in one line (issue 37, defect 7: it was used silently, continuing another model)."""
+    from peft.tuners.lora import LoraLayer
+
+    final = train(make_cfg(tmp_path / "a", tiny_sd, tiny_data, lora__rank=4, lora__alpha=8, optim__lr=1e-2))
+    trainer = Trainer(make_cfg(tmp_path / "b", tiny_sd, tiny_data, lora__rank=4, lora__init_from=final,
+                               train__max_steps=1))
+    assert trainer.cfg.lora.alpha == 8
+    layers = [m for m in trainer.accelerator.unwrap_model(trainer.denoiser).modules() if isinstance(m, LoraLayer)]
+    assert layers and all(m.scaling["default"] == m.scaling["reference"] == 2.0 for m in layers)
+    with pytest.raises(UserError, match="lora.alpha 4: the adapters in lora.init_from .* were trained with alpha 8"):
+        Trainer(make_cfg(tmp_path / "c", tiny_sd, tiny_data, lora__rank=4, lora__alpha=4, lora__init_from=final))
+
+
 def test_model_reference_is_another_pipelines_denoiser(tmp_path, tiny_sd, tiny_data):
     tuned = train(make_cfg(tmp_path / "a", tiny_sd, tiny_data, optim__lr=1e-2))
     # round 2 with the base as reference sees the base's errors, exactly those of a run that trains the base

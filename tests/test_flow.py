@@ -37,8 +37,15 @@ def test_sigma_sampling_and_shift_by_hand():
     z = torch.randn((1,), generator=torch.Generator().manual_seed(7)).item()
     w = torch.rand((1,), generator=torch.Generator().manual_seed(7)).item()
     assert first("logit_normal") == pytest.approx(1 / (1 + math.exp(-z)), rel=1e-6)
-    assert first("logit_normal", logit_mean=0.5, logit_std=2.0) == pytest.approx(1 / (1 + math.exp(-(0.5 + 2 * z))),
+    # m in diffusers' sense (issue 37, defect 3): u = sigmoid(s z - m), m > 0 less noise
+    assert first("logit_normal", logit_mean=0.5, logit_std=2.0) == pytest.approx(1 / (1 + math.exp(-(2 * z - 0.5))),
                                                                                   rel=1e-6)
+    # ... as diffusers' training scripts draw it: u' = sigmoid(m + s z) indexing the descending timestep table
+    g = torch.Generator().manual_seed(0)
+    ours = torch.stack([draw_u(g, FlowConfig(logit_mean=1.0), "cpu") for _ in range(4000)]).flatten()
+    descending = torch.linspace(1, 0, 1001)[:-1]  # sigma of timesteps 1000 .. 1 (an unshifted FLUX-style table)
+    theirs = descending[(torch.sigmoid(1.0 + torch.randn(4000, generator=g)) * 1000).long().clamp(max=999)]
+    assert ours.mean().item() < 0.35 and abs(ours.mean().item() - theirs.mean().item()) < 0.02
     assert first("uniform") == pytest.approx(w)
     assert first("mode", mode_scale=1.29) == pytest.approx(1 - w - 1.29 * (math.cos(math.pi * w / 2) ** 2 - 1 + w),
                                                            rel=1e-5)
@@ -171,6 +178,9 @@ def test_refusals_are_one_line(tiny_sd3, tiny_flux, tiny_flux_schnell, tmp_path)
     assert "is a FLUX model without its T5 encoder" in error(pretrained=no_t5)
     assert "FLUX.1 cannot run without its T5" in error(pretrained=str(tiny_flux), t5=False)
     assert "at most 512 T5 tokens" in error(pretrained=str(tiny_flux), max_sequence_length=513)
+    # SD3 too, before training (its pipeline refuses more at the first grid or `generate`: issue 37, defect 6)
+    assert "Stable Diffusion 3 / 3.5's pipeline takes at most 512 T5 tokens" in \
+        error(pretrained=str(tiny_sd3), max_sequence_length=513)
     assert "has no guidance embedding" in error(pretrained=str(tiny_flux_schnell), guidance=3.5)
     sd3_no_t5 = _edited_copy(tiny_sd3, tmp_path / "c", lambda ix: ix.update(text_encoder_3=[None, None],
                                                                              tokenizer_3=[None, None]))
@@ -181,3 +191,25 @@ def test_refusals_are_one_line(tiny_sd3, tiny_flux, tiny_flux_schnell, tmp_path)
     with pytest.raises(UserError, match="data.resolution 504: FLUX.1 needs a multiple of 16"):
         flux.latent_shape(504)
     assert flux.latent_shape(512) == (16, 64, 64)
+
+
+def test_sd3_default_lora_targets_leave_the_dual_attention_blocks_attn2_alone():
+    """SD3.5-medium's dual-attention blocks hold a second self-attention, attn2; the default targets are each block's
+    attn projections only, as flow_grpo and diffusers' SD3 script adapt (issue 37, defect 1: bare names adapted attn2
+    too, 243 linears instead of 191 = 24 blocks x 8 - 1 in SD3.5-medium). Here 3 blocks, the first two dual."""
+    from diffusers import SD3Transformer2DModel
+    from peft.tuners.lora import LoraLayer
+
+    from diffusion_dpo.config import LoraConfig
+    from diffusion_dpo.models.lora import add_lora
+    from diffusion_dpo.models.sd3 import StableDiffusion3
+
+    model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=3,
+                                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                  caption_projection_dim=16, pooled_projection_dim=16, pos_embed_max_size=8,
+                                  dual_attention_layers=(0, 1), qk_norm="rms_norm")
+    assert sum(".attn2." in n for n, _ in model.named_modules()) > 0
+    add_lora(model, LoraConfig(rank=4), StableDiffusion3.default_lora_targets)
+    adapted = [n for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+    assert not any(".attn2." in n for n in adapted)
+    assert len(adapted) == 3 * 8 - 1  # the last block feeds no text stream onward: no to_add_out

@@ -70,8 +70,10 @@ class LoraConfig:
     dropout: float = _f(0.0, "LoRA dropout.")
     target_modules: Optional[list[str]] = _f(None, "Denoiser module names that get LoRA adapters; default: the "
                                                    "family's attention projections (SD/SDXL: to_q, to_k, to_v, "
-                                                   "to_out.0; SD3 and FLUX add the joint attention's add_q_proj, "
-                                                   "add_k_proj, add_v_proj, to_add_out).")
+                                                   "to_out.0; SD3 and FLUX: each block's attn.to_q, attn.to_k, "
+                                                   "attn.to_v, attn.to_out.0 and the joint attention's "
+                                                   "attn.add_q_proj, attn.add_k_proj, attn.add_v_proj, "
+                                                   "attn.to_add_out; a name matches a module path's end).")
     init_from: Optional[str] = _f(None, "Continue from LoRA weights made by this tool for the same model.pretrained "
                                         "(an output's final/ or its pytorch_lora_weights.safetensors): the adapters "
                                         "start from them instead of a fresh init; lora.rank and target modules must "
@@ -149,9 +151,10 @@ class LossConfig:
 class FlowConfig:
     timestep_sampling: str = _f("logit_normal", "Flow-matching families (SD3, FLUX): how each pair's noise level "
                                                 "u in (0, 1) is drawn before the shift: logit_normal (sigmoid of "
-                                                "N(logit_mean, logit_std^2); SD3's paper, flow_grpo, Flow-Factory), "
+                                                "N(-logit_mean, logit_std^2); SD3's paper, flow_grpo, Flow-Factory), "
                                                 "uniform, or mode (SD3's mode sampling with mode_scale).")
-    logit_mean: float = _f(0.0, "Mean of the logit-normal timestep density.")
+    logit_mean: float = _f(0.0, "Mean m of the logit-normal timestep density, in diffusers' sense (as flow_grpo and "
+                                "Flow-Factory): m > 0 draws less noise (u = sigmoid(logit_std z - m)).")
     logit_std: float = _f(1.0, "Standard deviation of the logit-normal timestep density.")
     mode_scale: float = _f(1.29, "Scale of SD3's mode sampling (timestep_sampling mode).")
     shift: Optional[float] = _f(None, "Timestep shift s: sigma = s*u / (1 + (s-1)*u). Default: the scheduler's "

@@ -53,8 +53,9 @@ def _reference_denoiser(model: ModelConfig, lora: LoraConfig, comp: Any, device:
     """The reference model as training holds it (models.reference.build_reference): model.reference's denoiser,
     or the base with lora.init_from's adapters (without dropout), or the base itself."""
     from diffusion_dpo.models.loading import load_reference_denoiser
-    from diffusion_dpo.models.lora import continue_adapters
+    from diffusion_dpo.models.lora import continue_adapters, with_saved_alpha
 
+    lora = with_saved_alpha(lora, comp.denoiser_role)  # as the training run continues them
     kind = reference_kind(model, lora)
     if kind == "elsewhere":
         return load_reference_denoiser(model, type(comp), device)

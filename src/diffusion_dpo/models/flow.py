@@ -8,7 +8,7 @@ For latents x_0 and noise eps ~ N(0, I), with sigma in (0, 1) (sigma = 1 is pure
 Each pair draws ONE sigma and ONE eps (`randomness.pair_noise`), shared by its winner and loser, so the two errors
 differ only through the images. sigma comes from u in (0, 1), drawn by `flow.timestep_sampling`:
 
-    logit_normal  u = sigmoid(m + s z), z ~ N(0, 1)        (SD3 paper's default; flow_grpo, Flow-Factory, m=0, s=1)
+    logit_normal  u = sigmoid(s z - m), z ~ N(0, 1)        (SD3 paper's default; flow_grpo, Flow-Factory, m=0, s=1)
     uniform       u ~ U(0, 1)
     mode          u = 1 - w - k (cos²(pi w / 2) - 1 + w), w ~ U(0, 1)   (SD3 paper's mode sampling, k = mode_scale)
 
@@ -17,6 +17,12 @@ config `shift` (3.0), as diffusers' SD3 scripts and flow_grpo's train_sd3_dpo.py
 scheduler's shifted table at index floor(1000 u)); 1 for a scheduler that shifts dynamically at sampling time
 (FLUX.1-dev), as diffusers' train_dreambooth_lora_flux.py and Flow-Factory train. sigma here is continuous
 (diffusers and flow_grpo round it to 1000 levels; Flow-Factory does not).
+
+The sign of m follows diffusers, flow_grpo and Flow-Factory, not the SD3 paper's formula: they draw
+u' = sigmoid(m + s z) and index the scheduler's DESCENDING timestep table with it, so their sigma is about 1 - u',
+distributed as sigmoid(s z - m): m > 0 means less noise. (The paper's t = sigmoid(m + s z) means more noise for
+m > 0.) At m = 0 the two agree, draw for draw. Mode sampling needs no such care: its u and 1 - u are equally
+distributed.
 
 `flow.weighting` multiplies each sample's error by w(sigma): none (1), sigma_sqrt (sigma^-2) or cosmap
 (2 / (pi (1 - 2 sigma + 2 sigma²))), the SD3 paper's and diffusers' options. Applied to the policy's and the
@@ -36,16 +42,20 @@ from diffusion_dpo.config import FlowConfig, ModelConfig
 from diffusion_dpo.errors import UserError
 from diffusion_dpo.models.family import Family
 
-# The joint-attention projections of the MMDiT blocks (text and image streams): flow_grpo's train_sd3_dpo.py and
-# Flow-Factory's SD3.5/FLUX adapters target these eight.
-ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+# The joint-attention projections of the MMDiT blocks (text and image streams), inside each block's `attn`:
+# flow_grpo's train_sd3_dpo.py, Flow-Factory's SD3.5 adapter and diffusers' SD3 LoRA script target these eight as
+# attn.to_q, ... (Flow-Factory's FLUX adapter adds the feed-forwards: configs/flux_dev_lora.yaml). The "attn."
+# prefix matters in SD3.5-medium, whose dual-attention blocks hold a second self-attention `attn2` with to_q, to_k,
+# to_v and to_out.0 that bare names would also adapt (243 linears instead of 191). FLUX has no attn2: the same set.
+ATTENTION_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                     "attn.add_v_proj", "attn.to_add_out")
 
 
 def draw_u(generator: torch.Generator, flow: FlowConfig, device: torch.device | str) -> Tensor:
     """(1,) u in (0, 1) from `flow.timestep_sampling`, one draw from `generator`."""
     if flow.timestep_sampling == "logit_normal":
         z = torch.randn((1,), generator=generator, device=device)
-        return torch.sigmoid(flow.logit_mean + flow.logit_std * z)
+        return torch.sigmoid(flow.logit_std * z - flow.logit_mean)  # the sign of m: the module docstring
     w = torch.rand((1,), generator=generator, device=device)
     if flow.timestep_sampling == "mode":
         return 1 - w - flow.mode_scale * (torch.cos(math.pi * w / 2) ** 2 - 1 + w)
@@ -96,7 +106,10 @@ class FlowMatching(Family):
 
     @classmethod
     def schedule_identity(cls, cfg: ModelConfig, flow: FlowConfig) -> dict[str, Any]:
-        return {f"flow.{k}": v for k, v in dataclasses.asdict(flow).items()}
+        identity = {f"flow.{k}": v for k, v in dataclasses.asdict(flow).items()}
+        if flow.timestep_sampling == "logit_normal" and flow.logit_mean != 0:  # its sign changed (2026-12-07)
+            identity["flow.logit_mean"] = f"{flow.logit_mean} (diffusers' sign)"
+        return identity
 
     @property
     def max_sequence_length(self) -> int:

@@ -13,9 +13,11 @@ beyond a second set of adapter weights.
 
 from __future__ import annotations
 
+import json
 import warnings
+from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from torch import Tensor, nn
 
@@ -95,6 +97,38 @@ def read_lora_file(path: str, role: str, diffusers_naming: bool, setting: str = 
         raise UserError(f"{setting} '{path}': holds no {role} weights (its keys start with {', '.join(found[:3])}; "
                         "a LoRA made for another model family?)")
     return convert_unet_state_dict_to_peft(own) if diffusers_naming else own
+
+
+def saved_alpha(path: str, role: str) -> Optional[float]:
+    """The lora_alpha the adapters in the LoRA output `path` were trained with (the adapter metadata diffusers'
+    `save_lora_weights` writes), or None where the file records none."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(lora_file(path)), framework="pt") as f:
+            metadata = json.loads((f.metadata() or {}).get("lora_adapter_metadata") or "{}")
+    except (OSError, ValueError, json.JSONDecodeError):  # read_lora_file reports an unreadable file, in one line
+        return None
+    alpha = metadata.get(f"{role}.lora_alpha")
+    return float(alpha) if alpha is not None else None
+
+
+def with_saved_alpha(cfg: LoraConfig, role: str) -> LoraConfig:
+    """`cfg` continuing `cfg.init_from`'s adapters at the scale they were trained with: lora.alpha unset takes their
+    alpha, and another one is refused in one line. The continued policy and its reference (those adapters, frozen)
+    must be the saved model; with another alpha both would silently scale the adapters differently (alpha / rank)."""
+    if cfg.rank == 0 or not cfg.init_from:
+        return cfg
+    saved = saved_alpha(cfg.init_from, role)
+    if saved is None:
+        return cfg
+    if cfg.alpha is None:
+        return replace(cfg, alpha=saved)
+    if float(cfg.alpha) != saved:
+        raise UserError(f"lora.alpha {cfg.alpha:g}: the adapters in lora.init_from '{cfg.init_from}' were trained with "
+                        f"alpha {saved:g}, and another scale would not continue the saved model; leave lora.alpha "
+                        "unset to take theirs")
+    return cfg
 
 
 def load_adapter(denoiser: nn.Module, state: dict[str, Tensor], adapter_name: str, setting: str) -> None:

@@ -11,7 +11,8 @@ final/ still holds the base's T5, so that `from_pretrained(final)` loads it; sam
 with `StableDiffusion3Pipeline.from_pretrained(final, text_encoder_3=None, tokenizer_3=None)`.
 
 The transformer takes timestep = 1000 sigma (the scheduler's num_train_timesteps), as the pipeline passes
-`scheduler.timesteps`. LoRA targets the eight joint-attention projections (flow_grpo's train_sd3_dpo.py).
+`scheduler.timesteps`. LoRA targets the eight joint-attention projections of each block's `attn` (flow_grpo's
+train_sd3_dpo.py; not SD3.5-medium's second self-attention `attn2`). The pipeline takes at most 512 T5 tokens.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class StableDiffusion3(FlowMatching):
     denoiser_role: ClassVar[str] = "transformer"
     default_lora_targets: ClassVar[tuple[str, ...]] = ATTENTION_TARGETS
     default_max_sequence_length: ClassVar[int] = 256
+    max_max_sequence_length: ClassVar[int | None] = 512  # StableDiffusion3Pipeline refuses more
 
     @classmethod
     def text_roles(cls, index: dict, cfg: ModelConfig) -> list[tuple[str, str]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -17,6 +18,7 @@ from torch import Tensor
 from diffusion_dpo.config import Config, check_config, flat_config
 from diffusion_dpo.errors import UserError, is_local_path
 from diffusion_dpo.models import Family, describe, load_components, weight_dtype_of
+from diffusion_dpo.models.lora import with_saved_alpha
 from diffusion_dpo.pinning import pin_once
 from diffusion_dpo.processes import check_shared, decide_once
 import diffusion_dpo.training.checkpoint as ckpt
@@ -77,6 +79,8 @@ class Trainer:
         self.components: Family = load_components(cfg.model, self.weight_dtype, acc.device,
                                                   encoders=self.data.cache is None, flow=cfg.flow)
         self.latent_shape = self.components.latent_shape(cfg.data.resolution)  # a resolution it cannot take fails now
+        # lora.init_from's adapters continue at the scale they were trained with
+        cfg = self.cfg = replace(cfg, lora=with_saved_alpha(cfg.lora, self.components.denoiser_role))
         model = self.components.denoiser
         params, init_state = setup.trainable_parameters(self.components, cfg.lora, self.weight_dtype)
         precomputed = self.data.reference_table is not None
