@@ -820,3 +820,22 @@ def test_the_order_keeps_to_windows_of_row_groups_and_is_one_permutation_when_th
     assert list(order) != list(local.order(1))
     windows = [set(table.group_of(order[k:k + 8]).tolist()) for k in range(0, 24, 8)]
     assert all(len(w) == 2 for w in windows) and set().union(*windows) == set(range(6))
+
+
+def test_the_check_memory_keeps_verdicts_and_problems_across_reloads(tmp_path):
+    """Verdicts as codes (0 fine, k the k-th distinct problem): a memory of fine rows only holds no problem texts, and
+    one problem added later is read back under its row; a row checked again takes the new verdict."""
+    import numpy as np
+
+    from diffusion_dpo.data.image_checks import Memory
+
+    path = tmp_path / "memory.npz"
+    Memory(path).add(np.array([5, 3], np.uint64), ["", ""])
+    fine = Memory(path)
+    assert fine.problems == [] and fine.lookup(np.array([3, 5, 9], np.uint64)) == ["", "", None]
+    fine.add(np.array([9, 3], np.uint64), ["jpg_0 cannot be decoded", ""])
+    again = Memory(path)
+    assert again.problems == ["jpg_0 cannot be decoded"]
+    assert again.lookup(np.array([3, 5, 9], np.uint64)) == ["", "", "jpg_0 cannot be decoded"]
+    again.add(np.array([9], np.uint64), [""])  # fixed and checked again
+    assert Memory(path).lookup(np.array([9], np.uint64)) == [""]

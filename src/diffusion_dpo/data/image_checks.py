@@ -99,7 +99,7 @@ class Memory:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp.npz")
-            np.savez(tmp, keys=self.keys, codes=self.codes, problems=np.array(self.problems or [""], dtype=str))
+            np.savez(tmp, keys=self.keys, codes=self.codes, problems=np.array(self.problems, dtype=str))
             os.replace(tmp, self.path)
         except OSError:  # a read-only home: the check still happened, it is only not remembered
             pass

@@ -263,12 +263,13 @@ def _check_schema(schema: pa.Schema, where: str) -> None:
 
 
 def _load_parquet(files: list[Path], names: list[str], source: str, cfg: DataConfig) -> PreferencePairs:
-    starts, total, all_have_label_1 = [], 0, True
+    starts, total, all_have_label_1, footers = [], 0, True, []
     for f, name in zip(files, names):
         try:
             meta = pq.ParquetFile(f).metadata  # footer only: row counts for "<file> row N"
         except Exception as exc:  # noqa: BLE001 - any reader failure is a bad file
             raise UserError(f"{name}: not a readable parquet file ({short_reason(exc)})") from None
+        footers.append(meta)
         schema = meta.schema.to_arrow_schema()
         _check_schema(schema, name)
         all_have_label_1 &= "label_1" in schema.names
@@ -279,7 +280,7 @@ def _load_parquet(files: list[Path], names: list[str], source: str, cfg: DataCon
     small = ["caption", "label_0"] + (["label_1"] if all_have_label_1 else [])
     try:
         # read in place (data/parquet.py): the small columns now, image cells by row group when needed
-        table = ParquetTable(files, small, cache_bytes=int(2 * cfg.shuffle_window_mb * 2**20))
+        table = ParquetTable(files, small, cache_bytes=int(2 * cfg.shuffle_window_mb * 2**20), metadata=footers)
     except Exception as exc:  # noqa: BLE001 - e.g. shards with different column types
         raise UserError(f"{source}: could not read the parquet files ({short_reason(exc)})") from None
     # the image check remembers each file's rows by the file's path, size and modification time

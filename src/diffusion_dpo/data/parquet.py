@@ -32,12 +32,14 @@ class ParquetTable:
     from their row group through an LRU of `cache_bytes`."""
 
     def __init__(self, files: Sequence[Path], small_columns: Sequence[str],
-                 image_columns: Sequence[str] = IMAGE_COLUMNS, cache_bytes: int = 2 << 30):
+                 image_columns: Sequence[str] = IMAGE_COLUMNS, cache_bytes: int = 2 << 30,
+                 metadata: Optional[Sequence[pq.FileMetaData]] = None):
+        """`metadata`: each file's footer when the caller has read it already (a footer read is a seek per shard)."""
         self.files = [str(f) for f in files]
         self.image_columns = tuple(image_columns)
         starts, group_file, group_index, group_bytes, total = [], [], [], [], 0
         for i, f in enumerate(self.files):
-            meta = pq.ParquetFile(f).metadata
+            meta = metadata[i] if metadata is not None else pq.ParquetFile(f).metadata
             names = meta.schema.to_arrow_schema().names
             wanted = [names.index(c) for c in self.image_columns]
             for g in range(meta.num_row_groups):

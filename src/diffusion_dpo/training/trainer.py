@@ -160,6 +160,7 @@ class Trainer:
         accum = cfg.train.gradient_accumulation_steps
         progress = progress_bar(cfg.train.max_steps, self.state.step, acc.is_main_process)
         batches = self.batches()
+        lazy = cfg.data.image_check == "lazy" and self.data.cache is None  # pairs passed over are counted
         t0 = time.perf_counter()
         while self.state.step < cfg.train.max_steps:
             sums: dict[str, Tensor] = {}
@@ -178,7 +179,6 @@ class Trainer:
                 grad_norm = self.in_backward.grad_norm().to(acc.device)
             else:
                 grad_norm = acc.clip_grad_norm_(self.params, cfg.optim.max_grad_norm or float("inf"))
-            lazy = cfg.data.image_check == "lazy" and self.data.cache is None
             record = reduce_metrics(acc, sums, grad_norm, cfg.loss.safeguard,  # the step's one host sync
                                     totals={"bad_pairs_skipped": skipped} if lazy else None)
             if lazy:
