@@ -30,7 +30,7 @@ def test_sd_components_and_conditioning(tiny_sd):
 
 
 def test_sdxl_conditioning_uses_each_images_size_and_crop(tiny_sdxl):
-    c = load_components(ModelConfig(pretrained=str(tiny_sdxl)))
+    c = load_components(ModelConfig(pretrained=str(tiny_sdxl), sdxl_time_ids="image"))
     assert c.name == "sdxl" and len(c.text_encoders) == 2 and len(c.tokenizers) == 2
     sizes = torch.tensor([[[40, 32], [48, 64]], [[32, 32], [33, 35]]])  # (B, 2 images, (h, w))
     crops = torch.tensor([[[4, 0], [0, 8]], [[0, 0], [1, 2]]])
@@ -47,12 +47,16 @@ def test_sdxl_conditioning_uses_each_images_size_and_crop(tiny_sdxl):
     assert out.shape == noisy.shape
 
 
-def test_sdxl_constant_time_ids_as_the_official_code(tiny_sdxl, tiny_sd):
-    """model.sdxl_time_ids constant: (res, res, 0, 0, res, res) for every image, whatever its size and crop."""
+@pytest.mark.parametrize("setting", ["auto", "constant"])
+def test_sdxl_time_ids_are_shared_by_a_pair_by_default_as_the_official_code(tiny_sdxl, tiny_sd, setting):
+    """The default (auto) and constant: (res, res, 0, 0, res, res) for every image whatever its size and crop, so a
+    pair's winner and loser are conditioned alike (issue 37, defect 4: the default gave each image its own, which
+    can correlate with the preference)."""
     from diffusion_dpo.models import describe
     from diffusion_dpo.models.sd import StableDiffusionXL
 
-    cfg = ModelConfig(pretrained=str(tiny_sdxl), sdxl_time_ids="constant")
+    cfg = ModelConfig(pretrained=str(tiny_sdxl), **({"sdxl_time_ids": setting} if setting != "auto" else {}))
+    assert cfg.sdxl_time_ids == setting
     c = load_components(cfg)
     sizes = torch.tensor([[[40, 32], [48, 64]]])
     crops = torch.tensor([[[4, 0], [0, 8]]])
@@ -61,11 +65,13 @@ def test_sdxl_constant_time_ids_as_the_official_code(tiny_sdxl, tiny_sd):
                                                                     dtype=cond.added["time_ids"].dtype))
     from diffusion_dpo.config import FlowConfig
 
-    # the precomputed reference's identity follows it; the default keeps the identity earlier files were made with
+    # the precomputed reference's identity follows it; "image" keeps the identity earlier files were made with
     assert StableDiffusionXL.schedule_identity(cfg, FlowConfig())["model.sdxl_time_ids"] == "constant"
-    assert "model.sdxl_time_ids" not in StableDiffusionXL.schedule_identity(ModelConfig(pretrained="x"), FlowConfig())
+    assert "model.sdxl_time_ids" not in StableDiffusionXL.schedule_identity(
+        ModelConfig(pretrained="x", sdxl_time_ids="image"), FlowConfig())
+    describe(ModelConfig(pretrained=str(tiny_sd)))  # the default is no SDXL setting
     with pytest.raises(UserError, match="model.sdxl_time_ids is for SDXL; a Stable Diffusion 1.x/2.x model has no"):
-        describe(ModelConfig(pretrained=str(tiny_sd), sdxl_time_ids="constant"))
+        describe(ModelConfig(pretrained=str(tiny_sd), sdxl_time_ids=setting if setting != "auto" else "image"))
 
 
 def test_encode_images_samples_the_posterior_and_scales(tiny_sd):

@@ -45,10 +45,12 @@ class ModelConfig:
                         "saved without it): less memory and a far smaller cache. FLUX.1 always needs its T5.")
     max_sequence_length: Optional[int] = _f(None, "SD3/FLUX: T5 tokens per prompt; default: the pipeline's "
                                                   "(SD3 256, FLUX 512; FLUX.1-schnell's own is 256).")
-    sdxl_time_ids: str = _f("image", "SDXL's size/crop conditioning (time ids orig_h, orig_w, top, left, target_h, "
-                                     "target_w): image = each image's true size and crop offsets, as diffusers' "
-                                     "SDXL training scripts; constant = (res, res, 0, 0, res, res) for every image, as "
-                                     "the official DiffusionDPO code (and as the SDXL pipeline samples by default).")
+    sdxl_time_ids: str = _f("auto", "SDXL's size/crop conditioning (time ids orig_h, orig_w, top, left, target_h, "
+                                    "target_w): constant = (res, res, 0, 0, res, res) for every image, as the official "
+                                    "DiffusionDPO code (and as the SDXL pipeline samples by default): a pair's two "
+                                    "images share it, so their error difference cannot come from size or crop "
+                                    "conditioning that correlates with the preference; image = each image's true "
+                                    "size and crop offsets (diffusers' SDXL fine-tuning scripts); auto = constant.")
     reference: Optional[str] = _f(None, "The frozen reference model of DPO-style losses. Default: the policy's "
                                         "starting weights (a frozen copy of model.pretrained's denoiser; with LoRA, "
                                         "model.pretrained with lora.init_from's adapters, or adapters off). A "
@@ -318,7 +320,7 @@ IMAGE_CHECKS = ("before", "lazy")
 CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 TIMESTEP_SAMPLING = ("logit_normal", "uniform", "mode")
 FLOW_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
-SDXL_TIME_IDS = ("image", "constant")
+SDXL_TIME_IDS = ("auto", "constant", "image")
 PAIRINGS = ("best_worst", "all")
 ITERATE_REFERENCES = ("previous", "base")
 

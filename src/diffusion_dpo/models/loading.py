@@ -94,7 +94,7 @@ def describe(cfg: ModelConfig, setting: str = "model.pretrained") -> tuple[dict,
     index = read_model_index(cfg, setting)
     family = family_class(index, name)
     family.check_index(index, cfg, name)
-    if cfg.sdxl_time_ids != "image" and not family.size_conditioning:
+    if cfg.sdxl_time_ids != "auto" and not family.size_conditioning:
         raise UserError(f"{name}: model.sdxl_time_ids is for SDXL; a {family.title} model has no size/crop "
                         "conditioning (leave it unset)")
     needed = [family.denoiser_role, "scheduler"] + (["vae"] if cfg.vae is None else [])

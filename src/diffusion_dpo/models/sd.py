@@ -3,8 +3,9 @@
   SD 1.x/2.x  one CLIP text encoder, its last hidden state (B, 77, D).
   SDXL        two CLIP encoders, both penultimate hidden states concatenated (B, 77, 768 + 1280), the second's
               pooled projection (B, 1280), and each image's original size and crop offsets as six time ids
-              (orig_h, orig_w, top, left, target_h, target_w): the two images of a pair may differ in both
-              (`model.sdxl_time_ids constant`: (res, res, 0, 0, res, res), as the official DiffusionDPO code).
+              (orig_h, orig_w, top, left, target_h, target_w): by default (res, res, 0, 0, res, res) for every
+              image, as the official DiffusionDPO code, so a pair's two images share it; `model.sdxl_time_ids
+              image` gives each image its own size and crop, which may correlate with the preference.
 
 Training schedule: the checkpoint's betas in a `DDPMScheduler`, t ~ U{0, ..., T-1} per pair, x_t = add_noise(x_0,
 eps, t), target eps (epsilon) or v = sqrt(a_t) eps - sqrt(1 - a_t) x_0 (v_prediction), as the scheduler config (or
@@ -130,8 +131,9 @@ class StableDiffusionXL(StableDiffusion):
 
     @classmethod
     def schedule_identity(cls, cfg: ModelConfig, flow: FlowConfig) -> dict[str, Any]:
-        # the time ids change every error the reference makes; the default keeps earlier references' identity
-        extra = {"model.sdxl_time_ids": cfg.sdxl_time_ids} if cfg.sdxl_time_ids != "image" else {}
+        # the time ids change every error the reference makes; "image" keeps the identity of references made when it
+        # was the default (before 2026-12-07)
+        extra = {"model.sdxl_time_ids": "constant"} if cfg.sdxl_time_ids != "image" else {}
         return {**super().schedule_identity(cfg, flow), **extra}
 
     @classmethod
@@ -150,13 +152,14 @@ class StableDiffusionXL(StableDiffusion):
 
     def conditioning(self, encodings: dict[str, Tensor], original_sizes: Tensor, crop_top_lefts: Tensor,
                      resolution: int) -> Conditioning:
-        """time_ids = (orig_h, orig_w, top, left, target_h, target_w) per image, winners first; with
-        `model.sdxl_time_ids constant` (the official DiffusionDPO code) (res, res, 0, 0, res, res) for all."""
+        """time_ids = (res, res, 0, 0, res, res) for every image (`model.sdxl_time_ids` constant or auto, the official
+        DiffusionDPO code's), or with `image` (orig_h, orig_w, top, left, target_h, target_w) per image, winners
+        first."""
         g = self.images_per_item(original_sizes)  # 2 for a pair, 1 for unpaired feedback
         hidden, pooled = encodings["hidden"].repeat(g, 1, 1), encodings["pooled"]
         sizes = torch.cat(original_sizes.unbind(1))  # (2B, 2), winners first
         crops = torch.cat(crop_top_lefts.unbind(1))
-        if self.cfg.sdxl_time_ids == "constant":
+        if self.cfg.sdxl_time_ids != "image":
             sizes, crops = torch.full_like(sizes, resolution), torch.zeros_like(crops)
         target = torch.tensor([resolution, resolution]).expand(sizes.shape[0], 2)
         # built on the host from the batch, copied without waiting for the device (no sync in the step)
