@@ -157,12 +157,7 @@ class Share:
 
     def all_do(self, work: Callable[[], T]) -> T:
         """`work()` on every process; an error on any one is raised, as one line, on all."""
-        outcome = attempt(work)
-        if self.state is None:
-            if outcome.error is not None:
-                raise UserError(outcome.error)
-            return outcome.result
-        return agree(self.state, outcome)
+        return agree(self.state, attempt(work)) if self.state else work()
 
     def main_does(self, work: Callable[[], T]) -> T:
         """`work()` on the main process, its result (or its one-line error) on every process."""

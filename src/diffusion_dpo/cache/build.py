@@ -21,14 +21,15 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from diffusion_dpo import __version__
-from diffusion_dpo.cache.chunks import PLAN, chunk, num_chunks, open_plan, save_arrays_whole, save_whole
+from diffusion_dpo.cache.chunks import (PLAN, ChunkWriter, chunk, num_chunks, open_plan, save_arrays_whole,
+                                       save_whole, written)
 from diffusion_dpo.cache.identity import cache_identity, check_manifest, refuse_random_crop
 from diffusion_dpo.cache.store import CACHE_FORMAT, DTYPES, EMPTY_PROMPT_ROW, MANIFEST, read_manifest, storage_dtype
 from diffusion_dpo.config import CacheConfig, DataConfig, FlowConfig, ModelConfig
@@ -47,6 +48,14 @@ def image_key(src: Any) -> tuple[bytes, bytes]:
     return hashlib.blake2b(data, digest_size=16).digest(), data
 
 
+def _read_image(pairs: Any, i: int, src: Any) -> tuple[bytes, bytes]:
+    """`image_key(src)` of an image of pair `i`; a path that cannot be read is a one-line error, as a broken image."""
+    try:
+        return image_key(src)
+    except OSError as exc:
+        raise UserError(f"{pairs.where(i)}: image cannot be read ({exc.strerror or exc})") from None
+
+
 def _write_keys(pairs: Any, chunk: range, path: Path) -> None:
     """The keys (n, G, 16) and labels (n,) of the pairs in `chunk`."""
     keys = np.zeros((len(chunk), pairs.images_per_item, 16), np.uint8)
@@ -54,10 +63,7 @@ def _write_keys(pairs: Any, chunk: range, path: Path) -> None:
     for n, i in enumerate(chunk):
         _, sources, labels[n] = pairs.images(i)
         for k, src in enumerate(sources):
-            try:
-                keys[n, k] = np.frombuffer(image_key(src)[0], np.uint8)
-            except OSError as exc:  # a path that cannot be read: as a broken image
-                raise UserError(f"{pairs.where(i)}: image cannot be read ({exc.strerror or exc})") from None
+            keys[n, k] = np.frombuffer(_read_image(pairs, i, src)[0], np.uint8)
     save_arrays_whole({"keys": keys, "labels": labels}, path)
 
 
@@ -96,11 +102,7 @@ class _ImagesToEncode(torch.utils.data.Dataset):
 
     def __getitem__(self, row: int) -> dict[str, Any]:
         i, k = divmod(int(self.firsts[row]), self.pairs.images_per_item)
-        src = self.pairs.images(i)[1][k]
-        try:
-            digest, data = image_key(src)
-        except OSError as exc:
-            raise UserError(f"{self.pairs.where(i)}: image cannot be read ({exc.strerror or exc})") from None
+        digest, data = _read_image(self.pairs, i, self.pairs.images(i)[1][k])
         img = decode_pair_image(self.pairs, i, data)
         r, v = self.resolution, self.orientations
         pixels, crops = np.zeros((v, 3, r, r), np.float32), np.zeros((v, 2), np.int64)
@@ -129,6 +131,7 @@ def build_cache(model: ModelConfig, data: DataConfig, cache: CacheConfig, flow: 
     log = log if procs.is_main else (lambda *a, **k: None)
     directory = Path(cache.dir).expanduser()
     tmp = directory.with_name(directory.name + ".tmp")
+    kept = (f"cache.dir '{directory}'", tmp, "diffusion-dpo cache")  # where a failed write's finished chunks wait
     wanted, cache = cache, storage_dtype(cache, mixed_precision)  # an existing cache is checked against `wanted`
     identity = cache_identity(model, data, cache)
     size = cache.shard_pairs
@@ -142,7 +145,7 @@ def build_cache(model: ModelConfig, data: DataConfig, cache: CacheConfig, flow: 
         if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
             raise UserError(f"cache.dir '{directory}' exists and holds no cache (no {MANIFEST}); remove it or choose "
                             "another cache.dir")
-        _written(lambda: open_plan(tmp, plan, "cache", log), directory, tmp)
+        written(lambda: open_plan(tmp, plan, "cache", log), *kept)
         return None
 
     manifest = procs.main_does(prepare)
@@ -165,8 +168,8 @@ def build_cache(model: ModelConfig, data: DataConfig, cache: CacheConfig, flow: 
     # 1. keys
     key_file = [tmp / f"keys-{c:05d}.npz" for c in range(pair_chunks)]
     mine = procs.of_missing(list(range(pair_chunks)), lambda c: key_file[c].is_file())
-    procs.all_do(lambda: _written(lambda: [_write_keys(pairs, chunk(c, size, len(pairs)), key_file[c])
-                                            for c in mine], directory, tmp))
+    procs.all_do(lambda: written(lambda: [_write_keys(pairs, chunk(c, size, len(pairs)), key_file[c])
+                                          for c in mine], *kept))
     # 2. the image table, the same on every process
     keys, labels = _read_keys(key_file, pairs.images_per_item)
     rows, firsts = image_table(keys)
@@ -175,17 +178,12 @@ def build_cache(model: ModelConfig, data: DataConfig, cache: CacheConfig, flow: 
     text_chunks, image_chunks = num_chunks(size, len(texts)), num_chunks(size, len(firsts))
     mine = procs.of_missing([("text", j) for j in range(text_chunks)] + [("images", j) for j in range(image_chunks)],
                             lambda task: (tmp / f"{task[0]}-{task[1]:05d}.safetensors").is_file())
-    loaded: list[Any] = []
-
-    def components() -> Any:
-        if not loaded:  # encoders in fp32 whatever the training precision: the cache is made once, serves every run
-            loaded.append(load_components(model, torch.float32, device, denoiser=False, flow=flow))
-        return loaded[0]
 
     def encode() -> None:
         if not mine:
             return
-        comp, dtype = components(), DTYPES[cache.dtype]
+        # encoders in fp32 whatever the training precision: the cache is made once and serves every run
+        comp, dtype = load_components(model, torch.float32, device, denoiser=False, flow=flow), DTYPES[cache.dtype]
         for kind, j in mine:
             if kind == "text":
                 _encode_texts(comp, texts[j * size:(j + 1) * size], 4 * cache.batch_size, dtype,
@@ -196,11 +194,12 @@ def build_cache(model: ModelConfig, data: DataConfig, cache: CacheConfig, flow: 
                        [tmp / f"images-{j:05d}.safetensors" for j in images], cache.batch_size, data.num_workers,
                        dtype, show=procs.is_main)
 
-    procs.all_do(lambda: _written(encode, directory, tmp))
+    procs.all_do(lambda: written(encode, *kept))
 
     # 4. pairs shards, manifest, rename (the main process)
     def finish() -> int:
-        comp, pair_files = components(), []
+        # the family, latent shape and scale: from the configs (no encoder loaded for them)
+        comp, pair_files = load_components(model, denoiser=False, encoders=False, flow=flow), []
         for c in range(pair_chunks):
             span = chunk(c, size, len(pairs))
             name = f"pairs-{c:05d}.safetensors"
@@ -229,18 +228,9 @@ def build_cache(model: ModelConfig, data: DataConfig, cache: CacheConfig, flow: 
         tmp.rename(directory)  # complete: only now does cache.dir exist
         return len(firsts)
 
-    num_images = procs.main_does(lambda: _written(finish, directory, tmp))
+    num_images = procs.main_does(lambda: written(finish, *kept))
     log(f"cache {directory}: {len(pairs)} pairs, {num_images} distinct images, {len(texts)} unique captions")
     return directory
-
-
-def _written(work: Callable[[], Any], directory: Path, tmp: Path) -> Any:
-    """`work()`, a failed write (disk full, permissions) as one line that says the finished chunks are kept."""
-    try:
-        return work()
-    except OSError as exc:
-        raise UserError(f"cannot write cache.dir '{directory}': {exc.strerror or exc}; finished chunks are kept in "
-                        f"{tmp} and reused by the next `diffusion-dpo cache`") from None
 
 
 def _encode_texts(comp: Any, texts: list[str], batch: int, dtype: torch.dtype, path: Path) -> None:
@@ -261,17 +251,10 @@ def _encode_images(comp: Any, images: _ImagesToEncode, chunks: list[range], path
     if not batches:
         return
     loader = torch.utils.data.DataLoader(images, batch_sampler=batches, num_workers=num_workers)
-    parts: dict[str, list[Tensor]] = {}
-    held, at = 0, 0  # rows collected of chunks[at]
+    writer = ChunkWriter([len(c) for c in chunks], paths)
     for batch in tqdm(loader, desc="encode images", unit="batch", disable=not show):
         pixels = batch["pixels"]  # (b, V, 3, R, R)
         mean, std = comp.posterior(pixels.flatten(0, 1))  # (b*V, C, h, w)
         shape = pixels.shape[:2] + mean.shape[1:]
-        for name, t in (("mean", mean.reshape(shape).to("cpu", dtype)), ("std", std.reshape(shape).to("cpu", dtype)),
-                        ("crop_top_lefts", batch["crop_top_lefts"]), ("original_sizes", batch["original_sizes"]),
-                        ("key", batch["key"])):
-            parts.setdefault(name, []).append(t)
-        held += len(pixels)
-        if held == len(chunks[at]):  # batches never straddle chunks
-            save_whole({name: torch.cat(ts) for name, ts in parts.items()}, paths[at])
-            parts, held, at = {}, 0, at + 1
+        writer.add(mean=mean.reshape(shape).to("cpu", dtype), std=std.reshape(shape).to("cpu", dtype),
+                   crop_top_lefts=batch["crop_top_lefts"], original_sizes=batch["original_sizes"], key=batch["key"])

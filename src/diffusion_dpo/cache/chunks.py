@@ -8,12 +8,15 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import numpy as np
 import torch
 
+from diffusion_dpo.errors import UserError
+
 PLAN = "plan.json"
+T = TypeVar("T")
 
 
 def chunk(index: int, size: int, total: int) -> range:
@@ -37,28 +40,55 @@ def open_plan(folder: Path, plan: dict, what: str, log: Any) -> None:
         return
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    write_whole(folder / PLAN, json.dumps(plan).encode())
+    _whole(folder / PLAN, lambda part: part.write_text(json.dumps(plan)))
 
 
-def write_whole(path: Path, data: bytes) -> None:
-    """`data` written under a temporary name, then renamed: a kill leaves the file whole or absent."""
+def _whole(path: Path, write: Callable[[Path], Any]) -> None:
+    """`write(part)` to a temporary name beside `path`, then a rename: a kill leaves the file whole or absent."""
     part = path.with_name(path.name + ".part")
-    part.write_bytes(data)
+    write(part)
     os.replace(part, path)
 
 
 def save_whole(tensors: dict[str, torch.Tensor], path: Path, metadata: Optional[dict[str, str]] = None) -> None:
-    """A safetensors file written under a temporary name, then renamed: a kill leaves it whole or absent."""
+    """A safetensors file written whole (`_whole`)."""
     from safetensors.torch import save_file
 
-    part = path.with_name(path.name + ".part")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, part, metadata=metadata)
-    os.replace(part, path)
+    _whole(path, lambda part: save_file({k: v.contiguous() for k, v in tensors.items()}, part, metadata=metadata))
 
 
 def save_arrays_whole(arrays: dict[str, np.ndarray], path: Path) -> None:
-    """A numpy .npz file written whole (see `save_whole`)."""
-    part = path.with_name(path.name + ".part")
-    with open(part, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(part, path)
+    """A numpy .npz file written whole (`_whole`; np.savez given a file object adds no suffix)."""
+    def write(part: Path) -> None:
+        with open(part, "wb") as f:
+            np.savez(f, **arrays)
+
+    _whole(path, write)
+
+
+class ChunkWriter:
+    """Rows of tensors collected for chunk after chunk, each written whole (`save_whole`) when its last row arrives.
+    The batches that feed it must never straddle two chunks (the callers cut their batches within chunks, so the
+    batches, and so the results, are those of one pass whichever process computes a chunk)."""
+
+    def __init__(self, sizes: Sequence[int], paths: Sequence[Path]):
+        self.sizes, self.paths = list(sizes), list(paths)
+        self.parts: dict[str, list[torch.Tensor]] = {}
+        self.held, self.at = 0, 0  # rows collected of chunk `at`
+
+    def add(self, **tensors: torch.Tensor) -> None:
+        for name, t in tensors.items():
+            self.parts.setdefault(name, []).append(t)
+        self.held += len(next(iter(tensors.values())))
+        if self.held == self.sizes[self.at]:
+            save_whole({name: torch.cat(ts) for name, ts in self.parts.items()}, self.paths[self.at])
+            self.parts, self.held, self.at = {}, 0, self.at + 1
+
+
+def written(work: Callable[[], T], target: str, kept: Path, command: str) -> T:
+    """`work()`, with a failed write (disk full, permissions) as one line saying where the finished chunks wait."""
+    try:
+        return work()
+    except OSError as exc:
+        raise UserError(f"cannot write {target}: {exc.strerror or exc}; finished chunks are kept in {kept} and reused "
+                        f"by the next `{command}`") from None

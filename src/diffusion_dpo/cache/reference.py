@@ -22,12 +22,12 @@ import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
-from diffusion_dpo.cache.chunks import chunk, num_chunks, open_plan, save_whole
+from diffusion_dpo.cache.chunks import ChunkWriter, chunk, num_chunks, open_plan, save_whole, written
 from diffusion_dpo.cache.identity import reference_identity
 from diffusion_dpo.cache.store import Cache, CachedPairs, cached_inputs
 from diffusion_dpo.config import CacheConfig, DataConfig, FlowConfig, LoraConfig, ModelConfig, TrainConfig
@@ -115,7 +115,8 @@ def precompute_reference(model: ModelConfig, lora: LoraConfig, flow: FlowConfig,
     parts = path.with_name(path.name + ".parts")
     size = cache.batch_size * max(1, -(-cache.shard_pairs // cache.batch_size))
     plan = {"reference": info, "chunk": size, "batch_size": cache.batch_size}
-    procs.main_does(lambda: _written(lambda: open_plan(parts, plan, "reference errors", log), path))
+    kept = (str(path), parts, "diffusion-dpo cache --reference")  # where a failed write's finished chunks wait
+    procs.main_does(lambda: written(lambda: open_plan(parts, plan, "reference errors", log), *kept))
     files = [parts / f"part-{j:05d}.safetensors" for j in range(num_chunks(size, num_keys))]
     mine = procs.of_missing(list(range(len(files))), lambda j: files[j].is_file())
 
@@ -126,7 +127,7 @@ def precompute_reference(model: ModelConfig, lora: LoraConfig, flow: FlowConfig,
                             [[keys[k] for k in chunk(j, size, num_keys)] for j in mine],
                             [files[j] for j in mine], show=procs.is_main)
 
-    procs.all_do(lambda: _written(compute, path))
+    procs.all_do(lambda: written(compute, *kept))
 
     def finish() -> None:
         from safetensors.torch import load_file
@@ -137,7 +138,7 @@ def precompute_reference(model: ModelConfig, lora: LoraConfig, flow: FlowConfig,
         save_whole(merged, path, metadata={"reference": json.dumps(info)})
         shutil.rmtree(parts)
 
-    procs.main_does(lambda: _written(finish, path))
+    procs.main_does(lambda: written(finish, *kept))
     log(f"reference errors: {num_keys} pairs ({train.max_steps} steps) -> {path}")
     return path
 
@@ -159,9 +160,7 @@ def _compute_errors(model: ModelConfig, lora: LoraConfig, flow: FlowConfig, data
     loader = torch.utils.data.DataLoader(CachedPairs(store, data.random_flip, data.proportion_empty_prompts),
                                          batch_sampler=batches, collate_fn=collate_packed,
                                          num_workers=data.num_workers, pin_memory=device.type == "cuda")
-    seeds: list[torch.Tensor] = []
-    errors: list[torch.Tensor] = []
-    held, at = 0, 0  # keys computed of chunks[at]
+    writer = ChunkWriter([len(c) for c in chunks], files)
     with torch.no_grad():
         for batch in tqdm(loader, desc="reference errors", unit="batch", disable=not show):
             batch = unpack_batch(batch)
@@ -174,21 +173,8 @@ def _compute_errors(model: ModelConfig, lora: LoraConfig, flow: FlowConfig, data
                 noisy = noisy.contiguous(memory_format=torch.channels_last)
             with _autocast(device, dtype):
                 err = comp.mse(denoiser, noisy, draws.timesteps, cond, target)  # (GB,) [winners; losers]
-            seeds.append(batch["sample_seed"])
-            errors.append(err.float().cpu().view(-1, b).T)  # (B, G): (ref_w, ref_l), or one unpaired image's
-            held += b
-            if held == len(chunks[at]):  # batches never straddle chunks
-                save_whole({"sample_seed": torch.cat(seeds), "ref_mse": torch.cat(errors)}, files[at])
-                seeds, errors, held, at = [], [], 0, at + 1
-
-
-def _written(work: Callable[[], Any], path: Path) -> Any:
-    """`work()`, a failed write (disk full, permissions) as one line."""
-    try:
-        return work()
-    except OSError as exc:
-        raise UserError(f"cannot write {path}: {exc.strerror or exc}; finished chunks are kept in "
-                        f"{path.name}.parts beside it and reused by the next `diffusion-dpo cache --reference`") from None
+            # (B, G): (ref_w, ref_l), or one unpaired image's
+            writer.add(sample_seed=batch["sample_seed"], ref_mse=err.float().cpu().view(-1, b).T)
 
 
 class ReferenceTable:
