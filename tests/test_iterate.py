@@ -432,8 +432,9 @@ def test_cli(tmp_path, tiny_sd, prompt_files):
 
 @pytest.mark.xdist_group("processes")  # one port, and two cores: never beside another
 def test_two_cpu_processes_train_what_one_process_trains(tmp_path, tiny_sd, prompt_files):
-    """`accelerate launch` (gloo on the CPU): the main process samples, labels and evaluates once, both train; the
-    round's weights match one process with twice the per-process batch."""
+    """`accelerate launch` (gloo on the CPU): both processes sample, score (each its share) and train; the main
+    process writes labels, pairs and comparisons once; the labels and the round's weights match one process with
+    twice the per-process batch."""
     import os
 
     args = ["--model.pretrained", str(tiny_sd), "--data.resolution", "32", "--data.num_workers", "0",
@@ -460,6 +461,10 @@ def test_two_cpu_processes_train_what_one_process_trains(tmp_path, tiny_sd, prom
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
     assert json.loads((two / "report.json").read_text())["rounds"][0]["pairs"] == 3
+    label_of = {run: {row["file"]: row["score"] for row in map(json.loads, (run / "round-1" / "labels.jsonl")
+                                                                .read_text().splitlines())} for run in (two, one)}
+    assert label_of[two].keys() == label_of[one].keys() and len(label_of[two]) == 6
+    assert list(label_of[two].values()) == pytest.approx(list(label_of[one].values()), rel=1e-5)
 
 
 def test_kto_rounds_train_on_each_rounds_best_and_worst_as_thumbs(tmp_path, tiny_sd, prompt_files):

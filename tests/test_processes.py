@@ -26,7 +26,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM
 
 # ---------------------------------------------------------------- the helpers, on two real gloo processes
 
-CASES = ("shared", "decide", "agree", "timeout", "split_check", "cache", "relabel")
+CASES = ("shared", "decide", "agree", "timeout", "split_check", "cache", "relabel", "score")
 
 
 def _two_processes(rank: int, port: int, out: str) -> None:
@@ -89,6 +89,8 @@ def _two_processes(rank: int, port: int, out: str) -> None:
                 seen.update(_cache_builds(state, where))
             elif case == "relabel":
                 seen.update(_relabels(state, where))
+            elif case == "score":
+                seen.update(_scores(state, where))
             seen["error"] = None
         except UserError as exc:
             seen["error"] = str(exc)
@@ -188,6 +190,34 @@ def _relabels(state, where: Path) -> dict:
     return seen
 
 
+def _scores(state, where: Path) -> dict:
+    """A run of 10 images scored by both processes (`Scorer.fill`), then read by the main process: which images each
+    process scored, what the main process scored afterwards, and the scores against one process's own."""
+    import sys
+
+    from diffusion_dpo.evaluation import compare as module
+
+    sys.path.insert(0, str(where))  # the reward module
+    real, scored = module._score_chunk, []
+    module._score_chunk = lambda run, rows, reward, chunk: (scored.extend(rows[i]["file"] for i, _ in chunk)
+                                                            or real(run, rows, reward, chunk))
+    try:
+        specs = module.parse_rewards(["redness_reward:score"])
+        scorer = module.Scorer(specs)
+        scorer.fill(state, where / "run")
+        seen = {"scored": list(scored)}
+        if state.process_index == 0:
+            scored.clear()
+            seen["scores"] = scorer(where / "run")["redness_reward:score"].tolist()
+            seen["scored_after"] = list(scored)
+            alone = module.Scorer(specs, cache=False)(where / "run")["redness_reward:score"]
+            seen["alone"] = alone.tolist()
+    finally:
+        module._score_chunk = real
+    state.wait_for_everyone()
+    return seen
+
+
 @pytest.fixture(scope="module")
 def two(tmp_path_factory, tiny_sd, tiny_data) -> dict[str, list[dict]]:
     """{case: [what process 0 saw, what process 1 saw]} of two real gloo processes."""
@@ -203,6 +233,14 @@ def two(tmp_path_factory, tiny_sd, tiny_data) -> dict[str, list[dict]]:
 
     (out / "relabel" / "redness_reward.py").write_text(REDNESS)
     _data(out / "relabel")
+    from test_compare import fake_run
+
+    (out / "score" / "redness_reward.py").write_text(REDNESS)
+    run = fake_run(out / "score" / "run", {(i, s): 0 for i in range(5) for s in (0, 1)}, [f"p{i}" for i in range(5)])
+    from PIL import Image
+
+    for k, image in enumerate(sorted((run / "images").iterdir())):  # each its own redness
+        Image.new("RGB", (8, 8), (25 * k, 0, 255 - 25 * k)).save(image)
     write_pickapic(out / "split_check" / "data.parquet",
                    [row(f"r{i}", jpg_1=GARBAGE if i == 7 else None) for i in range(10)])
     with socket.socket() as s:
@@ -307,6 +345,16 @@ def test_relabel_splits_the_shards_over_the_processes(two):
 
 # ---------------------------------------------------------------- the data order under another layout
 
+def test_iterate_scoring_is_split_over_the_processes(two):
+    """Scorer.fill: each process scores its half of the images (none twice), the main process appends them to the
+    cache and then reads every score from it (scores nothing itself), equal to one process's own scores."""
+    seen = two["score"]
+    assert all(s["error"] is None for s in seen), seen
+    first, second = seen[0]["scored"], seen[1]["scored"]
+    assert len(first) == len(second) == 5 and not set(first) & set(second)
+    assert seen[0]["scored_after"] == [] and seen[0]["scores"] == seen[0]["alone"]
+
+
 def test_another_layout_continues_at_the_same_pair():
     """A run of 1 process x batch 3 stopped after one micro-batch (3 pairs) continues on 2 processes x batch 2 at
     pair 3 of the same order: the processes' first micro-batches together are pairs 3..6, with the seeds the first
@@ -407,3 +455,28 @@ def test_a_one_process_run_resumes_on_two_and_a_two_process_run_on_two(tmp_path,
 
 def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_a_streamed_run_of_two_processes_resumes_exactly_and_only_on_two(tmp_path, tiny_sd, tiny_data, capsys):
+    """data.streaming on 2 gloo processes (each its shard of 2): checkpoint-2's loader_state.json holds both
+    processes' states; resumed on 2 it runs step 3 only and ends with the straight run's weights bit for bit; on 1
+    process it is refused in one line before any step."""
+    streamed = ["--data.streaming", "true", "--data.shuffle_buffer", "3", "--data.batch_size", "2", *SGD_LIKE]
+    straight = tmp_path / "straight"
+    res = _launch(*fast(straight, tiny_sd, tiny_data, *streamed))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "streamed, 2 shard(s), each of 2 processes reads 1" in res.stdout
+    states = json.loads((straight / "checkpoint-2" / "loader_state.json").read_text())
+    assert len(states) == 2 and states[0] != states[1]
+    again = tmp_path / "again"
+    res = _launch(*fast(again, tiny_sd, tiny_data, *streamed, "--train.resume", str(straight / "checkpoint-2")))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [m["step"] for m in _metrics(again)] == [3]
+    assert [m["loss"] for m in _metrics(again)] == [m["loss"] for m in _metrics(straight)][-1:]
+    a, b = _weights(straight), _weights(again)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert main(fast(tmp_path / "one", tiny_sd, tiny_data, *streamed,
+                     "--train.resume", str(straight / "checkpoint-2"))) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "streamed with processes 2 (now 1)" in err[0], err

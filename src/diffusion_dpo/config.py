@@ -120,6 +120,15 @@ class DataConfig:
                                           "one window: one permutation of all pairs). Each process and loader "
                                           "worker holds up to twice this in memory.")
     num_workers: int = _f(2, "Data-loader worker processes (images are decoded in the workers).")
+    streaming: bool = _f(False, "Read the data as a stream (datasets' streaming=True): a hub id or local parquet, "
+                                "nothing downloaded, copied, scanned or decoded before step 1. Each process reads "
+                                "its own shards (split_dataset_by_node), each loader worker its shards of those; "
+                                "rows are permuted in blocks of data.shuffle_buffer; bad rows are skipped and "
+                                "counted as they are met (bad_pairs_skipped). Resumes exactly on the same "
+                                "processes, batch size and num_workers (the loader's state is in each checkpoint). "
+                                "Not with a cache, data.max_pairs, data.unpaired or an in-memory dataset.")
+    shuffle_buffer: int = _f(1000, "data.streaming: rows read and permuted together (a block); each loader worker "
+                                   "holds one block of encoded rows (Pick-a-Pic: ~0.35 MB a row).")
 
 
 @dataclass
@@ -501,6 +510,15 @@ def validate(cfg: Config, data_in_memory: bool = False, iterate: bool = False) -
     need(0.0 <= cfg.data.proportion_empty_prompts <= 1.0, "data.proportion_empty_prompts", "must be in [0, 1]")
     need(cfg.data.max_pairs is None or cfg.data.max_pairs >= 1, "data.max_pairs", "must be >= 1")
     need(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    need(cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer", f"must be >= 1 (got {cfg.data.shuffle_buffer})")
+    if cfg.data.streaming:  # a stream is read once, in order, as training goes: nothing may need the whole set first
+        need(not cfg.cache.dir, "data.streaming", "cannot feed a cache (cache.dir): a cache is built from the whole "
+             "data set; download it or read local parquet in place (data.streaming false)")
+        need(cfg.data.max_pairs is None, "data.streaming", "cannot take data.max_pairs (the pairs are not counted "
+             "ahead); bound the run with train.max_steps")
+        need(not cfg.data.unpaired and cfg.loss.name != "kto", "data.streaming",
+             "reads pairs for pairwise losses; unpaired items (data.unpaired, loss kto) need it off")
+        need(not data_in_memory, "data.streaming", "applies to data.path, not an in-memory dataset")
     need(cfg.data.image_root is None or bool(cfg.data.image_root.strip()), "data.image_root",
          "must not be empty (leave it unset for the data file's folder)")
     need(cfg.optim.name in ("adamw", "adamw8bit", "adafactor"), "optim.name",

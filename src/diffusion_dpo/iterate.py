@@ -29,9 +29,10 @@ an uninterrupted run, bit for bit. Raising iterate.rounds continues a finished r
 in an existing OUT is refused (`overwrite: true` starts over).
 
 Several processes (`accelerate launch -m diffusion_dpo iterate ...`): sampling (the round's samples and the
-evaluation images) and training run on all of them, the samples split by batch as `generate` splits them
-(generate.generate_on_all: the same images as one process makes); labelling, pairing and the comparisons run on
-the main process while the others wait.
+evaluation images), scoring and training run on all of them, the samples split by batch as `generate` splits them
+(generate.generate_on_all: the same images as one process makes), the images to score split in chunks
+(compare.Scorer.fill: each process scores its share, the main process appends them all to the score caches);
+then the main process alone reads those scores to write the labels, pairs and comparisons (seconds).
 """
 
 from __future__ import annotations
@@ -148,14 +149,19 @@ class Rounds:
         self.specs = parse_rewards([self.it.reward, *self.it.heldout_rewards])
         self.train_label = self.specs[0].label
         self.heldout_label = self.specs[1].label if len(self.specs) > 1 else self.train_label
+        # Every process loads the rewards (each scores its share of the images: `Scorer.fill`), at the commits the
+        # main process reads them at: a resumed run's, else the ones it resolves now.
         if self.main and not cfg.overwrite:  # a resumed run reads the reward weights at the commits it began with
             preset_pins(_read_json(self.out / REWARD_PINS_FILE))
-        self.scorer = Scorer(self.specs, device=str(self.state.device)) if self.main else None
         if self.main:
+            self.scorer = Scorer(self.specs, device=str(self.state.device))
             _check_settings(self.out, cfg)
             _write_json(self.out / REWARD_PINS_FILE, {k: v for r in self.scorer.rewards.values()
                                                       for k, v in sorted(r.commits.items())})
         self.state.wait_for_everyone()
+        if not self.main:
+            preset_pins(_read_json(self.out / REWARD_PINS_FILE))
+            self.scorer = Scorer(self.specs, device=str(self.state.device))
         # the base model (and a hub reference) read at one commit for every round, resumes included
         self.pins = pin_once(cfg, self.out)
         if self.main:
@@ -217,11 +223,16 @@ class Rounds:
         return gen
 
     def label(self, r: int, samples: Path) -> Path:
-        """labels.jsonl: every sample's training reward (file, prompt_index, seed, score)."""
+        """labels.jsonl: every sample's training reward (file, prompt_index, seed, score); every process scores its
+        share, the main process writes the file."""
         from diffusion_dpo.evaluation.compare import load_run
+        from diffusion_dpo.processes import decide_once
 
         file = round_dir(self.out, r) / "labels.jsonl"
-        if not file.is_file():
+        if decide_once(self.state, lambda: file.is_file()):
+            return file
+        self.scorer.fill(self.state, samples, only=[self.train_label])
+        if self.main:
             rows = load_run(samples)
             scores = self.scorer(samples, rows, [self.train_label])[self.train_label]
             write_text_atomic(file, "".join(json.dumps({"file": row["file"], "prompt_index": row["prompt_index"],
@@ -331,6 +342,8 @@ class Rounds:
         summaries: list[dict] = []
         base, report = None, {}
         gens = self.base_eval()  # every process
+        for gen in gens.values():  # scored by every process, each its share
+            self.scorer.fill(self.state, gen)
         if self.main:
             base = base_summary(gens, self.specs, self.scorer)
         for r in range(1, self.it.rounds + 1):
@@ -339,12 +352,13 @@ class Rounds:
                 if self.main:
                     self.log(f"iterate: round {r}/{self.it.rounds}")
                 samples = self.sample(r)  # every process
+                labels = self.label(r, samples)  # every process, each its share of the samples
                 if self.main:
-                    pairs = self.pair(r, samples, self.label(r, samples))
+                    pairs = self.pair(r, samples, labels)
                 self.state.wait_for_everyone()
                 final = self.train(r)  # every process
                 self.state.wait_for_everyone()
-                self.eval_images(r)  # every process
+                self.scorer.fill(self.state, self.eval_images(r))  # every process, then scored by each its share
                 if self.main:
                     _write_json(done, {"round": r, "start": vars(self.policy_before(r)), "seeds": self.sample_seeds(r),
                                        **pairs, "train": training_summary(read_metrics(final.parent)), "final": str(final),

@@ -51,26 +51,34 @@ class PreferenceDataset(torch.utils.data.Dataset):
                 if self.cfg.image_check != "lazy" or skipped + 1 >= len(self.pairs):
                     raise first_error from None
                 index, skipped = (index + 1) % len(self.pairs), skipped + 1
-        draws = item_draws(seed, self.cfg.random_flip, self.cfg.random_crop, self.cfg.proportion_empty_prompts)
-        pixels, original_sizes, crop_top_lefts = [], [], []
-        for img in images:
-            original_sizes.append((img.height, img.width))
-            array, top_left = prepare_image(img, self.cfg.resolution, draws.flip, draws.crop_fractions)
-            pixels.append(array)  # (3, R, R)
-            crop_top_lefts.append(top_left)
-        prompt = "" if draws.empty_prompt else caption
-        item = {
-            "pixel_values": torch.from_numpy(np.stack(pixels)),  # (G, 3, R, R), winner first (G = 1: unpaired)
-            "original_sizes": torch.tensor(original_sizes, dtype=torch.long),  # (G, 2) (h, w)
-            "crop_top_lefts": torch.tensor(crop_top_lefts, dtype=torch.long),  # (G, 2) (top, left)
-            "label": float(label),
-            "prompt": prompt,
-            "sample_seed": int(seed) & 0x7FFFFFFFFFFFFFFF,  # fits int64; the trainer draws the pair's noise from it
-            "bad_pairs_skipped": skipped,
-        }
-        for key, ids in self.tokenize([prompt]).items():
-            item[key] = ids[0]  # (L,) per tokenizer
-        return item
+        return build_item(caption, images, label, seed, self.cfg, self.tokenize, skipped)
+
+
+def build_item(caption: str, images: list[Image.Image], label: float, seed: int, cfg: DataConfig,
+               tokenize: Callable[[list[str]], dict[str, torch.Tensor]], bad_skipped: int = 0) -> dict:
+    """One training item from decoded images (winner first): augmented with the draws of `seed`
+    (`randomness.item_draws`: one flip and crop shared by the images, caption dropout) and tokenized. The one place
+    items are made, whether pairs come by index (`PreferenceDataset`) or as a stream (`data.stream`)."""
+    draws = item_draws(seed, cfg.random_flip, cfg.random_crop, cfg.proportion_empty_prompts)
+    pixels, original_sizes, crop_top_lefts = [], [], []
+    for img in images:
+        original_sizes.append((img.height, img.width))
+        array, top_left = prepare_image(img, cfg.resolution, draws.flip, draws.crop_fractions)
+        pixels.append(array)  # (3, R, R)
+        crop_top_lefts.append(top_left)
+    prompt = "" if draws.empty_prompt else caption
+    item = {
+        "pixel_values": torch.from_numpy(np.stack(pixels)),  # (G, 3, R, R), winner first (G = 1: unpaired)
+        "original_sizes": torch.tensor(original_sizes, dtype=torch.long),  # (G, 2) (h, w)
+        "crop_top_lefts": torch.tensor(crop_top_lefts, dtype=torch.long),  # (G, 2) (top, left)
+        "label": float(label),
+        "prompt": prompt,
+        "sample_seed": int(seed) & 0x7FFFFFFFFFFFFFFF,  # fits int64; the trainer draws the pair's noise from it
+        "bad_pairs_skipped": bad_skipped,
+    }
+    for key, ids in tokenize([prompt]).items():
+        item[key] = ids[0]  # (L,) per tokenizer
+    return item
 
 
 def decode_pair_image(pairs: PreferencePairs, index: int, src: ImageSource) -> Image.Image:
@@ -104,6 +112,8 @@ def collate_pairs(examples: list[dict]) -> dict:
     batch["sample_seed"] = torch.tensor([e["sample_seed"] for e in examples], dtype=torch.int64)  # (B,)
     if "bad_pairs_skipped" in examples[0]:  # data.image_check lazy: pairs passed over for a broken image
         batch["bad_pairs_skipped"] = torch.tensor([e["bad_pairs_skipped"] for e in examples], dtype=torch.int64)
+    if "stream_epoch" in examples[0]:  # data.streaming: the epoch of each item's stream
+        batch["stream_epoch"] = torch.tensor([e["stream_epoch"] for e in examples], dtype=torch.int64)
     if "prompt" in examples[0]:
         batch["prompt"] = [e["prompt"] for e in examples]
     return batch

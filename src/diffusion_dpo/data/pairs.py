@@ -240,7 +240,7 @@ def parquet_files(root: Path, split: str) -> list[Path]:
     return chosen or files
 
 
-def _check_schema(schema: pa.Schema, where: str) -> None:
+def check_schema(schema: pa.Schema, where: str) -> None:
     """Required columns present, with usable types; one line naming `where` otherwise."""
     names = schema.names
     missing = [c for c in REQUIRED_COLUMNS if c not in names]
@@ -271,7 +271,7 @@ def _load_parquet(files: list[Path], names: list[str], source: str, cfg: DataCon
             raise UserError(f"{name}: not a readable parquet file ({short_reason(exc)})") from None
         footers.append(meta)
         schema = meta.schema.to_arrow_schema()
-        _check_schema(schema, name)
+        check_schema(schema, name)
         all_have_label_1 &= "label_1" in schema.names
         starts.append(total)
         total += meta.num_rows
@@ -321,7 +321,7 @@ def _pairs_from_dataset(ds: Any, where: RowNamer, source: str, cfg: DataConfig) 
     """Vectorised checks over the Arrow columns, then image decoding of the used pairs."""
     import datasets
 
-    _check_schema(ds.data.schema, source)
+    check_schema(ds.data.schema, source)
     if ds.num_rows == 0:
         raise UserError(f"{source} has no usable pairs: 0 rows")
     for name in ("jpg_0", "jpg_1"):  # keep encoded bytes: decoding happens in our workers

@@ -216,6 +216,20 @@ def _sha256(file: Path) -> str:
 
 def score_images(run_dir: Path, rows: list[dict], reward, cache_file: Optional[Path]) -> np.ndarray:
     """Scores (N,) of the run's images under one loaded `Reward`, reusing and extending the cache."""
+    scores, todo = _cached_scores(run_dir, rows, cache_file)
+    for start in range(0, len(todo), SCORE_CHUNK):
+        lines = _score_chunk(run_dir, rows, reward, todo[start:start + SCORE_CHUNK])
+        for (i, _), line in zip(todo[start:start + SCORE_CHUNK], lines):
+            scores[i] = json.loads(line)["score"]
+        if cache_file is not None:
+            with open(cache_file, "a", encoding="utf-8") as f:
+                f.write("".join(lines))
+    return scores
+
+
+def _cached_scores(run_dir: Path, rows: list[dict], cache_file: Optional[Path]
+                   ) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    """(scores (N,) with NaN where the cache has none, [(row, sha256 of its image)] still to score)."""
     cache = _read_cache(cache_file) if cache_file is not None else {}
     scores = np.full(len(rows), np.nan)
     todo = []
@@ -226,20 +240,19 @@ def score_images(run_dir: Path, rows: list[dict], reward, cache_file: Optional[P
             scores[i] = hit[1]
         else:
             todo.append((i, digest))
-    for start in range(0, len(todo), SCORE_CHUNK):
-        chunk = todo[start:start + SCORE_CHUNK]
-        images = [run_image(run_dir, rows[i]["file"]) for i, _ in chunk]
-        values = reward(images, [rows[i]["prompt"] for i, _ in chunk]).numpy()
-        lines = []
-        for (i, digest), value in zip(chunk, values):
-            if not np.isfinite(value):  # NaN would silently count as a loss for both runs
-                raise UserError(f"reward '{reward.name}' gave {value} for image '{rows[i]['file']}' of run '{run_dir}'")
-            scores[i] = float(value)
-            lines.append(json.dumps({"file": rows[i]["file"], "sha256": digest, "score": float(value)}) + "\n")
-        if cache_file is not None:
-            with open(cache_file, "a", encoding="utf-8") as f:
-                f.write("".join(lines))
-    return scores
+    return scores, todo
+
+
+def _score_chunk(run_dir: Path, rows: list[dict], reward, chunk: list[tuple[int, str]]) -> list[str]:
+    """The cache lines ({"file", "sha256", "score"}) of the rows of `chunk`, scored in one call of `reward`."""
+    images = [run_image(run_dir, rows[i]["file"]) for i, _ in chunk]
+    values = reward(images, [rows[i]["prompt"] for i, _ in chunk]).numpy()
+    lines = []
+    for (i, digest), value in zip(chunk, values):
+        if not np.isfinite(value):  # NaN would silently count as a loss for both runs
+            raise UserError(f"reward '{reward.name}' gave {value} for image '{rows[i]['file']}' of run '{run_dir}'")
+        lines.append(json.dumps({"file": rows[i]["file"], "sha256": digest, "score": float(value)}) + "\n")
+    return lines
 
 
 def run_image(run_dir: Path, file: str) -> Image.Image:
@@ -278,6 +291,37 @@ class Scorer:
                                     if n in self.cached else None) for n, r in self.rewards.items() if n in names}
         # score = sum_k w_k * r_k, per image
         return {s.label: sum(w * per_name[n] for n, w in s.terms) for s in specs}
+
+    def fill(self, state: object, run_dir: str | Path, only: Optional[Sequence[str]] = None) -> None:
+        """Score the run's images that the cache files lack, each process its share (every process calls it, with
+        the same rewards at the same commits); the main process appends every share to the caches, so that a
+        `__call__` on it afterwards reads all the scores instead of computing them while the others wait.
+
+        The main process lists what is missing (`processes.Share.of_missing`) in chunks of SCORE_CHUNK images;
+        rewards passed as functions have no cache and are scored by `__call__` itself. One process: nothing to do."""
+        from accelerate.utils import gather_object
+
+        from diffusion_dpo.processes import Share
+
+        share = Share(state)
+        if share.count == 1:
+            return
+        run_dir = Path(run_dir)
+        rows = share.all_do(lambda: load_run(run_dir))
+        names = {n for s in self.specs if only is None or s.label in only for n, _ in s.terms}
+        for name in sorted(names & self.cached):
+            reward = self.rewards[name]
+            cache_file = _cache_file(run_dir, name, self.paths.get(name), reward.commits)
+            todo = share.main_does(lambda: _cached_scores(run_dir, rows, cache_file)[1])
+            size = max(1, min(SCORE_CHUNK, math.ceil(len(todo) / share.count)))  # every process gets a part
+            chunks = [todo[k:k + size] for k in range(0, len(todo), size)]
+            mine = chunks[share.rank::share.count]
+            lines = share.all_do(lambda: [line for chunk in mine for line in _score_chunk(run_dir, rows, reward, chunk)])
+            lines = gather_object(lines)
+            if share.is_main and lines:
+                with open(cache_file, "a", encoding="utf-8") as f:
+                    f.write("".join(lines))
+            state.wait_for_everyone()
 
 
 def score_run(run_dir: str | Path, rewards: Sequence[str | Callable], paths: Optional[dict[str, str]] = None,

@@ -3,7 +3,8 @@
 A checkpoint is a directory `checkpoint-<step>/` holding the trainable weights (the full UNet as
 a diffusers `unet/` folder, or the LoRA adapter both in peft's naming for resuming and as
 `pytorch_lora_weights.safetensors` for `load_lora_weights`), the optimizer and LR-scheduler
-states, and `train_state.json` (step, epoch, position in the epoch). Training randomness is
+states, `train_state.json` (step, epoch, position in the epoch) and, for a streamed data set, every
+process's loader state (`loader_state.json`). Training randomness is
 derived from (seed, step), so these fully determine how the run continues.
 
 Under FSDP/DeepSpeed the weights and optimizer states are sharded: every process writes its shards
@@ -31,6 +32,7 @@ from diffusion_dpo.pinning import PINS_FILE
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "train_state.json"
+LOADER_FILE = "loader_state.json"  # data.streaming: [process 0's loader state, process 1's, ...]
 
 
 @dataclass
@@ -43,7 +45,8 @@ class TrainState:
     position: int = 0  # pairs of `epoch`'s order already consumed (all processes); micro-batches before layouts
     skipped_steps: int = 0  # steps that did not update: a non-finite loss/gradient (train.skip_nonfinite), or fp16 inf gradients
     layout: Optional[dict] = None  # {"processes", "batch_size", "accumulation"} of the run that wrote it
-    bad_pairs_skipped: int = 0  # data.image_check lazy: pairs passed over for an image that does not decode
+    bad_pairs_skipped: int = 0  # data.image_check lazy / data.streaming: pairs passed over as bad when met
+    stream: Optional[dict] = None  # data.streaming: the layout its loaders' states hold (`loop.stream_layout`)
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -158,11 +161,12 @@ def new_staging_dir(output_dir: Path, step: int) -> Path:
 
 def save_checkpoint(output_dir: Path, state: TrainState, write_weights: Optional[Callable[[Path], None]],
                     optimizer: Optional[torch.optim.Optimizer], lr_scheduler: Any, total_limit: Optional[int],
-                    scaler: Any = None, staged: bool = False) -> Path:
+                    scaler: Any = None, staged: bool = False, files: Optional[dict[str, str]] = None) -> Path:
     """Write checkpoint-<step>/ atomically (tmp dir, then rename) and rotate old ones beyond `total_limit`.
 
     `staged`: the staging directory already holds what every process wrote (a sharded engine's states,
-    saved collectively); then `write_weights` and `optimizer` are None and only the rest is added."""
+    saved collectively); then `write_weights` and `optimizer` are None and only the rest is added. `files`: more
+    text files to write into it ({name: text}: the streamed loaders' states)."""
     final = output_dir / f"checkpoint-{state.step}"
     tmp = staging_dir(output_dir, state.step) if staged else new_staging_dir(output_dir, state.step)
     try:
@@ -173,6 +177,8 @@ def save_checkpoint(output_dir: Path, state: TrainState, write_weights: Optional
         if scaler is not None:  # fp16's loss scale: resuming without it would rescale from scratch
             torch.save(scaler.state_dict(), tmp / "scaler.pt")
         torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
     except OSError as exc:  # disk full, quota, permissions: earlier checkpoints stay intact
         shutil.rmtree(tmp, ignore_errors=True)
@@ -213,3 +219,14 @@ def load_checkpoint(path: Path, read_weights: Optional[Callable[[Path], None]],
     except (OSError, pickle.UnpicklingError, RuntimeError, ValueError, TypeError, KeyError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"train.resume: {path} is not a usable checkpoint ({reason[:200]})") from None
+
+
+def read_loader_state(path: Path, rank: int) -> dict:
+    """Process `rank`'s streamed-loader state in checkpoint `path`; one line if it is missing or unreadable."""
+    try:
+        states = json.loads((path / LOADER_FILE).read_text())
+        return states[rank]
+    except (OSError, ValueError, IndexError, TypeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"train.resume: {path} has no usable {LOADER_FILE} for process {rank} ({reason[:200]})") \
+            from None

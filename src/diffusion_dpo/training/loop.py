@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor
 
 from diffusion_dpo.config import DataConfig
+from diffusion_dpo.errors import UserError
 from diffusion_dpo.data.items import PairSampler, collate_packed, keys_per_epoch, unpack_batch
 from diffusion_dpo.training.checkpoint import TrainState
 from diffusion_dpo.training.step import METRIC_KEYS
@@ -62,6 +64,68 @@ def micro_batches(dataset: torch.utils.data.Dataset, sampler: PairSampler, data:
         for batch in loader:
             yield epoch, unpack_batch(batch)
         epoch, start = epoch + 1, 0
+
+
+class StreamBatches:
+    """(epoch, micro-batch) of this process from a streamed data set (`data.stream.StreamedPairs`), forever, through
+    torchdata's `StatefulDataLoader`, whose `state_dict` is where the loop is (as of the last batch taken, however
+    far the workers have read ahead): saved in each checkpoint, loaded on resume."""
+
+    def __init__(self, dataset: torch.utils.data.IterableDataset, data: DataConfig, pin_memory: bool,
+                 state: Optional[dict] = None):
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        # torchdata 0.11 calls torch's deprecated set_vital on every iteration; nothing for our users to act on
+        warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
+        self.loader = StatefulDataLoader(dataset, batch_size=data.batch_size, collate_fn=collate_packed,
+                                         num_workers=data.num_workers, persistent_workers=data.num_workers > 0,
+                                         pin_memory=pin_memory)
+        if state is not None:
+            self.loader.load_state_dict(state)
+        self.name, self._batches = data.path, None
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def close(self) -> None:
+        """Stop reading (the workers, or the source's open files in this process)."""
+        self._batches = None
+
+    def __iter__(self) -> "StreamBatches":
+        return self
+
+    def __next__(self) -> tuple[int, dict[str, Any]]:
+        if self._batches is None:
+            self._batches = iter(self.loader)
+        try:
+            batch = unpack_batch(next(self._batches))
+        except StopIteration:  # every worker of this process had no shard to read
+            raise UserError(f"data.path '{self.name}': this process's share of the stream is empty (fewer shards "
+                            "than processes x data.num_workers?)") from None
+        return int(batch.pop("stream_epoch").max()), batch
+
+
+def stream_layout(processes: int, data: DataConfig) -> dict[str, int]:
+    """What a streamed run's loader states depend on: which shards each process and worker reads, how rows are
+    batched and permuted."""
+    return {"processes": processes, "batch_size": data.batch_size, "num_workers": data.num_workers,
+            "shuffle_buffer": data.shuffle_buffer}
+
+
+def check_stream_layout(state: TrainState, layout: Optional[dict[str, int]], path: Any) -> None:
+    """Refuse, in one line, a resume that cannot continue the same streams: a streamed checkpoint without streaming
+    or the reverse, or a streamed one under another layout (`stream_layout`: each process's stream is its own
+    shards, so another split would not continue at the same rows)."""
+    if state.stream == layout:
+        return
+    if layout is None:
+        raise UserError(f"train.resume: {path} was written by a streamed run; resume it with data.streaming true")
+    if state.stream is None:
+        raise UserError(f"train.resume: {path} was not written by a streamed run (its position counts the whole "
+                        "data set's order); resume it with data.streaming false")
+    changed = ", ".join(f"{k} {state.stream.get(k)} (now {v})" for k, v in layout.items() if state.stream.get(k) != v)
+    raise UserError(f"train.resume: {path} streamed with {changed}; a stream continues only under the layout that "
+                    "read it (each process and worker reads its own shards): resume with those settings")
 
 
 def advance_position(state: TrainState, epoch: int, pairs: int) -> None:

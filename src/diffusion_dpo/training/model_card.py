@@ -35,7 +35,7 @@ class RunFacts:
     family_title: str  # "Stable Diffusion XL"
     family_tags: tuple[str, ...]  # ("stable-diffusion-xl", "stable-diffusion-xl-diffusers")
     pipeline_class: str  # "StableDiffusionXLPipeline"
-    pairs: int  # usable pairs in the data
+    pairs: Optional[int]  # usable pairs in the data (None: streamed, not counted)
     steps: int  # optimizer steps taken
     skipped_steps: int
     pairs_per_step: int  # effective batch: per-device batch x accumulation x processes
@@ -91,7 +91,7 @@ def card_text(cfg: Config, facts: RunFacts, repo_id: Optional[str] = None) -> st
         ("base model", f"`{base}` ({facts.family_title}{at_commit(cfg.model.pretrained, cfg.model.revision)})"),
         ("method", f"{spec.title}" + (" with the winner safeguard (Diffusion-SDPO, mu "
                                       f"{cfg.loss.safeguard_mu:g})" if cfg.loss.safeguard else "") + f", {what}"),
-        ("preference data", f"`{pairs_from}` ({facts.pairs} pairs used{at_commit(cfg.data.path, cfg.data.revision)})"),
+        ("preference data", f"`{pairs_from}` ({'streamed' if facts.pairs is None else f'{facts.pairs} pairs used'}{at_commit(cfg.data.path, cfg.data.revision)})"),
         ("beta", "not used (SFT)" if cfg.loss.name == "sft" else
          f"{cfg.loss.beta:g}, MaPO's beta_mapo (the weight of its margin term; no reference)" if cfg.loss.name == "mapo"
          else f"{cfg.loss.beta:g}, in {BETA_CONVENTION}"),

@@ -8,10 +8,11 @@ optimizer and schedule, the loop's state; see `checkpoint`); the validation grid
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -124,9 +125,16 @@ class Checkpoints:
     lr_scheduler: Any
     sharded: bool
     total_limit: Optional[int]
+    loader_state: Optional[Callable[[], dict]] = None  # data.streaming: this process's loader state
 
     def save(self, state: ckpt.TrainState) -> Optional[Path]:
         acc = self.accelerator
+        files = None
+        if self.loader_state is not None:  # every process's, gathered to the main process (which writes)
+            from accelerate.utils import gather_object
+
+            states = gather_object([self.loader_state()]) if acc.num_processes > 1 else [self.loader_state()]
+            files = {ckpt.LOADER_FILE: json.dumps(states)}
         if self.sharded:
             if acc.is_main_process:
                 ckpt.new_staging_dir(self.output_dir, state.step)
@@ -138,7 +146,7 @@ class Checkpoints:
             path = ckpt.save_checkpoint(self.output_dir, state, None if self.sharded else self.weights.write,
                                         None if self.sharded else self.optimizer, self.lr_scheduler,
                                         self.total_limit, scaler=None if self.sharded else acc.scaler,
-                                        staged=self.sharded)
+                                        staged=self.sharded, files=files)
         acc.wait_for_everyone()
         return path
 

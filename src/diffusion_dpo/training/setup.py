@@ -18,6 +18,7 @@ from diffusion_dpo.config import Config, DataConfig, LoraConfig, OptimConfig, Tr
 from diffusion_dpo.data.image_checks import shared_by
 from diffusion_dpo.data.items import PairSampler, PreferenceDataset, locality_of
 from diffusion_dpo.data.pairs import pairs_from_memory
+from diffusion_dpo.data.stream import StreamedPairs, StreamSource, open_stream
 from diffusion_dpo.data.unpaired import Feedback, load_feedback, split_pairs
 from diffusion_dpo.errors import UserError
 from diffusion_dpo.models import Family, add_lora, cast
@@ -111,22 +112,30 @@ class TrainingData:
     pairs: Optional[Feedback] = None
     cache: Optional[Cache] = None
     reference_table: Optional[ReferenceTable] = None
+    stream: Optional[StreamSource] = None  # data.streaming: this process's shards, read as training goes
 
     @property
-    def num_items(self) -> int:
+    def num_items(self) -> Optional[int]:
+        """Usable items (None for a stream: they are not counted ahead)."""
+        if self.stream is not None:
+            return None
         return self.cache.num_pairs if self.cache is not None else len(self.pairs)
 
     @property
     def images_per_item(self) -> int:
-        return self.cache.images_per_item if self.cache is not None else self.pairs.images_per_item
+        found = next(d for d in (self.cache, self.stream, self.pairs) if d is not None)
+        return found.images_per_item
 
     def sampler(self, data: DataConfig, seed: int) -> PairSampler:
         """The run's order: pairs read in place from parquet keep to windows of row groups (`data.parquet`)."""
         locality = locality_of(self.pairs, data.shuffle_window_mb) if self.cache is None else None
         return PairSampler(self.num_items, seed=seed, locality=locality)
 
-    def dataset(self, data: DataConfig, tokenizer: Any) -> torch.utils.data.Dataset:
-        """Items keyed by (pair index, sample seed), as the loop's sampler sends them."""
+    def dataset(self, data: DataConfig, tokenizer: Any, seed: int, rank: int) -> torch.utils.data.Dataset:
+        """Items keyed by (pair index, sample seed), as the loop's sampler sends them; for a stream, this process's
+        items in the stream's own order (`data.stream`)."""
+        if self.stream is not None:
+            return StreamedPairs(self.stream, data, tokenizer, seed, rank)
         if self.cache is None:
             return PreferenceDataset(self.pairs, data, tokenizer)
         items = CachedPairs(self.cache, data.random_flip, data.proportion_empty_prompts)
@@ -138,6 +147,10 @@ def open_data(accelerator: Any, cfg: Config, in_memory: Optional[Any], loss: Los
     checked before any model loads, so a stale cache or a short reference file fails in seconds. A one-line error on
     any process stops every process (`processes.agree`)."""
     acc = accelerator
+    if cfg.data.streaming:  # each process opens its own shards: nothing is read before training
+        stream = agree(acc, attempt(lambda: open_stream(cfg.data, acc.process_index, acc.num_processes)))
+        acc.print(stream.summary())
+        return TrainingData(stream=stream)
     if not cfg.cache.dir:
         def pairs() -> Feedback:
             if in_memory is None:
@@ -177,7 +190,7 @@ def check_items(data: TrainingData, loss_name: str, loss: LossSpec, cfg_data: Da
     if not loss.unpaired and data.images_per_item != 2:
         raise UserError(f"loss.name {loss_name} trains on pairs and {source} holds unpaired items"
                         + (" (data.unpaired=true)" if cfg_data.unpaired else "") + "; use loss.name kto")
-    if data.num_items < cfg_data.batch_size * processes:
+    if data.num_items is not None and data.num_items < cfg_data.batch_size * processes:
         raise UserError(f"{source}: {data.num_items} usable pairs is fewer than one batch "
                         f"(data.batch_size {cfg_data.batch_size} x {processes} processes)")
 

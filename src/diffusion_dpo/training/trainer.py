@@ -24,9 +24,9 @@ from diffusion_dpo.processes import check_shared, decide_once
 import diffusion_dpo.training.checkpoint as ckpt
 import diffusion_dpo.training.setup as setup
 from diffusion_dpo.training.ema import WeightAverage
-from diffusion_dpo.training.loop import (MetricsCallback, MetricsLog, advance_position, apply_update,
-                                         continue_layout, layout_of, micro_batches, progress_bar,
-                                         reduce_metrics)
+from diffusion_dpo.training.loop import (MetricsCallback, MetricsLog, StreamBatches, advance_position,
+                                         apply_update, check_stream_layout, continue_layout, layout_of,
+                                         micro_batches, progress_bar, reduce_metrics, stream_layout)
 from diffusion_dpo.training.losses import LossSpec, get_loss
 from diffusion_dpo.training.model_card import RunFacts
 from diffusion_dpo.training.optim import StepInBackward, make_lr_scheduler, make_optimizer
@@ -107,10 +107,13 @@ class Trainer:
         self.params = params
         self.average = WeightAverage(params, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
 
-        self.dataset = self.data.dataset(cfg.data, self.components.tokenizer)
-        self.sampler = self.data.sampler(cfg.data, cfg.train.seed)
+        self.dataset = self.data.dataset(cfg.data, self.components.tokenizer, cfg.train.seed, acc.process_index)
+        streamed = self.data.stream is not None
+        self.sampler = None if streamed else self.data.sampler(cfg.data, cfg.train.seed)
         self.layout = layout_of(self.world, cfg.data.batch_size, cfg.train.gradient_accumulation_steps)
-        self.state = ckpt.TrainState(layout=dict(self.layout))
+        self.stream_layout = stream_layout(self.world, cfg.data) if streamed else None
+        self.state = ckpt.TrainState(layout=dict(self.layout), stream=self.stream_layout)
+        self.stream: Optional[StreamBatches] = None  # data.streaming: made in run() (with a resumed state)
         self.metrics_path = self.output_dir / "metrics.jsonl"
         self.metrics = MetricsLog(acc, self.metrics_path, callback)
         self.method = PreferenceStep(acc, self.components, self.loss_spec, cfg.loss, self.reference, precomputed,
@@ -120,7 +123,8 @@ class Trainer:
                                      channels_last=cfg.train.channels_last)
         self.weights = Weights(acc, self.denoiser, self.components, self.lora, cfg.model, self.average)
         self.checkpoints = Checkpoints(acc, self.output_dir, self.weights, self.optimizer, self.lr_scheduler,
-                                       self.sharded, cfg.train.checkpoints_total_limit)
+                                       self.sharded, cfg.train.checkpoints_total_limit,
+                                       loader_state=(lambda: self.stream.state_dict()) if streamed else None)
 
     def _decide_resume(self) -> Optional[Path]:
         """The checkpoint to continue from (None: a new run), after checking output_dir may be written."""
@@ -139,6 +143,8 @@ class Trainer:
     def batches(self):
         """(epoch, micro-batch) of this process, forever, from the state's position (`loop.micro_batches`)."""
         acc = self.accelerator
+        if self.stream is not None:
+            return self.stream
         return micro_batches(self.dataset, self.sampler, self.cfg.data, self.state, acc.process_index, self.world,
                              pin_memory=acc.device.type == "cuda")
 
@@ -148,10 +154,16 @@ class Trainer:
         prepare_output_dir(acc, cfg, self.output_dir, self.resume_from is not None, self.pins)
         check_shared(acc, {"output_dir": self.output_dir, **({"cache.dir": Path(cfg.cache.dir).expanduser()}
                                                              if cfg.cache.dir else {})})
+        loader_state = None
         if self.resume_from is not None:
             self.state = self.checkpoints.load(self.resume_from)
+            check_stream_layout(self.state, self.stream_layout, self.resume_from)
+            if self.stream_layout is not None:
+                loader_state = ckpt.read_loader_state(self.resume_from, acc.process_index)
             continue_layout(self.state, self.layout, acc.print)
             acc.print(f"resumed from {self.resume_from} at step {self.state.step}")
+        if self.stream_layout is not None:
+            self.stream = StreamBatches(self.dataset, cfg.data, acc.device.type == "cuda", loader_state)
         self.metrics.truncate(self.state.step)
         if acc.is_main_process:
             acc.init_trackers(cfg.train.tracker_project, config=flat_config(cfg),
@@ -160,7 +172,8 @@ class Trainer:
         accum = cfg.train.gradient_accumulation_steps
         progress = progress_bar(cfg.train.max_steps, self.state.step, acc.is_main_process)
         batches = self.batches()
-        lazy = cfg.data.image_check == "lazy" and self.data.cache is None  # pairs passed over are counted
+        # pairs passed over as bad when met are counted
+        lazy = (cfg.data.image_check == "lazy" and self.data.cache is None) or cfg.data.streaming
         t0 = time.perf_counter()
         while self.state.step < cfg.train.max_steps:
             sums: dict[str, Tensor] = {}
@@ -201,7 +214,12 @@ class Trainer:
             self._maybe_checkpoint()
             self._maybe_validate()
         progress.close()
-        if self.state.bad_pairs_skipped:
+        if self.stream is not None:
+            self.stream.close()
+        if self.state.bad_pairs_skipped and cfg.data.streaming:
+            acc.print(f"data.streaming: {self.state.bad_pairs_skipped} bad rows were skipped (bad_pairs_skipped in "
+                      "metrics.jsonl)")
+        elif self.state.bad_pairs_skipped:
             acc.print(f"data.image_check lazy: {self.state.bad_pairs_skipped} pairs with an image that does not decode "
                       "were replaced by the next pair (bad_pairs_skipped in metrics.jsonl)")
         final = self._save_final()
