@@ -25,11 +25,11 @@ COMMON = dict(data__random_flip="true", data__proportion_empty_prompts="0.5", da
 
 def build_cache(cfg):
     """The cache a run's config names (the function takes the config sections it reads)."""
-    return build_cache_from(cfg.model, cfg.data, cfg.cache, cfg.flow)
+    return build_cache_from(cfg.model, cfg.data, cfg.cache, cfg.flow, mixed_precision=cfg.train.mixed_precision)
 
 
 def open_cache(cfg) -> Cache:
-    return Cache.open(cfg.model, cfg.data, cfg.cache)
+    return Cache.open(cfg.model, cfg.data, cfg.cache, cfg.train.mixed_precision)
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
@@ -48,10 +48,13 @@ def losses(out: Path) -> list[float]:
     return [m["loss"] for m in read_metrics(out)]
 
 
-@pytest.mark.parametrize("fixture", ["tiny_sdxl", "tiny_sd3", "tiny_flux"])
-def test_cached_items_equal_encoding_on_the_fly(request, tmp_path, tiny_data, fixture):
+@pytest.mark.parametrize("fixture,precision", [("tiny_sdxl", "no"), ("tiny_sd3", "no"), ("tiny_flux", "no"),
+                                               ("tiny_sd3", "bf16")])
+def test_cached_items_equal_encoding_on_the_fly(request, tmp_path, tiny_data, fixture, precision):
     """Same keys, same draws: the cached posterior, caption encodings (or the empty prompt) and SDXL time ids are
-    those the uncached path computes, in both orientations, for every family's conditioning."""
+    those the uncached path computes, in both orientations, for every family's conditioning. Under bf16 too (with a
+    float32 cache, so storage rounds nothing): the VAE encodes in fp32 and the text encoders run in bf16 on both
+    paths (they ran in bf16 and fp32 before, and the latents differed by 1e-2)."""
     import dataclasses
 
     from diffusion_dpo.cache.store import CachedPairs, cached_inputs
@@ -61,9 +64,10 @@ def test_cached_items_equal_encoding_on_the_fly(request, tmp_path, tiny_data, fi
     from diffusion_dpo.randomness import item_draws, pair_noise
 
     cfg = make_cfg(tmp_path / "run", request.getfixturevalue(fixture), tiny_data, cache__dir=tmp_path / "cache",
-                   model__max_sequence_length=8, **COMMON)
+                   model__max_sequence_length=8, train__mixed_precision=precision, cache__dtype="float32", **COMMON)
     build_cache(cfg)
-    comp = load_components(cfg.model)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    comp = load_components(cfg.model, dtype)
     plain = PreferenceDataset(load_preference_pairs(cfg.data), cfg.data, comp.tokenizer)
     cached = CachedPairs(open_cache(cfg), cfg.data.random_flip, cfg.data.proportion_empty_prompts)
     keys = [(i, 1000 + i) for i in range(len(cached))]
@@ -75,7 +79,7 @@ def test_cached_items_equal_encoding_on_the_fly(request, tmp_path, tiny_data, fi
     expected = comp.encode_images(pixels, eps)
     ids = {k: v for k, v in a.items() if k.startswith("input_ids")}
     cond = comp.conditioning(comp.encode_prompt(ids), a["original_sizes"], a["crop_top_lefts"], 32)
-    latents, cached_cond = cached_inputs(b, eps, comp, 32, torch.device("cpu"), torch.float32)
+    latents, cached_cond = cached_inputs(b, eps, comp, 32, torch.device("cpu"), dtype)
     # the cache's VAE batches hold other images than this one: equal up to float noise
     torch.testing.assert_close(latents, expected, rtol=1e-5, atol=1e-5)
     fields = {f.name for f in dataclasses.fields(cond)}
@@ -482,7 +486,8 @@ def test_a_read_fetches_only_the_orientation_it_uses(tmp_path, sd_cache, tiny_sd
 def test_cache_dtype_auto_stores_the_dtype_training_casts_to_and_takes_any_cache(tmp_path, tiny_sd, tiny_data,
                                                                                sd_cache):
     """cache.dtype auto (the default): a build for a bf16 run stores bfloat16 (a float32 run's: float32, as
-    sd_cache); an auto run opens a cache of either dtype; an explicit dtype refuses the other one in one line."""
+    sd_cache); an auto run opens a cache of either storage dtype; an explicit dtype refuses the other one in one line;
+    the captions were encoded in the run's precision, so a float32 run refuses a bf16 run's cache and the reverse."""
     from dataclasses import replace
 
     from safetensors import safe_open
@@ -496,10 +501,17 @@ def test_cache_dtype_auto_stores_the_dtype_training_casts_to_and_takes_any_cache
     with safe_open(str(tmp_path / "bf16" / made["image_files"][0]["file"]), framework="pt") as f:
         assert f.get_slice("mean").get_dtype() == "BF16"
     assert json.loads((sd_cache / "manifest.json").read_text())["identity"]["cache.dtype"] == "float32"
-    for directory in (tmp_path / "bf16", sd_cache):
-        Cache.open(cfg.model, cfg.data, replace(cfg.cache, dir=str(directory)))  # auto: either
+    stored_fp32 = replace(cfg.cache, dir=str(tmp_path / "fp32"), dtype="float32")
+    build_cache_from(cfg.model, cfg.data, stored_fp32, cfg.flow, mixed_precision="bf16")
+    for directory in (tmp_path / "bf16", tmp_path / "fp32"):
+        Cache.open(cfg.model, cfg.data, replace(cfg.cache, dir=str(directory)), "bf16")  # auto: either
     with pytest.raises(UserError, match="was made with cache.dtype = 'bfloat16', this run has 'float32'"):
-        Cache.open(cfg.model, cfg.data, replace(cfg.cache, dtype="float32"))
+        Cache.open(cfg.model, cfg.data, replace(cfg.cache, dtype="float32"), "bf16")
+    text = r"was made with text encoders' dtype \(train.mixed_precision\) = '{}', this run has '{}'"
+    with pytest.raises(UserError, match=text.format("bfloat16", "float32")):
+        Cache.open(cfg.model, cfg.data, cfg.cache, "no")
+    with pytest.raises(UserError, match=text.format("float32", "bfloat16")):
+        Cache.open(cfg.model, cfg.data, replace(cfg.cache, dir=str(sd_cache)), "bf16")
     # the bf16 run trains from it (its items cast to bf16 as they are read)
     assert len(read_metrics(Path(train(cfg)).parent)) == 3
 

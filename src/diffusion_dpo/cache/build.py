@@ -8,7 +8,8 @@ files and a killed build resumes on any number of them, losing at most the chunk
    bytes are the same image) and labels, `keys-NNNNN.npz` (reading and hashing, no decoding);
 2. every process reads all the keys and numbers the distinct images in order of first use (the image table);
 3. encode: chunks of `cache.shard_pairs` captions (`text-NNNNN`) and of `cache.shard_pairs` table rows
-   (`images-NNNNN`), encoders in fp32; each process takes its share of the chunks not yet on disk;
+   (`images-NNNNN`), the text encoders in the run's dtype and the VAE in fp32 (as training encodes without a
+   cache); each process takes its share of the chunks not yet on disk;
 4. the main process writes the pairs shards (table rows, caption rows, labels) and the manifest, then renames
    `<dir>.tmp` to `<dir>`.
 
@@ -37,7 +38,7 @@ from diffusion_dpo.data.image_checks import shared_by
 from diffusion_dpo.data.items import decode_pair_image, prepare_image
 from diffusion_dpo.data.unpaired import load_feedback
 from diffusion_dpo.errors import UserError
-from diffusion_dpo.models import load_components
+from diffusion_dpo.models import load_components, weight_dtype_of
 from diffusion_dpo.processes import Share
 
 
@@ -133,14 +134,14 @@ def build_cache(model: ModelConfig, data: DataConfig, cache: CacheConfig, flow: 
     tmp = directory.with_name(directory.name + ".tmp")
     kept = (f"cache.dir '{directory}'", tmp, "diffusion-dpo cache")  # where a failed write's finished chunks wait
     wanted, cache = cache, storage_dtype(cache, mixed_precision)  # an existing cache is checked against `wanted`
-    identity = cache_identity(model, data, cache)
+    identity = cache_identity(model, data, cache, mixed_precision)
     size = cache.shard_pairs
     plan = {"format": CACHE_FORMAT, "identity": identity, "random_flip": data.random_flip, "shard_pairs": size}
 
     def prepare() -> Optional[dict]:
         manifest = read_manifest(directory)
         if manifest is not None:
-            check_manifest(manifest, model, data, wanted, directory)
+            check_manifest(manifest, model, data, wanted, directory, mixed_precision)
             return manifest
         if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
             raise UserError(f"cache.dir '{directory}' exists and holds no cache (no {MANIFEST}); remove it or choose "
@@ -182,8 +183,10 @@ def build_cache(model: ModelConfig, data: DataConfig, cache: CacheConfig, flow: 
     def encode() -> None:
         if not mine:
             return
-        # encoders in fp32 whatever the training precision: the cache is made once and serves every run
-        comp, dtype = load_components(model, torch.float32, device, denoiser=False, flow=flow), DTYPES[cache.dtype]
+        # the encoders in the precision training runs them in (`load_components`: text encoders in the run's dtype,
+        # the VAE in fp32), so cached and live inputs are the same to float noise
+        comp = load_components(model, weight_dtype_of(mixed_precision), device, denoiser=False, flow=flow)
+        dtype = DTYPES[cache.dtype]
         for kind, j in mine:
             if kind == "text":
                 _encode_texts(comp, texts[j * size:(j + 1) * size], 4 * cache.batch_size, dtype,

@@ -12,7 +12,7 @@ from typing import Any, Optional
 from diffusion_dpo.cache.fingerprint import component_fingerprint, data_fingerprint, fingerprint
 from diffusion_dpo.config import CacheConfig, DataConfig, FlowConfig, LoraConfig, ModelConfig, TrainConfig
 from diffusion_dpo.errors import UserError
-from diffusion_dpo.models import describe
+from diffusion_dpo.models import describe, weight_dtype_of
 from diffusion_dpo.models.lora import lora_file
 from diffusion_dpo.models.reference import reference_kind
 
@@ -25,8 +25,15 @@ def _resolved(spec: Optional[str]) -> Optional[str]:
     return str(path.resolve()) if path.exists() else spec
 
 
-def cache_identity(model: ModelConfig, data: DataConfig, cache: CacheConfig) -> dict[str, Any]:
-    """What a cache depends on, keyed by the setting a user would change; a training run must agree on all."""
+TEXT_DTYPE = "text encoders' dtype (train.mixed_precision)"
+# what a manifest written before a key existed was made with (text encoders ran in float32 then)
+_BEFORE = {TEXT_DTYPE: "float32"}
+
+
+def cache_identity(model: ModelConfig, data: DataConfig, cache: CacheConfig, mixed_precision: str) -> dict[str, Any]:
+    """What a cache depends on, keyed by the setting a user would change; a training run must agree on all.
+    `mixed_precision`: the training's; the text encoders run in its dtype (`models.load_components`), so a bf16
+    run's caption encodings are not a float32 run's."""
     index, family = describe(model)
     return {
         "model family": family.name,
@@ -43,6 +50,7 @@ def cache_identity(model: ModelConfig, data: DataConfig, cache: CacheConfig) -> 
         **({"data.revision": data.revision} if data.revision else {}),
         "data.resolution": data.resolution,
         "cache.dtype": cache.dtype,
+        TEXT_DTYPE: str(weight_dtype_of(mixed_precision)).removeprefix("torch."),
     }
 
 
@@ -55,15 +63,15 @@ def refuse_random_crop(data: DataConfig) -> None:
 
 
 def check_manifest(manifest: dict, model: ModelConfig, data: DataConfig, cache: CacheConfig,
-                   directory: Path) -> None:
-    """Refuse, in one line naming the setting, a cache made with other weights, data, resolution or dtype."""
+                   directory: Path, mixed_precision: str) -> None:
+    """Refuse, in one line naming the setting, a cache made with other weights, data, resolution or dtypes."""
     where = f"cache.dir '{directory}'"
     refuse_random_crop(data)
     made = manifest["identity"]
-    for key, value in cache_identity(model, data, cache).items():
+    for key, value in cache_identity(model, data, cache, mixed_precision).items():
         if key == "cache.dtype" and value == "auto":
             continue  # auto takes a cache of any storage dtype (what a new build stores: store.storage_dtype)
-        if made.get(key) != value:
+        if made.get(key, _BEFORE.get(key)) != value:
             raise UserError(f"{where} was made with {key} = {made.get(key)!r}, this run has {value!r}; rebuild it "
                             "with `diffusion-dpo cache` or point cache.dir elsewhere")
     if data.random_flip and not manifest["random_flip"]:

@@ -105,7 +105,7 @@ def precompute_reference(model: ModelConfig, lora: LoraConfig, flow: FlowConfig,
         raise UserError(f"train.mixed_precision=fp16 needs a CUDA GPU (this is {device.type}); use bf16 or no")
     procs = Share(state)
     log = log if procs.is_main else (lambda *a, **k: None)
-    store = procs.all_do(lambda: Cache.open(model, data, cache))
+    store = procs.all_do(lambda: Cache.open(model, data, cache, train.mixed_precision))
     keys_per_epoch, num_keys = run_coverage(data, train, store.num_pairs, num_processes)
     info = {"format": REFERENCE_FORMAT,
             "identity": reference_identity(model, lora, flow, data, train, store.manifest, device.type),

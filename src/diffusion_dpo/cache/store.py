@@ -71,14 +71,15 @@ class Cache:
         self._handles: dict[str, Any] = {}
 
     @classmethod
-    def open(cls, model: ModelConfig, data: DataConfig, cache: CacheConfig) -> "Cache":
-        """Open `cache.dir`, refusing (one line) a missing cache or one made with other settings."""
+    def open(cls, model: ModelConfig, data: DataConfig, cache: CacheConfig, mixed_precision: str) -> "Cache":
+        """Open `cache.dir` for a run under `mixed_precision`, refusing (one line) a missing cache or one made with
+        other settings."""
         directory = Path(cache.dir).expanduser()
         manifest = read_manifest(directory)
         if manifest is None:
             raise UserError(f"cache.dir '{directory}' holds no cache (no {MANIFEST}); build it with "
                             "`diffusion-dpo cache --config ...` or set cache.auto=true")
-        check_manifest(manifest, model, data, cache, directory)
+        check_manifest(manifest, model, data, cache, directory, mixed_precision)
         missing = [f["file"] for f in manifest["pair_files"] + manifest["text_files"] + manifest.get("image_files", [])
                    if not (directory / f["file"]).is_file()]
         if missing:

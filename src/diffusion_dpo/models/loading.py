@@ -125,8 +125,9 @@ def _library_class(entry: list, what: str) -> type:
 def load_components(cfg: ModelConfig, weight_dtype: torch.dtype = torch.float32,
                     device: torch.device | str = "cpu", denoiser: bool = True, encoders: bool = True,
                     flow: Optional[FlowConfig] = None) -> Family:
-    """Load `cfg.pretrained` (plus `cfg.vae` if given) into its family: the denoiser in fp32 (trainable), the VAE
-    and text encoders frozen in `weight_dtype`, the tokenizers, the training noise schedule, and every config.
+    """Load `cfg.pretrained` (plus `cfg.vae` if given) into its family: the denoiser in fp32 (trainable), the text
+    encoders frozen in `weight_dtype`, the VAE frozen in fp32, the tokenizers, the training noise schedule, and every
+    config.
 
     `denoiser=False` skips the denoiser (the cache builder, a sample grid's frozen parts); `encoders=False` skips
     the VAE and the text encoders, reading only their configs (training from a pre-encoded cache)."""
@@ -158,10 +159,10 @@ def load_components(cfg: ModelConfig, weight_dtype: torch.dtype = torch.float32,
     except (OSError, ValueError, EnvironmentError) as exc:
         raise UserError(f"model.pretrained '{cfg.pretrained}': {str(exc).strip().splitlines()[0]}") from None
     if vae is not None:
-        # SDXL's original VAE overflows in fp16 (its config says force_upcast): keep it fp32 then.
-        vae_dtype = torch.float32 if (weight_dtype == torch.float16 and vae.config.get("force_upcast", False)) \
-            else weight_dtype
-        cast(vae, vae_dtype)
+        # The VAE encodes in fp32 whatever the training precision (diffusers' training scripts and flow_grpo do the
+        # same): the latents then match the cache's, which is encoded the same way, and SDXL's original VAE cannot
+        # overflow in fp16. It is ~1-3% of a pipeline's weights; the text encoders stay in `weight_dtype`.
+        cast(vae, torch.float32)
     for module in [m for m in (vae, *text_encoders) if m is not None]:
         module.requires_grad_(False)
         module.eval()

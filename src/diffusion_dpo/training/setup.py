@@ -169,7 +169,7 @@ def open_data(accelerator: Any, cfg: Config, in_memory: Optional[Any], loss: Los
         build_cache(cfg.model, cfg.data, cfg.cache, cfg.flow, acc.device, acc.print, state=acc.state,
                     mixed_precision=cfg.train.mixed_precision)
     # refuses a cache made with other settings, on every process
-    store = agree(acc, attempt(lambda: Cache.open(cfg.model, cfg.data, cfg.cache)))
+    store = agree(acc, attempt(lambda: Cache.open(cfg.model, cfg.data, cfg.cache, cfg.train.mixed_precision)))
     acc.print(f"cache {cfg.cache.dir}: {store.manifest['summary']}")
     table = None
     if cfg.cache.reference == "precomputed" and loss.needs_reference:
