@@ -59,31 +59,39 @@ class PairNoise:
     (unpaired feedback: B)."""
 
     timesteps: Tensor  # (2B,): one timestep per pair (DDPM: int64 t; flow matching: float sigma), shared by its images
-    noise: Tensor  # (2B, C, h, w): one noise per pair, shared by its two images
-    posterior: Tensor  # (2B, C, h, w): a standard-normal draw per image for the VAE posterior sample
+    noise: Tensor  # (2B, *latent_shape): one noise per pair, shared by its two images
+    posterior: Tensor  # (2B, *posterior_shape): a standard-normal draw per image for the VAE posterior sample
 
 
-DrawTimestep = Callable[[torch.Generator, tuple[int, int, int], "torch.device | str"], Tensor]
+DrawTimestep = Callable[[torch.Generator, tuple[int, ...], "torch.device | str"], Tensor]
 
 
-def pair_noise(sample_seeds: Sequence[int], draw_timestep: DrawTimestep, latent_shape: tuple[int, int, int],
-               device: torch.device | str, images: int = 2) -> PairNoise:
+def pair_noise(sample_seeds: Sequence[int], draw_timestep: DrawTimestep, latent_shape: tuple[int, ...],
+               device: torch.device | str, images: int = 2,
+               posterior_shape: Optional[tuple[int, ...]] = None) -> PairNoise:
     """Timesteps, noise and posterior draws of the pairs with these sample seeds.
 
     Each pair's draws come from a generator seeded by its own sample seed on `device`: first its timestep, by the
-    model family's `draw_timestep(generator, latent_shape, device)`, then its noise and its two posterior draws.
-    So they do not depend on how pairs are split over processes, micro-steps or (for the precomputed reference)
-    batches. The generator lives on the training device: a precomputed reference must be drawn on the same
-    device type as the run that uses it (the reference file records it). `images` is 2 for pairs, 1 for unpaired
-    items (which take the first posterior draw: the same stream either way).
+    model family's `draw_timestep(generator, latent_shape, device)`, then its noise (the denoiser's `latent_shape`)
+    and its two posterior draws (the VAE's `posterior_shape`, default the same; FLUX.2's patchify makes them
+    differ). Shapes of any rank. So they do not depend on how pairs are split over processes, micro-steps or (for
+    the precomputed reference) batches. The generator lives on the training device: a precomputed reference must
+    be drawn on the same device type as the run that uses it (the reference file records it). `images` is 2 for
+    pairs, 1 for unpaired items (which take the first posterior draw: the same stream either way).
     """
-    c, h, w = latent_shape
-    timesteps, draws = [], []
+    latent_shape, posterior_shape = tuple(latent_shape), tuple(posterior_shape or latent_shape)
+    timesteps, noises, posteriors = [], [], []
     for seed in sample_seeds:
         g = torch.Generator(device=device).manual_seed(seed_for(int(seed), 1))
         timesteps.append(draw_timestep(g, latent_shape, device))
-        draws.append(torch.randn((3, c, h, w), generator=g, device=device))  # noise, posterior w, posterior l
-    stacked = torch.stack(draws)  # (B, 3, C, h, w)
+        if posterior_shape == latent_shape:  # one call: the stream every run and reference file has drawn
+            draws = torch.randn((3, *latent_shape), generator=g, device=device)  # noise, posterior w, posterior l
+            noises.append(draws[0])
+            posteriors.append(draws[1:])
+        else:
+            noises.append(torch.randn(latent_shape, generator=g, device=device))
+            posteriors.append(torch.randn((2, *posterior_shape), generator=g, device=device))
+    noise, posterior = torch.stack(noises), torch.stack(posteriors)  # (B, *latent), (B, 2, *posterior)
     return PairNoise(timesteps=torch.cat(timesteps).repeat(images),
-                     noise=stacked[:, 0].repeat(images, 1, 1, 1),
-                     posterior=torch.cat([stacked[:, 1 + k] for k in range(images)]))
+                     noise=noise.repeat(images, *([1] * len(latent_shape))),
+                     posterior=torch.cat([posterior[:, k] for k in range(images)]))

@@ -218,7 +218,7 @@ def build_cache(model: ModelConfig, data: DataConfig, cache: CacheConfig, flow: 
             "random_flip": data.random_flip, "random_crop": False, "family": comp.name,
             "num_pairs": len(pairs), "num_captions": len(texts), "summary": pairs.summary(),
             "images_per_item": pairs.images_per_item,
-            "latent_shape": list(comp.latent_shape(data.resolution)), "latent_scale": vars(comp.latent_scale),
+            "latent_shape": list(comp.latent_shape(data.resolution)), "latent_scale": comp.latent_scale.to_json(),
             "shard_pairs": size, "pair_files": pair_files, "text_files": files("text", len(texts)),
             "num_images": len(firsts), "image_files": files("images", len(firsts)),
         }

@@ -166,7 +166,8 @@ def _compute_errors(model: ModelConfig, lora: LoraConfig, flow: FlowConfig, data
             batch = unpack_batch(batch)
             b = batch["label"].shape[0]
             draws = pair_noise(batch["sample_seed"].tolist(), comp.draw_timestep,
-                               comp.latent_shape(data.resolution), device, images=store.images_per_item)
+                               comp.latent_shape(data.resolution), device, images=store.images_per_item,
+                               posterior_shape=comp.posterior_shape(data.resolution))
             latents, cond = cached_inputs(batch, draws.posterior, comp, data.resolution, device, dtype)
             noisy, target = comp.noisy_and_target(latents, draws.noise, draws.timesteps)
             if train.channels_last:

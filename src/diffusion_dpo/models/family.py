@@ -12,7 +12,8 @@ What a family owns, in the order a training step uses it:
             ({"hidden", "pooled", "t5", ...}); `conditioning(encodings, original_sizes, crop_top_lefts,
             resolution)`: what the denoiser sees for the 2B images [winners; losers], both images of a pair
             sharing its prompt.
-  images    `latent_shape(resolution)`, `posterior(pixels)`, `encode_images(pixels, eps)` (`vae.sample_latents`).
+  images    `posterior_shape(resolution)` (the VAE's), `latent_shape(resolution)` (the denoiser's),
+            `posterior(pixels)`, `encode_images(pixels, eps)` (`vae.sample_latents` with `latent_scale`).
   schedule  `draw_timestep(generator, latent_shape, device)`: one pair's timestep (DDPM: an integer t; flow
             matching: sigma in (0, 1)) from the pair's own generator (`randomness.pair_noise`);
             `noisy_and_target(latents, noise, t)`; `loss_weight(t)` (None: unweighted).
@@ -42,7 +43,8 @@ from torch import Tensor, nn
 from diffusion_dpo.config import FlowConfig, ModelConfig
 from diffusion_dpo.errors import UserError
 from diffusion_dpo.models.lora import lora_state_dict
-from diffusion_dpo.models.vae import LatentScale, downsampling, load_vae, sample_latents
+from diffusion_dpo.models.vae import (FLUX2_STATISTICS, LatentScale, downsampling, latent_channels, load_vae,
+                                      sample_latents, vae_posterior, vae_statistics)
 
 
 VAE_BATCH = 8  # images per VAE encode call (diffusers' SDXL DPO script's vae_encode_batch_size)
@@ -148,38 +150,47 @@ class Family:
     # ------------------------------------------------------------------ images
     @property
     def latent_scale(self) -> LatentScale:
-        return LatentScale.of(self.vae_config)
+        """How the VAE's posterior samples become the denoiser's latents (`vae.LatentScale`); FLUX.2's needs the
+        VAE's BatchNorm statistics, read from the loaded VAE or, training from a cache, from its weights file."""
+        return LatentScale.of(self.vae_config, self._vae_statistics)
+
+    def _vae_statistics(self) -> dict[str, Tensor]:
+        if self.vae is not None:
+            return {name: self.vae.get_buffer(name) for name in FLUX2_STATISTICS}
+        if getattr(self, "_statistics", None) is None:  # read once from the weights file
+            self._statistics = vae_statistics(self.cfg)
+        return self._statistics
 
     def latent_multiple(self) -> int:
         """Latent height and width must be multiples of this (a transformer's patch size; FLUX's 2x2 packing)."""
         return 1
 
+    def posterior_shape(self, resolution: int) -> tuple[int, int, int]:
+        """(C, H/f, W/f) of the VAE posterior of a resolution x resolution image (the cache stores it; before
+        FLUX.2's patchify, the same as `latent_shape` for every other family)."""
+        side = resolution // downsampling(self.vae_config)
+        return latent_channels(self.vae_config), side, side
+
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         """(C, h, w) of the latents of a resolution x resolution image; a resolution the denoiser cannot take is
         a one-line error."""
-        f = downsampling(self.vae_config)
-        side, multiple = resolution // f, self.latent_multiple()
-        if resolution % f or side % multiple:
-            raise UserError(f"data.resolution {resolution}: {self.title} needs a multiple of {f * multiple} "
-                            f"(VAE downsampling {f} x {multiple})")
-        return self.vae_config["latent_channels"], side, side
+        f, p = downsampling(self.vae_config), self.latent_scale.patch
+        side, multiple = resolution // f // p, self.latent_multiple()
+        if resolution % (f * p) or side % multiple:
+            raise UserError(f"data.resolution {resolution}: {self.title} needs a multiple of {f * p * multiple} "
+                            f"(VAE downsampling {f} x {p * multiple})")
+        return latent_channels(self.vae_config) * p * p, side, side
 
     @torch.no_grad()
     def posterior(self, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
         """Pixels (N, 3, H, W) in [-1, 1] -> the VAE posterior's mean and std, each (N, C, H/f, W/f), encoded
         VAE_BATCH images at a time: the fp32 VAE's activations at 1024 px are ~0.5 GB per image."""
-        vae_dtype = next(self.vae.parameters()).dtype
-        means, stds = [], []
-        for part in pixel_values.split(VAE_BATCH):
-            dist = self.vae.encode(part.to(self.vae.device, vae_dtype)).latent_dist
-            means.append(dist.mean)
-            stds.append(dist.std)
-        return torch.cat(means), torch.cat(stds)
+        return vae_posterior(self.vae, pixel_values, VAE_BATCH)
 
     @torch.no_grad()
     def encode_images(self, pixel_values: Tensor, noise: Optional[Tensor] = None) -> Tensor:
-        """Pixels (N, 3, H, W) in [-1, 1] -> scaled latents (N, C, H/f, W/f): a posterior sample
-        mean + std * noise (standard normal, (N, C, h, w)), or the mean when noise is None."""
+        """Pixels (N, 3, H, W) in [-1, 1] -> the denoiser's latents (N, `latent_shape`): a posterior sample
+        mean + std * noise (standard normal, (N, `posterior_shape`)), or the mean when noise is None, scaled."""
         return sample_latents(*self.posterior(pixel_values), noise, self.latent_scale)
 
     # ------------------------------------------------------------------ schedule
@@ -260,7 +271,7 @@ class Family:
         m = self.cfg
         extra = dict(self.save_overrides())
         if m.vae is not None:
-            extra["vae"] = load_vae(m)
+            extra["vae"] = load_vae(m, self.index)
         pipe = self.pipeline_class.from_pretrained(m.pretrained, revision=m.revision, variant=m.variant,
                                                    **{self.denoiser_role: denoiser}, **extra)
         pipe.save_pretrained(out, safe_serialization=True)

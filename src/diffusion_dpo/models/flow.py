@@ -42,6 +42,15 @@ from diffusion_dpo.config import FlowConfig, ModelConfig
 from diffusion_dpo.errors import UserError
 from diffusion_dpo.models.family import Family
 
+
+@dataclasses.dataclass
+class JointConditioning:
+    """What a joint-attention transformer (an MMDiT: SD3, FLUX.1) is conditioned on, for [winners; losers]."""
+
+    hidden_states: Tensor  # (2B, L, D) the text tokens of the joint attention
+    pooled: Tensor  # (2B, P) pooled text embedding
+    guidance: Tensor | None = None  # (2B,) FLUX.1-dev's distilled guidance; None for SD3 and FLUX.1-schnell
+
 # The joint-attention projections of the MMDiT blocks (text and image streams), inside each block's `attn`:
 # flow_grpo's train_sd3_dpo.py, Flow-Factory's SD3.5 adapter and diffusers' SD3 LoRA script target these eight as
 # attn.to_q, ... (Flow-Factory's FLUX adapter adds the feed-forwards: configs/flux_dev_lora.yaml). The "attn."

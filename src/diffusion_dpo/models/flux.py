@@ -22,8 +22,7 @@ from torch import Tensor, nn
 
 from diffusion_dpo.config import FlowConfig, ModelConfig
 from diffusion_dpo.errors import UserError
-from diffusion_dpo.models.flow import ATTENTION_TARGETS, FlowMatching
-from diffusion_dpo.models.sd3 import JointConditioning
+from diffusion_dpo.models.flow import ATTENTION_TARGETS, FlowMatching, JointConditioning
 
 DEFAULT_GUIDANCE = 3.5
 

@@ -152,8 +152,8 @@ def load_components(cfg: ModelConfig, weight_dtype: torch.dtype = torch.float32,
                                                torch_dtype=torch.float32, **common) if denoiser else None
         denoiser_config = model.config if model is not None else \
             denoiser_class.load_config(cfg.pretrained, subfolder=role, **common)
-        vae = load_vae(cfg) if encoders else None
-        vae_config = vae.config if vae is not None else load_vae_config(cfg)
+        vae = load_vae(cfg, index) if encoders else None
+        vae_config = vae.config if vae is not None else load_vae_config(cfg, index)
     except UserError:
         raise
     except (OSError, ValueError, EnvironmentError) as exc:

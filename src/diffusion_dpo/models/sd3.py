@@ -17,7 +17,6 @@ train_sd3_dpo.py; not SD3.5-medium's second self-attention `attn2`). The pipelin
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -27,16 +26,7 @@ from torch import Tensor, nn
 from diffusion_dpo.config import ModelConfig
 from diffusion_dpo.errors import UserError
 from diffusion_dpo.models.family import ids_key
-from diffusion_dpo.models.flow import ATTENTION_TARGETS, FlowMatching
-
-
-@dataclass
-class JointConditioning:
-    """What an MMDiT is conditioned on, for [winners; losers]."""
-
-    hidden_states: Tensor  # (2B, L, D) the text tokens of the joint attention
-    pooled: Tensor  # (2B, P) pooled text embedding
-    guidance: Tensor | None = None  # (2B,) FLUX.1-dev's distilled guidance; None for SD3 and FLUX.1-schnell
+from diffusion_dpo.models.flow import ATTENTION_TARGETS, FlowMatching, JointConditioning
 
 
 class StableDiffusion3(FlowMatching):

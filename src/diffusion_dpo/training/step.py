@@ -65,7 +65,7 @@ class PreferenceStep:
         # Each pair's timestep, noise and VAE posterior samples come from its own sample seed (fixed by
         # the data order), so they do not depend on how pairs are split over processes or micro-steps.
         draws = pair_noise(batch["sample_seed"].tolist(), comp.draw_timestep, self.latent_shape, device,
-                           images=self.images_per_item)
+                           images=self.images_per_item, posterior_shape=comp.posterior_shape(self.resolution))
         latents, cond = self.inputs(batch, draws.posterior)  # (2B, C, h, w) [winners; losers]
         noisy, target = comp.noisy_and_target(latents, draws.noise, draws.timesteps)
         timesteps = draws.timesteps
