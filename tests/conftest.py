@@ -53,3 +53,8 @@ def tiny_flux(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_flux_schnell(tmp_path_factory):
     return _tiny(tmp_path_factory, "flux_schnell", kind="flux-schnell")
+
+
+@pytest.fixture(scope="session")
+def tiny_zimage(tmp_path_factory):
+    return _tiny(tmp_path_factory, "zimage", kind="zimage")

@@ -135,10 +135,13 @@ def test_flow_recipes():
     flux = load_config(CONFIGS / "flux_dev_lora.yaml")
     assert (flux.loss.beta, flux.model.guidance, flux.lora.rank) == (2000, 3.5, 64)
     assert {"add_q_proj", "to_add_out", "ff.net.0.proj", "ff_context.net.2"} <= set(flux.lora.target_modules)
+    zimage = load_config(CONFIGS / "zimage_lora.yaml")
+    assert (zimage.loss.beta, zimage.lora.rank, zimage.lora.alpha, zimage.flow.shift) == (100, 64, 128, None)
+    assert {"attention.to_q", "feed_forward.w3"} <= set(zimage.lora.target_modules)
 
 
 @pytest.mark.parametrize("recipe,fixture", [("sd35_medium_lora.yaml", "tiny_sd3"), ("sd35_full.yaml", "tiny_sd3"),
-                                            ("flux_dev_lora.yaml", "tiny_flux")])
+                                            ("flux_dev_lora.yaml", "tiny_flux"), ("zimage_lora.yaml", "tiny_zimage")])
 def test_flow_recipes_train_their_familys_architecture(request, tmp_path, recipe, fixture):
     """The recipe as shipped (its LoRA targets, optimizer, schedule, guidance), on the tiny model of its family:
     every target module exists in the architecture and the first step is log 2."""

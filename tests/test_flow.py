@@ -125,12 +125,46 @@ def test_flux_packing_and_ids_are_the_pipelines(tiny_flux):
         torch.testing.assert_close(c.predict(c.denoiser, noisy, sigma, cond), unpack(direct, 16, 16, 16))
 
 
-@pytest.mark.parametrize("fixture", ["tiny_sd3", "tiny_flux"])
+def test_zimage_conditioning_equals_the_pipelines_encode_prompt(tiny_zimage):
+    """Qwen3's second-to-last hidden state at each prompt's own tokens (the chat template, thinking on), one length
+    per prompt: ZImagePipeline.encode_prompt's list, for [winners; losers]."""
+    from diffusers import ZImagePipeline
+
+    c = load_components(ModelConfig(pretrained=str(tiny_zimage), max_sequence_length=64))
+    cond = c.conditioning(c.encode_prompt(c.tokenizer(PROMPTS)), None, None, 32)
+    pipe = c.build_pipeline(c.denoiser)
+    assert isinstance(pipe, ZImagePipeline)
+    embeds, _ = pipe.encode_prompt(list(PROMPTS), device="cpu", do_classifier_free_guidance=False,
+                                   max_sequence_length=64)
+    assert len({e.shape[0] for e in embeds}) == 2  # the two prompts have their own lengths
+    assert len(cond.features) == 4
+    for ours, theirs in zip(cond.features, embeds + embeds):
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_zimage_predicts_the_velocity_its_pipeline_steps_with(tiny_zimage):
+    """One sampling step from sigma = 1 to 0 is x - v(x, sigma = 1): ZImagePipeline feeds the transformer 1 - sigma
+    and negates its output; predict() returns that velocity, so the training target noise - x_0 is the pipeline's."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    c = load_components(ModelConfig(pretrained=str(tiny_zimage), max_sequence_length=64))
+    pipe = c.build_pipeline(c.denoiser, FlowMatchEulerDiscreteScheduler(shift=1.0))
+    noise = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(3))  # the tiny VAE downsamples 2x
+    with torch.no_grad():
+        stepped = pipe("a red circle", height=32, width=32, num_inference_steps=1, guidance_scale=0.0, latents=noise,
+                       output_type="latent", max_sequence_length=64).images
+        cond = c.conditioning(c.encode_prompt(c.tokenizer(["a red circle"])), torch.zeros(1, 1, 2), None, 32)
+        velocity = c.predict(c.denoiser, noise, torch.ones(1), cond)
+    torch.testing.assert_close(stepped, noise - velocity, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_sd3", "tiny_flux", "tiny_zimage"])
 def test_swapping_winner_and_loser_negates_inside(request, fixture):
     """At theta = ref the margin is 0; with the policy moved, the same pair in the other order has the opposite
     margin: conditioning, timestep and noise are paired per pair, never per position."""
-    c = load_components(ModelConfig(pretrained=str(request.getfixturevalue(fixture)), max_sequence_length=8))
-    ref = load_components(ModelConfig(pretrained=str(request.getfixturevalue(fixture)), max_sequence_length=8))
+    length = 64 if fixture == "tiny_zimage" else 8  # Z-Image's chat template takes the first ~20 tokens
+    c = load_components(ModelConfig(pretrained=str(request.getfixturevalue(fixture)), max_sequence_length=length))
+    ref = load_components(ModelConfig(pretrained=str(request.getfixturevalue(fixture)), max_sequence_length=length))
     with torch.no_grad():
         for p in c.denoiser.parameters():
             p.add_(0.02 * torch.randn_like(p))

@@ -12,8 +12,15 @@ from safetensors.torch import load_file
 from diffusion_dpo.training import Trainer, train
 from test_training import make_cfg, read_metrics, straight_and_resumed
 
-FAMILIES = {"sd3": ("tiny_sd3", "StableDiffusion3Pipeline"), "flux": ("tiny_flux", "FluxPipeline")}
-FAST = dict(model__max_sequence_length=8)  # the tiny T5 at 8 tokens: the same code, a shorter joint attention
+FAMILIES = {"sd3": ("tiny_sd3", "StableDiffusion3Pipeline"), "flux": ("tiny_flux", "FluxPipeline"),
+            "zimage": ("tiny_zimage", "ZImagePipeline")}
+# the tiny T5 at 8 tokens: the same code, a shorter joint attention; Z-Image's chat template alone is ~20 tokens
+LENGTH = {"sd3": 8, "flux": 8, "zimage": 64}
+TEXT_PARTS = {"sd3": ("text_encoder", "text_encoder_2", "text_encoder_3"), "flux": ("text_encoder", "text_encoder_2"),
+              "zimage": ("text_encoder",)}
+# a weight of the LoRA file from each kind of layer the family adapts by default
+LORA_KEYS = {"sd3": (".to_q.", "add_q_proj"), "flux": (".to_q.", "add_q_proj"),
+             "zimage": ("attention.to_q.", "feed_forward.w1.")}
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +37,14 @@ def _model(request, family):
     return request.getfixturevalue(fixture), getattr(diffusers, pipeline)
 
 
-def _sample(pipe, seed=0):
+def _fast(family):
+    return dict(model__max_sequence_length=LENGTH[family])
+
+
+def _sample(pipe, seed=0, length=8):
     """One 32 px image (2 steps) as a float tensor (H, W, 3)."""
     image = pipe("a red circle", height=32, width=32, num_inference_steps=2, guidance_scale=3.0,
-                 generator=torch.Generator().manual_seed(seed), max_sequence_length=8).images[0]
+                 generator=torch.Generator().manual_seed(seed), max_sequence_length=length).images[0]
     return torch.tensor(np.array(image), dtype=torch.float32)
 
 
@@ -43,7 +54,7 @@ def test_full_fine_tune_outputs_load_in_the_family_pipeline(request, tmp_path, t
     out = tmp_path / "run"
     final = train(make_cfg(out, model, tiny_data, train__max_steps=3, train__checkpointing_steps=2,
                            validation__every_steps=0, validation__num_inference_steps=2,
-                           validation__prompts='["a red circle"]', **FAST))
+                           validation__prompts='["a red circle"]', **_fast(family)))
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [1, 2, 3]
     assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and metrics[0]["implicit_acc"] == 0.5
@@ -54,17 +65,17 @@ def test_full_fine_tune_outputs_load_in_the_family_pipeline(request, tmp_path, t
     pipe, base = pipeline_class.from_pretrained(final), pipeline_class.from_pretrained(model)
     assert any(not torch.equal(a, b) for a, b in zip(pipe.transformer.state_dict().values(),
                                                      base.transformer.state_dict().values()))
-    for part in ("vae", "text_encoder", "text_encoder_2"):
+    for part in ("vae",) + TEXT_PARTS[family]:
         for a, b in zip(getattr(pipe, part).state_dict().values(), getattr(base, part).state_dict().values()):
             assert torch.equal(a, b), part
-    assert _sample(pipe).shape == (32, 32, 3)
+    assert _sample(pipe, length=LENGTH[family]).shape == (32, 32, 3)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_lora_loads_with_load_lora_weights_and_changes_samples(request, tmp_path, tiny_data, family):
     model, pipeline_class = _model(request, family)
     trainer = Trainer(make_cfg(tmp_path / "run", model, tiny_data, lora__rank=4, lora__alpha=8, optim__lr="1e-2",
-                               train__max_steps=3, **FAST))
+                               train__max_steps=3, **_fast(family)))
     before = {n: p.detach().clone() for n, p in trainer.accelerator.unwrap_model(trainer.denoiser).named_parameters()}
     final = trainer.run()
     assert read_metrics(tmp_path / "run")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
@@ -75,14 +86,15 @@ def test_lora_loads_with_load_lora_weights_and_changes_samples(request, tmp_path
     with safe_open(str(final / "pytorch_lora_weights.safetensors"), framework="pt") as f:
         keys = list(f.keys())
     assert all(k.startswith("transformer.") for k in keys)
-    assert any("add_q_proj" in k for k in keys) and any(".to_q." in k for k in keys)  # joint attention included
+    assert all(any(part in k for k in keys) for part in LORA_KEYS[family])  # e.g. the joint attention included
     pipe = pipeline_class.from_pretrained(model)
-    base = _sample(pipe)
+    base = _sample(pipe, length=LENGTH[family])
     pipe.load_lora_weights(final)
-    assert not torch.equal(_sample(pipe), base)
+    assert not torch.equal(_sample(pipe, length=LENGTH[family]), base)
     # every adapter came back, scale included: the loaded transformer predicts what the trained one does
     family = trainer.components
-    cond = family.conditioning(family.encode_prompt(family.tokenizer(["a red circle"])), None, None, 32)
+    cond = family.conditioning(family.encode_prompt(family.tokenizer(["a red circle"])), torch.zeros(1, 2, 2), None,
+                               32)  # (B, G, 2) sizes: two images, as noisy holds
     noisy, sigma = torch.randn(2, 16, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([0.4, 0.4])
     with torch.no_grad():
         trained = family.predict(trainer.accelerator.unwrap_model(trainer.denoiser), noisy, sigma, cond)
@@ -90,13 +102,13 @@ def test_lora_loads_with_load_lora_weights_and_changes_samples(request, tmp_path
                                    atol=1e-5)
 
 
-@pytest.mark.parametrize("family,rank", [("sd3", 0), ("flux", 8)])
+@pytest.mark.parametrize("family,rank", [("sd3", 0), ("flux", 8), ("zimage", 4)])
 def test_a_flow_model_learns_a_preference(request, tmp_path, tiny_data, family, rank):
     """Same 4 pairs, same sigma and noise every step: Flow-DPO drives the implicit accuracy to 1."""
     model, _ = _model(request, family)
     trainer = Trainer(make_cfg(tmp_path, model, tiny_data, data__batch_size=4, data__max_pairs=4,
                                data__random_flip="false", data__proportion_empty_prompts=0, lora__rank=rank,
-                               optim__lr="1e-4" if rank == 0 else "1e-3", **FAST))
+                               optim__lr="1e-4" if rank == 0 else "1e-3", **_fast(family)))
     _, batch = next(trainer.batches())
     history = []
     for _ in range(25):
@@ -111,11 +123,11 @@ def test_a_flow_model_learns_a_preference(request, tmp_path, tiny_data, family, 
     assert (last["model_mse_w"] - last["model_mse_l"]) < (last["ref_mse_w"] - last["ref_mse_l"])
 
 
-@pytest.mark.parametrize("family,rank", [("sd3", 0), ("flux", 4)])
+@pytest.mark.parametrize("family,rank", [("sd3", 0), ("flux", 4), ("zimage", 0)])
 def test_resume_is_bitwise_equal(request, tmp_path, tiny_data, family, rank):
     model, _ = _model(request, family)
     common = dict(train__max_steps=5, train__checkpointing_steps=2, lora__rank=rank, data__batch_size=3,
-                  data__proportion_empty_prompts=0.5, **FAST)
+                  data__proportion_empty_prompts=0.5, **_fast(family))
     straight, resumed = straight_and_resumed(tmp_path, model, tiny_data, **common)
     name = "pytorch_lora_weights.safetensors" if rank else "transformer/diffusion_pytorch_model.safetensors"
     a, b = load_file(straight / name), load_file(resumed / name)
@@ -132,7 +144,7 @@ def test_sd3_without_t5_trains_and_caches_without_it(tmp_path, tiny_sd3, tiny_da
     out = tmp_path / "run"
     trainer = Trainer(make_cfg(out, tiny_sd3, tiny_data, model__t5="false", cache__dir=tmp_path / "cache",
                                cache__auto="true", train__max_steps=2, validation__every_steps=0,
-                               validation__num_inference_steps=2, validation__prompts='["a red circle"]', **FAST))
+                               validation__num_inference_steps=2, validation__prompts='["a red circle"]', **_fast("sd3")))
     assert trainer.components.tokenizer.lengths == (16, 16)  # no T5 tokens
     with safe_open(str(tmp_path / "cache" / "text-00000.safetensors"), framework="pt") as f:
         assert sorted(f.keys()) == ["clip", "pooled"]

@@ -146,6 +146,18 @@ def model_flop_counter() -> Any:
     return FlopCounterMode(display=False, custom_mapping=mapping)
 
 
+def _prediction(out: Any) -> torch.Tensor:
+    """The prediction in a denoiser's output, however it is returned: an output object's `.sample`, or a tuple's
+    first element; a list of per-image tensors (Z-Image's) stacked."""
+    sample = out.sample if hasattr(out, "sample") else out[0]
+    return torch.stack(list(sample)) if isinstance(sample, (list, tuple)) else sample
+
+
+def _shape(x: Any) -> list[int]:
+    """A denoiser input's shape; a list of per-image tensors (Z-Image's latents) as (N, *each)."""
+    return [len(x), *x[0].shape] if isinstance(x, (list, tuple)) else list(x.shape)
+
+
 def floor_seconds(trainer: Any, args: tuple, kwargs: dict, repeats: int, warmup: int = 2) -> tuple[float, int]:
     """Median seconds of the bare compute of one micro-step, and its model FLOPs.
 
@@ -157,7 +169,7 @@ def floor_seconds(trainer: Any, args: tuple, kwargs: dict, repeats: int, warmup:
 
     def once() -> None:
         with acc.autocast():
-            out = model(*args, **kwargs).sample
+            out = _prediction(model(*args, **kwargs))
         out.float().pow(2).mean().backward()
         if live_reference:
             with torch.no_grad(), acc.autocast(), trainer.reference.model(acc.unwrap_model(model)) as ref:
@@ -266,7 +278,7 @@ def run_mode(run_cfg: Config, mode: str, warmup: int, floor_repeats: int, peak: 
         "loss": run_cfg.loss.name, "lora_rank": run_cfg.lora.rank, "mixed_precision": run_cfg.train.mixed_precision,
         "optimizer": run_cfg.optim.name, "gradient_checkpointing": run_cfg.train.gradient_checkpointing,
         "step_in_backward": run_cfg.optim.step_in_backward,
-        "floor_latents": list(recorder.args[0].shape) if recorder.args else None,
+        "floor_latents": _shape(recorder.args[0]) if recorder.args else None,
         "steps_timed": len(lines) - warmup, "step_s": step_s, "pairs_per_s": pairs / step_s, "floor_s": floor_s,
         "step_over_floor": step_s / floor_s, "peak_memory_mib": train_peak_bytes / 2**20,
         "load_peak_memory_mib": load_peak_bytes / 2**20,
@@ -338,14 +350,17 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def _import_libraries() -> None:
-    """Import what training imports lazily, so the memory baseline holds the code and the peak only data."""
+    """Import what training imports lazily, so the memory baseline holds the code and the peak only data: every
+    family's pipeline module (and with it its models' and text encoders' modules)."""
     import accelerate  # noqa: F401
+    import diffusers
     import peft  # noqa: F401
-    from diffusers import (AutoencoderKL, FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel,  # noqa: F401
-                           StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline,
-                           UNet2DConditionModel)
-    from transformers import (CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel,  # noqa: F401
-                              T5TokenizerFast)
+
+    from diffusion_dpo.models import FAMILIES
+
+    for family in FAMILIES:
+        for pipeline in family.pipelines:
+            getattr(diffusers, pipeline)
 
     import diffusion_dpo.training.trainer  # noqa: F401
 

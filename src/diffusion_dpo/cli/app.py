@@ -149,8 +149,8 @@ def cli_reference() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Diffusion-DPO: align SD 1.x/2.x, SDXL, SD3/SD3.5 and FLUX.1 with "
-                                             "preference pairs.")
+    parser = _Parser(prog=PROG, description="Diffusion-DPO: align SD 1.x/2.x, SDXL, SD3/SD3.5, FLUX.1 and "
+                                             "Z-Image with preference pairs.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(cache)
 
     tiny = sub.add_parser(
-        "make-tiny", help="build tiny offline SD/SDXL/SD3/FLUX pipelines and a tiny Pick-a-Pic-schema data set",
+        "make-tiny", help="build a tiny offline pipeline of every family and a tiny Pick-a-Pic-schema data set",
         description="Writes OUT/sd, OUT/sdxl, OUT/sd3 and OUT/flux (tiny random diffusers pipelines of each model "
                     "family, with locally made CLIP and T5 tokenizers) and OUT/pickapic (parquet shards in the "
                     "Pick-a-Pic v2 schema with a learnable preference). configs/tiny.yaml uses them.")
@@ -351,13 +351,14 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
 
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
+    from diffusion_dpo.models import FAMILIES
     from diffusion_dpo.testing.tiny import build_sd15_shaped_pipeline, build_shaped_pipeline, build_tiny_pipeline
     from diffusion_dpo.testing.tiny_data import build_tiny_pickapic
 
     quiet_progress_bars()
     out = Path(args.output_dir)
-    written = [build_tiny_pipeline(out / kind, kind=kind, resolution=args.resolution, seed=args.seed)
-               for kind in ("sd", "sdxl", "sd3", "flux")]
+    written = [build_tiny_pipeline(out / family.name, kind=family.name, resolution=args.resolution, seed=args.seed)
+               for family in FAMILIES]  # one per family, named as it is
     written.append(build_tiny_pickapic(out / "pickapic", num_pairs=args.num_pairs, resolution=args.resolution,
                                        seed=args.seed))
     if args.sd15_width is not None:

@@ -2,9 +2,10 @@
 
     family.py   the contract every family implements (text, images, schedule, denoiser, outputs, identity)
     sd.py       SD 1.x/2.x and SDXL (UNet, DDPM schedule, epsilon / v targets)
-    flow.py     flow matching, shared by SD3 and FLUX (sigma sampling, shift, x_t, v = eps - x_0, weighting)
+    flow.py     flow matching, shared by SD3, FLUX.1 and Z-Image (sigma sampling, shift, x_t, v = eps - x_0, weighting)
     sd3.py      SD3 / SD3.5 (MMDiT; CLIP-L + CLIP-G + T5)
     flux.py     FLUX.1 dev/schnell (packed latents, position ids, guidance embedding; CLIP-L + T5)
+    zimage.py   Z-Image (a single-stream DiT; Qwen3 in its chat template, each prompt its own length)
     loading.py  model_index.json -> the family -> only the parts a job needs
     lora.py, reference.py   adapters, and the reference (adapters off / a frozen copy)
     vae.py, precision.py    the shared VAE and dtype helpers

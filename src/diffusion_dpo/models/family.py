@@ -63,6 +63,11 @@ class PromptTokenizer:
     tokenizers: tuple[Any, ...]
     lengths: tuple[int, ...]
 
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The batch keys this tokenizer's output fills (what the training step hands `encode_prompt`)."""
+        return tuple(ids_key(k) for k in range(len(self.tokenizers)))
+
     def __call__(self, prompts: list[str]) -> dict[str, Tensor]:
         return {ids_key(k): tok(list(prompts), padding="max_length", max_length=n, truncation=True,
                                 return_tensors="pt").input_ids
@@ -215,7 +220,7 @@ class Family:
     def first_images(self, cond: Any, n: int) -> Any:
         """The conditioning of the first n images of a batch (the winners of [winners; losers]): every tensor of a
         family's conditioning is batch-first, so each is cut to its first n rows (None stays None)."""
-        if isinstance(cond, Tensor):
+        if isinstance(cond, (Tensor, list)):  # a list: one tensor per image (Z-Image's text tokens)
             return cond[:n]
         if isinstance(cond, dict):
             return {k: self.first_images(v, n) for k, v in cond.items()}

@@ -1,4 +1,5 @@
-"""Flow matching, shared by SD3/SD3.5 and FLUX.1: how a pair's noise level is drawn, the noisy input, the target.
+"""Flow matching, shared by SD3/SD3.5, FLUX.1 and Z-Image: how a pair's noise level is drawn, the noisy input,
+the target.
 
 For latents x_0 and noise eps ~ N(0, I), with sigma in (0, 1) (sigma = 1 is pure noise):
 

@@ -21,8 +21,9 @@ from diffusion_dpo.models.precision import cast
 from diffusion_dpo.models.sd import StableDiffusion, StableDiffusionXL
 from diffusion_dpo.models.sd3 import StableDiffusion3
 from diffusion_dpo.models.vae import load_vae, load_vae_config
+from diffusion_dpo.models.zimage import ZImage
 
-FAMILIES: tuple[type[Family], ...] = (StableDiffusion, StableDiffusionXL, StableDiffusion3, Flux)
+FAMILIES: tuple[type[Family], ...] = (StableDiffusion, StableDiffusionXL, StableDiffusion3, Flux, ZImage)
 
 
 def read_model_index(cfg: ModelConfig, setting: str = "model.pretrained") -> dict:

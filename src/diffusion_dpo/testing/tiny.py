@@ -1,4 +1,4 @@
-"""Tiny SD, SDXL, SD3 and FLUX.1 pipelines built from config, saved as real diffusers directories.
+"""Tiny SD, SDXL, SD3, FLUX.1 and Z-Image pipelines built from config, saved as real diffusers directories.
 
 They share every code path with real checkpoints (`from_pretrained`, tokenizer files, scheduler
 config), so the tests and the offline tiny run exercise exactly what users run, in seconds on a
@@ -11,7 +11,9 @@ CPU. Architecture is the real one, shrunk, with character-level CLIP and T5 toke
                 FlowMatchEulerDiscreteScheduler with shift 3 (SD3.5's config);
   flux          a FLUX transformer (double- and single-stream blocks, 3-axis RoPE, a guidance embedding as in
                 FLUX.1-dev; `flux-schnell`: none), FLUX's VAE scaling and shift, CLIP-L + T5, and FLUX.1-dev's
-                dynamically shifting scheduler config.
+                dynamically shifting scheduler config;
+  zimage        Z-Image's single-stream DiT with its refiners, a 2-layer Qwen3 and a byte-level Qwen tokenizer
+                with a chat template, FLUX's VAE scaling and shift, Z-Image-Turbo's static shift 3.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def _text_encoder(with_projection: bool, seed: int):
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
 
 
-KINDS = ("sd", "sdxl", "sd3", "flux", "flux-schnell")
+KINDS = ("sd", "sdxl", "sd3", "flux", "flux-schnell", "zimage")
 
 
 def build_tiny_pipeline(out_dir: str | Path, kind: str = "sd", resolution: int = 32,
@@ -68,6 +70,8 @@ def build_tiny_pipeline(out_dir: str | Path, kind: str = "sd", resolution: int =
         return _tiny_sd3(out_dir, resolution, seed)
     if kind.startswith("flux"):
         return _tiny_flux(out_dir, resolution, seed, guidance_embeds=kind == "flux")
+    if kind == "zimage":
+        return _tiny_zimage(out_dir, resolution, seed)
     return _tiny_sd(out_dir, kind, resolution, prediction_type, seed)
 
 
@@ -191,6 +195,56 @@ def _tiny_flux(out_dir: Path, resolution: int, seed: int, guidance_embeds: bool)
                                                 base_image_seq_len=256, max_image_seq_len=4096)
     pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=_clip_tokenizer(),
                         text_encoder_2=t5, tokenizer_2=t5_tokenizer, transformer=transformer)
+    pipe.save_pretrained(out_dir)
+    return out_dir
+
+
+# Qwen3's chat template, reduced to what a text-to-image pipeline renders: the turns, the assistant turn opened, and
+# the empty think block that enable_thinking=False asks for (Z-Image passes True: none).
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}{%- endif %}")
+
+
+def _qwen_tokenizer(max_length: int = 512) -> Any:
+    """A byte-level Qwen2 BPE tokenizer without merges (each byte one token) and Qwen's chat tokens, built offline,
+    with QWEN3_CHAT_TEMPLATE."""
+    from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {"<|endoftext|>": 0}
+    for c in bytes_to_unicode().values():
+        vocab.setdefault(c, len(vocab))
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, eos_token="<|im_end|>",
+                               pad_token="<|endoftext|>", model_max_length=max_length)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]})
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _tiny_zimage(out_dir: Path, resolution: int, seed: int) -> Path:
+    """Z-Image shrunk: a 2-layer Qwen3 text encoder (the pipeline reads its second-to-last hidden state), FLUX.1's
+    VAE scaling and shift, a single-stream DiT (2 main layers, 1 noise and 1 context refiner, 3-axis RoPE), and
+    Z-Image-Turbo's static shift 3."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    tokenizer = _qwen_tokenizer()
+    torch.manual_seed(seed + 1)
+    text_encoder = Qwen3Model(Qwen3Config(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                          num_attention_heads=2, num_key_value_heads=2, head_dim=8,
+                                          vocab_size=len(tokenizer), max_position_embeddings=512))
+    torch.manual_seed(seed)
+    vae = _flow_vae(resolution, scaling=0.3611, shift=0.1159)
+    transformer = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32,
+                                           n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=16,
+                                           axes_dims=[8, 4, 4], axes_lens=[1024, 64, 64])
+    pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=text_encoder,
+                          tokenizer=tokenizer, transformer=transformer)
     pipe.save_pretrained(out_dir)
     return out_dir
 

@@ -128,7 +128,7 @@ class PreferenceStep:
         pixels = batch["pixel_values"]  # (B, G, 3, H, W): a pair's winner first (G = 2), or one unpaired image
         pixels = torch.cat(pixels.unbind(1)).to(device, non_blocking=True)  # (GB, 3, H, W)
         latents = comp.encode_images(pixels, posterior_eps).float()
-        ids = {key: t.to(device, non_blocking=True) for key, t in batch.items() if key.startswith("input_ids")}
+        ids = {key: batch[key].to(device, non_blocking=True) for key in comp.tokenizer.keys}
         cond = comp.conditioning(comp.encode_prompt(ids), batch["original_sizes"], batch["crop_top_lefts"],
                                  self.resolution)
         return latents, cond
