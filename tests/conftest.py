@@ -58,3 +58,8 @@ def tiny_flux_schnell(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_zimage(tmp_path_factory):
     return _tiny(tmp_path_factory, "zimage", kind="zimage")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux2_klein(tmp_path_factory):
+    return _tiny(tmp_path_factory, "flux2_klein", kind="flux2-klein")

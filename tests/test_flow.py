@@ -158,11 +158,45 @@ def test_zimage_predicts_the_velocity_its_pipeline_steps_with(tiny_zimage):
     torch.testing.assert_close(stepped, noise - velocity, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("fixture", ["tiny_sd3", "tiny_flux", "tiny_zimage"])
+def test_flux2_klein_conditioning_equals_the_pipelines_prompt_embeds(tiny_flux2_klein):
+    """Qwen3's layers 9, 18 and 27 side by side at every one of max_sequence_length tokens (the chat template,
+    thinking off), as Flux2KleinPipeline._get_qwen3_prompt_embeds, for [winners; losers]."""
+    from diffusers import Flux2KleinPipeline
+
+    c = load_components(ModelConfig(pretrained=str(tiny_flux2_klein), max_sequence_length=64))
+    cond = c.conditioning(c.encode_prompt(c.tokenizer(PROMPTS)), None, None, 32)
+    embeds = Flux2KleinPipeline._get_qwen3_prompt_embeds(c.text_encoders[0], c.tokenizers[0], list(PROMPTS),
+                                                         max_sequence_length=64)
+    assert embeds.shape == (2, 64, 48)
+    torch.testing.assert_close(cond, embeds.repeat(2, 1, 1))
+
+
+def test_flux2_klein_predicts_the_velocity_its_pipeline_steps_with(tiny_flux2_klein):
+    """One sampling step from sigma = 1 to 0 is x - v(x, 1) in the patchified, normalised space, which the pipeline
+    then denormalises with the VAE's BatchNorm statistics and unpatchifies: predict() and LatentScale are the
+    pipeline's, packing and position ids included."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+
+    c = load_components(ModelConfig(pretrained=str(tiny_flux2_klein), max_sequence_length=64))
+    assert c.latent_shape(32) == (32, 8, 8) and c.posterior_shape(32) == (8, 16, 16)
+    pipe = c.build_pipeline(c.denoiser, FlowMatchEulerDiscreteScheduler(shift=1.0))
+    noise = torch.randn(1, 32, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        stepped = pipe(prompt="a red circle", height=32, width=32, num_inference_steps=1, guidance_scale=1.0,
+                       latents=noise, output_type="latent", max_sequence_length=64).images
+        cond = c.conditioning(c.encode_prompt(c.tokenizer(["a red circle"])), torch.zeros(1, 1, 2), None, 32)
+        ours = noise - c.predict(c.denoiser, noise, torch.ones(1), cond)
+    scale = c.latent_scale
+    shift, scaling = (torch.tensor(v).view(1, -1, 1, 1).float() for v in (scale.shift, scale.scaling))
+    torch.testing.assert_close(stepped, Flux2KleinPipeline._unpatchify_latents(ours / scaling + shift), rtol=1e-5,
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_sd3", "tiny_flux", "tiny_zimage", "tiny_flux2_klein"])
 def test_swapping_winner_and_loser_negates_inside(request, fixture):
     """At theta = ref the margin is 0; with the policy moved, the same pair in the other order has the opposite
     margin: conditioning, timestep and noise are paired per pair, never per position."""
-    length = 64 if fixture == "tiny_zimage" else 8  # Z-Image's chat template takes the first ~20 tokens
+    length = 64 if fixture in ("tiny_zimage", "tiny_flux2_klein") else 8  # a chat template takes ~20 tokens
     c = load_components(ModelConfig(pretrained=str(request.getfixturevalue(fixture)), max_sequence_length=length))
     ref = load_components(ModelConfig(pretrained=str(request.getfixturevalue(fixture)), max_sequence_length=length))
     with torch.no_grad():
@@ -171,7 +205,7 @@ def test_swapping_winner_and_loser_negates_inside(request, fixture):
     b = 2
     enc = c.encode_prompt(c.tokenizer(PROMPTS))
     draws = pair_noise([5, 6], c.draw_timestep, c.latent_shape(32), "cpu")
-    winners, losers = torch.randn(b, 16, 16, 16), torch.randn(b, 16, 16, 16)
+    winners, losers = torch.randn(b, *c.latent_shape(32)), torch.randn(b, *c.latent_shape(32))
 
     def inside(first, second):
         noisy, target = c.noisy_and_target(torch.cat([first, second]), draws.noise, draws.timesteps)

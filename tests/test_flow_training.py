@@ -13,14 +13,14 @@ from diffusion_dpo.training import Trainer, train
 from test_training import make_cfg, read_metrics, straight_and_resumed
 
 FAMILIES = {"sd3": ("tiny_sd3", "StableDiffusion3Pipeline"), "flux": ("tiny_flux", "FluxPipeline"),
-            "zimage": ("tiny_zimage", "ZImagePipeline")}
+            "zimage": ("tiny_zimage", "ZImagePipeline"), "flux2-klein": ("tiny_flux2_klein", "Flux2KleinPipeline")}
 # the tiny T5 at 8 tokens: the same code, a shorter joint attention; Z-Image's chat template alone is ~20 tokens
-LENGTH = {"sd3": 8, "flux": 8, "zimage": 64}
+LENGTH = {"sd3": 8, "flux": 8, "zimage": 64, "flux2-klein": 64}
 TEXT_PARTS = {"sd3": ("text_encoder", "text_encoder_2", "text_encoder_3"), "flux": ("text_encoder", "text_encoder_2"),
-              "zimage": ("text_encoder",)}
+              "zimage": ("text_encoder",), "flux2-klein": ("text_encoder",)}
 # a weight of the LoRA file from each kind of layer the family adapts by default
 LORA_KEYS = {"sd3": (".to_q.", "add_q_proj"), "flux": (".to_q.", "add_q_proj"),
-             "zimage": ("attention.to_q.", "feed_forward.w1.")}
+             "zimage": ("attention.to_q.", "feed_forward.w1."), "flux2-klein": ("attn.to_q.", "to_qkv_mlp_proj")}
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def _fast(family):
 
 def _sample(pipe, seed=0, length=8):
     """One 32 px image (2 steps) as a float tensor (H, W, 3)."""
-    image = pipe("a red circle", height=32, width=32, num_inference_steps=2, guidance_scale=3.0,
+    image = pipe(prompt="a red circle", height=32, width=32, num_inference_steps=2, guidance_scale=3.0,
                  generator=torch.Generator().manual_seed(seed), max_sequence_length=length).images[0]
     return torch.tensor(np.array(image), dtype=torch.float32)
 
@@ -95,14 +95,15 @@ def test_lora_loads_with_load_lora_weights_and_changes_samples(request, tmp_path
     family = trainer.components
     cond = family.conditioning(family.encode_prompt(family.tokenizer(["a red circle"])), torch.zeros(1, 2, 2), None,
                                32)  # (B, G, 2) sizes: two images, as noisy holds
-    noisy, sigma = torch.randn(2, 16, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([0.4, 0.4])
+    noisy = torch.randn(2, *family.latent_shape(32), generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.4, 0.4])
     with torch.no_grad():
         trained = family.predict(trainer.accelerator.unwrap_model(trainer.denoiser), noisy, sigma, cond)
         torch.testing.assert_close(family.predict(pipe.transformer, noisy, sigma, cond), trained, rtol=1e-4,
                                    atol=1e-5)
 
 
-@pytest.mark.parametrize("family,rank", [("sd3", 0), ("flux", 8), ("zimage", 4)])
+@pytest.mark.parametrize("family,rank", [("sd3", 0), ("flux", 8), ("zimage", 4), ("flux2-klein", 0)])
 def test_a_flow_model_learns_a_preference(request, tmp_path, tiny_data, family, rank):
     """Same 4 pairs, same sigma and noise every step: Flow-DPO drives the implicit accuracy to 1."""
     model, _ = _model(request, family)
@@ -123,7 +124,7 @@ def test_a_flow_model_learns_a_preference(request, tmp_path, tiny_data, family, 
     assert (last["model_mse_w"] - last["model_mse_l"]) < (last["ref_mse_w"] - last["ref_mse_l"])
 
 
-@pytest.mark.parametrize("family,rank", [("sd3", 0), ("flux", 4), ("zimage", 0)])
+@pytest.mark.parametrize("family,rank", [("sd3", 0), ("flux", 4), ("zimage", 0), ("flux2-klein", 4)])
 def test_resume_is_bitwise_equal(request, tmp_path, tiny_data, family, rank):
     model, _ = _model(request, family)
     common = dict(train__max_steps=5, train__checkpointing_steps=2, lora__rank=rank, data__batch_size=3,

@@ -191,3 +191,30 @@ def test_streaming_takes_parquet_or_a_hub_id_only(tmp_path):
     broken = write_pickapic(tmp_path / "b.parquet", [row("a")], drop=("label_0",))
     with pytest.raises(UserError, match="missing column"):
         open_stream(DataConfig(path=str(broken)), 0, 1)
+
+
+def test_a_hub_id_is_streamed_at_its_pinned_commit_each_process_its_shards(named, monkeypatch):
+    """A hub id goes to datasets.load_dataset(id, split, revision, streaming=True) (here answered by the local shards,
+    as the hub would serve them), then split_dataset_by_node: each of 2 processes its own 2 of the 4 shards."""
+    import datasets
+
+    calls = []
+    real = datasets.load_dataset
+
+    def load(path, *args, **kwargs):
+        calls.append((path, kwargs))
+        return real("parquet", data_files={"train": sorted(str(f) for f in named.glob("*.parquet"))},
+                    split="train", streaming=True)
+
+    monkeypatch.setattr(datasets, "load_dataset", load)
+    cfg = DataConfig(path="yuvalkirstain/pickapic_v2", revision="0123abc", resolution=32, shuffle_buffer=5,
+                     proportion_empty_prompts=0.0)
+    seen = []
+    for rank in (0, 1):
+        source = open_stream(cfg, rank, 2)
+        items, part = iter(StreamedPairs(source, cfg, _tokenize, 0, rank)), []
+        while (item := next(items))["stream_epoch"] == 0:
+            part.append(item["prompt"])
+        seen.append(part)
+    assert calls == [("yuvalkirstain/pickapic_v2", {"split": "train", "revision": "0123abc", "streaming": True})] * 2
+    assert not set(seen[0]) & set(seen[1]) and sorted(seen[0] + seen[1]) == _usable_captions(named)

@@ -318,7 +318,7 @@ def generate(model: str, prompts: Sequence[dict | str], seeds: Sequence[int], ou
             raise UserError(f"max sequence length applies to T5-conditioned models (SD3, FLUX); {family.title} "
                             "has no T5")
         text_kwargs["max_sequence_length"] = max_sequence_length
-    factor, multiple = pipe.vae_scale_factor, family.size_multiple(pipe)
+    factor, multiple = family.latent_factor(pipe), family.size_multiple(pipe)
     default = family.native_size(pipe)
     height, width = height or default, width or default
     if height % multiple or width % multiple:

@@ -37,8 +37,10 @@ def sample_images(components: Family, denoiser: nn.Module, prompts: Sequence[str
             for seed in seeds:
                 generator = torch.Generator(device="cpu").manual_seed(seed)  # CPU noise: identical on any device
                 with autocast() if autocast is not None else contextlib.nullcontext():
-                    out = pipe(prompt, height=resolution, width=resolution, num_inference_steps=num_inference_steps,
-                               guidance_scale=guidance_scale, generator=generator, **components.sampling_kwargs())
+                    # prompt by name: FLUX.2 [klein]'s first positional argument is a reference image
+                    out = pipe(prompt=prompt, height=resolution, width=resolution,
+                               num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                               generator=generator, **components.sampling_kwargs())
                 row.append(out.images[0])
             rows.append(row)
     finally:

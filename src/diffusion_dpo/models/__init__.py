@@ -6,6 +6,8 @@
     sd3.py      SD3 / SD3.5 (MMDiT; CLIP-L + CLIP-G + T5)
     flux.py     FLUX.1 dev/schnell (packed latents, position ids, guidance embedding; CLIP-L + T5)
     zimage.py   Z-Image (a single-stream DiT; Qwen3 in its chat template, each prompt its own length)
+    flux2.py    FLUX.2 [klein] (Qwen3's layers 9, 18, 27 side by side; patchified, BatchNorm-normalised latents)
+    llm.py      chat-template tokenization for LLM text encoders
     loading.py  model_index.json -> the family -> only the parts a job needs
     lora.py, reference.py   adapters, and the reference (adapters off / a frozen copy)
     vae.py, precision.py    the shared VAE and dtype helpers

@@ -305,6 +305,11 @@ class Family:
         return pipe.vae_scale_factor
 
     @classmethod
+    def latent_factor(cls, pipe: Any) -> int:
+        """Image side / the side of the initial noise the pipeline takes (FLUX.2's patchify doubles the VAE's)."""
+        return pipe.vae_scale_factor
+
+    @classmethod
     def pipeline_latents(cls, noise: Tensor) -> Tensor:
         """(B, C, h, w) initial noise in the layout the pipeline's `latents=` argument takes."""
         return noise

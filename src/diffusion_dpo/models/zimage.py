@@ -26,30 +26,11 @@ from torch import Tensor, nn
 from diffusion_dpo.config import ModelConfig
 from diffusion_dpo.errors import UserError
 from diffusion_dpo.models.flow import FlowMatching
+from diffusion_dpo.models.llm import ChatTokenizer
 
 # Every linear of the attention and the SwiGLU feed-forward of each block (the main layers and both refiners).
 LORA_TARGETS = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0", "feed_forward.w1",
                 "feed_forward.w2", "feed_forward.w3")
-
-
-@dataclass(frozen=True)
-class ChatTokenizer:
-    """Prompts -> {"input_ids", "attention_mask"}, each (N, L): every prompt put in the text encoder's chat template
-    as one user turn with the assistant turn opened (`template` keyword arguments: Z-Image's enable_thinking=True),
-    then tokenized, padded and truncated to L, as the pipeline does. Picklable: it runs in the DataLoader workers."""
-
-    tokenizer: Any
-    length: int
-    template: tuple[tuple[str, Any], ...] = ()
-    keys: tuple[str, ...] = ("input_ids", "attention_mask")
-
-    def __call__(self, prompts: list[str]) -> dict[str, Tensor]:
-        texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                    add_generation_prompt=True, **dict(self.template))
-                 for p in prompts]
-        out = self.tokenizer(texts, padding="max_length", max_length=self.length, truncation=True,
-                             return_tensors="pt")
-        return {"input_ids": out.input_ids, "attention_mask": out.attention_mask}
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Tiny SD, SDXL, SD3, FLUX.1 and Z-Image pipelines built from config, saved as real diffusers directories.
+"""Tiny SD, SDXL, SD3, FLUX.1, Z-Image and FLUX.2 [klein] pipelines built from config, saved as real diffusers directories.
 
 They share every code path with real checkpoints (`from_pretrained`, tokenizer files, scheduler
 config), so the tests and the offline tiny run exercise exactly what users run, in seconds on a
@@ -13,7 +13,9 @@ CPU. Architecture is the real one, shrunk, with character-level CLIP and T5 toke
                 FLUX.1-dev; `flux-schnell`: none), FLUX's VAE scaling and shift, CLIP-L + T5, and FLUX.1-dev's
                 dynamically shifting scheduler config;
   zimage        Z-Image's single-stream DiT with its refiners, a 2-layer Qwen3 and a byte-level Qwen tokenizer
-                with a chat template, FLUX's VAE scaling and shift, Z-Image-Turbo's static shift 3.
+                with a chat template, FLUX's VAE scaling and shift, Z-Image-Turbo's static shift 3;
+  flux2-klein   FLUX.2 [klein]'s transformer (double and single blocks, 4-axis RoPE), a 28-layer narrow Qwen3 (its
+                layers 9, 18, 27 read), the FLUX.2 VAE with BatchNorm statistics, a dynamically shifting scheduler.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def _text_encoder(with_projection: bool, seed: int):
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
 
 
-KINDS = ("sd", "sdxl", "sd3", "flux", "flux-schnell", "zimage")
+KINDS = ("sd", "sdxl", "sd3", "flux", "flux-schnell", "zimage", "flux2-klein")
 
 
 def build_tiny_pipeline(out_dir: str | Path, kind: str = "sd", resolution: int = 32,
@@ -68,10 +70,12 @@ def build_tiny_pipeline(out_dir: str | Path, kind: str = "sd", resolution: int =
     out_dir = Path(out_dir)
     if kind == "sd3":
         return _tiny_sd3(out_dir, resolution, seed)
-    if kind.startswith("flux"):
+    if kind in ("flux", "flux-schnell"):
         return _tiny_flux(out_dir, resolution, seed, guidance_embeds=kind == "flux")
     if kind == "zimage":
         return _tiny_zimage(out_dir, resolution, seed)
+    if kind == "flux2-klein":
+        return _tiny_flux2_klein(out_dir, resolution, seed)
     return _tiny_sd(out_dir, kind, resolution, prediction_type, seed)
 
 
@@ -245,6 +249,37 @@ def _tiny_zimage(out_dir: Path, resolution: int, seed: int) -> Path:
                                            axes_dims=[8, 4, 4], axes_lens=[1024, 64, 64])
     pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=text_encoder,
                           tokenizer=tokenizer, transformer=transformer)
+    pipe.save_pretrained(out_dir)
+    return out_dir
+
+
+def _tiny_flux2_klein(out_dir: Path, resolution: int, seed: int) -> Path:
+    """FLUX.2 [klein] shrunk: a 28-layer Qwen3 of width 16 (the pipeline reads layers 9, 18 and 27, as the real
+    one's), a FLUX.2 VAE with 8 latent channels (32 after the 2x2 patchify) and BatchNorm statistics that are not
+    the fresh 0 and 1, a transformer with one double- and one single-stream block, 4-axis RoPE and no guidance
+    embedding, and a dynamically shifting scheduler (the pipeline's compute_empirical_mu)."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = _qwen_tokenizer()
+    torch.manual_seed(seed + 1)
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(hidden_size=16, intermediate_size=32, num_hidden_layers=28,
+                                                num_attention_heads=2, num_key_value_heads=2, head_dim=8,
+                                                vocab_size=len(tokenizer), max_position_embeddings=1024))
+    torch.manual_seed(seed)
+    vae = AutoencoderKLFlux2(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                             up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=8,
+                             norm_num_groups=8, sample_size=resolution)
+    with torch.no_grad():
+        vae.bn.running_mean.copy_(torch.linspace(-0.3, 0.3, 32))
+        vae.bn.running_var.copy_(torch.linspace(0.5, 1.5, 32))
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=32, num_layers=1, num_single_layers=1,
+                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
+                                          timestep_guidance_channels=256, axes_dims_rope=(4, 4, 4, 4),
+                                          guidance_embeds=False)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential")
+    pipe = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                              transformer=transformer, is_distilled=False)
     pipe.save_pretrained(out_dir)
     return out_dir
 

@@ -136,7 +136,7 @@ The run's full configuration is in `config.yaml` of its output directory; every 
 from diffusers import {facts.pipeline_class}
 
 {usage}
-image = pipe("a photo of a cat").images[0]
+image = pipe(prompt="a photo of a cat").images[0]
 ```
 """
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))  # parsed once: the metadata must be valid

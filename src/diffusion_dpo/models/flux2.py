@@ -1,0 +1,116 @@
+"""FLUX.2 [klein]: `Flux2Transformer2DModel` on flow matching (models/flow.py), conditioned exactly as
+`Flux2KleinPipeline` builds it:
+
+    text     each prompt as one user turn of Qwen3's chat template, the assistant turn opened with an empty think
+             block (enable_thinking=False), tokenized to max_sequence_length (512, the pipeline's) with padding; the
+             hidden states of layers 9, 18 and 27 (`text_encoder_out_layers`) side by side per token: (B, L, 3 D).
+             Every one of the L tokens is attended to, padding included (the pipeline passes no mask)
+    latents  `AutoencoderKLFlux2`: the posterior 2x2-patchified (32 -> 128 channels) and normalised by the VAE's
+             BatchNorm running statistics (models/vae.py), then one token per latent pixel, (B, h w, 128), with
+             4-axis position ids (t, h, w, l) = (0, row, col, 0) and (0, 0, 0, i) for the text tokens
+    timestep sigma (the pipeline passes t / 1000), and the output is the velocity noise - x_0 as for FLUX.1
+
+klein has no guidance embedding; distilled klein checkpoints sample without classifier-free guidance, base ones with
+it (against the empty prompt). The shift is the scheduler's: FLUX.2's shifts dynamically at sampling time
+(`compute_empirical_mu`), so training draws sigma unshifted, as for FLUX.1-dev (`flow.shift` overrides).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from diffusion_dpo.config import ModelConfig
+from diffusion_dpo.errors import UserError
+from diffusion_dpo.models.flow import ATTENTION_TARGETS, FlowMatching
+from diffusion_dpo.models.llm import ChatTokenizer
+
+TEXT_LAYERS = (9, 18, 27)  # Flux2KleinPipeline's text_encoder_out_layers
+
+# Flow-Factory's FLUX.2 and FLUX.2-klein adapters (src/flow_factory/models/flux/flux2_klein.py): the double-stream
+# blocks' attention projections (as FLUX.1's) and SwiGLU feed-forwards of both streams, and the single-stream blocks'
+# fused QKV+MLP input. The single blocks' fused output `attn.to_out` is a plain Linear that "attn.to_out.0" does not
+# reach and a bare "to_out" would also name the double blocks' ModuleList (which peft refuses); DiffSynth-Studio
+# lists it block by block (single_transformer_blocks.N.attn.to_out), which lora.target_modules can do too.
+LORA_TARGETS = ATTENTION_TARGETS + ("ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out",
+                                    "attn.to_qkv_mlp_proj")
+
+
+def pack(latents: Tensor) -> Tensor:
+    """(N, C, h, w) -> (N, h w, C): one token per latent pixel, row-major (Flux2KleinPipeline._pack_latents)."""
+    n, c, h, w = latents.shape
+    return latents.reshape(n, c, h * w).permute(0, 2, 1)
+
+
+def unpack(tokens: Tensor, height: int, width: int) -> Tensor:
+    """The inverse of `pack`: (N, h w, C) -> (N, C, h, w)."""
+    n, _, c = tokens.shape
+    return tokens.permute(0, 2, 1).reshape(n, c, height, width)
+
+
+def position_ids(rows: int, cols: int, text: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
+    """(rows cols, 4) image ids (0, row, col, 0) and (text, 4) text ids (0, 0, 0, i), as the pipeline's
+    `_prepare_latent_ids` and `_prepare_text_ids` make them (the transformer reads one set for the whole batch)."""
+    zero = torch.zeros(1, dtype=torch.long)
+    image = torch.cartesian_prod(zero, torch.arange(rows), torch.arange(cols), zero)
+    words = torch.cartesian_prod(zero, zero, zero, torch.arange(text))
+    return image.to(device), words.to(device)
+
+
+class Flux2Klein(FlowMatching):
+    name: ClassVar[str] = "flux2-klein"
+    title: ClassVar[str] = "FLUX.2 [klein]"
+    pipelines: ClassVar[tuple[str, ...]] = ("Flux2KleinPipeline",)
+    card_tags: ClassVar[tuple[str, ...]] = ("flux2", "flux2-diffusers")
+    denoiser_role: ClassVar[str] = "transformer"
+    default_lora_targets: ClassVar[tuple[str, ...]] = LORA_TARGETS
+    default_max_sequence_length: ClassVar[int] = 512  # Flux2KleinPipeline's
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.tokenizer = ChatTokenizer(self.tokenizers[0], self.max_sequence_length, (("enable_thinking", False),))
+
+    @classmethod
+    def text_roles(cls, index: dict, cfg: ModelConfig) -> list[tuple[str, str]]:
+        return [("text_encoder", "tokenizer")]
+
+    @classmethod
+    def check_index(cls, index: dict, cfg: ModelConfig, name: str) -> None:
+        super().check_index(index, cfg, name)
+        if not cfg.t5:
+            raise UserError("model.t5 false: FLUX.2 has no T5 (its one text encoder is Qwen3); leave it unset")
+
+    @torch.no_grad()
+    def encode_prompt(self, ids: dict[str, Tensor]) -> dict[str, Tensor]:
+        """{"hidden": (B, L, 3 D)}: Qwen3's hidden states of TEXT_LAYERS side by side, at every token."""
+        encoder = self.text_encoders[0]
+        out = encoder(input_ids=ids["input_ids"].to(encoder.device),
+                      attention_mask=ids["attention_mask"].to(encoder.device), output_hidden_states=True,
+                      use_cache=False)
+        return {"hidden": torch.cat([out.hidden_states[k] for k in TEXT_LAYERS], dim=-1)}
+
+    def conditioning(self, encodings: dict[str, Tensor], original_sizes: Tensor, crop_top_lefts: Tensor,
+                     resolution: int) -> Tensor:
+        return encodings["hidden"].repeat(self.images_per_item(original_sizes), 1, 1)
+
+    def predict(self, model: nn.Module, noisy: Tensor, timesteps: Tensor, cond: Tensor) -> Tensor:
+        n, c, h, w = noisy.shape
+        image_ids, text_ids = position_ids(h, w, cond.shape[1], noisy.device)
+        out = model(hidden_states=pack(noisy), encoder_hidden_states=cond, timestep=timesteps, img_ids=image_ids,
+                    txt_ids=text_ids, guidance=None, return_dict=False)[0]
+        return unpack(out, h, w)
+
+    # ------------------------------------------------------------------ generate
+    @classmethod
+    def latent_factor(cls, pipe: Any) -> int:
+        return 2 * pipe.vae_scale_factor  # the 2x2 patchify
+
+    @classmethod
+    def native_size(cls, pipe: Any) -> int:
+        return pipe.default_sample_size * pipe.vae_scale_factor
+
+    @classmethod
+    def size_multiple(cls, pipe: Any) -> int:
+        return 2 * pipe.vae_scale_factor
