@@ -63,3 +63,8 @@ def tiny_zimage(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_flux2_klein(tmp_path_factory):
     return _tiny(tmp_path_factory, "flux2_klein", kind="flux2-klein")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwenimage(tmp_path_factory):
+    return _tiny(tmp_path_factory, "qwenimage", kind="qwenimage")

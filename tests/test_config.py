@@ -141,12 +141,15 @@ def test_flow_recipes():
     klein, klein_full = (load_config(CONFIGS / f"flux2_klein_{m}.yaml") for m in ("lora", "full"))
     assert (klein.lora.rank, klein.lora.alpha, klein.lora.target_modules, klein.loss.beta) == (64, 128, None, 100)
     assert klein_full.lora.rank == 0 and klein_full.optim.name == "adafactor" and klein_full.optim.scale_lr
+    qwen = load_config(CONFIGS / "qwenimage_lora.yaml")
+    assert (qwen.lora.rank, qwen.lora.alpha, qwen.lora.target_modules, qwen.loss.beta) == (64, 128, None, 100)
 
 
 @pytest.mark.parametrize("recipe,fixture", [("sd35_medium_lora.yaml", "tiny_sd3"), ("sd35_full.yaml", "tiny_sd3"),
                                             ("flux_dev_lora.yaml", "tiny_flux"), ("zimage_lora.yaml", "tiny_zimage"),
                                             ("flux2_klein_lora.yaml", "tiny_flux2_klein"),
-                                            ("flux2_klein_full.yaml", "tiny_flux2_klein")])
+                                            ("flux2_klein_full.yaml", "tiny_flux2_klein"),
+                                            ("qwenimage_lora.yaml", "tiny_qwenimage")])
 def test_flow_recipes_train_their_familys_architecture(request, tmp_path, recipe, fixture):
     """The recipe as shipped (its LoRA targets, optimizer, schedule, guidance), on the tiny model of its family:
     every target module exists in the architecture and the first step is log 2."""

@@ -192,11 +192,47 @@ def test_flux2_klein_predicts_the_velocity_its_pipeline_steps_with(tiny_flux2_kl
                                atol=1e-5)
 
 
-@pytest.mark.parametrize("fixture", ["tiny_sd3", "tiny_flux", "tiny_zimage", "tiny_flux2_klein"])
+def test_qwenimage_conditioning_equals_the_pipelines_encode_prompt(tiny_qwenimage):
+    """Qwen2.5-VL's last hidden state at the prompt's tokens after the template's first 34, at most
+    max_sequence_length of them, zero-padded to the batch's longest with the mask the transformer applies (None
+    when none is padded): QwenImagePipeline.encode_prompt's, for [winners; losers]."""
+    from diffusers import QwenImagePipeline
+
+    c = load_components(ModelConfig(pretrained=str(tiny_qwenimage), max_sequence_length=256))
+    cond = c.conditioning(c.encode_prompt(c.tokenizer(PROMPTS)), None, None, 32)
+    pipe = c.build_pipeline(c.denoiser)
+    assert isinstance(pipe, QwenImagePipeline)
+    embeds, mask = pipe.encode_prompt(list(PROMPTS), device="cpu", max_sequence_length=256)
+    assert mask is not None and len(set(mask.sum(1).tolist())) == 2  # the prompts have their own lengths
+    torch.testing.assert_close(cond.hidden_states, embeds.repeat(2, 1, 1))
+    assert torch.equal(cond.mask, mask.repeat(2, 1))
+    same = c.conditioning(c.encode_prompt(c.tokenizer(PROMPTS[:1])), None, None, 32)
+    assert same.mask is None  # one prompt: nothing padded, as the pipeline passes no mask
+
+
+def test_qwenimage_predicts_the_velocity_its_pipeline_steps_with(tiny_qwenimage):
+    """One sampling step from sigma = 1 to 0 is x - v(x, 1), in the packed tokens QwenImagePipeline returns as
+    latents: predict() (packing, img_shapes, timestep sigma, the mask) is the pipeline's."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    c = load_components(ModelConfig(pretrained=str(tiny_qwenimage), max_sequence_length=256))
+    assert c.latent_shape(32) == c.posterior_shape(32) == (4, 16, 16)
+    pipe = c.build_pipeline(c.denoiser, FlowMatchEulerDiscreteScheduler(shift=1.0))
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        stepped = pipe(prompt="a red circle", height=32, width=32, num_inference_steps=1, latents=pack(noise),
+                       output_type="latent", max_sequence_length=256).images
+        cond = c.conditioning(c.encode_prompt(c.tokenizer(["a red circle"])), torch.zeros(1, 1, 2), None, 32)
+        ours = noise - c.predict(c.denoiser, noise, torch.ones(1), cond)
+    torch.testing.assert_close(stepped, pack(ours), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_sd3", "tiny_flux", "tiny_zimage", "tiny_flux2_klein", "tiny_qwenimage"])
 def test_swapping_winner_and_loser_negates_inside(request, fixture):
     """At theta = ref the margin is 0; with the policy moved, the same pair in the other order has the opposite
     margin: conditioning, timestep and noise are paired per pair, never per position."""
-    length = 64 if fixture in ("tiny_zimage", "tiny_flux2_klein") else 8  # a chat template takes ~20 tokens
+    # a chat template takes ~20 of the byte-level tokens; Qwen-Image's system prompt, kept after its first 34, ~130
+    length = {"tiny_zimage": 64, "tiny_flux2_klein": 64, "tiny_qwenimage": 256}.get(fixture, 8)
     c = load_components(ModelConfig(pretrained=str(request.getfixturevalue(fixture)), max_sequence_length=length))
     ref = load_components(ModelConfig(pretrained=str(request.getfixturevalue(fixture)), max_sequence_length=length))
     with torch.no_grad():

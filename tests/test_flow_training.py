@@ -13,14 +13,16 @@ from diffusion_dpo.training import Trainer, train
 from test_training import make_cfg, read_metrics, straight_and_resumed
 
 FAMILIES = {"sd3": ("tiny_sd3", "StableDiffusion3Pipeline"), "flux": ("tiny_flux", "FluxPipeline"),
-            "zimage": ("tiny_zimage", "ZImagePipeline"), "flux2-klein": ("tiny_flux2_klein", "Flux2KleinPipeline")}
+            "zimage": ("tiny_zimage", "ZImagePipeline"), "flux2-klein": ("tiny_flux2_klein", "Flux2KleinPipeline"),
+            "qwenimage": ("tiny_qwenimage", "QwenImagePipeline")}
 # the tiny T5 at 8 tokens: the same code, a shorter joint attention; Z-Image's chat template alone is ~20 tokens
-LENGTH = {"sd3": 8, "flux": 8, "zimage": 64, "flux2-klein": 64}
+LENGTH = {"sd3": 8, "flux": 8, "zimage": 64, "flux2-klein": 64, "qwenimage": 256}
 TEXT_PARTS = {"sd3": ("text_encoder", "text_encoder_2", "text_encoder_3"), "flux": ("text_encoder", "text_encoder_2"),
-              "zimage": ("text_encoder",), "flux2-klein": ("text_encoder",)}
+              "zimage": ("text_encoder",), "flux2-klein": ("text_encoder",), "qwenimage": ("text_encoder",)}
 # a weight of the LoRA file from each kind of layer the family adapts by default
 LORA_KEYS = {"sd3": (".to_q.", "add_q_proj"), "flux": (".to_q.", "add_q_proj"),
-             "zimage": ("attention.to_q.", "feed_forward.w1."), "flux2-klein": ("attn.to_q.", "to_qkv_mlp_proj")}
+             "zimage": ("attention.to_q.", "feed_forward.w1."), "flux2-klein": ("attn.to_q.", "to_qkv_mlp_proj"),
+             "qwenimage": ("attn.add_q_proj", "img_mlp.net.0.proj", "txt_mlp.net.2")}
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +105,8 @@ def test_lora_loads_with_load_lora_weights_and_changes_samples(request, tmp_path
                                    atol=1e-5)
 
 
-@pytest.mark.parametrize("family,rank", [("sd3", 0), ("flux", 8), ("zimage", 4), ("flux2-klein", 0)])
+@pytest.mark.parametrize("family,rank", [("sd3", 0), ("flux", 8), ("zimage", 4), ("flux2-klein", 0),
+                                         ("qwenimage", 4)])
 def test_a_flow_model_learns_a_preference(request, tmp_path, tiny_data, family, rank):
     """Same 4 pairs, same sigma and noise every step: Flow-DPO drives the implicit accuracy to 1."""
     model, _ = _model(request, family)
@@ -124,7 +127,8 @@ def test_a_flow_model_learns_a_preference(request, tmp_path, tiny_data, family, 
     assert (last["model_mse_w"] - last["model_mse_l"]) < (last["ref_mse_w"] - last["ref_mse_l"])
 
 
-@pytest.mark.parametrize("family,rank", [("sd3", 0), ("flux", 4), ("zimage", 0), ("flux2-klein", 4)])
+@pytest.mark.parametrize("family,rank", [("sd3", 0), ("flux", 4), ("zimage", 0), ("flux2-klein", 4),
+                                         ("qwenimage", 0)])
 def test_resume_is_bitwise_equal(request, tmp_path, tiny_data, family, rank):
     model, _ = _model(request, family)
     common = dict(train__max_steps=5, train__checkpointing_steps=2, lora__rank=rank, data__batch_size=3,

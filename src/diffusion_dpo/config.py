@@ -31,7 +31,8 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 @dataclass
 class ModelConfig:
     pretrained: str = _f("", "Base model: a hub id (online) or a local diffusers pipeline directory "
-                             "(SD 1.x/2.x, SDXL, SD3/SD3.5, FLUX.1 or Z-Image). Required.")
+                             "(SD 1.x/2.x, SDXL, SD3/SD3.5, FLUX.1, Z-Image, FLUX.2 [klein] or Qwen-Image). "
+                             "Required.")
     revision: Optional[str] = _f(None, "Hub revision (branch, tag or commit) of `pretrained`. A run resolves it "
                                        "once to a commit (pins.json in output_dir) and reads that commit from then "
                                        "on, resumes included.")

@@ -7,7 +7,9 @@
     flux.py     FLUX.1 dev/schnell (packed latents, position ids, guidance embedding; CLIP-L + T5)
     zimage.py   Z-Image (a single-stream DiT; Qwen3 in its chat template, each prompt its own length)
     flux2.py    FLUX.2 [klein] (Qwen3's layers 9, 18, 27 side by side; patchified, BatchNorm-normalised latents)
+    qwenimage.py  Qwen-Image (an MMDiT; Qwen2.5-VL in its system-prompt template, masked; a one-frame video VAE)
     llm.py      chat-template tokenization for LLM text encoders
+    packing.py  2x2 latent packing (FLUX.1, Qwen-Image)
     loading.py  model_index.json -> the family -> only the parts a job needs
     lora.py, reference.py   adapters, and the reference (adapters off / a frozen copy)
     vae.py, precision.py    the shared VAE and dtype helpers

@@ -19,13 +19,14 @@ from diffusion_dpo.models.family import Family
 from diffusion_dpo.models.flux import Flux
 from diffusion_dpo.models.flux2 import Flux2Klein
 from diffusion_dpo.models.precision import cast
+from diffusion_dpo.models.qwenimage import QwenImage
 from diffusion_dpo.models.sd import StableDiffusion, StableDiffusionXL
 from diffusion_dpo.models.sd3 import StableDiffusion3
 from diffusion_dpo.models.vae import load_vae, load_vae_config
 from diffusion_dpo.models.zimage import ZImage
 
 FAMILIES: tuple[type[Family], ...] = (StableDiffusion, StableDiffusionXL, StableDiffusion3, Flux, ZImage,
-                                      Flux2Klein)
+                                      Flux2Klein, QwenImage)
 
 
 def read_model_index(cfg: ModelConfig, setting: str = "model.pretrained") -> dict:

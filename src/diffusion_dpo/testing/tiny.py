@@ -1,4 +1,4 @@
-"""Tiny SD, SDXL, SD3, FLUX.1, Z-Image and FLUX.2 [klein] pipelines built from config, saved as real diffusers directories.
+"""Tiny SD, SDXL, SD3, FLUX.1, Z-Image, FLUX.2 [klein] and Qwen-Image pipelines built from config, saved as real diffusers directories.
 
 They share every code path with real checkpoints (`from_pretrained`, tokenizer files, scheduler
 config), so the tests and the offline tiny run exercise exactly what users run, in seconds on a
@@ -15,7 +15,8 @@ CPU. Architecture is the real one, shrunk, with character-level CLIP and T5 toke
   zimage        Z-Image's single-stream DiT with its refiners, a 2-layer Qwen3 and a byte-level Qwen tokenizer
                 with a chat template, FLUX's VAE scaling and shift, Z-Image-Turbo's static shift 3;
   flux2-klein   FLUX.2 [klein]'s transformer (double and single blocks, 4-axis RoPE), a 28-layer narrow Qwen3 (its
-                layers 9, 18, 27 read), the FLUX.2 VAE with BatchNorm statistics, a dynamically shifting scheduler.
+                layers 9, 18, 27 read), the FLUX.2 VAE with BatchNorm statistics, a dynamically shifting scheduler;
+  qwenimage     Qwen-Image's MMDiT, a 2-layer Qwen2.5-VL, the one-frame video VAE with per-channel mean and std.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def _text_encoder(with_projection: bool, seed: int):
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
 
 
-KINDS = ("sd", "sdxl", "sd3", "flux", "flux-schnell", "zimage", "flux2-klein")
+KINDS = ("sd", "sdxl", "sd3", "flux", "flux-schnell", "zimage", "flux2-klein", "qwenimage")
 
 
 def build_tiny_pipeline(out_dir: str | Path, kind: str = "sd", resolution: int = 32,
@@ -76,6 +77,8 @@ def build_tiny_pipeline(out_dir: str | Path, kind: str = "sd", resolution: int =
         return _tiny_zimage(out_dir, resolution, seed)
     if kind == "flux2-klein":
         return _tiny_flux2_klein(out_dir, resolution, seed)
+    if kind == "qwenimage":
+        return _tiny_qwenimage(out_dir, resolution, seed)
     return _tiny_sd(out_dir, kind, resolution, prediction_type, seed)
 
 
@@ -280,6 +283,41 @@ def _tiny_flux2_klein(out_dir: Path, resolution: int, seed: int) -> Path:
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential")
     pipe = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                               transformer=transformer, is_distilled=False)
+    pipe.save_pretrained(out_dir)
+    return out_dir
+
+
+def _tiny_qwenimage(out_dir: Path, resolution: int, seed: int) -> Path:
+    """Qwen-Image shrunk: a 2-layer Qwen2.5-VL (its text model read; a 2-block vision tower it never uses here), the
+    byte-level Qwen tokenizer, the one-frame video VAE with per-channel latents_mean/std (downsampling x2), an MMDiT
+    of 2 blocks with 3-axis RoPE, and Qwen-Image's dynamically shifting scheduler config."""
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
+                           QwenImageTransformer2DModel)
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = _qwen_tokenizer(1024)
+    n, end = len(tokenizer), tokenizer.eos_token_id
+    torch.manual_seed(seed + 1)
+    config = Qwen2_5_VLConfig(
+        text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                     "num_key_value_heads": 2, "rope_theta": 1e6, "vocab_size": n, "max_position_embeddings": 2048,
+                     "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+                     "bos_token_id": end, "eos_token_id": end},
+        vision_config={"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16},
+        hidden_size=16, vocab_size=n, vision_start_token_id=n, vision_end_token_id=n + 1, vision_token_id=n + 2,
+        image_token_id=n + 3, video_token_id=n + 4, bos_token_id=end, eos_token_id=end)
+    text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
+    torch.manual_seed(seed)
+    vae = AutoencoderKLQwenImage(base_dim=16, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+                                 latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.5, 2.0, 1.0])
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+                                              axes_dims_rope=(8, 4, 4))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+                                                base_image_seq_len=256, max_image_seq_len=8192,
+                                                time_shift_type="exponential")
+    pipe = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                             transformer=transformer)
     pipe.save_pretrained(out_dir)
     return out_dir
 
