@@ -265,10 +265,11 @@ def test_prompt_file_errors(tmp_path):
         load_prompts(tmp_path / "empty.txt")
 
 
-@pytest.mark.parametrize("fixture", ["tiny_sd3", "tiny_flux"])
+@pytest.mark.parametrize("fixture", ["tiny_sd3", "tiny_flux", "tiny_zimage", "tiny_flux2_klein", "tiny_qwenimage"])
 def test_flow_families_generate_the_pipelines_own_images_byte_identically(request, tmp_path, fixture):
-    """x_T from the seed alone, handed over in the family's layout (FLUX: packed): the images are the pipeline's
-    own for that seed, the same bytes on a rerun, and within one level for another batch size."""
+    """x_T from the seed alone, handed over in the family's layout (FLUX.1, Qwen-Image: packed; FLUX.2: patchified):
+    the images are the pipeline's own for that seed, the same bytes on a rerun, and within one level for another
+    batch size."""
     from diffusers import DiffusionPipeline
 
     model = str(request.getfixturevalue(fixture))
@@ -279,7 +280,7 @@ def test_flow_families_generate_the_pipelines_own_images_byte_identically(reques
     b = generate(model, PROMPTS[:2], [0, 1], tmp_path / "b", batch_size=1, **kw).parent
     assert _max_pixel_diff(a, b) <= 1
     pipe = DiffusionPipeline.from_pretrained(model)
-    own = pipe(PROMPTS[1], num_inference_steps=2, guidance_scale=3.0, height=32, width=32,
+    own = pipe(prompt=PROMPTS[1], num_inference_steps=2, guidance_scale=3.0, height=32, width=32,
                generator=torch.Generator().manual_seed(1)).images[0]
     ours = np.asarray(Image.open(b / image_name(1, 1)), dtype=int)
     assert np.abs(ours - np.asarray(own, dtype=int)).max() <= 1
