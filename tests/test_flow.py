@@ -171,6 +171,15 @@ def test_flux2_klein_conditioning_equals_the_pipelines_prompt_embeds(tiny_flux2_
     torch.testing.assert_close(cond, embeds.repeat(2, 1, 1))
 
 
+def test_a_distilled_klein_samples_its_grids_without_guidance(tiny_flux2_klein, tmp_path):
+    """The pipeline skips classifier-free guidance from its is_distilled flag: a sample grid's pipeline carries the
+    checkpoint's."""
+    for distilled in (False, True):
+        model = _edited_copy(tiny_flux2_klein, tmp_path / str(distilled), lambda i: i.update(is_distilled=distilled))
+        c = load_components(ModelConfig(pretrained=model, max_sequence_length=64), denoiser=False)
+        assert c.build_pipeline(None).config.is_distilled is distilled
+
+
 def test_flux2_klein_predicts_the_velocity_its_pipeline_steps_with(tiny_flux2_klein):
     """One sampling step from sigma = 1 to 0 is x - v(x, 1) in the patchified, normalised space, which the pipeline
     then denormalises with the VAE's BatchNorm statistics and unpatchifies: predict() and LatentScale are the
@@ -281,9 +290,9 @@ def test_refusals_are_one_line(tiny_sd3, tiny_flux, tiny_flux_schnell, tmp_path)
     no_t5 = _edited_copy(tiny_flux, tmp_path / "b", lambda ix: ix.update(text_encoder_2=[None, None]))
     assert "is a FLUX model without its T5 encoder" in error(pretrained=no_t5)
     assert "FLUX.1 cannot run without its T5" in error(pretrained=str(tiny_flux), t5=False)
-    assert "at most 512 T5 tokens" in error(pretrained=str(tiny_flux), max_sequence_length=513)
+    assert "at most 512 text tokens" in error(pretrained=str(tiny_flux), max_sequence_length=513)
     # SD3 too, before training (its pipeline refuses more at the first grid or `generate`: issue 37, defect 6)
-    assert "Stable Diffusion 3 / 3.5's pipeline takes at most 512 T5 tokens" in \
+    assert "Stable Diffusion 3 / 3.5's pipeline takes at most 512 text tokens" in \
         error(pretrained=str(tiny_sd3), max_sequence_length=513)
     assert "has no guidance embedding" in error(pretrained=str(tiny_flux_schnell), guidance=3.5)
     sd3_no_t5 = _edited_copy(tiny_sd3, tmp_path / "c", lambda ix: ix.update(text_encoder_3=[None, None],

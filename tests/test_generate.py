@@ -165,7 +165,7 @@ def test_lora_weights_load_and_change_images(tiny_sd, tmp_path):
     (dict(scheduler="warp"), "unknown scheduler 'warp'"),
     (dict(dtype="float8"), "dtype 'float8'"),
     (dict(height=30), "multiples of 8"),
-    (dict(max_sequence_length=16), "applies to T5-conditioned models .* Stable Diffusion 1.x/2.x has no T5"),
+    (dict(max_sequence_length=16), "applies to models with a T5 or LLM text encoder; Stable Diffusion 1.x/2.x has neither"),
 ])
 def test_bad_generate_input_is_one_line(tiny_sd, tmp_path, kwargs, match):
     with pytest.raises(UserError, match=match) as err:
@@ -319,3 +319,15 @@ def test_a_lora_of_another_family_is_refused(tiny_sd, tiny_flux, tmp_path):
     with pytest.raises(UserError, match="none of its weights fit this model's transformer"):
         generate(str(tiny_flux), PROMPTS[:1], [0], tmp_path / "x", lora=str(tmp_path / "sd_lora"), height=32,
                  width=32, steps=1)
+
+
+def test_qwenimage_guidance_is_its_true_cfg_with_a_negative_prompt(tiny_qwenimage, tmp_path):
+    """Qwen-Image's guidance is true_cfg_scale (its guidance_scale is for distilled checkpoints and is ignored):
+    unset, the pipeline's own 4.0 is recorded and applied (a negative prompt given, so the pipeline runs it); 1.0
+    turns it off, and the images differ."""
+    kw = dict(steps=2, height=32, width=32, max_sequence_length=256)  # the byte-level tiny tokenizer: the system
+    # prompt alone fills the first ~130 tokens after the template's 34
+    default = generate(str(tiny_qwenimage), PROMPTS[:1], [0], tmp_path / "default", guidance_scale=None, **kw).parent
+    assert json.loads((default / "run.json").read_text())["guidance_scale"] == 4.0
+    off = generate(str(tiny_qwenimage), PROMPTS[:1], [0], tmp_path / "off", guidance_scale=1.0, **kw).parent
+    assert _images(default) != _images(off)

@@ -61,8 +61,9 @@ def register(subparsers: argparse._SubParsersAction, parser_class: type[argparse
     gen.add_argument("--steps", type=int, default=30, help="sampling steps [default: 30]")
     gen.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance [default: 7.5]")
     gen.add_argument("--max-sequence-length", type=int, metavar="N",
-                     help="T5 tokens (SD3, FLUX): the model.max_sequence_length it was trained at "
-                          "[default: the pipeline's: 256 for SD3, 512 for FLUX (schnell takes at most 256)]")
+                     help="text tokens (SD3, FLUX.1: T5; Z-Image, FLUX.2, Qwen-Image: the LLM): the "
+                          "model.max_sequence_length it was trained at [default: the pipeline's: 256 for SD3, 512 for "
+                          "the others (FLUX.1-schnell takes at most 256)]")
     gen.add_argument("--height", type=int, help="[default: the model's native size]")
     gen.add_argument("--width", type=int, help="[default: the model's native size]")
     gen.add_argument("--batch-size", type=int, default=4, help="images per forward pass [default: 4]")

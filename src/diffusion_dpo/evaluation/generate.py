@@ -264,13 +264,15 @@ def generate_on_all(state: Any, model: str, prompts: Sequence[dict | str], seeds
     return Path(out_dir) / MANIFEST
 
 
-def pipeline_defaults(pipe: Any) -> dict[str, Any]:
+def pipeline_defaults(pipe: Any, family: Any = None) -> dict[str, Any]:
     """The sampling settings a user gets from `pipe(prompt)`: the pipeline's own call defaults
-    (steps, guidance scale, and the T5 length for pipelines with a T5 encoder)."""
+    (steps, guidance scale (the family's `guidance_parameter`: Qwen-Image's true_cfg_scale), and the text length
+    for pipelines that take one)."""
     import inspect
 
     params = inspect.signature(type(pipe).__call__).parameters
-    defaults = {"steps": params["num_inference_steps"].default, "guidance_scale": params["guidance_scale"].default}
+    guidance = getattr(family, "guidance_parameter", "guidance_scale")
+    defaults = {"steps": params["num_inference_steps"].default, "guidance_scale": params[guidance].default}
     if "max_sequence_length" in params:
         defaults["max_sequence_length"] = params["max_sequence_length"].default
     return defaults
@@ -309,14 +311,14 @@ def generate(model: str, prompts: Sequence[dict | str], seeds: Sequence[int], ou
     out_dir = Path(out_dir)
     commit = commit or pinned_revision(out_dir, model, revision)
     pipe, family = load_pipeline(model, lora, scheduler, device, dtype, commit)
-    defaults = pipeline_defaults(pipe)
+    defaults = pipeline_defaults(pipe, family)
     steps = defaults["steps"] if steps is None else steps
     guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
     text_kwargs = {}
     if max_sequence_length is not None:
         if "max_sequence_length" not in defaults:
-            raise UserError(f"max sequence length applies to T5-conditioned models (SD3, FLUX); {family.title} "
-                            "has no T5")
+            raise UserError(f"max sequence length applies to models with a T5 or LLM text encoder; {family.title} "
+                            "has neither")
         text_kwargs["max_sequence_length"] = max_sequence_length
     factor, multiple = family.latent_factor(pipe), family.size_multiple(pipe)
     default = family.native_size(pipe)
@@ -349,7 +351,8 @@ def generate(model: str, prompts: Sequence[dict | str], seeds: Sequence[int], ou
             latents = family.pipeline_latents(torch.stack(noise)).to(device, DTYPES[dtype])  # (B, C, h, w) or packed
             with torch.no_grad():
                 images = pipe(prompt=[prompts[i]["prompt"] for i, _ in batch], height=height, width=width,
-                              num_inference_steps=steps, guidance_scale=guidance_scale, latents=latents,
+                              num_inference_steps=steps, latents=latents, **family.guidance_kwargs(guidance_scale,
+                                                                                                    len(batch)),
                               generator=list(generators), output_type="pil", **text_kwargs).images
             with open(lines, "a", encoding="utf-8") as f:
                 for (i, s), image in zip(batch, images):

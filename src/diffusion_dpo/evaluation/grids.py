@@ -39,8 +39,8 @@ def sample_images(components: Family, denoiser: nn.Module, prompts: Sequence[str
                 with autocast() if autocast is not None else contextlib.nullcontext():
                     # prompt by name: FLUX.2 [klein]'s first positional argument is a reference image
                     out = pipe(prompt=prompt, height=resolution, width=resolution,
-                               num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                               generator=generator, **components.sampling_kwargs())
+                               num_inference_steps=num_inference_steps, generator=generator,
+                               **components.guidance_kwargs(guidance_scale, 1), **components.sampling_kwargs())
                 row.append(out.images[0])
             rows.append(row)
     finally:

@@ -157,7 +157,11 @@ class Family:
     def latent_scale(self) -> LatentScale:
         """How the VAE's posterior samples become the denoiser's latents (`vae.LatentScale`); FLUX.2's needs the
         VAE's BatchNorm statistics, read from the loaded VAE or, training from a cache, from its weights file."""
-        return LatentScale.of(self.vae_config, self._vae_statistics)
+        if self.vae_config.get("batch_norm_eps") is None:  # from the config alone: cheap
+            return LatentScale.of(self.vae_config)
+        if getattr(self, "_stats_scale", None) is None:  # FLUX.2's statistics: read (or moved off the GPU) once
+            self._stats_scale = LatentScale.of(self.vae_config, self._vae_statistics)
+        return self._stats_scale
 
     def _vae_statistics(self) -> dict[str, Tensor]:
         if self.vae is not None:
@@ -303,6 +307,13 @@ class Family:
     def size_multiple(cls, pipe: Any) -> int:
         """Image sides must be multiples of this."""
         return pipe.vae_scale_factor
+
+    guidance_parameter: ClassVar[str] = "guidance_scale"  # the pipeline-call argument the guidance scale sets
+
+    @classmethod
+    def guidance_kwargs(cls, scale: Optional[float], batch: int) -> dict[str, Any]:
+        """Pipeline-call arguments for classifier-free guidance of `scale`, for `batch` prompts."""
+        return {"guidance_scale": scale}
 
     @classmethod
     def latent_factor(cls, pipe: Any) -> int:

@@ -108,7 +108,7 @@ class FlowMatching(Family):
         n = cls.max_sequence_length_of(cfg)
         if cls.max_max_sequence_length is not None and n > cls.max_max_sequence_length:
             raise UserError(f"model.max_sequence_length {n}: {cls.title}'s pipeline takes at most "
-                            f"{cls.max_max_sequence_length} T5 tokens")
+                            f"{cls.max_max_sequence_length} text tokens")
 
     @classmethod
     def encoding_identity(cls, cfg: ModelConfig) -> dict[str, Any]:

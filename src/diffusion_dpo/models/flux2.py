@@ -88,7 +88,7 @@ class Flux2Klein(FlowMatching):
         encoder = self.text_encoders[0]
         out = encoder(input_ids=ids["input_ids"].to(encoder.device),
                       attention_mask=ids["attention_mask"].to(encoder.device), output_hidden_states=True,
-                      use_cache=False)
+                      use_cache=False, logits_to_keep=1)  # hidden states only: no vocabulary-wide logits
         return {"hidden": torch.cat([out.hidden_states[k] for k in TEXT_LAYERS], dim=-1)}
 
     def conditioning(self, encodings: dict[str, Tensor], original_sizes: Tensor, crop_top_lefts: Tensor,
@@ -101,6 +101,13 @@ class Flux2Klein(FlowMatching):
         out = model(hidden_states=pack(noisy), encoder_hidden_states=cond, timestep=timesteps, img_ids=image_ids,
                     txt_ids=text_ids, guidance=None, return_dict=False)[0]
         return unpack(out, h, w)
+
+    def extra_parts(self) -> dict[str, Any]:
+        # a step-distilled klein samples without classifier-free guidance: the pipeline reads it from this flag
+        return {"is_distilled": bool(self.index.get("is_distilled", False))}
+
+    def save_overrides(self) -> dict[str, Any]:
+        return {}  # from_pretrained reads is_distilled from the base's model_index.json
 
     # ------------------------------------------------------------------ generate
     @classmethod

@@ -94,8 +94,8 @@ class QwenImage(FlowMatching):
         template's first tokens, moved to the front and zero-padded."""
         encoder = self.text_encoders[0]
         mask = ids["attention_mask"].to(encoder.device)
-        hidden = encoder(input_ids=ids["input_ids"].to(encoder.device), attention_mask=mask,
-                         output_hidden_states=True).hidden_states[-1]
+        hidden = encoder(input_ids=ids["input_ids"].to(encoder.device), attention_mask=mask, output_hidden_states=True,
+                         use_cache=False, logits_to_keep=1).hidden_states[-1]  # no vocabulary-wide logits
         length = self.max_sequence_length
         out = hidden.new_zeros(hidden.shape[0], length, hidden.shape[-1])
         kept = torch.zeros(hidden.shape[0], length, dtype=hidden.dtype, device=hidden.device)
@@ -138,3 +138,11 @@ class QwenImage(FlowMatching):
     @classmethod
     def pipeline_latents(cls, noise: Tensor) -> Tensor:
         return pack(noise)  # QwenImagePipeline takes `latents=` already packed
+
+    guidance_parameter: ClassVar[str] = "true_cfg_scale"
+
+    @classmethod
+    def guidance_kwargs(cls, scale: Optional[float], batch: int) -> dict[str, Any]:
+        # true classifier-free guidance, which the pipeline runs only with a negative prompt (its docs use " ");
+        # its guidance_scale is for guidance-distilled checkpoints and is ignored otherwise
+        return {"true_cfg_scale": scale, "negative_prompt": [" "] * batch}
