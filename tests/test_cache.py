@@ -118,6 +118,11 @@ def test_cached_run_equals_uncached_run(tmp_path, request, tiny_data, kind):
         assert [m[key] for m in plain] == pytest.approx([m[key] for m in from_cache], rel=1e-5), key
     # beta = 5000 turns ~1e-7 relative float noise in the errors into ~1e-4 in the loss (measured: 1e-4)
     assert [m["loss"] for m in plain] == pytest.approx([m["loss"] for m in from_cache], abs=1e-3)
+    if kind in ("zimage", "qwenimage"):  # an LLM's masked encodings: stored at each caption's own length
+        from safetensors import safe_open
+
+        with safe_open(str(tmp_path / "cache" / "text-00000.safetensors"), framework="pt") as f:
+            assert "hidden@tokens" in f.keys() and "length" in f.keys() and "mask" not in f.keys()
 
 
 @pytest.mark.parametrize("kind,rank", [("sd", 0), ("sd", 4), ("sd3", 0), ("flux", 4), ("zimage", 4),
@@ -547,3 +552,28 @@ def test_a_format_2_cache_is_still_read(tmp_path, sd_cache, tiny_sd, tiny_data):
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), (i, key)
+
+
+def test_masked_caption_encodings_are_stored_at_their_own_lengths():
+    """An LLM's encodings with a mask (real tokens anywhere: right or left padding) are stored as the tokens the mask
+    keeps and read back as those tokens first, zero-padded, with their mask: what conditioning keeps is unchanged."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from diffusion_dpo.cache.store import _read_ragged, pack_ragged
+
+    hidden = torch.randn(3, 6, 4)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0]], dtype=torch.float32)
+    packed = pack_ragged({"hidden": hidden * mask[..., None], "mask": mask, "pooled": torch.randn(3, 2)})
+    assert packed["hidden@tokens"].shape == (8, 4) and packed["length"].tolist() == [3, 4, 1]
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file(packed, f"{tmp}/t.safetensors")
+        with safe_open(f"{tmp}/t.safetensors", framework="pt") as f:
+            for i in range(3):
+                row = _read_ragged(f, i)
+                k = int(mask[i].sum())
+                assert row["mask"].tolist() == [1.0] * k + [0.0] * (6 - k)
+                assert torch.equal(row["hidden"][row["mask"] > 0.5], hidden[i][mask[i] > 0.5])
+                assert not row["hidden"][k:].any()

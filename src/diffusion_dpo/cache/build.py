@@ -32,7 +32,8 @@ from diffusion_dpo import __version__
 from diffusion_dpo.cache.chunks import (PLAN, ChunkWriter, chunk, num_chunks, open_plan, save_arrays_whole,
                                        save_whole, written)
 from diffusion_dpo.cache.identity import cache_identity, check_manifest, refuse_random_crop
-from diffusion_dpo.cache.store import CACHE_FORMAT, DTYPES, EMPTY_PROMPT_ROW, MANIFEST, read_manifest, storage_dtype
+from diffusion_dpo.cache.store import (CACHE_FORMAT, DTYPES, EMPTY_PROMPT_ROW, MANIFEST, pack_ragged, read_manifest,
+                                        storage_dtype)
 from diffusion_dpo.config import CacheConfig, DataConfig, FlowConfig, ModelConfig
 from diffusion_dpo.data.image_checks import shared_by
 from diffusion_dpo.data.items import decode_pair_image, prepare_image
@@ -237,12 +238,15 @@ def build_cache(model: ModelConfig, data: DataConfig, cache: CacheConfig, flow: 
 
 
 def _encode_texts(comp: Any, texts: list[str], batch: int, dtype: torch.dtype, path: Path) -> None:
-    """One chunk of captions through the family's text encoders, written whole."""
+    """One chunk of captions through the family's text encoders, written whole. Encodings that come with a "mask"
+    (an LLM's tokens, real ones first: Z-Image, Qwen-Image) are stored at each caption's own length
+    (`store.pack_ragged`), not padded to max_sequence_length."""
     parts: dict[str, list[Tensor]] = {}
     for start in range(0, len(texts), batch):
         for name, t in comp.encode_prompt(comp.tokenizer(texts[start:start + batch])).items():
             parts.setdefault(name, []).append(t.to("cpu", dtype))
-    save_whole({name: torch.cat(ts) for name, ts in parts.items()}, path)
+    whole = {name: torch.cat(ts) for name, ts in parts.items()}
+    save_whole(pack_ragged(whole) if "mask" in whole else whole, path)
 
 
 def _encode_images(comp: Any, images: _ImagesToEncode, chunks: list[range], paths: list[Path], batch_size: int,

@@ -103,6 +103,8 @@ class Cache:
         `orientation`'s bytes are read."""
         shard, offset = divmod(row, self.shard_pairs)
         f = self._file(files[shard]["file"])
+        if "length" in f.keys():  # captions stored at their own lengths (`pack_ragged`)
+            return _read_ragged(f, offset)
         return {k: _read_row(f, k, offset, orientation) for k in (keys or f.keys()) if k in f.keys()}
 
     def _image(self, row: int, orientation: int) -> dict[str, Tensor]:
@@ -127,6 +129,44 @@ class Cache:
                 "label": float(row["label"])}
         item.update({TEXT_PREFIX + name: t for name, t in text.items()})
         return item
+
+
+RAGGED = "@tokens"  # suffix of an encoding stored at each caption's own length: (sum of lengths, ...)
+
+
+def pack_ragged(encodings: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Masked encodings (N, L, ...) with "mask" (N, L) as each caption's own tokens: every (N, L, ...) tensor becomes
+    `name@tokens` (sum of lengths, ...), the tokens the mask keeps in their order, plus "length" (N,) and L
+    "padded_to" (1,); others are kept. A caption takes its tokens' bytes, not L's (an LLM's prompts: ~10x less). Read
+    back (`_read_ragged`) a caption's tokens come first, then zeros, and the mask says so: what the family's
+    `conditioning` keeps (the masked tokens, in order) is unchanged."""
+    keep = encodings["mask"] > 0.5
+    n, width = keep.shape
+    out = {"length": keep.sum(1).to(torch.int64), "padded_to": torch.tensor([width])}
+    for name, t in encodings.items():
+        if name == "mask":
+            continue
+        out[name + RAGGED if t.dim() >= 2 and t.shape[:2] == (n, width) else name] = \
+            t[keep] if t.dim() >= 2 and t.shape[:2] == (n, width) else t
+    return out
+
+
+def _read_ragged(f: Any, offset: int) -> dict[str, Tensor]:
+    """Row `offset` of a `pack_ragged` file as the encodings it came from: zero-padded back to L with its mask."""
+    lengths = f.get_slice("length")
+    start = int(lengths[:offset].sum()) if offset else 0
+    k, width = int(lengths[offset:offset + 1][0]), int(f.get_slice("padded_to")[0:1][0])
+    out = {}
+    for key in f.keys():
+        if key.endswith(RAGGED):
+            tokens = f.get_slice(key)[start:start + k]
+            padded = tokens.new_zeros((width, *tokens.shape[1:]))
+            padded[:k] = tokens
+            out[key[:-len(RAGGED)]] = padded
+    mask = torch.zeros(width, dtype=next(iter(out.values())).dtype)
+    mask[:k] = 1
+    out["mask"] = mask
+    return out
 
 
 def _read_row(f: Any, key: str, offset: int, orientation: int) -> Tensor:
