@@ -320,7 +320,7 @@ def test_sigkill_at_random_times_then_rerun_ends_with_the_same_bits(tmp_path, ti
     assert not list(run.rglob("*.tmp")), f"seed {seed}: a temporary file was left behind"
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "zimage", "flux2_klein", "qwenimage"])
 def test_full_flow_rounds_continue_the_policy_and_load_as_pipelines(request, tmp_path, prompt_files, family):
     """A full fine-tune of a flow transformer in rounds: round 2 samples with and trains from round 1's pipeline,
     against it (log 2 at its first step), and the last round's final/ is a pipeline the family's diffusers class
@@ -329,13 +329,15 @@ def test_full_flow_rounds_continue_the_policy_and_load_as_pipelines(request, tmp
 
     model = request.getfixturevalue(f"tiny_{family}")
     out = tmp_path / "run"
-    report = iterate(make_cfg(out, model, prompt_files, model__max_sequence_length=8))
+    length = {"zimage": 64, "flux2_klein": 64, "qwenimage": 256}.get(family, 8)  # the chat templates' tokens
+    report = iterate(make_cfg(out, model, prompt_files, model__max_sequence_length=length))
     r1, r2 = out / "round-1" / "train", out / "round-2" / "train"
     assert json.loads((out / "round-2" / "samples" / "run.json").read_text())["model"] == str(r1 / "final")
     assert f"pretrained: {r1 / 'final'}" in (r2 / "config.yaml").read_text()
     assert read_metrics(r2)[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert report["final"] == str(r2 / "final")
-    cls = {"sd3": diffusers.StableDiffusion3Pipeline, "flux": diffusers.FluxPipeline}[family]
+    cls = {"sd3": diffusers.StableDiffusion3Pipeline, "flux": diffusers.FluxPipeline, "zimage": diffusers.ZImagePipeline,
+           "flux2_klein": diffusers.Flux2KleinPipeline, "qwenimage": diffusers.QwenImagePipeline}[family]
     tuned, base = cls.from_pretrained(report["final"]), cls.from_pretrained(model)
     moved = [not torch.equal(p, q) for p, q in zip(tuned.transformer.parameters(), base.transformer.parameters())]
     assert any(moved) and type(tuned.transformer) is type(base.transformer)
