@@ -326,3 +326,37 @@ def test_sd3_default_lora_targets_leave_the_dual_attention_blocks_attn2_alone():
     adapted = [n for n, m in model.named_modules() if isinstance(m, LoraLayer)]
     assert not any(".attn2." in n for n in adapted)
     assert len(adapted) == 3 * 8 - 1  # the last block feeds no text stream onward: no to_add_out
+
+
+def test_the_new_families_refuse_bad_input_in_one_line(tiny_zimage, tiny_flux2_klein, tiny_qwenimage, tmp_path):
+    """Before any work: a checkpoint missing a component, a LoRA of another family, a cache of another family."""
+    from dataclasses import replace
+
+    from diffusion_dpo.cache.build import build_cache
+    from diffusion_dpo.cache.store import Cache
+    from diffusion_dpo.config import CacheConfig, DataConfig, FlowConfig, LoraConfig
+    from diffusion_dpo.evaluation.generate import generate
+    from diffusion_dpo.models import add_lora
+    from diffusion_dpo.testing.tiny_data import build_tiny_pickapic
+
+    broken = tmp_path / "zimage"
+    shutil.copytree(tiny_zimage, broken)
+    shutil.rmtree(broken / "text_encoder")
+    with pytest.raises(UserError, match=r"missing component folder\(s\) text_encoder/"):
+        load_components(ModelConfig(pretrained=str(broken)))
+
+    z = load_components(ModelConfig(pretrained=str(tiny_zimage), max_sequence_length=64))
+    add_lora(z.denoiser, LoraConfig(rank=4), z.default_lora_targets)
+    z.save_lora(z.denoiser, tmp_path / "z_lora")
+    with pytest.raises(UserError, match="z_lora': cannot load into this model: Target modules .* not found") as exc:
+        generate(str(tiny_flux2_klein), ["a red circle"], [0], tmp_path / "x", lora=str(tmp_path / "z_lora"),
+                 height=32, width=32, steps=1, max_sequence_length=64)
+    assert "\n" not in str(exc.value)
+
+    data = build_tiny_pickapic(tmp_path / "data", num_pairs=6)
+    cfg = DataConfig(path=str(data), resolution=32, num_workers=0)
+    cache = CacheConfig(dir=str(tmp_path / "cache"), shard_pairs=4, batch_size=4)
+    zimage = ModelConfig(pretrained=str(tiny_zimage), max_sequence_length=64)
+    build_cache(zimage, cfg, cache, FlowConfig())
+    with pytest.raises(UserError, match="was made with model family = 'zimage', this run has 'qwenimage'"):
+        Cache.open(replace(zimage, pretrained=str(tiny_qwenimage)), cfg, cache, "no")
