@@ -46,7 +46,7 @@ from diffusion_dpo.errors import UserError, is_local_path
 REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 LOCAL_KEYS = ("prompt", "chosen", "rejected")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv")
-_TOL = 1e-6  # labels are floats; 0.5 may arrive as 0.49999999
+LABEL_TOL = 1e-6  # labels are floats; 0.5 may arrive as 0.49999999
 
 
 def row_captions(rows: Any, row_index: np.ndarray) -> list[str]:
@@ -342,7 +342,7 @@ def _pairs_from_table(table: pa.Table, rows: Any, images: TableImages, where: Ro
     cap_null = table.column("caption").is_null().to_numpy(zero_copy_only=False)
     l0 = table.column("label_0").cast(pa.float64()).to_numpy(zero_copy_only=False)  # nulls -> NaN
     l0_nan = np.isnan(l0)
-    near = lambda v: np.abs(l0 - v) <= _TOL  # noqa: E731
+    near = lambda v: np.abs(l0 - v) <= LABEL_TOL  # noqa: E731
     l0_bad = ~l0_nan & ~(near(0.0) | near(0.5) | near(1.0))
     checks: list[tuple[np.ndarray, Any]] = [
         (cap_null, lambda r: "caption is null"),
@@ -351,7 +351,7 @@ def _pairs_from_table(table: pa.Table, rows: Any, images: TableImages, where: Ro
     ]
     if "label_1" in table.column_names:
         l1 = table.column("label_1").cast(pa.float64()).to_numpy(zero_copy_only=False)
-        l1_bad = ~l0_nan & ~l0_bad & ~(np.abs(l1 - (1.0 - l0)) <= _TOL)  # NaN compares False
+        l1_bad = ~l0_nan & ~l0_bad & ~(np.abs(l1 - (1.0 - l0)) <= LABEL_TOL)  # NaN compares False
         checks.append((l1_bad, lambda r: f"label_1 is {l1[r]:g} but label_0 is {l0[r]:g} "
                                          f"(label_1 must be 1 - label_0)"))
     for name in cell_columns:

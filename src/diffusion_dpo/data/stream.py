@@ -39,10 +39,8 @@ import torch
 from diffusion_dpo.config import DataConfig
 from diffusion_dpo.data.images import cell_problem, image_source, load_rgb
 from diffusion_dpo.data.items import build_item
-from diffusion_dpo.data.pairs import REQUIRED_COLUMNS, check_schema, parquet_files
+from diffusion_dpo.data.pairs import LABEL_TOL, REQUIRED_COLUMNS, check_schema, parquet_files
 from diffusion_dpo.errors import UserError, is_local_path
-
-_TOL = 1e-6  # as data.pairs: labels are floats
 
 
 @dataclass
@@ -126,11 +124,11 @@ def row_pair(rec: dict) -> tuple[str, bytes, bytes, float]:
     if l0 is None or (isinstance(l0, float) and math.isnan(l0)):
         raise BadRow("label_0 is null or NaN")
     l0 = float(l0)
-    label = next((v for v in (0.0, 0.5, 1.0) if abs(l0 - v) <= _TOL), None)
+    label = next((v for v in (0.0, 0.5, 1.0) if abs(l0 - v) <= LABEL_TOL), None)
     if label is None:
         raise BadRow(f"label_0 is {l0:g}, expected 0, 0.5 or 1")
     l1 = rec.get("label_1", 1.0 - l0)
-    if l1 is None or not abs(float(l1) - (1.0 - l0)) <= _TOL:
+    if l1 is None or not abs(float(l1) - (1.0 - l0)) <= LABEL_TOL:
         raise BadRow(f"label_1 is {l1} but label_0 is {l0:g} (label_1 must be 1 - label_0)")
     cells = []
     for name in ("jpg_0", "jpg_1"):

@@ -23,12 +23,12 @@ from torch import Tensor, nn
 from diffusion_dpo.config import FlowConfig, ModelConfig
 from diffusion_dpo.errors import UserError
 from diffusion_dpo.models.flow import ATTENTION_TARGETS, FlowMatching, JointConditioning
-from diffusion_dpo.models.packing import image_ids, pack, unpack
+from diffusion_dpo.models.packing import PackedLatents, image_ids, pack, unpack
 
 DEFAULT_GUIDANCE = 3.5
 
 
-class Flux(FlowMatching):
+class Flux(PackedLatents, FlowMatching):
     name: ClassVar[str] = "flux"
     title: ClassVar[str] = "FLUX.1"
     pipelines: ClassVar[tuple[str, ...]] = ("FluxPipeline",)
@@ -83,9 +83,6 @@ class Flux(FlowMatching):
             guidance = torch.full((g * t5.shape[0],), self.guidance, device=t5.device, dtype=torch.float32)
         return JointConditioning(t5.repeat(g, 1, 1), pooled.repeat(g, 1), guidance)
 
-    def latent_multiple(self) -> int:
-        return 2  # 2x2 packing
-
     def predict(self, model: nn.Module, noisy: Tensor, timesteps: Tensor, cond: JointConditioning) -> Tensor:
         n, c, h, w = noisy.shape
         text_ids = torch.zeros(cond.hidden_states.shape[1], 3, device=noisy.device)
@@ -93,20 +90,3 @@ class Flux(FlowMatching):
                     pooled_projections=cond.pooled, encoder_hidden_states=cond.hidden_states, txt_ids=text_ids,
                     img_ids=image_ids(h // 2, w // 2, noisy.device)).sample
         return unpack(out, c, h, w)
-
-    # ------------------------------------------------------------------ generate
-    @classmethod
-    def latent_channels(cls, pipe: Any) -> int:
-        return pipe.transformer.config.in_channels // 4
-
-    @classmethod
-    def native_size(cls, pipe: Any) -> int:
-        return pipe.default_sample_size * pipe.vae_scale_factor
-
-    @classmethod
-    def size_multiple(cls, pipe: Any) -> int:
-        return 2 * pipe.vae_scale_factor
-
-    @classmethod
-    def pipeline_latents(cls, noise: Tensor) -> Tensor:
-        return pack(noise)  # FluxPipeline takes `latents=` already packed

@@ -22,10 +22,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from diffusion_dpo.config import ModelConfig
-from diffusion_dpo.errors import UserError
-from diffusion_dpo.models.flow import ATTENTION_TARGETS, FlowMatching
-from diffusion_dpo.models.llm import ChatTokenizer
+from diffusion_dpo.models.flow import ATTENTION_TARGETS
+from diffusion_dpo.models.llm import ChatTokenizer, LLMConditioned
 
 TEXT_LAYERS = (9, 18, 27)  # Flux2KleinPipeline's text_encoder_out_layers
 
@@ -59,28 +57,18 @@ def position_ids(rows: int, cols: int, text: int, device: torch.device | str) ->
     return image.to(device), words.to(device)
 
 
-class Flux2Klein(FlowMatching):
+class Flux2Klein(LLMConditioned):
     name: ClassVar[str] = "flux2-klein"
     title: ClassVar[str] = "FLUX.2 [klein]"
     pipelines: ClassVar[tuple[str, ...]] = ("Flux2KleinPipeline",)
     card_tags: ClassVar[tuple[str, ...]] = ("flux2", "flux2-diffusers")
-    denoiser_role: ClassVar[str] = "transformer"
+    text_encoder_title: ClassVar[str] = "Qwen3"
     default_lora_targets: ClassVar[tuple[str, ...]] = LORA_TARGETS
     default_max_sequence_length: ClassVar[int] = 512  # Flux2KleinPipeline's
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.tokenizer = ChatTokenizer(self.tokenizers[0], self.max_sequence_length, (("enable_thinking", False),))
-
-    @classmethod
-    def text_roles(cls, index: dict, cfg: ModelConfig) -> list[tuple[str, str]]:
-        return [("text_encoder", "tokenizer")]
-
-    @classmethod
-    def check_index(cls, index: dict, cfg: ModelConfig, name: str) -> None:
-        super().check_index(index, cfg, name)
-        if not cfg.t5:
-            raise UserError("model.t5 false: FLUX.2 has no T5 (its one text encoder is Qwen3); leave it unset")
 
     @torch.no_grad()
     def encode_prompt(self, ids: dict[str, Tensor]) -> dict[str, Tensor]:

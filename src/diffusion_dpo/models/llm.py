@@ -1,12 +1,17 @@
-"""Text encoders that are chat LLMs (Qwen3 for Z-Image and FLUX.2 [klein]): prompts put in the encoder's chat
-template as its pipeline does, tokenized in the DataLoader workers with their attention mask."""
+"""Text encoders that are LLMs (Qwen3 for Z-Image and FLUX.2 [klein], Qwen2.5-VL for Qwen-Image): prompts put in the
+encoder's chat template as its pipeline does, tokenized in the DataLoader workers with their attention mask; and what
+the families conditioned on one such encoder share (`LLMConditioned`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor
+
+from diffusion_dpo.config import ModelConfig
+from diffusion_dpo.errors import UserError
+from diffusion_dpo.models.flow import FlowMatching
 
 
 @dataclass(frozen=True)
@@ -27,3 +32,21 @@ class ChatTokenizer:
         out = self.tokenizer(texts, padding="max_length", max_length=self.length, truncation=True,
                              return_tensors="pt")
         return {"input_ids": out.input_ids, "attention_mask": out.attention_mask}
+
+
+class LLMConditioned(FlowMatching):
+    """A flow transformer conditioned on one LLM text encoder: its folders, and `model.t5` refused (there is none)."""
+
+    denoiser_role: ClassVar[str] = "transformer"
+    text_encoder_title: ClassVar[str]  # for messages, e.g. "Qwen3"
+
+    @classmethod
+    def text_roles(cls, index: dict, cfg: ModelConfig) -> list[tuple[str, str]]:
+        return [("text_encoder", "tokenizer")]
+
+    @classmethod
+    def check_index(cls, index: dict, cfg: ModelConfig, name: str) -> None:
+        super().check_index(index, cfg, name)
+        if not cfg.t5:
+            raise UserError(f"model.t5 false: {cls.title} has no T5 (its one text encoder is "
+                            f"{cls.text_encoder_title}); leave it unset")

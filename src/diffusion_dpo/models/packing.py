@@ -1,7 +1,10 @@
 """Latents as tokens, 2x2 patches: FLUX.1's packing, which Qwen-Image's pipeline shares (FLUX.2 packs one token per
-latent pixel of its already patchified latents: models/flux2.py)."""
+latent pixel of its already patchified latents: models/flux2.py); and what such a family's pipeline expects of the
+initial noise (`PackedLatents`)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -27,3 +30,27 @@ def image_ids(rows: int, cols: int, device: torch.device | str) -> Tensor:
     ids[..., 1] = torch.arange(rows, device=device)[:, None]
     ids[..., 2] = torch.arange(cols, device=device)[None, :]
     return ids.reshape(rows * cols, 3)
+
+
+class PackedLatents:
+    """A family mixin (before its Family base): latents packed 2x2 into tokens, as FluxPipeline and QwenImagePipeline
+    take them: sides a multiple of 2 latents, the noise handed over packed, the pipeline's default size."""
+
+    def latent_multiple(self) -> int:
+        return 2  # 2x2 packing
+
+    @classmethod
+    def latent_channels(cls, pipe: Any) -> int:
+        return pipe.transformer.config.in_channels // 4
+
+    @classmethod
+    def native_size(cls, pipe: Any) -> int:
+        return pipe.default_sample_size * pipe.vae_scale_factor
+
+    @classmethod
+    def size_multiple(cls, pipe: Any) -> int:
+        return 2 * pipe.vae_scale_factor
+
+    @classmethod
+    def pipeline_latents(cls, noise: Tensor) -> Tensor:
+        return pack(noise)  # the pipelines take `latents=` already packed

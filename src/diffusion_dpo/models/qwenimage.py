@@ -23,10 +23,8 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import Tensor, nn
 
-from diffusion_dpo.config import ModelConfig
-from diffusion_dpo.errors import UserError
-from diffusion_dpo.models.flow import FlowMatching
-from diffusion_dpo.models.packing import pack, unpack
+from diffusion_dpo.models.llm import LLMConditioned
+from diffusion_dpo.models.packing import PackedLatents, pack, unpack
 
 TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
             "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
@@ -64,12 +62,12 @@ class MaskedConditioning:
     mask: Optional[Tensor]  # (2B, L) 1 at real tokens
 
 
-class QwenImage(FlowMatching):
+class QwenImage(PackedLatents, LLMConditioned):
     name: ClassVar[str] = "qwenimage"
     title: ClassVar[str] = "Qwen-Image"
     pipelines: ClassVar[tuple[str, ...]] = ("QwenImagePipeline",)
     card_tags: ClassVar[tuple[str, ...]] = ("qwen-image", "qwen-image-diffusers")
-    denoiser_role: ClassVar[str] = "transformer"
+    text_encoder_title: ClassVar[str] = "Qwen2.5-VL"
     default_lora_targets: ClassVar[tuple[str, ...]] = LORA_TARGETS
     default_max_sequence_length: ClassVar[int] = 512  # QwenImagePipeline.__call__'s
     max_max_sequence_length: ClassVar[int | None] = 1024  # the pipeline refuses more
@@ -77,16 +75,6 @@ class QwenImage(FlowMatching):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.tokenizer = TemplateTokenizer(self.tokenizers[0], TEMPLATE, self.max_sequence_length + TEMPLATE_TOKENS)
-
-    @classmethod
-    def text_roles(cls, index: dict, cfg: ModelConfig) -> list[tuple[str, str]]:
-        return [("text_encoder", "tokenizer")]
-
-    @classmethod
-    def check_index(cls, index: dict, cfg: ModelConfig, name: str) -> None:
-        super().check_index(index, cfg, name)
-        if not cfg.t5:
-            raise UserError("model.t5 false: Qwen-Image has no T5 (its one text encoder is Qwen2.5-VL); leave it unset")
 
     @torch.no_grad()
     def encode_prompt(self, ids: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -112,9 +100,6 @@ class QwenImage(FlowMatching):
         hidden, mask = encodings["hidden"][:, :longest].repeat(g, 1, 1), mask[:, :longest].repeat(g, 1)
         return MaskedConditioning(hidden, None if bool(mask.all()) else mask.long())
 
-    def latent_multiple(self) -> int:
-        return 2  # 2x2 packing
-
     def predict(self, model: nn.Module, noisy: Tensor, timesteps: Tensor, cond: MaskedConditioning) -> Tensor:
         n, c, h, w = noisy.shape
         out = model(hidden_states=pack(noisy), timestep=timesteps, guidance=None,
@@ -123,22 +108,6 @@ class QwenImage(FlowMatching):
         return unpack(out, c, h, w)
 
     # ------------------------------------------------------------------ generate
-    @classmethod
-    def latent_channels(cls, pipe: Any) -> int:
-        return pipe.transformer.config.in_channels // 4
-
-    @classmethod
-    def native_size(cls, pipe: Any) -> int:
-        return pipe.default_sample_size * pipe.vae_scale_factor
-
-    @classmethod
-    def size_multiple(cls, pipe: Any) -> int:
-        return 2 * pipe.vae_scale_factor
-
-    @classmethod
-    def pipeline_latents(cls, noise: Tensor) -> Tensor:
-        return pack(noise)  # QwenImagePipeline takes `latents=` already packed
-
     guidance_parameter: ClassVar[str] = "true_cfg_scale"
 
     @classmethod

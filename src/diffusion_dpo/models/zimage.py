@@ -23,10 +23,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from diffusion_dpo.config import ModelConfig
-from diffusion_dpo.errors import UserError
-from diffusion_dpo.models.flow import FlowMatching
-from diffusion_dpo.models.llm import ChatTokenizer
+from diffusion_dpo.models.llm import ChatTokenizer, LLMConditioned
 
 # Every linear of the attention and the SwiGLU feed-forward of each block (the main layers and both refiners).
 LORA_TARGETS = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0", "feed_forward.w1",
@@ -40,28 +37,18 @@ class TokenConditioning:
     features: list[Tensor]
 
 
-class ZImage(FlowMatching):
+class ZImage(LLMConditioned):
     name: ClassVar[str] = "zimage"
     title: ClassVar[str] = "Z-Image"
     pipelines: ClassVar[tuple[str, ...]] = ("ZImagePipeline",)
     card_tags: ClassVar[tuple[str, ...]] = ("z-image", "z-image-diffusers")
-    denoiser_role: ClassVar[str] = "transformer"
+    text_encoder_title: ClassVar[str] = "Qwen3"
     default_lora_targets: ClassVar[tuple[str, ...]] = LORA_TARGETS
     default_max_sequence_length: ClassVar[int] = 512  # ZImagePipeline's
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.tokenizer = ChatTokenizer(self.tokenizers[0], self.max_sequence_length, (("enable_thinking", True),))
-
-    @classmethod
-    def text_roles(cls, index: dict, cfg: ModelConfig) -> list[tuple[str, str]]:
-        return [("text_encoder", "tokenizer")]
-
-    @classmethod
-    def check_index(cls, index: dict, cfg: ModelConfig, name: str) -> None:
-        super().check_index(index, cfg, name)
-        if not cfg.t5:
-            raise UserError("model.t5 false: Z-Image has no T5 (its one text encoder is Qwen3); leave it unset")
 
     @torch.no_grad()
     def encode_prompt(self, ids: dict[str, Tensor]) -> dict[str, Tensor]:
