@@ -7,7 +7,8 @@
 #    random weights (`make-tiny --shaped`), bf16, LoRA from the cache and the full fine-tune against a precomputed
 #    reference, with MFU (bench knows the H100/H200/A100/L40S/A10G/L4 peaks);
 # 2. the `gpu`-marked tests: FSDP and DeepSpeed runs, their sharded checkpoints and resumes;
-# 3. the cache built by every process of an `accelerate launch` on one GPU's worth of processes is not run here
+# 3. a LoRA on the SD3.5-medium-shaped base quantized to int8, nf4 and fp8 (model.quantize_base; fp8 needs torchao);
+# 4. the cache built by every process of an `accelerate launch` on one GPU's worth of processes is not run here
 #    (one GPU); the CPU suite covers it over gloo.
 # Every step has its own time limit; a failed step is reported and the others still run. Logs and JSON: OUT.
 set -uo pipefail
@@ -40,14 +41,20 @@ step make-sdxl 150 $PY -m diffusion_dpo make-tiny --output-dir "$OUT/models" --r
 step make-sd35 150 $PY -m diffusion_dpo make-tiny --output-dir "$OUT/models512" --resolution 512 --num-pairs 32 \
     --shaped sd35-medium
 
-bench() {  # bench NAME CONFIG MODEL DATA RESOLUTION
+bench() {  # bench NAME CONFIG MODEL DATA RESOLUTION MODES [OVERRIDES...]
     step "bench-$1" 150 $PY -m diffusion_dpo bench --config "$2" --model.pretrained "$3" --data.path "$4" \
         --data.resolution "$5" --data.batch_size 2 --data.num_workers 2 --train.mixed_precision bf16 \
-        --train.gradient_checkpointing true --modes lora+cache precomputed --steps 6 --warmup 2 --floor-repeats 5 \
-        --json "$OUT/bench-$1.json" --markdown "$OUT/bench-$1.md"
+        --train.gradient_checkpointing true --modes $6 --steps 6 --warmup 2 --floor-repeats 5 \
+        --json "$OUT/bench-$1.json" --markdown "$OUT/bench-$1.md" "${@:7}"
 }
-bench sdxl-1024 configs/sdxl_pickapic.yaml "$OUT/models/sdxl" "$OUT/models/pickapic" 1024
-bench sd35-medium-512 configs/sd35_medium_lora.yaml "$OUT/models512/sd35-medium" "$OUT/models512/pickapic" 512
+bench sdxl-1024 configs/sdxl_pickapic.yaml "$OUT/models/sdxl" "$OUT/models/pickapic" 1024 "lora+cache precomputed"
+bench sd35-medium-512 configs/sd35_medium_lora.yaml "$OUT/models512/sd35-medium" "$OUT/models512/pickapic" 512 \
+    "lora+cache precomputed"
+# a LoRA on a quantized frozen base (model.quantize_base): peak memory and speed against the bf16 base above
+for q in int8 nf4 fp8; do
+    bench "sd35-medium-512-$q" configs/sd35_medium_lora.yaml "$OUT/models512/sd35-medium" "$OUT/models512/pickapic" \
+        512 "lora+cache" --model.quantize_base "$q"
+done
 
 step gpu-tests 200 $PY -m pytest -q -p no:cacheprovider -n 0 -m gpu tests/
 

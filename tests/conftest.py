@@ -66,5 +66,10 @@ def tiny_flux2_klein(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_flux2(tmp_path_factory):
+    return _tiny(tmp_path_factory, "flux2", kind="flux2")
+
+
+@pytest.fixture(scope="session")
 def tiny_qwenimage(tmp_path_factory):
     return _tiny(tmp_path_factory, "qwenimage", kind="qwenimage")

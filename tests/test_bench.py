@@ -161,5 +161,5 @@ def test_the_gpu_check_script_parses_and_names_what_exists():
     for config in re.findall(r"configs/[\w.]+\.yaml", text):
         assert (ROOT / config).is_file(), config
     assert set(re.findall(r"--shaped ([\w-]+)", text)) <= set(SHAPED)
-    for modes in re.findall(r"--modes ([\w+ ]+?) --", text):
-        assert set(modes.split()) <= set(MODES), modes
+    listed = re.findall(r'(?:512|1024)\s*\\?\s*"([\w+ ]+)"', text)  # bench NAME ... RESOLUTION "MODES"
+    assert len(listed) == 3 and all(set(modes.split()) <= set(MODES) for modes in listed), listed

@@ -95,7 +95,7 @@ def test_cached_items_equal_encoding_on_the_fly(request, tmp_path, tiny_data, fi
     assert torch.equal(a["label"], b["label"]) and torch.equal(a["sample_seed"], b["sample_seed"])
 
 
-@pytest.mark.parametrize("kind", ["sd", "sdxl", "sd3", "flux", "zimage", "flux2_klein", "qwenimage"])
+@pytest.mark.parametrize("kind", ["sd", "sdxl", "sd3", "flux", "zimage", "flux2_klein", "flux2", "qwenimage"])
 def test_cached_run_equals_uncached_run(tmp_path, request, tiny_data, kind):
     model = request.getfixturevalue(f"tiny_{kind}")
     # eps = 1 makes Adam ~ SGD with momentum: plain Adam would turn float noise in near-zero gradients into
@@ -126,7 +126,7 @@ def test_cached_run_equals_uncached_run(tmp_path, request, tiny_data, kind):
 
 
 @pytest.mark.parametrize("kind,rank", [("sd", 0), ("sd", 4), ("sd3", 0), ("flux", 4), ("zimage", 4),
-                                       ("flux2_klein", 0), ("qwenimage", 4)])
+                                       ("flux2_klein", 0), ("flux2", 4), ("qwenimage", 4)])
 def test_precomputed_reference_equals_live_reference(request, tmp_path, tiny_data, kind, rank, monkeypatch):
     """The reference errors computed ahead (other batches, no training) give the live run's losses; training
     then holds no reference copy (full) and never switches the adapters off (LoRA)."""

@@ -143,12 +143,16 @@ def test_flow_recipes():
     assert klein_full.lora.rank == 0 and klein_full.optim.name == "adafactor" and klein_full.optim.scale_lr
     qwen = load_config(CONFIGS / "qwenimage_lora.yaml")
     assert (qwen.lora.rank, qwen.lora.alpha, qwen.lora.target_modules, qwen.loss.beta) == (64, 128, None, 100)
+    dev = load_config(CONFIGS / "flux2_dev_lora.yaml")
+    assert (dev.lora.rank, dev.lora.alpha, dev.lora.target_modules, dev.loss.beta, dev.model.guidance) == \
+        (64, 128, None, 100, None) and dev.cache.auto
 
 
 @pytest.mark.parametrize("recipe,fixture", [("sd35_medium_lora.yaml", "tiny_sd3"), ("sd35_full.yaml", "tiny_sd3"),
                                             ("flux_dev_lora.yaml", "tiny_flux"), ("zimage_lora.yaml", "tiny_zimage"),
                                             ("flux2_klein_lora.yaml", "tiny_flux2_klein"),
                                             ("flux2_klein_full.yaml", "tiny_flux2_klein"),
+                                            ("flux2_dev_lora.yaml", "tiny_flux2"),
                                             ("qwenimage_lora.yaml", "tiny_qwenimage")])
 def test_flow_recipes_train_their_familys_architecture(request, tmp_path, recipe, fixture):
     """The recipe as shipped (its LoRA targets, optimizer, schedule, guidance), on the tiny model of its family:
@@ -164,7 +168,8 @@ def test_flow_recipes_train_their_familys_architecture(request, tmp_path, recipe
         "model.pretrained": str(request.getfixturevalue(fixture)), "data.path": str(data), "output_dir":
         str(tmp_path / "run"), "data.resolution": "32", "data.batch_size": "2", "data.num_workers": "0",
         "train.gradient_accumulation_steps": "1", "train.max_steps": "2", "train.mixed_precision": "no",
-        "train.report_to": "none", "validation.every_steps": "-1", "model.max_sequence_length": "8"})
+        "train.report_to": "none", "validation.every_steps": "-1", "model.max_sequence_length": "8",
+        **({"cache.dir": str(tmp_path / "cache")} if "cache:" in (CONFIGS / recipe).read_text() else {})})
     train(cfg)
     first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)

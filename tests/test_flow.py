@@ -168,7 +168,31 @@ def test_flux2_klein_conditioning_equals_the_pipelines_prompt_embeds(tiny_flux2_
     embeds = Flux2KleinPipeline._get_qwen3_prompt_embeds(c.text_encoders[0], c.tokenizers[0], list(PROMPTS),
                                                          max_sequence_length=64)
     assert embeds.shape == (2, 64, 48)
-    torch.testing.assert_close(cond, embeds.repeat(2, 1, 1))
+    torch.testing.assert_close(cond.hidden_states, embeds.repeat(2, 1, 1))
+    assert cond.guidance is None  # klein has no guidance embedding
+
+
+def test_flux2_dev_conditioning_equals_the_pipelines_prompt_embeds(tiny_flux2):
+    """Mistral 3's layers 10, 20 and 30 side by side at every one of max_sequence_length tokens (the system message,
+    then the prompt, in the chat template), as Flux2Pipeline._get_mistral_3_small_prompt_embeds, for [winners;
+    losers]; the guidance embedding fed 4.0 (the pipeline's default) or model.guidance. The checkpoint names a
+    PixtralProcessor (whose class needs torchvision): its tokenizer alone is loaded, and the pipeline's own
+    encoding runs with it."""
+    from diffusers import Flux2Pipeline
+
+    assert json.loads((tiny_flux2 / "model_index.json").read_text())["tokenizer"] == ["transformers",
+                                                                                     "PixtralProcessor"]
+    c = load_components(ModelConfig(pretrained=str(tiny_flux2), max_sequence_length=256))
+    cond = c.conditioning(c.encode_prompt(c.tokenizer(PROMPTS)), None, None, 32)
+    embeds = Flux2Pipeline._get_mistral_3_small_prompt_embeds(c.text_encoders[0], c.tokenizers[0], list(PROMPTS),
+                                                              max_sequence_length=256)
+    assert embeds.shape == (2, 256, 48)
+    torch.testing.assert_close(cond.hidden_states, embeds.repeat(2, 1, 1))
+    assert torch.equal(cond.guidance, torch.full((4,), 4.0))
+    c = load_components(ModelConfig(pretrained=str(tiny_flux2), max_sequence_length=256, guidance=2.5),
+                        denoiser=False)
+    assert torch.equal(c.conditioning(c.encode_prompt(c.tokenizer(PROMPTS)), None, None, 32).guidance,
+                       torch.full((4,), 2.5))
 
 
 def test_a_distilled_klein_samples_its_grids_without_guidance(tiny_flux2_klein, tmp_path):
@@ -180,21 +204,28 @@ def test_a_distilled_klein_samples_its_grids_without_guidance(tiny_flux2_klein, 
         assert c.build_pipeline(None).config.is_distilled is distilled
 
 
-def test_flux2_klein_predicts_the_velocity_its_pipeline_steps_with(tiny_flux2_klein):
+@pytest.mark.parametrize("fixture,guidance", [("tiny_flux2_klein", 1.0), ("tiny_flux2", 4.0)])
+def test_flux2_predicts_the_velocity_its_pipeline_steps_with(request, fixture, guidance):
     """One sampling step from sigma = 1 to 0 is x - v(x, 1) in the patchified, normalised space, which the pipeline
     then denormalises with the VAE's BatchNorm statistics and unpatchifies: predict() and LatentScale are the
-    pipeline's, packing and position ids included."""
+    pipeline's, packing, position ids and (for [dev]) the embedded guidance included."""
     from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
 
-    c = load_components(ModelConfig(pretrained=str(tiny_flux2_klein), max_sequence_length=64))
+    length = {"tiny_flux2_klein": 64, "tiny_flux2": 256}[fixture]
+    c = load_components(ModelConfig(pretrained=str(request.getfixturevalue(fixture)), max_sequence_length=length))
     assert c.latent_shape(32) == (32, 8, 8) and c.posterior_shape(32) == (8, 16, 16)
     pipe = c.build_pipeline(c.denoiser, FlowMatchEulerDiscreteScheduler(shift=1.0))
     noise = torch.randn(1, 32, 8, 8, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        stepped = pipe(prompt="a red circle", height=32, width=32, num_inference_steps=1, guidance_scale=1.0,
-                       latents=noise, output_type="latent", max_sequence_length=64).images
+        stepped = pipe(prompt="a red circle", height=32, width=32, num_inference_steps=1, guidance_scale=guidance,
+                       latents=noise, output_type="latent", max_sequence_length=length).images
         cond = c.conditioning(c.encode_prompt(c.tokenizer(["a red circle"])), torch.zeros(1, 1, 2), None, 32)
         ours = noise - c.predict(c.denoiser, noise, torch.ones(1), cond)
+    if fixture == "tiny_flux2":  # Flux2Pipeline returns its latents as they are: packed, normalised
+        from diffusion_dpo.models.flux2 import pack
+
+        torch.testing.assert_close(stepped, pack(ours), rtol=1e-5, atol=1e-5)
+        return
     scale = c.latent_scale
     shift, scaling = (torch.tensor(v).view(1, -1, 1, 1).float() for v in (scale.shift, scale.scaling))
     torch.testing.assert_close(stepped, Flux2KleinPipeline._unpatchify_latents(ours / scaling + shift), rtol=1e-5,
@@ -236,12 +267,13 @@ def test_qwenimage_predicts_the_velocity_its_pipeline_steps_with(tiny_qwenimage)
     torch.testing.assert_close(stepped, pack(ours), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("fixture", ["tiny_sd3", "tiny_flux", "tiny_zimage", "tiny_flux2_klein", "tiny_qwenimage"])
+@pytest.mark.parametrize("fixture", ["tiny_sd3", "tiny_flux", "tiny_zimage", "tiny_flux2_klein", "tiny_flux2",
+                                     "tiny_qwenimage"])
 def test_swapping_winner_and_loser_negates_inside(request, fixture):
     """At theta = ref the margin is 0; with the policy moved, the same pair in the other order has the opposite
     margin: conditioning, timestep and noise are paired per pair, never per position."""
     # a chat template takes ~20 of the byte-level tokens; Qwen-Image's system prompt, kept after its first 34, ~130
-    length = {"tiny_zimage": 64, "tiny_flux2_klein": 64, "tiny_qwenimage": 256}.get(fixture, 8)
+    length = {"tiny_zimage": 64, "tiny_flux2_klein": 64, "tiny_flux2": 256, "tiny_qwenimage": 256}.get(fixture, 8)
     c = load_components(ModelConfig(pretrained=str(request.getfixturevalue(fixture)), max_sequence_length=length))
     ref = load_components(ModelConfig(pretrained=str(request.getfixturevalue(fixture)), max_sequence_length=length))
     with torch.no_grad():
@@ -277,7 +309,7 @@ def _edited_copy(src, tmp_path, edit):
     return str(out)
 
 
-def test_refusals_are_one_line(tiny_sd3, tiny_flux, tiny_flux_schnell, tmp_path):
+def test_refusals_are_one_line(tiny_sd3, tiny_flux, tiny_flux_schnell, tiny_flux2_klein, tmp_path):
     def error(**model) -> str:
         with pytest.raises(UserError) as exc:
             load_components(ModelConfig(**model))
@@ -295,6 +327,8 @@ def test_refusals_are_one_line(tiny_sd3, tiny_flux, tiny_flux_schnell, tmp_path)
     assert "Stable Diffusion 3 / 3.5's pipeline takes at most 512 text tokens" in \
         error(pretrained=str(tiny_sd3), max_sequence_length=513)
     assert "has no guidance embedding" in error(pretrained=str(tiny_flux_schnell), guidance=3.5)
+    assert "it is not a guidance-distilled FLUX.2 [klein]" in error(pretrained=str(tiny_flux2_klein), guidance=4.0,
+                                                                    max_sequence_length=64)
     sd3_no_t5 = _edited_copy(tiny_sd3, tmp_path / "c", lambda ix: ix.update(text_encoder_3=[None, None],
                                                                              tokenizer_3=[None, None]))
     assert "set model.t5 false" in error(pretrained=sd3_no_t5)

@@ -1,7 +1,9 @@
 """Training SD3 and FLUX end to end on tiny pipelines: log 2 at step 1, outputs the diffusers pipelines load
 (full: from_pretrained; LoRA: load_lora_weights), a learnt preference, exact resume, SD3 without T5."""
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,14 +16,16 @@ from test_training import make_cfg, read_metrics, straight_and_resumed
 
 FAMILIES = {"sd3": ("tiny_sd3", "StableDiffusion3Pipeline"), "flux": ("tiny_flux", "FluxPipeline"),
             "zimage": ("tiny_zimage", "ZImagePipeline"), "flux2-klein": ("tiny_flux2_klein", "Flux2KleinPipeline"),
-            "qwenimage": ("tiny_qwenimage", "QwenImagePipeline")}
+            "flux2": ("tiny_flux2", "Flux2Pipeline"), "qwenimage": ("tiny_qwenimage", "QwenImagePipeline")}
 # the tiny T5 at 8 tokens: the same code, a shorter joint attention; Z-Image's chat template alone is ~20 tokens
-LENGTH = {"sd3": 8, "flux": 8, "zimage": 64, "flux2-klein": 64, "qwenimage": 256}
+LENGTH = {"sd3": 8, "flux": 8, "zimage": 64, "flux2-klein": 64, "flux2": 256, "qwenimage": 256}
 TEXT_PARTS = {"sd3": ("text_encoder", "text_encoder_2", "text_encoder_3"), "flux": ("text_encoder", "text_encoder_2"),
-              "zimage": ("text_encoder",), "flux2-klein": ("text_encoder",), "qwenimage": ("text_encoder",)}
+              "zimage": ("text_encoder",), "flux2-klein": ("text_encoder",), "flux2": ("text_encoder",),
+              "qwenimage": ("text_encoder",)}
 # a weight of the LoRA file from each kind of layer the family adapts by default
 LORA_KEYS = {"sd3": (".to_q.", "add_q_proj"), "flux": (".to_q.", "add_q_proj"),
              "zimage": ("attention.to_q.", "feed_forward.w1."), "flux2-klein": ("attn.to_q.", "to_qkv_mlp_proj"),
+             "flux2": ("attn.to_q.", "ff.linear_in", "to_qkv_mlp_proj"),
              "qwenimage": ("attn.add_q_proj", "img_mlp.net.0.proj", "txt_mlp.net.2")}
 
 
@@ -37,6 +41,14 @@ def _model(request, family):
 
     fixture, pipeline = FAMILIES[family]
     return request.getfixturevalue(fixture), getattr(diffusers, pipeline)
+
+
+def _load(pipeline_class, path):
+    """`from_pretrained`, a processor slot (FLUX.2 [dev]'s PixtralProcessor, which needs torchvision) given as its
+    tokenizer, as `generate` loads it."""
+    from diffusion_dpo.models.components import load_pipeline_class
+
+    return load_pipeline_class(pipeline_class, str(path), json.loads((Path(path) / "model_index.json").read_text()))
 
 
 def _fast(family):
@@ -64,13 +76,16 @@ def test_full_fine_tune_outputs_load_in_the_family_pipeline(request, tmp_path, t
     assert all(math.isfinite(m[k]) for m in metrics for k in ("loss", "grad_norm", "model_mse_w", "ref_mse_l"))
     assert (out / "checkpoint-2" / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
     assert (out / "samples" / "step-000003.png").is_file()
-    pipe, base = pipeline_class.from_pretrained(final), pipeline_class.from_pretrained(model)
+    pipe, base = _load(pipeline_class, final), _load(pipeline_class, model)
     assert any(not torch.equal(a, b) for a, b in zip(pipe.transformer.state_dict().values(),
                                                      base.transformer.state_dict().values()))
     for part in ("vae",) + TEXT_PARTS[family]:
         for a, b in zip(getattr(pipe, part).state_dict().values(), getattr(base, part).state_dict().values()):
             assert torch.equal(a, b), part
     assert _sample(pipe, length=LENGTH[family]).shape == (32, 32, 3)
+    # final/ names the classes its base did (FLUX.2 [dev]'s PixtralProcessor folder kept as it was)
+    assert json.loads((final / "model_index.json").read_text())["tokenizer"] == \
+        json.loads((model / "model_index.json").read_text())["tokenizer"]
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -89,7 +104,7 @@ def test_lora_loads_with_load_lora_weights_and_changes_samples(request, tmp_path
         keys = list(f.keys())
     assert all(k.startswith("transformer.") for k in keys)
     assert all(any(part in k for k in keys) for part in LORA_KEYS[family])  # e.g. the joint attention included
-    pipe = pipeline_class.from_pretrained(model)
+    pipe = _load(pipeline_class, model)
     base = _sample(pipe, length=LENGTH[family])
     pipe.load_lora_weights(final)
     assert not torch.equal(_sample(pipe, length=LENGTH[family]), base)
@@ -106,7 +121,7 @@ def test_lora_loads_with_load_lora_weights_and_changes_samples(request, tmp_path
 
 
 @pytest.mark.parametrize("family,rank", [("sd3", 0), ("flux", 8), ("zimage", 4), ("flux2-klein", 0),
-                                         ("qwenimage", 4)])
+                                         ("flux2", 4), ("qwenimage", 4)])
 def test_a_flow_model_learns_a_preference(request, tmp_path, tiny_data, family, rank):
     """Same 4 pairs, same sigma and noise every step: Flow-DPO drives the implicit accuracy to 1."""
     model, _ = _model(request, family)
@@ -128,7 +143,7 @@ def test_a_flow_model_learns_a_preference(request, tmp_path, tiny_data, family, 
 
 
 @pytest.mark.parametrize("family,rank", [("sd3", 0), ("flux", 4), ("zimage", 0), ("flux2-klein", 4),
-                                         ("qwenimage", 0)])
+                                         ("flux2", 0), ("qwenimage", 0)])
 def test_resume_is_bitwise_equal(request, tmp_path, tiny_data, family, rank):
     model, _ = _model(request, family)
     common = dict(train__max_steps=5, train__checkpointing_steps=2, lora__rank=rank, data__batch_size=3,

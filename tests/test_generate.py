@@ -265,12 +265,15 @@ def test_prompt_file_errors(tmp_path):
         load_prompts(tmp_path / "empty.txt")
 
 
-@pytest.mark.parametrize("fixture", ["tiny_sd3", "tiny_flux", "tiny_zimage", "tiny_flux2_klein", "tiny_qwenimage"])
+@pytest.mark.parametrize("fixture", ["tiny_sd3", "tiny_flux", "tiny_zimage", "tiny_flux2_klein", "tiny_flux2",
+                                     "tiny_qwenimage"])
 def test_flow_families_generate_the_pipelines_own_images_byte_identically(request, tmp_path, fixture):
     """x_T from the seed alone, handed over in the family's layout (FLUX.1, Qwen-Image: packed; FLUX.2: patchified):
     the images are the pipeline's own for that seed, the same bytes on a rerun, and within one level for another
     batch size."""
     from diffusers import DiffusionPipeline
+
+    from diffusion_dpo.models.components import load_pipeline_class
 
     model = str(request.getfixturevalue(fixture))
     kw = dict(steps=2, guidance_scale=3.0, height=32, width=32)
@@ -279,7 +282,7 @@ def test_flow_families_generate_the_pipelines_own_images_byte_identically(reques
     assert len(_images(a)) == 4 and _images(a) == _images(again)
     b = generate(model, PROMPTS[:2], [0, 1], tmp_path / "b", batch_size=1, **kw).parent
     assert _max_pixel_diff(a, b) <= 1
-    pipe = DiffusionPipeline.from_pretrained(model)
+    pipe = load_pipeline_class(DiffusionPipeline, model, json.loads((Path(model) / "model_index.json").read_text()))
     own = pipe(prompt=PROMPTS[1], num_inference_steps=2, guidance_scale=3.0, height=32, width=32,
                generator=torch.Generator().manual_seed(1)).images[0]
     ours = np.asarray(Image.open(b / image_name(1, 1)), dtype=int)

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from diffusion_dpo.config import load_config
 from diffusion_dpo.errors import UserError
 from diffusion_dpo.iterate import Rounds, iterate
+from diffusion_dpo.models.components import load_pipeline_class
 from diffusion_dpo.pairing import pairs_of_prompt
 from test_training import read_metrics
 
@@ -320,7 +321,10 @@ def test_sigkill_at_random_times_then_rerun_ends_with_the_same_bits(tmp_path, ti
     assert not list(run.rglob("*.tmp")), f"seed {seed}: a temporary file was left behind"
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux", "zimage", "flux2_klein", "qwenimage"])
+LENGTH = {"zimage": 64, "flux2_klein": 64, "flux2": 256, "qwenimage": 256}  # the chat templates' tokens
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux", "zimage", "flux2_klein", "flux2", "qwenimage"])
 def test_full_flow_rounds_continue_the_policy_and_load_as_pipelines(request, tmp_path, prompt_files, family):
     """A full fine-tune of a flow transformer in rounds: round 2 samples with and trains from round 1's pipeline,
     against it (log 2 at its first step), and the last round's final/ is a pipeline the family's diffusers class
@@ -329,7 +333,7 @@ def test_full_flow_rounds_continue_the_policy_and_load_as_pipelines(request, tmp
 
     model = request.getfixturevalue(f"tiny_{family}")
     out = tmp_path / "run"
-    length = {"zimage": 64, "flux2_klein": 64, "qwenimage": 256}.get(family, 8)  # the chat templates' tokens
+    length = LENGTH.get(family, 8)
     report = iterate(make_cfg(out, model, prompt_files, model__max_sequence_length=length))
     r1, r2 = out / "round-1" / "train", out / "round-2" / "train"
     assert json.loads((out / "round-2" / "samples" / "run.json").read_text())["model"] == str(r1 / "final")
@@ -337,20 +341,24 @@ def test_full_flow_rounds_continue_the_policy_and_load_as_pipelines(request, tmp
     assert read_metrics(r2)[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert report["final"] == str(r2 / "final")
     cls = {"sd3": diffusers.StableDiffusion3Pipeline, "flux": diffusers.FluxPipeline, "zimage": diffusers.ZImagePipeline,
-           "flux2_klein": diffusers.Flux2KleinPipeline, "qwenimage": diffusers.QwenImagePipeline}[family]
-    tuned, base = cls.from_pretrained(report["final"]), cls.from_pretrained(model)
+           "flux2_klein": diffusers.Flux2KleinPipeline, "flux2": diffusers.Flux2Pipeline,
+           "qwenimage": diffusers.QwenImagePipeline}[family]
+    tuned, base = (load_pipeline_class(cls, str(p), json.loads((Path(p) / "model_index.json").read_text()))
+                   for p in (report["final"], model))
     moved = [not torch.equal(p, q) for p, q in zip(tuned.transformer.parameters(), base.transformer.parameters())]
     assert any(moved) and type(tuned.transformer) is type(base.transformer)
 
 
-@pytest.mark.parametrize("family", ["sd3"])  # FLUX's LoRA continuation: test_continue.py
+# FLUX.1's LoRA continuation: test_continue.py
+@pytest.mark.parametrize("family", ["sd3", "zimage", "flux2_klein", "flux2", "qwenimage"])
 def test_lora_rounds_against_the_base_load_into_the_base_pipeline(request, tmp_path, prompt_files, family):
     from diffusion_dpo.evaluation.generate import generate
 
     model = request.getfixturevalue(f"tiny_{family}")
     out = tmp_path / "run"
+    length = LENGTH.get(family, 8)
     report = iterate(make_cfg(out, model, prompt_files, lora__rank=4, iterate__reference="base",
-                              model__max_sequence_length=8, iterate__stop_patience=5))
+                              model__max_sequence_length=length, iterate__stop_patience=5))
     r2 = out / "round-2" / "train"
     cfg = (r2 / "config.yaml").read_text()
     assert f"init_from: {out / 'round-1' / 'train' / 'final'}" in cfg and f"reference: {model}" in cfg
@@ -359,9 +367,9 @@ def test_lora_rounds_against_the_base_load_into_the_base_pipeline(request, tmp_p
     # the last round's LoRA loads into the base pipeline and changes its images
     gen = tmp_path / "gen"
     generate(str(model), ["a red square"], [7], gen, lora=report["final"], steps=2, height=32, width=32,
-             max_sequence_length=8)
+             max_sequence_length=length)
     generate(str(model), ["a red square"], [7], tmp_path / "gen_base", steps=2, height=32, width=32,
-             max_sequence_length=8)
+             max_sequence_length=length)
     assert (gen / "images/00000_7.png").read_bytes() != (tmp_path / "gen_base/images/00000_7.png").read_bytes()
 
 

@@ -31,7 +31,7 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 @dataclass
 class ModelConfig:
     pretrained: str = _f("", "Base model: a hub id (online) or a local diffusers pipeline directory "
-                             "(SD 1.x/2.x, SDXL, SD3/SD3.5, FLUX.1, Z-Image, FLUX.2 [klein] or Qwen-Image). "
+                             "(SD 1.x/2.x, SDXL, SD3/SD3.5, FLUX.1, Z-Image, FLUX.2 [klein] or [dev], or Qwen-Image). "
                              "Required.")
     revision: Optional[str] = _f(None, "Hub revision (branch, tag or commit) of `pretrained`. A run resolves it "
                                        "once to a commit (pins.json in output_dir) and reads that commit from then "
@@ -61,9 +61,15 @@ class ModelConfig:
     vae_revision: Optional[str] = _f(None, "Hub revision of model.vae (pinned to a commit as model.revision).")
     reference_revision: Optional[str] = _f(None, "Hub revision of model.reference (pinned to a commit as "
                                                  "model.revision).")
-    guidance: Optional[float] = _f(None, "FLUX.1-dev (guidance-distilled): the value fed to its guidance "
-                                         "embedding during training; default 3.5, as diffusers' FLUX scripts and "
-                                         "Flow-Factory train with. Only for models with a guidance embedding.")
+    guidance: Optional[float] = _f(None, "Guidance-distilled models (FLUX.1-dev, FLUX.2 [dev]): the value fed to "
+                                         "their guidance embedding during training; default the pipeline's own "
+                                         "(FLUX.1 3.5, FLUX.2 4.0), as Flow-Factory trains with. Only for models "
+                                         "with a guidance embedding.")
+    quantize_base: str = _f("none", "LoRA runs: store the frozen base denoiser's block linears in fewer bits, so "
+                                    "that a 20B/32B transformer fits one GPU: int8 (bitsandbytes LLM.int8), nf4 "
+                                    "(bitsandbytes 4-bit, QLoRA) or fp8 (torchao weight-only; GPUs of compute "
+                                    "capability 8.9+). The adapters train in fp32 on top; the reference is the same "
+                                    "quantized base. none: the base in the train.mixed_precision dtype.")
 
 
 @dataclass
@@ -330,6 +336,7 @@ IMAGE_CHECKS = ("before", "lazy")
 CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 TIMESTEP_SAMPLING = ("logit_normal", "uniform", "mode")
 FLOW_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
+QUANTIZATIONS = ("none", "int8", "fp8", "nf4")  # model.quantize_base (models/quantize.py)
 SDXL_TIME_IDS = ("auto", "constant", "image")
 PAIRINGS = ("best_worst", "all")
 ITERATE_REFERENCES = ("previous", "base")
@@ -493,6 +500,11 @@ def validate(cfg: Config, data_in_memory: bool = False, iterate: bool = False) -
     need(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
     need(cfg.lora.init_from is None or cfg.lora.rank > 0, "lora.init_from",
          "needs lora.rank > 0 (a full fine-tune continues from the weights in model.pretrained)")
+    need(cfg.model.quantize_base in QUANTIZATIONS, "model.quantize_base",
+         f"must be one of {', '.join(QUANTIZATIONS)} (got '{cfg.model.quantize_base}')")
+    need(cfg.model.quantize_base == "none" or cfg.lora.rank > 0, "model.quantize_base",
+         f"{cfg.model.quantize_base} needs lora.rank > 0 (a full fine-tune trains every weight: none can be frozen in "
+         "fewer bits)")
     need(cfg.lora.target_modules is None or len(cfg.lora.target_modules) > 0, "lora.target_modules",
          "must not be empty (leave it unset for the model family's default)")
     need(cfg.model.sdxl_time_ids in SDXL_TIME_IDS, "model.sdxl_time_ids",

@@ -25,6 +25,10 @@ def quiet_libraries() -> None:
     # ...and, where the `kernels` package is installed, tries to fetch that kernel from the hub, which offline
     # logs "Skipping publisher trust check ..." on stderr, before our own one-line errors
     logging.getLogger("kernels").setLevel(logging.ERROR)
+    # torchao (imported by peft whenever installed) logs that its CUDA-only kernel libraries fail to load on a CPU
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    # ...and registers enums with torch's pytree, which warns that it need not
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
 def quiet_progress_bars() -> None:

@@ -101,4 +101,5 @@ def reference_identity(model: ModelConfig, lora: LoraConfig, flow: FlowConfig, d
                                                      (family.denoiser_role,))} if model.reference else {}),
         **({"lora.init_from": fingerprint({"lora": lora_file(lora.init_from)})}
            if reference_kind(model, lora) == "start_adapters" else {}),
+        **({"model.quantize_base": model.quantize_base} if model.quantize_base != "none" else {}),
     }

@@ -49,16 +49,22 @@ def reference_path(cache: CacheConfig) -> Path:
     return Path(cache.dir).expanduser() / DEFAULT_NAME
 
 
-def _reference_denoiser(model: ModelConfig, lora: LoraConfig, comp: Any, device: torch.device) -> torch.nn.Module:
+def _reference_denoiser(model: ModelConfig, lora: LoraConfig, comp: Any, device: torch.device,
+                        dtype: torch.dtype) -> torch.nn.Module:
     """The reference model as training holds it (models.reference.build_reference): model.reference's denoiser,
-    or the base with lora.init_from's adapters (without dropout), or the base itself."""
+    or the base with lora.init_from's adapters (without dropout), or the base itself; a LoRA run's base in the
+    bits of model.quantize_base."""
     from diffusion_dpo.models.loading import load_reference_denoiser
     from diffusion_dpo.models.lora import continue_adapters, with_saved_alpha
+    from diffusion_dpo.models.quantize import quantize_base
 
     lora = with_saved_alpha(lora, comp.denoiser_role)  # as the training run continues them
     kind = reference_kind(model, lora)
+    base = load_reference_denoiser(model, type(comp), device) if kind == "elsewhere" else comp.denoiser
+    if lora.rank > 0:
+        quantize_base(cast(base, dtype), model.quantize_base, dtype)
     if kind == "elsewhere":
-        return load_reference_denoiser(model, type(comp), device)
+        return base
     if kind == "start_adapters":
         add_lora(comp.denoiser, replace(lora, dropout=0.0), comp.default_lora_targets)
         continue_adapters(comp.denoiser, lora, comp.denoiser_role, comp.lora_diffusers_naming)
@@ -153,7 +159,7 @@ def _compute_errors(model: ModelConfig, lora: LoraConfig, flow: FlowConfig, data
     comp = load_components(model, dtype, device, encoders=False, flow=flow)
     # The reference as training holds it: the base denoiser in the compute dtype, in train mode (see
     # models.Reference: some diffusers blocks compute differently in eval mode).
-    denoiser = cast(_reference_denoiser(model, lora, comp, device), dtype).requires_grad_(False).train()
+    denoiser = cast(_reference_denoiser(model, lora, comp, device, dtype), dtype).requires_grad_(False).train()
     if train.channels_last:
         denoiser.to(memory_format=torch.channels_last)
     batches = [keys[s:s + cache.batch_size] for keys in chunks for s in range(0, len(keys), cache.batch_size)]

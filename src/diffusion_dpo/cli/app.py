@@ -150,7 +150,7 @@ def cli_reference() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Diffusion-DPO: align SD 1.x/2.x, SDXL, SD3/SD3.5, FLUX.1, "
-                                             "Z-Image, FLUX.2 [klein] and Qwen-Image with preference pairs.")
+                                             "Z-Image, FLUX.2 [klein] and [dev] and Qwen-Image with preference pairs.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 

@@ -46,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction, parser_class: type[argparse
                     "the same --output-dir resumes: existing images are kept.")
     gen.add_argument("--model", required=True,
                      help="diffusers pipeline directory or hub id (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1, Z-Image, "
-                          "FLUX.2 [klein], Qwen-Image)")
+                          "FLUX.2 [klein] and [dev], Qwen-Image)")
     gen.add_argument("--lora", help="LoRA weights: a directory with pytorch_lora_weights.safetensors or a file")
     gen.add_argument("--prompts", required=True, metavar="FILE",
                      help="prompt set: .txt (one per line), PartiPrompts .tsv, HPSv2 .json (or a dir of them), "

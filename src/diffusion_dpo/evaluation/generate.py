@@ -143,6 +143,8 @@ def load_pipeline(model: str, lora: Optional[str] = None, scheduler: Optional[st
     `device`."""
     from diffusers import DiffusionPipeline
 
+    from diffusion_dpo.models.components import load_pipeline_class
+
     if dtype not in DTYPES:
         raise UserError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
     if lora is not None:
@@ -157,7 +159,8 @@ def load_pipeline(model: str, lora: Optional[str] = None, scheduler: Optional[st
         # Evaluation scores what the model draws; a blacked-out image would score as the model's fault.
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     try:
-        pipe = DiffusionPipeline.from_pretrained(model, **kwargs)
+        # FLUX.2 [dev]'s PixtralProcessor loads as its tokenizer (models/loading.py)
+        pipe = load_pipeline_class(DiffusionPipeline, model, index, **kwargs)
     except (OSError, ValueError) as exc:
         raise UserError(f"model '{model}': {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}") from None
     if sampler is not None:

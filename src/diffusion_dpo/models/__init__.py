@@ -6,7 +6,7 @@
     sd3.py      SD3 / SD3.5 (MMDiT; CLIP-L + CLIP-G + T5)
     flux.py     FLUX.1 dev/schnell (packed latents, position ids, guidance embedding; CLIP-L + T5)
     zimage.py   Z-Image (a single-stream DiT; Qwen3 in its chat template, each prompt its own length)
-    flux2.py    FLUX.2 [klein] (Qwen3's layers 9, 18, 27 side by side; patchified, BatchNorm-normalised latents)
+    flux2.py    FLUX.2 [klein] and [dev] (an LLM's layers side by side; patchified, BatchNorm-normalised latents)
     qwenimage.py  Qwen-Image (an MMDiT; Qwen2.5-VL in its system-prompt template, masked; a one-frame video VAE)
     llm.py      chat-template tokenization for LLM text encoders
     packing.py  2x2 latent packing (FLUX.1, Qwen-Image)

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from diffusion_dpo.config import FlowConfig, ModelConfig
 from diffusion_dpo.errors import UserError
+from diffusion_dpo.models.components import load_pipeline_class, restore_processor_folders
 from diffusion_dpo.models.lora import lora_state_dict
 from diffusion_dpo.models.vae import (FLUX2_STATISTICS, LatentScale, downsampling, latent_channels, load_vae,
                                       sample_latents, vae_posterior, vae_statistics)
@@ -281,9 +282,10 @@ class Family:
         extra = dict(self.save_overrides())
         if m.vae is not None:
             extra["vae"] = load_vae(m, self.index)
-        pipe = self.pipeline_class.from_pretrained(m.pretrained, revision=m.revision, variant=m.variant,
-                                                   **{self.denoiser_role: denoiser}, **extra)
+        pipe = load_pipeline_class(self.pipeline_class, m.pretrained, self.index, m.revision, variant=m.variant,
+                                   **{self.denoiser_role: denoiser}, **extra)
         pipe.save_pretrained(out, safe_serialization=True)
+        restore_processor_folders(self.index, m.pretrained, m.revision, out)
 
     def save_lora(self, denoiser: nn.Module, out_dir: Path) -> None:
         """Write `pytorch_lora_weights.safetensors` that the family pipeline's `load_lora_weights(out_dir)` reads."""

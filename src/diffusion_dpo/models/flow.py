@@ -46,11 +46,11 @@ from diffusion_dpo.models.family import Family
 
 @dataclasses.dataclass
 class JointConditioning:
-    """What a joint-attention transformer (an MMDiT: SD3, FLUX.1) is conditioned on, for [winners; losers]."""
+    """What a joint-attention transformer (an MMDiT: SD3, FLUX.1, FLUX.2) is conditioned on, for [winners; losers]."""
 
     hidden_states: Tensor  # (2B, L, D) the text tokens of the joint attention
-    pooled: Tensor  # (2B, P) pooled text embedding
-    guidance: Tensor | None = None  # (2B,) FLUX.1-dev's distilled guidance; None for SD3 and FLUX.1-schnell
+    pooled: Tensor | None  # (2B, P) pooled text embedding; None for FLUX.2
+    guidance: Tensor | None = None  # (2B,) a guidance-distilled model's guidance (FLUX.1-dev, FLUX.2 [dev]), or None
 
 # The joint-attention projections of the MMDiT blocks (text and image streams), inside each block's `attn`:
 # flow_grpo's train_sd3_dpo.py, Flow-Factory's SD3.5 adapter and diffusers' SD3 LoRA script target these eight as
@@ -151,3 +151,32 @@ class FlowMatching(Family):
     def sampling_kwargs(self) -> dict[str, Any]:
         return {"max_sequence_length": self.max_sequence_length}
 
+
+
+class GuidanceEmbedded:
+    """A guidance-distilled transformer (`guidance_embeds` in its config: FLUX.1-dev, FLUX.2 [dev]) takes the guidance
+    scale as an input; training feeds one constant value, `model.guidance`, default the family's `default_guidance`
+    (what its pipeline samples with and diffusers' and Flow-Factory's scripts train with). A transformer without the
+    embedding (FLUX.1-schnell, FLUX.2 [klein]) refuses model.guidance. Mixed into a `FlowMatching` family."""
+
+    default_guidance: ClassVar[float]
+
+    def embedded_guidance(self) -> float | None:
+        """The value fed to the guidance embedding, None where the transformer has none."""
+        family: Any = self  # a FlowMatching family: cfg, denoiser_config, pretrained, title
+        if not family.denoiser_config.get("guidance_embeds", False):
+            if family.cfg.guidance is not None:
+                raise UserError(f"model.guidance {family.cfg.guidance}: '{family.pretrained}' has no guidance "
+                                f"embedding (it is not a guidance-distilled {family.title}); leave model.guidance "
+                                "unset")
+            return None
+        return family.cfg.guidance if family.cfg.guidance is not None else self.default_guidance
+
+    def guidance_tensor(self, n: int, device: torch.device | str) -> Tensor | None:
+        """(n,) float32 guidance values, or None."""
+        g = self.embedded_guidance()
+        return None if g is None else torch.full((n,), g, device=device, dtype=torch.float32)
+
+    @classmethod
+    def schedule_identity(cls, cfg: ModelConfig, flow: FlowConfig) -> dict[str, Any]:
+        return {**super().schedule_identity(cfg, flow), "model.guidance": cfg.guidance}  # type: ignore[misc]

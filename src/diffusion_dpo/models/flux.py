@@ -20,15 +20,12 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from diffusion_dpo.config import FlowConfig, ModelConfig
+from diffusion_dpo.config import ModelConfig
 from diffusion_dpo.errors import UserError
-from diffusion_dpo.models.flow import ATTENTION_TARGETS, FlowMatching, JointConditioning
+from diffusion_dpo.models.flow import ATTENTION_TARGETS, FlowMatching, GuidanceEmbedded, JointConditioning
 from diffusion_dpo.models.packing import PackedLatents, image_ids, pack, unpack
 
-DEFAULT_GUIDANCE = 3.5
-
-
-class Flux(PackedLatents, FlowMatching):
+class Flux(GuidanceEmbedded, PackedLatents, FlowMatching):
     name: ClassVar[str] = "flux"
     title: ClassVar[str] = "FLUX.1"
     pipelines: ClassVar[tuple[str, ...]] = ("FluxPipeline",)
@@ -38,14 +35,11 @@ class Flux(PackedLatents, FlowMatching):
     default_max_sequence_length: ClassVar[int] = 512
     max_max_sequence_length: ClassVar[int | None] = 512
 
+    default_guidance: ClassVar[float] = 3.5  # FluxPipeline's; diffusers' and Flow-Factory's FLUX.1 training
+
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        distilled = bool(self.denoiser_config.get("guidance_embeds", False))
-        if self.cfg.guidance is not None and not distilled:
-            raise UserError(f"model.guidance {self.cfg.guidance}: '{self.pretrained}' has no guidance embedding "
-                            "(FLUX.1-schnell is not guidance-distilled); leave model.guidance unset")
-        self.guidance = (self.cfg.guidance if self.cfg.guidance is not None else DEFAULT_GUIDANCE) if distilled \
-            else None
+        self.embedded_guidance()  # model.guidance refused for FLUX.1-schnell before any work
 
     @classmethod
     def text_roles(cls, index: dict, cfg: ModelConfig) -> list[tuple[str, str]]:
@@ -59,10 +53,6 @@ class Flux(PackedLatents, FlowMatching):
         if (index.get("text_encoder_2") or [None])[0] is None or (index.get("tokenizer_2") or [None])[0] is None:
             raise UserError(f"{name} is a FLUX model without its T5 encoder (text_encoder_2/tokenizer_2 in "
                             "model_index.json); FLUX.1 needs it")
-
-    @classmethod
-    def schedule_identity(cls, cfg: ModelConfig, flow: FlowConfig) -> dict[str, Any]:
-        return {**super().schedule_identity(cfg, flow), "model.guidance": cfg.guidance}
 
     def token_lengths(self) -> list[int]:
         return [self.tokenizers[0].model_max_length, self.max_sequence_length]
@@ -78,10 +68,7 @@ class Flux(PackedLatents, FlowMatching):
                      resolution: int) -> JointConditioning:
         t5, pooled = encodings["t5"], encodings["pooled"]
         g = self.images_per_item(original_sizes)  # 2 for a pair, 1 for unpaired feedback
-        guidance = None
-        if self.guidance is not None:
-            guidance = torch.full((g * t5.shape[0],), self.guidance, device=t5.device, dtype=torch.float32)
-        return JointConditioning(t5.repeat(g, 1, 1), pooled.repeat(g, 1), guidance)
+        return JointConditioning(t5.repeat(g, 1, 1), pooled.repeat(g, 1), self.guidance_tensor(g * t5.shape[0], t5.device))
 
     def predict(self, model: nn.Module, noisy: Tensor, timesteps: Tensor, cond: JointConditioning) -> Tensor:
         n, c, h, w = noisy.shape

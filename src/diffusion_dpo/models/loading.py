@@ -15,9 +15,10 @@ import torch
 
 from diffusion_dpo.config import FlowConfig, ModelConfig
 from diffusion_dpo.errors import UserError, is_local_path
+from diffusion_dpo.models.components import library_class, load_tokenizer
 from diffusion_dpo.models.family import Family
 from diffusion_dpo.models.flux import Flux
-from diffusion_dpo.models.flux2 import Flux2Klein
+from diffusion_dpo.models.flux2 import Flux2, Flux2Klein
 from diffusion_dpo.models.precision import cast
 from diffusion_dpo.models.qwenimage import QwenImage
 from diffusion_dpo.models.sd import StableDiffusion, StableDiffusionXL
@@ -26,7 +27,7 @@ from diffusion_dpo.models.vae import load_vae, load_vae_config
 from diffusion_dpo.models.zimage import ZImage
 
 FAMILIES: tuple[type[Family], ...] = (StableDiffusion, StableDiffusionXL, StableDiffusion3, Flux, ZImage,
-                                      Flux2Klein, QwenImage)
+                                      Flux2Klein, Flux2, QwenImage)
 
 
 def read_model_index(cfg: ModelConfig, setting: str = "model.pretrained") -> dict:
@@ -114,24 +115,12 @@ def describe(cfg: ModelConfig, setting: str = "model.pretrained") -> tuple[dict,
     return index, family
 
 
-def _library_class(entry: list, what: str) -> type:
-    """The class a model_index entry names, only from diffusers or transformers."""
-    import diffusers
-    import transformers
-
-    library, name = entry
-    module = {"diffusers": diffusers, "transformers": transformers}.get(library)
-    if module is None or not hasattr(module, name):
-        raise UserError(f"model_index.json: {what} is {library}.{name}; only diffusers/transformers classes load")
-    return getattr(module, name)
-
-
 def load_components(cfg: ModelConfig, weight_dtype: torch.dtype = torch.float32,
                     device: torch.device | str = "cpu", denoiser: bool = True, encoders: bool = True,
-                    flow: Optional[FlowConfig] = None) -> Family:
-    """Load `cfg.pretrained` (plus `cfg.vae` if given) into its family: the denoiser in fp32 (trainable), the text
-    encoders frozen in `weight_dtype`, the VAE frozen in fp32, the tokenizers, the training noise schedule, and every
-    config.
+                    flow: Optional[FlowConfig] = None, denoiser_dtype: torch.dtype = torch.float32) -> Family:
+    """Load `cfg.pretrained` (plus `cfg.vae` if given) into its family: the denoiser in `denoiser_dtype` (fp32 to
+    train every weight; a LoRA run's frozen base in its compute dtype), the text encoders frozen in `weight_dtype`,
+    the VAE frozen in fp32, the tokenizers, the training noise schedule, and every config.
 
     `denoiser=False` skips the denoiser (the cache builder, a sample grid's frozen parts); `encoders=False` skips
     the VAE and the text encoders, reading only their configs (training from a pre-encoded cache)."""
@@ -144,16 +133,14 @@ def load_components(cfg: ModelConfig, weight_dtype: torch.dtype = torch.float32,
     try:
         scheduler = family.load_scheduler(cfg)
         # trust_remote_code=False: no auto_map in a checkpoint's config may bring code, nor ask on the terminal
-        tokenizers = [_library_class(index[t], t).from_pretrained(cfg.pretrained, subfolder=t, trust_remote_code=False,
-                                                                  **common)
-                      for _, t in roles]
-        text_encoders = [_library_class(index[e], e).from_pretrained(cfg.pretrained, subfolder=e, variant=cfg.variant,
+        tokenizers = [load_tokenizer(index, t, cfg.pretrained, cfg.revision) for _, t in roles]
+        text_encoders = [library_class(index[e], e).from_pretrained(cfg.pretrained, subfolder=e, variant=cfg.variant,
                                                                       torch_dtype=weight_dtype, trust_remote_code=False,
                                                                       **common)
                          for e, _ in roles] if encoders else []
-        denoiser_class = _library_class(index[role], role)
+        denoiser_class = library_class(index[role], role)
         model = denoiser_class.from_pretrained(cfg.pretrained, subfolder=role, variant=cfg.variant,
-                                               torch_dtype=torch.float32, **common) if denoiser else None
+                                               torch_dtype=denoiser_dtype, **common) if denoiser else None
         denoiser_config = model.config if model is not None else \
             denoiser_class.load_config(cfg.pretrained, subfolder=role, **common)
         vae = load_vae(cfg, index) if encoders else None
@@ -200,7 +187,7 @@ def load_reference_denoiser(cfg: ModelConfig, family: type[Family], device: torc
     role = family.denoiser_role
     if not (index.get(role) or [None])[0]:
         raise UserError(f"{setting} '{cfg.reference}': model_index.json has no {role}")
-    denoiser_class = _library_class(index[role], role)
+    denoiser_class = library_class(index[role], role)
     try:
         config = denoiser_class.load_config(cfg.pretrained, subfolder=role, revision=cfg.revision)
         model = denoiser_class.from_pretrained(cfg.reference, subfolder=role, variant=cfg.variant,

@@ -93,7 +93,12 @@ def build_reference(policy: nn.Module, model_cfg: ModelConfig, lora_cfg: LoraCon
     lora = lora_cfg.rank > 0
     kind = reference_kind(model_cfg, lora_cfg)
     if kind == "elsewhere":
-        return Reference(policy, lora, dtype, frozen=load_reference_denoiser(model_cfg, type(family), device))
+        from diffusion_dpo.models.quantize import quantize_base
+
+        reference = Reference(policy, lora, dtype, frozen=load_reference_denoiser(model_cfg, type(family), device))
+        if lora:  # the reference's base in the same bits as the policy's (model.quantize_base)
+            quantize_base(reference.copy, model_cfg.quantize_base, dtype)
+        return reference
     if kind == "start_adapters":
         add_frozen_adapter(policy, lora_cfg, family.default_lora_targets, init_state,
                            f"lora.init_from '{lora_cfg.init_from}'")

@@ -1,4 +1,5 @@
-"""Tiny SD, SDXL, SD3, FLUX.1, Z-Image, FLUX.2 [klein] and Qwen-Image pipelines built from config, saved as real diffusers directories.
+"""Tiny SD, SDXL, SD3, FLUX.1, Z-Image, FLUX.2 [klein] and [dev] and Qwen-Image pipelines built from config, saved as
+real diffusers directories.
 
 They share every code path with real checkpoints (`from_pretrained`, tokenizer files, scheduler
 config), so the tests and the offline tiny run exercise exactly what users run, in seconds on a
@@ -16,6 +17,8 @@ CPU. Architecture is the real one, shrunk, with character-level CLIP and T5 toke
                 with a chat template, FLUX's VAE scaling and shift, Z-Image-Turbo's static shift 3;
   flux2-klein   FLUX.2 [klein]'s transformer (double and single blocks, 4-axis RoPE), a 28-layer narrow Qwen3 (its
                 layers 9, 18, 27 read), the FLUX.2 VAE with BatchNorm statistics, a dynamically shifting scheduler;
+  flux2         FLUX.2 [dev]'s: the same transformer with a guidance embedding, a 31-layer narrow Mistral 3 (layers
+                10, 20, 30 read) and a byte-level Mistral tokenizer in a PixtralProcessor's folder;
   qwenimage     Qwen-Image's MMDiT, a 2-layer Qwen2.5-VL, the one-frame video VAE with per-channel mean and std.
 """
 
@@ -59,7 +62,7 @@ def _text_encoder(with_projection: bool, seed: int):
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
 
 
-KINDS = ("sd", "sdxl", "sd3", "flux", "flux-schnell", "zimage", "flux2-klein", "qwenimage")
+KINDS = ("sd", "sdxl", "sd3", "flux", "flux-schnell", "zimage", "flux2-klein", "flux2", "qwenimage")
 
 
 def build_tiny_pipeline(out_dir: str | Path, kind: str = "sd", resolution: int = 32,
@@ -77,6 +80,8 @@ def build_tiny_pipeline(out_dir: str | Path, kind: str = "sd", resolution: int =
         return _tiny_zimage(out_dir, resolution, seed)
     if kind == "flux2-klein":
         return _tiny_flux2_klein(out_dir, resolution, seed)
+    if kind == "flux2":
+        return _tiny_flux2(out_dir, resolution, seed)
     if kind == "qwenimage":
         return _tiny_qwenimage(out_dir, resolution, seed)
     return _tiny_sd(out_dir, kind, resolution, prediction_type, seed)
@@ -261,7 +266,7 @@ def _tiny_flux2_klein(out_dir: Path, resolution: int, seed: int) -> Path:
     one's), a FLUX.2 VAE with 8 latent channels (32 after the 2x2 patchify) and BatchNorm statistics that are not
     the fresh 0 and 1, a transformer with one double- and one single-stream block, 4-axis RoPE and no guidance
     embedding, and a dynamically shifting scheduler (the pipeline's compute_empirical_mu)."""
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     tokenizer = _qwen_tokenizer()
@@ -270,12 +275,7 @@ def _tiny_flux2_klein(out_dir: Path, resolution: int, seed: int) -> Path:
                                                 num_attention_heads=2, num_key_value_heads=2, head_dim=8,
                                                 vocab_size=len(tokenizer), max_position_embeddings=1024))
     torch.manual_seed(seed)
-    vae = AutoencoderKLFlux2(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-                             up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=8,
-                             norm_num_groups=8, sample_size=resolution)
-    with torch.no_grad():
-        vae.bn.running_mean.copy_(torch.linspace(-0.3, 0.3, 32))
-        vae.bn.running_var.copy_(torch.linspace(0.5, 1.5, 32))
+    vae = _flux2_vae(resolution)
     transformer = Flux2Transformer2DModel(patch_size=1, in_channels=32, num_layers=1, num_single_layers=1,
                                           attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
                                           timestep_guidance_channels=256, axes_dims_rope=(4, 4, 4, 4),
@@ -285,6 +285,99 @@ def _tiny_flux2_klein(out_dir: Path, resolution: int, seed: int) -> Path:
                               transformer=transformer, is_distilled=False)
     pipe.save_pretrained(out_dir)
     return out_dir
+
+
+# Mistral Small 3.1's chat template, reduced to what Flux2Pipeline renders: BOS, the system message and the user turn,
+# each message's content a list of typed parts (only text ones here).
+MISTRAL_CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{%- set text = message['content'] if message['content'] is string else "
+    "(message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('')) %}"
+    "{%- if message['role'] == 'system' %}{{- '[SYSTEM_PROMPT]' + text + '[/SYSTEM_PROMPT]' }}"
+    "{%- elif message['role'] == 'user' %}{{- '[INST]' + text + '[/INST]' }}"
+    "{%- else %}{{- text + eos_token }}{%- endif %}"
+    "{%- endfor %}")
+
+
+def _mistral_tokenizer(max_length: int = 1024) -> Any:
+    """A byte-level BPE tokenizer without merges (each byte one token), Mistral's control and image tokens, BOS/EOS,
+    and MISTRAL_CHAT_TEMPLATE, built offline with `tokenizers`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
+    for c in bytes_to_unicode().values():
+        vocab.setdefault(c, len(vocab))
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                        pad_token="<pad>", model_max_length=max_length)
+    tokenizer.add_special_tokens({"additional_special_tokens": [
+        "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]", "[IMG_BREAK]", "[IMG_END]"]})
+    tokenizer.chat_template = MISTRAL_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _tiny_flux2(out_dir: Path, resolution: int, seed: int) -> Path:
+    """FLUX.2 [dev] shrunk: a 31-layer Mistral 3 (Mistral3ForConditionalGeneration: a text model of width 16, the
+    pipeline reads layers 10, 20 and 30, and a 1-layer Pixtral vision tower it never uses here), the byte-level
+    Mistral tokenizer saved in a PixtralProcessor's folder layout (model_index names PixtralProcessor, as the real
+    checkpoint's), the FLUX.2 VAE and transformer of `_tiny_flux2_klein` with a guidance embedding, and the dynamically
+    shifting scheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    tokenizer = _mistral_tokenizer()
+    torch.manual_seed(seed + 1)
+    config = Mistral3Config(
+        text_config={"model_type": "mistral", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 31,
+                     "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 8, "vocab_size": len(tokenizer),
+                     "max_position_embeddings": 1024},
+        vision_config={"model_type": "pixtral", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                       "num_attention_heads": 2, "head_dim": 8, "image_size": 64, "patch_size": 16},
+        image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"), spatial_merge_size=2)
+    text_encoder = Mistral3ForConditionalGeneration(config).eval()
+    torch.manual_seed(seed)
+    vae = _flux2_vae(resolution)
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=32, num_layers=1, num_single_layers=1,
+                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
+                                          timestep_guidance_channels=256, axes_dims_rope=(4, 4, 4, 4),
+                                          guidance_embeds=True)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential")
+    pipe = Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                         transformer=transformer)
+    pipe.save_pretrained(out_dir)
+    # the real checkpoint's tokenizer slot: a PixtralProcessor (whose class needs torchvision, absent here) in the
+    # folder that holds its tokenizer's files
+    index = json.loads((out_dir / "model_index.json").read_text())
+    index["tokenizer"] = ["transformers", "PixtralProcessor"]
+    (out_dir / "model_index.json").write_text(json.dumps(index, indent=2))
+    (out_dir / "tokenizer" / "processor_config.json").write_text(json.dumps(
+        {"processor_class": "PixtralProcessor", "patch_size": 16, "spatial_merge_size": 2, "image_token": "[IMG]",
+         "image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]"}, indent=2))
+    (out_dir / "tokenizer" / "preprocessor_config.json").write_text(json.dumps(
+        {"image_processor_type": "PixtralImageProcessor", "patch_size": {"height": 16, "width": 16},
+         "size": {"longest_edge": 64}, "do_resize": True, "do_rescale": True, "do_normalize": True,
+         "do_convert_rgb": True, "rescale_factor": 1 / 255, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+         "image_std": [0.26862954, 0.26130258, 0.27577711]}, indent=2))
+    return out_dir
+
+
+def _flux2_vae(resolution: int) -> Any:
+    """The FLUX.2 VAE shrunk: 8 latent channels (32 after the 2x2 patchify) and BatchNorm statistics that are not the
+    fresh 0 and 1."""
+    from diffusers import AutoencoderKLFlux2
+
+    vae = AutoencoderKLFlux2(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                             up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=8,
+                             norm_num_groups=8, sample_size=resolution)
+    with torch.no_grad():
+        vae.bn.running_mean.copy_(torch.linspace(-0.3, 0.3, 32))
+        vae.bn.running_var.copy_(torch.linspace(0.5, 1.5, 32))
+    return vae
 
 
 def _tiny_qwenimage(out_dir: Path, resolution: int, seed: int) -> Path:

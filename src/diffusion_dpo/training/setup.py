@@ -22,6 +22,7 @@ from diffusion_dpo.data.stream import StreamedPairs, StreamSource, open_stream
 from diffusion_dpo.data.unpaired import Feedback, load_feedback, split_pairs
 from diffusion_dpo.errors import UserError
 from diffusion_dpo.models import Family, add_lora, cast
+from diffusion_dpo.models.quantize import quantize_base
 from diffusion_dpo.models.lora import continue_adapters
 from diffusion_dpo.models.reference import Reference, build_reference
 from diffusion_dpo.processes import agree, attempt, decide_once, init_kwargs
@@ -203,6 +204,7 @@ def trainable_parameters(family: Family, lora: LoraConfig, weight_dtype: torch.d
     if lora.rank == 0:
         return list(model.parameters()), None
     cast(model, weight_dtype)  # the frozen base in the compute dtype; LoRA weights stay fp32
+    quantize_base(model, family.cfg.quantize_base, weight_dtype)  # model.quantize_base: its block linears in fewer bits
     params = add_lora(model, lora, family.default_lora_targets)
     init_state = None
     if lora.init_from:  # continue earlier adapters (iterate's rounds)

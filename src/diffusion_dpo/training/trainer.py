@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 from torch import Tensor
 
 from diffusion_dpo.config import Config, check_config, flat_config
@@ -76,8 +77,10 @@ class Trainer:
         # two runs with the same train.seed start from the same weights.
         set_seed(cfg.train.seed)
         # With a cache, the VAE and text encoders are never loaded (only the VAE's config is read).
+        # LoRA's frozen base loads straight in the compute dtype: a 20B/32B transformer in fp32 would not fit first
         self.components: Family = load_components(cfg.model, self.weight_dtype, acc.device,
-                                                  encoders=self.data.cache is None, flow=cfg.flow)
+                                                  encoders=self.data.cache is None, flow=cfg.flow,
+                                                  denoiser_dtype=self.weight_dtype if cfg.lora.rank else torch.float32)
         self.latent_shape = self.components.latent_shape(cfg.data.resolution)  # a resolution it cannot take fails now
         # lora.init_from's adapters continue at the scale they were trained with
         cfg = self.cfg = replace(cfg, lora=with_saved_alpha(cfg.lora, self.components.denoiser_role))
