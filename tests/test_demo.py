@@ -184,8 +184,10 @@ def test_leaving_the_workers_on_an_error_stops_their_running_jobs():
     assert time.monotonic() - started < 30 and workers._pool is None
 
 
-@pytest.mark.parametrize("family, base_class", [("sd", "StableDiffusionPipeline"),
-                                                ("sd3", "StableDiffusion3Pipeline")])
+# The stages are family-blind: SD's run checks them end to end. SD3's base and its tokenizers are tested alone above;
+# its end-to-end run (70 s of suite) and a rerun into the same directory (another 65 s) are kept out of the suite:
+# add ("sd3", "StableDiffusion3Pipeline") here, or run the demo twice by hand, to check them.
+@pytest.mark.parametrize("family, base_class", [("sd", "StableDiffusionPipeline")])
 def test_tiny_demo_end_to_end_writes_every_output(tmp_path, family, base_class):
     from diffusion_dpo.demo.run import run_demo
 
@@ -236,11 +238,6 @@ def test_tiny_demo_end_to_end_writes_every_output(tmp_path, family, base_class):
     assert saved["base_built_now"] and len(list(cache.iterdir())) == 1  # one finished build, no leftovers
     md = (out / "report.md").read_text()
     assert "the pipeline's default steps and guidance" in md and "per image" in md
-
-    if family == "sd":  # the stages are family-blind: one family's rerun checks them (40 s of suite each)
-        again = run_demo(out, size="tiny", cache_dir=cache, family=family)  # an earlier demo's directory: started over
-        assert not again["base_built_now"]
-        assert again["win_rates_vs_base"] == saved["win_rates_vs_base"]  # deterministic given the seeds
 
 
 def test_a_failed_build_leaves_no_cache_entry(tmp_path, monkeypatch):

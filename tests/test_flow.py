@@ -182,14 +182,14 @@ def test_flux2_dev_conditioning_equals_the_pipelines_prompt_embeds(tiny_flux2):
 
     assert json.loads((tiny_flux2 / "model_index.json").read_text())["tokenizer"] == ["transformers",
                                                                                      "PixtralProcessor"]
-    c = load_components(ModelConfig(pretrained=str(tiny_flux2), max_sequence_length=256))
+    c = load_components(ModelConfig(pretrained=str(tiny_flux2), max_sequence_length=64))
     cond = c.conditioning(c.encode_prompt(c.tokenizer(PROMPTS)), None, None, 32)
     embeds = Flux2Pipeline._get_mistral_3_small_prompt_embeds(c.text_encoders[0], c.tokenizers[0], list(PROMPTS),
-                                                              max_sequence_length=256)
-    assert embeds.shape == (2, 256, 48)
+                                                              max_sequence_length=64)
+    assert embeds.shape == (2, 64, 48)
     torch.testing.assert_close(cond.hidden_states, embeds.repeat(2, 1, 1))
     assert torch.equal(cond.guidance, torch.full((4,), 4.0))
-    c = load_components(ModelConfig(pretrained=str(tiny_flux2), max_sequence_length=256, guidance=2.5),
+    c = load_components(ModelConfig(pretrained=str(tiny_flux2), max_sequence_length=64, guidance=2.5),
                         denoiser=False)
     assert torch.equal(c.conditioning(c.encode_prompt(c.tokenizer(PROMPTS)), None, None, 32).guidance,
                        torch.full((4,), 2.5))
@@ -211,7 +211,7 @@ def test_flux2_predicts_the_velocity_its_pipeline_steps_with(request, fixture, g
     pipeline's, packing, position ids and (for [dev]) the embedded guidance included."""
     from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
 
-    length = {"tiny_flux2_klein": 64, "tiny_flux2": 256}[fixture]
+    length = {"tiny_flux2_klein": 64, "tiny_flux2": 64}[fixture]
     c = load_components(ModelConfig(pretrained=str(request.getfixturevalue(fixture)), max_sequence_length=length))
     assert c.latent_shape(32) == (32, 8, 8) and c.posterior_shape(32) == (8, 16, 16)
     pipe = c.build_pipeline(c.denoiser, FlowMatchEulerDiscreteScheduler(shift=1.0))
@@ -273,7 +273,7 @@ def test_swapping_winner_and_loser_negates_inside(request, fixture):
     """At theta = ref the margin is 0; with the policy moved, the same pair in the other order has the opposite
     margin: conditioning, timestep and noise are paired per pair, never per position."""
     # a chat template takes ~20 of the byte-level tokens; Qwen-Image's system prompt, kept after its first 34, ~130
-    length = {"tiny_zimage": 64, "tiny_flux2_klein": 64, "tiny_flux2": 256, "tiny_qwenimage": 256}.get(fixture, 8)
+    length = {"tiny_zimage": 64, "tiny_flux2_klein": 64, "tiny_flux2": 64, "tiny_qwenimage": 256}.get(fixture, 8)
     c = load_components(ModelConfig(pretrained=str(request.getfixturevalue(fixture)), max_sequence_length=length))
     ref = load_components(ModelConfig(pretrained=str(request.getfixturevalue(fixture)), max_sequence_length=length))
     with torch.no_grad():

@@ -301,18 +301,19 @@ MISTRAL_CHAT_TEMPLATE = (
 
 
 def _mistral_tokenizer(max_length: int = 1024) -> Any:
-    """A byte-level BPE tokenizer without merges (each byte one token), Mistral's control and image tokens, BOS/EOS,
-    and MISTRAL_CHAT_TEMPLATE, built offline with `tokenizers`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    """A byte-level BPE tokenizer (any text encodes) whose merges are learnt from Flux2Pipeline's system message alone,
+    so that the message takes 27 tokens instead of its ~180 bytes, Mistral's control and image tokens, BOS/EOS, and
+    MISTRAL_CHAT_TEMPLATE, built offline with `tokenizers` (deterministic)."""
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
-    for c in bytes_to_unicode().values():
-        vocab.setdefault(c, len(vocab))
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator([SYSTEM_MESSAGE], trainers.BpeTrainer(
+        vocab_size=1000, special_tokens=["<unk>", "<s>", "</s>", "<pad>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                         pad_token="<pad>", model_max_length=max_length)
     tokenizer.add_special_tokens({"additional_special_tokens": [
