@@ -108,3 +108,16 @@ def test_the_cache_and_the_step_take_config_sections():
                        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
                        for arg in node.args.args + node.args.kwonlyargs if arg.annotation is not None}
         assert annotations and "Config" not in annotations, module
+
+
+def test_every_family_has_a_tiny_builder_and_make_tiny_builds_each():
+    """A new family in models.loading.FAMILIES needs its tiny builder (testing/tiny.py BUILDERS, keyed by its name):
+    make-tiny builds one of each family and the tests train each."""
+    import inspect
+
+    from diffusion_dpo.cli import app
+    from diffusion_dpo.models import FAMILIES
+    from diffusion_dpo.testing.tiny import BUILDERS, KINDS
+
+    assert {f.name for f in FAMILIES} <= set(BUILDERS) and set(KINDS) == set(BUILDERS)
+    assert "for family in FAMILIES" in inspect.getsource(app._cmd_make_tiny)

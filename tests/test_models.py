@@ -7,7 +7,7 @@ import torch
 
 from diffusion_dpo.config import LoraConfig, ModelConfig
 from diffusion_dpo.errors import UserError
-from diffusion_dpo.models import Reference, add_lora, load_components
+from diffusion_dpo.models import Reference, add_lora, describe, load_components
 
 
 def _encodings(components, batch):
@@ -70,8 +70,20 @@ def test_sdxl_time_ids_are_shared_by_a_pair_by_default_as_the_official_code(tiny
     assert "model.sdxl_time_ids" not in StableDiffusionXL.schedule_identity(
         ModelConfig(pretrained="x", sdxl_time_ids="image"), FlowConfig())
     describe(ModelConfig(pretrained=str(tiny_sd)))  # the default is no SDXL setting
-    with pytest.raises(UserError, match="model.sdxl_time_ids is for SDXL; a Stable Diffusion 1.x/2.x model has no"):
+    with pytest.raises(UserError, match="model.sdxl_time_ids is not a Stable Diffusion 1.x/2.x setting"):
         describe(ModelConfig(pretrained=str(tiny_sd), sdxl_time_ids=setting if setting != "auto" else "image"))
+
+
+@pytest.mark.parametrize("fixture,setting,value", [("tiny_sd", "max_sequence_length", 8), ("tiny_sd", "guidance", 3.5),
+                                                   ("tiny_sd3", "guidance", 3.5), ("tiny_sd3", "prediction_type", "epsilon"),
+                                                   ("tiny_zimage", "sdxl_time_ids", "image"),
+                                                   ("tiny_sd", "t5", False)])
+def test_a_setting_the_family_would_ignore_is_refused_in_one_line(request, fixture, setting, value):
+    """Each family names the family-specific model.* settings it reads; one set for another family (where it
+    would change nothing) stops before any weight loads."""
+    with pytest.raises(UserError, match=f"model.{setting} is not a .* setting \\(it is .*'s\\)") as exc:
+        describe(ModelConfig(pretrained=str(request.getfixturevalue(fixture)), **{setting: value}))
+    assert "\n" not in str(exc.value)
 
 
 def test_encode_images_samples_the_posterior_and_scales(tiny_sd):

@@ -75,6 +75,10 @@ class PromptTokenizer:
                 for k, (tok, n) in enumerate(zip(self.tokenizers, self.lengths))}
 
 
+# model.* settings that only some families read; every other model.* setting is every family's
+FAMILY_SETTINGS = ("prediction_type", "sdxl_time_ids", "t5", "max_sequence_length", "guidance")
+
+
 class Family:
     """One loaded checkpoint of a family. Training from a pre-encoded cache loads neither the VAE nor the text
     encoders (`vae` None, `text_encoders` empty); the cache builder loads no denoiser. Configs are always read."""
@@ -87,6 +91,9 @@ class Family:
     lora_diffusers_naming: ClassVar[bool] = False  # save LoRA in diffusers' older naming (see lora.lora_state_dict)
     size_conditioning: ClassVar[bool] = False  # conditions on each image's size and crop (SDXL's time ids)
     card_tags: ClassVar[tuple[str, ...]] = ()  # the family's model-card tags, as diffusers' training scripts write
+    # the model.* settings of FAMILY_SETTINGS this family reads (and checks): one set for a family that would ignore
+    # it is refused before any work (models.loading.describe)
+    settings: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: ModelConfig, flow: FlowConfig, index: dict, pipeline_class: type,
                  denoiser: Optional[nn.Module], denoiser_config: Any, vae: Optional[nn.Module], vae_config: Any,

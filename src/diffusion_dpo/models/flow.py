@@ -90,6 +90,8 @@ class FlowMatching(Family):
     """The flow-matching schedule and the T5 length shared by SD3 and FLUX (see the module docstring)."""
 
     default_max_sequence_length: ClassVar[int]  # the pipeline's own default
+    # T5's (SD3, FLUX.1) or the LLM's length; model.t5 is checked by each family (only SD3 can leave T5 out)
+    settings: ClassVar[tuple[str, ...]] = ("t5", "max_sequence_length")
     max_max_sequence_length: ClassVar[int | None] = None  # the most the pipeline accepts
 
     @classmethod

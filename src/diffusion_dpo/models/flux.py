@@ -35,6 +35,7 @@ class Flux(GuidanceEmbedded, PackedLatents, FlowMatching):
     default_max_sequence_length: ClassVar[int] = 512
     max_max_sequence_length: ClassVar[int | None] = 512
 
+    settings: ClassVar[tuple[str, ...]] = ("t5", "max_sequence_length", "guidance")
     default_guidance: ClassVar[float] = 3.5  # FluxPipeline's; diffusers' and Flow-Factory's FLUX.1 training
 
     def __init__(self, *args: Any, **kwargs: Any):

@@ -82,6 +82,7 @@ class Flux2Family(GuidanceEmbedded, LLMConditioned):
     default_lora_targets: ClassVar[tuple[str, ...]] = LORA_TARGETS
     default_max_sequence_length: ClassVar[int] = 512  # both pipelines'
     text_layers: ClassVar[tuple[int, ...]]  # the pipeline's text_encoder_out_layers
+    settings: ClassVar[tuple[str, ...]] = ("t5", "max_sequence_length", "guidance")
     default_guidance: ClassVar[float] = 4.0  # Flux2Pipeline's guidance_scale (klein has no guidance embedding)
 
     def __init__(self, *args: Any, **kwargs: Any):

@@ -7,6 +7,7 @@ checkpoint can never name code to run. Adding a family is one module under model
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Optional
@@ -16,7 +17,7 @@ import torch
 from diffusion_dpo.config import FlowConfig, ModelConfig
 from diffusion_dpo.errors import UserError, is_local_path
 from diffusion_dpo.models.components import library_class, load_tokenizer
-from diffusion_dpo.models.family import Family
+from diffusion_dpo.models.family import FAMILY_SETTINGS, Family
 from diffusion_dpo.models.flux import Flux
 from diffusion_dpo.models.flux2 import Flux2, Flux2Klein
 from diffusion_dpo.models.precision import cast
@@ -99,9 +100,12 @@ def describe(cfg: ModelConfig, setting: str = "model.pretrained") -> tuple[dict,
     index = read_model_index(cfg, setting)
     family = family_class(index, name)
     family.check_index(index, cfg, name)
-    if cfg.sdxl_time_ids != "auto" and not family.size_conditioning:
-        raise UserError(f"{name}: model.sdxl_time_ids is for SDXL; a {family.title} model has no size/crop "
-                        "conditioning (leave it unset)")
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    for key in FAMILY_SETTINGS:
+        if key not in family.settings and getattr(cfg, key) != defaults[key]:
+            takers = ", ".join(f.title for f in FAMILIES if key in f.settings)
+            raise UserError(f"{name}: model.{key} is not a {family.title} setting (it is {takers}'s); a "
+                            f"{family.title} model would ignore it: leave it unset")
     needed = [family.denoiser_role, "scheduler"] + (["vae"] if cfg.vae is None else [])
     needed += [role for pair in family.text_roles(index, cfg) for role in pair]
     absent = [n for n in needed if not (index.get(n) or [None])[0]]

@@ -44,6 +44,7 @@ class StableDiffusion(Family):
     default_lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
     lora_diffusers_naming: ClassVar[bool] = True  # as diffusers' SD/SDXL LoRA scripts save a UNet's adapter
     card_tags: ClassVar[tuple[str, ...]] = ("stable-diffusion", "stable-diffusion-diffusers")
+    settings: ClassVar[tuple[str, ...]] = ("prediction_type",)
 
     @classmethod
     def text_roles(cls, index: dict, cfg: ModelConfig) -> list[tuple[str, str]]:
@@ -127,6 +128,7 @@ class StableDiffusionXL(StableDiffusion):
     title: ClassVar[str] = "Stable Diffusion XL"
     pipelines: ClassVar[tuple[str, ...]] = ("StableDiffusionXLPipeline",)
     size_conditioning: ClassVar[bool] = True
+    settings: ClassVar[tuple[str, ...]] = ("prediction_type", "sdxl_time_ids")
     card_tags: ClassVar[tuple[str, ...]] = ("stable-diffusion-xl", "stable-diffusion-xl-diffusers")
 
     @classmethod
