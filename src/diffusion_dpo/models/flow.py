@@ -163,6 +163,10 @@ class GuidanceEmbedded:
 
     default_guidance: ClassVar[float]
 
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.embedded_guidance()  # model.guidance refused before any work where there is no embedding
+
     def embedded_guidance(self) -> float | None:
         """The value fed to the guidance embedding, None where the transformer has none."""
         family: Any = self  # a FlowMatching family: cfg, denoiser_config, pretrained, title

@@ -15,7 +15,7 @@ FLUX cannot run without its T5: a checkpoint without text_encoder_2, or `model.t
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -37,10 +37,6 @@ class Flux(GuidanceEmbedded, PackedLatents, FlowMatching):
 
     settings: ClassVar[tuple[str, ...]] = ("t5", "max_sequence_length", "guidance")
     default_guidance: ClassVar[float] = 3.5  # FluxPipeline's; diffusers' and Flow-Factory's FLUX.1 training
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.embedded_guidance()  # model.guidance refused for FLUX.1-schnell before any work
 
     @classmethod
     def text_roles(cls, index: dict, cfg: ModelConfig) -> list[tuple[str, str]]:

@@ -85,10 +85,6 @@ class Flux2Family(GuidanceEmbedded, LLMConditioned):
     settings: ClassVar[tuple[str, ...]] = ("t5", "max_sequence_length", "guidance")
     default_guidance: ClassVar[float] = 4.0  # Flux2Pipeline's guidance_scale (klein has no guidance embedding)
 
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.embedded_guidance()  # model.guidance refused for klein before any work
-
     @torch.no_grad()
     def encode_prompt(self, ids: dict[str, Tensor]) -> dict[str, Tensor]:
         """{"hidden": (B, L, 3 D)}: the encoder's hidden states of `text_layers` side by side, at every token."""

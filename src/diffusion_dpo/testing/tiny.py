@@ -250,7 +250,7 @@ def _tiny_flux2_klein(out_dir: Path, resolution: int, seed: int) -> Path:
     one's), a FLUX.2 VAE with 8 latent channels (32 after the 2x2 patchify) and BatchNorm statistics that are not
     the fresh 0 and 1, a transformer with one double- and one single-stream block, 4-axis RoPE and no guidance
     embedding, and a dynamically shifting scheduler (the pipeline's compute_empirical_mu)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from diffusers import Flux2KleinPipeline
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     tokenizer = _qwen_tokenizer()
@@ -259,12 +259,7 @@ def _tiny_flux2_klein(out_dir: Path, resolution: int, seed: int) -> Path:
                                                 num_attention_heads=2, num_key_value_heads=2, head_dim=8,
                                                 vocab_size=len(tokenizer), max_position_embeddings=1024))
     torch.manual_seed(seed)
-    vae = _flux2_vae(resolution)
-    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=32, num_layers=1, num_single_layers=1,
-                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
-                                          timestep_guidance_channels=256, axes_dims_rope=(4, 4, 4, 4),
-                                          guidance_embeds=False)
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential")
+    vae, transformer, scheduler = _flux2_parts(resolution, guidance_embeds=False)
     pipe = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                               transformer=transformer, is_distilled=False)
     pipe.save_pretrained(out_dir)
@@ -312,7 +307,7 @@ def _tiny_flux2(out_dir: Path, resolution: int, seed: int) -> Path:
     Mistral tokenizer saved in a PixtralProcessor's folder layout (model_index names PixtralProcessor, as the real
     checkpoint's), the FLUX.2 VAE and transformer of `_tiny_flux2_klein` with a guidance embedding, and the dynamically
     shifting scheduler."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+    from diffusers import Flux2Pipeline
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 
     tokenizer = _mistral_tokenizer()
@@ -326,12 +321,7 @@ def _tiny_flux2(out_dir: Path, resolution: int, seed: int) -> Path:
         image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"), spatial_merge_size=2)
     text_encoder = Mistral3ForConditionalGeneration(config).eval()
     torch.manual_seed(seed)
-    vae = _flux2_vae(resolution)
-    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=32, num_layers=1, num_single_layers=1,
-                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
-                                          timestep_guidance_channels=256, axes_dims_rope=(4, 4, 4, 4),
-                                          guidance_embeds=True)
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential")
+    vae, transformer, scheduler = _flux2_parts(resolution, guidance_embeds=True)
     pipe = Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                          transformer=transformer)
     pipe.save_pretrained(out_dir)
@@ -351,10 +341,11 @@ def _tiny_flux2(out_dir: Path, resolution: int, seed: int) -> Path:
     return out_dir
 
 
-def _flux2_vae(resolution: int) -> Any:
-    """The FLUX.2 VAE shrunk: 8 latent channels (32 after the 2x2 patchify) and BatchNorm statistics that are not the
-    fresh 0 and 1."""
-    from diffusers import AutoencoderKLFlux2
+def _flux2_parts(resolution: int, guidance_embeds: bool) -> tuple[Any, Any, Any]:
+    """What FLUX.2 [klein] and [dev] share, shrunk: the VAE with 8 latent channels (32 after the 2x2 patchify) and
+    BatchNorm statistics that are not the fresh 0 and 1, a transformer with one double- and one single-stream block
+    and 4-axis RoPE (a guidance embedding for [dev]), and the dynamically shifting scheduler (compute_empirical_mu)."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
 
     vae = AutoencoderKLFlux2(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
                              up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=8,
@@ -362,7 +353,12 @@ def _flux2_vae(resolution: int) -> Any:
     with torch.no_grad():
         vae.bn.running_mean.copy_(torch.linspace(-0.3, 0.3, 32))
         vae.bn.running_var.copy_(torch.linspace(0.5, 1.5, 32))
-    return vae
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=32, num_layers=1, num_single_layers=1,
+                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
+                                          timestep_guidance_channels=256, axes_dims_rope=(4, 4, 4, 4),
+                                          guidance_embeds=guidance_embeds)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential")
+    return vae, transformer, scheduler
 
 
 def _tiny_qwenimage(out_dir: Path, resolution: int, seed: int) -> Path:
