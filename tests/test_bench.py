@@ -51,6 +51,40 @@ def test_bench_times_each_mode_against_the_floor_on_the_same_inputs(tmp_path, ti
     assert table in capsys.readouterr().out
 
 
+def test_the_interleaved_floor_leaves_training_as_it_was(tmp_path, tiny_sd, tiny_data):
+    """The floor runs between the training steps, on each step's own inputs, with the in-backward optimizer paused:
+    the weights and losses are bitwise those of the same run without it, and each timed step has its floor."""
+    import json
+
+    import torch
+
+    from diffusion_dpo.bench import InputRecorder, InterleavedFloor
+    from diffusion_dpo.config import load_config
+    from diffusion_dpo.training import Trainer
+
+    def run(name, with_floor):
+        cfg = load_config(ROOT / "configs" / "tiny.yaml", {
+            "model.pretrained": str(tiny_sd), "data.path": str(tiny_data), "output_dir": str(tmp_path / name),
+            "data.num_workers": "0", "train.max_steps": "4", "train.checkpointing_steps": "0",
+            "validation.every_steps": "-1", "train.report_to": "none", "optim.step_in_backward": "true",
+            "optim.max_grad_norm": "0"})
+        trainer = Trainer(cfg)
+        trainer._save_final = lambda: trainer.output_dir
+        floor = None
+        if with_floor:
+            recorder = InputRecorder(trainer.accelerator.unwrap_model(trainer.denoiser))
+            floor = trainer.metrics.callback = InterleavedFloor(trainer, recorder, warmup=1, per_step=2)
+        trainer.run()
+        losses = [json.loads(line)["loss"] for line in trainer.metrics_path.read_text().splitlines()]
+        return dict(trainer.denoiser.named_parameters()), losses, floor
+
+    plain, plain_losses, _ = run("plain", False)
+    timed, timed_losses, floor = run("timed", True)
+    assert timed_losses == plain_losses
+    assert all(torch.equal(plain[k], timed[k]) for k in plain)
+    assert len(floor.step_seconds) == 3 and len(floor.floor_seconds) == 6 and floor.flops > 0  # after steps 1-3
+
+
 def test_an_unknown_mode_is_one_line(capsys, tiny_sd, tiny_data):
     code = main(["bench", "--config", str(ROOT / "configs" / "tiny.yaml"), "--model.pretrained", str(tiny_sd),
                  "--data.path", str(tiny_data), "--modes", "warp"])

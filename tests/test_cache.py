@@ -459,23 +459,22 @@ def test_a_read_fetches_only_the_orientation_it_uses(tmp_path, sd_cache, tiny_sd
     store = open_cache(make_cfg(tmp_path / "run", tiny_sd, tiny_data, cache__dir=sd_cache, **COMMON))
     fetched = []
 
-    class Counted:  # a shard whose slices count the bytes they hand out
+    class Counted:  # a shard whose reads count the bytes they copy out of the map
         def __init__(self, f):
             self.f = f
 
         def keys(self):
             return self.f.keys()
 
-        def get_slice(self, key):
-            sliced = self.f.get_slice(key)
+        def _count(self, key, t):
+            fetched.append((key, t.numel() * t.element_size()))
+            return t
 
-            class Slice:
-                def __getitem__(self, index):
-                    t = sliced[index]
-                    fetched.append((key, t.numel() * t.element_size()))
-                    return t
+        def row(self, key, index, sub=None):
+            return self._count(key, self.f.row(key, index, sub))
 
-            return Slice()
+        def rows(self, key, start, stop):
+            return self._count(key, self.f.rows(key, start, stop))
 
     opened = store._file
     store._file = lambda name: Counted(opened(name))
@@ -562,9 +561,9 @@ def test_a_format_2_cache_is_still_read(tmp_path, sd_cache, tiny_sd, tiny_data):
 def test_masked_caption_encodings_are_stored_at_their_own_lengths():
     """An LLM's encodings with a mask (real tokens anywhere: right or left padding) are stored as the tokens the mask
     keeps and read back as those tokens first, zero-padded, with their mask: what conditioning keeps is unchanged."""
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
+    from diffusion_dpo.cache.mapped import MappedFile
     from diffusion_dpo.cache.store import _read_ragged, pack_ragged
 
     hidden = torch.randn(3, 6, 4)
@@ -575,10 +574,33 @@ def test_masked_caption_encodings_are_stored_at_their_own_lengths():
 
     with tempfile.TemporaryDirectory() as tmp:
         save_file(packed, f"{tmp}/t.safetensors")
-        with safe_open(f"{tmp}/t.safetensors", framework="pt") as f:
-            for i in range(3):
-                row = _read_ragged(f, i)
-                k = int(mask[i].sum())
-                assert row["mask"].tolist() == [1.0] * k + [0.0] * (6 - k)
-                assert torch.equal(row["hidden"][row["mask"] > 0.5], hidden[i][mask[i] > 0.5])
-                assert not row["hidden"][k:].any()
+        f = MappedFile(Path(tmp) / "t.safetensors")
+        for i in range(3):
+            row = _read_ragged(f, i)
+            k = int(mask[i].sum())
+            assert row["mask"].tolist() == [1.0] * k + [0.0] * (6 - k)
+            assert torch.equal(row["hidden"][row["mask"] > 0.5], hidden[i][mask[i] > 0.5])
+            assert not row["hidden"][k:].any()
+
+
+def test_a_mapped_shard_reads_what_safetensors_wrote(tmp_path):
+    """`MappedFile` (the reader's memory map) gives back, row by row and whole, exactly what `save_file` stored: every
+    dtype a cache holds, and tensors whose bytes start at offsets no wider dtype is aligned to."""
+    from safetensors.torch import load_file, save_file
+
+    from diffusion_dpo.cache.mapped import MappedFile
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a_odd": torch.randint(0, 255, (3, 5), dtype=torch.uint8, generator=g),  # 15 bytes: the rest unaligned
+               "b_mean": torch.randn(4, 2, 3, 2, 2, generator=g), "c_bf16": torch.randn(4, 7, generator=g).bfloat16(),
+               "d_half": torch.randn(4, 3, generator=g).half(), "e_ids": torch.arange(8).view(4, 2),
+               "f_mask": torch.tensor([[True, False], [False, True], [True, True], [False, False]]),
+               "g_scalar": torch.tensor(3.5)}
+    save_file(tensors, tmp_path / "shard.safetensors", metadata={"rows": "4"})
+    f, stored = MappedFile(tmp_path / "shard.safetensors"), load_file(tmp_path / "shard.safetensors")
+    assert sorted(f.keys()) == sorted(tensors) and f.metadata == {"rows": "4"}
+    for key, t in stored.items():
+        assert f.tensor(key).dtype == t.dtype and torch.equal(f.tensor(key), t)
+        if t.dim():
+            assert torch.equal(f.row(key, t.shape[0] - 1), t[-1]) and torch.equal(f.rows(key, 1, 3), t[1:3])
+    assert torch.equal(f.row("b_mean", 2, 1), stored["b_mean"][2, 1])  # one orientation of one row

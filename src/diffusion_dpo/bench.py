@@ -3,15 +3,16 @@
 For one config (one model, one batch size), every mode trains a few optimizer steps through the real
 `Trainer` loop (data loading, the VAE and text encoders unless cached, the reference, the loss, the
 backward, clipping, the optimizer, the one host sync) in its own subprocess, so that its peak memory
-is its own. Then, in the same process and on the same denoiser, it times the *floor*: plain torch, the
-policy's forward + backward on the exact 2B latents the last step fed it, plus the reference's
-forward on them when the mode runs a live reference. `step / floor` says how much the loop adds to
-the compute that no implementation can avoid.
+is its own. Between those steps, in the same process and on the same denoiser, it times the *floor*:
+plain torch, the policy's forward + backward on the exact 2B latents the step just fed it, plus the
+reference's forward on them when the mode runs a live reference. `step / floor` says how much the loop
+adds to the compute that no implementation can avoid.
 
     diffusion-dpo bench --config configs/tiny.yaml --steps 20 --markdown bench.md
 
-Step time is the median over the timed steps of the wall time between consecutive optimizer steps
-(the `pairs_per_s` of metrics.jsonl), after `--warmup` untimed steps. Peak memory is training's,
+Step time is the median over the timed steps of the loop's wall time from one optimizer step to the next
+(the floor's time between them left out), after `--warmup` untimed steps; the floor's is the median of
+its `--floor-repeats` repetitions, spread over the timed steps (`InterleavedFloor`). Peak memory is training's,
 from the end of loading to the last step: CUDA's max_memory_allocated; on the CPU, the process's peak
 resident set over its size before any model was loaded. Loading's own peak is in the JSON
 (`load_peak_memory_mib`). Time inside the VAE and the text encoders is measured by module hooks and
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -68,6 +70,11 @@ GPU_PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362
 
 
 # ------------------------------------------------------------------ measurement helpers
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 class ModuleTimer:
     """Wall time spent inside some modules' forward passes (CUDA-synchronised), by forward hooks."""
 
@@ -81,20 +88,16 @@ class ModuleTimer:
             self._handles.append(m.register_forward_pre_hook(self._enter))
             self._handles.append(m.register_forward_hook(self._leave))
 
-    def _sync(self) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-
     def _enter(self, *_: Any) -> None:
         if self._depth == 0:
-            self._sync()
+            _sync()
             self._start = time.perf_counter()
         self._depth += 1
 
     def _leave(self, *_: Any) -> None:
         self._depth -= 1
         if self._depth == 0 and self._start is not None:
-            self._sync()
+            _sync()
             self.seconds += time.perf_counter() - self._start
 
     def close(self) -> None:
@@ -158,39 +161,58 @@ def _shape(x: Any) -> list[int]:
     return [len(x), *x[0].shape] if isinstance(x, (list, tuple)) else list(x.shape)
 
 
-def floor_seconds(trainer: Any, args: tuple, kwargs: dict, repeats: int, warmup: int = 2) -> tuple[float, int]:
-    """Median seconds of the bare compute of one micro-step, and its model FLOPs.
+class InterleavedFloor:
+    """The floor, timed between the very training steps it is set against (a `MetricsLog` callback).
 
-    The policy's forward + backward on the given 2B inputs, then the reference's forward on them
-    (no_grad) when the trainer runs a live reference; the same autocast as training."""
-    acc = trainer.accelerator
-    model = trainer.denoiser
-    live_reference = trainer.loss_spec.needs_reference and trainer.reference is not None
+    The bare compute of one micro-step: the policy's forward + backward on the step's own 2B inputs, then the
+    reference's forward on them (no_grad) when the trainer runs a live reference; the same autocast as training.
+    It runs after every timed step (and after the last warm-up step), so step and floor sample the same moments:
+    a shared machine's speed drifts by a third over seconds (BENCHMARKS.md), and a floor timed after
+    training would meet another machine than the steps did. The loop's own time is measured from the end of one
+    callback to the start of the next, so no floor time is in it. Model FLOPs are counted on the first call."""
 
-    def once() -> None:
+    def __init__(self, trainer: Any, recorder: InputRecorder, warmup: int, per_step: int):
+        self.trainer, self.recorder, self.warmup, self.per_step = trainer, recorder, warmup, per_step
+        self.step_seconds: list[float] = []
+        self.floor_seconds: list[float] = []
+        self.flops: Optional[int] = None
+        self._left: Optional[float] = None  # when the last callback returned
+
+    def once(self) -> None:
+        trainer = self.trainer
+        acc, model, args, kwargs = trainer.accelerator, trainer.denoiser, self.recorder.args, self.recorder.kwargs
         with acc.autocast():
             out = _prediction(model(*args, **kwargs))
         out.float().pow(2).mean().backward()
-        if live_reference:
+        if trainer.loss_spec.needs_reference and trainer.reference is not None:
             with torch.no_grad(), acc.autocast(), trainer.reference.model(acc.unwrap_model(model)) as ref:
                 ref(*args, **kwargs)
         model.zero_grad(set_to_none=True)
 
-    counter = model_flop_counter()
-    with counter:
-        once()
-    for _ in range(warmup):
-        once()
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        once()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), int(counter.get_total_flops())
+    def _timed(self) -> float:
+        _sync()
+        began = time.perf_counter()
+        self.once()
+        _sync()
+        return time.perf_counter() - began
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        _sync()
+        arrived = time.perf_counter()
+        if record["step"] > self.warmup and self._left is not None:
+            self.step_seconds.append(arrived - self._left)
+        if record["step"] >= self.warmup and record["step"] < self.trainer.cfg.train.max_steps:
+            paused = self.trainer.in_backward.paused() if self.trainer.in_backward is not None else nullcontext()
+            with paused:  # the floor is bare compute: no optimizer inside its backward
+                if self.flops is None:
+                    counter = model_flop_counter()
+                    with counter:
+                        self.once()
+                    self.flops = int(counter.get_total_flops())
+                    self.once()  # untimed: the counter's first call is not the steady state
+                self.floor_seconds += [self._timed() for _ in range(self.per_step)]
+        _sync()
+        self._left = time.perf_counter()
 
 
 def peak_tflops(device: torch.device, given: Optional[float]) -> Optional[float]:
@@ -259,15 +281,16 @@ def run_mode(run_cfg: Config, mode: str, warmup: int, floor_repeats: int, peak: 
         comp = trainer.components
         encoders = ModuleTimer(_encoder_modules(comp))
         recorder = InputRecorder(trainer.accelerator.unwrap_model(trainer.denoiser))
+        steps = run_cfg.train.max_steps - warmup
+        floor = InterleavedFloor(trainer, recorder, warmup, per_step=-(-floor_repeats // steps))
+        trainer.metrics.callback = floor
         trainer.run()
         encoders.close()
         recorder.close()
         train_peak_bytes = peak_bytes(rss_before)
         lines = [json.loads(ln) for ln in trainer.metrics_path.read_text().splitlines()]
-        step_s = statistics.median(trainer.pairs_per_step / r["pairs_per_s"] for r in lines[warmup:])
-        if trainer.in_backward is not None:
-            trainer.in_backward.remove_hooks()  # the floor is bare compute: no optimizer inside its backward
-        floor_s, flops = floor_seconds(trainer, recorder.args, recorder.kwargs, floor_repeats)
+        step_s, floor_s, flops = statistics.median(floor.step_seconds), statistics.median(floor.floor_seconds), \
+            floor.flops
 
     pairs = trainer.pairs_per_step
     peak = peak_tflops(trainer.accelerator.device, peak)
@@ -279,7 +302,7 @@ def run_mode(run_cfg: Config, mode: str, warmup: int, floor_repeats: int, peak: 
         "optimizer": run_cfg.optim.name, "gradient_checkpointing": run_cfg.train.gradient_checkpointing,
         "step_in_backward": run_cfg.optim.step_in_backward,
         "floor_latents": _shape(recorder.args[0]) if recorder.args else None,
-        "steps_timed": len(lines) - warmup, "step_s": step_s, "pairs_per_s": pairs / step_s, "floor_s": floor_s,
+        "steps_timed": len(floor.step_seconds), "floor_repeats": len(floor.floor_seconds), "step_s": step_s, "pairs_per_s": pairs / step_s, "floor_s": floor_s,
         "step_over_floor": step_s / floor_s, "peak_memory_mib": train_peak_bytes / 2**20,
         "load_peak_memory_mib": load_peak_bytes / 2**20,
         "vae_text_s_per_step": encoders.seconds / len(lines), "encoders_loaded": bool(encoders.modules),

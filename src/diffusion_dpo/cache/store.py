@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from diffusion_dpo.cache.identity import check_manifest
+from diffusion_dpo.cache.mapped import MappedFile
 from diffusion_dpo.config import CacheConfig, DataConfig, ModelConfig
 from diffusion_dpo.errors import UserError
 from diffusion_dpo.models import Family, sample_latents
@@ -68,7 +69,7 @@ class Cache:
         self.images_per_item: int = manifest.get("images_per_item", 2)  # caches before unpaired items held pairs
         # format 3: the first image row of each image shard (they may end early), for `_image`; format 2: none
         self._image_starts = list(np.cumsum([0] + [f["rows"] for f in manifest.get("image_files", [])])[:-1])
-        self._handles: dict[str, Any] = {}
+        self._handles: dict[str, MappedFile] = {}
 
     @classmethod
     def open(cls, model: ModelConfig, data: DataConfig, cache: CacheConfig, mixed_precision: str) -> "Cache":
@@ -90,11 +91,9 @@ class Cache:
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_handles": {}}  # memory maps do not travel to worker processes
 
-    def _file(self, name: str) -> Any:
-        from safetensors import safe_open
-
+    def _file(self, name: str) -> MappedFile:
         if name not in self._handles:
-            self._handles[name] = safe_open(str(self.directory / name), framework="pt")
+            self._handles[name] = MappedFile(self.directory / name)
         return self._handles[name]
 
     def _row(self, files: list[dict], row: int, keys: Optional[tuple[str, ...]] = None,
@@ -151,15 +150,15 @@ def pack_ragged(encodings: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _read_ragged(f: Any, offset: int) -> dict[str, Tensor]:
+def _read_ragged(f: MappedFile, offset: int) -> dict[str, Tensor]:
     """Row `offset` of a `pack_ragged` file as the encodings it came from: zero-padded back to L with its mask."""
-    lengths = f.get_slice("length")
-    start = int(lengths[:offset].sum()) if offset else 0
-    k, width = int(lengths[offset:offset + 1][0]), int(f.get_slice("padded_to")[0:1][0])
+    lengths = f.rows("length", 0, offset + 1)
+    start, k = int(lengths[:offset].sum()), int(lengths[offset])
+    width = int(f.row("padded_to", 0))
     out = {}
     for key in f.keys():
         if key.endswith(RAGGED):
-            tokens = f.get_slice(key)[start:start + k]
+            tokens = f.rows(key, start, start + k)
             padded = tokens.new_zeros((width, *tokens.shape[1:]))
             padded[:k] = tokens
             out[key[:-len(RAGGED)]] = padded
@@ -169,12 +168,10 @@ def _read_ragged(f: Any, offset: int) -> dict[str, Tensor]:
     return out
 
 
-def _read_row(f: Any, key: str, offset: int, orientation: int) -> Tensor:
+def _read_row(f: MappedFile, key: str, offset: int, orientation: int) -> Tensor:
     """Row `offset` of tensor `key` of an open shard. The posteriors and crops are stored (rows, V, ...), V the
     orientations, so one orientation of one row is one contiguous run of bytes: only it is read."""
-    if key in ORIENTED:
-        return f.get_slice(key)[offset:offset + 1, orientation:orientation + 1][0, 0]
-    return f.get_slice(key)[offset:offset + 1][0]
+    return f.row(key, offset, orientation if key in ORIENTED else None)
 
 
 class CachedPairs(torch.utils.data.Dataset):

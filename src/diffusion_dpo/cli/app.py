@@ -183,8 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="modes to run: live, live+cache, lora, lora+cache, precomputed (the default set), "
                             "mapo, mapo+cache (MaPO, reference-free)")
     bench.add_argument("--steps", type=int, default=10, help="timed optimizer steps per mode [default: 10]")
-    bench.add_argument("--warmup", type=int, default=3, help="untimed steps first [default: 3]")
-    bench.add_argument("--floor-repeats", type=int, default=10, help="timed floor repetitions [default: 10]")
+    bench.add_argument("--warmup", type=int, default=3, help="untimed steps first, at least 1 [default: 3]")
+    bench.add_argument("--floor-repeats", type=int, default=10, help="timed floor repetitions, spread over the timed steps [default: 10]")
     bench.add_argument("--lora-rank", type=int, default=8, help="LoRA rank for the lora mode [default: 8]")
     bench.add_argument("--peak-tflops", type=float, help="device peak for MFU [default: known GPUs' bf16 peak]")
     bench.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
@@ -313,8 +313,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     quiet_progress_bars()
     cfg = _load_config(args)
-    if args.steps < 1 or args.warmup < 0 or args.floor_repeats < 1:
-        raise UserError("bench: --steps and --floor-repeats must be >= 1, --warmup >= 0")
+    if args.steps < 1 or args.warmup < 1 or args.floor_repeats < 1:  # the first step is never timed: it loads lazily
+        raise UserError("bench: --steps, --warmup and --floor-repeats must be >= 1")
     rows = run_bench(cfg, args.modes or list(DEFAULT_MODES), lora_rank=args.lora_rank, steps=args.steps, warmup=args.warmup,
                      floor_repeats=args.floor_repeats, peak=args.peak_tflops,
                      progress=lambda s: print(s, file=sys.stderr, flush=True))

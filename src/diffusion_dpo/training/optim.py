@@ -8,7 +8,8 @@ moment its gradient is complete, so that a full set of gradients never exists.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 
@@ -70,7 +71,11 @@ class StepInBackward(torch.optim.Optimizer):
         super().__init__([p for p, _ in owned], dict(optimizers[0].defaults))
         self._refresh_groups()
         self._grad_sq: Optional[torch.Tensor] = None
-        self._handles = [p.register_post_accumulate_grad_hook(self._stepper(opt)) for p, opt in owned]
+        self._handles = self._hook()
+
+    def _hook(self) -> list[Any]:
+        return [p.register_post_accumulate_grad_hook(self._stepper(opt))
+                for opt in self.optimizers for group in opt.param_groups for p in group["params"]]
 
     def _refresh_groups(self) -> None:
         # the very dicts the per-parameter optimizers read (load_state_dict replaces them)
@@ -115,6 +120,15 @@ class StepInBackward(torch.optim.Optimizer):
         """Detach the hooks (the parameters then train with an ordinary optimizer again)."""
         for handle in self._handles:
             handle.remove()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """No update inside backward passes run within (`bench` times bare forward + backward between steps)."""
+        self.remove_hooks()
+        try:
+            yield
+        finally:
+            self._handles = self._hook()
 
 
 def make_lr_scheduler(cfg: OptimConfig, optimizer: torch.optim.Optimizer, max_steps: int) -> Any:

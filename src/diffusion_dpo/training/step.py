@@ -23,7 +23,7 @@ from diffusion_dpo.cache.store import cached_inputs
 from diffusion_dpo.config import LossConfig
 from diffusion_dpo.models import Family
 from diffusion_dpo.models.reference import Reference
-from diffusion_dpo.randomness import pair_noise, seed_for
+from diffusion_dpo.randomness import pair_noise, seed_for, seed_global
 from diffusion_dpo.training.losses import (LossSpec, implicit_accuracy, scale_gradient, smooth_labels,
                                            winner_safeguard_scale)
 
@@ -59,7 +59,7 @@ class PreferenceStep:
         acc, comp, loss_cfg = self.accelerator, self.family, self.loss
         device = acc.device
         # dropout (LoRA dropout) draws from the global generator: seed it per micro-step and process
-        torch.manual_seed(seed_for(self.seed, micro_step, acc.process_index))
+        seed_global(seed_for(self.seed, micro_step, acc.process_index), device)
         b = batch["label"].shape[0]
 
         # Each pair's timestep, noise and VAE posterior samples come from its own sample seed (fixed by
