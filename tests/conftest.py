@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny SD, SDXL, SD3 and FLUX pipelines saved as real diffusers directories, built once."""
+"""Shared fixtures: a tiny pipeline of every family, saved as a real diffusers directory and built once; the family
+lists the cross-family tests loop over."""
 
 import os
 import tempfile
@@ -17,6 +18,29 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # two test workers on two cores: one 
     import torch
 
     torch.set_num_threads(1)
+
+
+def _families():
+    from diffusion_dpo.models import FAMILIES
+    from diffusion_dpo.models.flow import FlowMatching
+
+    return tuple(f.name for f in FAMILIES), tuple(f.name for f in FAMILIES if issubclass(f, FlowMatching))
+
+
+# The cross-family tests loop over the families the library trains (models.loading.FAMILIES), not over a list of
+# their own: a family added there is in every such test at once, and fails them until it has its tiny fixture
+# (`tiny_<name>`) and its entries in the tests' per-family tables.
+ALL_FAMILIES, FLOW_FAMILIES = _families()
+
+
+def family_fixture(family: str) -> str:
+    """The session fixture of a family's tiny pipeline: tiny_sd, tiny_flux2_klein, ..."""
+    return "tiny_" + family.replace("-", "_")
+
+
+def tiny_family(request, family: str):
+    """The tiny pipeline directory of the family named `family` (its `tiny_<name>` fixture)."""
+    return request.getfixturevalue(family_fixture(family))
 
 
 def _tiny(tmp_path_factory, name: str, **kwargs):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import ALL_FAMILIES, tiny_family
 from diffusion_dpo.cache.build import build_cache as build_cache_from
 from diffusion_dpo.cache.store import Cache
 from diffusion_dpo.cli import main
@@ -100,9 +101,9 @@ def test_cached_items_equal_encoding_on_the_fly(request, tmp_path, tiny_data, fi
     assert torch.equal(a["label"], b["label"]) and torch.equal(a["sample_seed"], b["sample_seed"])
 
 
-@pytest.mark.parametrize("kind", ["sd", "sdxl", "sd3", "flux", "zimage", "flux2_klein", "flux2", "qwenimage"])
+@pytest.mark.parametrize("kind", ALL_FAMILIES)
 def test_cached_run_equals_uncached_run(tmp_path, request, tiny_data, kind):
-    model = request.getfixturevalue(f"tiny_{kind}")
+    model = tiny_family(request, kind)
     # eps = 1 makes Adam ~ SGD with momentum: plain Adam would turn float noise in near-zero gradients into
     # +-lr updates, and beta = 5000 amplifies what is left; this compares the inputs, not Adam.
     common = dict(COMMON, train__max_steps=2, optim__lr="0.1", optim__adam_epsilon="1.0", optim__weight_decay="0",
@@ -130,12 +131,16 @@ def test_cached_run_equals_uncached_run(tmp_path, request, tiny_data, kind):
             assert "hidden@tokens" in f.keys() and "length" in f.keys() and "mask" not in f.keys()
 
 
-@pytest.mark.parametrize("kind,rank", [("sd", 0), ("sd", 4), ("sd3", 0), ("flux", 4), ("zimage", 4),
-                                       ("flux2_klein", 0), ("flux2", 4), ("qwenimage", 4)])
+# the LoRA ranks (0: a full fine-tune) each family's precomputed reference is checked with (SDXL's path is SD's)
+PRECOMPUTED_RANKS = {"sd": (0, 4), "sdxl": (), "sd3": (0,), "flux": (4,), "zimage": (4,), "flux2-klein": (0,),
+                     "flux2": (4,), "qwenimage": (4,)}
+
+
+@pytest.mark.parametrize("kind,rank", [(f, r) for f in ALL_FAMILIES for r in PRECOMPUTED_RANKS[f]])
 def test_precomputed_reference_equals_live_reference(request, tmp_path, tiny_data, kind, rank, monkeypatch):
     """The reference errors computed ahead (other batches, no training) give the live run's losses; training
     then holds no reference copy (full) and never switches the adapters off (LoRA)."""
-    model = request.getfixturevalue(f"tiny_{kind}")
+    model = tiny_family(request, kind)
     cache = request.getfixturevalue("sd_cache") if kind == "sd" else tmp_path / "cache"
     common = dict(COMMON, cache__dir=cache, cache__auto="true", lora__rank=rank, **_text_length(kind),
                   optim__lr="0.1" if rank == 0 else "1.0", optim__adam_epsilon="1.0", optim__weight_decay="0",

@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 
+from conftest import FLOW_FAMILIES, tiny_family
 from diffusion_dpo.config import FlowConfig, ModelConfig
 from diffusion_dpo.errors import UserError
 from diffusion_dpo.training.losses import dpo_loss
@@ -267,15 +268,14 @@ def test_qwenimage_predicts_the_velocity_its_pipeline_steps_with(tiny_qwenimage)
     torch.testing.assert_close(stepped, pack(ours), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("fixture", ["tiny_sd3", "tiny_flux", "tiny_zimage", "tiny_flux2_klein", "tiny_flux2",
-                                     "tiny_qwenimage"])
-def test_swapping_winner_and_loser_negates_inside(request, fixture):
+@pytest.mark.parametrize("family", FLOW_FAMILIES)
+def test_swapping_winner_and_loser_negates_inside(request, family):
     """At theta = ref the margin is 0; with the policy moved, the same pair in the other order has the opposite
     margin: conditioning, timestep and noise are paired per pair, never per position."""
     # a chat template takes ~20 of the byte-level tokens; Qwen-Image's system prompt, kept after its first 34, ~130
-    length = {"tiny_zimage": 64, "tiny_flux2_klein": 64, "tiny_flux2": 64, "tiny_qwenimage": 256}.get(fixture, 8)
-    c = load_components(ModelConfig(pretrained=str(request.getfixturevalue(fixture)), max_sequence_length=length))
-    ref = load_components(ModelConfig(pretrained=str(request.getfixturevalue(fixture)), max_sequence_length=length))
+    length = {"zimage": 64, "flux2-klein": 64, "flux2": 64, "qwenimage": 256}.get(family, 8)
+    c = load_components(ModelConfig(pretrained=str(tiny_family(request, family)), max_sequence_length=length))
+    ref = load_components(ModelConfig(pretrained=str(tiny_family(request, family)), max_sequence_length=length))
     with torch.no_grad():
         for p in c.denoiser.parameters():
             p.add_(0.02 * torch.randn_like(p))

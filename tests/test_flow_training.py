@@ -11,12 +11,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from conftest import FLOW_FAMILIES, tiny_family
+from diffusion_dpo.models import FAMILIES
 from diffusion_dpo.training import Trainer, train
 from test_training import make_cfg, read_metrics, straight_and_resumed
 
-FAMILIES = {"sd3": ("tiny_sd3", "StableDiffusion3Pipeline"), "flux": ("tiny_flux", "FluxPipeline"),
-            "zimage": ("tiny_zimage", "ZImagePipeline"), "flux2-klein": ("tiny_flux2_klein", "Flux2KleinPipeline"),
-            "flux2": ("tiny_flux2", "Flux2Pipeline"), "qwenimage": ("tiny_qwenimage", "QwenImagePipeline")}
 # the tiny T5 at 8 tokens: the same code, a shorter joint attention; Z-Image's chat template alone is ~20 tokens
 LENGTH = {"sd3": 8, "flux": 8, "zimage": 64, "flux2-klein": 64, "flux2": 64, "qwenimage": 256}
 TEXT_PARTS = {"sd3": ("text_encoder", "text_encoder_2", "text_encoder_3"), "flux": ("text_encoder", "text_encoder_2"),
@@ -37,10 +36,11 @@ def tiny_data(tmp_path_factory):
 
 
 def _model(request, family):
+    """The family's tiny pipeline directory and its diffusers pipeline class."""
     import diffusers
 
-    fixture, pipeline = FAMILIES[family]
-    return request.getfixturevalue(fixture), getattr(diffusers, pipeline)
+    pipeline = next(f for f in FAMILIES if f.name == family).pipelines[0]
+    return tiny_family(request, family), getattr(diffusers, pipeline)
 
 
 def _load(pipeline_class, path):
@@ -62,7 +62,7 @@ def _sample(pipe, seed=0, length=8):
     return torch.tensor(np.array(image), dtype=torch.float32)
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", FLOW_FAMILIES)
 def test_full_fine_tune_outputs_load_in_the_family_pipeline(request, tmp_path, tiny_data, family):
     model, pipeline_class = _model(request, family)
     out = tmp_path / "run"
@@ -88,7 +88,7 @@ def test_full_fine_tune_outputs_load_in_the_family_pipeline(request, tmp_path, t
         json.loads((model / "model_index.json").read_text())["tokenizer"]
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", FLOW_FAMILIES)
 def test_lora_loads_with_load_lora_weights_and_changes_samples(request, tmp_path, tiny_data, family):
     model, pipeline_class = _model(request, family)
     trainer = Trainer(make_cfg(tmp_path / "run", model, tiny_data, lora__rank=4, lora__alpha=8, optim__lr="1e-2",
@@ -120,9 +120,13 @@ def test_lora_loads_with_load_lora_weights_and_changes_samples(request, tmp_path
                                    atol=1e-5)
 
 
-# FLUX.2 [dev] shares klein's transformer inputs (models/flux2.py): klein's run stands for both here
-@pytest.mark.parametrize("family,rank", [("sd3", 0), ("flux", 8), ("zimage", 4), ("flux2-klein", 0),
-                                         ("qwenimage", 4)])
+# full fine-tune (0) or a LoRA rank per family, so that both are covered; FLUX.2 [dev] shares klein's transformer
+# inputs (models/flux2.py): klein's run stands for both here (None: not run)
+LEARNS = {"sd3": 0, "flux": 8, "zimage": 4, "flux2-klein": 0, "flux2": None, "qwenimage": 4}
+RESUMES = {"sd3": 0, "flux": 4, "zimage": 0, "flux2-klein": 4, "flux2": 0, "qwenimage": 0}
+
+
+@pytest.mark.parametrize("family,rank", [(f, LEARNS[f]) for f in FLOW_FAMILIES if LEARNS[f] is not None])
 def test_a_flow_model_learns_a_preference(request, tmp_path, tiny_data, family, rank):
     """Same 4 pairs, same sigma and noise every step: Flow-DPO drives the implicit accuracy to 1."""
     model, _ = _model(request, family)
@@ -143,8 +147,7 @@ def test_a_flow_model_learns_a_preference(request, tmp_path, tiny_data, family, 
     assert (last["model_mse_w"] - last["model_mse_l"]) < (last["ref_mse_w"] - last["ref_mse_l"])
 
 
-@pytest.mark.parametrize("family,rank", [("sd3", 0), ("flux", 4), ("zimage", 0), ("flux2-klein", 4),
-                                         ("flux2", 0), ("qwenimage", 0)])
+@pytest.mark.parametrize("family,rank", [(f, RESUMES[f]) for f in FLOW_FAMILIES])
 def test_resume_is_bitwise_equal(request, tmp_path, tiny_data, family, rank):
     model, _ = _model(request, family)
     common = dict(train__max_steps=5, train__checkpointing_steps=2, lora__rank=rank, data__batch_size=3,

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import FLOW_FAMILIES, tiny_family
 from diffusion_dpo.errors import UserError
 from diffusion_dpo.evaluation.generate import generate, image_name, initial_latents, merge_shards
 from diffusion_dpo.evaluation.prompts import load_prompts
@@ -265,9 +266,8 @@ def test_prompt_file_errors(tmp_path):
         load_prompts(tmp_path / "empty.txt")
 
 
-@pytest.mark.parametrize("fixture", ["tiny_sd3", "tiny_flux", "tiny_zimage", "tiny_flux2_klein", "tiny_flux2",
-                                     "tiny_qwenimage"])
-def test_flow_families_generate_the_pipelines_own_images_byte_identically(request, tmp_path, fixture):
+@pytest.mark.parametrize("family", FLOW_FAMILIES)
+def test_flow_families_generate_the_pipelines_own_images_byte_identically(request, tmp_path, family):
     """x_T from the seed alone, handed over in the family's layout (FLUX.1, Qwen-Image: packed; FLUX.2: patchified):
     the images are the pipeline's own for that seed, the same bytes on a rerun, and within one level for another
     batch size."""
@@ -275,7 +275,7 @@ def test_flow_families_generate_the_pipelines_own_images_byte_identically(reques
 
     from diffusion_dpo.models.components import load_pipeline_class
 
-    model = str(request.getfixturevalue(fixture))
+    model = str(tiny_family(request, family))
     kw = dict(steps=2, guidance_scale=3.0, height=32, width=32)
     a = generate(model, PROMPTS[:2], [0, 1], tmp_path / "a", batch_size=2, **kw).parent
     again = generate(model, PROMPTS[:2], [0, 1], tmp_path / "again", batch_size=2, **kw).parent

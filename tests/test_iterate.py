@@ -13,9 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import FLOW_FAMILIES, tiny_family
 from diffusion_dpo.config import load_config
 from diffusion_dpo.errors import UserError
 from diffusion_dpo.iterate import Rounds, iterate
+from diffusion_dpo.models import FAMILIES
 from diffusion_dpo.models.components import load_pipeline_class
 from diffusion_dpo.pairing import pairs_of_prompt
 from test_training import read_metrics
@@ -321,17 +323,17 @@ def test_sigkill_at_random_times_then_rerun_ends_with_the_same_bits(tmp_path, ti
     assert not list(run.rglob("*.tmp")), f"seed {seed}: a temporary file was left behind"
 
 
-LENGTH = {"zimage": 64, "flux2_klein": 64, "flux2": 64, "qwenimage": 256}  # the chat templates' tokens
+LENGTH = {"zimage": 64, "flux2-klein": 64, "flux2": 64, "qwenimage": 256}  # the chat templates' tokens
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux", "zimage", "flux2_klein", "flux2", "qwenimage"])
+@pytest.mark.parametrize("family", FLOW_FAMILIES)
 def test_full_flow_rounds_continue_the_policy_and_load_as_pipelines(request, tmp_path, prompt_files, family):
     """A full fine-tune of a flow transformer in rounds: round 2 samples with and trains from round 1's pipeline,
     against it (log 2 at its first step), and the last round's final/ is a pipeline the family's diffusers class
     loads, whose transformer moved away from the base's."""
     import diffusers
 
-    model = request.getfixturevalue(f"tiny_{family}")
+    model = tiny_family(request, family)
     out = tmp_path / "run"
     length = LENGTH.get(family, 8)
     report = iterate(make_cfg(out, model, prompt_files, model__max_sequence_length=length))
@@ -340,9 +342,7 @@ def test_full_flow_rounds_continue_the_policy_and_load_as_pipelines(request, tmp
     assert f"pretrained: {r1 / 'final'}" in (r2 / "config.yaml").read_text()
     assert read_metrics(r2)[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert report["final"] == str(r2 / "final")
-    cls = {"sd3": diffusers.StableDiffusion3Pipeline, "flux": diffusers.FluxPipeline, "zimage": diffusers.ZImagePipeline,
-           "flux2_klein": diffusers.Flux2KleinPipeline, "flux2": diffusers.Flux2Pipeline,
-           "qwenimage": diffusers.QwenImagePipeline}[family]
+    cls = getattr(diffusers, next(f for f in FAMILIES if f.name == family).pipelines[0])
     tuned, base = (load_pipeline_class(cls, str(p), json.loads((Path(p) / "model_index.json").read_text()))
                    for p in (report["final"], model))
     moved = [not torch.equal(p, q) for p, q in zip(tuned.transformer.parameters(), base.transformer.parameters())]
@@ -350,11 +350,11 @@ def test_full_flow_rounds_continue_the_policy_and_load_as_pipelines(request, tmp
 
 
 # FLUX.1's LoRA continuation: test_continue.py
-@pytest.mark.parametrize("family", ["sd3", "zimage", "flux2_klein", "flux2", "qwenimage"])
+@pytest.mark.parametrize("family", [f for f in FLOW_FAMILIES if f != "flux"])
 def test_lora_rounds_against_the_base_load_into_the_base_pipeline(request, tmp_path, prompt_files, family):
     from diffusion_dpo.evaluation.generate import generate
 
-    model = request.getfixturevalue(f"tiny_{family}")
+    model = tiny_family(request, family)
     out = tmp_path / "run"
     length = LENGTH.get(family, 8)
     report = iterate(make_cfg(out, model, prompt_files, lora__rank=4, iterate__reference="base",

@@ -176,8 +176,9 @@ class FlowConfig:
     logit_std: float = _f(1.0, "Standard deviation of the logit-normal timestep density.")
     mode_scale: float = _f(1.29, "Scale of SD3's mode sampling (timestep_sampling mode).")
     shift: Optional[float] = _f(None, "Timestep shift s: sigma = s*u / (1 + (s-1)*u). Default: the scheduler's "
-                                      "(SD3/3.5: its config's shift, 3.0; FLUX.1-dev's resolution-dependent "
-                                      "exp(mu) at the training resolution, 3.16 at 1024 px); 1 = no shift.")
+                                      "static shift (SD3/3.5: 3.0; Z-Image: its config's), and 1 (no shift) where "
+                                      "the scheduler shifts by resolution at sampling time (FLUX.1-dev, FLUX.2, "
+                                      "Qwen-Image), as diffusers' training scripts and Flow-Factory train them.")
     weighting: str = _f("none", "Per-timestep weight on each sample's error (and so on a pair's margin): none, "
                                 "sigma_sqrt (1/sigma^2) or cosmap (SD3 paper); diffusers' SD3 scripts' options.")
 

@@ -175,9 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench", help="time the training step per mode (pairs/s, peak memory, step / compute floor)",
         description="For one config, train a few steps in each mode (each in its own process) and compare the step "
-                    "time with the bare compute floor (the UNet's forward+backward on the same 2B latents plus the "
-                    "reference forward), with peak memory and time inside the VAE/text encoders. Config flags as "
-                    "for train.")
+                    "time with the bare compute floor (the denoiser's forward+backward on the same 2B latents plus "
+                    "the reference forward, timed between the steps), with peak memory and time inside the "
+                    "VAE/text encoders. Config flags as for train.")
     bench.add_argument("--config", metavar="FILE", help="YAML config (see configs/)")
     bench.add_argument("--modes", nargs="+", default=None, metavar="MODE",
                        help="modes to run: live, live+cache, lora, lora+cache, precomputed (the default set), "
