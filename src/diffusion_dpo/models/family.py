@@ -257,6 +257,12 @@ class Family:
         return err if weight is None else err * weight
 
     # ------------------------------------------------------------------ outputs
+    def unused_parameters(self) -> tuple[str, ...]:
+        """Name prefixes of the denoiser's parameters that never reach its output, so never get a gradient: training
+        freezes them (`training.setup.trainable_parameters`), since DDP waits for every trainable parameter's
+        gradient and fails at the second step without it. None in most families."""
+        return ()
+
     def sampling_scheduler(self) -> Any:
         """A fresh sampling scheduler (the checkpoint's own class and config)."""
         raise NotImplementedError

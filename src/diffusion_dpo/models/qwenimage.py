@@ -92,6 +92,12 @@ class QwenImage(PackedLatents, LLMConditioned):
             out[i, :len(tokens)], kept[i, :len(tokens)] = tokens, 1
         return {"hidden": out, "mask": kept}
 
+    def unused_parameters(self) -> tuple[str, ...]:
+        # the transformer returns the image tokens only: the last block's update of the text tokens (attention's text
+        # output projection, the text feed-forward) reaches nothing (SD3's last block leaves them out instead)
+        last = f"transformer_blocks.{len(self.denoiser.transformer_blocks) - 1}"
+        return (f"{last}.attn.to_add_out", f"{last}.txt_mlp")
+
     def conditioning(self, encodings: dict[str, Tensor], original_sizes: Tensor, crop_top_lefts: Tensor,
                      resolution: int) -> MaskedConditioning:
         mask = encodings["mask"] > 0.5

@@ -202,14 +202,27 @@ def trainable_parameters(family: Family, lora: LoraConfig, weight_dtype: torch.d
     `lora.init_from` continues earlier adapters, their starting state (the reference may need it)."""
     model = family.denoiser
     if lora.rank == 0:
-        return list(model.parameters()), None
+        return _reaching_the_output(family, list(model.parameters())), None
     cast(model, weight_dtype)  # the frozen base in the compute dtype; LoRA weights stay fp32
     quantize_base(model, family.cfg.quantize_base, weight_dtype)  # model.quantize_base: its block linears in fewer bits
     params = add_lora(model, lora, family.default_lora_targets)
     init_state = None
     if lora.init_from:  # continue earlier adapters (iterate's rounds)
         init_state = continue_adapters(model, lora, family.denoiser_role, family.lora_diffusers_naming)
-    return params, init_state
+    return _reaching_the_output(family, params), init_state
+
+
+def _reaching_the_output(family: Family, params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    """`params` less those of the family's `unused_parameters` (adapters on those layers included), which are frozen:
+    their gradient would never come, and DDP would wait for it. Alone, a run is unchanged (the optimizer skips a
+    parameter without a gradient)."""
+    unused = family.unused_parameters()
+    if not unused:
+        return params
+    for name, p in family.denoiser.named_parameters():
+        if name.startswith(unused):
+            p.requires_grad_(False)
+    return [p for p in params if p.requires_grad]
 
 
 def make_reference(cfg: Config, family: Family, loss: LossSpec, precomputed: bool, weight_dtype: torch.dtype,
