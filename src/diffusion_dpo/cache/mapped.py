@@ -1,12 +1,12 @@
 """A safetensors shard memory-mapped once, its rows read as slices of the map.
 
 A training item reads one row of ~6 tensors from two or three shards, a few KiB each. Through
-`safetensors.safe_open(...).get_slice(key)[a:b]` every such read costs ~40 µs of Python and Rust
-bookkeeping (0.54 ms per pair on the tiny caches, more than a tiny model's optimizer update); a slice of a
-tensor view over one `torch.UntypedStorage.from_file` map costs ~5 µs. The file format is safetensors'
-documented layout (an 8-byte little-endian header length, a JSON header of dtype, shape and byte offsets,
-then the data); the files are written by `safetensors.torch.save_file` (`cache.chunks`). The map is private
-and lazy: only the pages a read touches are loaded, and nothing is written back.
+`safetensors.safe_open(...).get_slice(key)[a:b]` each read pays Python and Rust bookkeeping that a slice of a
+tensor view over one `torch.UntypedStorage.from_file` map does not (a tiny cache's pair: 0.78 ms against 0.50,
+`benchmarks/loop_phases.py`). The file format is safetensors' documented layout (an 8-byte little-endian
+header length, a JSON header of dtype, shape and byte offsets, then the data); the files are written by
+`safetensors.torch.save_file` (`cache.chunks`). The map is private and lazy: only the pages a read touches are
+loaded, and nothing is written back.
 """
 
 from __future__ import annotations
