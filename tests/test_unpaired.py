@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from conftest import ALL_FAMILIES, tiny_family
 from diffusion_dpo.config import DataConfig
 from diffusion_dpo.errors import UserError
 from diffusion_dpo.training.losses import get_loss, kto_loss
@@ -150,18 +151,24 @@ def test_bad_unpaired_input_is_one_line(tmp_path, unpaired_files, tiny_data, tin
 
 # ---------------------------------------------------------------- training
 
-@pytest.mark.parametrize("family,rank", [("tiny_sd", 0), ("tiny_sdxl", 4), ("tiny_sd3", 4), ("tiny_flux", 0)])
-def test_kto_trains_one_image_per_item(request, tmp_path, tiny_data, family, rank):
+# each family's LoRA rank here (0: a full fine-tune), and its shortest text length (None: no setting)
+KTO = {"sd": (0, None), "sdxl": (4, None), "sd3": (4, 8), "flux": (0, 8), "zimage": (4, 64), "flux2-klein": (0, 64),
+       "flux2": (4, 64), "qwenimage": (4, 256)}
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_kto_trains_one_image_per_item(request, tmp_path, tiny_data, family):
     """Split pairs, every family, LoRA and full: the model (and reference) run on B images, not 2B; step 1 (θ = ref)
     is exactly 1/2; the loser slots are null; the weights move."""
-    extra = {"model__max_sequence_length": 8} if family in ("tiny_sd3", "tiny_flux") else {}
-    trainer = Trainer(make_cfg(tmp_path, request.getfixturevalue(family), tiny_data, loss__name="kto",
+    rank, length = KTO[family]
+    extra = {} if length is None else {"model__max_sequence_length": length}
+    trainer = Trainer(make_cfg(tmp_path, tiny_family(request, family), tiny_data, loss__name="kto",
                                loss__beta=1000, data__unpaired="true", lora__rank=rank, optim__lr="1e-3", **extra))
     assert trainer.num_pairs == 2 * len(load_feedback(DataConfig(path=str(tiny_data), num_workers=0)))
     seen = []
     model = trainer.accelerator.unwrap_model(trainer.denoiser)
     model.register_forward_hook(lambda module, args, kwargs, out: seen.append(
-        (args[0] if args else kwargs["hidden_states"]).shape[0]), with_kwargs=True)
+        len(args[0] if args else kwargs.get("hidden_states", kwargs.get("x")))), with_kwargs=True)  # Z-Image: x, a list
     trainer.run()
     assert seen and all(n == 2 for n in seen), seen  # data.batch_size 2 items: 2 images per forward
     metrics = read_metrics(tmp_path)
