@@ -11,7 +11,6 @@ made in the training process (`data.num_workers 0`), as `bench` is run in BENCHM
 
 from __future__ import annotations
 
-import argparse
 import collections
 import statistics
 import tempfile
@@ -19,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from tiny_run import tiny_run_config, tiny_run_parser
 
 
 def main() -> None:
@@ -27,22 +27,12 @@ def main() -> None:
     from diffusion_dpo.cache.build import build_cache
     from diffusion_dpo.cache.reference import precompute_reference
     from diffusion_dpo.cache.store import Cache, read_manifest
-    from diffusion_dpo.config import load_config
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--resolution", type=int, default=32)
-    parser.add_argument("--max-sequence-length", type=int, default=None)
+    parser = tiny_run_parser(__doc__.splitlines()[0])
     parser.add_argument("--mode", default="precomputed", choices=["live+cache", "lora+cache", "precomputed"])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--skip", type=int, default=10, help="first steps left out of the medians")
     args = parser.parse_args()
-    root = Path(__file__).resolve().parent.parent
-    overrides = {"model.pretrained": args.model, "data.path": args.data, "data.resolution": str(args.resolution),
-                 "data.num_workers": "0"}
-    if args.max_sequence_length:
-        overrides["model.max_sequence_length"] = str(args.max_sequence_length)
     times: dict[str, list[float]] = collections.defaultdict(list)
 
     def timed(name, fn):
@@ -54,7 +44,7 @@ def main() -> None:
         return wrapper
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = bench_config(load_config(root / "configs" / "tiny.yaml", overrides), args.mode, 8, args.steps, 0,
+        cfg = bench_config(tiny_run_config(args), args.mode, 8, args.steps, 0,
                            Path(tmp) / "run", Path(tmp) / "cache", Path(tmp) / "reference.safetensors")
         device = torch.device("cpu")
         build_cache(cfg.model, cfg.data, cfg.cache, cfg.flow, device, log=lambda s: None,

@@ -12,13 +12,12 @@ When the loop's number equals the floor's sum, what `bench` reports above the fl
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import torch
+from tiny_run import tiny_run_config, tiny_run_parser
 
 
 def median_ms(fn, repeats: int, warmup: int = 3) -> float:
@@ -33,25 +32,15 @@ def median_ms(fn, repeats: int, warmup: int = 3) -> float:
 
 
 def main() -> None:
-    from diffusion_dpo.config import load_config
     from diffusion_dpo.training import Trainer
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--resolution", type=int, default=32)
-    parser.add_argument("--max-sequence-length", type=int, default=None)
+    parser = tiny_run_parser(__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
-    root = Path(__file__).resolve().parent.parent
     with tempfile.TemporaryDirectory() as tmp:
-        overrides = {"model.pretrained": args.model, "data.path": args.data, "output_dir": f"{tmp}/run",
-                     "data.resolution": str(args.resolution), "data.num_workers": "0", "cache.dir": f"{tmp}/cache",
-                     "cache.auto": "true", "train.report_to": "none", "validation.every_steps": "-1",
-                     "train.checkpointing_steps": "0"}
-        if args.max_sequence_length:
-            overrides["model.max_sequence_length"] = str(args.max_sequence_length)
-        trainer = Trainer(load_config(root / "configs" / "tiny.yaml", overrides))
+        trainer = Trainer(tiny_run_config(args, **{
+            "output_dir": f"{tmp}/run", "cache.dir": f"{tmp}/cache", "cache.auto": "true",
+            "train.report_to": "none", "validation.every_steps": "-1", "train.checkpointing_steps": "0"}))
         _, batch = next(trainer.batches())
         acc, model = trainer.accelerator, trainer.denoiser
 
